@@ -1,0 +1,1 @@
+"""Searchers: RLlib, Optuna and the classic baselines (arrive with the search issue)."""

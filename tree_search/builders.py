@@ -1,0 +1,492 @@
+"""Pure functions that build a `Tree`: classic trees and trees from descriptions.
+
+Every builder takes plain arrays and returns a validated `Tree`; none does I/O.
+
+- `huffman`: binary or n-ary Huffman tree of class counts (optimal expected depth).
+- `balanced`: complete, evenly split tree of fanout k over classes in a given order.
+- `random_tree`: a seeded random tree.
+- `frequency_cutoffs`: the adaptive-softmax shape (head of frequent classes + tail clusters).
+- `from_merges`: bottom-up construction from a sequence of merges (word2vec's numbering).
+- `from_nested`, `from_children`, `from_parents`: from hand-written descriptions.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tree_search.tree import Tree, TreeError
+
+__all__ = [
+    "balanced",
+    "classic_trees",
+    "cutoffs_by_mass",
+    "frequency_cutoffs",
+    "from_children",
+    "from_merges",
+    "from_nested",
+    "from_parents",
+    "huffman",
+    "random_tree",
+]
+
+
+def _as_counts(counts: Sequence[float] | np.ndarray) -> np.ndarray:
+    array = np.asarray(counts, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"counts must be a 1-D sequence, got shape {array.shape}")
+    if array.size < 2:
+        raise ValueError(f"a tree needs at least 2 classes, got {array.size} counts")
+    bad = np.flatnonzero(~np.isfinite(array) | (array < 0))
+    if bad.size:
+        raise ValueError(f"counts must be finite and non-negative; class {bad[0]} has {array[bad[0]]}")
+    return array
+
+
+def _check_arity(arity: int, name: str = "arity") -> int:
+    if isinstance(arity, bool) or not isinstance(arity, (int, np.integer)) or arity < 2:
+        raise ValueError(f"{name} must be an integer >= 2, got {arity!r}")
+    return int(arity)
+
+
+# ---------------------------------------------------------------------- bottom-up
+
+
+def _tree_from_merge_arrays(num_classes: int, members: np.ndarray, ptr: np.ndarray) -> Tree:
+    """Tree from merges given as CSR arrays in word2vec numbering (no validation of order).
+
+    Merge ``m`` groups ``members[ptr[m]:ptr[m+1]]`` (unified bottom-up ids: classes
+    ``0..V-1``, the node of merge ``m'`` is ``V + m'``) under a new node. The last
+    merge is the root, so internal id = ``M - 1 - m`` gives parents before children.
+    """
+    V, M = num_classes, ptr.size - 1
+    sizes = np.diff(ptr)
+    # Reverse the merge order; keep each merge's members in their given order.
+    new_sizes = sizes[::-1]
+    new_ptr = np.zeros(M + 1, dtype=np.int64)
+    np.cumsum(new_sizes, out=new_ptr[1:])
+    source_start = np.repeat(ptr[:-1][::-1], new_sizes)
+    offset = np.arange(new_ptr[-1]) - np.repeat(new_ptr[:-1], new_sizes)
+    ids = members[source_start + offset].astype(np.int64, copy=True)
+    is_node = ids >= V
+    ids[is_node] = V + (M - 1 - (ids[is_node] - V))
+    return Tree.from_csr(V, new_ptr, ids)
+
+
+def from_merges(num_classes: int, merges: Sequence[Sequence[int]]) -> Tree:
+    """Build a tree bottom-up from a sequence of merges (what the merge environment does).
+
+    Numbering follows word2vec: classes are ``0..V-1`` and the node created by merge
+    ``m`` is ``V + m``. Each merge lists two or more current roots (classes or earlier
+    merges not yet merged); after the last merge exactly one root must remain.
+
+    Args:
+        num_classes: V.
+        merges: the merges in order, each a sequence of node ids.
+
+    Returns:
+        The tree; the node of merge ``m`` gets internal id ``len(merges) - 1 - m``.
+
+    Raises:
+        TreeError: naming the merge, for an unknown or already merged node, a merge of
+            fewer than two nodes, or more than one root left at the end.
+
+    Example:
+        >>> from_merges(3, [[1, 2], [0, 3]]).children_lists()
+        [[0, 4], [1, 2]]
+    """
+    V = int(num_classes)
+    if V < 2:
+        raise TreeError(f"a tree needs at least 2 classes, got num_classes={V}")
+    if len(merges) == 0:
+        raise TreeError("no merges given: at least one is needed to join the classes")
+    sizes = np.fromiter((len(m) for m in merges), dtype=np.int64, count=len(merges))
+    small = np.flatnonzero(sizes < 2)
+    if small.size:
+        raise TreeError(f"merge {small[0]} joins {sizes[small[0]]} node(s); a merge needs at least 2")
+    ptr = np.zeros(sizes.size + 1, dtype=np.int64)
+    np.cumsum(sizes, out=ptr[1:])
+    try:
+        members = np.asarray([x for m in merges for x in m], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise TreeError(f"merges must list integer node ids: {err}") from None
+    step = np.repeat(np.arange(sizes.size), sizes)
+    bad = np.flatnonzero((members < 0) | (members >= V + step))
+    if bad.size:
+        k = int(bad[0])
+        raise TreeError(
+            f"merge {step[k]} refers to node {members[k]}, which does not exist yet "
+            f"(classes are 0..{V - 1}; merge m creates node {V}+m)"
+        )
+    used = np.bincount(members, minlength=V + sizes.size)
+    again = np.flatnonzero(used > 1)
+    if again.size:
+        node = int(again[0])
+        first, second = step[members == node][:2]
+        raise TreeError(f"merge {second} uses node {node}, which merge {first} already merged")
+    roots = np.flatnonzero(used == 0)
+    if roots.size != 1:
+        shown = ", ".join(map(str, roots[:10])) + (" ..." if roots.size > 10 else "")
+        raise TreeError(
+            f"after {sizes.size} merges, {roots.size} roots remain ({shown}); "
+            "the merges must join everything into one tree"
+        )
+    return _tree_from_merge_arrays(V, members, ptr)
+
+
+def huffman(counts: Sequence[float] | np.ndarray, arity: int = 2) -> Tree:
+    """Huffman tree of fanout ``arity``: the tree of minimum expected depth under ``counts``.
+
+    n-ary trees are padded with zero-weight dummy leaves so that every merge takes
+    exactly ``arity`` nodes (the classic construction that keeps n-ary Huffman optimal);
+    the dummies all land in the first merge and are then dropped, so that node has
+    fewer children. Ties are broken deterministically: by class id, and leaves before
+    merged nodes of equal weight (which also minimises the variance of the depths).
+    Runs in O(V log V): one sort, then the linear two-queue merge.
+
+    Args:
+        counts: (V,) non-negative class counts or frequencies.
+        arity: the fanout, at least 2.
+
+    Returns:
+        The Huffman tree, built by `from_merges` (the same merge order a merge environment
+        replaying the lowest-mass merges produces).
+    """
+    weights = _as_counts(counts)
+    arity = _check_arity(arity)
+    V = weights.size
+    padding = (-(V - 1)) % (arity - 1)
+    order = np.argsort(weights, kind="stable")
+    leaf_weight = weights[order].tolist()
+    leaf_id = order.tolist()
+    num_merges = (V + padding - 1) // (arity - 1)
+    merged_weight = [0.0] * num_merges
+    members = np.empty(V + num_merges - 1, dtype=np.int64)
+    ptr = np.zeros(num_merges + 1, dtype=np.int64)
+    i = j = write = 0  # next leaf, next merged node, next free slot in members
+    for m in range(num_merges):
+        take = arity - padding if m == 0 else arity
+        total = 0.0
+        for _ in range(take):
+            if i < V and (j >= m or leaf_weight[i] <= merged_weight[j]):
+                total += leaf_weight[i]
+                members[write] = leaf_id[i]
+                i += 1
+            else:
+                total += merged_weight[j]
+                members[write] = V + j
+                j += 1
+            write += 1
+        merged_weight[m] = total
+        ptr[m + 1] = write
+    return _tree_from_merge_arrays(V, members, ptr)
+
+
+# ---------------------------------------------------------------------- top-down
+
+
+def balanced(num_classes: int, arity: int = 2, order: Sequence[int] | np.ndarray | None = None) -> Tree:
+    """Complete tree of fanout ``arity`` whose leaves read ``order`` from left to right.
+
+    Each node splits its run of classes into ``arity`` parts of sizes differing by at
+    most one (fewer parts when the run is shorter), so every class has depth
+    ``floor`` or ``ceil`` of ``log_arity(V)``.
+
+    Args:
+        num_classes: V.
+        arity: the fanout, at least 2.
+        order: a permutation of ``0..V-1`` (default: class id order, which for a
+            frequency-sorted vocabulary puts frequent classes first).
+    """
+    V = int(num_classes)
+    if V < 2:
+        raise ValueError(f"a tree needs at least 2 classes, got num_classes={V}")
+    arity = _check_arity(arity)
+    if order is None:
+        sequence = np.arange(V, dtype=np.int64)
+    else:
+        sequence = np.asarray(order, dtype=np.int64)
+        if sequence.shape != (V,) or not np.array_equal(np.sort(sequence), np.arange(V)):
+            raise ValueError(f"order must be a permutation of 0..{V - 1}")
+    starts, sizes = np.array([0]), np.array([V])
+    next_id = 1
+    ptr_parts, id_parts = [np.array([0])], []
+    offset = 0
+    while starts.size:
+        parts = np.minimum(arity, sizes)
+        base, extra = sizes // parts, sizes % parts
+        owner = np.repeat(np.arange(starts.size), parts)
+        j = np.arange(parts.sum()) - np.repeat(np.cumsum(parts) - parts, parts)
+        part_size = base[owner] + (j < extra[owner])
+        part_start = starts[owner] + j * base[owner] + np.minimum(j, extra[owner])
+        is_leaf = part_size == 1
+        ids = np.empty(part_size.size, dtype=np.int64)
+        ids[is_leaf] = sequence[part_start[is_leaf]]
+        num_new = int((~is_leaf).sum())
+        ids[~is_leaf] = V + next_id + np.arange(num_new)
+        next_id += num_new
+        id_parts.append(ids)
+        ptr_parts.append(offset + np.cumsum(parts))
+        offset += int(parts.sum())
+        starts, sizes = part_start[~is_leaf], part_size[~is_leaf]
+    return Tree.from_csr(V, np.concatenate(ptr_parts), np.concatenate(id_parts))
+
+
+def frequency_cutoffs(counts: Sequence[float] | np.ndarray, cutoffs: Sequence[int]) -> Tree:
+    """The adaptive-softmax shape: a root of frequent classes plus one node per tail cluster.
+
+    Classes are ranked by descending count (ties by class id, so a frequency-sorted
+    vocabulary keeps its ids, as `torch.nn.AdaptiveLogSoftmaxWithLoss` assumes). With
+    ``cutoffs = [c1, ..., cn]`` the root holds the classes of rank ``0..c1-1`` as leaves
+    and one child node per cluster ``[c1, c2), ..., [cn, V)`` whose children are that
+    cluster's classes in rank order. A cluster of a single class is equivalent to a leaf
+    at the root and is placed there. Empty ``cutoffs`` gives the flat tree (full softmax).
+
+    Raises:
+        ValueError: if cutoffs are not unique increasing integers in ``1..V-1`` (the rule
+            PyTorch's ``cutoffs`` follow).
+    """
+    weights = _as_counts(counts)
+    V = weights.size
+    cuts = list(cutoffs)
+    if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in cuts) or (
+        cuts != sorted(set(cuts)) or (cuts and (cuts[0] <= 0 or cuts[-1] > V - 1))
+    ):
+        raise ValueError(
+            "cutoffs should be a sequence of unique, positive integers sorted in an "
+            f"increasing order, where each value is between 1 and num_classes-1={V - 1}; got {cuts}"
+        )
+    ranked = np.lexsort((np.arange(V), -weights))
+    bounds = [*map(int, cuts), V]
+    head = ranked[: bounds[0]].tolist()
+    children: list[list[int]] = [head]
+    root = children[0]
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        cluster = ranked[start:end].tolist()
+        if len(cluster) == 1:
+            root.append(cluster[0])
+        else:
+            root.append(V + len(children))
+            children.append(cluster)
+    return Tree(V, children)
+
+
+def classic_trees(
+    counts: Sequence[float] | np.ndarray,
+    arities: Sequence[int] = (4, 16),
+    cutoffs: Sequence[int] | None = None,
+) -> dict[str, tuple[Tree, dict[str, Any]]]:
+    """The classic trees every search is compared with, by name, with how each was built.
+
+    Binary Huffman, n-ary Huffman for each of ``arities``, balanced binary and n-ary trees
+    over classes in descending-count order, and the frequency-cutoff (adaptive softmax)
+    shape with ``cutoffs`` (default: `cutoffs_by_mass`).
+
+    Returns:
+        ``{name: (tree, {"builder": ..., "params": {...}})}`` in a fixed order.
+    """
+    weights = _as_counts(counts)
+    by_count = np.lexsort((np.arange(weights.size), -weights))
+    cuts = list(cutoffs) if cutoffs is not None else cutoffs_by_mass(weights)
+    recipes: list[tuple[str, str, dict[str, Any]]] = [("huffman-2", "huffman", {"arity": 2})]
+    recipes += [(f"huffman-{k}", "huffman", {"arity": k}) for k in arities if k != 2]
+    recipes += [("balanced-2", "balanced", {"arity": 2, "order": "descending count"})]
+    recipes += [(f"balanced-{k}", "balanced", {"arity": k, "order": "descending count"}) for k in arities if k != 2]
+    recipes += [("cutoffs", "frequency_cutoffs", {"cutoffs": cuts})]
+    trees: dict[str, tuple[Tree, dict[str, Any]]] = {}
+    for name, builder, params in recipes:
+        if builder == "huffman":
+            tree = huffman(weights, params["arity"])
+        elif builder == "balanced":
+            tree = balanced(weights.size, params["arity"], order=by_count)
+        else:
+            tree = frequency_cutoffs(weights, cuts)
+        trees[name] = (tree, {"builder": builder, "params": params})
+    return trees
+
+
+def cutoffs_by_mass(counts: Sequence[float] | np.ndarray, masses: Sequence[float] = (0.9, 0.99)) -> list[int]:
+    """Cutoffs for `frequency_cutoffs` where the classes ranked so far first reach ``masses``.
+
+    With the default ``(0.9, 0.99)``, the head holds the most frequent classes that
+    together cover 90% of the counts, the first tail cluster the next ones up to 99%,
+    and the last cluster the rest. Duplicate or out-of-range cutoffs are dropped.
+    """
+    weights = _as_counts(counts)
+    if any(not 0 < m < 1 for m in masses) or list(masses) != sorted(masses):
+        raise ValueError(f"masses must be increasing fractions in (0, 1), got {list(masses)}")
+    if weights.sum() <= 0:
+        raise ValueError("counts must not all be zero")
+    cumulative = np.cumsum(np.sort(weights)[::-1]) / weights.sum()
+    ranks = np.searchsorted(cumulative, np.asarray(masses) - 1e-12) + 1
+    return sorted({int(r) for r in ranks if 1 <= r <= weights.size - 1})
+
+
+def random_tree(num_classes: int, seed: int | np.random.Generator = 0, max_arity: int = 2) -> Tree:
+    """A random tree: repeatedly merge 2..``max_arity`` random current roots.
+
+    Args:
+        num_classes: V.
+        seed: an integer seed or a numpy ``Generator``; the same seed gives the same tree.
+        max_arity: the largest fanout; each merge draws its size uniformly in
+            ``2..min(max_arity, roots left)``.
+    """
+    V = int(num_classes)
+    if V < 2:
+        raise ValueError(f"a tree needs at least 2 classes, got num_classes={V}")
+    max_arity = _check_arity(max_arity, "max_arity")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    roots = list(range(V))
+    merges: list[list[int]] = []
+    while len(roots) > 1:
+        size = int(rng.integers(2, min(max_arity, len(roots)) + 1))
+        picked = []
+        for _ in range(size):
+            k = int(rng.integers(len(roots)))
+            roots[k], roots[-1] = roots[-1], roots[k]
+            picked.append(roots.pop())
+        roots.append(V + len(merges))
+        merges.append(picked)
+    return from_merges(V, merges)
+
+
+# ---------------------------------------------------------------------- descriptions
+
+
+def from_children(num_classes: int, children: Sequence[Sequence[int]], renumber: bool = True) -> Tree:
+    """Tree from children lists in unified ids, with internal nodes in any order.
+
+    Args:
+        num_classes: V.
+        children: children lists as for `Tree`, but node 0 need only be the root, and
+            internal ids need not be topological when ``renumber`` is set.
+        renumber: renumber internal nodes breadth-first from node 0 (sibling order kept).
+    """
+    if not renumber:
+        return Tree(num_classes, children)
+    V, num_internal = int(num_classes), len(children)
+    new_id = {0: 0}
+    queue, ordered = deque([0]), []
+    while queue:
+        u = queue.popleft()
+        ordered.append(u)
+        for c in children[u]:
+            if isinstance(c, (int, np.integer)) and V <= c < V + num_internal:
+                w = int(c) - V
+                if w in new_id:
+                    raise TreeError(
+                        f"internal node {w} is reached twice (again as a child of {u}): "
+                        "a cycle, or a node with two parents"
+                    )
+                new_id[w] = len(new_id)
+                queue.append(w)
+    if len(ordered) < num_internal:
+        lost = sorted(set(range(num_internal)) - set(ordered))
+        raise TreeError(f"internal node {lost[0]} is unreachable from the root (node 0)")
+    relabeled = [
+        [V + new_id[int(c) - V] if isinstance(c, (int, np.integer)) and c >= V else c for c in children[u]]
+        for u in ordered
+    ]
+    return Tree(V, relabeled)
+
+
+def from_parents(parent: Sequence[int] | np.ndarray, num_classes: int) -> Tree:
+    """Tree from a parent array in unified ids (the fastText layout).
+
+    ``parent[y]`` for ``y < V`` is the parent of class ``y``; ``parent[V + u]`` is the
+    parent of internal node ``u``; the root's parent is ``-1``. Parents are unified ids
+    of internal nodes (``>= V``). Siblings are ordered by unified id. Internal nodes
+    are renumbered breadth-first from the root.
+
+    Raises:
+        TreeError: naming the node, for a class used as a parent, a parent out of range,
+            no root or several roots, a cycle, or a node with fewer than two children.
+    """
+    V = int(num_classes)
+    try:
+        par = np.asarray(parent, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise TreeError(f"parent must be an array of integers: {err}") from None
+    if par.ndim != 1 or par.size <= V:
+        raise TreeError(f"parent must list {V} classes and at least one internal node, got {par.size} entries")
+    n = par.size
+    out_of_range = np.flatnonzero((par < -1) | (par >= n))
+    if out_of_range.size:
+        x = int(out_of_range[0])
+        raise TreeError(f"node {x} has parent {par[x]}, outside -1..{n - 1}")
+    leaf_parent = np.flatnonzero((par >= 0) & (par < V))
+    if leaf_parent.size:
+        x = int(leaf_parent[0])
+        raise TreeError(f"node {x} has class {par[x]} as its parent: a class (leaf) cannot be a parent")
+    roots = np.flatnonzero(par == -1)
+    if roots.size != 1:
+        raise TreeError(f"a tree has exactly one root (parent -1), found {roots.size}: {roots[:10].tolist()}")
+    root = int(roots[0])
+    if root < V:
+        raise TreeError(f"class {root} has parent -1, but the root must be an internal node")
+    order = np.argsort(par, kind="stable")
+    order = order[par[order] >= 0]
+    counts = np.bincount(par[order], minlength=n)[V:]
+    ptr = np.zeros(n - V + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    children = [order[ptr[u] : ptr[u + 1]].tolist() for u in range(n - V)]
+    # Move the root to position 0 so that from_children can renumber from it.
+    r = root - V
+    if r != 0:
+        swap = {V: V + r, V + r: V}
+        children = [[swap.get(c, c) for c in cs] for cs in children]
+        children[0], children[r] = children[r], children[0]
+    return from_children(V, children, renumber=True)
+
+
+def from_nested(nested: Sequence[Any]) -> Tree:
+    """Tree from a nested-list description: ints are classes, lists are internal nodes.
+
+    Example:
+        >>> from_nested([0, [1, 2]]).children_lists()
+        [[0, 4], [1, 2]]
+
+    Raises:
+        TreeError: naming the position (e.g. ``root[1][0]``) of a node with fewer than
+            two children or an item that is neither a class id nor a list; or naming the
+            class that is missing or repeated.
+    """
+    if isinstance(nested, (str, bytes)) or not isinstance(nested, Sequence):
+        raise TreeError(f"root: expected a list of children, got {type(nested).__name__}")
+    lists: list[Sequence[Any]] = [nested]
+    names = ["root"]
+    children: list[list[Any]] = []
+    leaves: list[int] = []
+    k = 0
+    while k < len(lists):  # breadth-first, so ids come out topological
+        node, name = lists[k], names[k]
+        if len(node) < 2:
+            raise TreeError(f"{name}: a node with {len(node)} child(ren); every internal node needs at least 2")
+        row: list[Any] = []
+        for i, item in enumerate(node):
+            if isinstance(item, bool) or not isinstance(item, (int, np.integer, list, tuple)):
+                raise TreeError(f"{name}[{i}]: expected a class id or a list, got {item!r}")
+            if isinstance(item, (list, tuple)):
+                row.append(("node", len(lists)))
+                lists.append(item)
+                names.append(f"{name}[{i}]")
+            else:
+                if item < 0:
+                    raise TreeError(f"{name}[{i}]: class ids are non-negative, got {item}")
+                row.append(int(item))
+                leaves.append(int(item))
+        children.append(row)
+        k += 1
+    V = len(leaves)
+    counts = np.bincount(np.asarray(leaves, dtype=np.int64), minlength=V)
+    if counts.size > V or np.any(counts != 1):
+        missing = np.flatnonzero(counts[:V] == 0)
+        twice = np.flatnonzero(counts > 1)
+        if twice.size:
+            raise TreeError(f"class {twice[0]} appears {counts[twice[0]]} times")
+        raise TreeError(f"with {V} leaves the classes must be 0..{V - 1}, but class {missing[0]} is missing")
+    resolved = [[V + c[1] if isinstance(c, tuple) else c for c in row] for row in children]
+    return Tree(V, resolved)

@@ -1,0 +1,252 @@
+"""``tree-search``: the command line, thin over the library.
+
+Errors in the user's input (files, flags, trees) print one line naming the problem
+and exit with status 1; set ``TREE_SEARCH_DEBUG=1`` to see the traceback as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tree_search import builders
+from tree_search.data import CorpusConfig, DataError, Vocab, load_stdlib_corpus, load_vocab, read_counts_tsv
+from tree_search.export import TreeFileError, TreeRecord, load_tree, save_tree
+from tree_search.tree import TreeError
+
+__all__ = ["main"]
+
+console = Console(highlight=False)
+if not console.is_terminal:  # pipes and CI logs: don't squeeze tables into 80 columns
+    console.width = max(console.width, 120)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly_errors(command: F) -> F:
+    """Turn the project's input errors into one-line CLI errors (exit status 1)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (TreeError, TreeFileError, DataError, ValueError, OSError) as err:
+            if os.environ.get("TREE_SEARCH_DEBUG"):
+                raise
+            message = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
+            raise click.ClickException(message) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """A rich progress bar factory, shown only while work is running."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+
+        def start(description: str, total: int) -> Callable[[int], None]:
+            task = progress.add_task(description, total=total)
+            return lambda n: progress.advance(task, n)
+
+        yield start
+
+
+def _read_vocab(counts_file: Path | None, max_size: int | None) -> tuple[Vocab, str]:
+    """The vocabulary from a counts file (TSV or Vocab JSON), or the built-in corpus."""
+    if counts_file is not None:
+        vocab = load_vocab(counts_file) if counts_file.suffix.lower() == ".json" else read_counts_tsv(counts_file)
+        return vocab, str(counts_file)
+    with _progress() as progress:
+        corpus = load_stdlib_corpus(CorpusConfig(max_size=max_size), progress=progress)
+    info = corpus.info
+    return (
+        corpus.vocab,
+        f"built-in corpus: Python {info['python']} standard library, {info['tokens']['train']:,} train tokens",
+    )
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tree_search")
+def main() -> None:
+    """Search for the best output tree of a hierarchical softmax head."""
+
+
+@main.command()
+@click.option(
+    "--counts",
+    "counts_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Class counts: a 'token<TAB>count' file, or a Vocab JSON. Default: the built-in corpus.",
+)
+@click.option(
+    "--max-size", default=10_000, show_default=True, help="Vocabulary cap of the built-in corpus (<unk> included)."
+)
+@click.option(
+    "--arity",
+    "arities",
+    multiple=True,
+    type=int,
+    default=(4, 16),
+    show_default=True,
+    help="Fanouts of the n-ary Huffman and balanced trees (repeat the flag).",
+)
+@click.option(
+    "--cutoffs", help="Frequency-rank cutoffs of the adaptive shape, e.g. 2000,10000. Default: 90%/99% of the mass."
+)
+@click.option("--dim", default=256, show_default=True, help="Hidden size used for the cost per token.")
+@click.option(
+    "--out", type=click.Path(path_type=Path, file_okay=False), help="Write each tree and a summary to this folder."
+)
+@click.option("--codes/--no-codes", default=False, help="Also write word2vec-style NAME.codes.npz files.")
+@_friendly_errors
+def baseline(
+    counts_file: Path | None,
+    max_size: int,
+    arities: tuple[int, ...],
+    cutoffs: str | None,
+    dim: int,
+    out: Path | None,
+    codes: bool,
+) -> None:
+    """Build the classic trees (Huffman, balanced, frequency cutoffs) and compare their shapes."""
+    vocab, source = _read_vocab(counts_file, max_size)
+    counts = vocab.counts
+    console.print(f"[bold]{len(vocab):,} classes[/] from {source}")
+    started = time.perf_counter()
+    trees = builders.classic_trees(counts, arities=arities, cutoffs=_int_list(cutoffs))
+    build_seconds = time.perf_counter() - started
+    rows = []
+    for name, (tree, _built_by) in trees.items():
+        rows.append({"tree": name, **tree.summary(counts, dim), "hash": tree.canonical_hash[:12]})
+    table = Table(title=f"Classic trees (expectations under the class counts, d={dim})")
+    for column in ["tree", "max fanout", "internal nodes", "max depth", "mean depth", "cost/token", "of full softmax"]:
+        table.add_column(column, justify="left" if column == "tree" else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            row["tree"],
+            str(row["max_fanout"]),
+            f"{row['num_internal']:,}",
+            str(row["max_depth"]),
+            f"{row['expected_depth']:.3f}",
+            f"{row['expected_cost']:,.0f}",
+            f"{100 * row['cost_ratio']:.3g}%",
+        )
+    console.print(table)
+    console.print(
+        f"full softmax: {len(vocab) * dim:,} multiply-adds per token; built {len(trees)} trees in {build_seconds:.2f} s"
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        labels = list(vocab.tokens)
+        for name, (tree, built_by) in trees.items():
+            metrics = {k: float(v) for k, v in tree.summary(counts, dim).items()}
+            record = TreeRecord(tree, labels=labels, counts=counts, built_by=built_by, metrics=metrics)
+            save_tree(out / f"{name}.tree.json", record)
+            if codes:
+                save_tree(out / f"{name}.codes.npz", record)
+        vocab.save_json(out / "vocab.json")
+        (out / "baselines.json").write_text(json.dumps({"source": source, "dim": dim, "trees": rows}, indent=1) + "\n")
+        console.print(f"wrote {len(trees)} trees, vocab.json and baselines.json to {out}/")
+
+
+@main.command()
+@click.argument("tree_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    help="Print the path of this class: a token, or an id (#ID forces an id); repeatable.",
+)
+@click.option("--dim", default=256, show_default=True, help="Hidden size used for the cost per token.")
+@_friendly_errors
+def show(tree_file: Path, classes: tuple[str, ...], dim: int) -> None:
+    """Summarise a tree file (tree.json or codes.npz) and print the paths of classes."""
+    record = load_tree(tree_file)
+    tree = record.tree
+    weighted = record.counts is not None and float(np.sum(record.counts)) > 0
+    counts = record.counts if weighted else None
+    stats = tree.summary(counts, dim)
+    console.print(f"[bold]{tree_file}[/]")
+    console.print(
+        f"  classes {tree.num_classes:,}, internal nodes {tree.num_internal:,}, "
+        f"max fanout {stats['max_fanout']}, max depth {stats['max_depth']}"
+    )
+    console.print(
+        f"  expected depth {stats['expected_depth']:.3f}, expected cost {stats['expected_cost']:,.0f} "
+        f"multiply-adds/token (d={dim}), {100 * stats['cost_ratio']:.3g}% of full softmax "
+        f"({'under the class counts' if weighted else 'uniform over classes: the file has no counts'})"
+    )
+    console.print(f"  canonical hash {tree.canonical_hash}")
+    if record.built_by:
+        console.print(f"  built by {json.dumps(dict(record.built_by))}")
+    if record.metrics:
+        console.print("  metrics " + ", ".join(f"{k}={v:.6g}" for k, v in record.metrics.items()))
+    histogram = tree.depth_histogram()
+    table = Table(title="classes per depth")
+    table.add_column("depth", justify="right")
+    table.add_column("classes", justify="right")
+    table.add_column("")
+    peak = int(histogram.max())
+    for depth, number in enumerate(histogram.tolist()):
+        if number:
+            table.add_row(str(depth), f"{number:,}", "█" * max(1, round(40 * number / peak)))
+    console.print(table)
+    for query in classes:
+        label = _resolve_class(record, query)
+        steps = tree.path(label)
+        console.print(f"class {label} ({record.label(label)!r}), depth {len(steps)}:")
+        for node, index in steps:
+            console.print(f"  node {node:>7} (fanout {tree.fanout[node]}) -> child {index}")
+
+
+def _resolve_class(record: TreeRecord, query: str) -> int:
+    if not query.startswith("#") and record.labels is not None and query in record.labels:
+        return record.labels.index(query)
+    try:
+        label = int(query.removeprefix("#"))
+    except ValueError:
+        raise ValueError(f"class {query!r} is neither a label in the file nor a class id") from None
+    if not 0 <= label < record.tree.num_classes:
+        raise ValueError(f"class id {label} is outside 0..{record.tree.num_classes - 1}")
+    return label
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("target", type=click.Path(path_type=Path, dir_okay=False))
+@_friendly_errors
+def export(source: Path, target: Path) -> None:
+    """Convert a tree between tree.json (.json) and word2vec-style codes (.npz)."""
+    record = load_tree(source)
+    save_tree(target, record)
+    back = load_tree(target).tree
+    if back != record.tree:  # the formats are exact; anything else is a bug worth a loud error
+        raise RuntimeError(f"{target}: the written tree does not read back identical")
+    console.print(f"wrote {target} ({record.tree.num_classes:,} classes, hash {record.tree.canonical_hash[:12]})")

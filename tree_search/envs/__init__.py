@@ -1,0 +1,1 @@
+"""Gymnasium environments in which an episode builds one tree (arrives with the environments issue)."""

@@ -1,0 +1,1 @@
+"""PyTorch tree-softmax heads, their training and the reward (arrive with the heads issue)."""
