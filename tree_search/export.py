@@ -31,7 +31,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,11 @@ TREE_FORMAT = "tree_search.tree"
 TREE_VERSION = 1
 CODES_FORMAT = "tree_search.codes"
 CODES_VERSION = 1
+# What reading a damaged zip of .npy files can raise (found by fuzzing the loader).
+_NPZ_DECODE_ERRORS = (
+    ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, struct.error,
+    NotImplementedError, RuntimeError, MemoryError,
+)  # fmt: skip
 _REQUIRED = ("format", "version", "num_classes", "children")
 _OPTIONAL = ("hash", "labels", "counts", "built_by", "metrics")
 
@@ -180,6 +187,16 @@ def _check_int(path: Path, name: str, value: Any, low: int, high: int | None = N
     return value
 
 
+def _is_finite_number(value: Any) -> bool:
+    """True for JSON numbers that fit a finite float (huge integers do not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _parse_children(path: Path, value: Any, num_classes: int) -> list[list[int]]:
     if not isinstance(value, list) or not value:
         raise TreeFileError(path, "children", "expected a non-empty list of lists of node ids")
@@ -228,7 +245,7 @@ def _record_from_document(path: Path, document: Any) -> TreeRecord:
         if not isinstance(counts, list) or len(counts) != V:
             raise TreeFileError(path, "counts", f"expected a list of {V} non-negative numbers or null")
         for i, c in enumerate(counts):
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            if not _is_finite_number(c) or c < 0:
                 raise TreeFileError(path, f"counts[{i}]", f"expected a finite non-negative number, got {c!r}")
         counts = np.asarray(counts, dtype=np.float64)
     built_by = document.get("built_by") or {}
@@ -238,7 +255,7 @@ def _record_from_document(path: Path, document: Any) -> TreeRecord:
     if not isinstance(metrics, dict):
         raise TreeFileError(path, "metrics", "expected a JSON object of numbers")
     for key, val in metrics.items():
-        if isinstance(val, bool) or not isinstance(val, (int, float)):
+        if not _is_finite_number(val):
             raise TreeFileError(path, f"metrics.{key}", f"expected a number, got {val!r}")
     return TreeRecord(
         tree,
@@ -386,10 +403,10 @@ def load_codes_npz(path: str | os.PathLike[str]) -> TreeRecord:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except OSError as err:
-        raise TreeFileError(path, None, f"cannot read: {err}") from None
-    except (ValueError, zipfile.BadZipFile, EOFError, KeyError) as err:
-        raise TreeFileError(path, None, f"not a valid .npz archive: {err}") from None
+    except FileNotFoundError as err:
+        raise TreeFileError(path, None, f"cannot read: {err.strerror}") from None
+    except _NPZ_DECODE_ERRORS as err:
+        raise TreeFileError(path, None, f"not a valid .npz archive ({type(err).__name__}: {err})") from None
     for name in ("format", "version", "points", "codes", "lengths"):
         if name not in arrays:
             raise TreeFileError(path, name, "missing")

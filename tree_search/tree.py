@@ -147,30 +147,32 @@ class Tree:
                 f"internal node {owner[k]} lists child id {ids[k]}, outside 0..{V + I - 1} "
                 f"(classes are 0..{V - 1}, internal node u is {V}+u)"
             )
-        seen = np.bincount(ids, minlength=V + I)
-        missing = np.flatnonzero(seen[:V] == 0)
-        if missing.size:
+        # np.unique rather than bincount: memory bounded by the lists, whatever V claims to be.
+        distinct, times = np.unique(ids, return_counts=True)
+        leaves = distinct[distinct < V]
+        if leaves.size < V:
+            gaps = np.flatnonzero(leaves != np.arange(leaves.size))
+            first = int(gaps[0]) if gaps.size else leaves.size
             raise TreeError(
-                f"class {missing[0]} is not a leaf of the tree"
-                + (f" ({missing.size} classes are missing)" if missing.size > 1 else "")
+                f"class {first} is not a leaf of the tree"
+                + (f" ({V - leaves.size} classes are missing)" if V - leaves.size > 1 else "")
             )
-        twice = np.flatnonzero(seen[:V] > 1)
+        twice = distinct[(distinct < V) & (times > 1)]
         if twice.size:
             y = int(twice[0])
             where = owner[ids == y].tolist()
-            raise TreeError(f"class {y} appears {seen[y]} times (under internal nodes {where})")
-        if seen[V] > 0:
+            raise TreeError(f"class {y} appears {len(where)} times (under internal nodes {where})")
+        if V in distinct:
             raise TreeError(f"the root (internal node 0) is listed as a child of node {owner[ids == V][0]}")
-        multi = np.flatnonzero(seen[V + 1 :] > 1)
+        multi = distinct[(distinct > V) & (times > 1)]
         if multi.size:
-            u = int(multi[0]) + 1
-            raise TreeError(
-                f"internal node {u} has {seen[V + u]} parents "
-                f"({owner[ids == V + u].tolist()}); a tree node has exactly one"
-            )
-        orphan = np.flatnonzero(seen[V + 1 :] == 0)
-        if orphan.size:
-            u = int(orphan[0]) + 1
+            u = int(multi[0]) - V
+            parents = owner[ids == V + u].tolist()
+            raise TreeError(f"internal node {u} has {len(parents)} parents ({parents}); a tree node has exactly one")
+        nodes = distinct[distinct > V] - V
+        if nodes.size < I - 1:
+            gaps = np.flatnonzero(nodes != np.arange(1, nodes.size + 1))
+            u = int(gaps[0]) + 1 if gaps.size else nodes.size + 1
             raise TreeError(f"internal node {u} is unreachable: no node lists it as a child")
         is_node = ids >= V
         backwards = np.flatnonzero(is_node & (ids - V <= owner))
