@@ -1,0 +1,23 @@
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test writes its derived-data cache under its own temporary folder."""
+    monkeypatch.setenv("TREE_SEARCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def code_folder(tmp_path):
+    """A small folder of Python files standing in for the standard library."""
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    (root / "site-packages").mkdir()
+    (root / "site-packages" / "ignored.py").write_text("import nothing_here\n")
+    for k in range(40):
+        body = "\n".join(
+            f"def f{k}_{j}(x, y={j}):\n    # note {j}\n    return x + y * {k} if x else 'text{j}'\n" for j in range(5)
+        )
+        (root / ("pkg" if k % 2 else ".") / f"mod{k}.py").write_text(body)
+    (root / "broken.py").write_bytes(b"def f(:\n  \xff\xfe")
+    return root

@@ -1,0 +1,103 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tree_search.cli import main
+from tree_search.export import load_tree
+
+
+@pytest.fixture
+def counts_file(tmp_path) -> Path:
+    path = tmp_path / "counts.tsv"
+    path.write_text("".join(f"tok{k}\t{1000 // (k + 1)}\n" for k in range(300)))
+    return path
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_every_command_has_help():
+    for command in ([], ["baseline"], ["show"], ["export"]):
+        result = run(*command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_baseline_on_a_counts_file_writes_loadable_trees(tmp_path, counts_file):
+    out = tmp_path / "out"
+    result = run("baseline", "--counts", str(counts_file), "--arity", "4", "--out", str(out), "--codes")
+    assert result.exit_code == 0, result.output
+    for name in ("huffman-2", "huffman-4", "balanced-2", "balanced-4", "cutoffs"):
+        assert name in result.output
+        record = load_tree(out / f"{name}.tree.json")
+        assert record.tree.num_classes == 300 and record.labels[0] == "tok0"
+        assert load_tree(out / f"{name}.codes.npz").tree == record.tree
+    summary = json.loads((out / "baselines.json").read_text())
+    by_name = {row["tree"]: row for row in summary["trees"]}
+    assert by_name["huffman-2"]["expected_depth"] <= by_name["balanced-2"]["expected_depth"]
+
+
+def test_baseline_accepts_a_vocab_json(tmp_path, counts_file):
+    out = tmp_path / "out"
+    assert run("baseline", "--counts", str(counts_file), "--out", str(out)).exit_code == 0
+    result = run("baseline", "--counts", str(out / "vocab.json"), "--cutoffs", "10,100")
+    assert result.exit_code == 0, result.output
+    assert "300 classes" in result.output
+
+
+def test_show_and_export(tmp_path, counts_file):
+    out = tmp_path / "out"
+    run("baseline", "--counts", str(counts_file), "--out", str(out))
+    result = run("show", str(out / "huffman-2.tree.json"), "--class", "tok5", "--class", "#7")
+    assert result.exit_code == 0, result.output
+    assert "classes 300" in result.output and "class 5 ('tok5')" in result.output and "class 7 ('tok7')" in result.output
+    assert run("export", str(out / "huffman-2.tree.json"), str(tmp_path / "h.npz")).exit_code == 0
+    assert run("export", str(tmp_path / "h.npz"), str(tmp_path / "h.json")).exit_code == 0
+    assert load_tree(tmp_path / "h.json").tree == load_tree(out / "huffman-2.tree.json").tree
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["show", "missing.json"], "missing.json: cannot read"),
+        (["baseline", "--counts", "bad.tsv"], "bad.tsv, line 2: count 'many' is not an integer"),
+        (["baseline", "--counts", "good.tsv", "--cutoffs", "5,2"], "cutoffs should be a sequence"),
+        (["baseline", "--counts", "good.tsv", "--arity", "1"], "arity must be an integer >= 2"),
+        (["show", "bad.json"], "bad.json: not valid JSON"),
+        (["show", "good.json", "--class", "nope"], "class 'nope' is neither"),
+        (["export", "good.json", "out.txt"], "unknown file type"),
+    ],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, counts_file, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("bad.tsv").write_text("a\t1\nb\tmany\n")
+    Path("good.tsv").write_text(counts_file.read_text())
+    Path("bad.json").write_text("{oops")
+    run("baseline", "--counts", "good.tsv", "--out", "o")
+    Path("good.json").write_text(Path("o/huffman-2.tree.json").read_text())
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_console_script_on_the_built_in_corpus(tmp_path):
+    """The README's main job, through the installed console script, on the real standard library."""
+    env = dict(os.environ)
+    executable = Path(sys.executable).with_name("tree-search")
+    result = subprocess.run(
+        [str(executable), "baseline", "--out", str(tmp_path / "baseline")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "10,000 classes from built-in corpus" in result.stdout
+    record = load_tree(tmp_path / "baseline" / "huffman-2.tree.json")
+    assert record.tree.num_classes == 10_000 and "<unk>" in record.labels
+    bad = subprocess.run([str(executable), "show", str(tmp_path / "nothing.json")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "cannot read" in bad.stderr
