@@ -30,6 +30,23 @@ def heapq_huffman_merges(counts: np.ndarray) -> list[tuple[int, int]]:
     return merges
 
 
+def builder_cases(counts: np.ndarray) -> dict[str, object]:
+    """What is timed, by name."""
+    V = counts.size
+    return {
+        "huffman binary (validated Tree)": lambda: builders.huffman(counts, 2),
+        "huffman 4-ary": lambda: builders.huffman(counts, 4),
+        "huffman 16-ary": lambda: builders.huffman(counts, 16),
+        "balanced binary": lambda: builders.balanced(V, 2),
+        "balanced 16-ary": lambda: builders.balanced(V, 16),
+        "frequency cutoffs (90%/99% mass)": lambda: builders.frequency_cutoffs(
+            counts, builders.cutoffs_by_mass(counts)
+        ),
+        "huffman binary + canonical hash": lambda: builders.huffman(counts).canonical_hash,
+        "huffman binary + padded paths": lambda: builders.huffman(counts).paths(),
+    }
+
+
 def best_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -50,24 +67,16 @@ def main() -> None:
         repeats = args.repeats if V < 1_000_000 else max(1, args.repeats - 1)
         reference = best_time(lambda c=counts: heapq_huffman_merges(c), repeats)
         tree = builders.huffman(counts)
-        cases = {
-            "huffman binary (validated Tree)": lambda: builders.huffman(counts, 2),
-            "huffman 4-ary": lambda: builders.huffman(counts, 4),
-            "huffman 16-ary": lambda: builders.huffman(counts, 16),
-            "balanced binary": lambda: builders.balanced(V, 2),
-            "balanced 16-ary": lambda: builders.balanced(V, 16),
-            "frequency cutoffs (90%/99% mass)": lambda: builders.frequency_cutoffs(
-                counts, builders.cutoffs_by_mass(counts)
-            ),
-            "huffman binary + canonical hash": lambda: builders.huffman(counts).canonical_hash,
-            "huffman binary + padded paths": lambda: builders.huffman(counts).paths(),
-        }
+        cases = builder_cases(counts)
         print(f"{V:>9,} {'reference: heapq huffman merges':<34} {reference:>9.3f} {'1.00x':>13}")
         for name, fn in cases.items():
             seconds = best_time(fn, repeats)
             print(f"{V:>9,} {name:<34} {seconds:>9.3f} {reference / seconds:>12.2f}x")
-        print(f"{'':>9} huffman binary: max depth {tree.max_depth}, expected depth "
-              f"{tree.expected_path_length(counts):.3f} (balanced: {builders.balanced(V, 2).expected_path_length(counts):.3f})")
+        balanced_depth = builders.balanced(V, 2).expected_path_length(counts)
+        print(
+            f"{'':>9} huffman binary: max depth {tree.max_depth}, expected depth "
+            f"{tree.expected_path_length(counts):.3f} (balanced: {balanced_depth:.3f})"
+        )
 
 
 if __name__ == "__main__":

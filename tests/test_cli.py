@@ -55,7 +55,9 @@ def test_show_and_export(tmp_path, counts_file):
     run("baseline", "--counts", str(counts_file), "--out", str(out))
     result = run("show", str(out / "huffman-2.tree.json"), "--class", "tok5", "--class", "#7")
     assert result.exit_code == 0, result.output
-    assert "classes 300" in result.output and "class 5 ('tok5')" in result.output and "class 7 ('tok7')" in result.output
+    assert (
+        "classes 300" in result.output and "class 5 ('tok5')" in result.output and "class 7 ('tok7')" in result.output
+    )
     assert run("export", str(out / "huffman-2.tree.json"), str(tmp_path / "h.npz")).exit_code == 0
     assert run("export", str(tmp_path / "h.npz"), str(tmp_path / "h.json")).exit_code == 0
     assert load_tree(tmp_path / "h.json").tree == load_tree(out / "huffman-2.tree.json").tree
