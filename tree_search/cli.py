@@ -22,7 +22,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tree_search import builders
-from tree_search.data import CorpusConfig, DataError, Vocab, load_stdlib_corpus, load_vocab, read_counts_tsv
+from tree_search.data import (
+    CorpusConfig,
+    DataError,
+    EncoderConfig,
+    Vocab,
+    cached_datasets,
+    load_stdlib_corpus,
+    load_vocab,
+    prepare_dataset,
+    read_counts_tsv,
+)
 from tree_search.export import TreeFileError, TreeRecord, load_tree, save_tree
 from tree_search.tree import TreeError
 
@@ -250,3 +260,95 @@ def export(source: Path, target: Path) -> None:
     if back != record.tree:  # the formats are exact; anything else is a bug worth a loud error
         raise RuntimeError(f"{target}: the written tree does not read back identical")
     console.print(f"wrote {target} ({record.tree.num_classes:,} classes, hash {record.tree.canonical_hash[:12]})")
+
+
+@main.group()
+def data() -> None:
+    """Prepare and list the datasets that reward evaluations train heads on."""
+
+
+@data.command()
+@click.option(
+    "--corpus",
+    type=click.Choice(["stdlib"]),
+    default="stdlib",
+    show_default=True,
+    help="The built-in corpus (used when no --text/--npz is given).",
+)
+@click.option(
+    "--text",
+    "text",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Plain-text corpus: one file (split by lines), or three: --text TRAIN --text VALID --text TEST.",
+)
+@click.option("--npz", type=click.Path(path_type=Path, dir_okay=False), help="Pre-computed features and labels.")
+@click.option("--max-size", default=10_000, show_default=True, help="Vocabulary cap, <unk> included.")
+@click.option("--min-count", default=1, show_default=True, help="Rarer tokens fold into <unk>.")
+@click.option("--dim", default=EncoderConfig.dim, show_default=True, help="Feature dimension.")
+@click.option("--context", default=EncoderConfig.context, show_default=True, help="Previous tokens the encoder reads.")
+@click.option("--steps", default=EncoderConfig.steps, show_default=True, help="Encoder training steps.")
+@click.option(
+    "--max-train-tokens",
+    default=EncoderConfig.max_train_tokens,
+    show_default=True,
+    help="Train positions with stored features.",
+)
+@click.option(
+    "--max-eval-tokens",
+    default=EncoderConfig.max_eval_tokens,
+    show_default=True,
+    help="Valid and test positions with stored features, each.",
+)
+@click.option("--seed", default=0, show_default=True, help="Splits, encoder and kept positions.")
+@click.option("--device", default=None, help="torch device for the encoder (default: cuda if available).")
+@_friendly_errors
+def prepare(corpus: str, text: tuple[Path, ...], npz: Path | None, max_size: int, min_count: int, dim: int,
+            context: int, steps: int, max_train_tokens: int, max_eval_tokens: int, seed: int,
+            device: str | None) -> None:  # fmt: skip
+    """Tokenize a corpus, train the context encoder and cache its frozen features."""
+    del corpus  # one built-in corpus so far; the option documents the default
+    corpus_config = CorpusConfig(max_size=max_size, min_count=min_count, seed=seed)
+    encoder_config = EncoderConfig(dim=dim, context=context, steps=steps, max_train_tokens=max_train_tokens,
+                                   max_eval_tokens=max_eval_tokens, seed=seed)  # fmt: skip
+    started = time.perf_counter()
+    with _progress() as progress:
+        dataset = prepare_dataset(text=text, npz=npz, corpus_config=corpus_config, encoder_config=encoder_config,
+                                  device=device, log=console.print, progress=progress)  # fmt: skip
+    info = dataset.info
+    corpus_info = info.get("corpus", {})
+    source = corpus_info.get("corpus", "npz")
+    if source == "python-stdlib":
+        source = f"Python {corpus_info['python']} standard library ({corpus_info['root']})"
+    console.print(f"[bold]dataset[/] {source}")
+    console.print(f"  classes {dataset.num_classes:,} (vocabulary from the train split), feature dim {dataset.dim}")
+    if "tokens" in corpus_info:
+        tokens, unk = corpus_info["tokens"], corpus_info["unk_rate"]
+        for split in ("train", "valid", "test"):
+            console.print(f"  {split:<5} {tokens[split]:>11,} tokens, <unk> {100 * unk[split]:5.2f}%, "
+                          f"{info['positions'][split]:>9,} positions with features")  # fmt: skip
+        console.print(f"  context encoder: valid NLL {info['encoder_nll']['valid']:.3f} nats/token "
+                      f"(trained {info['encoder_train_seconds']:.0f} s on {info['device']})")  # fmt: skip
+    else:
+        console.print("  rows " + ", ".join(f"{k} {v:,}" for k, v in info["positions"].items()))
+    console.print(f"  cache: {info.get('cache', 'not cached (npz is read in place)')}")
+    console.print(f"  done in {time.perf_counter() - started:.1f} s")
+
+
+@data.command(name="show")
+def data_show() -> None:
+    """List the cached datasets."""
+    rows = cached_datasets()
+    if not rows:
+        console.print("no cached datasets yet: run 'tree-search data prepare'")
+        return
+    table = Table(title="cached datasets")
+    for column in ("corpus", "classes", "dim", "train", "valid", "test", "MiB", "folder"):
+        table.add_column(column, justify="left" if column in ("corpus", "folder") else "right")
+    for row in rows:
+        p = row["positions"]
+        sizes = [f"{p.get(split, 0):,}" for split in ("train", "valid", "test")]
+        table.add_row(
+            row["corpus"], f"{row['classes']:,}", str(row["dim"]), *sizes, str(row["megabytes"]), row["folder"]
+        )
+    console.print(table)

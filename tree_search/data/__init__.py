@@ -1,15 +1,27 @@
-"""Corpora, vocabularies and the built-in default corpus (Python standard library code)."""
+"""Corpora, vocabularies, frozen context features, and the built-in default corpus."""
 
 from tree_search.data.corpus import CorpusConfig, TokenCorpus, load_stdlib_corpus
+from tree_search.data.features import EncoderConfig, FeatureDataset, build_features
+from tree_search.data.npz_dataset import load_npz_dataset
+from tree_search.data.prepare import cached_datasets, load_corpus, prepare_dataset
+from tree_search.data.text_corpus import load_text_corpus
 from tree_search.data.vocab import UNK, DataError, Vocab, load_vocab, read_counts_tsv
 
 __all__ = [
     "UNK",
     "CorpusConfig",
     "DataError",
+    "EncoderConfig",
+    "FeatureDataset",
     "TokenCorpus",
     "Vocab",
+    "build_features",
+    "cached_datasets",
+    "load_corpus",
+    "load_npz_dataset",
     "load_stdlib_corpus",
+    "load_text_corpus",
     "load_vocab",
+    "prepare_dataset",
     "read_counts_tsv",
 ]

@@ -18,7 +18,14 @@ from tree_search.data.cache import cache_root, content_key, save_npy_atomic
 from tree_search.data.code_corpus import SPLITS, file_split, stdlib_files, tokenize_files
 from tree_search.data.vocab import DataError, Vocab, load_vocab
 
-__all__ = ["CorpusConfig", "ProgressFactory", "TokenCorpus", "load_stdlib_corpus"]
+__all__ = [
+    "CorpusConfig",
+    "ProgressFactory",
+    "TokenCorpus",
+    "cached_corpus",
+    "corpus_from_raw_ids",
+    "load_stdlib_corpus",
+]
 
 # progress("what", total) returns a function to call with the number of items done.
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -47,7 +54,12 @@ class TokenCorpus:
 
     vocab: Vocab
     splits: Mapping[str, np.ndarray]  # "train" | "valid" | "test" -> (N,) int32 ids
-    info: Mapping[str, Any] = field(default_factory=dict)  # sizes, sources, cache path
+    info: Mapping[str, Any] = field(default_factory=dict)  # "key" (content hash), sizes, sources, cache path
+
+    @property
+    def key(self) -> str:
+        """Content key: equal keys mean equal vocabularies and splits."""
+        return str(self.info["key"])
 
 
 def _digest_files(base: Path, files: list[Path]) -> str:
@@ -87,6 +99,53 @@ def _publish(folder: Path, corpus: TokenCorpus) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def corpus_from_raw_ids(
+    table: list[str], raw: Mapping[str, np.ndarray], config: CorpusConfig, info: Mapping[str, Any]
+) -> TokenCorpus:
+    """Build the training vocabulary and re-map every split to its ids.
+
+    Args:
+        table: every distinct token; ``raw`` holds indices into it.
+        raw: split name -> (N,) indices into ``table``.
+        config: vocabulary settings (``min_count``, ``max_size``).
+        info: facts about the corpus to keep (must hold ``key``); sizes are added.
+    """
+    for name in SPLITS:
+        if raw[name].size == 0:
+            raise DataError(f"the {name} split of the corpus is empty; use more data or larger fractions")
+    train_counts = np.bincount(raw["train"], minlength=len(table))
+    vocab = Vocab.from_counter(
+        dict(zip(table, train_counts.tolist(), strict=True)),
+        min_count=config.min_count,
+        max_size=config.max_size,
+        source={"corpus": info.get("corpus", ""), "split": "train"},
+    )
+    unk_id = vocab.unk_id if vocab.unk_id is not None else -1
+    remap = np.array([vocab.index.get(t, unk_id) for t in table], dtype=np.int32)
+    splits = {name: remap[raw[name]] for name in SPLITS}
+    sizes = {
+        "config": asdict(config),
+        "tokens": {name: int(splits[name].size) for name in SPLITS},
+        "token_types_in_train": int(np.count_nonzero(train_counts)),
+        "vocab_size": len(vocab),
+        "unk_rate": {name: float(np.mean(splits[name] == unk_id)) if unk_id >= 0 else 0.0 for name in SPLITS},
+    }
+    return TokenCorpus(vocab, splits, dict(info) | sizes)
+
+
+def cached_corpus(folder: Path, use_cache: bool, build: Callable[[], TokenCorpus]) -> TokenCorpus:
+    """Return the corpus cached in ``folder``, or ``build()`` it and cache it atomically."""
+    if use_cache:
+        cached = _read_cached(folder)
+        if cached is not None:
+            return cached
+    corpus = build()
+    if not use_cache:
+        return corpus
+    _publish(folder, corpus)
+    return _read_cached(folder) or corpus
+
+
 def load_stdlib_corpus(
     config: CorpusConfig = CorpusConfig(),
     *,
@@ -114,48 +173,31 @@ def load_stdlib_corpus(
         "files": _digest_files(base, files),
         "config": asdict(config),
     }
-    folder = cache_root() / "corpora" / f"stdlib-py{platform.python_version()}-{content_key(key_parts)}"
-    if use_cache:
-        cached = _read_cached(folder)
-        if cached is not None:
-            return cached
-    advance = progress("tokenizing Python files", len(files)) if progress else None
-    table, ids, errors = tokenize_files(files, processes=processes, progress=advance)
-    relative = [str(f.relative_to(base)) for f in files]
-    split_of = [file_split(r, config.seed, config.valid_fraction, config.test_fraction) for r in relative]
-    raw: dict[str, np.ndarray] = {}
-    for name in SPLITS:
-        parts = [a for a, s in zip(ids, split_of, strict=True) if s == name and a is not None]
-        raw[name] = np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
-        if raw[name].size == 0:
-            raise DataError(f"{base}: the {name} split is empty; use more files or larger fractions")
-    train_counts = np.bincount(raw["train"], minlength=len(table))
-    vocab = Vocab.from_counter(
-        dict(zip(table, train_counts.tolist(), strict=True)),
-        min_count=config.min_count,
-        max_size=config.max_size,
-        source={"corpus": "python-stdlib", "python": platform.python_version(), "split": "train"},
-    )
-    unk_id = vocab.unk_id if vocab.unk_id is not None else -1
-    remap = np.array([vocab.index.get(t, unk_id) for t in table], dtype=np.int32)
-    splits = {name: remap[raw[name]] for name in SPLITS}
-    skipped = [r for r, e in zip(relative, errors, strict=True) if e is not None]
-    info = {
-        "corpus": "python-stdlib",
-        "python": platform.python_version(),
-        "root": str(base),
-        "config": asdict(config),
-        "files": {
+    key = content_key(key_parts)
+    folder = cache_root() / "corpora" / f"stdlib-py{platform.python_version()}-{key}"
+
+    def build() -> TokenCorpus:
+        advance = progress("tokenizing Python files", len(files)) if progress else None
+        table, ids, errors = tokenize_files(files, processes=processes, progress=advance)
+        relative = [str(f.relative_to(base)) for f in files]
+        split_of = [file_split(r, config.seed, config.valid_fraction, config.test_fraction) for r in relative]
+        raw: dict[str, np.ndarray] = {}
+        for name in SPLITS:
+            parts = [a for a, s in zip(ids, split_of, strict=True) if s == name and a is not None]
+            raw[name] = np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
+            if raw[name].size == 0:
+                raise DataError(f"{base}: the {name} split is empty; use more files or larger fractions")
+        files_per_split = {
             name: sum(1 for s, e in zip(split_of, errors, strict=True) if s == name and e is None) for name in SPLITS
-        },
-        "files_skipped": skipped,
-        "tokens": {name: int(splits[name].size) for name in SPLITS},
-        "token_types_in_train": int(np.count_nonzero(train_counts)),
-        "vocab_size": len(vocab),
-        "unk_rate": {name: float(np.mean(splits[name] == unk_id)) if unk_id >= 0 else 0.0 for name in SPLITS},
-    }
-    corpus = TokenCorpus(vocab, splits, info)
-    if use_cache:
-        _publish(folder, corpus)
-        return _read_cached(folder) or corpus
-    return corpus
+        }
+        info = {
+            "key": key,
+            "corpus": "python-stdlib",
+            "python": platform.python_version(),
+            "root": str(base),
+            "files": files_per_split,
+            "files_skipped": [r for r, e in zip(relative, errors, strict=True) if e is not None],
+        }
+        return corpus_from_raw_ids(table, raw, config, info)
+
+    return cached_corpus(folder, use_cache, build)
