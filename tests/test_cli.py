@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -103,3 +104,22 @@ def test_console_script_on_the_built_in_corpus(tmp_path):
     assert record.tree.num_classes == 10_000 and "<unk>" in record.labels
     bad = subprocess.run([str(executable), "show", str(tmp_path / "nothing.json")], capture_output=True, text=True)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "cannot read" in bad.stderr
+
+
+def test_data_prepare_and_show_on_small_inputs(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the cat sat on mat number {k % 7}" for k in range(20000)) + "\n")
+    result = run(
+        "data", "prepare", "--text", str(corpus), "--dim", "8", "--context", "2", "--steps", "5",
+        "--max-train-tokens", "300", "--max-eval-tokens", "100", "--max-size", "20",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "classes 14" in result.output and "positions with features" in result.output
+    shown = run("data", "show")
+    assert shown.exit_code == 0 and "text" in shown.output
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "f.npz", features=rng.normal(size=(200, 4)), labels=rng.integers(0, 3, size=200))
+    result = run("data", "prepare", "--npz", str(tmp_path / "f.npz"))
+    assert result.exit_code == 0 and "classes 3" in result.output
+    bad = CliRunner().invoke(main, ["data", "prepare", "--text", str(tmp_path / "nope.txt")])
+    assert bad.exit_code == 1 and "nope.txt: no such file" in bad.output

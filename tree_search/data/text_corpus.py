@@ -4,7 +4,8 @@ This covers Penn Treebank (``ptb.train.txt``) and WikiText (``wiki.train.tokens`
 own conventions (``<unk>``, ``@-@``, `` = Heading = ``) are kept as tokens. Every
 non-blank line ends with an ``<eos>`` token, as in the usual word-level LM setup.
 
-Files are streamed twice (count, then encode) and never held as lists of strings.
+Files are streamed line by line into int32 arrays of provisional ids (one table of
+distinct tokens), never held as lists of strings; the training vocabulary then re-maps them.
 
 Splits: with ``valid`` and ``test`` files, each file is one split. With one file, lines
 are grouped in blocks of `BLOCK_LINES` consecutive lines, and block ``b`` goes to valid
