@@ -1,0 +1,164 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tree_search import builders
+from tree_search.heads import AdaptiveSoftmaxHead, FullSoftmaxHead, TreeSoftmaxHead
+from tree_search.tree import Tree
+
+SHAPES = {
+    "binary huffman": lambda: builders.huffman(np.random.default_rng(0).zipf(1.5, 60).astype(float)),
+    "3-ary huffman": lambda: builders.huffman(np.arange(1, 41), arity=3),
+    "depth 1": lambda: Tree(12, [list(range(12))]),
+    "adaptive": lambda: builders.frequency_cutoffs(np.arange(100, 0, -1), [10, 40]),
+    "unbalanced random": lambda: builders.random_tree(70, seed=3, max_arity=6),
+    "balanced 16": lambda: builders.balanced(300, 16),
+    "deep chain": lambda: builders.huffman([2.0**k for k in range(25)]),
+}
+
+
+@pytest.fixture(params=sorted(SHAPES))
+def tree(request) -> Tree:
+    return SHAPES[request.param]()
+
+
+@pytest.fixture(params=[{}, {"dense_fanout": 4}, {"sparse": True}], ids=["default", "dense", "sparse"])
+def layout(request) -> dict:
+    return request.param
+
+
+def test_probabilities_sum_to_one_and_log_prob_agrees(tree, layout):
+    torch.manual_seed(0)
+    head = TreeSoftmaxHead(tree, 16, **layout)
+    for p in head.parameters():  # larger weights than the initialisation, to stress the maths
+        nn.init.normal_(p, std=0.5)
+    h = torch.randn(32, 16)
+    all_lp = head.log_probs_all(h)
+    assert all_lp.shape == (32, tree.num_classes)
+    assert torch.allclose(all_lp.exp().sum(-1), torch.ones(32), atol=1e-5)
+    y = torch.randint(0, tree.num_classes, (32,))
+    assert torch.allclose(head.log_prob(h, y), all_lp[torch.arange(32), y], atol=1e-5)
+    output, loss = head(h, y)
+    assert torch.allclose(loss, -output.mean())
+
+
+def test_top_k_is_exact_even_with_a_narrow_beam(tree):
+    torch.manual_seed(1)
+    head = TreeSoftmaxHead(tree, 8)
+    for p in head.parameters():
+        nn.init.normal_(p, std=1.0)
+    h = torch.randn(20, 8)
+    reference = head.log_probs_all(h).topk(min(5, tree.num_classes), dim=-1)
+    for beam in (1, None):
+        classes, lp = head.predict(h, k=min(5, tree.num_classes), beam=beam)
+        assert torch.allclose(lp, reference.values, atol=1e-5)
+        assert torch.equal(classes, reference.indices)
+
+
+def test_top_k_beyond_the_number_of_classes():
+    head = TreeSoftmaxHead(Tree(3, [[0, 4], [1, 2]]), 4)
+    classes, lp = head.predict(torch.randn(2, 4), k=5)
+    assert (classes[:, 3:] == -1).all() and torch.isinf(lp[:, 3:]).all()
+    assert sorted(classes[0, :3].tolist()) == [0, 1, 2]
+
+
+def test_gradients_match_finite_differences():
+    tree = builders.random_tree(7, seed=0, max_arity=3)
+    head = TreeSoftmaxHead(tree, 3).double()
+    h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 6, 2])
+
+    assert torch.autograd.gradcheck(lambda x: head.log_prob(x, y), (h,))
+    weight = next(iter(head.parameters()))
+    w = weight.detach().clone().requires_grad_(True)
+
+    def by_weight(w_in):
+        saved = weight.data
+        weight.data = w_in
+        try:
+            return head.log_prob(h.detach(), y)
+        finally:
+            weight.data = saved
+
+    # gradient wrt one parameter tensor, analytically vs numerically
+    loss = head.log_prob(h.detach(), y).sum()
+    (analytic,) = torch.autograd.grad(loss, weight)
+    eps, numeric = 1e-6, torch.zeros_like(w)
+    flat = w.detach().view(-1)
+    for i in range(flat.numel()):
+        plus, minus = flat.clone(), flat.clone()
+        plus[i] += eps
+        minus[i] -= eps
+        numeric.view(-1)[i] = (by_weight(plus.view_as(w)).sum() - by_weight(minus.view_as(w)).sum()) / (2 * eps)
+    assert torch.allclose(analytic, numeric, atol=1e-6)
+
+
+def test_sparse_and_dense_gradients_agree():
+    tree = builders.huffman(np.arange(1, 50))
+    h, y = torch.randn(16, 8), torch.randint(0, 49, (16,))
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        head = TreeSoftmaxHead(tree, 8, sparse=sparse)
+        head.loss(h, y).backward()
+        grads.append([p.grad.to_dense() for p in head.bucket_weights])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(*grads, strict=True))
+
+
+def test_depth_one_tree_equals_log_softmax():
+    V, d = 30, 8
+    full = FullSoftmaxHead(V, d)
+    for layout in ({}, {"dense_fanout": 4}):
+        head = TreeSoftmaxHead(Tree(V, [list(range(V))]), d, **layout)
+        head.set_node_parameters(0, full.linear.weight, full.linear.bias)
+        h = torch.randn(10, d)
+        expected = torch.log_softmax(full.linear(h), -1)
+        assert torch.allclose(head.log_probs_all(h), expected, atol=1e-5)
+        assert torch.allclose(
+            head.log_prob(h, torch.arange(10)), expected[torch.arange(10), torch.arange(10)], atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("layout", [{}, {"dense_fanout": 1000}])
+def test_adaptive_shape_equals_torch_adaptive_softmax(layout):
+    V, d, cutoffs, div = 200, 32, [20, 80], 4.0
+    torch.manual_seed(0)
+    reference = AdaptiveSoftmaxHead(V, d, cutoffs, div_value=div)
+    inner = reference.inner
+    tree = builders.frequency_cutoffs(np.arange(V, 0, -1), cutoffs)  # ids are already frequency ranks
+    sizes = {1 + i: inner.tail[i][0].weight.shape[0] for i in range(len(cutoffs))}
+    head = TreeSoftmaxHead(tree, d, projections=sizes, bias=False, **layout)
+    head.set_node_parameters(0, inner.head.weight)
+    for i in range(len(cutoffs)):
+        head.set_node_parameters(1 + i, inner.tail[i][1].weight, projection=inner.tail[i][0].weight)
+    h = torch.randn(64, d)
+    assert torch.allclose(head.log_probs_all(h), reference.log_probs_all(h), atol=1e-5)
+    y = torch.randint(0, V, (64,))
+    assert torch.allclose(head.log_prob(h, y), reference.log_prob(h, y), atol=1e-5)
+
+
+def test_autocast_bf16_on_cpu():
+    tree = builders.huffman(np.arange(1, 200))
+    head = TreeSoftmaxHead(tree, 16)
+    h, y = torch.randn(64, 16), torch.randint(0, 199, (64,))
+    exact = head.log_prob(h, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        approx = head.log_prob(h, y)
+    assert approx.dtype == torch.float32
+    assert torch.allclose(approx, exact, atol=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    tree = builders.frequency_cutoffs(np.arange(500, 0, -1), [50, 200])
+    head = TreeSoftmaxHead(tree, 16, projections={1: 8})
+    h, y = torch.randn(64, 16), torch.randint(0, 500, (64,))
+    cpu = head.log_prob(h, y)
+    gpu = head.cuda().log_prob(h.cuda(), y.cuda()).cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-4)
+
+
+def test_bad_projection():
+    with pytest.raises(ValueError, match="projection"):
+        TreeSoftmaxHead(Tree(3, [[0, 1, 2]]), 4, projections={5: 2})

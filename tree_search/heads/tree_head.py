@@ -1,0 +1,374 @@
+"""`TreeSoftmaxHead`: one hierarchical-softmax head for any `Tree`.
+
+For class y with path (n1, c1), ..., (nL, cL) from the root,
+``log p(y|h) = sum_k [ s(n_k, c_k) - logsumexp_c s(n_k, c) ]`` with
+``s(n, c) = w_{n,c} . P_n h + b_{n,c}`` (DESIGN.md, "Maths the heads share").
+
+Layout, chosen from the tree's shape so that both extremes are fast:
+
+- **Dense nodes**: the few widest nodes (fanout above `dense_fanout`, at most
+  `max_dense_nodes` of them) and every node with a projection each own a weight block
+  (fanout, dim_n). Their scores are one matmul over the samples that pass through them.
+  This is the adaptive-softmax shape: a wide root plus a handful of tail clusters.
+- **Packed nodes**: all other nodes are grouped in buckets by fanout rounded up to a
+  power of two, each bucket one (nodes, width, dim) tensor. For each (sample, node) pair
+  on the samples' actual paths (packed: no padding to the deepest path), the node's
+  weights are gathered and scored. Binary and n-ary Huffman trees live here.
+
+A Python loop runs over these groups only (a handful), never over samples or nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from tree_search.tree import Tree
+
+__all__ = ["HeadOutput", "TreeSoftmaxHead"]
+
+
+class HeadOutput(NamedTuple):
+    """What a head's ``forward`` returns, as in `torch.nn.AdaptiveLogSoftmaxWithLoss`."""
+
+    output: torch.Tensor  # (B,) log-probability of each target
+    loss: torch.Tensor  # () mean negative log-likelihood
+
+
+def _bucket_width(fanout: int) -> int:
+    return 1 << (int(fanout) - 1).bit_length()
+
+
+class TreeSoftmaxHead(nn.Module):
+    """Hierarchical softmax over an arbitrary tree.
+
+    Args:
+        tree: the tree; its classes are the head's output classes.
+        dim: input size d.
+        projections: optional ``{internal node: projected dim}``; node ``n`` then scores
+            its children as ``w_c . (P_n h) + b_c`` with ``P_n`` of shape (dim_n, d), as
+            the tail clusters of PyTorch's adaptive softmax do (``div_value``).
+        bias: learn a bias per child.
+        dense_fanout: nodes with a larger fanout get a dense block (see module docstring).
+        max_dense_nodes: at most this many of the widest nodes are dense.
+        sparse: give the packed nodes' weights sparse gradients (only the rows a batch
+            touched), for `torch.optim.SparseAdam`; `sparse_parameters` lists them.
+
+    Shape:
+        h (B, d), y (B,) int64 -> `log_prob` (B,); `log_probs_all` (B, V).
+
+    Example:
+        >>> from tree_search.builders import huffman
+        >>> head = TreeSoftmaxHead(huffman([5, 3, 1, 1]), dim=8)
+        >>> h = torch.randn(2, 8)
+        >>> head.log_probs_all(h).exp().sum(-1)  # doctest: +SKIP
+        tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)
+        >>> out, loss = head(h, torch.tensor([0, 3]))
+    """
+
+    def __init__(
+        self,
+        tree: Tree,
+        dim: int,
+        *,
+        projections: Mapping[int, int] | None = None,
+        bias: bool = True,
+        dense_fanout: int = 64,
+        max_dense_nodes: int = 32,
+        sparse: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tree, self.dim, self.sparse = tree, int(dim), bool(sparse)
+        projections = dict(projections or {})
+        for node, size in projections.items():
+            if not 0 <= node < tree.num_internal or not 1 <= size <= dim:
+                raise ValueError(f"projection {node}: {size} must name an internal node and a size in 1..{dim}")
+        fanout = tree.fanout
+        order = np.argsort(-fanout, kind="stable")
+        wide = [int(n) for n in order[:max_dense_nodes] if fanout[n] > dense_fanout]
+        dense_nodes = sorted(set(wide) | set(projections))
+        is_dense = np.zeros(tree.num_internal, dtype=bool)
+        is_dense[dense_nodes] = True
+
+        # group id of every internal node, and its index inside the group
+        group_of = np.empty(tree.num_internal, dtype=np.int64)
+        local_of = np.empty(tree.num_internal, dtype=np.int64)
+        self.dense_weights = nn.ParameterList()
+        self.dense_biases = nn.ParameterList()
+        self.dense_projections = nn.ModuleList()
+        self._dense_nodes = dense_nodes
+        for k, node in enumerate(dense_nodes):
+            size = projections.get(node, dim)
+            self.dense_weights.append(nn.Parameter(torch.empty(int(fanout[node]), size)))
+            self.dense_biases.append(nn.Parameter(torch.zeros(int(fanout[node])), requires_grad=bias))
+            self.dense_projections.append(nn.Linear(dim, size, bias=False) if node in projections else nn.Identity())
+            group_of[node], local_of[node] = k, 0
+        widths = sorted({_bucket_width(f) for f in fanout[~is_dense]})
+        self.bucket_weights = nn.ParameterList()
+        self.bucket_biases = nn.ParameterList()
+        self._bucket_widths = widths
+        masks = []
+        for b, width in enumerate(widths):
+            members = np.flatnonzero(~is_dense & (np.array([_bucket_width(f) for f in fanout]) == width))
+            group_of[members] = len(dense_nodes) + b
+            local_of[members] = np.arange(members.size)
+            # stored flat (nodes, width * dim) so that embedding lookups can give sparse gradients
+            self.bucket_weights.append(nn.Parameter(torch.empty(members.size, width * dim)))
+            self.bucket_biases.append(nn.Parameter(torch.zeros(members.size, width), requires_grad=bias))
+            valid = torch.from_numpy(np.arange(width)[None, :] < fanout[members][:, None])
+            masks.append(valid)
+        for b, valid in enumerate(masks):
+            self.register_buffer(f"_bucket_valid_{b}", valid, persistent=False)
+        self.num_groups = len(dense_nodes) + len(widths)
+        self.register_buffer("_group_of", torch.from_numpy(group_of), persistent=False)
+        self.register_buffer("_local_of", torch.from_numpy(local_of), persistent=False)
+        nodes, codes, lengths = tree.paths()
+        self.register_buffer("_path_nodes", torch.from_numpy(nodes.astype(np.int64)), persistent=False)
+        self.register_buffer("_path_codes", torch.from_numpy(codes.astype(np.int64)), persistent=False)
+        self.register_buffer("_path_lengths", torch.from_numpy(lengths.astype(np.int64)), persistent=False)
+        self.register_buffer("_fanout", torch.from_numpy(fanout.astype(np.int64)), persistent=False)
+        self.register_buffer("_child_ptr", torch.from_numpy(tree.child_ptr.copy()), persistent=False)
+        self.register_buffer("_child_ids", torch.from_numpy(tree.child_ids.copy()), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise child weights like `nn.Linear` (uniform in ±1/sqrt(fan-in)); biases at zero."""
+        for weight in self.dense_weights:
+            bound = 1.0 / np.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+        for weight in self.bucket_weights:
+            bound = 1.0 / np.sqrt(self.dim)
+            nn.init.uniform_(weight, -bound, bound)
+        for bias in [*self.dense_biases, *self.bucket_biases]:
+            nn.init.zeros_(bias)
+        for projection in self.dense_projections:
+            if isinstance(projection, nn.Linear):
+                projection.reset_parameters()
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients are sparse (empty unless ``sparse=True``)."""
+        if not self.sparse:
+            return []
+        return [p for p in [*self.bucket_weights, *self.bucket_biases] if p.requires_grad]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters with dense gradients."""
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in sparse]
+
+    @torch.no_grad()
+    def set_node_parameters(
+        self,
+        node: int,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        projection: torch.Tensor | None = None,
+    ) -> None:
+        """Set the child weights (fanout, dim_n), bias (fanout,) and projection (dim_n, d) of a node.
+
+        Works whichever layout (dense or packed) the node lives in; used to copy weights
+        from other heads (e.g. `torch.nn.AdaptiveLogSoftmaxWithLoss`) and to load exports.
+        """
+        fanout = int(self._fanout[node])
+        group = int(self._group_of[node])
+        num_dense = len(self._dense_nodes)
+        if group < num_dense:
+            if tuple(weight.shape) != tuple(self.dense_weights[group].shape):
+                raise ValueError(f"node {node}: weight must be {tuple(self.dense_weights[group].shape)}")
+            self.dense_weights[group].copy_(weight)
+            if bias is not None:
+                self.dense_biases[group].copy_(bias)
+            if projection is not None:
+                self.dense_projections[group].weight.copy_(projection)
+            return
+        if projection is not None:
+            raise ValueError(f"node {node} has no projection")
+        if tuple(weight.shape) != (fanout, self.dim):
+            raise ValueError(f"node {node}: weight must be ({fanout}, {self.dim})")
+        b, local = group - num_dense, int(self._local_of[node])
+        width = self._bucket_widths[b]
+        row = torch.zeros(width, self.dim, dtype=weight.dtype, device=weight.device)
+        row[:fanout] = weight
+        self.bucket_weights[b][local] = row.reshape(-1)
+        if bias is not None:
+            self.bucket_biases[b][local, :fanout] = bias
+
+    @property
+    def num_classes(self) -> int:
+        """V."""
+        return self.tree.num_classes
+
+    def _bucket_valid(self, b: int) -> torch.Tensor:
+        return getattr(self, f"_bucket_valid_{b}")
+
+    # ------------------------------------------------------------------ core
+    def _pair_scores(self, h: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor):
+        """Scores of every child for (sample, node) pairs, group by group.
+
+        Yields ``(pair_index, scores, valid)`` per group: ``pair_index`` (P_g,) positions
+        into the pairs, ``scores`` (P_g, F_g), ``valid`` (P_g, F_g) bool or None (all valid).
+        """
+        groups = self._group_of[nodes]
+        num_dense = len(self._dense_nodes)
+        for g in range(self.num_groups):
+            index = torch.nonzero(groups == g, as_tuple=True)[0]
+            if index.numel() == 0:
+                continue
+            if g < num_dense:
+                z = self.dense_projections[g](h[rows[index]])  # (P_g, dim_n)
+                scores = z @ self.dense_weights[g].t() + self.dense_biases[g]  # (P_g, fanout)
+                yield index, scores, None
+            else:
+                b = g - num_dense
+                local = self._local_of[nodes[index]]
+                # an embedding lookup, so that the gradient can be sparse (only the rows touched)
+                weights = nn.functional.embedding(local, self.bucket_weights[b], sparse=self.sparse)
+                weights = weights.view(local.shape[0], self._bucket_widths[b], self.dim)  # (P_g, F, d)
+                bias = nn.functional.embedding(local, self.bucket_biases[b], sparse=self.sparse)  # (P_g, F)
+                scores = torch.einsum("pfd,pd->pf", weights, h[rows[index]]) + bias
+                yield index, scores, self._bucket_valid(b)[local]
+
+    def _pair_log_prob(
+        self, h: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor, child: torch.Tensor
+    ) -> torch.Tensor:
+        """(P,) log p(child | node, h[row]) for each pair."""
+        acc = torch.promote_types(h.dtype, torch.float32)  # reductions in at least float32
+        out = torch.empty(rows.shape[0], dtype=acc, device=h.device)
+        for index, scores, valid in self._pair_scores(h, rows, nodes):
+            scores = scores.to(acc)
+            if valid is not None:
+                scores = scores.masked_fill(~valid, float("-inf"))
+            # cross_entropy fuses log_softmax and the pick, forward and backward
+            out[index] = -nn.functional.cross_entropy(scores, child[index], reduction="none")
+        return out
+
+    def _pair_log_softmax(self, h: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """(P, max fanout) log-probabilities of each child of each pair's node; -inf padded."""
+        width = max([int(self._fanout.max()), *self._bucket_widths])
+        acc = torch.promote_types(h.dtype, torch.float32)
+        out = torch.full((rows.shape[0], width), float("-inf"), dtype=acc, device=h.device)
+        for index, scores, valid in self._pair_scores(h, rows, nodes):
+            scores = scores.to(acc)
+            if valid is not None:
+                scores = scores.masked_fill(~valid, float("-inf"))
+            out[index, : scores.shape[1]] = torch.log_softmax(scores, dim=1)
+        return out
+
+    # ------------------------------------------------------------------ public
+    def log_prob(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B,) exact log p(y | h)."""
+        lengths = self._path_lengths[y]  # (B,)
+        rows = torch.repeat_interleave(torch.arange(y.shape[0], device=y.device), lengths)  # (P,)
+        step = torch.arange(rows.shape[0], device=y.device) - torch.repeat_interleave(
+            torch.cumsum(lengths, 0) - lengths, lengths
+        )
+        nodes = self._path_nodes[y[rows], step]
+        child = self._path_codes[y[rows], step]
+        pair = self._pair_log_prob(h, rows, nodes, child)
+        return torch.zeros(y.shape[0], dtype=pair.dtype, device=h.device).index_add_(0, rows, pair)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> HeadOutput:
+        """Log-probabilities of the targets and the mean NLL loss."""
+        output = self.log_prob(h, y)
+        return HeadOutput(output, -output.mean())
+
+    def loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood of ``y`` (nats)."""
+        return -self.log_prob(h, y).mean()
+
+    def log_probs_all(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, V) log-probabilities of every class; costs as much as a full softmax."""
+        B, internal = h.shape[0], self.tree.num_internal
+        rows = torch.arange(B, device=h.device).repeat_interleave(internal)
+        nodes = torch.arange(internal, device=h.device).repeat(B)
+        child_lp = self._pair_log_softmax(h, rows, nodes).view(B, internal, -1)  # (B, I, F)
+        path_nodes = self._path_nodes.clamp(min=0)  # (V, L)
+        path_codes = self._path_codes.clamp(min=0)
+        steps = child_lp[:, path_nodes, path_codes]  # (B, V, L)
+        on_path = self._path_nodes >= 0
+        return torch.where(on_path, steps, torch.zeros((), device=h.device)).sum(-1)
+
+    @torch.no_grad()
+    def predict(self, h: torch.Tensor, k: int = 1, beam: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-``k`` classes and their log-probabilities, by certified beam search.
+
+        A batched beam search keeps the ``beam`` most probable partial paths per level
+        (default ``max(k, 8)``). Since log-probabilities only fall along a path, the
+        result of a sample is exact when no pruned partial path scored above its k-th
+        best leaf; samples without that certificate are searched again with a beam four
+        times wider, until every sample is certified (at worst the whole tree).
+
+        Returns:
+            ``(classes, log_probs)``, each (B, k), best first. With ``k > V`` the extra
+            columns hold class -1 and log-probability -inf.
+        """
+        B, V = h.shape[0], self.num_classes
+        width = max(k, 8) if beam is None else max(k, beam)
+        classes = torch.full((B, k), -1, dtype=torch.int64, device=h.device)
+        scores = torch.full((B, k), float("-inf"), device=h.device)
+        todo = torch.arange(B, device=h.device)
+        while todo.numel():
+            found_c, found_s, certified = self._beam(h[todo], k, width)
+            done = certified | (width >= V + self.tree.num_internal)
+            classes[todo[done]], scores[todo[done]] = found_c[done], found_s[done]
+            todo = todo[~done]
+            width *= 4
+        return classes, scores
+
+    def _beam(self, h: torch.Tensor, k: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, V, device = h.shape[0], self.num_classes, h.device
+        child_ptr, child_ids = self._child_ptr, self._child_ids
+        frontier = torch.zeros(B, 1, dtype=torch.int64, device=device)  # internal node ids
+        frontier_lp = torch.zeros(B, 1, device=device)
+        leaves = torch.full((B, 0), -1, dtype=torch.int64, device=device)
+        leaves_lp = torch.zeros(B, 0, device=device)
+        pruned_best = torch.full((B,), float("-inf"), device=device)
+        while frontier.shape[1]:
+            alive = frontier_lp > float("-inf")
+            rows, cols = torch.nonzero(alive, as_tuple=True)
+            nodes = frontier[rows, cols]
+            child_lp = self._pair_log_softmax(h, rows, nodes) + frontier_lp[rows, cols, None]  # (P, F)
+            F = child_lp.shape[1]  # the widest group; columns beyond a node's fanout are -inf
+            fan = self._fanout[nodes]
+            position = torch.arange(F, device=device)
+            valid = position[None, :] < fan[:, None]
+            ids = child_ids[(child_ptr[nodes][:, None] + position[None, :]).clamp(max=child_ids.numel() - 1)]
+            child_lp = child_lp.masked_fill(~valid, float("-inf"))
+            # scatter the candidates of each sample into a (B, C) table
+            slots = torch.zeros(B, dtype=torch.int64, device=device).index_add_(0, rows, torch.ones_like(rows))
+            C = int(slots.max()) * F if rows.numel() else 0
+            offset = torch.cumsum(slots, 0) - slots
+            slot = (torch.arange(rows.numel(), device=device) - offset[rows])[:, None] * F + position[None, :]
+            cand_lp = torch.full((B, C), float("-inf"), device=device)
+            cand_id = torch.full((B, C), -1, dtype=torch.int64, device=device)
+            cand_lp[rows[:, None].expand_as(slot), slot] = child_lp
+            cand_id[rows[:, None].expand_as(slot), slot] = ids
+            is_leaf = (cand_id >= 0) & (cand_id < V)
+            leaves = torch.cat([leaves, torch.where(is_leaf, cand_id, -1)], 1)
+            leaves_lp = torch.cat([leaves_lp, cand_lp.masked_fill(~is_leaf, float("-inf"))], 1)
+            inner_lp = cand_lp.masked_fill(is_leaf | (cand_id < 0), float("-inf"))
+            keep = min(width, inner_lp.shape[1])
+            top_lp, top_idx = inner_lp.topk(keep, dim=1) if keep else (inner_lp[:, :0], inner_lp[:, :0].long())
+            if inner_lp.shape[1] > keep:
+                dropped = inner_lp.scatter(1, top_idx, float("-inf"))
+                pruned_best = torch.maximum(pruned_best, dropped.max(1).values)
+            frontier = cand_id.gather(1, top_idx) - V
+            frontier_lp = top_lp
+            if not bool((frontier_lp > float("-inf")).any()):
+                break
+            # keep the leaf table small: only the k best leaves so far matter
+            if leaves.shape[1] > k:
+                best_lp, best_idx = leaves_lp.topk(k, dim=1)
+                leaves, leaves_lp = leaves.gather(1, best_idx), best_lp
+        if leaves.shape[1] < k:
+            pad = k - leaves.shape[1]
+            leaves = torch.cat([leaves, torch.full((B, pad), -1, dtype=torch.int64, device=device)], 1)
+            leaves_lp = torch.cat([leaves_lp, torch.full((B, pad), float("-inf"), device=device)], 1)
+        best_lp, best_idx = leaves_lp.topk(k, dim=1)
+        best = leaves.gather(1, best_idx).masked_fill(best_lp == float("-inf"), -1)
+        certified = pruned_best <= best_lp[:, -1]
+        return best, best_lp, certified
