@@ -3,6 +3,7 @@
 from tree_search.data.corpus import CorpusConfig, TokenCorpus, load_stdlib_corpus
 from tree_search.data.features import EncoderConfig, FeatureDataset, build_features
 from tree_search.data.npz_dataset import load_npz_dataset
+from tree_search.data.planted import PlantedConfig, PlantedData, make_planted
 from tree_search.data.prepare import cached_datasets, load_corpus, prepare_dataset
 from tree_search.data.text_corpus import load_text_corpus
 from tree_search.data.vocab import UNK, DataError, Vocab, load_vocab, read_counts_tsv
@@ -13,6 +14,8 @@ __all__ = [
     "DataError",
     "EncoderConfig",
     "FeatureDataset",
+    "PlantedConfig",
+    "PlantedData",
     "TokenCorpus",
     "Vocab",
     "build_features",
@@ -22,6 +25,7 @@ __all__ = [
     "load_stdlib_corpus",
     "load_text_corpus",
     "load_vocab",
+    "make_planted",
     "prepare_dataset",
     "read_counts_tsv",
 ]

@@ -1,0 +1,167 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from tree_search import builders
+from tree_search.tree import Tree
+
+METHODS = ["kmeans", "pca"]
+
+
+def leaf_sets(tree: Tree) -> list[frozenset[int]]:
+    """The classes below each internal node."""
+    nodes, _, _ = tree.paths()
+    rows, cols = np.nonzero(nodes >= 0)
+    members: list[set[int]] = [set() for _ in range(tree.num_internal)]
+    for y, u in zip(rows.tolist(), nodes[rows, cols].tolist(), strict=True):
+        members[u].add(y)
+    return [frozenset(m) for m in members]
+
+
+def shuffled_blobs(centres: np.ndarray, per_blob: int, spread: float, seed: int) -> tuple[np.ndarray, list[set[int]]]:
+    """Points around each centre, with class ids shuffled so blobs are not id ranges."""
+    rng = np.random.default_rng(seed)
+    points = np.repeat(centres, per_blob, axis=0) + spread * rng.standard_normal(
+        (len(centres) * per_blob, centres.shape[1])
+    )
+    ids = rng.permutation(len(points))  # point k becomes class ids[k]
+    embeddings = np.empty_like(points)
+    embeddings[ids] = points
+    blobs = [set(ids[b * per_blob : (b + 1) * per_blob].tolist()) for b in range(len(centres))]
+    return embeddings, blobs
+
+
+embedding_arrays = st.integers(2, 60).flatmap(
+    lambda V: hnp.arrays(
+        np.float64,
+        st.tuples(st.just(V), st.integers(1, 4)),
+        elements=st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False),
+    )
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    embeddings=embedding_arrays,
+    fanout=st.integers(2, 6),
+    method=st.sampled_from(METHODS),
+    leaf_size=st.none() | st.integers(1, 10),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_cluster_tree_is_a_balanced_valid_tree(embeddings, fanout, method, leaf_size, weighted, seed):
+    V = embeddings.shape[0]
+    counts = np.random.default_rng(seed).integers(0, 3, size=V) if weighted else None  # zeros included
+    tree = builders.cluster_tree(embeddings, counts, fanout=fanout, method=method, leaf_size=leaf_size, seed=seed)
+    assert tree.num_classes == V
+    assert np.array_equal(np.sort(tree.child_ids[tree.child_ids < V]), np.arange(V))
+    assert np.all(tree.node_parent[1:] < np.arange(1, tree.num_internal))  # topological
+    limit = max(fanout, leaf_size or fanout)
+    size = tree.subtree_size
+    for u in range(tree.num_internal):
+        children = tree.children(u)
+        if size[u] <= limit:  # a flat node: all its classes are leaf children
+            assert np.all(children < V) and children.size == size[u]
+        else:  # a balanced split into `fanout` parts
+            assert children.size == fanout
+            sizes = [1 if c < V else size[c - V] for c in children.tolist()]
+            assert max(sizes) - min(sizes) <= 1 and sum(sizes) == size[u]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("fanout", [2, 3, 8])
+def test_cluster_tree_is_deterministic_for_a_seed(method, fanout):
+    X = np.random.default_rng(0).standard_normal((300, 5))
+    a = builders.cluster_tree(X, fanout=fanout, method=method, seed=3)
+    assert a == builders.cluster_tree(X, fanout=fanout, method=method, seed=3)
+    assert a.max_depth == int(np.ceil(np.log(300) / np.log(fanout) - 1e-9))
+    if method == "kmeans":  # k-means++ seeds differ; PCA converges to the same direction anyway
+        assert any(a != builders.cluster_tree(X, fanout=fanout, method=method, seed=s) for s in range(4, 8))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cluster_tree_ignores_scale_and_uniform_counts(method):
+    X = np.random.default_rng(1).standard_normal((200, 6))
+    tree = builders.cluster_tree(X, fanout=3, method=method)
+    assert tree == builders.cluster_tree(8.0 * X, fanout=3, method=method)  # a power of two: exact
+    assert tree == builders.cluster_tree(X, np.ones(200), fanout=3, method=method)
+    assert tree == builders.cluster_tree(X, np.full(200, 7), fanout=3, method=method)
+
+
+def test_counts_move_the_pca_cut():
+    # Two halves apart along x (variance 49); within each, 10 of 50 points spread along y
+    # (variance 20 unweighted). With those 20 points weighted 1000 times, y dominates.
+    x = np.repeat([-7.0, 7.0], 50)
+    y = np.tile(np.repeat([-10.0, 10.0, 0.0], [5, 5, 40]), 2)
+    X = np.stack([x, y], axis=1)
+    halves = {frozenset(range(50)), frozenset(range(50, 100))}
+    plain = builders.cluster_tree(X, fanout=2, method="pca")
+    assert set(leaf_sets(plain)[1:3]) == halves
+    weighted = builders.cluster_tree(X, np.where(y != 0, 1000, 1), fanout=2, method="pca")
+    assert set(leaf_sets(weighted)[1:3]).isdisjoint(halves)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_recovers_well_separated_blobs_at_fanout_8(seed):
+    centres = 20.0 * np.random.default_rng(100 + seed).standard_normal((8, 16))
+    X, blobs = shuffled_blobs(centres, per_blob=25, spread=1.0, seed=seed)
+    tree = builders.cluster_tree(X, fanout=8, seed=seed)
+    root_children = {leaf_sets(tree)[c - 200] for c in tree.children(0).tolist()}
+    assert root_children == {frozenset(b) for b in blobs}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_splits_recover_a_planted_hierarchy(method, seed):
+    # 8 blobs at the corners of a box with sides 40, 20, 10: the first split is along the
+    # first axis, then the second, then the third; every blob is a subtree at depth 3.
+    corners = np.array([[a, b, c] for a in (-20, 20) for b in (-10, 10) for c in (-5, 5)], dtype=float)
+    centres = np.concatenate([corners, np.zeros((8, 3))], axis=1)
+    X, blobs = shuffled_blobs(centres, per_blob=25, spread=0.5, seed=seed)
+    tree = builders.cluster_tree(X, fanout=2, method=method, seed=seed)
+    subtrees = set(leaf_sets(tree))
+    for blob in blobs:
+        assert frozenset(blob) in subtrees
+    assert {frozenset(b) for b in blobs} == {leaf_sets(tree)[u] for u in np.flatnonzero(tree.node_depth == 3)}
+
+
+def test_leaf_size_makes_flat_bottom_nodes():
+    X = np.random.default_rng(2).standard_normal((1000, 8))
+    tree = builders.cluster_tree(X, fanout=4, leaf_size=40)
+    bottom = np.flatnonzero(tree.subtree_size <= 40)
+    assert np.all(tree.fanout[bottom] == tree.subtree_size[bottom])
+    assert tree.fanout.max() <= 40
+    flat_root = builders.cluster_tree(X[:30], fanout=4, leaf_size=40)
+    assert flat_root.num_internal == 1 and flat_root.fanout[0] == 30
+
+
+def test_degenerate_embeddings_still_give_balanced_trees():
+    for X in (np.zeros((37, 3)), np.ones((37, 1)) * 1e300, np.repeat([[0.0], [1.0]], [30, 7], axis=0)):
+        X.flags.writeable = False  # and the input is left alone
+        for method in METHODS:
+            tree = builders.cluster_tree(X, fanout=3, method=method)
+            assert tree.max_depth == 4  # ceil(log3(37))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"embeddings": np.zeros(5)}, r"shape \(V, d\)"),
+        ({"embeddings": np.zeros((1, 3))}, "V >= 2"),
+        ({"embeddings": np.zeros((4, 0))}, "d >= 1"),
+        ({"embeddings": [[0.0], [np.nan], [1.0]]}, "finite; the row of class 1"),
+        ({"embeddings": [["a"], ["b"]]}, "array of numbers"),
+        ({"counts": np.ones(3)}, r"counts must have shape \(4,\)"),
+        ({"counts": [1, -1, 1, 1]}, "non-negative"),
+        ({"fanout": 1}, "fanout must be an integer >= 2"),
+        ({"method": "spectral"}, "method must be 'kmeans' or 'pca'"),
+        ({"leaf_size": 0}, "leaf_size must be an integer >= 1"),
+        ({"iterations": 0}, "iterations must be an integer >= 1"),
+    ],
+)
+def test_cluster_tree_rejects_bad_inputs(kwargs, match):
+    arguments = {"embeddings": np.arange(8.0).reshape(4, 2), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        builders.cluster_tree(**arguments)

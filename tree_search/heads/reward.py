@@ -1,0 +1,207 @@
+"""The reward: train a head on a tree and score it on validation data, cached.
+
+`evaluate` is what every searcher calls: it never raises for a failed training (NaN,
+out of memory); the failure is recorded in `Result.error`. `score_test` is the only
+function that touches the test split, for final reports; searches never call it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tree_search.data.cache import atomic_write_bytes, cache_root, content_key
+from tree_search.data.features import FeatureDataset, default_device
+from tree_search.heads.train import Callback, TrainConfig, device_split, fit, validation_nll
+from tree_search.heads.tree_head import TreeSoftmaxHead
+from tree_search.tree import Tree
+
+__all__ = ["Result", "evaluate", "score_test"]
+
+_REWARD_VERSION = "reward/1"
+_MEMORY: dict[str, Result] = {}
+
+
+@dataclass(frozen=True)
+class Result:
+    """One evaluated tree. Losses in nats/token; ``error`` is set when training failed."""
+
+    tree_hash: str
+    valid_nll: float  # mean over seeds of the best validation NLL (inf when failed)
+    valid_nll_stderr: float  # standard error over seeds (0 with one seed)
+    perplexity: float
+    top1: float  # accuracy of the head's top-1 prediction on the top-k subset
+    top5: float
+    expected_cost: float  # multiply-adds per token under the training counts
+    cost_ratio: float  # expected_cost / full softmax cost
+    train_seconds: float
+    steps: int
+    device: str
+    seeds: tuple[int, ...]
+    per_seed_nll: tuple[float, ...] = ()
+    error: str | None = None
+    cached: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when training succeeded."""
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-friendly dict (infinities as null)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = None
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Result:
+        """Inverse of `to_json`."""
+        values = dict(data)
+        for key in ("valid_nll", "valid_nll_stderr", "perplexity"):
+            if values.get(key) is None:
+                values[key] = math.inf
+        values["seeds"] = tuple(values["seeds"])
+        values["per_seed_nll"] = tuple(values.get("per_seed_nll", ()))
+        return cls(**values)
+
+
+@torch.no_grad()
+def _top_k_accuracy(head: TreeSoftmaxHead, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    hits1 = hits5 = 0
+    for start in range(0, labels.shape[0], 4096):
+        h, y = features[start : start + 4096], labels[start : start + 4096]
+        classes, _ = head.predict(h, k=min(5, head.num_classes))
+        hits1 += int((classes[:, 0] == y).sum())
+        hits5 += int((classes == y[:, None]).any(1).sum())
+    n = max(1, labels.shape[0])
+    return hits1 / n, hits5 / n
+
+
+def _cache_path(key: str) -> Path:
+    return cache_root() / "evaluations" / key[:2] / f"{key}.json"
+
+
+def evaluate(
+    tree: Tree,
+    dataset: FeatureDataset,
+    config: TrainConfig = TrainConfig(),
+    *,
+    seeds: int | Sequence[int] = 1,
+    device: torch.device | str | None = None,
+    top_k_samples: int = 5_000,
+    use_cache: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> Result:
+    """Train a `TreeSoftmaxHead` on ``tree`` and report its validation loss and cost.
+
+    Args:
+        tree: the tree over the dataset's classes.
+        dataset: frozen features (see `tree_search.data.prepare_dataset`).
+        config: the training budget; ``config.seed`` is the first seed.
+        seeds: how many seeds (``config.seed, config.seed + 1, ...``) or which seeds;
+            the result is their mean with its standard error.
+        device: default CUDA when available.
+        top_k_samples: validation rows on which top-1/top-5 accuracy are measured.
+        use_cache: reuse results keyed by (canonical tree hash, dataset key, budget,
+            seeds), in memory and on disk under the cache folder.
+        callbacks: per-measurement callbacks of the first seed's training (pruners).
+
+    Returns:
+        A `Result`; ``error`` says why when training failed (nothing is raised).
+    """
+    if tree.num_classes != dataset.num_classes:
+        raise ValueError(f"the tree has {tree.num_classes} classes, the dataset {dataset.num_classes}")
+    seed_list = tuple(range(config.seed, config.seed + seeds)) if isinstance(seeds, int) else tuple(seeds)
+    key = content_key(
+        {
+            "reward": _REWARD_VERSION,
+            "tree": tree.canonical_hash,
+            "dataset": dataset.key,
+            "config": {k: v for k, v in asdict(config).items() if k != "seed"},
+            "seeds": seed_list,
+            "top_k_samples": top_k_samples,
+        }
+    )
+    if use_cache:
+        if key in _MEMORY:
+            return replace(_MEMORY[key], cached=True)
+        path = _cache_path(key)
+        if path.exists():
+            result = Result.from_json(json.loads(path.read_text(encoding="utf-8")))
+            _MEMORY[key] = result
+            return replace(result, cached=True)
+    device = torch.device(device) if device is not None else default_device()
+    counts = dataset.counts if dataset.counts.sum() > 0 else None
+    cost, ratio = tree.expected_cost(counts, dataset.dim), tree.cost_ratio(counts)
+    started = time.perf_counter()
+    per_seed, steps, top1, top5, error = [], 0, math.nan, math.nan, None
+    try:
+        for index, seed in enumerate(seed_list):
+            run_config = replace(config, seed=seed)
+            torch.manual_seed(seed)
+            head = TreeSoftmaxHead(tree, dataset.dim, sparse=config.sparse)
+            outcome = fit(head, dataset, run_config, device=device, callbacks=callbacks if index == 0 else ())
+            per_seed.append(outcome.best_valid_nll)
+            steps += outcome.steps
+            if index == 0 and top_k_samples:
+                features, labels = device_split(dataset, "valid", device, config.max_valid_samples)
+                top1, top5 = _top_k_accuracy(head, features[:top_k_samples], labels[:top_k_samples])
+    except (FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        error = f"{type(err).__name__}: {err}"
+    seconds = time.perf_counter() - started
+    if error is None:
+        mean = float(np.mean(per_seed))
+        stderr = float(np.std(per_seed, ddof=1) / math.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0
+    else:
+        mean, stderr = math.inf, math.inf
+    result = Result(
+        tree_hash=tree.canonical_hash,
+        valid_nll=mean,
+        valid_nll_stderr=stderr,
+        perplexity=math.exp(mean) if math.isfinite(mean) else math.inf,
+        top1=top1,
+        top5=top5,
+        expected_cost=cost,
+        cost_ratio=ratio,
+        train_seconds=seconds,
+        steps=steps,
+        device=str(device),
+        seeds=seed_list,
+        per_seed_nll=tuple(per_seed),
+        error=error,
+    )
+    if use_cache and error is None:  # failures are not cached: they may be transient (memory)
+        _MEMORY[key] = result
+        atomic_write_bytes(_cache_path(key), json.dumps(result.to_json()).encode())
+    return result
+
+
+def score_test(
+    tree: Tree,
+    dataset: FeatureDataset,
+    config: TrainConfig = TrainConfig(),
+    *,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Final-report scoring: train as `evaluate` does (seed ``config.seed``), then measure the test split.
+
+    Searches select on validation and never call this.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    torch.manual_seed(config.seed)
+    head = TreeSoftmaxHead(tree, dataset.dim, sparse=config.sparse)
+    outcome = fit(head, dataset, config, device=device)
+    features, labels = device_split(dataset, "test", device)
+    test_nll = validation_nll(head, features, labels)
+    return {"valid_nll": outcome.best_valid_nll, "test_nll": test_nll, "test_perplexity": math.exp(test_nll)}
