@@ -7,6 +7,7 @@ For each V: full softmax; torch's AdaptiveLogSoftmaxWithLoss (cutoffs V/25 and V
 div_value 4); our TreeSoftmaxHead on (a) the same adaptive shape with the same
 projections, (b) a binary Huffman tree of Zipf(1) frequencies, (c) a balanced binary
 tree; and a plain padded-gather binary hierarchical softmax as the naive reference.
+Our heads use sparse gradients for their packed nodes, as `fit` trains them.
 Targets come from the Zipf(1) distribution. Ratios are against full softmax and naive.
 """
 
@@ -87,13 +88,13 @@ def make_head(name: str, V: int, dim: int) -> nn.Module:
         return AdaptiveSoftmaxHead(V, dim, cutoffs, div_value=4.0)
     if name == "ours: adaptive shape":
         tree = builders.frequency_cutoffs(zipf, cutoffs)
-        return TreeSoftmaxHead(tree, dim, projections={1: dim // 4, 2: dim // 16}, bias=False)
+        return TreeSoftmaxHead(tree, dim, projections={1: dim // 4, 2: dim // 16}, bias=False, sparse=True)
     if name == "naive padded huffman":
         return NaivePaddedHead(builders.huffman(zipf), dim)
     if name == "ours: huffman binary":
-        return TreeSoftmaxHead(builders.huffman(zipf), dim)
+        return TreeSoftmaxHead(builders.huffman(zipf), dim, sparse=True)
     if name == "ours: balanced binary":
-        return TreeSoftmaxHead(builders.balanced(V, 2), dim)
+        return TreeSoftmaxHead(builders.balanced(V, 2), dim, sparse=True)
     raise ValueError(name)
 
 

@@ -84,7 +84,7 @@ def device_split(
     if key in _DEVICE_CACHE:
         _DEVICE_CACHE.move_to_end(key)
         return _DEVICE_CACHE[key]
-    features = np.asarray(dataset.features[split][:limit])
+    features = np.array(dataset.features[split][:limit])  # a writable copy of the (memory-mapped) rows
     labels = np.asarray(dataset.labels[split][:limit])
     pair = (
         torch.from_numpy(features).to(device=device, dtype=torch.float32),

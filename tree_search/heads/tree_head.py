@@ -55,6 +55,8 @@ class TreeSoftmaxHead(nn.Module):
         bias: learn a bias per child.
         dense_fanout: nodes with a larger fanout get a dense block (see module docstring).
         max_dense_nodes: at most this many of the widest nodes are dense.
+        top_columns: the top levels of the other nodes, up to this many children in all,
+            share one weight block scored by a single matmul over the batch.
         sparse: give the packed nodes' weights sparse gradients (only the rows a batch
             touched), for `torch.optim.SparseAdam`; `sparse_parameters` lists them.
 
@@ -79,6 +81,7 @@ class TreeSoftmaxHead(nn.Module):
         bias: bool = True,
         dense_fanout: int = 64,
         max_dense_nodes: int = 32,
+        top_columns: int = 1024,
         sparse: bool = False,
     ) -> None:
         super().__init__()
@@ -107,14 +110,33 @@ class TreeSoftmaxHead(nn.Module):
             self.dense_biases.append(nn.Parameter(torch.zeros(int(fanout[node])), requires_grad=bias))
             self.dense_projections.append(nn.Linear(dim, size, bias=False) if node in projections else nn.Identity())
             group_of[node], local_of[node] = k, 0
-        widths = sorted({_bucket_width(f) for f in fanout[~is_dense]})
+        # The top levels of packed nodes, visited by most samples, form one shared block whose
+        # scores are a single matmul for the whole batch (cheaper than gathering their weights).
+        packed_depth = tree.node_depth[~is_dense]
+        top_depth = -1
+        for depth in range(int(packed_depth.max()) + 1 if packed_depth.size else 0):
+            if fanout[~is_dense][packed_depth <= depth].sum() > top_columns:
+                break
+            top_depth = depth
+        top_nodes = np.flatnonzero(~is_dense & (tree.node_depth <= top_depth))
+        self._has_top = top_nodes.size > 0
+        top_offset = np.zeros(tree.num_internal, dtype=np.int64)
+        top_offset[top_nodes] = np.cumsum(fanout[top_nodes]) - fanout[top_nodes]
+        self.top_weight = nn.Parameter(torch.empty(int(fanout[top_nodes].sum()), dim))
+        self.top_bias = nn.Parameter(torch.zeros(int(fanout[top_nodes].sum())), requires_grad=bias)
+        self._top_width = int(fanout[top_nodes].max()) if self._has_top else 0
+        group_of[top_nodes], local_of[top_nodes] = len(dense_nodes), top_offset[top_nodes]
+        is_packed = ~is_dense
+        is_packed[top_nodes] = False
+        first_bucket = len(dense_nodes) + 1
+        widths = sorted({_bucket_width(f) for f in fanout[is_packed]})
         self.bucket_weights = nn.ParameterList()
         self.bucket_biases = nn.ParameterList()
         self._bucket_widths = widths
         masks = []
         for b, width in enumerate(widths):
-            members = np.flatnonzero(~is_dense & (np.array([_bucket_width(f) for f in fanout]) == width))
-            group_of[members] = len(dense_nodes) + b
+            members = np.flatnonzero(is_packed & (np.array([_bucket_width(f) for f in fanout]) == width))
+            group_of[members] = first_bucket + b
             local_of[members] = np.arange(members.size)
             # stored flat (nodes, width * dim) so that embedding lookups can give sparse gradients
             self.bucket_weights.append(nn.Parameter(torch.empty(members.size, width * dim)))
@@ -123,7 +145,7 @@ class TreeSoftmaxHead(nn.Module):
             masks.append(valid)
         for b, valid in enumerate(masks):
             self.register_buffer(f"_bucket_valid_{b}", valid, persistent=False)
-        self.num_groups = len(dense_nodes) + len(widths)
+        self.num_groups = first_bucket + len(widths)
         self.register_buffer("_group_of", torch.from_numpy(group_of), persistent=False)
         self.register_buffer("_local_of", torch.from_numpy(local_of), persistent=False)
         nodes, codes, lengths = tree.paths()
@@ -140,10 +162,10 @@ class TreeSoftmaxHead(nn.Module):
         for weight in self.dense_weights:
             bound = 1.0 / np.sqrt(weight.shape[-1])
             nn.init.uniform_(weight, -bound, bound)
-        for weight in self.bucket_weights:
+        for weight in [*self.bucket_weights, self.top_weight]:
             bound = 1.0 / np.sqrt(self.dim)
             nn.init.uniform_(weight, -bound, bound)
-        for bias in [*self.dense_biases, *self.bucket_biases]:
+        for bias in [*self.dense_biases, *self.bucket_biases, self.top_bias]:
             nn.init.zeros_(bias)
         for projection in self.dense_projections:
             if isinstance(projection, nn.Linear):
@@ -189,7 +211,13 @@ class TreeSoftmaxHead(nn.Module):
             raise ValueError(f"node {node} has no projection")
         if tuple(weight.shape) != (fanout, self.dim):
             raise ValueError(f"node {node}: weight must be ({fanout}, {self.dim})")
-        b, local = group - num_dense, int(self._local_of[node])
+        if group == num_dense:  # the shared top block
+            start = int(self._local_of[node])
+            self.top_weight[start : start + fanout] = weight
+            if bias is not None:
+                self.top_bias[start : start + fanout] = bias
+            return
+        b, local = group - num_dense - 1, int(self._local_of[node])
         width = self._bucket_widths[b]
         row = torch.zeros(width, self.dim, dtype=weight.dtype, device=weight.device)
         row[:fanout] = weight
@@ -222,8 +250,15 @@ class TreeSoftmaxHead(nn.Module):
                 z = self.dense_projections[g](h[rows[index]])  # (P_g, dim_n)
                 scores = z @ self.dense_weights[g].t() + self.dense_biases[g]  # (P_g, fanout)
                 yield index, scores, None
+            elif g == num_dense:
+                block = h @ self.top_weight.t() + self.top_bias  # (B, top columns): one matmul
+                position = torch.arange(self._top_width, device=h.device)
+                fan = self._fanout[nodes[index]]
+                columns = (self._local_of[nodes[index]][:, None] + position).clamp(max=block.shape[1] - 1)
+                scores = block[rows[index][:, None], columns]  # (P_g, top width)
+                yield index, scores, position[None, :] < fan[:, None]
             else:
-                b = g - num_dense
+                b = g - num_dense - 1
                 local = self._local_of[nodes[index]]
                 # an embedding lookup, so that the gradient can be sparse (only the rows touched)
                 weights = nn.functional.embedding(local, self.bucket_weights[b], sparse=self.sparse)
@@ -248,7 +283,7 @@ class TreeSoftmaxHead(nn.Module):
 
     def _pair_log_softmax(self, h: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         """(P, max fanout) log-probabilities of each child of each pair's node; -inf padded."""
-        width = max([int(self._fanout.max()), *self._bucket_widths])
+        width = max([int(self._fanout.max()), self._top_width, *self._bucket_widths])
         acc = torch.promote_types(h.dtype, torch.float32)
         out = torch.full((rows.shape[0], width), float("-inf"), dtype=acc, device=h.device)
         for index, scores, valid in self._pair_scores(h, rows, nodes):
