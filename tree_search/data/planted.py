@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from tree_search.builders import balanced
+from tree_search.data.cache import content_key
 from tree_search.data.code_corpus import SPLITS
-from tree_search.data.vocab import DataError
+from tree_search.data.features import FeatureDataset
+from tree_search.data.vocab import DataError, Vocab
 from tree_search.tree import Tree
 
 __all__ = ["PlantedConfig", "PlantedData", "make_planted"]
@@ -100,6 +102,13 @@ class PlantedData:
     bayes_nll: Mapping[str, float]  # split -> mean -log p_true(y | h) in nats: the loss of the true model
     weights: np.ndarray  # (I+V-1, d) float64 score vector of every child entry
     biases: np.ndarray  # (I+V-1,) float64 bias of every child entry
+
+    def to_dataset(self) -> FeatureDataset:
+        """The task as a `FeatureDataset` (classes named "0".."V-1"), ready for `evaluate`."""
+        vocab = Vocab(tuple(str(k) for k in range(self.tree.num_classes)), self.counts, source={"planted": True})
+        key = "planted-" + content_key(asdict(self.config))
+        info = {"planted": asdict(self.config), "bayes_nll": dict(self.bayes_nll)}
+        return FeatureDataset(vocab, dict(self.features), dict(self.labels), None, key, info)
 
     def log_prob(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """``log p_true(y | h)`` of each sample under the oracle.

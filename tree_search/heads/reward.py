@@ -169,7 +169,7 @@ def evaluate(
         tree_hash=tree.canonical_hash,
         valid_nll=mean,
         valid_nll_stderr=stderr,
-        perplexity=math.exp(mean) if math.isfinite(mean) else math.inf,
+        perplexity=math.exp(mean) if mean < 700 else math.inf,
         top1=top1,
         top5=top5,
         expected_cost=cost,

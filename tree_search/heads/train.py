@@ -131,7 +131,9 @@ def fit(
     """Train ``head`` on the train split of ``dataset``; early-stop on validation NLL.
 
     The head is moved to ``device`` (default: CUDA when available) and left holding the
-    weights of its best validation measurement. Deterministic on the CPU for a seed.
+    weights of its best validation measurement. ``config.seed`` fixes the batch order;
+    the head's initialisation is the caller's (`evaluate` seeds it with the same seed).
+    Deterministic on the CPU for a seed.
 
     Raises:
         FloatingPointError: if the training loss or validation NLL becomes NaN/infinite.

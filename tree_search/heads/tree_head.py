@@ -85,7 +85,7 @@ class TreeSoftmaxHead(nn.Module):
         sparse: bool = False,
     ) -> None:
         super().__init__()
-        self.tree, self.dim, self.sparse = tree, int(dim), bool(sparse)
+        self.tree, self.dim, self.sparse, self.bias = tree, int(dim), bool(sparse), bool(bias)
         projections = dict(projections or {})
         for node, size in projections.items():
             if not 0 <= node < tree.num_internal or not 1 <= size <= dim:
@@ -248,10 +248,11 @@ class TreeSoftmaxHead(nn.Module):
                 continue
             if g < num_dense:
                 z = self.dense_projections[g](h[rows[index]])  # (P_g, dim_n)
-                scores = z @ self.dense_weights[g].t() + self.dense_biases[g]  # (P_g, fanout)
+                weight, bias = self.dense_weights[g], self.dense_biases[g]
+                scores = torch.addmm(bias, z, weight.t()) if self.bias else z @ weight.t()  # (P_g, fanout)
                 yield index, scores, None
             elif g == num_dense:
-                block = h @ self.top_weight.t() + self.top_bias  # (B, top columns): one matmul
+                block = torch.addmm(self.top_bias, h, self.top_weight.t()) if self.bias else h @ self.top_weight.t()
                 position = torch.arange(self._top_width, device=h.device)
                 fan = self._fanout[nodes[index]]
                 columns = (self._local_of[nodes[index]][:, None] + position).clamp(max=block.shape[1] - 1)
