@@ -123,3 +123,28 @@ def test_data_prepare_and_show_on_small_inputs(tmp_path):
     assert result.exit_code == 0 and "classes 3" in result.output
     bad = CliRunner().invoke(main, ["data", "prepare", "--text", str(tmp_path / "nope.txt")])
     assert bad.exit_code == 1 and "nope.txt: no such file" in bad.output
+
+
+def test_baseline_evaluate_trains_a_head_per_tree(tmp_path, monkeypatch):
+    """The --evaluate path, on a small planted dataset standing in for the built-in corpus's features."""
+    from tree_search import cli
+    from tree_search.data import make_planted
+
+    planted = make_planted(num_classes=40, dim=8, num_train=3000, num_valid=500, num_test=500, seed=1)
+    dataset = planted.to_dataset()
+    dataset = type(dataset)(dataset.vocab, dataset.features, dataset.labels,
+                            np.random.default_rng(0).normal(size=(40, 8)), dataset.key,
+                            {"corpus": {"python": "test"}})  # fmt: skip
+    monkeypatch.setattr(cli, "prepare_dataset", lambda **kwargs: dataset)
+    out = tmp_path / "out"
+    result = run("baseline", "--evaluate", "--epochs", "1", "--device", "cpu", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    for name in ("huffman-2", "cutoffs", "pca-2", "kmeans-4", "kmeans-16"):
+        assert name in result.output
+    assert "lowest validation loss:" in result.output and "vs huffman-2" in result.output
+    record = load_tree(out / "kmeans-4.tree.json")
+    assert record.metrics["valid_nll"] > 0 and record.built_by["builder"] == "cluster_tree"
+    summary = json.loads((out / "baselines.json").read_text())
+    assert all(row["valid_nll"] is not None for row in summary["trees"])
+    bad = CliRunner().invoke(main, ["baseline", "--evaluate", "--counts", str(out / "vocab.json")])
+    assert bad.exit_code != 0 and "drop --counts" in bad.output

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,8 @@ from tree_search.data import (
     read_counts_tsv,
 )
 from tree_search.export import TreeFileError, TreeRecord, load_tree, save_tree
+from tree_search.heads import TrainConfig
+from tree_search.heads import evaluate as evaluate_tree
 from tree_search.tree import TreeError
 
 __all__ = ["main"]
@@ -93,6 +96,10 @@ def _read_vocab(counts_file: Path | None, max_size: int | None) -> tuple[Vocab, 
     )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _int_list(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -135,6 +142,15 @@ def main() -> None:
     "--out", type=click.Path(path_type=Path, file_okay=False), help="Write each tree and a summary to this folder."
 )
 @click.option("--codes/--no-codes", default=False, help="Also write word2vec-style NAME.codes.npz files.")
+@click.option(
+    "--evaluate/--no-evaluate",
+    default=False,
+    help="Train a head on every tree (built-in corpus features) and report validation loss; adds "
+    "trees clustered from the class embeddings.",
+)
+@click.option("--epochs", default=TrainConfig.epochs, show_default=True, help="Head training budget per tree.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the head training.")
+@click.option("--device", default=None, help="torch device for head training (default: cuda if available).")
 @_friendly_errors
 def baseline(
     counts_file: Path | None,
@@ -144,22 +160,56 @@ def baseline(
     dim: int,
     out: Path | None,
     codes: bool,
+    evaluate: bool,
+    epochs: float,
+    seed: int,
+    device: str | None,
 ) -> None:
-    """Build the classic trees (Huffman, balanced, frequency cutoffs) and compare their shapes."""
-    vocab, source = _read_vocab(counts_file, max_size)
+    """Build the classic trees (Huffman, balanced, frequency cutoffs) and compare them.
+
+    With --evaluate, a head is trained on each tree and scored on the validation split.
+    """
+    if evaluate and counts_file is not None:
+        raise click.UsageError("--evaluate trains heads on the built-in corpus's features; drop --counts")
+    dataset = None
+    if evaluate:
+        with _progress() as progress:
+            dataset = prepare_dataset(corpus_config=CorpusConfig(max_size=max_size), log=console.print,
+                                      progress=progress)  # fmt: skip
+        vocab, dim = dataset.vocab, dataset.dim
+        source = f"built-in corpus: Python {dataset.info['corpus']['python']} standard library features"
+    else:
+        vocab, source = _read_vocab(counts_file, max_size)
     counts = vocab.counts
     console.print(f"[bold]{len(vocab):,} classes[/] from {source}")
     started = time.perf_counter()
     trees = builders.classic_trees(counts, arities=arities, cutoffs=_int_list(cutoffs))
+    if dataset is not None and dataset.class_embeddings is not None:
+        for method, fanout in (("pca", 2), ("kmeans", 4), ("kmeans", 16)):
+            tree = builders.cluster_tree(dataset.class_embeddings, counts, fanout=fanout, method=method)
+            trees[f"{method}-{fanout}"] = (tree, {"builder": "cluster_tree", "params": {"method": method,
+                                                                                      "fanout": fanout}})  # fmt: skip
     build_seconds = time.perf_counter() - started
     rows = []
     for name, (tree, _built_by) in trees.items():
         rows.append({"tree": name, **tree.summary(counts, dim), "hash": tree.canonical_hash[:12]})
+    if dataset is not None:
+        config = TrainConfig(epochs=epochs, seed=seed)
+        for k, row in enumerate(rows, start=1):
+            result = evaluate_tree(trees[row["tree"]][0], dataset, config, device=device)
+            row.update(valid_nll=result.valid_nll, perplexity=result.perplexity, top1=result.top1,
+                       train_seconds=result.train_seconds, error=result.error)  # fmt: skip
+            status = f"valid NLL {result.valid_nll:.4f}" if result.ok else f"FAILED: {result.error}"
+            console.print(f"[{k}/{len(rows)}] {row['tree']}: {status} ({result.train_seconds:.1f} s"
+                          f"{', cached' if result.cached else ''})")  # fmt: skip
     table = Table(title=f"Classic trees (expectations under the class counts, d={dim})")
-    for column in ["tree", "max fanout", "internal nodes", "max depth", "mean depth", "cost/token", "of full softmax"]:
+    columns = ["tree", "max fanout", "internal nodes", "max depth", "mean depth", "cost/token", "of full softmax"]
+    if dataset is not None:
+        columns += ["valid NLL", "perplexity", "top-1"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "tree" else "right", no_wrap=True)
     for row in rows:
-        table.add_row(
+        cells = [
             row["tree"],
             str(row["max_fanout"]),
             f"{row['num_internal']:,}",
@@ -167,22 +217,39 @@ def baseline(
             f"{row['expected_depth']:.3f}",
             f"{row['expected_cost']:,.0f}",
             f"{100 * row['cost_ratio']:.3g}%",
-        )
+        ]
+        if dataset is not None:
+            cells += [f"{row['valid_nll']:.4f}", f"{row['perplexity']:.2f}", f"{row['top1']:.3f}"]
+        table.add_row(*cells)
     console.print(table)
     console.print(
         f"full softmax: {len(vocab) * dim:,} multiply-adds per token; built {len(trees)} trees in {build_seconds:.2f} s"
     )
+    if dataset is not None:
+        scored = [r for r in rows if r["error"] is None]
+        best = min(scored, key=lambda r: r["valid_nll"])
+        huff = next(r for r in rows if r["tree"] == "huffman-2")
+        console.print(
+            f"lowest validation loss: {best['tree']} at {best['valid_nll']:.4f} nats/token "
+            f"({huff['valid_nll'] - best['valid_nll']:+.4f} vs huffman-2, cost {100 * best['cost_ratio']:.3g}% "
+            f"of full softmax vs {100 * huff['cost_ratio']:.3g}%); validation split, one seed, "
+            f"{epochs} epoch(s) of head training"
+        )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         labels = list(vocab.tokens)
-        for name, (tree, built_by) in trees.items():
-            metrics = {k: float(v) for k, v in tree.summary(counts, dim).items()}
+        for row in rows:
+            tree, built_by = trees[row["tree"]]
+            metrics = {k: float(v) for k, v in row.items() if _is_number(v) and math.isfinite(v)}
             record = TreeRecord(tree, labels=labels, counts=counts, built_by=built_by, metrics=metrics)
+            name = row["tree"]
             save_tree(out / f"{name}.tree.json", record)
             if codes:
                 save_tree(out / f"{name}.codes.npz", record)
         vocab.save_json(out / "vocab.json")
-        (out / "baselines.json").write_text(json.dumps({"source": source, "dim": dim, "trees": rows}, indent=1) + "\n")
+        clean = [{k: (v if not _is_number(v) or math.isfinite(v) else None) for k, v in r.items()} for r in rows]
+        summary = {"source": source, "dim": dim, "trees": clean}
+        (out / "baselines.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
         console.print(f"wrote {len(trees)} trees, vocab.json and baselines.json to {out}/")
 
 

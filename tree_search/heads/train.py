@@ -29,7 +29,7 @@ __all__ = ["EvalPoint", "FitResult", "TrainConfig", "device_split", "fit", "vali
 class TrainConfig:
     """How a head is trained on cached features (the reward's budget)."""
 
-    epochs: float = 1.0  # passes over the train split (fractions allowed)
+    epochs: float = 0.5  # passes over the train split (fractions allowed)
     batch_size: int = 1024  # samples per step
     lr: float = 0.01  # peak learning rate of Adam / SparseAdam
     warmup_fraction: float = 0.05  # share of steps with a linear warm-up
