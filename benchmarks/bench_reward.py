@@ -84,7 +84,7 @@ def main() -> None:
     print("\nrecipe fairness: default lr vs the best of a sweep (same budget)")
     for name in ("huffman-2", "balanced-2", "kmeans-4", "huffman-16", "cutoffs"):
         results = {}
-        for lr in (0.003, 0.01, 0.03, 0.1):
+        for lr in (0.003, 0.005, 0.01, 0.02):
             config = dataclasses.replace(default, lr=lr)
             results[lr] = evaluate(trees[name], dataset, config, device=args.device, use_cache=False).valid_nll
         best_lr = min(results, key=results.get)
