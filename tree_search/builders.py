@@ -111,10 +111,13 @@ def from_merges(num_classes: int, merges: Sequence[Sequence[int]]) -> Tree:
         raise TreeError(f"merge {small[0]} joins {sizes[small[0]]} node(s); a merge needs at least 2")
     ptr = np.zeros(sizes.size + 1, dtype=np.int64)
     np.cumsum(sizes, out=ptr[1:])
+    flat = [x for m in merges for x in m]
+    if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in flat):
+        raise TreeError("merges must list integer node ids")
     try:
-        members = np.asarray([x for m in merges for x in m], dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as err:
-        raise TreeError(f"merges must list integer node ids: {err}") from None
+        members = np.asarray(flat, dtype=np.int64)
+    except OverflowError as err:
+        raise TreeError(f"merges must list node ids that fit in 64 bits: {err}") from None
     step = np.repeat(np.arange(sizes.size), sizes)
     bad = np.flatnonzero((members < 0) | (members >= V + step))
     if bad.size:
@@ -123,18 +126,21 @@ def from_merges(num_classes: int, merges: Sequence[Sequence[int]]) -> Tree:
             f"merge {step[k]} refers to node {members[k]}, which does not exist yet "
             f"(classes are 0..{V - 1}; merge m creates node {V}+m)"
         )
-    used = np.bincount(members, minlength=V + sizes.size)
-    again = np.flatnonzero(used > 1)
-    if again.size:
-        node = int(again[0])
+    distinct, times = np.unique(members, return_counts=True)  # memory bounded by the merges, whatever V is
+    if np.any(times > 1):
+        node = int(distinct[times > 1][0])
         first, second = step[members == node][:2]
         raise TreeError(f"merge {second} uses node {node}, which merge {first} already merged")
-    roots = np.flatnonzero(used == 0)
-    if roots.size != 1:
-        shown = ", ".join(map(str, roots[:10])) + (" ..." if roots.size > 10 else "")
+    num_roots = V + sizes.size - distinct.size
+    if num_roots != 1:
+        shown = ""
+        if V + sizes.size <= 10**8:  # name a few (a bitmap of every node is cheap at this size)
+            unused = np.ones(V + sizes.size, dtype=bool)
+            unused[distinct] = False
+            roots = np.flatnonzero(unused)
+            shown = " (" + ", ".join(map(str, roots[:10])) + (" ..." if roots.size > 10 else "") + ")"
         raise TreeError(
-            f"after {sizes.size} merges, {roots.size} roots remain ({shown}); "
-            "the merges must join everything into one tree"
+            f"after {sizes.size} merges, {num_roots} roots remain{shown}; the merges must join everything into one tree"
         )
     return _tree_from_merge_arrays(V, members, ptr)
 
@@ -210,7 +216,10 @@ def balanced(num_classes: int, arity: int = 2, order: Sequence[int] | np.ndarray
     if order is None:
         sequence = np.arange(V, dtype=np.int64)
     else:
-        sequence = np.asarray(order, dtype=np.int64)
+        sequence = np.asarray(order)
+        if sequence.dtype.kind not in "iu":
+            raise ValueError(f"order must be a permutation of 0..{V - 1} (integers), got dtype {sequence.dtype}")
+        sequence = sequence.astype(np.int64)
         if sequence.shape != (V,) or not np.array_equal(np.sort(sequence), np.arange(V)):
             raise ValueError(f"order must be a permutation of 0..{V - 1}")
     starts, sizes = np.array([0]), np.array([V])
@@ -370,6 +379,14 @@ def from_children(num_classes: int, children: Sequence[Sequence[int]], renumber:
     if not renumber:
         return Tree(num_classes, children)
     V, num_internal = int(num_classes), len(children)
+    if num_internal == 0:
+        raise TreeError("a tree needs at least one internal node (the root)")
+    for u, row in enumerate(children):  # checked in the caller's numbering, before renumbering
+        if len(row) < 2:
+            raise TreeError(f"internal node {u} has {len(row)} child(ren); every internal node needs at least 2")
+        for c in row:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < V + num_internal:
+                raise TreeError(f"internal node {u} lists child {c!r}, not a node id in 0..{V + num_internal - 1}")
     new_id = {0: 0}
     queue, ordered = deque([0]), []
     while queue:
@@ -429,6 +446,10 @@ def from_parents(parent: Sequence[int] | np.ndarray, num_classes: int) -> Tree:
     root = int(roots[0])
     if root < V:
         raise TreeError(f"class {root} has parent -1, but the root must be an internal node")
+    fanout = np.bincount(par[par >= 0], minlength=n)[V:]
+    if np.any(fanout < 2):
+        x = V + int(np.argmax(fanout < 2))
+        raise TreeError(f"node {x} has {fanout[x - V]} child(ren); every internal node needs at least 2")
     order = np.argsort(par, kind="stable")
     order = order[par[order] >= 0]
     counts = np.bincount(par[order], minlength=n)[V:]
@@ -483,6 +504,8 @@ def from_nested(nested: Sequence[Any]) -> Tree:
         children.append(row)
         k += 1
     V = len(leaves)
+    if max(leaves) >= V:
+        raise TreeError(f"class {max(leaves)} is out of range: with {V} leaves the classes are 0..{V - 1}")
     counts = np.bincount(np.asarray(leaves, dtype=np.int64), minlength=V)
     if counts.size > V or np.any(counts != 1):
         missing = np.flatnonzero(counts[:V] == 0)

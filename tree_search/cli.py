@@ -171,6 +171,8 @@ def baseline(
     """
     if evaluate and counts_file is not None:
         raise click.UsageError("--evaluate trains heads on the built-in corpus's features; drop --counts")
+    if evaluate and click.get_current_context().get_parameter_source("dim") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--dim is the features' dimension under --evaluate; set it with 'data prepare --dim'")
     dataset = None
     if evaluate:
         with _progress() as progress:
@@ -227,14 +229,21 @@ def baseline(
     )
     if dataset is not None:
         scored = [r for r in rows if r["error"] is None]
-        best = min(scored, key=lambda r: r["valid_nll"])
         huff = next(r for r in rows if r["tree"] == "huffman-2")
-        console.print(
-            f"lowest validation loss: {best['tree']} at {best['valid_nll']:.4f} nats/token "
-            f"({huff['valid_nll'] - best['valid_nll']:+.4f} vs huffman-2, cost {100 * best['cost_ratio']:.3g}% "
-            f"of full softmax vs {100 * huff['cost_ratio']:.3g}%); validation split, one seed, "
-            f"{epochs} epoch(s) of head training"
-        )
+        if not scored:
+            console.print(f"[bold red]all {len(rows)} trees failed to train[/]; see the errors above")
+        else:
+            best = min(scored, key=lambda r: r["valid_nll"])
+            versus = (
+                f"{huff['valid_nll'] - best['valid_nll']:+.4f} vs huffman-2, cost {100 * best['cost_ratio']:.3g}% "
+                f"of full softmax vs {100 * huff['cost_ratio']:.3g}%"
+                if huff["error"] is None
+                else "huffman-2 failed to train"
+            )
+            console.print(
+                f"lowest validation loss: {best['tree']} at {best['valid_nll']:.4f} nats/token ({versus}); "
+                f"validation split, one seed, {epochs} epoch(s) of head training"
+            )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         labels = list(vocab.tokens)
@@ -259,7 +268,7 @@ def baseline(
     "--class",
     "classes",
     multiple=True,
-    help="Print the path of this class: a token, or an id (#ID forces an id); repeatable.",
+    help="Print the path of this class: a token, else an id (ID or #ID, for ids that are also tokens); repeatable.",
 )
 @click.option("--dim", default=256, show_default=True, help="Hidden size used for the cost per token.")
 @_friendly_errors
@@ -304,10 +313,11 @@ def show(tree_file: Path, classes: tuple[str, ...], dim: int) -> None:
 
 
 def _resolve_class(record: TreeRecord, query: str) -> int:
-    if not query.startswith("#") and record.labels is not None and query in record.labels:
+    if record.labels is not None and query in record.labels:
         return record.labels.index(query)
+    forced_id = query.startswith("#") and query[1:].isdigit()
     try:
-        label = int(query.removeprefix("#"))
+        label = int(query[1:] if forced_id else query)
     except ValueError:
         raise ValueError(f"class {query!r} is neither a label in the file nor a class id") from None
     if not 0 <= label < record.tree.num_classes:

@@ -68,6 +68,7 @@ _NPZ_DECODE_ERRORS = (
     NotImplementedError, RuntimeError, MemoryError,
 )  # fmt: skip
 _REQUIRED = ("format", "version", "num_classes", "children")
+_CODES_ARRAYS = ("format", "version", "num_classes", "points", "codes", "lengths", "fanout", "labels", "counts")
 _OPTIONAL = ("hash", "labels", "counts", "built_by", "metrics")
 
 
@@ -96,6 +97,9 @@ class TreeRecord:
             if len(self.labels) != V or not all(isinstance(t, str) for t in self.labels):
                 raise ValueError(f"labels must be {V} strings, one per class")
             object.__setattr__(self, "labels", tuple(self.labels))
+        bad = [k for k, v in self.metrics.items() if not isinstance(v, (int, float, np.number)) or not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"metric {bad[0]!r} must be a finite number, got {self.metrics[bad[0]]!r}")
         if self.counts is not None:
             counts = np.asarray(self.counts, dtype=np.float64)
             if counts.shape != (V,) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
@@ -169,11 +173,13 @@ def save_tree_json(
         "metrics": {str(k): float(v) for k, v in record.metrics.items()},
         "children": record.tree.children_lists(),
     }
+    try:  # serialise before touching the disk, so a bad value leaves no file behind
+        text = json.dumps(document, allow_nan=False, separators=(",", ":")) + "\n"
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"cannot write {path}: built_by and metrics must be plain JSON values ({err})") from None
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, allow_nan=False, separators=(",", ":"))
-        handle.write("\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, target)
     return target
 
@@ -412,11 +418,18 @@ def load_codes_npz(path: str | os.PathLike[str]) -> TreeRecord:
             raise TreeFileError(path, name, "missing")
     if arrays["format"].shape != () or str(arrays["format"]) != CODES_FORMAT:
         raise TreeFileError(path, "format", f"expected {CODES_FORMAT!r}")
-    if arrays["version"].shape != () or int(arrays["version"]) != CODES_VERSION:
-        raise TreeFileError(path, "version", f"unsupported version; this tree_search reads {CODES_VERSION}")
+    version = arrays["version"]
+    if version.shape != () or version.dtype.kind not in "iu" or int(version) != CODES_VERSION:
+        raise TreeFileError(path, "version", f"unsupported version {version!r}; this tree_search reads {CODES_VERSION}")
+    unknown = sorted(set(arrays) - set(_CODES_ARRAYS))
+    if unknown:
+        raise TreeFileError(path, unknown[0], f"unknown array (known: {', '.join(_CODES_ARRAYS)})")
     for name in ("points", "codes", "lengths"):
         if arrays[name].dtype.kind not in "iu":
             raise TreeFileError(path, name, f"expected integers, got dtype {arrays[name].dtype}")
+    V = arrays["points"].shape[0] if arrays["points"].ndim == 2 else 0
+    if arrays["points"].size and int(arrays["points"].max()) >= max(V - 1, 1):
+        raise TreeFileError(path, "points", f"internal node ids must be below V-1={V - 1} (a tree has at most V-1)")
     try:
         tree = tree_from_codes(arrays["points"], arrays["codes"], arrays["lengths"])
     except TreeError as err:

@@ -114,10 +114,13 @@ def corpus_from_raw_ids(
         if raw[name].size == 0:
             raise DataError(f"the {name} split of the corpus is empty; use more data or larger fractions")
     train_counts = np.bincount(raw["train"], minlength=len(table))
+    # Tokens of valid/test that training never saw need an <unk> class even when nothing was cut.
+    unseen = any(np.any(train_counts[raw[name]] == 0) for name in ("valid", "test"))
     vocab = Vocab.from_counter(
         dict(zip(table, train_counts.tolist(), strict=True)),
         min_count=config.min_count,
         max_size=config.max_size,
+        ensure_unk=bool(unseen),
         source={"corpus": info.get("corpus", ""), "split": "train"},
     )
     unk_id = vocab.unk_id if vocab.unk_id is not None else -1

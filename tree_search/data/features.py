@@ -73,6 +73,10 @@ class EncoderConfig:
         for name in ("context", "embed_dim", "dim", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise DataError(f"EncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_tokens", "max_eval_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DataError(f"EncoderConfig.{name} must be >= 1 or None (no cap), got {value}")
 
 
 class ContextEncoder(nn.Module):

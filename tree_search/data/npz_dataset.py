@@ -67,6 +67,8 @@ def load_npz_dataset(
     if bad_rows.size:
         raise _fail(path, "features", f"row {bad_rows[0]} holds NaN or infinity ({bad_rows.size} rows do)")
     names = arrays.get("class_names")
+    if names is not None and names.ndim != 1:
+        raise _fail(path, "class_names", f"expected a 1-D array of names, got shape {names.shape}")
     V = int(names.shape[0]) if names is not None else int(labels.max()) + 1
     if labels.min() < 0 or labels.max() >= V:
         worst = int(labels.min()) if labels.min() < 0 else int(labels.max())
@@ -90,6 +92,8 @@ def load_npz_dataset(
         counts = np.bincount(train_labels, minlength=V)
     elif counts.shape != (V,) or counts.dtype.kind not in "iuf" or not np.isfinite(counts).all() or (counts < 0).any():
         raise _fail(path, "class_counts", f"expected {V} finite non-negative numbers")
+    elif not np.array_equal(counts, np.rint(counts)):
+        raise _fail(path, "class_counts", "expected whole counts (occurrences), not frequencies")
     tokens = tuple(str(t) for t in names.tolist()) if names is not None else tuple(str(k) for k in range(V))
     try:
         vocab = Vocab(tokens, np.rint(counts).astype(np.int64), source={"npz": path.name})
@@ -110,6 +114,6 @@ def load_npz_dataset(
         features={name: features[index] for name, index in rows.items()},
         labels={name: labels[index].astype(np.int32) for name, index in rows.items()},
         class_embeddings=embeddings,
-        key=f"npz-{digest}-{seed}",
+        key=f"npz-{digest}-{seed}-{valid_fraction}-{test_fraction}",
         info={"npz": str(path), "positions": {name: int(index.size) for name, index in rows.items()}},
     )

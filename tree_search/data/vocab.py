@@ -69,11 +69,14 @@ class Vocab:
         min_count: int = 1,
         max_size: int | None = None,
         unk: str = UNK,
+        ensure_unk: bool = False,
         source: Mapping[str, Any] | None = None,
     ) -> Vocab:
         """Keep tokens with at least ``min_count`` occurrences, at most ``max_size`` classes.
 
         ``min_count=0`` keeps tokens listed with a zero count (a counts file may do so).
+        ``ensure_unk`` adds the ``unk`` class even when nothing was dropped (with count 0),
+        for held-out tokens that training never saw.
 
         Everything dropped is folded into the ``unk`` class (its count is the dropped
         mass plus any ``unk`` already in ``counter``); ``max_size`` includes that class.
@@ -88,7 +91,7 @@ class Vocab:
         if max_size is not None and len(kept) + (unk_count > 0) > max_size:
             unk_count += sum(c for _, c in kept[max_size - 1 :])
             kept = kept[: max_size - 1]
-        if unk_count > 0:
+        if unk_count > 0 or ensure_unk:
             kept.append((unk, unk_count))
             kept.sort(key=lambda tc: (-tc[1], tc[0]))
         if len(kept) < 2:
@@ -216,6 +219,8 @@ def read_counts_tsv(path: str | os.PathLike[str], *, unk: str = UNK) -> Vocab:
                     raise DataError(f"{path}, line {number}: count {raw.strip()[:30]!r} is not an integer") from None
                 if count < 0:
                     raise DataError(f"{path}, line {number}: count {count} is negative")
+                if count >= 2**63:
+                    raise DataError(f"{path}, line {number}: count {count} is too large (at most 2**63 - 1)")
                 if token in counter:
                     raise DataError(f"{path}, line {number}: token {token!r} already on line {first_line[token]}")
                 counter[token] = count

@@ -115,7 +115,9 @@ def evaluate(
         top_k_samples: validation rows on which top-1/top-5 accuracy are measured.
         use_cache: reuse results keyed by (canonical tree hash, dataset key, budget,
             seeds), in memory and on disk under the cache folder.
-        callbacks: per-measurement callbacks of the first seed's training (pruners).
+        callbacks: per-measurement callbacks of the first seed's training (pruners). A
+            run a callback stopped is returned with ``extra["pruned"] = True`` and is
+            not cached, since it is a partial measurement.
 
     Returns:
         A `Result`; ``error`` says why when training failed (nothing is raised).
@@ -123,6 +125,8 @@ def evaluate(
     if tree.num_classes != dataset.num_classes:
         raise ValueError(f"the tree has {tree.num_classes} classes, the dataset {dataset.num_classes}")
     seed_list = tuple(range(config.seed, config.seed + seeds)) if isinstance(seeds, int) else tuple(seeds)
+    if not seed_list:
+        raise ValueError(f"evaluate needs at least one seed, got seeds={seeds!r}")
     key = content_key(
         {
             "reward": _REWARD_VERSION,
@@ -145,7 +149,7 @@ def evaluate(
     counts = dataset.counts if dataset.counts.sum() > 0 else None
     cost, ratio = tree.expected_cost(counts, dataset.dim), tree.cost_ratio(counts)
     started = time.perf_counter()
-    per_seed, steps, top1, top5, error = [], 0, math.nan, math.nan, None
+    per_seed, steps, top1, top5, error, pruned = [], 0, math.nan, math.nan, None, False
     try:
         for index, seed in enumerate(seed_list):
             run_config = replace(config, seed=seed)
@@ -154,6 +158,9 @@ def evaluate(
             outcome = fit(head, dataset, run_config, device=device, callbacks=callbacks if index == 0 else ())
             per_seed.append(outcome.best_valid_nll)
             steps += outcome.steps
+            if outcome.stopped_by_callback:  # a pruned run is a partial measurement: report it, never cache it
+                pruned = True
+                break
             if index == 0 and top_k_samples:
                 features, labels = device_split(dataset, "valid", device, config.max_valid_samples)
                 top1, top5 = _top_k_accuracy(head, features[:top_k_samples], labels[:top_k_samples])
@@ -180,8 +187,9 @@ def evaluate(
         seeds=seed_list,
         per_seed_nll=tuple(per_seed),
         error=error,
+        extra={"pruned": True} if pruned else {},
     )
-    if use_cache and error is None:  # failures are not cached: they may be transient (memory)
+    if use_cache and error is None and not pruned:  # failures may be transient (memory); pruned runs are partial
         _MEMORY[key] = result
         atomic_write_bytes(_cache_path(key), json.dumps(result.to_json()).encode())
     return result

@@ -66,7 +66,8 @@ class FitResult:
     steps: int
     seconds: float
     device: str
-    stopped_early: bool
+    stopped_early: bool  # by early stopping or by a callback
+    stopped_by_callback: bool
     history: list[EvalPoint] = field(default_factory=list)
 
 
@@ -143,6 +144,8 @@ def fit(
     head.to(device)
     train_h, train_y = device_split(dataset, "train", device, config.max_train_samples)
     valid_h, valid_y = device_split(dataset, "valid", device, config.max_valid_samples)
+    if train_y.shape[0] == 0 or valid_y.shape[0] == 0:
+        raise ValueError(f"dataset {dataset.key}: the train and valid splits need rows to train and score a head")
     n = train_y.shape[0]
     steps_per_epoch = max(1, math.ceil(n / config.batch_size))
     total_steps = max(1, round(config.epochs * steps_per_epoch))
@@ -159,7 +162,7 @@ def fit(
     generator = torch.Generator().manual_seed(config.seed)
     started = time.perf_counter()
     best, best_state, since_best, history = math.inf, None, 0, []
-    stopped_early, running = False, []
+    stopped_early, stop, running = False, False, []
     order = torch.randperm(n, generator=generator).to(device)
     head.train()
     for step in range(total_steps):
@@ -196,4 +199,5 @@ def fit(
             break
     if best_state is not None:
         head.load_state_dict(best_state)
-    return FitResult(best, history[-1].step, time.perf_counter() - started, str(device), stopped_early, history)
+    seconds = time.perf_counter() - started
+    return FitResult(best, history[-1].step, seconds, str(device), stopped_early, stop, history)
