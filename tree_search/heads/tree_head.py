@@ -60,11 +60,12 @@ class TreeSoftmaxHead(nn.Module):
         sparse: give the packed nodes' weights sparse gradients (only the rows a batch
             touched), for `torch.optim.SparseAdam`; `sparse_parameters` lists them.
         fanout_scaled_steps: parametrize each node's scores as ``scale * (w' . h + b')``
-            with ``scale = min(1, sqrt(fanout / 16))`` (per bucket: its width), so that an
-            optimizer's step on ``w'`` moves narrow nodes' scores less. Binary nodes learn
-            best with about a third of the step that wide nodes need (measured on code
-            tokens); with Adam's scale-free steps this makes one learning rate fit all
-            shapes. The effective weights are unchanged at initialisation.
+            with ``scale`` 0.3 up to fanout 16, rising log-linearly to 1 at fanout 256 and
+            beyond (per bucket: its width), so that an optimizer's step on ``w'`` moves
+            narrow nodes' scores less. Measured on code tokens, binary to 16-ary trees learn
+            best with about a third of the step that the wide nodes of the adaptive shape
+            need; with Adam's scale-free steps this lets one learning rate fit all shapes.
+            The effective weights are unchanged at initialisation.
 
     Shape:
         h (B, d), y (B,) int64 -> `log_prob` (B,); `log_probs_all` (B, V).
@@ -95,11 +96,10 @@ class TreeSoftmaxHead(nn.Module):
         self.tree, self.dim, self.sparse, self.bias = tree, int(dim), bool(sparse), bool(bias)
 
         def step_scale(width: np.ndarray | int) -> np.ndarray:
-            return (
-                np.minimum(1.0, np.sqrt(np.asarray(width) / 16.0))
-                if fanout_scaled_steps
-                else np.ones_like(width, float)
-            )
+            if not fanout_scaled_steps:
+                return np.ones_like(np.asarray(width), dtype=float)
+            # 0.3 up to fanout 16, rising log-linearly to 1 at fanout 256 and beyond
+            return np.clip(0.3 * (np.asarray(width, dtype=float) / 16.0) ** 0.434, 0.3, 1.0)
 
         projections = dict(projections or {})
         for node, size in projections.items():
