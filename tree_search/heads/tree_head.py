@@ -281,7 +281,8 @@ class TreeSoftmaxHead(nn.Module):
                 z = self.dense_projections[g](h[rows[index]])  # (P_g, dim_n)
                 weight, bias = self.dense_weights[g], self.dense_biases[g]
                 scores = torch.addmm(bias, z, weight.t()) if self.bias else z @ weight.t()  # (P_g, fanout)
-                yield index, scores * self._dense_scale[g], None
+                scale = self._dense_scale[g]
+                yield index, scores if scale == 1.0 else scores * scale, None
             elif g == num_dense:
                 block = torch.addmm(self.top_bias, h, self.top_weight.t()) if self.bias else h @ self.top_weight.t()
                 block = block * self._top_scale
@@ -298,7 +299,8 @@ class TreeSoftmaxHead(nn.Module):
                 weights = weights.view(local.shape[0], self._bucket_widths[b], self.dim)  # (P_g, F, d)
                 bias = nn.functional.embedding(local, self.bucket_biases[b], sparse=self.sparse)  # (P_g, F)
                 scores = torch.einsum("pfd,pd->pf", weights, h[rows[index]]) + bias
-                yield index, scores * self._bucket_scale[b], self._bucket_valid(b)[local]
+                scale = self._bucket_scale[b]
+                yield index, scores if scale == 1.0 else scores * scale, self._bucket_valid(b)[local]
 
     def _pair_log_prob(
         self, h: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor, child: torch.Tensor
