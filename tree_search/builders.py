@@ -14,7 +14,7 @@ Every builder takes plain arrays and returns a validated `Tree`; none does I/O.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -196,6 +196,45 @@ def huffman(counts: Sequence[float] | np.ndarray, arity: int = 2) -> Tree:
 # ---------------------------------------------------------------------- top-down
 
 
+def _top_down(
+    order: np.ndarray,
+    parts_of: Callable[[np.ndarray], np.ndarray],
+    reorder: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+) -> Tree:
+    """Build a tree top-down, one level at a time, every node owning a contiguous run of ``order``.
+
+    Each node's run is cut into ``parts_of(sizes)`` parts of sizes differing by at most one
+    (larger parts first); a part of one class is a leaf, a larger part a new internal node
+    (ids assigned breadth-first, hence topological). ``reorder(order, starts, sizes)``, if
+    given, may permute ``order`` in place within each run before it is cut.
+    """
+    V = order.size
+    starts, sizes = np.array([0]), np.array([V])
+    next_id = 1
+    ptr_parts, id_parts = [np.array([0])], []
+    offset = 0
+    while starts.size:
+        if reorder is not None:
+            reorder(order, starts, sizes)
+        parts = parts_of(sizes)
+        owner = np.repeat(np.arange(starts.size), parts)
+        j = np.arange(parts.sum()) - np.repeat(np.cumsum(parts) - parts, parts)
+        base, extra = sizes // parts, sizes % parts
+        part_size = base[owner] + (j < extra[owner])
+        part_start = starts[owner] + j * base[owner] + np.minimum(j, extra[owner])
+        is_leaf = part_size == 1
+        ids = np.empty(part_size.size, dtype=np.int64)
+        ids[is_leaf] = order[part_start[is_leaf]]
+        num_new = int((~is_leaf).sum())
+        ids[~is_leaf] = V + next_id + np.arange(num_new)
+        next_id += num_new
+        id_parts.append(ids)
+        ptr_parts.append(offset + np.cumsum(parts))
+        offset += int(parts.sum())
+        starts, sizes = part_start[~is_leaf], part_size[~is_leaf]
+    return Tree.from_csr(V, np.concatenate(ptr_parts), np.concatenate(id_parts))
+
+
 def balanced(num_classes: int, arity: int = 2, order: Sequence[int] | np.ndarray | None = None) -> Tree:
     """Complete tree of fanout ``arity`` whose leaves read ``order`` from left to right.
 
@@ -222,28 +261,7 @@ def balanced(num_classes: int, arity: int = 2, order: Sequence[int] | np.ndarray
         sequence = sequence.astype(np.int64)
         if sequence.shape != (V,) or not np.array_equal(np.sort(sequence), np.arange(V)):
             raise ValueError(f"order must be a permutation of 0..{V - 1}")
-    starts, sizes = np.array([0]), np.array([V])
-    next_id = 1
-    ptr_parts, id_parts = [np.array([0])], []
-    offset = 0
-    while starts.size:
-        parts = np.minimum(arity, sizes)
-        base, extra = sizes // parts, sizes % parts
-        owner = np.repeat(np.arange(starts.size), parts)
-        j = np.arange(parts.sum()) - np.repeat(np.cumsum(parts) - parts, parts)
-        part_size = base[owner] + (j < extra[owner])
-        part_start = starts[owner] + j * base[owner] + np.minimum(j, extra[owner])
-        is_leaf = part_size == 1
-        ids = np.empty(part_size.size, dtype=np.int64)
-        ids[is_leaf] = sequence[part_start[is_leaf]]
-        num_new = int((~is_leaf).sum())
-        ids[~is_leaf] = V + next_id + np.arange(num_new)
-        next_id += num_new
-        id_parts.append(ids)
-        ptr_parts.append(offset + np.cumsum(parts))
-        offset += int(parts.sum())
-        starts, sizes = part_start[~is_leaf], part_size[~is_leaf]
-    return Tree.from_csr(V, np.concatenate(ptr_parts), np.concatenate(id_parts))
+    return _top_down(sequence, lambda sizes: np.minimum(arity, sizes))
 
 
 def frequency_cutoffs(counts: Sequence[float] | np.ndarray, cutoffs: Sequence[int]) -> Tree:
@@ -746,33 +764,13 @@ def cluster_tree(
         X = X / scale
     X = X - X.mean(axis=0)  # never in place: X may still be the caller's array
 
-    order = np.arange(V, dtype=np.int64)  # every node's classes are a contiguous run of `order`
-    starts, sizes = np.array([0]), np.array([V])
-    next_id = 1
-    ptr_parts, id_parts = [np.array([0])], []
-    offset = 0
-    while starts.size:
+    def reorder(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> None:
         split = sizes > flat_limit
         if split.any():
             _reorder_by_clusters(X, weights, order, starts[split], sizes[split], fanout, method, rng, iterations)
-        # A flat node is cut into parts of one class each: its children are all its classes.
-        parts = np.where(split, fanout, sizes)
-        owner = np.repeat(np.arange(starts.size), parts)
-        j = np.arange(parts.sum()) - np.repeat(np.cumsum(parts) - parts, parts)
-        base, extra = sizes // parts, sizes % parts
-        part_size = base[owner] + (j < extra[owner])
-        part_start = starts[owner] + j * base[owner] + np.minimum(j, extra[owner])
-        is_leaf = part_size == 1
-        ids = np.empty(part_size.size, dtype=np.int64)
-        ids[is_leaf] = order[part_start[is_leaf]]
-        num_new = int((~is_leaf).sum())
-        ids[~is_leaf] = V + next_id + np.arange(num_new)
-        next_id += num_new
-        id_parts.append(ids)
-        ptr_parts.append(offset + np.cumsum(parts))
-        offset += int(parts.sum())
-        starts, sizes = part_start[~is_leaf], part_size[~is_leaf]
-    return Tree.from_csr(V, np.concatenate(ptr_parts), np.concatenate(id_parts))
+
+    # A group larger than flat_limit splits into `fanout` parts; a flat node into one part per class.
+    return _top_down(np.arange(V, dtype=np.int64), lambda sizes: np.where(sizes > flat_limit, fanout, sizes), reorder)
 
 
 def _reorder_by_clusters(
