@@ -12,7 +12,7 @@ from tree_search.heads import TrainConfig, TreeSoftmaxHead, evaluate, fit, score
 from tree_search.heads.reward import Result, _cache_path
 from tree_search.heads.train import device_split
 
-QUICK = TrainConfig(epochs=2, batch_size=256, lr=0.02, evals_per_epoch=2, patience=3, max_valid_samples=None)
+QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patience=3, max_valid_samples=None)
 
 
 @pytest.fixture(scope="module")
