@@ -141,7 +141,7 @@ def test_baseline_evaluate_trains_a_head_per_tree(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     for name in ("huffman-2", "cutoffs", "pca-2", "kmeans-4", "kmeans-16"):
         assert name in result.output
-    assert "lowest validation loss:" in result.output and "vs huffman-2" in result.output
+    assert "lowest validation loss:" in result.output and "huffman-2, at" in result.output
     record = load_tree(out / "kmeans-4.tree.json")
     assert record.metrics["valid_nll"] > 0 and record.built_by["builder"] == "cluster_tree"
     summary = json.loads((out / "baselines.json").read_text())

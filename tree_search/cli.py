@@ -207,7 +207,18 @@ def baseline(
     table = Table(title=f"Classic trees (expectations under the class counts, d={dim})")
     columns = ["tree", "max fanout", "internal nodes", "max depth", "mean depth", "cost/token", "of full softmax"]
     if dataset is not None:
-        columns += ["valid NLL", "perplexity", "top-1"]
+        columns = [
+            "tree",
+            "fanout",
+            "nodes",
+            "depth",
+            "mean depth",
+            "cost/token",
+            "of full",
+            "valid NLL",
+            "ppl",
+            "top-1",
+        ]
     for column in columns:
         table.add_column(column, justify="left" if column == "tree" else "right", no_wrap=True)
     for row in rows:
@@ -234,9 +245,10 @@ def baseline(
             console.print(f"[bold red]all {len(rows)} trees failed to train[/]; see the errors above")
         else:
             best = min(scored, key=lambda r: r["valid_nll"])
+            margin = huff["valid_nll"] - best["valid_nll"]
             versus = (
-                f"{huff['valid_nll'] - best['valid_nll']:+.4f} vs huffman-2, cost {100 * best['cost_ratio']:.3g}% "
-                f"of full softmax vs {100 * huff['cost_ratio']:.3g}%"
+                f"{abs(margin):.4f} nats/token {'below' if margin >= 0 else 'above'} huffman-2, at "
+                f"{100 * best['cost_ratio']:.3g}% of the full softmax's cost against {100 * huff['cost_ratio']:.3g}%"
                 if huff["error"] is None
                 else "huffman-2 failed to train"
             )
