@@ -85,6 +85,36 @@ def main() -> None:
         seconds = time.perf_counter() - start
     print(f"feature extraction on {device}: {windows.shape[0] / seconds:,.0f} tokens/s")
 
+    # The alternative the encoder was chosen against: a 1-layer GRU over the same window.
+    class GruEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(V + 1, config.embed_dim)
+            self.gru = torch.nn.GRU(config.embed_dim, config.dim, batch_first=True)
+            self.out = torch.nn.Linear(config.dim, V)
+
+        def features(self, contexts: torch.Tensor) -> torch.Tensor:
+            return self.gru(self.embed(contexts))[0][:, -1]
+
+        def forward(self, contexts: torch.Tensor) -> torch.Tensor:
+            return self.out(self.features(contexts))
+
+    model = GruEncoder().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = time.perf_counter() - start
+    print(f"GRU alternative, training on {device}: {args.steps * config.batch_size / seconds:,.0f} tokens/s")
+    with torch.no_grad():
+        start = time.perf_counter()
+        for begin in range(0, 50_000, 8192):
+            model.features(windows[begin : begin + 8192]).float().cpu()
+        seconds = time.perf_counter() - start
+    print(f"GRU alternative, feature extraction on {device}: {50_000 / seconds:,.0f} tokens/s")
+
 
 if __name__ == "__main__":
     main()
