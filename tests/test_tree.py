@@ -135,3 +135,13 @@ def test_equality_pickle_and_repr():
     assert hash(tree) == hash(Tree(5, [[3, 6, 0], [7, 1], [4, 2]]))
     assert "num_classes=5" in repr(tree)
     assert Tree.from_csr(5, tree.child_ptr, tree.child_ids) == tree
+
+
+def test_packed_paths_match_padded_paths():
+    for tree in (small_tree(), builders.random_tree(60, seed=2, max_arity=5), builders.huffman(np.arange(1, 300))):
+        ptr, nodes, codes = tree.packed_paths()
+        padded_nodes, padded_codes, lengths = tree.paths()
+        assert np.array_equal(np.diff(ptr), lengths)
+        for y in range(tree.num_classes):
+            assert nodes[ptr[y] : ptr[y + 1]].tolist() == padded_nodes[y, : lengths[y]].tolist()
+            assert codes[ptr[y] : ptr[y + 1]].tolist() == padded_codes[y, : lengths[y]].tolist()

@@ -352,6 +352,33 @@ class Tree:
         codes[np.arange(self._num_classes), self.depth - 1] = self.leaf_child_index
         return _frozen(nodes), _frozen(codes), self.depth
 
+    @cached_property
+    def _packed_paths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        V, depth = self._num_classes, self.depth
+        ptr = np.zeros(V + 1, dtype=np.int64)
+        np.cumsum(depth, out=ptr[1:])
+        nodes = np.empty(int(ptr[-1]), dtype=np.int32)
+        codes = np.empty(int(ptr[-1]), dtype=np.int32)
+        position = ptr[:-1] + depth - 1  # fill each path from its leaf end up to the root
+        current, index = self.leaf_parent.copy(), self.leaf_child_index.copy()
+        while position.size:
+            nodes[position] = current
+            codes[position] = index
+            keep = current > 0
+            position, index, current = position[keep] - 1, self.node_child_index[current[keep]], current[keep]
+            current = self.node_parent[current]
+        return _frozen(ptr), _frozen(nodes), _frozen(codes)
+
+    def packed_paths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-class root-to-leaf paths without padding (memory ~ sum of depths, not V x max depth).
+
+        Returns:
+            ``(ptr, nodes, child_index)``: the path of class ``y`` is
+            ``nodes[ptr[y]:ptr[y + 1]]`` (int32 internal node ids from the root down), and
+            ``child_index`` the child taken at each.
+        """
+        return self._packed_paths
+
     def path(self, label: int) -> list[tuple[int, int]]:
         """The ``(internal node, child index)`` decisions from the root down to ``label``."""
         if not 0 <= label < self._num_classes:

@@ -167,10 +167,12 @@ class TreeSoftmaxHead(nn.Module):
         self.num_groups = first_bucket + len(widths)
         self.register_buffer("_group_of", torch.from_numpy(group_of), persistent=False)
         self.register_buffer("_local_of", torch.from_numpy(local_of), persistent=False)
-        nodes, codes, lengths = tree.paths()
-        self.register_buffer("_path_nodes", torch.from_numpy(nodes.astype(np.int64)), persistent=False)
-        self.register_buffer("_path_codes", torch.from_numpy(codes.astype(np.int64)), persistent=False)
-        self.register_buffer("_path_lengths", torch.from_numpy(lengths.astype(np.int64)), persistent=False)
+        # Packed (unpadded) paths: memory ~ sum of depths, so a million-class Huffman tree costs
+        # tens of MB where padded (V, max depth) tables would cost gigabytes.
+        ptr, nodes, codes = tree.packed_paths()
+        self.register_buffer("_path_ptr", torch.from_numpy(ptr.copy()), persistent=False)
+        self.register_buffer("_path_nodes", torch.from_numpy(nodes.copy()), persistent=False)  # int32
+        self.register_buffer("_path_codes", torch.from_numpy(codes.copy()), persistent=False)
         self.register_buffer("_fanout", torch.from_numpy(fanout.astype(np.int64)), persistent=False)
         self.register_buffer("_child_ptr", torch.from_numpy(tree.child_ptr.copy()), persistent=False)
         self.register_buffer("_child_ids", torch.from_numpy(tree.child_ids.copy()), persistent=False)
@@ -331,13 +333,14 @@ class TreeSoftmaxHead(nn.Module):
     # ------------------------------------------------------------------ public
     def log_prob(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B,) exact log p(y | h)."""
-        lengths = self._path_lengths[y]  # (B,)
+        start = self._path_ptr[y]
+        lengths = self._path_ptr[y + 1] - start  # (B,)
         rows = torch.repeat_interleave(torch.arange(y.shape[0], device=y.device), lengths)  # (P,)
-        step = torch.arange(rows.shape[0], device=y.device) - torch.repeat_interleave(
+        offset = torch.arange(rows.shape[0], device=y.device) - torch.repeat_interleave(
             torch.cumsum(lengths, 0) - lengths, lengths
         )
-        nodes = self._path_nodes[y[rows], step]
-        child = self._path_codes[y[rows], step]
+        flat = start[rows] + offset  # position of each (sample, step) pair in the packed paths
+        nodes, child = self._path_nodes[flat].long(), self._path_codes[flat].long()
         pair = self._pair_log_prob(h, rows, nodes, child)
         return torch.zeros(y.shape[0], dtype=pair.dtype, device=h.device).index_add_(0, rows, pair)
 
@@ -356,11 +359,11 @@ class TreeSoftmaxHead(nn.Module):
         rows = torch.arange(B, device=h.device).repeat_interleave(internal)
         nodes = torch.arange(internal, device=h.device).repeat(B)
         child_lp = self._pair_log_softmax(h, rows, nodes).view(B, internal, -1)  # (B, I, F)
-        path_nodes = self._path_nodes.clamp(min=0)  # (V, L)
-        path_codes = self._path_codes.clamp(min=0)
-        steps = child_lp[:, path_nodes, path_codes]  # (B, V, L)
-        on_path = self._path_nodes >= 0
-        return torch.where(on_path, steps, torch.zeros((), device=h.device)).sum(-1)
+        steps = child_lp[:, self._path_nodes.long(), self._path_codes.long()]  # (B, total path length)
+        owner = torch.repeat_interleave(
+            torch.arange(self.num_classes, device=h.device), self._path_ptr[1:] - self._path_ptr[:-1]
+        )
+        return torch.zeros(B, self.num_classes, dtype=steps.dtype, device=h.device).index_add_(1, owner, steps)
 
     @torch.no_grad()
     def predict(self, h: torch.Tensor, k: int = 1, beam: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
