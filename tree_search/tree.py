@@ -334,22 +334,15 @@ class Tree:
 
     @cached_property
     def _padded_paths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # Level by level, each internal node copies its parent's row and appends itself,
-        # so the work is row copies (memcpy) rather than element-wise scatters; classes
-        # then gather the row of their parent. int32 halves the memory of deep trees.
-        width = self.max_depth
-        node_nodes = np.full((self.num_internal, width), -1, dtype=np.int32)
-        node_codes = np.full((self.num_internal, width), -1, dtype=np.int32)
-        node_nodes[0, 0] = 0
-        for d, level in enumerate(self._levels[1:], start=1):
-            parents = self.node_parent[level]
-            node_nodes[level, :d] = node_nodes[parents, :d]
-            node_nodes[level, d] = level
-            node_codes[level, : d - 1] = node_codes[parents, : d - 1]
-            node_codes[level, d - 1] = self.node_child_index[level]
-        nodes = node_nodes[self.leaf_parent]
-        codes = node_codes[self.leaf_parent]
-        codes[np.arange(self._num_classes), self.depth - 1] = self.leaf_child_index
+        # Scatter the packed paths into a (V, max depth) table padded with -1.
+        ptr, packed_nodes, packed_codes = self.packed_paths()
+        depth = self.depth
+        rows = np.repeat(np.arange(self._num_classes), depth)
+        columns = np.arange(packed_nodes.size) - np.repeat(ptr[:-1], depth)
+        nodes = np.full((self._num_classes, self.max_depth), -1, dtype=np.int32)
+        codes = np.full((self._num_classes, self.max_depth), -1, dtype=np.int32)
+        nodes[rows, columns] = packed_nodes
+        codes[rows, columns] = packed_codes
         return _frozen(nodes), _frozen(codes), self.depth
 
     @cached_property

@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "cache_root", "content_key", "save_npy_atomic"]
+__all__ = ["atomic_write_bytes", "cache_root", "content_key", "publish_folder", "read_info", "save_npy_atomic"]
 
 
 def cache_root() -> Path:
@@ -56,3 +58,34 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def publish_folder(folder: Path) -> Iterator[Path]:
+    """Yield a staging folder to fill; on success rename it to ``folder`` (atomic), else remove it.
+
+    Write ``info.json`` last: `read_info` treats a folder without it as absent. If another
+    writer published the same (content-keyed) folder first, its copy is kept.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
+    try:
+        yield staging
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "info.json").exists():  # not a concurrent writer's finished copy
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_info(folder: Path) -> dict | None:
+    """The ``info.json`` of a published cache folder (with ``cache`` set to it), or None."""
+    path = folder / "info.json"
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text(encoding="utf-8"))
+    info["cache"] = str(folder)
+    return info

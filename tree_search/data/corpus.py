@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tree_search.data.cache import cache_root, content_key, save_npy_atomic
+from tree_search.data.cache import cache_root, content_key, publish_folder, read_info, save_npy_atomic
 from tree_search.data.code_corpus import SPLITS, file_split, stdlib_files, tokenize_files
 from tree_search.data.vocab import DataError, Vocab, load_vocab
 
@@ -71,32 +69,20 @@ def _digest_files(base: Path, files: list[Path]) -> str:
 
 
 def _read_cached(folder: Path) -> TokenCorpus | None:
-    info_path = folder / "info.json"
-    if not info_path.exists():
+    info = read_info(folder)
+    if info is None:
         return None
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    info["cache"] = str(folder)
     splits = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in SPLITS}
     return TokenCorpus(load_vocab(folder / "vocab.json"), splits, info)
 
 
 def _publish(folder: Path, corpus: TokenCorpus) -> None:
-    """Write the corpus to a temporary folder, then rename it into place (atomic)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
-    try:
+    """Write the corpus to a staging folder, then rename it into place (atomic)."""
+    with publish_folder(folder) as staging:
         corpus.vocab.save_json(staging / "vocab.json")
         for name, ids in corpus.splits.items():
             save_npy_atomic(staging / f"{name}.npy", np.asarray(ids, dtype=np.int32))
         (staging / "info.json").write_text(json.dumps(dict(corpus.info), indent=1) + "\n", encoding="utf-8")
-        try:
-            staging.rename(folder)
-        except OSError:
-            if not (folder / "info.json").exists():  # not a concurrent writer's finished copy
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def corpus_from_raw_ids(

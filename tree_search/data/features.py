@@ -19,8 +19,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tree_search.data.cache import cache_root, content_key, save_npy_atomic
+from tree_search.data.cache import cache_root, content_key, publish_folder, read_info, save_npy_atomic
 from tree_search.data.code_corpus import SPLITS
 from tree_search.data.corpus import ProgressFactory, TokenCorpus
 from tree_search.data.vocab import DataError, Vocab, load_vocab
@@ -225,11 +223,9 @@ def _extract(
 
 def load_feature_folder(folder: Path) -> FeatureDataset | None:
     """A cached `FeatureDataset` from its folder, memory-mapped; None if it is incomplete."""
-    info_path = folder / "info.json"
-    if not info_path.exists():
+    info = read_info(folder)
+    if info is None:
         return None
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    info["cache"] = str(folder)
     features = {s: np.load(folder / f"{s}.features.npy", mmap_mode="r") for s in SPLITS}
     labels = {s: np.load(folder / f"{s}.labels.npy", mmap_mode="r") for s in SPLITS}
     embeddings_path = folder / "class_embeddings.npy"
@@ -238,9 +234,7 @@ def load_feature_folder(folder: Path) -> FeatureDataset | None:
 
 
 def _publish(folder: Path, dataset: FeatureDataset, extra: Mapping[str, Any]) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
-    try:
+    with publish_folder(folder) as staging:
         dataset.vocab.save_json(staging / "vocab.json")
         for split in SPLITS:
             save_npy_atomic(staging / f"{split}.features.npy", dataset.features[split])
@@ -251,14 +245,6 @@ def _publish(folder: Path, dataset: FeatureDataset, extra: Mapping[str, Any]) ->
             (staging / name).write_bytes(payload)
         info = dict(dataset.info) | {"key": dataset.key}
         (staging / "info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        try:
-            staging.rename(folder)
-        except OSError:
-            if not (folder / "info.json").exists():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_features(
