@@ -32,6 +32,7 @@ __all__ = [
     "from_nested",
     "from_parents",
     "huffman",
+    "order_group",
     "random_tree",
 ]
 
@@ -802,3 +803,42 @@ def _reorder_by_clusters(
         key = _balanced_kmeans_labels(points, group_weights, sizes, parts, rng, iterations)
     local = np.argsort(key, axis=1, kind="stable")  # pads sort last in both cases
     order[position[valid]] = np.take_along_axis(members, local, axis=1)[valid]
+
+
+def order_group(
+    points: np.ndarray,
+    weights: np.ndarray,
+    method: str,
+    parts: int = 2,
+    rng: np.random.Generator | None = None,
+    iterations: int = 10,
+) -> np.ndarray:
+    """Order one group's members so that similar embeddings are adjacent (one step of `cluster_tree`).
+
+    Args:
+        points: (M, d) embeddings of the group's members (already scaled and centred, as
+            `cluster_tree` does, for comparable results).
+        weights: (M,) non-negative weights (counts); all zero means uniform.
+        method: ``"pca"``: ascending projection on the weighted top principal direction;
+            ``"kmeans"``: members of balanced k-means cluster 0 first, then cluster 1, ...
+            (``parts`` clusters whose sizes differ by at most one, larger first).
+        parts: clusters for ``"kmeans"``.
+        rng: draws k-means++ centres and the power-iteration start (default seed 0).
+        iterations: Lloyd or power iterations.
+
+    Returns:
+        (M,) a permutation of ``0..M-1``.
+    """
+    if method not in ("kmeans", "pca"):
+        raise ValueError(f"method must be 'kmeans' or 'pca', got {method!r}")
+    rng = rng if rng is not None else np.random.default_rng(0)
+    X = np.asarray(points, dtype=np.float64)[None]  # (1, M, d)
+    w = np.asarray(weights, dtype=np.float64)[None]
+    if w.sum() <= 0:
+        w = np.ones_like(w)
+    M = X.shape[1]
+    if method == "pca":
+        key = _pca_scores(X, w, rng, iterations)[0]
+    else:
+        key = _balanced_kmeans_labels(X, w, np.array([M]), min(parts, M), rng, iterations)[0]
+    return np.argsort(key, kind="stable")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from tree_search.heads.train import Callback, TrainConfig, device_split, fit, va
 from tree_search.heads.tree_head import TreeSoftmaxHead
 from tree_search.tree import Tree
 
-__all__ = ["Result", "evaluate", "score_test"]
+__all__ = ["Result", "evaluate", "head_cost", "score_test"]
 
 _REWARD_VERSION = "reward/1"
 _MEMORY: dict[str, Result] = {}
@@ -88,6 +88,30 @@ def _top_k_accuracy(head: TreeSoftmaxHead, features: torch.Tensor, labels: torch
     return hits1 / n, hits5 / n
 
 
+def head_cost(
+    tree: Tree,
+    counts: np.ndarray | None,
+    dim: int,
+    projections: Mapping[int, int] | None = None,
+) -> float:
+    """Expected multiply-adds per token of a `TreeSoftmaxHead`, projections included.
+
+    A node without a projection costs ``fanout * dim`` per visit (`Tree.expected_cost`);
+    a node projected to ``p`` dimensions costs ``dim * p + fanout * p`` (the projection,
+    then its children's scores), as a tail cluster of ``AdaptiveLogSoftmaxWithLoss`` does.
+    """
+    cost = tree.expected_cost(counts, dim)
+    if projections:
+        nodes = np.fromiter(projections.keys(), dtype=np.int64)
+        sizes = np.fromiter(projections.values(), dtype=np.float64)
+        V = tree.num_classes
+        leaf_visits = np.full(V, 1.0 / V) if counts is None else np.asarray(counts, np.float64) / np.sum(counts)
+        visits = tree.subtree_sums(leaf_visits)[nodes]  # probability that a token's path passes each node
+        fanout = tree.fanout[nodes]
+        cost += float(visits @ (dim * sizes + fanout * sizes - fanout * dim))
+    return cost
+
+
 def _cache_path(key: str) -> Path:
     return cache_root() / "evaluations" / key[:2] / f"{key}.json"
 
@@ -102,6 +126,7 @@ def evaluate(
     top_k_samples: int = 5_000,
     use_cache: bool = True,
     callbacks: Sequence[Callback] = (),
+    projections: Mapping[int, int] | None = None,
 ) -> Result:
     """Train a `TreeSoftmaxHead` on ``tree`` and report its validation loss and cost.
 
@@ -118,6 +143,8 @@ def evaluate(
         callbacks: per-measurement callbacks of the first seed's training (pruners). A
             run a callback stopped is returned with ``extra["pruned"] = True`` and is
             not cached, since it is a partial measurement.
+        projections: optional ``{internal node: projected dim}`` of the head (the
+            adaptive-softmax tail clusters); part of the cache key and of the cost.
 
     Returns:
         A `Result`; ``error`` says why when training failed (nothing is raised).
@@ -135,6 +162,7 @@ def evaluate(
             "config": {k: v for k, v in asdict(config).items() if k != "seed"},
             "seeds": seed_list,
             "top_k_samples": top_k_samples,
+            **({"projections": sorted(projections.items())} if projections else {}),
         }
     )
     if use_cache:
@@ -147,14 +175,16 @@ def evaluate(
             return replace(result, cached=True)
     device = torch.device(device) if device is not None else default_device()
     counts = dataset.counts if dataset.counts.sum() > 0 else None
-    cost, ratio = tree.expected_cost(counts, dataset.dim), tree.cost_ratio(counts)
+    projections = {int(node): int(size) for node, size in (projections or {}).items()}
+    cost = head_cost(tree, counts, dataset.dim, projections)
+    ratio = cost / tree.full_softmax_cost(dataset.dim)
     started = time.perf_counter()
     per_seed, steps, top1, top5, error, pruned = [], 0, math.nan, math.nan, None, False
     try:
         for index, seed in enumerate(seed_list):
             run_config = replace(config, seed=seed)
             torch.manual_seed(seed)
-            head = TreeSoftmaxHead(tree, dataset.dim, sparse=config.sparse)
+            head = TreeSoftmaxHead(tree, dataset.dim, projections=projections, sparse=config.sparse)
             outcome = fit(head, dataset, run_config, device=device, callbacks=callbacks if index == 0 else ())
             per_seed.append(outcome.best_valid_nll)
             steps += outcome.steps
