@@ -441,3 +441,139 @@ def data_show() -> None:
             row["corpus"], f"{row['classes']:,}", str(row["dim"]), *sizes, str(row["megabytes"]), row["folder"]
         )
     console.print(table)
+
+
+def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
+    table = Table(title="Test split: mean over seeds ± standard error")
+    for column in ("tree", "kind", "valid NLL", "test NLL", "±", "perplexity", "cost / full", "cost / Huffman"):
+        table.add_column(column, justify="left" if column in ("tree", "kind") else "right")
+    for row in rows:
+        valid = "" if math.isnan(row["valid_nll"]) else f"{row['valid_nll']:.4f}"
+        kind = row["kind"] + ("" if row["within_cap"] else " (over cap)")
+        table.add_row(
+            row["name"],
+            kind,
+            valid,
+            f"{row['test_nll']:.4f}",
+            f"{row['test_stderr']:.4f}",
+            f"{row['perplexity']:.2f}",
+            f"{row['cost_ratio']:.3%}",
+            f"{row['cost_vs_huffman']:.2f}",
+        )
+    console.print(table)
+    verdicts = json.loads((folder / "comparison.json").read_text(encoding="utf-8"))["verdicts"]
+    for line in verdicts:
+        console.print(line)
+    console.print(
+        f"report: {folder / 'report.md'} (plots beside it); best tree: {folder / 'best_tree.json'}; "
+        f"TensorBoard: tensorboard --logdir {folder / 'tb'}"
+    )
+
+
+@main.command()
+@click.option("--agent", type=click.Choice(["ppo", "appo", "tpe", "cmaes", "nsga2", "random"]), default="tpe",
+              show_default=True, help="The searcher.")  # fmt: skip
+@click.option("--env", "env_name", type=click.Choice(["split", "merge", "cutoffs"]), default="split",
+              show_default=True, help="The environment trees are built in.")  # fmt: skip
+@click.option("--budget", default=20, show_default=True, help="Tree evaluations of the searcher (baselines extra).")
+@click.option("--seconds", type=float, default=None, help="Optional wall-clock limit of the search.")
+@click.option("--dataset", default="builtin", show_default=True,
+              help="'builtin' (code corpus), 'planted', an .npz file or a prepared feature folder.")  # fmt: skip
+@click.option("--planted-classes", default=64, show_default=True, help="V of the planted-hierarchy data.")
+@click.option("--epochs", default=TrainConfig.epochs, show_default=True, help="Head training per evaluation.")
+@click.option("--cost-mode", type=click.Choice(["cap", "tradeoff"]), default="cap", show_default=True)
+@click.option("--cost-cap", default=2.0, show_default=True, help="Cap on cost, in multiples of binary Huffman's.")
+@click.option("--cost-weight", default=1.0, show_default=True, help="lambda of the tradeoff mode.")
+@click.option("--max-steps", default=16, show_default=True, help="Decisions per episode.")
+@click.option("--baselines", type=click.Choice(["core", "all", "none"]), default="core", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler or policy.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Run folder (default: runs/AGENT-ENV-TIME).")  # fmt: skip
+@click.option("--resume", "resume", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Continue the run in this folder with its stored configuration.")  # fmt: skip
+@click.option("--compare/--no-compare", default=True, show_default=True, help="Score finalists on test at the end.")
+@click.option("--final-seeds", default=3, show_default=True, help="Seeds of the final test scoring.")
+@click.option("--final-epochs", type=float, default=None, help="Epochs of the final scoring (default: 2x --epochs).")
+@_friendly_errors
+def search(
+    agent: str,
+    env_name: str,
+    budget: int,
+    seconds: float | None,
+    dataset: str,
+    planted_classes: int,
+    epochs: float,
+    cost_mode: str,
+    cost_cap: float,
+    cost_weight: float,
+    max_steps: int,
+    baselines: str,
+    seed: int,
+    out: Path | None,
+    resume: Path | None,
+    compare: bool,
+    final_seeds: int,
+    final_epochs: float | None,
+) -> None:
+    """Search for a better tree; results are written to the run folder as they arrive."""
+    from tree_search.agents.search import SearchConfig, run_search
+    from tree_search.data.planted import PlantedConfig
+    from tree_search.envs import TreeEnvConfig
+    from tree_search.report import compare_runs
+    from tree_search.runs import Run
+
+    if resume is not None:
+        folder = resume
+        config = SearchConfig.from_json(Run(folder).config)
+    else:
+        planted = PlantedConfig(num_classes=planted_classes, dim=16, signal=3.0, num_train=8000, num_valid=2000,
+                                num_test=2000)  # fmt: skip
+        env_config = TreeEnvConfig(
+            dataset=dataset,
+            planted=planted,
+            train=TrainConfig(epochs=epochs),
+            cost_mode=cost_mode,
+            cost_cap=cost_cap,
+            cost_weight=cost_weight,
+            max_steps=max_steps,
+        )
+        config = SearchConfig(
+            agent=agent,
+            env=env_name,
+            budget=budget,
+            seconds=seconds,
+            env_config=env_config,
+            baselines=baselines,
+            seed=seed,
+            final_seeds=final_seeds,
+            final_epochs=final_epochs,
+        )
+        folder = out or Path("runs") / f"{agent}-{env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if config.env_config.dataset == "builtin":
+        with _progress() as progress:
+            prepare_dataset(log=console.print, progress=progress)  # cached after the first run
+    console.print(f"run folder: {folder}")
+    try:
+        run_search(config, folder, resume=resume is not None, log=console.print)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: every finished evaluation is in {folder}; continue with "
+                      f"tree-search search --resume {folder}")  # fmt: skip
+        raise SystemExit(130) from None
+    if compare:
+        rows = compare_runs([folder], log=console.print)
+        _print_comparison(rows, folder)
+
+
+@main.command(name="compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--seeds", type=int, default=None, help="Training seeds per finalist (default: the run's).")
+@click.option("--epochs", type=float, default=None, help="Training epochs of the final scoring.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where the report goes (default: the first run's folder).")  # fmt: skip
+@_friendly_errors
+def compare_command(runs: tuple[Path, ...], seeds: int | None, epochs: float | None, out: Path | None) -> None:
+    """Score the best trees of RUNS and every baseline on the test split; print the table, write the report."""
+    from tree_search.report import compare_runs
+
+    rows = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, log=console.print)
+    _print_comparison(rows, out or runs[0])

@@ -231,6 +231,7 @@ def score_test(
     config: TrainConfig = TrainConfig(),
     *,
     device: torch.device | str | None = None,
+    projections: Mapping[int, int] | None = None,
 ) -> dict[str, float]:
     """Final-report scoring: train as `evaluate` does (seed ``config.seed``), then measure the test split.
 
@@ -238,7 +239,7 @@ def score_test(
     """
     device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(config.seed)
-    head = TreeSoftmaxHead(tree, dataset.dim, sparse=config.sparse)
+    head = TreeSoftmaxHead(tree, dataset.dim, projections=projections, sparse=config.sparse)
     outcome = fit(head, dataset, config, device=device)
     features, labels = device_split(dataset, "test", device)
     test_nll = validation_nll(head, features, labels)

@@ -1,0 +1,53 @@
+"""The searcher interface: propose trees, get them evaluated, stop at the budget.
+
+Life cycle: construct with an environment factory and an `Evaluator` (which owns the
+evaluation budget and writes every result to the run as it arrives), then iterate
+`Searcher.search()`: it yields each counted `Evaluation` as it arrives and returns when
+the budget (evaluations, and optionally seconds) is used up. A searcher never trains
+heads itself and never reads the test split.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+
+from tree_search.envs.base import TreeEnv
+from tree_search.envs.reward import RewardFunction
+from tree_search.heads.evaluator import Evaluation, Evaluator
+
+__all__ = ["EnvFactory", "Searcher"]
+
+EnvFactory = Callable[[RewardFunction], TreeEnv]  # builds an environment that scores trees with the given function
+
+
+class Searcher(ABC):
+    """Base class: a named search over trees with a budget of evaluations."""
+
+    name = "searcher"
+
+    def __init__(
+        self,
+        env_factory: EnvFactory,
+        evaluator: Evaluator,
+        *,
+        seconds: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Args: env_factory: environments to search in; evaluator: rewards and budget; seconds: wall-clock limit."""
+        self.env_factory = env_factory
+        self.evaluator = evaluator
+        self.seconds = seconds
+        self.seed = seed
+        self._deadline = None if seconds is None else time.monotonic() + seconds
+
+    @property
+    def done(self) -> bool:
+        """True when the evaluation budget or the time is used up."""
+        late = self._deadline is not None and time.monotonic() >= self._deadline
+        return self.evaluator.exhausted or late
+
+    @abstractmethod
+    def search(self) -> Iterator[Evaluation]:
+        """Yield each counted evaluation as it arrives, until `done`."""

@@ -1,0 +1,211 @@
+"""RLlib policy-gradient searchers (PPO, APPO) with an action-masking RL module.
+
+The policy sees the environment's ``observations``; its logits of illegal actions are
+set to the smallest float before sampling, so it never sends an illegal action (the
+environments raise on one). Episodes are sampled in the driver process
+(``env_runners=0``): the environments reach the run's in-process `Evaluator` through a
+key in ``env_config`` looked up in this module (RLlib pickles ``env_config``, so a live
+object cannot travel in it). Training stops mid-iteration when the evaluation budget is
+used up. A checkpoint of the algorithm is saved in ``<run>/checkpoints/<agent>`` after
+every iteration and restored when the run is resumed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+from ray.rllib.algorithms.appo import APPOConfig
+from ray.rllib.algorithms.appo.torch.default_appo_torch_rl_module import DefaultAPPOTorchRLModule
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis import TARGET_NETWORK_ACTION_DIST_INPUTS
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.utils.torch_utils import FLOAT_MIN
+from ray.tune.registry import register_env
+
+from tree_search.agents.base import EnvFactory, Searcher
+from tree_search.heads.evaluator import Evaluation, Evaluator, evaluation_key
+from tree_search.tree import Tree
+
+__all__ = ["MaskedAPPOTorchRLModule", "MaskedPPOTorchRLModule", "RLlibSearcher", "ensure_ray"]
+
+_ENV_NAME = "tree_search_env"
+_FACTORIES: dict[str, EnvFactory] = {}  # evaluator key -> factory of environments scoring through that evaluator
+
+
+class _BudgetReached(BaseException):  # noqa: N818 - a BaseException passes RLlib's `except Exception` and stops sampling
+    """Raised inside an environment when the evaluation budget is used up."""
+
+
+class _MaskingMixin:
+    """Networks read ``obs["observations"]``; logits of masked actions become FLOAT_MIN (-inf: NaN entropy)."""
+
+    def __init__(self, *, observation_space=None, **kwargs: Any) -> None:
+        self._observation_space_with_mask = observation_space
+        super().__init__(observation_space=observation_space["observations"], **kwargs)
+
+    def setup(self) -> None:
+        super().setup()
+        self.observation_space = self._observation_space_with_mask
+
+    @staticmethod
+    def _split(batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(mask, a copy of the batch whose observations are the plain vector); never mutates ``batch``."""
+        observation = batch[Columns.OBS]
+        if isinstance(observation, dict):
+            batch = dict(batch)
+            batch["action_mask"] = observation["action_mask"]
+            batch[Columns.OBS] = observation["observations"]
+        return batch["action_mask"], batch
+
+    def _masked(self, forward, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        mask, batch = self._split(batch)
+        out = forward(batch, **kwargs)
+        out[Columns.ACTION_DIST_INPUTS] = out[Columns.ACTION_DIST_INPUTS].masked_fill(mask < 0.5, FLOAT_MIN)
+        return out
+
+    def _forward_inference(self, batch, **kwargs):
+        return self._masked(super()._forward_inference, batch, **kwargs)
+
+    def _forward_exploration(self, batch, **kwargs):
+        return self._masked(super()._forward_exploration, batch, **kwargs)
+
+    def _forward_train(self, batch, **kwargs):
+        return self._masked(super()._forward_train, batch, **kwargs)
+
+    def compute_values(self, batch, embeddings=None):
+        _, batch = self._split(batch)
+        return super().compute_values(batch, embeddings)
+
+
+class MaskedPPOTorchRLModule(_MaskingMixin, DefaultPPOTorchRLModule):
+    """PPO's default module with action masking."""
+
+
+class MaskedAPPOTorchRLModule(_MaskingMixin, DefaultAPPOTorchRLModule):
+    """APPO's default module with action masking (the target network is masked too)."""
+
+    def forward_target(self, batch, **kwargs):
+        """Target-network logits, masked like the policy's."""
+        mask, batch = self._split(batch)
+        out = super().forward_target(batch, **kwargs)
+        out[TARGET_NETWORK_ACTION_DIST_INPUTS] = out[TARGET_NETWORK_ACTION_DIST_INPUTS].masked_fill(
+            mask < 0.5, FLOAT_MIN
+        )
+        return out
+
+
+def make_rllib_env(env_config: dict[str, Any]):
+    """The creator registered with RLlib: finds the run's environment factory by ``env_config["evaluator_key"]``."""
+    key = env_config["evaluator_key"]
+    if key not in _FACTORIES:
+        raise RuntimeError(
+            f"evaluator {key!r} is not registered in this process: the in-process evaluator needs env_runners=0"
+        )
+    return _FACTORIES[key]()
+
+
+def ensure_ray() -> None:
+    """Start a local Ray instance unless one is running (quiet, no dashboard)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+
+class RLlibSearcher(Searcher):
+    """PPO or APPO learning a policy that builds trees; every episode's tree is evaluated once."""
+
+    def __init__(self, agent: str, env_factory: EnvFactory, evaluator: Evaluator, *, run=None, policy=None,
+                 seconds: float | None = None, seed: int = 0) -> None:  # fmt: skip
+        """Args: agent: "ppo" or "appo"; run: the `Run` (checkpoints, TensorBoard); policy: a `PolicyConfig`."""
+        from tree_search.agents.search import PolicyConfig
+
+        super().__init__(env_factory, evaluator, seconds=seconds, seed=seed)
+        if agent not in ("ppo", "appo"):
+            raise ValueError(f"RLlib agent must be 'ppo' or 'appo', got {agent!r}")
+        self.name, self.run, self.policy = agent, run, policy or PolicyConfig()
+        if self.policy.env_runners != 0:
+            raise ValueError(
+                "the in-process evaluator needs policy.env_runners=0 (remote runners need a Ray evaluator)"
+            )
+        self.iterations = 0
+
+    def _reward(self, tree: Tree, projections=None):
+        if self.done and evaluation_key(tree, projections) not in self.evaluator.known:
+            raise _BudgetReached
+        return self.evaluator.reward(tree, projections, searcher=self.name)[0]
+
+    def algorithm_config(self, key: str):
+        """The RLlib config: masked module, sampling in the driver, small batches."""
+        p = self.policy
+        if self.name == "ppo":
+            config, module = PPOConfig(), MaskedPPOTorchRLModule
+            training = {"lambda_": 1.0, "minibatch_size": p.minibatch_size, "num_epochs": p.num_epochs}
+        else:
+            config, module = APPOConfig(), MaskedAPPOTorchRLModule
+            training = {}
+            config = config.reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=p.batch_steps)
+        return (
+            config.environment(env=_ENV_NAME, env_config={"evaluator_key": key})
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=1, rollout_fragment_length="auto")
+            .learners(num_learners=0)
+            .training(
+                train_batch_size_per_learner=p.batch_steps,
+                lr=p.lr,
+                entropy_coeff=p.entropy_coeff,
+                vf_loss_coeff=p.vf_loss_coeff,
+                gamma=p.gamma,
+                **training,
+            )
+            .rl_module(
+                rl_module_spec=RLModuleSpec(
+                    module_class=module,
+                    model_config={
+                        "fcnet_hiddens": list(p.hidden),
+                        "fcnet_activation": "tanh",
+                        "head_fcnet_hiddens": [],
+                        "vf_share_layers": False,
+                    },  # fmt: skip
+                )
+            )
+            .debugging(seed=self.seed, log_level="ERROR")
+        )
+
+    def search(self) -> Iterator[Evaluation]:
+        """Train until the budget is used; yield the evaluations each iteration produced."""
+        ensure_ray()
+        key = uuid.uuid4().hex
+        arrived: list[Evaluation] = []
+        listener = lambda evaluation, tree: arrived.append(evaluation) if evaluation.counted else None  # noqa: E731
+        self.evaluator.listeners.append(listener)
+        _FACTORIES[key] = lambda: self.env_factory(self._reward)
+        register_env(_ENV_NAME, make_rllib_env)
+        algo = self.algorithm_config(key).build_algo()
+        checkpoint = None if self.run is None else self.run.folder / "checkpoints" / self.name
+        try:
+            if checkpoint is not None and (checkpoint / "algorithm_state.pkl").exists():
+                algo.restore_from_path(str(checkpoint.resolve()))
+            while not self.done:
+                try:
+                    result = algo.train()
+                except _BudgetReached:
+                    break
+                self.iterations += 1
+                if self.run is not None:
+                    learner = result.get("learners", {}).get("default_policy", {})
+                    runners = result.get("env_runners", {})
+                    stats = {k: learner.get(k) for k in ("policy_loss", "vf_loss", "entropy", "mean_kl_loss")}
+                    stats["episode_return_mean"] = runners.get("episode_return_mean")
+                    self.run.log_scalars("policy", stats, self.iterations)
+                    algo.save_to_path(str(checkpoint.resolve()))
+                yield from arrived
+                arrived.clear()
+            yield from arrived
+        finally:
+            self.evaluator.listeners.remove(listener)
+            _FACTORIES.pop(key, None)
+            algo.stop()

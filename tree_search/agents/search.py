@@ -1,0 +1,170 @@
+"""`run_search`: one run = the classic baselines plus one searcher, written to a run folder as results arrive."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tree_search.agents.base import Searcher
+from tree_search.agents.baselines import BASELINE_SETS, BaselineSearcher
+from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
+from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
+from tree_search.heads.evaluator import Evaluation, LocalEvaluator
+from tree_search.runs import Run
+from tree_search.tree import Tree
+
+__all__ = ["AGENTS", "RLLIB_AGENTS", "PolicyConfig", "SearchConfig", "run_search"]
+
+RLLIB_AGENTS = ("ppo", "appo")
+AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Policy-gradient settings of the RLlib searchers."""
+
+    lr: float = 3e-4  # learning rate of policy and value networks
+    entropy_coeff: float = 0.01  # entropy bonus: keeps exploring structures
+    vf_loss_coeff: float = 0.5  # weight of the value loss
+    gamma: float = 1.0  # episodes are short and rewarded once at the end: no discount
+    batch_steps: int = 32  # environment steps sampled per training iteration
+    minibatch_size: int = 16  # PPO minibatch (steps)
+    num_epochs: int = 8  # PPO: SGD passes over each batch
+    hidden: tuple[int, ...] = (64, 64)  # hidden layers of policy and value networks
+    env_runners: int = 0  # 0: sample in the driver process (one machine)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything a run needs; stored in ``config.json`` and checked on resume."""
+
+    agent: str = "tpe"  # one of AGENTS
+    env: str = "split"  # "split", "merge" or "cutoffs"
+    budget: int = 20  # counted evaluations of the searcher (baselines are extra)
+    seconds: float | None = None  # optional wall-clock limit of the search
+    env_config: TreeEnvConfig = field(default_factory=TreeEnvConfig)
+    baselines: str = "core"  # "core", "all" or "none"
+    seed: int = 0  # sampler / policy seed
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    prune: bool = True  # Optuna: stop hopeless head trainings early
+    final_seeds: int = 3  # seeds of the final test-split scoring
+    final_epochs: float | None = None  # training epochs of the final scoring (None: 2x the search's)
+
+    def __post_init__(self) -> None:
+        if self.agent not in AGENTS:
+            raise ValueError(f"SearchConfig.agent must be one of {AGENTS}, got {self.agent!r}")
+        if self.env not in ("split", "merge", "cutoffs"):
+            raise ValueError(f"SearchConfig.env must be 'split', 'merge' or 'cutoffs', got {self.env!r}")
+        if self.baselines not in (*BASELINE_SETS, "none"):
+            raise ValueError(
+                f"SearchConfig.baselines must be one of {(*BASELINE_SETS, 'none')}, got {self.baselines!r}"
+            )
+        if self.budget < 1 or self.final_seeds < 1:
+            raise ValueError("SearchConfig needs budget >= 1 and final_seeds >= 1")
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict for ``config.json``."""
+        out = dataclasses.asdict(self)
+        out["env_config"] = self.env_config.to_env_config()
+        out["policy"]["hidden"] = list(self.policy.hidden)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SearchConfig:
+        """Inverse of `to_json` (what ``--resume`` reads from ``config.json``)."""
+        values = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown SearchConfig field(s) {unknown}; known fields: {sorted(known)}")
+        values["env_config"] = TreeEnvConfig.from_env_config(values.get("env_config", {}))
+        policy = dict(values.get("policy", {}))
+        if "hidden" in policy:
+            policy["hidden"] = tuple(policy["hidden"])
+        values["policy"] = PolicyConfig(**policy)
+        return cls(**values)
+
+
+def make_searcher(config: SearchConfig, evaluator: LocalEvaluator, run: Run, dataset) -> Searcher:
+    """The searcher named by ``config.agent``, its environments scoring through ``evaluator``."""
+    env_config = {"env": config.env, **config.env_config.to_env_config()}
+
+    def env_factory(reward_fn):
+        return make_env(env_config, dataset=dataset, reward_fn=reward_fn)
+
+    if config.agent in OPTUNA_SAMPLERS:
+        storage = f"sqlite:///{(run.folder / 'optuna.db').resolve()}"
+        return OptunaSearcher(
+            config.agent,
+            env_factory,
+            evaluator,
+            storage=storage,
+            study_name=f"{config.agent}-{config.env}",
+            prune=config.prune,
+            seconds=config.seconds,
+            seed=config.seed,
+        )
+    from tree_search.agents.rllib_search import RLlibSearcher  # Ray is imported only when needed
+
+    return RLlibSearcher(
+        config.agent, env_factory, evaluator, run=run, policy=config.policy, seconds=config.seconds, seed=config.seed
+    )
+
+
+def run_search(
+    config: SearchConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> Run:
+    """Evaluate the baselines, then search until the budget is used; every result is on disk as it arrives.
+
+    Returns the `Run`. Interrupting (Ctrl-C) loses nothing: resume with ``resume=True``.
+    """
+    run = Run.create(out, config.to_json(), resume=resume)
+    dataset = load_env_dataset(config.env_config)
+    best: dict[str, float] = {}
+
+    def progress(evaluation: Evaluation, tree: Tree) -> None:
+        group = evaluation.searcher.split(":")[0]
+        if evaluation.ok:
+            best[group] = min(best.get(group, math.inf), evaluation.valid_nll)
+        if log is None:
+            return
+        what = "failed: " + str(evaluation.error) if evaluation.error else f"valid NLL {evaluation.valid_nll:.4f}"
+        budget = f"{evaluator.used}/{config.budget}" if evaluation.counted else "extra"
+        log(
+            f"[{evaluation.index:3d}] {evaluation.searcher:<20s} {budget:>7s}  {what}"
+            f"{' (pruned)' if evaluation.pruned else ''}  cost {evaluation.cost_ratio:.2%} of full"
+            f"  best {best.get(group, math.inf):.4f}  {evaluation.train_seconds:.1f}s"
+        )
+
+    evaluator = LocalEvaluator(
+        dataset,
+        config.env_config.train,
+        config.env_config.seeds,
+        budget=config.budget,
+        listeners=[run.record, progress],
+    )
+    previous = run.evaluations()
+    evaluator.preload(previous)
+    if previous and log:
+        log(
+            f"resuming {run.folder}: {len(previous)} evaluations on disk, "
+            f"{evaluator.used}/{config.budget} of the budget used"
+        )
+    try:
+        if config.baselines != "none":
+            for _ in BaselineSearcher(evaluator, dataset, BASELINE_SETS[config.baselines], seed=config.seed).search():
+                pass
+        if not evaluator.exhausted:
+            for _ in make_searcher(config, evaluator, run, dataset).search():
+                pass
+    finally:
+        run.close()
+    return run

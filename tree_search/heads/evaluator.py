@@ -1,0 +1,261 @@
+"""The one way searchers get rewards: an `Evaluator` (submit trees, collect results).
+
+Life cycle: ``submit(tree)`` returns a ticket; ``collect()`` returns the `Evaluation` of
+every ticket that finished since the last call. A tree whose canonical hash (with its
+projections) was evaluated before, in this run or in the run being resumed, is answered
+from memory and does not count against the budget. `LocalEvaluator` trains in this
+process, one tree at a time; a pool of Ray actors can implement the same interface
+without the searchers noticing. An `Evaluator` is also a `RewardFunction`
+(``evaluator(tree, projections) -> Result``), which is how environments call it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from tree_search.data.features import FeatureDataset
+from tree_search.heads.reward import Result, evaluate
+from tree_search.heads.train import Callback, TrainConfig
+from tree_search.tree import Tree
+
+__all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "LocalEvaluator", "evaluation_key"]
+
+
+class BudgetExhausted(RuntimeError):
+    """Raised by `Evaluator.submit` when the evaluation budget is used up."""
+
+
+def evaluation_key(tree: Tree, projections: Mapping[int, int] | None = None) -> str:
+    """Identity of an evaluation: the canonical tree hash, plus projections when there are any.
+
+    Projections name internal nodes, which canonicalisation may renumber, so trees with
+    projections are keyed by their exact structure's hash.
+    """
+    if not projections:
+        return tree.canonical_hash
+    digest = hashlib.sha256(tree.child_ptr.tobytes() + tree.child_ids.tobytes())
+    digest.update(",".join(f"{n}:{p}" for n, p in sorted(projections.items())).encode())
+    return f"{tree.canonical_hash}+{digest.hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One row of a run's leaderboard: a tree, who proposed it, and its validation result."""
+
+    index: int  # order of arrival in the run (0, 1, ...)
+    key: str  # `evaluation_key`
+    searcher: str  # who proposed the tree ("tpe", "ppo", "baseline:huffman-2", ...)
+    valid_nll: float  # nats/token on the validation split (inf when failed)
+    valid_nll_stderr: float
+    expected_cost: float  # multiply-adds per token
+    cost_ratio: float  # expected_cost / full softmax
+    max_depth: int
+    wall_seconds: float  # seconds since the run started when the result arrived
+    train_seconds: float
+    counted: bool  # whether it used the searcher's budget (baselines and repeats do not)
+    pruned: bool = False  # stopped early by a pruner: a partial measurement
+    error: str | None = None
+    projections: dict[int, int] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)  # the full `Result`, as JSON
+
+    @property
+    def ok(self) -> bool:
+        """A complete, successful measurement."""
+        return self.error is None and not self.pruned and math.isfinite(self.valid_nll)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-friendly dict (infinities as null)."""
+        out = asdict(self)
+        for name in ("valid_nll", "valid_nll_stderr"):
+            if not math.isfinite(out[name]):
+                out[name] = None
+        out["projections"] = {str(k): v for k, v in self.projections.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Evaluation:
+        """Inverse of `to_json`."""
+        values = dict(data)
+        for name in ("valid_nll", "valid_nll_stderr"):
+            if values.get(name) is None:
+                values[name] = math.inf
+        values["projections"] = {int(k): int(v) for k, v in (values.get("projections") or {}).items()}
+        return cls(**values)
+
+
+Listener = Callable[[Evaluation, Tree], None]
+
+
+class Evaluator(ABC):
+    """Submit trees, collect their evaluations; dedup by `evaluation_key`; count a budget."""
+
+    def __init__(self, budget: int | None = None, listeners: Sequence[Listener] = ()) -> None:
+        """Args: budget: new evaluations allowed (None: unlimited); listeners: called on each new result."""
+        self.budget = budget
+        self.listeners = list(listeners)
+        self.known: dict[str, Evaluation] = {}
+        self.used = 0  # counted evaluations so far (including a resumed run's)
+        self.started = time.perf_counter()
+        self._next_index = 0
+
+    @property
+    def remaining(self) -> int | None:
+        """Evaluations left in the budget (None: unlimited)."""
+        return None if self.budget is None else max(0, self.budget - self.used)
+
+    @property
+    def exhausted(self) -> bool:
+        """True when no counted evaluation is left."""
+        return self.remaining == 0
+
+    def preload(self, evaluations: Sequence[Evaluation]) -> None:
+        """Know the results of a run being resumed: they are not evaluated again."""
+        for evaluation in evaluations:
+            self.known.setdefault(evaluation.key, evaluation)
+            self.used += int(evaluation.counted)
+            self._next_index = max(self._next_index, evaluation.index + 1)
+
+    @abstractmethod
+    def submit(
+        self,
+        tree: Tree,
+        projections: Mapping[int, int] | None = None,
+        *,
+        searcher: str = "",
+        counted: bool = True,
+        callbacks: Sequence[Callback] = (),
+    ) -> int:
+        """Queue ``tree``; returns a ticket. Raises `BudgetExhausted` when a counted tree is new and none is left."""
+
+    @abstractmethod
+    def collect(self, wait: bool = True) -> dict[int, Evaluation]:
+        """``{ticket: evaluation}`` of the submissions finished since the last call."""
+
+    def evaluate(
+        self,
+        tree: Tree,
+        projections: Mapping[int, int] | None = None,
+        *,
+        searcher: str = "",
+        counted: bool = True,
+        callbacks: Sequence[Callback] = (),
+    ) -> Evaluation:
+        """Submit one tree and wait for its evaluation."""
+        ticket = self.submit(tree, projections, searcher=searcher, counted=counted, callbacks=callbacks)
+        while True:
+            done = self.collect(wait=True)
+            if ticket in done:
+                return done[ticket]
+
+    def reward(
+        self,
+        tree: Tree,
+        projections: Mapping[int, int] | None = None,
+        *,
+        searcher: str | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> tuple[Result, Evaluation | None]:
+        """What an environment needs: a `Result` (failed past the budget, never raising) and the `Evaluation`."""
+        key = evaluation_key(tree, projections)
+        if self.exhausted and key not in self.known:
+            return _failed_result(tree, "budget exhausted: the search's evaluation budget is used up"), None
+        evaluation = self.evaluate(tree, projections, searcher=searcher or self.default_searcher, callbacks=callbacks)
+        result = Result.from_json(evaluation.result) if evaluation.result else _failed_result(tree, evaluation.error)
+        return result, evaluation
+
+    def __call__(self, tree: Tree, projections: Mapping[int, int] | None = None) -> Result:
+        """`RewardFunction` for environments (see `reward`)."""
+        return self.reward(tree, projections)[0]
+
+    default_searcher = ""  # the searcher name environments' evaluations are recorded under
+
+    def _record(self, key: str, result: Result, tree: Tree, searcher: str, counted: bool, projections) -> Evaluation:
+        """Turn a fresh `Result` into an `Evaluation`, remember it and tell the listeners."""
+        evaluation = Evaluation(
+            index=self._next_index,
+            key=key,
+            searcher=searcher,
+            valid_nll=result.valid_nll,
+            valid_nll_stderr=result.valid_nll_stderr,
+            expected_cost=result.expected_cost,
+            cost_ratio=result.cost_ratio,
+            max_depth=tree.max_depth,
+            wall_seconds=time.perf_counter() - self.started,
+            train_seconds=result.train_seconds,
+            counted=counted,
+            pruned=bool(result.extra.get("pruned")),
+            error=result.error,
+            projections={int(k): int(v) for k, v in (projections or {}).items()},
+            result=result.to_json(),
+        )
+        self._next_index += 1
+        self.used += int(counted)
+        if evaluation.ok:  # failed or partial measurements may be retried later
+            self.known[key] = evaluation
+        for listener in self.listeners:
+            listener(evaluation, tree)
+        return evaluation
+
+
+def _failed_result(tree: Tree, error: str | None) -> Result:
+    return Result(tree.canonical_hash, math.inf, math.inf, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0, "", (), (),
+                  error=error or "failed")  # fmt: skip
+
+
+class LocalEvaluator(Evaluator):
+    """Trains heads in this process with `tree_search.heads.evaluate`, one submission at a time."""
+
+    def __init__(
+        self,
+        dataset: FeatureDataset,
+        train: TrainConfig = TrainConfig(),
+        seeds: int = 1,
+        budget: int | None = None,
+        listeners: Sequence[Listener] = (),
+        device: str | None = None,
+    ) -> None:
+        """Args: dataset, train and seeds: what `evaluate` gets; budget and listeners: see `Evaluator`."""
+        super().__init__(budget, listeners)
+        self.dataset, self.train, self.seeds, self.device = dataset, train, seeds, device
+        self._done: dict[int, Evaluation] = {}
+        self._tickets = 0
+
+    def submit(
+        self,
+        tree: Tree,
+        projections: Mapping[int, int] | None = None,
+        *,
+        searcher: str = "",
+        counted: bool = True,
+        callbacks: Sequence[Callback] = (),
+    ) -> int:
+        """Evaluate now (in this process); the result waits for `collect`."""
+        key = evaluation_key(tree, projections)
+        ticket, self._tickets = self._tickets, self._tickets + 1
+        if key in self.known:
+            self._done[ticket] = replace(self.known[key], searcher=searcher or self.known[key].searcher, counted=False)
+            return ticket
+        if counted and self.exhausted:
+            raise BudgetExhausted(f"the budget of {self.budget} evaluations is used up")
+        result = evaluate(
+            tree,
+            self.dataset,
+            self.train,
+            seeds=self.seeds,
+            device=self.device,
+            callbacks=callbacks,
+            projections=projections,
+        )
+        self._done[ticket] = self._record(key, result, tree, searcher, counted, projections)
+        return ticket
+
+    def collect(self, wait: bool = True) -> dict[int, Evaluation]:
+        """Everything submitted so far has finished (evaluation is synchronous)."""
+        done, self._done = self._done, {}
+        return done

@@ -1,0 +1,296 @@
+"""Final scoring on the test split and the comparison report (table, markdown, PNG plots).
+
+The finalists of a run are the best tree of each searcher (by validation NLL, the only
+thing searches select on), every classic baseline and the full softmax (a one-node
+tree: the same head and training recipe). Each is re-trained with ``final_seeds`` seeds
+and scored once on the test split; scores are written to ``final.json`` as each arrives,
+so an interrupted comparison resumes where it stopped. A difference is called
+significant only when it exceeds twice the combined standard error of the two means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tree_search.builders import frequency_cutoffs, huffman
+from tree_search.envs import TreeEnvConfig, load_env_dataset
+from tree_search.heads.evaluator import Evaluation
+from tree_search.heads.reward import head_cost, score_test
+from tree_search.runs import Run, RunError
+
+__all__ = ["compare_runs", "finalists"]
+
+FULL = "full softmax"
+
+
+def _group(searcher: str) -> str:
+    return searcher.split(":", 1)[1] if searcher.startswith("baseline:") else searcher
+
+
+def finalists(runs: Sequence[Run]) -> dict[str, tuple[Run, Evaluation]]:
+    """``{name: (run, evaluation)}``: the best valid evaluation per searcher and every baseline."""
+    chosen: dict[str, tuple[Run, Evaluation]] = {}
+    for run in runs:
+        for evaluation in run.evaluations():
+            if not evaluation.ok:
+                continue
+            name = _group(evaluation.searcher)
+            if not evaluation.searcher.startswith("baseline:") and len(runs) > 1:
+                name = f"{name} ({run.folder.name})"
+            if name not in chosen or evaluation.valid_nll < chosen[name][1].valid_nll:
+                chosen[name] = (run, evaluation)
+    return chosen
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float]:
+    mean = float(np.mean(values))
+    stderr = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.inf
+    return mean, stderr
+
+
+def compare_runs(
+    folders: Sequence[str | Path],
+    *,
+    seeds: int | None = None,
+    epochs: float | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+) -> list[dict[str, Any]]:
+    """Score the finalists of ``folders`` on the test split and write the report.
+
+    Args:
+        folders: run folders on the same dataset (the first one's config is used).
+        seeds: training seeds per finalist (default: the run's ``final_seeds``).
+        epochs: training epochs of the final scoring (default: the run's ``final_epochs``,
+            else twice the search budget).
+        out: where report.md and the plots go (default: the first run's folder).
+        log: progress lines.
+
+    Returns:
+        One row per finalist, best test NLL first.
+    """
+    runs = [Run(folder) for folder in folders]
+    if not runs:
+        raise RunError("compare needs at least one run folder")
+    config = runs[0].config
+    env_config = TreeEnvConfig.from_env_config(config["env_config"])
+    for run in runs[1:]:
+        if run.config["env_config"]["dataset"] != config["env_config"]["dataset"]:
+            raise RunError(f"{run.folder}: searched another dataset than {runs[0].folder}; compare runs on one dataset")
+    dataset = load_env_dataset(env_config)
+    seeds = seeds or int(config.get("final_seeds", 3))
+    epochs = epochs or config.get("final_epochs") or 2 * env_config.train.epochs
+    train = dataclasses.replace(env_config.train, epochs=epochs)
+    counts = np.asarray(dataset.counts, dtype=np.float64)
+    counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
+    full_cost = float(dataset.num_classes * dataset.dim)
+    huffman_cost = huffman(counts, 2).expected_cost(counts, dataset.dim)
+    cap = env_config.cost_cap * huffman_cost if env_config.cost_mode == "cap" else math.inf
+    report_run = Run(out) if out is not None else runs[0]
+    scores: dict[str, dict[str, float]] = {}
+    final_path = report_run.folder / "final.json"
+    if final_path.exists():
+        import json
+
+        stored = json.loads(final_path.read_text(encoding="utf-8"))
+        if stored.get("epochs") == epochs:
+            scores = stored.get("scores", {})
+
+    chosen = finalists(runs)
+    entries: list[tuple[str, str, Any, dict[int, int], float, str]] = []
+    for name, (run, evaluation) in chosen.items():
+        kind = "baseline" if evaluation.searcher.startswith("baseline:") else "searched"
+        entries.append(
+            (name, kind, run.tree(evaluation.key), evaluation.projections, evaluation.valid_nll, evaluation.key)
+        )
+    entries.append((FULL, "reference", frequency_cutoffs(counts, []), {}, math.nan, "full"))
+
+    rows = []
+    for index, (name, kind, tree, projections, valid_nll, key) in enumerate(entries):
+        per_seed = scores.setdefault(key, {})
+        for seed in range(seeds):
+            if str(seed) in per_seed:
+                continue
+            if log:
+                log(f"final scoring {index + 1}/{len(entries)}: {name}, seed {seed + 1}/{seeds} (test split)")
+            result = score_test(tree, dataset, dataclasses.replace(train, seed=seed), projections=projections or None)
+            per_seed[str(seed)] = result["test_nll"]
+            report_run.write_json("final.json", {"epochs": epochs, "scores": scores})
+        values = [per_seed[str(s)] for s in range(seeds)]
+        mean, stderr = _stats(values)
+        cost = head_cost(tree, counts, dataset.dim, projections)
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "valid_nll": valid_nll,
+                "test_nll": mean,
+                "test_stderr": stderr,
+                "perplexity": math.exp(mean),
+                "cost_ratio": cost / full_cost,
+                "cost_vs_huffman": cost / huffman_cost,
+                "within_cap": cost <= cap * (1 + 1e-9),
+                "max_depth": tree.max_depth,
+                "seeds": seeds,
+                "key": key,
+            }
+        )
+    rows.sort(key=lambda r: r["test_nll"])
+    verdicts = _verdicts(rows)
+    _write_report(report_run, rows, verdicts, runs, tree_of={e[0]: e[2] for e in entries}, epochs=epochs, cap=cap)
+    return rows
+
+
+def _difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, bool]:
+    diff = b["test_nll"] - a["test_nll"]  # > 0: a is better
+    combined = math.sqrt(a["test_stderr"] ** 2 + b["test_stderr"] ** 2)
+    return diff, combined, abs(diff) > 2 * combined
+
+
+def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Plain sentences: the best searched tree against Huffman and against the best classic tree under the cap."""
+    searched = [r for r in rows if r["kind"] == "searched" and r["within_cap"]]
+    classic = [r for r in rows if r["kind"] == "baseline" and r["within_cap"]]
+    huffman_row = next((r for r in rows if r["name"] == "huffman-2"), None)
+    if not searched:
+        return ["No searched tree within the cost cap finished training: nothing to compare."]
+    best = searched[0]
+    lines = []
+    for label, other in (
+        ("binary Huffman", huffman_row),
+        ("the best classic tree under the cost cap", classic[0] if classic else None),
+    ):
+        if other is None:
+            continue
+        diff, combined, significant = _difference(best, other)
+        if diff > 0 and significant:
+            verdict = "beats"
+        elif diff > 0:
+            verdict = "is ahead of, but not significantly,"
+        elif significant:
+            verdict = "is significantly worse than"
+        else:
+            verdict = "does not beat"
+        lines.append(
+            f"The best searched tree ({best['name']}, test NLL {best['test_nll']:.4f} ± {best['test_stderr']:.4f}) "
+            f"{verdict} {label} ({other['name']}, {other['test_nll']:.4f} ± {other['test_stderr']:.4f}): "
+            f"difference {diff:+.4f} nats/token, 2 x combined standard error {2 * combined:.4f}."
+        )
+    return lines
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    front, best = [], math.inf
+    for cost, loss in sorted(points):
+        if loss < best:
+            front.append((cost, loss))
+            best = loss
+    return front
+
+
+def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs: float, cap: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = run.folder
+    evaluations = [(r, e) for r in runs for e in r.evaluations()]
+    # 1. best-so-far validation NLL per searcher
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[float]] = {}
+    for _, e in evaluations:
+        if e.counted and e.ok:
+            groups.setdefault(e.searcher, []).append(e.valid_nll)
+    for searcher, values in groups.items():
+        ax.plot(np.arange(1, len(values) + 1), np.minimum.accumulate(values), marker=".", label=searcher)
+    for row in rows:
+        if (
+            row["kind"] == "baseline"
+            and row["name"] in ("huffman-2",)
+            or row is next((r for r in rows if r["kind"] == "baseline" and r["within_cap"]), None)
+        ):
+            ax.axhline(row["valid_nll"], linestyle="--", linewidth=1, color="grey")
+            ax.annotate(row["name"], (1, row["valid_nll"]), fontsize=8, color="grey")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("best validation NLL so far (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "best_so_far.png", dpi=120)
+    plt.close(fig)
+    # 2. loss vs cost with Pareto fronts
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    searched = [(e.cost_ratio, e.valid_nll) for _, e in evaluations if e.ok and not e.searcher.startswith("baseline:")]
+    classic = [
+        (e.cost_ratio, e.valid_nll, _group(e.searcher))
+        for _, e in evaluations
+        if e.ok and e.searcher.startswith("baseline:")
+    ]
+    if searched:
+        ax.scatter(*zip(*searched, strict=True), s=12, alpha=0.6, label="searched trees")
+        ax.plot(*zip(*_pareto(searched), strict=True), drawstyle="steps-post", label="searched front")
+    if classic:
+        ax.scatter(
+            [c for c, _, _ in classic], [v for _, v, _ in classic], marker="s", color="black", label="classic trees"
+        )
+        for c, v, name in classic:
+            ax.annotate(name, (c, v), fontsize=7)
+        ax.plot(
+            *zip(*_pareto([(c, v) for c, v, _ in classic]), strict=True),
+            drawstyle="steps-post",
+            color="black",
+            linewidth=1,
+            label="classic front",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("expected cost per token / full softmax")
+    ax.set_ylabel("validation NLL (nats/token)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "loss_vs_cost.png", dpi=120)
+    plt.close(fig)
+    # 3. depth histogram of the best searched tree
+    best = next((r for r in rows if r["kind"] == "searched"), rows[0])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    histogram = tree_of[best["name"]].depth_histogram()
+    ax.bar(np.arange(histogram.size), histogram)
+    ax.set_xlabel("depth")
+    ax.set_ylabel("classes")
+    ax.set_title(f"depth of the classes in {best['name']}")
+    fig.tight_layout()
+    fig.savefig(folder / "depth_histogram.png", dpi=120)
+    plt.close(fig)
+
+    lines = [
+        f"# Comparison: {', '.join(str(r.folder) for r in runs)}",
+        "",
+        f"Test split, {rows[0]['seeds']} training seeds per tree, {epochs:g} epochs each; mean ± standard error. "
+        "Searches selected on the validation split only.",
+        "",
+        "| tree | kind | valid NLL (search) | test NLL | ± | perplexity | cost / full | cost / Huffman | max depth |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        valid = "" if math.isnan(r["valid_nll"]) else f"{r['valid_nll']:.4f}"
+        over = "" if r["within_cap"] else " (over cap)"
+        lines.append(
+            f"| {r['name']} | {r['kind']}{over} | {valid} | {r['test_nll']:.4f} | {r['test_stderr']:.4f} | "
+            f"{r['perplexity']:.2f} | {r['cost_ratio']:.3%} | {r['cost_vs_huffman']:.2f} | {r['max_depth']} |"
+        )
+    lines += [
+        "",
+        *verdicts,
+        "",
+        "![best so far](best_so_far.png)",
+        "![loss vs cost](loss_vs_cost.png)",
+        "![depth](depth_histogram.png)",
+        "",
+    ]
+    (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    run.write_json("comparison.json", {"rows": rows, "verdicts": verdicts})

@@ -1,0 +1,179 @@
+"""One folder per run under ``runs/``: config, leaderboard written as results arrive, best tree, TensorBoard.
+
+Layout of ``runs/<name>/``::
+
+    config.json        the resolved configuration (what `tree-search search --resume` reads)
+    leaderboard.jsonl  one `Evaluation` per line, appended, flushed and fsynced as it arrives
+    trees/<key>.json   every evaluated tree (tree.json format), written before its leaderboard line
+    best_tree.json     the best searched tree so far by validation NLL
+    tb/                TensorBoard events (search/*, tree/*, policy/*)
+    final.json         test-split scores of the finalists (`tree-search compare`)
+    report.md, *.png   the comparison report and its plots
+
+Nothing computed is lost on a crash: a line is on disk before the next evaluation starts,
+and a torn last line (a kill mid-write) is skipped with a warning when the run is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tree_search.data.cache import atomic_write_bytes
+from tree_search.export import TreeRecord, load_tree_json, save_tree_json
+from tree_search.heads.evaluator import Evaluation
+from tree_search.tree import Tree
+
+__all__ = ["Run", "RunError"]
+
+
+class RunError(ValueError):
+    """A run folder that cannot be created, read or resumed; the message names the file."""
+
+
+class Run:
+    """A run folder: writes results as they arrive and reads them back for resuming and reports."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        """Open ``folder`` (created if missing). Use `create` or `open` for the checks."""
+        self.folder = Path(folder)
+        (self.folder / "trees").mkdir(parents=True, exist_ok=True)
+        self._writer = None
+        self._best: dict[str, float] = {}
+        self._best_search = math.inf
+        for evaluation in self.evaluations():
+            self._note_best(evaluation)
+
+    @classmethod
+    def create(cls, folder: str | os.PathLike[str], config: Mapping[str, Any], resume: bool = False) -> Run:
+        """Start a run (or resume it when ``resume``), writing or checking ``config.json``.
+
+        Raises:
+            RunError: when the folder already holds results and ``resume`` is false, or
+                when resuming with a different configuration.
+        """
+        path = Path(folder)
+        config_path = path / "config.json"
+        plain = json.loads(json.dumps(config))
+        if resume:
+            if not config_path.exists():
+                raise RunError(f"{config_path}: nothing to resume (no config.json)")
+            stored = json.loads(config_path.read_text(encoding="utf-8"))
+            changed = sorted(k for k in set(stored) | set(plain) if k != "resume" and stored.get(k) != plain.get(k))
+            if changed:
+                raise RunError(f"{config_path}: the resumed run was configured differently in {changed}")
+        elif (path / "leaderboard.jsonl").exists():
+            raise RunError(f"{path}: already holds a run; resume it with --resume or choose another --out")
+        run = cls(path)
+        atomic_write_bytes(config_path, json.dumps(plain, indent=2).encode())
+        return run
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The stored configuration."""
+        path = self.folder / "config.json"
+        if not path.exists():
+            raise RunError(f"{path}: missing; is {self.folder} a run folder?")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    # ------------------------------------------------------------------ writing
+    def tensorboard(self):
+        """The run's TensorBoard writer (created on first use)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.folder / "tb"))
+        return self._writer
+
+    def record(self, evaluation: Evaluation, tree: Tree) -> None:
+        """Persist one evaluation: its tree, then its leaderboard line (flushed and fsynced)."""
+        tree_path = self.folder / "trees" / f"{evaluation.key}.json"
+        if not tree_path.exists():
+            save_tree_json(tree_path, TreeRecord(tree, built_by={"searcher": evaluation.searcher}))
+        with open(self.folder / "leaderboard.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(evaluation.to_json()) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        improved = self._note_best(evaluation)
+        if improved and not evaluation.searcher.startswith("baseline:"):
+            save_tree_json(
+                self.folder / "best_tree.json",
+                TreeRecord(
+                    tree,
+                    built_by={"searcher": evaluation.searcher, "projections": evaluation.projections},
+                    metrics={"valid_nll": evaluation.valid_nll, "cost_ratio": evaluation.cost_ratio},
+                ),
+            )
+        writer = self.tensorboard()
+        step = evaluation.index
+        if evaluation.ok:
+            writer.add_scalar("search/valid_nll", evaluation.valid_nll, step)
+            writer.add_scalar(
+                f"search/best_valid_nll/{evaluation.searcher.split(':')[0]}", self.best_of(evaluation), step
+            )
+        writer.add_scalar("tree/cost_ratio", evaluation.cost_ratio, step)
+        writer.add_scalar("tree/max_depth", evaluation.max_depth, step)
+        writer.flush()
+
+    def log_scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        """Extra TensorBoard scalars (e.g. policy losses) under ``prefix/``."""
+        writer = self.tensorboard()
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(f"{prefix}/{name}", value, step)
+        writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _note_best(self, evaluation: Evaluation) -> bool:
+        if not evaluation.ok:
+            return False
+        group = evaluation.searcher.split(":")[0]
+        self._best[group] = min(self._best.get(group, math.inf), evaluation.valid_nll)
+        if not evaluation.searcher.startswith("baseline:") and evaluation.valid_nll < self._best_search:
+            self._best_search = evaluation.valid_nll
+            return True
+        return False
+
+    def best_of(self, evaluation: Evaluation) -> float:
+        """Best validation NLL so far of the evaluation's searcher."""
+        return self._best.get(evaluation.searcher.split(":")[0], math.inf)
+
+    # ------------------------------------------------------------------ reading
+    def evaluations(self) -> list[Evaluation]:
+        """Every leaderboard row on disk, in order; a torn last line is skipped with a warning."""
+        path = self.folder / "leaderboard.jsonl"
+        if not path.exists():
+            return []
+        rows = []
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(Evaluation.from_json(json.loads(line)))
+            except (json.JSONDecodeError, TypeError, ValueError) as err:
+                if number == len(lines):
+                    warnings.warn(f"{path}, line {number}: skipped a torn last line ({err})", stacklevel=2)
+                    continue
+                raise RunError(f"{path}, line {number}: not a leaderboard row: {err}") from None
+        return rows
+
+    def tree(self, key: str) -> Tree:
+        """The tree of a leaderboard row."""
+        return load_tree_json(self.folder / "trees" / f"{key}.json").tree
+
+    def write_json(self, name: str, data: Any) -> Path:
+        """Write ``name`` atomically in the run folder."""
+        path = self.folder / name
+        atomic_write_bytes(path, json.dumps(data, indent=2).encode())
+        return path
