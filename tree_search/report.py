@@ -201,6 +201,7 @@ def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs
     import matplotlib.pyplot as plt
 
     folder = run.folder
+    folder.mkdir(parents=True, exist_ok=True)
     evaluations = [(r, e) for r in runs for e in r.evaluations()]
     # 1. best-so-far validation NLL per searcher
     fig, ax = plt.subplots(figsize=(7, 4.5))

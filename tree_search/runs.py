@@ -42,7 +42,6 @@ class Run:
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         """Open ``folder`` (created if missing). Use `create` or `open` for the checks."""
         self.folder = Path(folder)
-        (self.folder / "trees").mkdir(parents=True, exist_ok=True)
         self._writer = None
         self._best: dict[str, float] = {}
         self._best_search = math.inf
@@ -69,6 +68,7 @@ class Run:
                 raise RunError(f"{config_path}: the resumed run was configured differently in {changed}")
         elif (path / "leaderboard.jsonl").exists():
             raise RunError(f"{path}: already holds a run; resume it with --resume or choose another --out")
+        (path / "trees").mkdir(parents=True, exist_ok=True)
         run = cls(path)
         atomic_write_bytes(config_path, json.dumps(plain, indent=2).encode())
         return run
@@ -93,6 +93,7 @@ class Run:
     def record(self, evaluation: Evaluation, tree: Tree) -> None:
         """Persist one evaluation: its tree, then its leaderboard line (flushed and fsynced)."""
         tree_path = self.folder / "trees" / f"{evaluation.key}.json"
+        tree_path.parent.mkdir(parents=True, exist_ok=True)
         if not tree_path.exists():
             save_tree_json(tree_path, TreeRecord(tree, built_by={"searcher": evaluation.searcher}))
         with open(self.folder / "leaderboard.jsonl", "a", encoding="utf-8") as handle:

@@ -17,7 +17,7 @@ from tree_search.heads.evaluator import Evaluation, LocalEvaluator
 from tree_search.runs import Run
 from tree_search.tree import Tree
 
-__all__ = ["AGENTS", "RLLIB_AGENTS", "PolicyConfig", "SearchConfig", "run_search"]
+__all__ = ["AGENTS", "RLLIB_AGENTS", "PolicyConfig", "SearchConfig", "make_searcher", "run_search"]
 
 RLLIB_AGENTS = ("ppo", "appo")
 AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS)

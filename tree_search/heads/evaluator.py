@@ -196,7 +196,7 @@ class Evaluator(ABC):
         )
         self._next_index += 1
         self.used += int(counted)
-        if evaluation.ok:  # failed or partial measurements may be retried later
+        if evaluation.error is None:  # failures may be transient: retried if proposed again; pruned ones are not
             self.known[key] = evaluation
         for listener in self.listeners:
             listener(evaluation, tree)

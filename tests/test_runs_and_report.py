@@ -1,0 +1,113 @@
+"""Run folders: nothing lost on kill -9, resume without repeats; the comparison report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tree_search.agents import SearchConfig, run_search
+from tree_search.data.planted import PlantedConfig
+from tree_search.envs import TreeEnvConfig
+from tree_search.heads.train import TrainConfig
+from tree_search.report import compare_runs
+from tree_search.runs import Run, RunError
+
+QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patience=3, max_valid_samples=None)
+PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
+ENV = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8)
+CLI = [sys.executable, "-c", "from tree_search.cli import main; main()"]
+
+
+def counted_keys(folder: Path) -> list[str]:
+    return [e.key for e in Run(folder).evaluations() if e.counted]
+
+
+def test_run_folder_contents_and_resume_rules(tmp_path):
+    config = SearchConfig(agent="random", budget=4, env_config=ENV, baselines="none")
+    run = run_search(config, tmp_path / "run", log=None)
+    rows = run.evaluations()
+    assert len(counted_keys(run.folder)) == 4 and [r.index for r in rows] == list(range(len(rows)))
+    for row in rows:
+        assert (run.folder / "trees" / f"{row.key}.json").exists()
+    best = min(r.valid_nll for r in rows if r.ok)
+    stored = json.loads((run.folder / "best_tree.json").read_text())
+    assert stored["metrics"]["valid_nll"] == pytest.approx(best)
+    assert any(p.name.startswith("events") for p in (run.folder / "tb").iterdir())
+    with pytest.raises(RunError, match="already holds a run"):
+        run_search(config, tmp_path / "run", log=None)
+    with pytest.raises(RunError, match="configured differently in \\['budget'\\]"):
+        run_search(
+            SearchConfig(agent="random", budget=5, env_config=ENV, baselines="none"), tmp_path / "run", resume=True
+        )
+    again = run_search(config, tmp_path / "run", resume=True, log=None)  # budget used: nothing new
+    assert len(again.evaluations()) == len(rows)
+    with open(run.folder / "leaderboard.jsonl", "a") as handle:
+        handle.write('{"index": 99, "key": "tor')  # a line torn by a kill mid-write
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert len(Run(run.folder).evaluations()) == len(rows)
+
+
+@pytest.mark.slow
+def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
+    args = ["search", "--agent", "tpe", "--dataset", "planted", "--budget", "12", "--baselines", "none", "--no-compare",
+            "--epochs", "2", "--seed", "3"]  # fmt: skip
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = subprocess.run(
+        [*CLI, *args, "--out", str(tmp_path / "whole")], capture_output=True, text=True, env=environment
+    )
+    assert whole.returncode == 0, whole.stderr
+    folder = tmp_path / "killed"
+    process = subprocess.Popen([*CLI, *args, "--out", str(folder)], stdout=subprocess.PIPE, text=True, env=environment)
+    reported = 0
+    for line in process.stdout:
+        reported += line.lstrip().startswith("[")
+        if reported == 5:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    on_disk = len(Run(folder).evaluations())
+    assert on_disk >= 5  # everything reported before the kill is on disk
+    resumed = subprocess.run([*CLI, "search", "--resume", str(folder), "--no-compare"], capture_output=True, text=True,
+                             env=environment)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    killed_keys, whole_keys = counted_keys(folder), counted_keys(tmp_path / "whole")
+    print(f"distinct evaluated trees: uninterrupted {len(set(whole_keys))}, killed at {on_disk} and resumed "
+          f"{len(set(killed_keys))}; evaluated twice: {len(killed_keys) - len(set(killed_keys))}")  # fmt: skip
+    assert len(killed_keys) == len(set(killed_keys)) == len(set(whole_keys)) == 12
+
+
+def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkeypatch):
+    run = run_search(SearchConfig(agent="tpe", budget=4, env_config=ENV, baselines="core"), tmp_path / "run", log=None)
+    rows = compare_runs([run.folder], seeds=2, log=None)
+    names = [r["name"] for r in rows]
+    assert "full softmax" in names and "huffman-2" in names and "adaptive" in names and "tpe" in names
+    assert [r["test_nll"] for r in rows] == sorted(r["test_nll"] for r in rows)
+    assert all(r["seeds"] == 2 and r["test_stderr"] >= 0 for r in rows)
+    full = next(r for r in rows if r["name"] == "full softmax")
+    assert full["cost_ratio"] == pytest.approx(1.0) and not full["within_cap"]
+    report = (run.folder / "report.md").read_text()
+    assert "binary Huffman" in report and "2 x combined standard error" in report
+    for plot in ("best_so_far.png", "loss_vs_cost.png", "depth_histogram.png"):
+        assert (run.folder / plot).stat().st_size > 1000
+    # Scores are kept in final.json: comparing again trains nothing.
+    monkeypatch.setattr("tree_search.report.score_test", lambda *a, **k: pytest.fail("re-trained a finalist"))
+    assert [r["test_nll"] for r in compare_runs([run.folder], seeds=2, log=None)] == [r["test_nll"] for r in rows]
+
+
+def test_cli_search_and_compare_end_to_end(tmp_path):
+    out = tmp_path / "cli"
+    args = ["search", "--agent", "random", "--env", "cutoffs", "--dataset", "planted", "--budget", "3", "--baselines",
+            "none", "--final-seeds", "2", "--cost-mode", "tradeoff", "--epochs", "2", "--out", str(out)]  # fmt: skip
+    result = subprocess.run([*CLI, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "full softmax" in result.stdout and "report:" in result.stdout and (out / "report.md").exists()
+    compare = subprocess.run([*CLI, "compare", str(out)], capture_output=True, text=True)
+    assert compare.returncode == 0 and "Test split" in compare.stdout
+    bad = subprocess.run([*CLI, "search", "--resume", str(tmp_path / "none")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "a run folder?" in bad.stderr and not (tmp_path / "none").exists()
