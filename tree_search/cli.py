@@ -494,6 +494,14 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 @click.option("--compare/--no-compare", default=True, show_default=True, help="Score finalists on test at the end.")
 @click.option("--final-seeds", default=3, show_default=True, help="Seeds of the final test scoring.")
 @click.option("--final-epochs", type=float, default=None, help="Epochs of the final scoring (default: 2x --epochs).")
+@click.option("--eval-workers", default=0, show_default=True,
+              help="Ray actors that train heads (0: in this process).")  # fmt: skip
+@click.option("--ray-address", default=None, help="Ray cluster: 'auto', 'ray://host:10001' (default: a local Ray).")
+@click.option("--cpus-per-eval", default=1.0, show_default=True, help="CPUs each evaluation actor holds.")
+@click.option("--gpus-per-eval", default=0.0, show_default=True, help="GPU share of each actor (0.25: four per GPU).")
+@click.option("--parallel", type=int, default=None, help="Optuna trials at once (default: --eval-workers).")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///RUN/optuna.db).")
+@click.option("--study", default=None, help="Optuna study name; processes sharing storage and name cooperate.")
 @_friendly_errors
 def search(
     agent: str,
@@ -514,8 +522,22 @@ def search(
     compare: bool,
     final_seeds: int,
     final_epochs: float | None,
+    eval_workers: int,
+    ray_address: str | None,
+    cpus_per_eval: float,
+    gpus_per_eval: float,
+    parallel: int | None,
+    storage: str | None,
+    study: str | None,
 ) -> None:
-    """Search for a better tree; results are written to the run folder as they arrive."""
+    """Search for a better tree; results are written to the run folder as they arrive.
+
+    Ctrl-C or SIGTERM stops cleanly; `--resume RUN` continues with no lost and no repeated
+    evaluations (execution flags such as --eval-workers apply to the resumed session).
+    """
+    import dataclasses
+    import signal
+
     from tree_search.agents.search import SearchConfig, run_search
     from tree_search.data.planted import PlantedConfig
     from tree_search.envs import TreeEnvConfig
@@ -524,7 +546,14 @@ def search(
 
     if resume is not None:
         folder = resume
-        config = SearchConfig.from_json(Run(folder).config)
+        config = dataclasses.replace(
+            SearchConfig.from_json(Run(folder).config),
+            eval_workers=eval_workers,
+            ray_address=ray_address,
+            cpus_per_eval=cpus_per_eval,
+            gpus_per_eval=gpus_per_eval,
+            parallel=parallel,
+        )
     else:
         planted = PlantedConfig(num_classes=planted_classes, dim=16, signal=3.0, num_train=8000, num_valid=2000,
                                 num_test=2000)  # fmt: skip
@@ -547,12 +576,24 @@ def search(
             seed=seed,
             final_seeds=final_seeds,
             final_epochs=final_epochs,
+            storage=storage,
+            study=study,
+            eval_workers=eval_workers,
+            ray_address=ray_address,
+            cpus_per_eval=cpus_per_eval,
+            gpus_per_eval=gpus_per_eval,
+            parallel=parallel,
         )
         folder = out or Path("runs") / f"{agent}-{env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if config.env_config.dataset == "builtin":
         with _progress() as progress:
             prepare_dataset(log=console.print, progress=progress)  # cached after the first run
     console.print(f"run folder: {folder}")
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a scheduler's SIGTERM stops as cleanly as Ctrl-C
     try:
         run_search(config, folder, resume=resume is not None, log=console.print)
     except KeyboardInterrupt:

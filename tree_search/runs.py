@@ -32,6 +32,15 @@ from tree_search.tree import Tree
 __all__ = ["Run", "RunError"]
 
 
+_EXECUTION_FIELDS = {
+    "eval_workers",
+    "ray_address",
+    "cpus_per_eval",
+    "gpus_per_eval",
+    "parallel",
+}  # may differ on resume
+
+
 class RunError(ValueError):
     """A run folder that cannot be created, read or resumed; the message names the file."""
 
@@ -63,7 +72,9 @@ class Run:
             if not config_path.exists():
                 raise RunError(f"{config_path}: nothing to resume (no config.json)")
             stored = json.loads(config_path.read_text(encoding="utf-8"))
-            changed = sorted(k for k in set(stored) | set(plain) if k != "resume" and stored.get(k) != plain.get(k))
+            changed = sorted(
+                k for k in set(stored) | set(plain) if k not in _EXECUTION_FIELDS and stored.get(k) != plain.get(k)
+            )
             if changed:
                 raise RunError(f"{config_path}: the resumed run was configured differently in {changed}")
         elif (path / "leaderboard.jsonl").exists():
@@ -172,6 +183,11 @@ class Run:
     def tree(self, key: str) -> Tree:
         """The tree of a leaderboard row."""
         return load_tree_json(self.folder / "trees" / f"{key}.json").tree
+
+    def read_json(self, name: str) -> Any:
+        """A JSON file of the run folder, or None when it does not exist."""
+        path = self.folder / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
     def write_json(self, name: str, data: Any) -> Path:
         """Write ``name`` atomically in the run folder."""

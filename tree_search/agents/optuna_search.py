@@ -11,7 +11,8 @@ trees stop early; a pruned trial used compute and counts against the budget.
 
 from __future__ import annotations
 
-import math
+import queue
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,32 +58,31 @@ class OptunaSearcher(Searcher):
         storage: str | optuna.storages.BaseStorage | None = None,
         study_name: str = "tree_search",
         prune: bool = True,
+        parallel: int = 1,
         seconds: float | None = None,
         seed: int = 0,
     ) -> None:
-        """Args: sampler: one of `OPTUNA_SAMPLERS`; storage: an Optuna storage (URL), None for in memory."""
+        """Create the searcher.
+
+        Args:
+            sampler: one of `OPTUNA_SAMPLERS`.
+            env_factory: builds the environment each worker thread plays in.
+            evaluator: rewards and budget.
+            storage: an Optuna storage or URL (SQLite, PostgreSQL, journal); None keeps the study in memory.
+            study_name: the study; several processes with the same storage and name share it.
+            prune: stop hopeless head trainings early (in-process evaluators only).
+            parallel: trials played at once by threads (use with a `RayEvaluator` of as many workers).
+            seconds: wall-clock limit.
+            seed: sampler seed.
+        """
         super().__init__(env_factory, evaluator, seconds=seconds, seed=seed)
         if sampler not in OPTUNA_SAMPLERS:
             raise ValueError(f"unknown Optuna sampler {sampler!r}; choose one of {OPTUNA_SAMPLERS}")
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
         self.name = sampler
-        self.storage, self.study_name, self.prune = storage, study_name, prune
-        self.env = env_factory(self._reward)
-        self._trial: optuna.Trial | None = None
-        self._last: Evaluation | None = None
-
-    def _reward(self, tree, projections=None):
-        """The environment's reward function: evaluate through the evaluator, reporting to the pruner."""
-        trial = self._trial
-        callbacks = []
-        if self.prune and self.name != "nsga2" and trial is not None:
-
-            def report(point: EvalPoint) -> bool:
-                trial.report(point.valid_nll, step=point.step)
-                return trial.should_prune()
-
-            callbacks.append(report)
-        result, self._last = self.evaluator.reward(tree, projections, searcher=self.name, callbacks=callbacks)
-        return result
+        self.storage, self.study_name, self.prune, self.parallel = storage, study_name, prune, parallel
+        self.env = env_factory(lambda tree, projections=None: None)  # for the action space; workers own theirs
 
     def study(self) -> optuna.Study:
         """The study (created, or loaded when resuming from storage); interrupted trials are marked failed."""
@@ -101,35 +101,90 @@ class OptunaSearcher(Searcher):
         return study
 
     def search(self) -> Iterator[Evaluation]:
-        """Ask a trial, play its episode, tell the outcome; until the budget is used."""
+        """Ask a trial, play its episode, tell the outcome; ``parallel`` threads at once; until the budget is used."""
         study = self.study()
+        self._attempts, self._attempts_lock = 0, threading.Lock()
+        if self.parallel == 1:
+            yield from _TrialWorker(self, study).trials()
+            return
+        arrived: queue.Queue = queue.Queue()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for evaluation in _TrialWorker(self, study).trials():
+                    arrived.put(evaluation)
+            except BaseException as err:  # re-raised in the caller's thread below
+                errors.append(err)
+
+        threads = [threading.Thread(target=work, name=f"trial-{i}", daemon=True) for i in range(self.parallel)]
+        for thread in threads:
+            thread.start()
+        while any(t.is_alive() for t in threads) or not arrived.empty():
+            try:
+                yield arrived.get(timeout=0.2)
+            except queue.Empty:
+                continue
+        if errors:
+            raise errors[0]
+
+    def _more(self) -> bool:
+        with self._attempts_lock:
+            self._attempts += 1
+            return not self.done and self._attempts <= 50 + 20 * (self.evaluator.budget or 100)
+
+
+class _TrialWorker:
+    """One thread's episodes: its own environment, its current trial, its last evaluation."""
+
+    def __init__(self, searcher: OptunaSearcher, study: optuna.Study) -> None:
+        self.searcher, self.study = searcher, study
+        self.trial: optuna.Trial | None = None
+        self.last: Evaluation | None = None
+        self.env = searcher.env_factory(self.reward)
+
+    def reward(self, tree, projections=None):
+        """The environment's reward function: evaluate through the evaluator, reporting to the pruner."""
+        searcher, trial = self.searcher, self.trial
+        callbacks = []
+        if searcher.prune and searcher.name != "nsga2" and trial is not None:
+
+            def report(point: EvalPoint) -> bool:
+                trial.report(point.valid_nll, step=point.step)
+                return trial.should_prune()
+
+            callbacks.append(report)
+        result, self.last = searcher.evaluator.reward(tree, projections, searcher=searcher.name, callbacks=callbacks)
+        return result
+
+    def trials(self) -> Iterator[Evaluation]:
+        """Play trials until the searcher is done; yield each counted evaluation."""
         n = int(self.env.action_space.n)
-        attempts = 0
-        while not self.done and attempts < 50 + 20 * (self.evaluator.budget or 100):
-            attempts += 1
-            trial = study.ask()
-            self._trial, self._last = trial, None
-            used_before = self.evaluator.used
-            _, info = self.env.reset(seed=self.seed)
+        while self.searcher._more():  # noqa: SLF001 - the searcher's shared attempt counter
+            trial = self.study.ask()
+            self.trial, self.last = trial, None
+            _, info = self.env.reset(seed=self.searcher.seed)
             done, step = False, 0
             while not done:
                 action = nearest_legal(trial.suggest_int(f"a{step}", 0, n - 1), info["action_mask"])
                 _, reward, done, _, info = self.env.step(action)
                 step += 1
-            self._tell(study, trial, reward, info)
-            if self._last is not None and self.evaluator.used > used_before:
-                yield self._last
+            self.tell(trial, reward, info)
+            if self.last is not None and self.last.counted:
+                yield self.last
 
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, reward: float, info: dict[str, Any]) -> None:
-        evaluation = self._last
+    def tell(self, trial: optuna.Trial, reward: float, info: dict[str, Any]) -> None:
+        """Report the episode's outcome to the study."""
+        evaluation, study, name = self.last, self.study, self.searcher.name
         trial.set_user_attr("tree_hash", info["tree_hash"])
-        if evaluation is not None and evaluation.pruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        elif evaluation is not None and not evaluation.ok and not math.isfinite(reward):
+        if info["evaluated"] and evaluation is None:  # the budget ran out before this tree: no measurement
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        elif self.name == "nsga2":
-            study.tell(
-                trial, [-reward if not evaluation or not evaluation.ok else evaluation.valid_nll, info["cost_ratio"]]
-            )
+        elif evaluation is not None and evaluation.pruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif evaluation is not None and evaluation.error is not None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        elif name == "nsga2":
+            nll = evaluation.valid_nll if evaluation is not None else -reward  # over the cap: the penalty
+            study.tell(trial, [nll, info["cost_ratio"]])
         else:
             study.tell(trial, -reward)

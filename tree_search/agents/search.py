@@ -53,6 +53,14 @@ class SearchConfig:
     prune: bool = True  # Optuna: stop hopeless head trainings early
     final_seeds: int = 3  # seeds of the final test-split scoring
     final_epochs: float | None = None  # training epochs of the final scoring (None: 2x the search's)
+    storage: str | None = None  # Optuna storage URL (default: sqlite:///<run>/optuna.db)
+    study: str | None = None  # Optuna study name (default: "<agent>-<env>"); processes sharing it cooperate
+    # --- execution (may change when a run is resumed elsewhere)
+    eval_workers: int = 0  # Ray actors training heads; 0 trains in this process
+    ray_address: str | None = None  # "auto", "ray://host:port" or None for a local Ray instance
+    cpus_per_eval: float = 1.0  # CPUs each evaluation actor holds
+    gpus_per_eval: float = 0.0  # GPU share each evaluation actor holds (e.g. 0.25: four per GPU)
+    parallel: int | None = None  # Optuna trials played at once (default: eval_workers, at least 1)
 
     def __post_init__(self) -> None:
         if self.agent not in AGENTS:
@@ -65,6 +73,13 @@ class SearchConfig:
             )
         if self.budget < 1 or self.final_seeds < 1:
             raise ValueError("SearchConfig needs budget >= 1 and final_seeds >= 1")
+        if self.eval_workers < 0 or (self.parallel is not None and self.parallel < 1):
+            raise ValueError("SearchConfig needs eval_workers >= 0 and parallel >= 1")
+
+    @property
+    def uses_ray(self) -> bool:
+        """Whether evaluations run on Ray actors."""
+        return self.eval_workers > 0 or self.ray_address is not None
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for ``config.json``."""
@@ -97,14 +112,15 @@ def make_searcher(config: SearchConfig, evaluator: LocalEvaluator, run: Run, dat
         return make_env(env_config, dataset=dataset, reward_fn=reward_fn)
 
     if config.agent in OPTUNA_SAMPLERS:
-        storage = f"sqlite:///{(run.folder / 'optuna.db').resolve()}"
+        storage = config.storage or f"sqlite:///{(run.folder / 'optuna.db').resolve()}"
         return OptunaSearcher(
             config.agent,
             env_factory,
             evaluator,
             storage=storage,
-            study_name=f"{config.agent}-{config.env}",
-            prune=config.prune,
+            study_name=config.study or f"{config.agent}-{config.env}",
+            prune=config.prune and not config.uses_ray,  # pruning callbacks cannot cross processes
+            parallel=config.parallel or max(1, config.eval_workers),
             seconds=config.seconds,
             seed=config.seed,
         )
@@ -166,5 +182,10 @@ def run_search(
             for _ in make_searcher(config, evaluator, run, dataset).search():
                 pass
     finally:
+        stats = evaluator.stats()
+        previous_stats = run.read_json("evaluator.json") or {}
+        sessions = [*previous_stats.get("sessions", []), stats]
+        run.write_json("evaluator.json", {"sessions": sessions})
+        evaluator.close()
         run.close()
     return run

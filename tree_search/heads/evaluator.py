@@ -103,6 +103,15 @@ class Evaluator(ABC):
         self.used = 0  # counted evaluations so far (including a resumed run's)
         self.started = time.perf_counter()
         self._next_index = 0
+        self.counters = {"done": 0, "failed": 0, "retried": 0, "cached": 0, "worker_seconds": 0.0}
+
+    def stats(self) -> dict[str, float]:
+        """Counters for TensorBoard and the report: done, failed, retried, cached, worker seconds, per minute."""
+        minutes = (time.perf_counter() - self.started) / 60
+        return {**self.counters, "evaluations_per_minute": self.counters["done"] / max(minutes, 1e-9)}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release workers (nothing to do in process)."""
 
     @property
     def remaining(self) -> int | None:
@@ -239,10 +248,12 @@ class LocalEvaluator(Evaluator):
         key = evaluation_key(tree, projections)
         ticket, self._tickets = self._tickets, self._tickets + 1
         if key in self.known:
+            self.counters["cached"] += 1
             self._done[ticket] = replace(self.known[key], searcher=searcher or self.known[key].searcher, counted=False)
             return ticket
         if counted and self.exhausted:
             raise BudgetExhausted(f"the budget of {self.budget} evaluations is used up")
+        started = time.perf_counter()
         result = evaluate(
             tree,
             self.dataset,
@@ -252,6 +263,8 @@ class LocalEvaluator(Evaluator):
             callbacks=callbacks,
             projections=projections,
         )
+        self.counters["worker_seconds"] += time.perf_counter() - started
+        self.counters["failed" if result.error else "done"] += 1
         self._done[ticket] = self._record(key, result, tree, searcher, counted, projections)
         return ticket
 
