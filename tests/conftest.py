@@ -21,3 +21,15 @@ def code_folder(tmp_path):
         (root / ("pkg" if k % 2 else ".") / f"mod{k}.py").write_text(body)
     (root / "broken.py").write_bytes(b"def f(:\n  \xff\xfe")
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that needs it (starting Ray takes seconds)."""
+    import ray
+
+    from tree_search.heads.ray_evaluator import ensure_ray
+
+    ensure_ray()
+    yield
+    ray.shutdown()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +25,7 @@ from tree_search.agents.base import EnvFactory, Searcher
 from tree_search.heads.evaluator import Evaluation, Evaluator
 from tree_search.heads.train import EvalPoint
 
-__all__ = ["OPTUNA_SAMPLERS", "OptunaSearcher", "nearest_legal"]
+__all__ = ["OPTUNA_SAMPLERS", "OptunaSearcher", "nearest_legal", "open_storage"]
 
 OPTUNA_SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
 
@@ -46,6 +48,28 @@ def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise ValueError(f"unknown Optuna sampler {name!r}; choose one of {OPTUNA_SAMPLERS}")
 
 
+def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage | None:
+    """An Optuna storage from a URL.
+
+    ``sqlite:///...`` (waits up to 60 s on a lock, so several processes can share it),
+    ``postgresql://...`` or any SQLAlchemy URL, or ``journal:PATH`` (Optuna's journal file).
+    """
+    if storage is None or not isinstance(storage, str):
+        return storage
+    if storage.startswith("journal:"):
+        backend = optuna.storages.journal.JournalFileBackend(storage.removeprefix("journal:"))
+        return optuna.storages.JournalStorage(backend)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+        except Exception as err:  # noqa: BLE001 - two processes creating the schema at once: one loses, retries
+            if "already exists" not in str(err) and "duplicate key" not in str(err):
+                raise
+            time.sleep(0.5 + attempt)
+    return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+
+
 class OptunaSearcher(Searcher):
     """Search by an Optuna sampler over the action sequences of one environment."""
 
@@ -59,6 +83,7 @@ class OptunaSearcher(Searcher):
         study_name: str = "tree_search",
         prune: bool = True,
         parallel: int = 1,
+        owner: str = "",
         seconds: float | None = None,
         seed: int = 0,
     ) -> None:
@@ -72,6 +97,8 @@ class OptunaSearcher(Searcher):
             study_name: the study; several processes with the same storage and name share it.
             prune: stop hopeless head trainings early (in-process evaluators only).
             parallel: trials played at once by threads (use with a `RayEvaluator` of as many workers).
+            owner: marks this searcher's trials; on resume only its own unfinished trials are marked failed
+                (other processes sharing the study keep theirs). Default: a fresh id.
             seconds: wall-clock limit.
             seed: sampler seed.
         """
@@ -82,6 +109,7 @@ class OptunaSearcher(Searcher):
             raise ValueError(f"parallel must be >= 1, got {parallel}")
         self.name = sampler
         self.storage, self.study_name, self.prune, self.parallel = storage, study_name, prune, parallel
+        self.owner = owner or uuid.uuid4().hex
         self.env = env_factory(lambda tree, projections=None: None)  # for the action space; workers own theirs
 
     def study(self) -> optuna.Study:
@@ -89,7 +117,7 @@ class OptunaSearcher(Searcher):
         directions = ["minimize", "minimize"] if self.name == "nsga2" else ["minimize"]
         pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0) if self.prune else None
         study = optuna.create_study(
-            storage=self.storage,
+            storage=open_storage(self.storage),
             sampler=_sampler(self.name, self.seed),
             pruner=pruner,
             study_name=self.study_name,
@@ -97,7 +125,8 @@ class OptunaSearcher(Searcher):
             load_if_exists=True,
         )
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
+            if trial.user_attrs.get("owner") == self.owner:  # ours, cut off by a crash; other workers' are live
+                study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
         return study
 
     def search(self) -> Iterator[Evaluation]:
@@ -162,6 +191,7 @@ class _TrialWorker:
         n = int(self.env.action_space.n)
         while self.searcher._more():  # noqa: SLF001 - the searcher's shared attempt counter
             trial = self.study.ask()
+            trial.set_user_attr("owner", self.searcher.owner)
             self.trial, self.last = trial, None
             _, info = self.env.reset(seed=self.searcher.seed)
             done, step = False, 0

@@ -12,12 +12,10 @@ every iteration and restored when the run is resumed.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import ray
 from ray.rllib.algorithms.appo import APPOConfig
 from ray.rllib.algorithms.appo.torch.default_appo_torch_rl_module import DefaultAPPOTorchRLModule
 from ray.rllib.algorithms.ppo import PPOConfig
@@ -30,9 +28,10 @@ from ray.tune.registry import register_env
 
 from tree_search.agents.base import EnvFactory, Searcher
 from tree_search.heads.evaluator import Evaluation, Evaluator, evaluation_key
+from tree_search.heads.ray_evaluator import ensure_ray
 from tree_search.tree import Tree
 
-__all__ = ["MaskedAPPOTorchRLModule", "MaskedPPOTorchRLModule", "RLlibSearcher", "ensure_ray"]
+__all__ = ["MaskedAPPOTorchRLModule", "MaskedPPOTorchRLModule", "RLlibSearcher"]
 
 _ENV_NAME = "tree_search_env"
 _FACTORIES: dict[str, EnvFactory] = {}  # evaluator key -> factory of environments scoring through that evaluator
@@ -108,12 +107,6 @@ def make_rllib_env(env_config: dict[str, Any]):
             f"evaluator {key!r} is not registered in this process: the in-process evaluator needs env_runners=0"
         )
     return _FACTORIES[key]()
-
-
-def ensure_ray() -> None:
-    """Start a local Ray instance unless one is running (quiet, no dashboard)."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 
 
 class RLlibSearcher(Searcher):

@@ -121,6 +121,7 @@ def make_searcher(config: SearchConfig, evaluator: LocalEvaluator, run: Run, dat
             study_name=config.study or f"{config.agent}-{config.env}",
             prune=config.prune and not config.uses_ray,  # pruning callbacks cannot cross processes
             parallel=config.parallel or max(1, config.eval_workers),
+            owner=str(run.folder.resolve()),
             seconds=config.seconds,
             seed=config.seed,
         )

@@ -44,7 +44,13 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(  # "local": a new instance, even when `ray start` left a cluster address behind on this machine
+            address="local",
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+        )
 
 
 class EvaluationWorker:
@@ -148,10 +154,14 @@ class RayEvaluator(Evaluator):
         started = time.perf_counter()
         try:
             result = self._run(tree, projections)
-        finally:
-            with self._lock:
+        except BaseException:
+            with self._lock:  # nothing recorded: release the budget and let waiters train it themselves
                 self._in_flight_counted -= int(counted)
-        with self._lock:
+                del self._in_flight[key]
+                done.set()
+            raise
+        with self._lock:  # one step, so no thread ever sees the evaluation neither in flight nor recorded
+            self._in_flight_counted -= int(counted)
             self.counters["worker_seconds"] += time.perf_counter() - started
             self.counters["failed" if result.error else "done"] += 1
             evaluation = self._record(key, result, tree, searcher, counted, projections)

@@ -1,0 +1,193 @@
+"""Scaling out: a real Ray cluster by address, dead actors replaced, SIGINT and resume, shared Optuna studies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tree_search.agents import OptunaSearcher
+from tree_search.data.planted import PlantedConfig
+from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
+from tree_search.heads.train import TrainConfig
+from tree_search.runs import Run
+
+QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patience=3, max_valid_samples=None)
+PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
+CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8)
+CLI = [sys.executable, "-c", "from tree_search.cli import main; main()"]
+SEARCH = ["search", "--dataset", "planted", "--baselines", "none", "--no-compare", "--epochs", "2"]
+ENVIRONMENT = {**os.environ, "PYTHONUNBUFFERED": "1"}
+RAY_CLI = {**ENVIRONMENT, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the venv's `ray`
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def counted(folder: Path) -> list[str]:
+    return [e.key for e in Run(folder).evaluations() if e.counted]
+
+
+def env_factory(dataset):
+    return lambda reward_fn: make_env({"env": "split", **CONFIG.to_env_config()}, dataset=dataset, reward_fn=reward_fn)
+
+
+@pytest.mark.slow
+def test_search_on_a_two_node_ray_cluster_by_address(tmp_path):
+    from ray.util import get_node_ip_address
+
+    ip, port = get_node_ip_address(), free_port()
+    address = f"{ip}:{port}"
+    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    launch = lambda *args: subprocess.Popen(["ray", "start", *args, *common], start_new_session=True, env=RAY_CLI,  # noqa: E731
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    nodes = [launch("--head", "--port", str(port), "--include-dashboard", "false")]
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # wait for the head's GCS to listen
+            with socket.socket() as probe:
+                if probe.connect_ex((ip, port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(0.5)
+        nodes.append(launch("--address", address))
+        out = tmp_path / "cluster"
+        result = subprocess.run(
+            [*CLI, *SEARCH, "--agent", "random", "--budget", "6", "--ray-address", address, "--eval-workers", "2",
+             "--out", str(out)],  # fmt: skip
+            capture_output=True, text=True, env=ENVIRONMENT, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        keys = counted(out)
+        assert len(keys) == len(set(keys)) == 6
+        stats = Run(out).read_json("evaluator.json")["sessions"][-1]
+        assert stats["done"] + stats["failed"] == 6
+    finally:
+        for process in reversed(nodes):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+def test_a_killed_evaluation_actor_is_replaced_and_every_evaluation_is_accounted_for(ray_session):
+    import ray
+
+    from tree_search.heads.ray_evaluator import RayEvaluator
+
+    dataset = load_env_dataset(CONFIG)
+    killed = threading.Event()
+
+    def kill_once(evaluation, tree):
+        if not killed.is_set():
+            killed.set()
+            threading.Timer(0.05, lambda: ray.kill(evaluator.actors[0])).start()  # likely mid-evaluation
+
+    evaluator = RayEvaluator(dataset, QUICK, budget=8, listeners=[kill_once], workers=1, max_retries=2)
+    try:
+        rows = list(OptunaSearcher("random", env_factory(dataset), evaluator, seed=1).search())
+    finally:
+        evaluator.close()
+    assert len(rows) == 8 == len({r.key for r in rows}) and all(r.ok for r in rows)
+    stats = evaluator.stats()
+    assert stats["done"] == 8 and stats["failed"] == 0
+    assert stats["retried"] <= 1  # the kill hit an evaluation in flight (retried) or an idle actor (replaced)
+
+
+def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
+    folder = tmp_path / "interrupted"
+    args = [*CLI, *SEARCH, "--agent", "tpe", "--budget", "10", "--out", str(folder)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+    reported = 0
+    for line in process.stdout:
+        reported += line.lstrip().startswith("[")
+        if reported == 3:
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    before = len(Run(folder).evaluations())
+    assert before >= 3
+    resumed = subprocess.run([*CLI, "search", "--resume", str(folder), "--no-compare"], capture_output=True, text=True,
+                             env=ENVIRONMENT)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{before} evaluations on disk" in resumed.stdout
+    keys = counted(folder)
+    assert len(keys) == len(set(keys)) == 10
+
+
+def run_two_workers(tmp_path: Path, storage: str) -> optuna.Study:
+    processes = [
+        subprocess.Popen(
+            [
+                *CLI,
+                *SEARCH,
+                "--agent",
+                "tpe",
+                "--budget",
+                "4",
+                "--storage",
+                storage,
+                "--study",
+                "shared",
+                "--seed",
+                str(k),
+                "--out",
+                str(tmp_path / f"worker{k}"),
+            ],  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENVIRONMENT,
+        )  # fmt: skip
+        for k in range(2)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+    for k in range(2):
+        assert len(set(counted(tmp_path / f"worker{k}"))) == 4
+    return optuna.load_study(study_name="shared", storage=storage)
+
+
+def test_two_optuna_workers_share_one_sqlite_study(tmp_path):
+    study = run_two_workers(tmp_path, f"sqlite:///{tmp_path / 'shared.db'}")
+    finished = [
+        t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    assert len(finished) >= 8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (PG_BIN / "initdb").exists(), reason="PostgreSQL server binaries are not installed")
+def test_two_optuna_workers_share_one_postgresql_study(tmp_path):
+    base, port = Path(tempfile.mkdtemp(prefix="tree-search-pg-")), free_port()  # pytest's tmp folders are private
+    data = base / "data"
+    user = {} if os.geteuid() else {"user": "postgres"}
+    if user:  # PostgreSQL refuses to run as root
+        shutil.chown(base, "postgres")
+    run = lambda *args: subprocess.run([str(PG_BIN / args[0]), *args[1:]], check=True, capture_output=True, **user)  # noqa: E731
+    run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres")
+    run("pg_ctl", "-D", str(data), "-l", str(base / "log"), "-o", f"-p {port} -k {data} -h 127.0.0.1", "-w", "start")
+    try:
+        url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+        study = run_two_workers(tmp_path / "runs", url)
+        finished = [
+            t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        ]
+        assert len(finished) >= 8
+    finally:
+        run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
