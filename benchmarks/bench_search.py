@@ -49,7 +49,8 @@ def main() -> None:
     print(f"\n{header} {'cost/full':>10s} {'cost/Huff':>9s}")
     for r in rows:
         kind = r["kind"] + ("" if r["within_cap"] else " (over cap)")
-        print(f"{r['name']:<24s} {kind:<22s} {r['valid_nll']:8.4f} {r['test_nll']:9.4f} {r['test_stderr']:7.4f} "
+        valid = "" if r["valid_nll"] != r["valid_nll"] else f"{r['valid_nll']:.4f}"  # NaN: the reference
+        print(f"{r['name']:<24s} {kind:<22s} {valid:>8s} {r['test_nll']:9.4f} {r['test_stderr']:7.4f} "
               f"{r['perplexity']:7.2f} {r['cost_ratio']:10.3%} {r['cost_vs_huffman']:9.2f}")  # fmt: skip
     import json
 
