@@ -51,6 +51,15 @@ def test_run_folder_contents_and_resume_rules(tmp_path):
         handle.write('{"index": 99, "key": "tor')  # a line torn by a kill mid-write
     with pytest.warns(UserWarning, match="torn last line"):
         assert len(Run(run.folder).evaluations()) == len(rows)
+    resumed = run_search(SearchConfig(agent="random", budget=5, env_config=ENV, baselines="none"), tmp_path / "more",
+                         log=None)  # fmt: skip
+    torn = resumed.folder / "leaderboard.jsonl"
+    with open(torn, "a") as handle:
+        handle.write('{"index": 99, "key": "tor')
+    with pytest.warns(UserWarning, match="torn last line"):
+        evaluations = resumed.evaluations()
+    resumed.record(evaluations[0], resumed.tree(evaluations[0].key))  # appending after a torn line
+    assert len(Run(resumed.folder).evaluations()) == len(evaluations) + 1  # the torn line is gone, nothing glued
 
 
 @pytest.mark.slow
@@ -88,7 +97,7 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
     names = [r["name"] for r in rows]
     assert "full softmax" in names and "huffman-2" in names and "adaptive" in names and "tpe" in names
     assert [r["test_nll"] for r in rows] == sorted(r["test_nll"] for r in rows)
-    assert all(r["seeds"] == 2 and r["test_stderr"] >= 0 for r in rows)
+    assert all(r["seeds"] == 2 and r["test_stderr"] > 0 for r in rows)  # two seeds really differ
     full = next(r for r in rows if r["name"] == "full softmax")
     assert full["cost_ratio"] == pytest.approx(1.0) and not full["within_cap"]
     report = (run.folder / "report.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,7 +29,10 @@ CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_mi
 CLI = [sys.executable, "-c", "from tree_search.cli import main; main()"]
 SEARCH = ["search", "--dataset", "planted", "--baselines", "none", "--no-compare", "--epochs", "2"]
 ENVIRONMENT = {**os.environ, "PYTHONUNBUFFERED": "1"}
-RAY_CLI = {**ENVIRONMENT, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the venv's `ray`
+# The cluster test's nodes and driver share one explicit token (Ray enables token auth by default; an
+# inherited or per-process default could disagree).
+CLUSTER = {**ENVIRONMENT, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+RAY_CLI = {**CLUSTER, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the venv's `ray`
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
@@ -69,13 +73,14 @@ def test_search_on_a_two_node_ray_cluster_by_address(tmp_path):
         result = subprocess.run(
             [*CLI, *SEARCH, "--agent", "random", "--budget", "6", "--ray-address", address, "--eval-workers", "2",
              "--out", str(out)],  # fmt: skip
-            capture_output=True, text=True, env=ENVIRONMENT, timeout=300,
+            capture_output=True, text=True, env=CLUSTER, timeout=300,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         keys = counted(out)
         assert len(keys) == len(set(keys)) == 6
         stats = Run(out).read_json("evaluator.json")["sessions"][-1]
         assert stats["done"] + stats["failed"] == 6
+        assert stats["workers"] == 2 and stats["nodes"] == 2  # one actor on each node (1 CPU each)
     finally:
         for process in reversed(nodes):
             os.killpg(process.pid, signal.SIGTERM)
@@ -96,6 +101,7 @@ def test_a_killed_evaluation_actor_is_replaced_and_every_evaluation_is_accounted
             threading.Timer(0.05, lambda: ray.kill(evaluator.actors[0])).start()  # likely mid-evaluation
 
     evaluator = RayEvaluator(dataset, QUICK, budget=8, listeners=[kill_once], workers=1, max_retries=2)
+    first = evaluator.actors[0]
     try:
         rows = list(OptunaSearcher("random", env_factory(dataset), evaluator, seed=1).search())
     finally:
@@ -104,6 +110,22 @@ def test_a_killed_evaluation_actor_is_replaced_and_every_evaluation_is_accounted
     stats = evaluator.stats()
     assert stats["done"] == 8 and stats["failed"] == 0
     assert stats["retried"] <= 1  # the kill hit an evaluation in flight (retried) or an idle actor (replaced)
+    assert evaluator.actors[0] is not first  # the dead actor was replaced
+
+
+def test_a_bad_evaluation_fails_cleanly_and_keeps_the_actor(ray_session):
+    from tree_search.builders import huffman
+    from tree_search.heads.ray_evaluator import RayEvaluator
+
+    dataset = load_env_dataset(CONFIG)
+    evaluator = RayEvaluator(dataset, QUICK, workers=1)
+    try:
+        tree = huffman(dataset.counts, 2)
+        bad = evaluator.evaluate(tree, {10_000: 4})  # no such node: the head refuses it inside the actor
+        assert not bad.ok and "projection 10000" in bad.error
+        assert evaluator.evaluate(tree).ok  # the same actor serves the next evaluation
+    finally:
+        evaluator.close()
 
 
 def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):

@@ -11,6 +11,7 @@ significant only when it exceeds twice the combined standard error of the two me
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,8 +34,16 @@ def _group(searcher: str) -> str:
     return searcher.split(":", 1)[1] if searcher.startswith("baseline:") else searcher
 
 
-def finalists(runs: Sequence[Run]) -> dict[str, tuple[Run, Evaluation]]:
-    """``{name: (run, evaluation)}``: the best valid evaluation per searcher and every baseline."""
+def finalists(runs: Sequence[Run], cost_weight: float = 0.0) -> dict[str, tuple[Run, Evaluation]]:
+    """``{name: (run, evaluation)}``: the best evaluation per searcher, and every baseline.
+
+    "Best" is what the search optimised, on the validation split: the NLL, plus
+    ``cost_weight`` x cost / full softmax in the tradeoff mode.
+    """
+
+    def objective(evaluation: Evaluation) -> float:
+        return evaluation.valid_nll + cost_weight * evaluation.cost_ratio
+
     chosen: dict[str, tuple[Run, Evaluation]] = {}
     for run in runs:
         for evaluation in run.evaluations():
@@ -43,7 +52,7 @@ def finalists(runs: Sequence[Run]) -> dict[str, tuple[Run, Evaluation]]:
             name = _group(evaluation.searcher)
             if not evaluation.searcher.startswith("baseline:") and len(runs) > 1:
                 name = f"{name} ({run.folder.name})"
-            if name not in chosen or evaluation.valid_nll < chosen[name][1].valid_nll:
+            if name not in chosen or objective(evaluation) < objective(chosen[name][1]):
                 chosen[name] = (run, evaluation)
     return chosen
 
@@ -80,10 +89,11 @@ def compare_runs(
         raise RunError("compare needs at least one run folder")
     config = runs[0].config
     env_config = TreeEnvConfig.from_env_config(config["env_config"])
-    for run in runs[1:]:
-        if run.config["env_config"]["dataset"] != config["env_config"]["dataset"]:
-            raise RunError(f"{run.folder}: searched another dataset than {runs[0].folder}; compare runs on one dataset")
     dataset = load_env_dataset(env_config)
+    for run in runs[1:]:
+        other = load_env_dataset(TreeEnvConfig.from_env_config(run.config["env_config"]))
+        if other.key != dataset.key:
+            raise RunError(f"{run.folder}: searched another dataset than {runs[0].folder}; compare runs on one dataset")
     seeds = seeds or int(config.get("final_seeds", 3))
     epochs = epochs or config.get("final_epochs") or 2 * env_config.train.epochs
     train = dataclasses.replace(env_config.train, epochs=epochs)
@@ -94,15 +104,12 @@ def compare_runs(
     cap = env_config.cost_cap * huffman_cost if env_config.cost_mode == "cap" else math.inf
     report_run = Run(out) if out is not None else runs[0]
     scores: dict[str, dict[str, float]] = {}
-    final_path = report_run.folder / "final.json"
-    if final_path.exists():
-        import json
+    setting = {"dataset": dataset.key, "train": dataclasses.asdict(train)}  # stored scores are reused only for these
+    stored = report_run.read_json("final.json") or {}
+    if stored.get("setting") == json.loads(json.dumps(setting)):
+        scores = stored.get("scores", {})
 
-        stored = json.loads(final_path.read_text(encoding="utf-8"))
-        if stored.get("epochs") == epochs:
-            scores = stored.get("scores", {})
-
-    chosen = finalists(runs)
+    chosen = finalists(runs, env_config.cost_weight if env_config.cost_mode == "tradeoff" else 0.0)
     entries: list[tuple[str, str, Any, dict[int, int], float, str]] = []
     for name, (run, evaluation) in chosen.items():
         kind = "baseline" if evaluation.searcher.startswith("baseline:") else "searched"
@@ -121,7 +128,7 @@ def compare_runs(
                 log(f"final scoring {index + 1}/{len(entries)}: {name}, seed {seed + 1}/{seeds} (test split)")
             result = score_test(tree, dataset, dataclasses.replace(train, seed=seed), projections=projections or None)
             per_seed[str(seed)] = result["test_nll"]
-            report_run.write_json("final.json", {"epochs": epochs, "scores": scores})
+            report_run.write_json("final.json", {"setting": setting, "scores": scores})
         values = [per_seed[str(s)] for s in range(seeds)]
         mean, stderr = _stats(values)
         cost = head_cost(tree, counts, dataset.dim, projections)
@@ -143,7 +150,8 @@ def compare_runs(
         )
     rows.sort(key=lambda r: r["test_nll"])
     verdicts = _verdicts(rows)
-    _write_report(report_run, rows, verdicts, runs, tree_of={e[0]: e[2] for e in entries}, epochs=epochs, cap=cap)
+    tree_of = {e[0]: e[2] for e in entries}
+    _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost)
     return rows
 
 
@@ -160,11 +168,14 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
     huffman_row = next((r for r in rows if r["name"] == "huffman-2"), None)
     if not searched:
         return ["No searched tree within the cost cap finished training: nothing to compare."]
-    best = searched[0]
+    best = min(searched, key=lambda r: r["valid_nll"])  # chosen on validation, as a user would; judged on test
+    cheaper = [r for r in rows if r["kind"] == "baseline" and r["cost_ratio"] <= best["cost_ratio"]]
+    better = [r for r in rows if r["kind"] == "baseline" and r["test_nll"] < best["test_nll"]]
     lines = []
     for label, other in (
         ("binary Huffman", huffman_row),
         ("the best classic tree under the cost cap", classic[0] if classic else None),
+        ("the best classic tree costing no more than it", cheaper[0] if cheaper else None),
     ):
         if other is None:
             continue
@@ -182,6 +193,14 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
             f"{verdict} {label} ({other['name']}, {other['test_nll']:.4f} ± {other['test_stderr']:.4f}): "
             f"difference {diff:+.4f} nats/token, 2 x combined standard error {2 * combined:.4f}."
         )
+    if better:
+        cheapest = min(better, key=lambda r: r["cost_ratio"])
+        where = "" if cheapest["within_cap"] else ", over the cap"
+        lines.append(
+            f"Classic trees with a lower test NLL exist: the cheapest, {cheapest['name']} "
+            f"({cheapest['test_nll']:.4f}), costs {cheapest['cost_ratio'] / best['cost_ratio']:.2f}x the best searched "
+            f"tree ({cheapest['cost_vs_huffman']:.2f}x binary Huffman){where}."
+        )
     return lines
 
 
@@ -194,7 +213,7 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs: float, cap: float) -> None:
+def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs: float, cap_ratio: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,14 +230,10 @@ def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs
             groups.setdefault(e.searcher, []).append(e.valid_nll)
     for searcher, values in groups.items():
         ax.plot(np.arange(1, len(values) + 1), np.minimum.accumulate(values), marker=".", label=searcher)
-    for row in rows:
-        if (
-            row["kind"] == "baseline"
-            and row["name"] in ("huffman-2",)
-            or row is next((r for r in rows if r["kind"] == "baseline" and r["within_cap"]), None)
-        ):
-            ax.axhline(row["valid_nll"], linestyle="--", linewidth=1, color="grey")
-            ax.annotate(row["name"], (1, row["valid_nll"]), fontsize=8, color="grey")
+    best_classic = next((r for r in rows if r["kind"] == "baseline" and r["within_cap"]), None)
+    for row in [r for r in rows if r["name"] == "huffman-2"] + ([best_classic] if best_classic else []):
+        ax.axhline(row["valid_nll"], linestyle="--", linewidth=1, color="grey")
+        ax.annotate(row["name"], (1, row["valid_nll"]), fontsize=8, color="grey")
     ax.set_xlabel("evaluations")
     ax.set_ylabel("best validation NLL so far (nats/token)")
     ax.legend()
@@ -249,6 +264,8 @@ def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs
             linewidth=1,
             label="classic front",
         )
+    if math.isfinite(cap_ratio):
+        ax.axvline(cap_ratio, linestyle=":", color="red", linewidth=1, label="cost cap")
     ax.set_xscale("log")
     ax.set_xlabel("expected cost per token / full softmax")
     ax.set_ylabel("validation NLL (nats/token)")
@@ -284,6 +301,14 @@ def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs
             f"| {r['name']} | {r['kind']}{over} | {valid} | {r['test_nll']:.4f} | {r['test_stderr']:.4f} | "
             f"{r['perplexity']:.2f} | {r['cost_ratio']:.3%} | {r['cost_vs_huffman']:.2f} | {r['max_depth']} |"
         )
+    lines += ["", "Evaluation counters (per session of each run):", ""]
+    for source in runs:
+        for number, stats in enumerate((source.read_json("evaluator.json") or {}).get("sessions", []), start=1):
+            lines.append(
+                f"- {source.folder.name}, session {number}: {stats['done']} done, {stats['failed']} failed, "
+                f"{stats['retried']} retried, {stats['cached']} answered from the cache, "
+                f"{stats['worker_seconds']:.0f} worker-seconds, {stats['evaluations_per_minute']:.1f} evaluations/min"
+            )
     lines += [
         "",
         *verdicts,

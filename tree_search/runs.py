@@ -45,6 +45,18 @@ class RunError(ValueError):
     """A run folder that cannot be created, read or resumed; the message names the file."""
 
 
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line that a kill left without its newline, so appending never glues rows together."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return
+        data = path.read_bytes()
+        handle.truncate(data.rfind(b"\n") + 1)
+
+
 class Run:
     """A run folder: writes results as they arrive and reads them back for resuming and reports."""
 
@@ -107,7 +119,9 @@ class Run:
         tree_path.parent.mkdir(parents=True, exist_ok=True)
         if not tree_path.exists():
             save_tree_json(tree_path, TreeRecord(tree, built_by={"searcher": evaluation.searcher}))
-        with open(self.folder / "leaderboard.jsonl", "a", encoding="utf-8") as handle:
+        board = self.folder / "leaderboard.jsonl"
+        _drop_torn_line(board)
+        with open(board, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(evaluation.to_json()) + "\n")
             handle.flush()
             os.fsync(handle.fileno())

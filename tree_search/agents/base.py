@@ -29,7 +29,7 @@ class Searcher(ABC):
 
     def __init__(
         self,
-        env_factory: EnvFactory,
+        env_factory: EnvFactory | None,
         evaluator: Evaluator,
         *,
         seconds: float | None = None,

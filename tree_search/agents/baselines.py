@@ -106,7 +106,7 @@ class BaselineSearcher(Searcher):
         seed: int = 0,
     ) -> None:
         """Args: evaluator: where trees are evaluated; dataset: whose counts and embeddings build them."""
-        super().__init__(lambda reward_fn: None, evaluator, seed=seed)  # type: ignore[arg-type,return-value]
+        super().__init__(None, evaluator, seed=seed)  # builds trees directly, no environment
         self.dataset, self.names = dataset, names
 
     def search(self) -> Iterator[Evaluation]:

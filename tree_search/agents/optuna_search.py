@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy.exc
 
 from tree_search.agents.base import EnvFactory, Searcher
 from tree_search.heads.evaluator import Evaluation, Evaluator
@@ -63,10 +64,8 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.st
     for attempt in range(4):
         try:
             return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
-        except Exception as err:  # noqa: BLE001 - two processes creating the schema at once: one loses, retries
-            if "already exists" not in str(err) and "duplicate key" not in str(err):
-                raise
-            time.sleep(0.5 + attempt)
+        except sqlalchemy.exc.DBAPIError:  # duplicate table, unique constraint, lock
+            time.sleep(0.5 + attempt)  # two processes creating the schema at once: one loses, and retries
     return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
 
 
@@ -132,7 +131,7 @@ class OptunaSearcher(Searcher):
     def search(self) -> Iterator[Evaluation]:
         """Ask a trial, play its episode, tell the outcome; ``parallel`` threads at once; until the budget is used."""
         study = self.study()
-        self._attempts, self._attempts_lock = 0, threading.Lock()
+        self._attempts, self._attempts_lock, self._stop = 0, threading.Lock(), threading.Event()
         if self.parallel == 1:
             yield from _TrialWorker(self, study).trials()
             return
@@ -149,15 +148,22 @@ class OptunaSearcher(Searcher):
         threads = [threading.Thread(target=work, name=f"trial-{i}", daemon=True) for i in range(self.parallel)]
         for thread in threads:
             thread.start()
-        while any(t.is_alive() for t in threads) or not arrived.empty():
-            try:
-                yield arrived.get(timeout=0.2)
-            except queue.Empty:
-                continue
+        try:
+            while any(t.is_alive() for t in threads) or not arrived.empty():
+                try:
+                    yield arrived.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+        finally:  # on Ctrl-C too: no new trials; the evaluator's close() releases threads waiting on workers
+            self._stop.set()
+            for thread in threads:
+                thread.join(timeout=1)
         if errors:
             raise errors[0]
 
     def _more(self) -> bool:
+        if self._stop.is_set():
+            return False
         with self._attempts_lock:
             self._attempts += 1
             return not self.done and self._attempts <= 50 + 20 * (self.evaluator.budget or 100)

@@ -113,14 +113,14 @@ class RLlibSearcher(Searcher):
     """PPO or APPO learning a policy that builds trees; every episode's tree is evaluated once."""
 
     def __init__(self, agent: str, env_factory: EnvFactory, evaluator: Evaluator, *, run=None, policy=None,
-                 seconds: float | None = None, seed: int = 0) -> None:  # fmt: skip
+                 seconds: float | None = None, seed: int = 0, ray_address: str | None = None) -> None:  # fmt: skip
         """Args: agent: "ppo" or "appo"; run: the `Run` (checkpoints, TensorBoard); policy: a `PolicyConfig`."""
         from tree_search.agents.search import PolicyConfig
 
         super().__init__(env_factory, evaluator, seconds=seconds, seed=seed)
         if agent not in ("ppo", "appo"):
             raise ValueError(f"RLlib agent must be 'ppo' or 'appo', got {agent!r}")
-        self.name, self.run, self.policy = agent, run, policy or PolicyConfig()
+        self.name, self.run, self.policy, self.ray_address = agent, run, policy or PolicyConfig(), ray_address
         if self.policy.env_runners != 0:
             raise ValueError(
                 "the in-process evaluator needs policy.env_runners=0 (remote runners need a Ray evaluator)"
@@ -170,7 +170,7 @@ class RLlibSearcher(Searcher):
 
     def search(self) -> Iterator[Evaluation]:
         """Train until the budget is used; yield the evaluations each iteration produced."""
-        ensure_ray()
+        ensure_ray(self.ray_address)
         key = uuid.uuid4().hex
         arrived: list[Evaluation] = []
         listener = lambda evaluation, tree: arrived.append(evaluation) if evaluation.counted else None  # noqa: E731

@@ -120,7 +120,8 @@ def make_searcher(config: SearchConfig, evaluator: LocalEvaluator, run: Run, dat
             storage=storage,
             study_name=config.study or f"{config.agent}-{config.env}",
             prune=config.prune and not config.uses_ray,  # pruning callbacks cannot cross processes
-            parallel=config.parallel or max(1, config.eval_workers),
+            # Trials at once only with a thread-safe pool of workers; in process they would only contend.
+            parallel=(config.parallel or config.eval_workers or 1) if config.uses_ray else 1,
             owner=str(run.folder.resolve()),
             seconds=config.seconds,
             seed=config.seed,
@@ -128,7 +129,14 @@ def make_searcher(config: SearchConfig, evaluator: LocalEvaluator, run: Run, dat
     from tree_search.agents.rllib_search import RLlibSearcher  # Ray is imported only when needed
 
     return RLlibSearcher(
-        config.agent, env_factory, evaluator, run=run, policy=config.policy, seconds=config.seconds, seed=config.seed
+        config.agent,
+        env_factory,
+        evaluator,
+        run=run,
+        policy=config.policy,
+        seconds=config.seconds,
+        seed=config.seed,
+        ray_address=config.ray_address,
     )
 
 
@@ -161,13 +169,27 @@ def run_search(
             f"  best {best.get(group, math.inf):.4f}  {evaluation.train_seconds:.1f}s"
         )
 
-    evaluator = LocalEvaluator(
-        dataset,
-        config.env_config.train,
-        config.env_config.seeds,
-        budget=config.budget,
-        listeners=[run.record, progress],
-    )
+    def counters(evaluation: Evaluation, tree: Tree) -> None:
+        run.log_scalars("evaluator", evaluator.stats(), evaluation.index)
+
+    listeners = [run.record, progress, counters]
+    train, seeds = config.env_config.train, config.env_config.seeds
+    if config.uses_ray:
+        from tree_search.heads.ray_evaluator import RayEvaluator
+
+        evaluator = RayEvaluator(
+            dataset,
+            train,
+            seeds,
+            budget=config.budget,
+            listeners=listeners,
+            workers=max(1, config.eval_workers),
+            cpus_per_eval=config.cpus_per_eval,
+            gpus_per_eval=config.gpus_per_eval,
+            address=config.ray_address,
+        )
+    else:
+        evaluator = LocalEvaluator(dataset, train, seeds, budget=config.budget, listeners=listeners)
     previous = run.evaluations()
     evaluator.preload(previous)
     if previous and log:
@@ -184,6 +206,8 @@ def run_search(
                 pass
     finally:
         stats = evaluator.stats()
+        if config.uses_ray:
+            stats["nodes"] = evaluator.nodes()
         previous_stats = run.read_json("evaluator.json") or {}
         sessions = [*previous_stats.get("sessions", []), stats]
         run.write_json("evaluator.json", {"sessions": sessions})

@@ -32,7 +32,8 @@ class CutoffsEnv(TreeEnv):
     `adaptive_softmax_actions`.
 
     ## Action Space
-    ``Discrete(max(G + 1, P))`` for a grid of G ranks and P = ``cutoff_projections``. In a
+    ``Discrete(max(G + 1, P))`` for a grid of G ranks and P projection sizes (at most
+    ``cutoff_projections``: the sizes ``dim // 2**j`` that are at least 1). In a
     cutoff step, index ``g < G`` puts the next cutoff at grid rank g (legal when above the
     previous cutoff) and index ``G`` stops (legal once a cluster exists, or at the start,
     where stopping gives the flat full softmax). In a projection step, index ``j < P``

@@ -104,11 +104,13 @@ class Evaluator(ABC):
         self.started = time.perf_counter()
         self._next_index = 0
         self.counters = {"done": 0, "failed": 0, "retried": 0, "cached": 0, "worker_seconds": 0.0}
+        self.workers = 1  # evaluations that can run at once
 
     def stats(self) -> dict[str, float]:
         """Counters for TensorBoard and the report: done, failed, retried, cached, worker seconds, per minute."""
         minutes = (time.perf_counter() - self.started) / 60
-        return {**self.counters, "evaluations_per_minute": self.counters["done"] / max(minutes, 1e-9)}
+        per_minute = self.counters["done"] / max(minutes, 1e-9)
+        return {**self.counters, "workers": self.workers, "evaluations_per_minute": per_minute}
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release workers (nothing to do in process)."""
@@ -126,7 +128,8 @@ class Evaluator(ABC):
     def preload(self, evaluations: Sequence[Evaluation]) -> None:
         """Know the results of a run being resumed: they are not evaluated again."""
         for evaluation in evaluations:
-            self.known.setdefault(evaluation.key, evaluation)
+            if evaluation.error is None:  # failures are retried when proposed again, as within a session
+                self.known.setdefault(evaluation.key, evaluation)
             self.used += int(evaluation.counted)
             self._next_index = max(self._next_index, evaluation.index + 1)
 
@@ -174,7 +177,12 @@ class Evaluator(ABC):
         key = evaluation_key(tree, projections)
         if self.exhausted and key not in self.known:
             return _failed_result(tree, "budget exhausted: the search's evaluation budget is used up"), None
-        evaluation = self.evaluate(tree, projections, searcher=searcher or self.default_searcher, callbacks=callbacks)
+        try:
+            evaluation = self.evaluate(
+                tree, projections, searcher=searcher or self.default_searcher, callbacks=callbacks
+            )
+        except BudgetExhausted:  # another thread took the last evaluation in the meantime
+            return _failed_result(tree, "budget exhausted: the search's evaluation budget is used up"), None
         result = Result.from_json(evaluation.result) if evaluation.result else _failed_result(tree, evaluation.error)
         return result, evaluation
 

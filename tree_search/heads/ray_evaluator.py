@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
 from tree_search.data.features import FeatureDataset
 from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, Listener, _failed_result, evaluation_key
@@ -32,7 +32,12 @@ from tree_search.heads.reward import Result
 from tree_search.heads.train import Callback, TrainConfig
 from tree_search.tree import Tree
 
-__all__ = ["EvaluationWorker", "RayEvaluator", "ensure_ray"]
+__all__ = ["EvaluationWorker", "EvaluatorClosed", "RayEvaluator", "ensure_ray"]
+
+
+class EvaluatorClosed(RuntimeError):
+    """Raised in threads still waiting on an evaluation when the evaluator is closed."""
+
 
 _DIED = (ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError)
 
@@ -75,6 +80,10 @@ class EvaluationWorker:
         """The actor's process id (tests kill it)."""
         return os.getpid()
 
+    def node(self) -> str:
+        """The id of the Ray node the actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
 
 class RayEvaluator(Evaluator):
     """Evaluations on ``workers`` Ray actors; thread-safe; replaces dead actors and retries."""
@@ -103,6 +112,8 @@ class RayEvaluator(Evaluator):
         self._threads = max(1, int(cpus_per_eval))
         self._dataset_ref = ray.put(dataset)  # once; every actor maps it from the object store
         self._idle: queue.Queue = queue.Queue()
+        self._closed = False
+        self.workers = workers
         self.actors = [self._new_actor() for _ in range(workers)]
         for actor in self.actors:
             self._idle.put(actor)
@@ -177,6 +188,9 @@ class RayEvaluator(Evaluator):
                 data = ray.get(actor.evaluate.remote(tree, dict(projections or {}) or None, self.train, self.seeds))
             except _DIED as err:
                 error = err
+                if self._closed:  # close() killed it: stopping, nothing to record or replace
+                    raise EvaluatorClosed("the evaluator was closed during this evaluation") from err
+                ray.kill(actor)  # an unavailable actor may still hold its CPUs and GPU share
                 with self._lock:
                     if attempt < self.max_retries:
                         self.counters["retried"] += 1
@@ -184,6 +198,10 @@ class RayEvaluator(Evaluator):
                     self.actors = [replacement if a is actor else a for a in self.actors]
                 self._idle.put(replacement)
                 continue
+            except RayTaskError as err:  # the evaluation itself raised (bad input): a failed result, actor intact
+                self._idle.put(actor)
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                return _failed_result(tree, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}")
             self._idle.put(actor)
             return Result.from_json(data)
         message = str(error).strip().splitlines()[0] if error is not None else "unknown"
@@ -225,8 +243,13 @@ class RayEvaluator(Evaluator):
                     del self._futures[ticket]
         return done
 
+    def nodes(self) -> int:
+        """How many Ray nodes the actors run on."""
+        return len(set(ray.get([actor.node.remote() for actor in self.actors])))
+
     def close(self) -> None:
         """Stop the actors (the Ray instance stays up)."""
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         for actor in self.actors:
             ray.kill(actor)

@@ -104,6 +104,11 @@ def head_cost(
     if projections:
         nodes = np.fromiter(projections.keys(), dtype=np.int64)
         sizes = np.fromiter(projections.values(), dtype=np.float64)
+        bad = (nodes < 0) | (nodes >= tree.num_internal) | (sizes < 1)
+        if bad.any():
+            node, size = int(nodes[bad][0]), int(sizes[bad][0])
+            raise ValueError(f"projection {node}: {size} must name an internal node (0..{tree.num_internal - 1}) "
+                             f"and a size >= 1")  # fmt: skip
         V = tree.num_classes
         leaf_visits = np.full(V, 1.0 / V) if counts is None else np.asarray(counts, np.float64) / np.sum(counts)
         visits = tree.subtree_sums(leaf_visits)[nodes]  # probability that a token's path passes each node
@@ -162,7 +167,15 @@ def evaluate(
             "config": {k: v for k, v in asdict(config).items() if k != "seed"},
             "seeds": seed_list,
             "top_k_samples": top_k_samples,
-            **({"projections": sorted(projections.items())} if projections else {}),
+            # Projections name nodes by id, which the canonical hash ignores: key those trees by exact structure.
+            **(
+                {
+                    "projections": sorted((int(n), int(d)) for n, d in projections.items()),
+                    "structure": content_key({"ptr": tree.child_ptr.tolist(), "ids": tree.child_ids.tolist()}),
+                }
+                if projections
+                else {}
+            ),
         }
     )
     if use_cache:
