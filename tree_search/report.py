@@ -226,10 +226,12 @@ def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[str, list[float]] = {}
     for _, e in evaluations:
-        if e.counted and e.ok:
-            groups.setdefault(e.searcher, []).append(e.valid_nll)
+        if e.counted:  # pruned or failed evaluations used the budget too: they keep the best so far
+            groups.setdefault(e.searcher, []).append(e.valid_nll if e.ok else math.inf)
     for searcher, values in groups.items():
-        ax.plot(np.arange(1, len(values) + 1), np.minimum.accumulate(values), marker=".", label=searcher)
+        best_so_far = np.minimum.accumulate(values)
+        shown = np.isfinite(best_so_far)
+        ax.plot(np.arange(1, len(values) + 1)[shown], best_so_far[shown], marker=".", label=searcher)
     best_classic = next((r for r in rows if r["kind"] == "baseline" and r["within_cap"]), None)
     for row in [r for r in rows if r["name"] == "huffman-2"] + ([best_classic] if best_classic else []):
         ax.axhline(row["valid_nll"], linestyle="--", linewidth=1, color="grey")
