@@ -66,13 +66,13 @@ def test_run_folder_contents_and_resume_rules(tmp_path):
 def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
     args = ["search", "--agent", "tpe", "--dataset", "planted", "--budget", "12", "--baselines", "none", "--no-compare",
             "--epochs", "2", "--seed", "3"]  # fmt: skip
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    whole = subprocess.run(
-        [*CLI, *args, "--out", str(tmp_path / "whole")], capture_output=True, text=True, env=environment
-    )
-    assert whole.returncode == 0, whole.stderr
+
+    def environment(cache: str) -> dict[str, str]:  # own caches: no run may find the other's trees trained
+        return {**os.environ, "PYTHONUNBUFFERED": "1", "TREE_SEARCH_CACHE": str(tmp_path / cache)}
+
     folder = tmp_path / "killed"
-    process = subprocess.Popen([*CLI, *args, "--out", str(folder)], stdout=subprocess.PIPE, text=True, env=environment)
+    process = subprocess.Popen([*CLI, *args, "--out", str(folder)], stdout=subprocess.PIPE, text=True,
+                               env=environment("cache-killed"))  # fmt: skip
     reported = 0
     for line in process.stdout:
         reported += line.lstrip().startswith("[")
@@ -80,10 +80,14 @@ def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
             break
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert process.returncode == -signal.SIGKILL  # killed in the middle of the search, not after it
+    whole = subprocess.run([*CLI, *args, "--out", str(tmp_path / "whole")], capture_output=True, text=True,
+                           env=environment("cache-whole"))  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
     on_disk = len(Run(folder).evaluations())
     assert on_disk >= 5  # everything reported before the kill is on disk
     resumed = subprocess.run([*CLI, "search", "--resume", str(folder), "--no-compare"], capture_output=True, text=True,
-                             env=environment)  # fmt: skip
+                             env=environment("cache-killed"))  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     killed_keys, whole_keys = counted_keys(folder), counted_keys(tmp_path / "whole")
     print(f"distinct evaluated trees: uninterrupted {len(set(whole_keys))}, killed at {on_disk} and resumed "

@@ -28,11 +28,20 @@ PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_
 CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8)
 CLI = [sys.executable, "-c", "from tree_search.cli import main; main()"]
 SEARCH = ["search", "--dataset", "planted", "--baselines", "none", "--no-compare", "--epochs", "2"]
-ENVIRONMENT = {**os.environ, "PYTHONUNBUFFERED": "1"}
-# The cluster test's nodes and driver share one explicit token (Ray enables token auth by default; an
-# inherited or per-process default could disagree).
-CLUSTER = {**ENVIRONMENT, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-RAY_CLI = {**CLUSTER, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the venv's `ray`
+TOKEN = secrets.token_hex(32)
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess: this test's cache folder (set by the autouse fixture), unbuffered output."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def cluster_environment() -> dict[str, str]:
+    """Nodes and driver share one explicit token (Ray enables token auth by default; defaults could disagree)."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the venv's `ray`
+    return environment(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, PATH=path)
+
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
@@ -57,8 +66,11 @@ def test_search_on_a_two_node_ray_cluster_by_address(tmp_path):
     ip, port = get_node_ip_address(), free_port()
     address = f"{ip}:{port}"
     common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
-    launch = lambda *args: subprocess.Popen(["ray", "start", *args, *common], start_new_session=True, env=RAY_CLI,  # noqa: E731
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def launch(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(["ray", "start", *args, *common], start_new_session=True, env=cluster_environment(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
     nodes = [launch("--head", "--port", str(port), "--include-dashboard", "false")]
     try:
         deadline = time.monotonic() + 60
@@ -73,7 +85,7 @@ def test_search_on_a_two_node_ray_cluster_by_address(tmp_path):
         result = subprocess.run(
             [*CLI, *SEARCH, "--agent", "random", "--budget", "6", "--ray-address", address, "--eval-workers", "2",
              "--out", str(out)],  # fmt: skip
-            capture_output=True, text=True, env=CLUSTER, timeout=300,
+            capture_output=True, text=True, env=cluster_environment(), timeout=300,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         keys = counted(out)
@@ -131,7 +143,7 @@ def test_a_bad_evaluation_fails_cleanly_and_keeps_the_actor(ray_session):
 def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     folder = tmp_path / "interrupted"
     args = [*CLI, *SEARCH, "--agent", "tpe", "--budget", "10", "--out", str(folder)]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
     reported = 0
     for line in process.stdout:
         reported += line.lstrip().startswith("[")
@@ -143,7 +155,7 @@ def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     before = len(Run(folder).evaluations())
     assert before >= 3
     resumed = subprocess.run([*CLI, "search", "--resume", str(folder), "--no-compare"], capture_output=True, text=True,
-                             env=ENVIRONMENT)  # fmt: skip
+                             env=environment())  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{before} evaluations on disk" in resumed.stdout
     keys = counted(folder)
@@ -172,7 +184,7 @@ def run_two_workers(tmp_path: Path, storage: str) -> optuna.Study:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=ENVIRONMENT,
+            env=environment(),
         )  # fmt: skip
         for k in range(2)
     ]
