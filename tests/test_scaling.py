@@ -142,16 +142,24 @@ def test_a_bad_evaluation_fails_cleanly_and_keeps_the_actor(ray_session):
 
 def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     folder = tmp_path / "interrupted"
-    args = [*CLI, *SEARCH, "--agent", "tpe", "--budget", "10", "--out", str(folder)]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    args = [*CLI, *SEARCH, "--agent", "tpe", "--budget", "30", "--out", str(folder)]
+
+    def default_sigint() -> None:  # a parent that ignores SIGINT (some runners do) would pass that on
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
+                               preexec_fn=default_sigint)  # fmt: skip
     reported = 0
     for line in process.stdout:
         reported += line.lstrip().startswith("[")
         if reported == 3:
             break
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
+    rest, stderr = process.communicate(timeout=120)
+    later = sum(line.lstrip().startswith("[") for line in rest.splitlines())
+    assert process.returncode == 130, (
+        f"exit {process.returncode}, {later} more evaluations after SIGINT: {stderr[-1500:]}"
+    )
     before = len(Run(folder).evaluations())
     assert before >= 3
     resumed = subprocess.run([*CLI, "search", "--resume", str(folder), "--no-compare"], capture_output=True, text=True,
@@ -159,7 +167,7 @@ def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{before} evaluations on disk" in resumed.stdout
     keys = counted(folder)
-    assert len(keys) == len(set(keys)) == 10
+    assert len(keys) == len(set(keys)) == 30
 
 
 def run_two_workers(tmp_path: Path, storage: str) -> optuna.Study:
@@ -225,3 +233,34 @@ def test_two_optuna_workers_share_one_postgresql_study(tmp_path):
     finally:
         run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_ray_pool_trains_a_tree_proposed_twice_at_once_only_once(ray_session):
+    from tree_search.builders import huffman
+    from tree_search.heads.ray_evaluator import RayEvaluator
+
+    dataset = load_env_dataset(CONFIG)
+    evaluator = RayEvaluator(dataset, QUICK, budget=1, workers=2)
+    try:
+        tree = huffman(dataset.counts, 4)
+        tickets = [evaluator.submit(tree), evaluator.submit(tree.canonical())]  # both in flight together
+        done = {}
+        while len(done) < 2:
+            done.update(evaluator.collect())
+        assert sorted(e.counted for e in done.values()) == [False, True]
+        assert evaluator.stats()["done"] == 1 and evaluator.stats()["cached"] == 1 and evaluator.exhausted
+        assert done[tickets[0]].valid_nll == done[tickets[1]].valid_nll
+    finally:
+        evaluator.close()
+
+
+def test_optuna_storage_urls(tmp_path):
+    from tree_search.agents.optuna_search import open_storage
+
+    journal = open_storage(f"journal:{tmp_path / 'study.log'}")
+    assert isinstance(journal, optuna.storages.JournalStorage)
+    study = optuna.create_study(storage=journal, study_name="s")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    assert len(optuna.load_study(study_name="s", storage=open_storage(f"journal:{tmp_path / 'study.log'}")).trials) == 2
+    assert isinstance(open_storage(f"sqlite:///{tmp_path / 'a.db'}"), optuna.storages.RDBStorage)
+    assert open_storage(None) is None
