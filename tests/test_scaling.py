@@ -142,7 +142,7 @@ def test_a_bad_evaluation_fails_cleanly_and_keeps_the_actor(ray_session):
 
 def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     folder = tmp_path / "interrupted"
-    args = [*CLI, *SEARCH, "--agent", "tpe", "--budget", "30", "--out", str(folder)]
+    args = [*CLI, *SEARCH, "--agent", "tpe", "--budget", "15", "--out", str(folder)]  # about 20 trees are reachable
 
     def default_sigint() -> None:  # a parent that ignores SIGINT (some runners do) would pass that on
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -167,7 +167,7 @@ def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{before} evaluations on disk" in resumed.stdout
     keys = counted(folder)
-    assert len(keys) == len(set(keys)) == 30
+    assert len(keys) == len(set(keys)) == 15
 
 
 def run_two_workers(tmp_path: Path, storage: str) -> optuna.Study:
