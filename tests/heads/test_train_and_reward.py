@@ -94,3 +94,17 @@ def test_score_test_uses_the_test_split(planted):
 def test_class_count_mismatch(planted):
     with pytest.raises(ValueError, match="classes"):
         evaluate(builders.huffman([1, 2, 3]), planted.to_dataset(), QUICK)
+
+
+def test_a_cached_result_replays_its_measurements_to_pruning_callbacks(planted):
+    dataset = planted.to_dataset()
+    tree = builders.huffman(planted.counts)
+    stop_at_second = lambda: lambda point, seen=[]: seen.append(point) or len(seen) == 2  # noqa: E731
+    fresh = evaluate(tree, dataset, QUICK, device="cpu", use_cache=False, callbacks=[stop_at_second()])
+    assert fresh.extra["pruned"]
+    complete = evaluate(tree, dataset, QUICK, device="cpu")  # trains fully and caches
+    assert not complete.extra.get("pruned") and len(complete.extra["history"]) > 2
+    replayed = evaluate(tree, dataset, QUICK, device="cpu", callbacks=[stop_at_second()])
+    assert replayed.cached and replayed.extra["pruned"]
+    assert replayed.valid_nll == fresh.valid_nll and replayed.steps == fresh.steps
+    assert evaluate(tree, dataset, QUICK, device="cpu").valid_nll == complete.valid_nll  # no callback: the full result

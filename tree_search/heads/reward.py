@@ -20,13 +20,13 @@ import torch
 
 from tree_search.data.cache import atomic_write_bytes, cache_root, content_key
 from tree_search.data.features import FeatureDataset, default_device
-from tree_search.heads.train import Callback, TrainConfig, device_split, fit, validation_nll
+from tree_search.heads.train import Callback, EvalPoint, TrainConfig, device_split, fit, validation_nll
 from tree_search.heads.tree_head import TreeSoftmaxHead
 from tree_search.tree import Tree
 
 __all__ = ["Result", "evaluate", "head_cost", "score_test"]
 
-_REWARD_VERSION = "reward/1"
+_REWARD_VERSION = "reward/2"  # 2: results carry the first seed's validation history
 _MEMORY: dict[str, Result] = {}
 
 
@@ -179,20 +179,19 @@ def evaluate(
         }
     )
     if use_cache:
-        if key in _MEMORY:
-            return replace(_MEMORY[key], cached=True)
+        cached = _MEMORY.get(key)
         path = _cache_path(key)
-        if path.exists():
-            result = Result.from_json(json.loads(path.read_text(encoding="utf-8")))
-            _MEMORY[key] = result
-            return replace(result, cached=True)
+        if cached is None and path.exists():
+            cached = _MEMORY[key] = Result.from_json(json.loads(path.read_text(encoding="utf-8")))
+        if cached is not None:
+            return _replay(cached, callbacks)
     device = torch.device(device) if device is not None else default_device()
     counts = dataset.counts if dataset.counts.sum() > 0 else None
     projections = {int(node): int(size) for node, size in (projections or {}).items()}
     cost = head_cost(tree, counts, dataset.dim, projections)
     ratio = cost / tree.full_softmax_cost(dataset.dim)
     started = time.perf_counter()
-    per_seed, steps, top1, top5, error, pruned = [], 0, math.nan, math.nan, None, False
+    per_seed, steps, top1, top5, error, pruned, history = [], 0, math.nan, math.nan, None, False, []
     try:
         for index, seed in enumerate(seed_list):
             run_config = replace(config, seed=seed)
@@ -201,6 +200,9 @@ def evaluate(
             outcome = fit(head, dataset, run_config, device=device, callbacks=callbacks if index == 0 else ())
             per_seed.append(outcome.best_valid_nll)
             steps += outcome.steps
+            if index == 0:
+                history = [[point.step, point.epoch, point.valid_nll, point.train_loss, point.seconds]
+                           for point in outcome.history]  # fmt: skip
             if outcome.stopped_by_callback:  # a pruned run is a partial measurement: report it, never cache it
                 pruned = True
                 break
@@ -230,12 +232,39 @@ def evaluate(
         seeds=seed_list,
         per_seed_nll=tuple(per_seed),
         error=error,
-        extra={"pruned": True} if pruned else {},
+        extra={"pruned": True, "history": history} if pruned else {"history": history},
     )
     if use_cache and error is None and not pruned:  # failures may be transient (memory); pruned runs are partial
         _MEMORY[key] = result
         atomic_write_bytes(_cache_path(key), json.dumps(result.to_json()).encode())
     return result
+
+
+def _replay(result: Result, callbacks: Sequence[Callback]) -> Result:
+    """A cached result as the callbacks would have seen it.
+
+    Each stored measurement of the first seed is passed to them in order; if one stops
+    training, the result is the same partial (pruned) measurement a fresh training would
+    have given. So a search decides the same way whether or not a tree was cached.
+    """
+    history = result.extra.get("history") or []
+    for index, values in enumerate(history):
+        point = EvalPoint(*values)
+        if any(callback(point) for callback in callbacks):
+            best = min(v[2] for v in history[: index + 1])
+            return replace(
+                result,
+                valid_nll=best,
+                valid_nll_stderr=0.0,
+                perplexity=math.exp(best) if best < 700 else math.inf,
+                per_seed_nll=(best,),
+                steps=int(point.step),
+                top1=math.nan,
+                top5=math.nan,
+                cached=True,
+                extra={**result.extra, "pruned": True},
+            )
+    return replace(result, cached=True)
 
 
 def score_test(
