@@ -12,8 +12,9 @@ from typing import Any
 from tree_search.agents.base import Searcher
 from tree_search.agents.baselines import BASELINE_SETS, BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
+from tree_search.data.features import FeatureDataset
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
-from tree_search.heads.evaluator import Evaluation, LocalEvaluator
+from tree_search.heads.evaluator import Evaluation, Evaluator, LocalEvaluator
 from tree_search.runs import Run
 from tree_search.tree import Tree
 
@@ -104,7 +105,7 @@ class SearchConfig:
         return cls(**values)
 
 
-def make_searcher(config: SearchConfig, evaluator: LocalEvaluator, run: Run, dataset) -> Searcher:
+def make_searcher(config: SearchConfig, evaluator: Evaluator, run: Run, dataset: FeatureDataset) -> Searcher:
     """The searcher named by ``config.agent``, its environments scoring through ``evaluator``."""
     env_config = {"env": config.env, **config.env_config.to_env_config()}
 

@@ -24,7 +24,7 @@ from tree_search.heads.reward import Result, evaluate
 from tree_search.heads.train import Callback, TrainConfig
 from tree_search.tree import Tree
 
-__all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "LocalEvaluator", "evaluation_key"]
+__all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "LocalEvaluator", "evaluation_key", "failed_result"]
 
 
 class BudgetExhausted(RuntimeError):
@@ -174,16 +174,13 @@ class Evaluator(ABC):
         callbacks: Sequence[Callback] = (),
     ) -> tuple[Result, Evaluation | None]:
         """What an environment needs: a `Result` (failed past the budget, never raising) and the `Evaluation`."""
-        key = evaluation_key(tree, projections)
-        if self.exhausted and key not in self.known:
-            return _failed_result(tree, "budget exhausted: the search's evaluation budget is used up"), None
         try:
             evaluation = self.evaluate(
                 tree, projections, searcher=searcher or self.default_searcher, callbacks=callbacks
             )
-        except BudgetExhausted:  # another thread took the last evaluation in the meantime
-            return _failed_result(tree, "budget exhausted: the search's evaluation budget is used up"), None
-        result = Result.from_json(evaluation.result) if evaluation.result else _failed_result(tree, evaluation.error)
+        except BudgetExhausted:  # also when another thread took the last evaluation in the meantime
+            return failed_result(tree, "budget exhausted: the search's evaluation budget is used up"), None
+        result = Result.from_json(evaluation.result) if evaluation.result else failed_result(tree, evaluation.error)
         return result, evaluation
 
     def __call__(self, tree: Tree, projections: Mapping[int, int] | None = None) -> Result:
@@ -220,7 +217,8 @@ class Evaluator(ABC):
         return evaluation
 
 
-def _failed_result(tree: Tree, error: str | None) -> Result:
+def failed_result(tree: Tree, error: str | None) -> Result:
+    """A `Result` recording that ``tree`` could not be evaluated, and why."""
     return Result(tree.canonical_hash, math.inf, math.inf, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0, "", (), (),
                   error=error or "failed")  # fmt: skip
 

@@ -27,7 +27,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
 from tree_search.data.features import FeatureDataset
-from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, Listener, _failed_result, evaluation_key
+from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, Listener, evaluation_key, failed_result
 from tree_search.heads.reward import Result
 from tree_search.heads.train import Callback, TrainConfig
 from tree_search.tree import Tree
@@ -201,11 +201,11 @@ class RayEvaluator(Evaluator):
             except RayTaskError as err:  # the evaluation itself raised (bad input): a failed result, actor intact
                 self._idle.put(actor)
                 cause = err.cause if getattr(err, "cause", None) is not None else err
-                return _failed_result(tree, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}")
+                return failed_result(tree, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}")
             self._idle.put(actor)
             return Result.from_json(data)
         message = str(error).strip().splitlines()[0] if error is not None else "unknown"
-        return _failed_result(
+        return failed_result(
             tree, f"evaluation worker died {self.max_retries + 1} times: {type(error).__name__}: {message}"
         )
 
