@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import signal
@@ -45,7 +47,11 @@ def test_run_folder_contents_and_resume_rules(tmp_path):
         run_search(
             SearchConfig(agent="random", budget=5, env_config=ENV, baselines="none"), tmp_path / "run", resume=True
         )
-    again = run_search(config, tmp_path / "run", resume=True, log=None)  # budget used: nothing new
+    with pytest.raises(ValueError, match="env_runners is for the RLlib agents"):
+        SearchConfig(agent="random", env_runners=2)
+    again = run_search(dataclasses.replace(config, parallel=2), tmp_path / "run", resume=True, log=None)
+    assert len(again.evaluations()) == len(rows)  # the budget is used (execution fields may change): nothing new
+    again = run_search(config, tmp_path / "run", resume=True, log=None)
     assert len(again.evaluations()) == len(rows)
     with open(run.folder / "leaderboard.jsonl", "a") as handle:
         handle.write('{"index": 99, "key": "tor')  # a line torn by a kill mid-write

@@ -264,3 +264,38 @@ def test_optuna_storage_urls(tmp_path):
     assert len(optuna.load_study(study_name="s", storage=open_storage(f"journal:{tmp_path / 'study.log'}")).trials) == 2
     assert isinstance(open_storage(f"sqlite:///{tmp_path / 'a.db'}"), optuna.storages.RDBStorage)
     assert open_storage(None) is None
+
+
+def test_ppo_samples_in_remote_env_runners_that_score_through_the_driver(ray_session, tmp_path):
+    from tree_search.agents.rllib_search import RLlibSearcher
+    from tree_search.agents.search import PolicyConfig
+    from tree_search.heads.ray_evaluator import RayEvaluator
+
+    dataset = load_env_dataset(CONFIG)
+    run = Run.create(tmp_path / "run", {})
+    evaluator = RayEvaluator(dataset, QUICK, budget=6, listeners=[run.record], workers=2)
+
+    def driver_env_factory(reward_fn):
+        raise AssertionError("with remote env runners no environment may be built in the driver")
+
+    searcher = RLlibSearcher(
+        "ppo",
+        driver_env_factory,
+        evaluator,
+        run=run,
+        policy=PolicyConfig(batch_steps=16, minibatch_size=8, num_epochs=2),
+        env_runners=2,
+        env_config={"env": "split", **CONFIG.to_env_config()},
+        dataset=dataset,
+    )
+    try:
+        rows = list(searcher.search())
+    finally:
+        evaluator.close()
+    on_disk = [e for e in run.evaluations() if e.counted]
+    print(f"relay served {searcher.relay.served} requests from {sorted(searcher.relay.clients)}")
+    assert len(rows) == len(on_disk) == 6 == len({e.key for e in on_disk})
+    assert {e.searcher for e in on_disk} == {"ppo"} and all(e.ok for e in on_disk)
+    clients = searcher.relay.clients
+    assert len(clients) == 2 and not any(c.endswith(f":{os.getpid()}") for c in clients)  # two runner processes
+    assert searcher.relay.served >= 6

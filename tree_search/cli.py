@@ -500,6 +500,8 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 @click.option("--cpus-per-eval", default=1.0, show_default=True, help="CPUs each evaluation actor holds.")
 @click.option("--gpus-per-eval", default=0.0, show_default=True, help="GPU share of each actor (0.25: four per GPU).")
 @click.option("--parallel", type=int, default=None, help="Optuna trials at once (default: --eval-workers).")
+@click.option("--env-runners", default=0, show_default=True,
+              help="PPO/APPO: Ray actors sampling episodes at once on the cluster (0: in this process).")  # fmt: skip
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///RUN/optuna.db).")
 @click.option("--study", default=None, help="Optuna study name; processes sharing storage and name cooperate.")
 @_friendly_errors
@@ -527,6 +529,7 @@ def search(
     cpus_per_eval: float,
     gpus_per_eval: float,
     parallel: int | None,
+    env_runners: int,
     storage: str | None,
     study: str | None,
 ) -> None:
@@ -553,6 +556,7 @@ def search(
             cpus_per_eval=cpus_per_eval,
             gpus_per_eval=gpus_per_eval,
             parallel=parallel,
+            env_runners=env_runners,
         )
     else:
         planted = PlantedConfig(num_classes=planted_classes, dim=16, signal=3.0, num_train=8000, num_valid=2000,
@@ -583,6 +587,7 @@ def search(
             cpus_per_eval=cpus_per_eval,
             gpus_per_eval=gpus_per_eval,
             parallel=parallel,
+            env_runners=env_runners,
         )
         folder = out or Path("runs") / f"{agent}-{env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if config.env_config.dataset == "builtin":

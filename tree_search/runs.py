@@ -38,6 +38,7 @@ _EXECUTION_FIELDS = {
     "cpus_per_eval",
     "gpus_per_eval",
     "parallel",
+    "env_runners",
 }  # may differ on resume
 
 

@@ -189,3 +189,23 @@ def test_config_factory_errors_and_render():
     assert "open group" in env.render()
     rollout(env, seed=0)
     assert env.render().startswith("tree: 300 classes")
+
+
+class StoppedReward:
+    """A reward function of a search that is over."""
+
+    def __call__(self, tree, projections=None):
+        from tree_search.envs import SearchStopped
+
+        raise SearchStopped("budget used up")
+
+
+@pytest.mark.parametrize("name", sorted(ENV_IDS))
+def test_an_episode_whose_search_stopped_is_truncated_without_a_reward(name):
+    env = make_env({"env": name, **CONFIG.to_env_config(), "cost_mode": "tradeoff"}, reward_fn=StoppedReward())
+    _, info = env.reset(seed=0)
+    terminated = truncated = False
+    while not (terminated or truncated):
+        _, reward, terminated, truncated, info = env.step(int(np.flatnonzero(info["action_mask"])[0]))
+    assert truncated and not terminated and reward == 0.0 and info["stopped"] == "budget used up"
+    assert "result" not in info and info["tree"].num_classes == env.counts.size

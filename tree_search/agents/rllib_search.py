@@ -2,16 +2,22 @@
 
 The policy sees the environment's ``observations``; its logits of illegal actions are
 set to the smallest float before sampling, so it never sends an illegal action (the
-environments raise on one). Episodes are sampled in the driver process
-(``env_runners=0``): the environments reach the run's in-process `Evaluator` through a
-key in ``env_config`` looked up in this module (RLlib pickles ``env_config``, so a live
-object cannot travel in it). Training stops mid-iteration when the evaluation budget is
-used up. A checkpoint of the algorithm is saved in ``<run>/checkpoints/<agent>`` after
-every iteration and restored when the run is resumed.
+environments raise on one). With ``env_runners=0`` episodes are sampled in the driver
+process: the environments reach the run's `Evaluator` through a key in ``env_config``
+looked up in this module (RLlib pickles ``env_config``, so a live object cannot travel
+in it). With ``env_runners=N`` RLlib samples in N Ray actors anywhere in the cluster, N
+episodes at once; their environments reach the same `Evaluator` through an evaluation
+relay (`tree_search.heads.relay`), so deduplication, the budget and the run's records
+are the same in both modes. Training stops mid-iteration when the evaluation budget is
+used up (with remote runners the episodes then in flight end truncated, without a
+reward, and that last iteration is neither counted nor checkpointed). A checkpoint of
+the algorithm is saved in ``<run>/checkpoints/<agent>`` after every iteration and
+restored when the run is resumed.
 """
 
 from __future__ import annotations
 
+import queue
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -27,8 +33,12 @@ from ray.rllib.utils.torch_utils import FLOAT_MIN
 from ray.tune.registry import register_env
 
 from tree_search.agents.base import EnvFactory, Searcher
-from tree_search.heads.evaluator import Evaluation, Evaluator, evaluation_key
+from tree_search.data.features import FeatureDataset
+from tree_search.envs import make_env
+from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, evaluation_key, failed_result
 from tree_search.heads.ray_evaluator import ensure_ray
+from tree_search.heads.relay import RelayReward, RelayServer, SearchStopped
+from tree_search.heads.reward import Result
 from tree_search.tree import Tree
 
 __all__ = ["MaskedAPPOTorchRLModule", "MaskedPPOTorchRLModule", "RLlibSearcher"]
@@ -100,7 +110,15 @@ class MaskedAPPOTorchRLModule(_MaskingMixin, DefaultAPPOTorchRLModule):
 
 
 def make_rllib_env(env_config: dict[str, Any]):
-    """The creator registered with RLlib: finds the run's environment factory by ``env_config["evaluator_key"]``."""
+    """The creator registered with RLlib.
+
+    ``{"relay": name, "env_config": {...}}``: an environment in a remote env runner, scoring
+    through the driver's relay; ``{"evaluator_key": key}``: in the driver, the run's own
+    environment factory.
+    """
+    if "relay" in env_config:
+        reward = RelayReward(env_config["relay"])
+        return make_env(dict(env_config["env_config"]), dataset=reward.dataset(), reward_fn=reward)
     key = env_config["evaluator_key"]
     if key not in _FACTORIES:
         raise RuntimeError(
@@ -113,27 +131,45 @@ class RLlibSearcher(Searcher):
     """PPO or APPO learning a policy that builds trees; every episode's tree is evaluated once."""
 
     def __init__(self, agent: str, env_factory: EnvFactory, evaluator: Evaluator, *, run=None, policy=None,
-                 seconds: float | None = None, seed: int = 0, ray_address: str | None = None) -> None:  # fmt: skip
-        """Args: agent: "ppo" or "appo"; run: the `Run` (checkpoints, TensorBoard); policy: a `PolicyConfig`."""
+                 seconds: float | None = None, seed: int = 0, ray_address: str | None = None,
+                 env_runners: int = 0, env_config: dict[str, Any] | None = None,
+                 dataset: FeatureDataset | None = None) -> None:  # fmt: skip
+        """Args: agent: "ppo" or "appo"; run: the `Run` (checkpoints, TensorBoard); policy: a `PolicyConfig`.
+
+        With ``env_runners > 0`` RLlib samples in that many Ray actors, whose environments
+        are built from ``env_config`` (`make_env`'s dict) on ``dataset``: both are then required.
+        """
         from tree_search.agents.search import PolicyConfig
 
         super().__init__(env_factory, evaluator, seconds=seconds, seed=seed)
         if agent not in ("ppo", "appo"):
             raise ValueError(f"RLlib agent must be 'ppo' or 'appo', got {agent!r}")
         self.name, self.run, self.policy, self.ray_address = agent, run, policy or PolicyConfig(), ray_address
-        if self.policy.env_runners != 0:
-            raise ValueError(
-                "the in-process evaluator needs policy.env_runners=0 (remote runners need a Ray evaluator)"
-            )
+        if env_runners < 0:
+            raise ValueError(f"env_runners must be >= 0, got {env_runners}")
+        if env_runners > 0 and (env_config is None or dataset is None):
+            raise ValueError("remote env runners (env_runners > 0) need the env_config dict and the dataset")
+        self.env_runners, self.env_config, self.dataset = env_runners, env_config, dataset
         self.iterations = 0
+        self.relay: RelayServer | None = None  # the last search's relay (its `served` and `clients` stay readable)
 
     def _reward(self, tree: Tree, projections=None):
         if self.done and evaluation_key(tree, projections) not in self.evaluator.known:
             raise _BudgetReached
         return self.evaluator.reward(tree, projections, searcher=self.name)[0]
 
-    def algorithm_config(self, key: str):
-        """The RLlib config: masked module, sampling in the driver, small batches."""
+    def _remote_reward(self, tree: Tree, projections=None) -> Result:
+        """The relay's answer to a remote environment; `SearchStopped` rather than a made-up failure."""
+        if self.done and evaluation_key(tree, projections) not in self.evaluator.known:
+            raise SearchStopped("the search's evaluation budget or time is used up")
+        try:  # two runners can race for the last evaluation of the budget: the loser stops
+            evaluation = self.evaluator.evaluate(tree, projections, searcher=self.name)
+        except BudgetExhausted as exhausted:
+            raise SearchStopped(str(exhausted)) from exhausted
+        return Result.from_json(evaluation.result) if evaluation.result else failed_result(tree, evaluation.error)
+
+    def algorithm_config(self, key: str, relay: str | None = None):
+        """The RLlib config: masked module, small batches; sampling in the driver or in remote env runners."""
         p = self.policy
         if self.name == "ppo":
             config, module = PPOConfig(), MaskedPPOTorchRLModule
@@ -142,9 +178,18 @@ class RLlibSearcher(Searcher):
             config, module = APPOConfig(), MaskedAPPOTorchRLModule
             training = {}
             config = config.reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=p.batch_steps)
+        if relay is None:
+            env_config = {"evaluator_key": key}
+        else:
+            env_config = {"relay": relay, "env_config": dict(self.env_config)}
         return (
-            config.environment(env=_ENV_NAME, env_config={"evaluator_key": key})
-            .env_runners(num_env_runners=0, num_envs_per_env_runner=1, rollout_fragment_length="auto")
+            config.environment(env=_ENV_NAME, env_config=env_config)
+            .env_runners(
+                num_env_runners=self.env_runners if relay else 0,
+                num_envs_per_env_runner=1,
+                rollout_fragment_length="auto",
+                num_cpus_per_env_runner=0,  # runners mostly wait for rewards; the evaluation actors hold the CPUs
+            )
             .learners(num_learners=0)
             .training(
                 train_batch_size_per_learner=p.batch_steps,
@@ -172,21 +217,34 @@ class RLlibSearcher(Searcher):
         """Train until the budget is used; yield the evaluations each iteration produced."""
         ensure_ray(self.ray_address)
         key = uuid.uuid4().hex
-        arrived: list[Evaluation] = []
-        listener = lambda evaluation, tree: arrived.append(evaluation) if evaluation.counted else None  # noqa: E731
+        arrived: queue.SimpleQueue[Evaluation] = queue.SimpleQueue()  # listeners may run on relay threads
+        listener = lambda evaluation, tree: arrived.put(evaluation) if evaluation.counted else None  # noqa: E731
         self.evaluator.listeners.append(listener)
         _FACTORIES[key] = lambda: self.env_factory(self._reward)
         register_env(_ENV_NAME, make_rllib_env)
-        algo = self.algorithm_config(key).build_algo()
+        relay = None
+        if self.env_runners > 0:
+            threads = self.env_runners if self.evaluator.thread_safe else 1
+            relay = self.relay = RelayServer(self._remote_reward, self.dataset, threads=threads)
+        algo = None
         checkpoint = None if self.run is None else self.run.folder / "checkpoints" / self.name
+
+        def drain() -> Iterator[Evaluation]:
+            while not arrived.empty():
+                yield arrived.get()
+
         try:
+            algo = self.algorithm_config(key, relay.name if relay else None).build_algo()
             if checkpoint is not None and (checkpoint / "algorithm_state.pkl").exists():
                 algo.restore_from_path(str(checkpoint.resolve()))
             while not self.done:
+                truncated_before = relay.stopped if relay else 0
                 try:
                     result = algo.train()
                 except _BudgetReached:
                     break
+                if relay is not None and relay.stopped > truncated_before:
+                    break  # the search ended during this iteration: its update saw truncated episodes, keep none of it
                 self.iterations += 1
                 if self.run is not None:
                     learner = result.get("learners", {}).get("default_policy", {})
@@ -195,10 +253,12 @@ class RLlibSearcher(Searcher):
                     stats["episode_return_mean"] = runners.get("episode_return_mean")
                     self.run.log_scalars("policy", stats, self.iterations)
                     algo.save_to_path(str(checkpoint.resolve()))
-                yield from arrived
-                arrived.clear()
-            yield from arrived
+                yield from drain()
+            yield from drain()
         finally:
+            if relay is not None:
+                relay.close()
             self.evaluator.listeners.remove(listener)
             _FACTORIES.pop(key, None)
-            algo.stop()
+            if algo is not None:
+                algo.stop()

@@ -36,7 +36,6 @@ class PolicyConfig:
     minibatch_size: int = 16  # PPO minibatch (steps)
     num_epochs: int = 8  # PPO: SGD passes over each batch
     hidden: tuple[int, ...] = (64, 64)  # hidden layers of policy and value networks
-    env_runners: int = 0  # 0: sample in the driver process (one machine)
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,7 @@ class SearchConfig:
     cpus_per_eval: float = 1.0  # CPUs each evaluation actor holds
     gpus_per_eval: float = 0.0  # GPU share each evaluation actor holds (e.g. 0.25: four per GPU)
     parallel: int | None = None  # Optuna trials played at once (default: eval_workers, at least 1)
+    env_runners: int = 0  # RLlib: Ray actors sampling episodes (0: in the driver process)
 
     def __post_init__(self) -> None:
         if self.agent not in AGENTS:
@@ -74,13 +74,15 @@ class SearchConfig:
             )
         if self.budget < 1 or self.final_seeds < 1:
             raise ValueError("SearchConfig needs budget >= 1 and final_seeds >= 1")
-        if self.eval_workers < 0 or (self.parallel is not None and self.parallel < 1):
-            raise ValueError("SearchConfig needs eval_workers >= 0 and parallel >= 1")
+        if self.eval_workers < 0 or self.env_runners < 0 or (self.parallel is not None and self.parallel < 1):
+            raise ValueError("SearchConfig needs eval_workers >= 0, env_runners >= 0 and parallel >= 1")
+        if self.env_runners > 0 and self.agent not in RLLIB_AGENTS:
+            raise ValueError(f"SearchConfig.env_runners is for the RLlib agents {RLLIB_AGENTS}, not {self.agent!r}")
 
     @property
     def uses_ray(self) -> bool:
         """Whether evaluations run on Ray actors."""
-        return self.eval_workers > 0 or self.ray_address is not None
+        return self.eval_workers > 0 or self.env_runners > 0 or self.ray_address is not None
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for ``config.json``."""
@@ -99,6 +101,7 @@ class SearchConfig:
             raise ValueError(f"unknown SearchConfig field(s) {unknown}; known fields: {sorted(known)}")
         values["env_config"] = TreeEnvConfig.from_env_config(values.get("env_config", {}))
         policy = dict(values.get("policy", {}))
+        policy.pop("env_runners", None)  # runs written before it became the execution field `env_runners`
         if "hidden" in policy:
             policy["hidden"] = tuple(policy["hidden"])
         values["policy"] = PolicyConfig(**policy)
@@ -138,6 +141,9 @@ def make_searcher(config: SearchConfig, evaluator: Evaluator, run: Run, dataset:
         seconds=config.seconds,
         seed=config.seed,
         ray_address=config.ray_address,
+        env_runners=config.env_runners,
+        env_config=env_config,
+        dataset=dataset,
     )
 
 
@@ -184,7 +190,7 @@ def run_search(
             seeds,
             budget=config.budget,
             listeners=listeners,
-            workers=max(1, config.eval_workers),
+            workers=max(1, config.eval_workers or config.env_runners),  # default: one per env runner
             cpus_per_eval=config.cpus_per_eval,
             gpus_per_eval=config.gpus_per_eval,
             address=config.ray_address,

@@ -13,13 +13,21 @@ from typing import Any
 import gymnasium as gym
 
 from tree_search.envs.config import TreeEnvConfig
-from tree_search.envs.reward import EpisodeScorer, LocalReward, RewardFunction, class_embeddings, load_env_dataset
+from tree_search.envs.reward import (
+    EpisodeScorer,
+    LocalReward,
+    RewardFunction,
+    SearchStopped,
+    class_embeddings,
+    load_env_dataset,
+)
 
 __all__ = [
     "ENV_IDS",
     "EpisodeScorer",
     "LocalReward",
     "RewardFunction",
+    "SearchStopped",
     "TreeEnvConfig",
     "class_embeddings",
     "env_class",

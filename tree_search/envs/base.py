@@ -15,7 +15,7 @@ from gymnasium import spaces
 
 from tree_search.data.features import FeatureDataset
 from tree_search.envs.config import TreeEnvConfig
-from tree_search.envs.reward import EpisodeScorer, RewardFunction, class_embeddings, load_env_dataset
+from tree_search.envs.reward import EpisodeScorer, RewardFunction, SearchStopped, class_embeddings, load_env_dataset
 from tree_search.tree import Tree
 
 __all__ = ["TreeEnv", "render_tree"]
@@ -189,11 +189,14 @@ class TreeEnv(gym.Env):
         self._apply(index)
         self._steps += 1
         info: dict[str, Any] = {"step": self._steps, "action": described}
-        reward = 0.0
+        reward, truncated = 0.0, False
         if self._steps >= self.config.max_steps or not self._decisions_left():
             self._done = True
             tree, projections = self._finish()
-            reward, scored = self.scorer.score(tree, projections)
+            try:
+                reward, scored = self.scorer.score(tree, projections)
+            except SearchStopped as stopped:  # the search is over: no reward exists, the episode is cut short
+                truncated, scored = True, {"tree": tree, "stopped": str(stopped)}
             info.update(scored)
             self.last_tree = tree
             # After the end no action is legal; the mask is all ones so learners never see an empty mask.
@@ -207,7 +210,7 @@ class TreeEnv(gym.Env):
             observation = self._observation(next_legal)
         info["action_mask"] = next_legal.astype(np.int8)
         self.last_info = info
-        return observation, float(reward), self._done, False, info
+        return observation, float(reward), self._done and not truncated, truncated, info
 
     def render(self) -> str | None:
         """Text: the decisions still open, or the finished tree's top levels (``render_mode="ansi"``)."""

@@ -30,7 +30,15 @@ from tree_search.heads.reward import Result, evaluate, head_cost
 from tree_search.heads.train import TrainConfig
 from tree_search.tree import Tree
 
-__all__ = ["EpisodeScorer", "LocalReward", "RewardFunction", "class_embeddings", "load_env_dataset"]
+__all__ = ["EpisodeScorer", "LocalReward", "RewardFunction", "SearchStopped", "class_embeddings", "load_env_dataset"]
+
+
+class SearchStopped(RuntimeError):
+    """Raised by a `RewardFunction` when the search is over (budget or time used up).
+
+    The environment then truncates the episode without a reward (learners bootstrap a
+    truncated episode's value instead of taking a made-up reward for its outcome).
+    """
 
 
 class RewardFunction(Protocol):

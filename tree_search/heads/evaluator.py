@@ -106,6 +106,8 @@ class Evaluator(ABC):
         self.counters = {"done": 0, "failed": 0, "retried": 0, "cached": 0, "worker_seconds": 0.0}
         self.workers = 1  # evaluations that can run at once
 
+    thread_safe = False  # whether several threads may call `evaluate` at once
+
     def stats(self) -> dict[str, float]:
         """Counters for TensorBoard and the report: done, failed, retried, cached, worker seconds, per minute."""
         minutes = (time.perf_counter() - self.started) / 60

@@ -88,6 +88,8 @@ class EvaluationWorker:
 class RayEvaluator(Evaluator):
     """Evaluations on ``workers`` Ray actors; thread-safe; replaces dead actors and retries."""
 
+    thread_safe = True
+
     def __init__(
         self,
         dataset: FeatureDataset,

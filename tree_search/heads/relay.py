@@ -1,0 +1,189 @@
+"""An evaluation relay: environments in other Ray processes score trees through the driver's `Evaluator`.
+
+RLlib's remote env runners (``--env-runners N``) run environments in Ray actors spread
+over the cluster, but the run's `Evaluator` lives in the driver: it owns deduplication,
+the budget and the listeners that write every result to the run folder as it arrives,
+and it cannot be pickled. The relay connects the two without moving any of that:
+
+- `RelayReward`, the `RewardFunction` of a remote environment, sends the finished tree to
+  a small asynchronous Ray actor (named, so any process of the cluster finds it) and
+  waits for the answer;
+- `RelayServer`, in the driver, takes the requests from that actor and answers each from
+  its own thread with a function of the driver (the searcher's, which calls the
+  `Evaluator`; with a `RayEvaluator` the heads train on its actors, wherever they are).
+
+The dataset travels once, through the object store. When the search is over the driver
+answers "stopped": `RelayReward` raises `SearchStopped` and the environment truncates the
+episode without a reward (raising out of an RLlib env runner would kill its process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from tree_search.data.features import FeatureDataset
+from tree_search.envs.reward import SearchStopped
+from tree_search.heads.reward import Result
+from tree_search.tree import Tree
+
+__all__ = ["RELAY_NAMESPACE", "RelayReward", "RelayServer", "SearchStopped"]
+
+RELAY_NAMESPACE = "tree_search"
+
+
+class _RelayActor:
+    """Queue of evaluation requests from environments; the driver takes them and answers."""
+
+    def __init__(self, dataset_box: list) -> None:
+        self._dataset_box = dataset_box  # [ObjectRef]: a list, so that Ray passes the reference, not the data
+        self._requests: asyncio.Queue | None = None
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._next = 0
+
+    def _queue(self) -> asyncio.Queue:
+        if self._requests is None:  # created on the actor's event loop
+            self._requests = asyncio.Queue()
+        return self._requests
+
+    async def evaluate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Called by an environment: wait for the driver's answer to ``request``."""
+        rid, self._next = self._next, self._next + 1
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = future
+        await self._queue().put((rid, request))
+        return await future
+
+    async def take(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
+        """Called by the driver: the pending requests (waiting up to ``timeout`` s for one)."""
+        queue = self._queue()
+        try:
+            items = [await asyncio.wait_for(queue.get(), timeout)]
+        except asyncio.TimeoutError:
+            return []
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        return items
+
+    async def answer(self, rid: int, response: dict[str, Any]) -> None:
+        """Called by the driver: release the environment waiting on request ``rid``."""
+        future = self._waiting.pop(rid, None)
+        if future is not None and not future.done():
+            future.set_result(response)
+
+    async def dataset(self) -> list:
+        """The dataset's object reference, in a list (see ``__init__``)."""
+        return self._dataset_box
+
+
+class RelayServer:
+    """Driver side of the relay: answers remote environments with ``reward_fn`` on ``threads`` threads.
+
+    ``reward_fn(tree, projections)`` returns a `Result` or raises `SearchStopped`; it is
+    called from several threads at once when ``threads > 1`` (the `Evaluator` must then be
+    thread-safe, as `RayEvaluator` is).
+    """
+
+    def __init__(
+        self,
+        reward_fn: Callable[[Tree, Mapping[int, int] | None], Result],
+        dataset: FeatureDataset,
+        *,
+        threads: int = 1,
+    ) -> None:
+        """Start the relay actor (a named Ray actor holding no CPU) and the thread that serves it."""
+        self.reward_fn = reward_fn
+        self.name = f"relay-{uuid.uuid4().hex}"
+        self.served = 0  # requests answered
+        self.stopped = 0  # of which answered "stopped" (their episodes were truncated)
+        self.clients: set[str] = set()  # "node-id:pid" of the processes whose environments asked
+        actor_class = ray.remote(num_cpus=0, max_concurrency=1000)(_RelayActor)
+        self.actor = actor_class.options(name=self.name, namespace=RELAY_NAMESPACE).remote([ray.put(dataset)])
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="relay")
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve_forever, name="relay-server", daemon=True)
+        self._thread.start()
+
+    @property
+    def reward(self) -> RelayReward:
+        """The picklable `RewardFunction` that remote environments use to reach this server."""
+        return RelayReward(self.name)
+
+    def _serve_forever(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                requests = ray.get(self.actor.take.remote(0.5))
+            except RayActorError:  # killed by close()
+                return
+            for rid, request in requests:
+                self._pool.submit(self._serve, rid, request)
+
+    def _serve(self, rid: int, request: dict[str, Any]) -> None:
+        with self._lock:
+            self.served += 1
+            self.clients.add(str(request.get("client")))
+        try:
+            result = self.reward_fn(request["tree"], request.get("projections"))
+            response = {"result": result.to_json()}
+        except SearchStopped as stopped:
+            with self._lock:
+                self.stopped += 1
+            response = {"stopped": str(stopped)}
+        except Exception as error:  # noqa: BLE001 - the environment re-raises it with its message
+            response = {"error": f"{type(error).__name__}: {error}"}
+        if not self._stopping.is_set():
+            self.actor.answer.remote(rid, response)
+
+    def close(self) -> None:
+        """Answer nothing more and remove the relay actor (environments still waiting see it die)."""
+        self._stopping.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        ray.kill(self.actor)
+        self._thread.join(timeout=5)
+
+
+@functools.lru_cache(maxsize=4)
+def _relay_actor(name: str, namespace: str):
+    return ray.get_actor(name, namespace=namespace)
+
+
+@functools.lru_cache(maxsize=2)
+def _relay_dataset(name: str, namespace: str) -> FeatureDataset:
+    return ray.get(ray.get(_relay_actor(name, namespace).dataset.remote())[0])
+
+
+@dataclass(frozen=True)
+class RelayReward:
+    """`RewardFunction` of an environment in another Ray process: asks the driver's `RelayServer`."""
+
+    name: str  # the relay actor's name
+    namespace: str = RELAY_NAMESPACE
+
+    def __call__(self, tree: Tree, projections: Mapping[int, int] | None = None) -> Result:
+        """The driver's `Result` for ``tree``; raises `SearchStopped` when the search is over."""
+        request = {
+            "tree": tree,
+            "projections": {int(k): int(v) for k, v in (projections or {}).items()} or None,
+            "client": f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}",
+        }
+        response = ray.get(_relay_actor(self.name, self.namespace).evaluate.remote(request))
+        if "stopped" in response:
+            raise SearchStopped(response["stopped"])
+        if "error" in response:
+            raise RuntimeError(f"the driver could not evaluate the tree: {response['error']}")
+        return Result.from_json(response["result"])
+
+    def dataset(self) -> FeatureDataset:
+        """The run's dataset, from the object store (fetched once per process)."""
+        return _relay_dataset(self.name, self.namespace)
