@@ -93,6 +93,20 @@ def test_search_on_a_two_node_ray_cluster_by_address(tmp_path):
         stats = Run(out).read_json("evaluator.json")["sessions"][-1]
         assert stats["done"] + stats["failed"] == 6
         assert stats["workers"] == 2 and stats["nodes"] == 2  # one actor on each node (1 CPU each)
+
+        ppo = tmp_path / "cluster-ppo"  # PPO sampling in 2 remote env runners, evaluating on 2 actors
+        result = subprocess.run(
+            [*CLI, *SEARCH, "--agent", "ppo", "--env", "merge", "--budget", "4", "--ray-address", address,
+             "--env-runners", "2", "--out", str(ppo)],  # fmt: skip
+            capture_output=True, text=True, env=cluster_environment(), timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        keys = counted(ppo)
+        assert len(keys) == len(set(keys)) == 4
+        stats = Run(ppo).read_json("evaluator.json")["sessions"][-1]
+        assert stats["workers"] == 2 and stats["nodes"] == 2  # --eval-workers defaults to --env-runners
+        assert stats["env_runners"]["processes"] == 2 and stats["env_runners"]["rewards_served"] >= 4
+        print("PPO on the cluster:", stats["env_runners"])
     finally:
         for process in reversed(nodes):
             os.killpg(process.pid, signal.SIGTERM)
@@ -118,7 +132,7 @@ def test_a_killed_evaluation_actor_is_replaced_and_every_evaluation_is_accounted
         rows = list(OptunaSearcher("random", env_factory(dataset), evaluator, seed=1).search())
     finally:
         evaluator.close()
-    assert len(rows) == 8 == len({r.key for r in rows}) and all(r.ok for r in rows)
+    assert len(rows) == 8 == len({r.key for r in rows}) and all(r.error is None for r in rows)  # some pruned
     stats = evaluator.stats()
     assert stats["done"] == 8 and stats["failed"] == 0
     assert stats["retried"] <= 1  # the kill hit an evaluation in flight (retried) or an idle actor (replaced)
@@ -299,3 +313,64 @@ def test_ppo_samples_in_remote_env_runners_that_score_through_the_driver(ray_ses
     clients = searcher.relay.clients
     assert len(clients) == 2 and not any(c.endswith(f":{os.getpid()}") for c in clients)  # two runner processes
     assert searcher.relay.served >= 6
+
+
+def test_training_callbacks_run_in_the_driver_for_ray_actors(ray_session):
+    from tree_search.builders import huffman
+    from tree_search.heads.ray_evaluator import RayEvaluator
+
+    dataset = load_env_dataset(CONFIG)
+    evaluator = RayEvaluator(dataset, QUICK, workers=1)
+    seen = []
+
+    def stop_at_the_second_measurement(point):
+        seen.append((threading.get_ident(), point.step, point.valid_nll))
+        return len(seen) >= 2
+
+    def broken(point):
+        raise KeyError("pruner storage gone")
+
+    try:
+        pruned = evaluator.evaluate(huffman(dataset.counts, 2), callbacks=[stop_at_the_second_measurement])
+        assert pruned.pruned and len(seen) == 2  # the driver's answer stopped the actor's training
+        history = pruned.result["extra"]["history"]
+        assert [(p[0], p[2]) for p in history[:2]] == [(s, v) for _, s, v in seen]  # (step, epoch, nll, ...)
+        with pytest.raises(KeyError, match="pruner storage gone"):  # as in process: the callback's error
+            evaluator.evaluate(huffman(dataset.counts, 3), callbacks=[broken])
+        assert evaluator.evaluate(huffman(dataset.counts, 3)).ok  # the actor was told to stop, not left waiting
+    finally:
+        evaluator.close()
+
+
+def test_optuna_prunes_trials_evaluated_on_ray_actors(ray_session):
+    from tree_search.heads.ray_evaluator import RayEvaluator
+
+    dataset = load_env_dataset(CONFIG)
+    evaluator = RayEvaluator(dataset, QUICK, budget=10, workers=2)
+    try:
+        rows = list(OptunaSearcher("random", env_factory(dataset), evaluator, seed=3, prune=True, parallel=2).search())
+    finally:
+        evaluator.close()
+    assert len(rows) == 10 == len({r.key for r in rows})
+    assert any(r.pruned for r in rows), [r.pruned for r in rows]
+
+
+def test_batched_evaluations_share_actor_calls_and_fail_alone(ray_session):
+    from tree_search.agents.baselines import classic_baselines
+    from tree_search.heads.ray_evaluator import RayEvaluator
+
+    dataset = load_env_dataset(CONFIG)
+    trees = list(
+        classic_baselines(dataset, ("huffman-2", "huffman-3", "huffman-4", "balanced-2", "balanced-4")).values()
+    )
+    evaluator = RayEvaluator(dataset, QUICK, workers=1, batch=4)
+    try:
+        tickets = [evaluator.submit(tree, projections, counted=False) for tree, projections in trees]
+        tickets.append(evaluator.submit(trees[0][0], {10_000: 4}, counted=False))  # no such node: fails alone
+        done = {}
+        while len(done) < len(tickets):
+            done.update(evaluator.collect())
+    finally:
+        evaluator.close()
+    assert all(done[t].ok for t in tickets[:-1]) and "projection 10000" in done[tickets[-1]].error
+    assert 2 <= evaluator.stats()["batched_calls"] < len(tickets)  # some calls carried several evaluations

@@ -502,6 +502,8 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 @click.option("--parallel", type=int, default=None, help="Optuna trials at once (default: --eval-workers).")
 @click.option("--env-runners", default=0, show_default=True,
               help="PPO/APPO: Ray actors sampling episodes at once on the cluster (0: in this process).")  # fmt: skip
+@click.option("--eval-batch", default=1, show_default=True,
+              help="Most evaluations (without pruning) sent to a Ray actor in one call.")  # fmt: skip
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///RUN/optuna.db).")
 @click.option("--study", default=None, help="Optuna study name; processes sharing storage and name cooperate.")
 @_friendly_errors
@@ -530,6 +532,7 @@ def search(
     gpus_per_eval: float,
     parallel: int | None,
     env_runners: int,
+    eval_batch: int,
     storage: str | None,
     study: str | None,
 ) -> None:
@@ -557,6 +560,7 @@ def search(
             gpus_per_eval=gpus_per_eval,
             parallel=parallel,
             env_runners=env_runners,
+            eval_batch=eval_batch,
         )
     else:
         planted = PlantedConfig(num_classes=planted_classes, dim=16, signal=3.0, num_train=8000, num_valid=2000,
@@ -588,6 +592,7 @@ def search(
             gpus_per_eval=gpus_per_eval,
             parallel=parallel,
             env_runners=env_runners,
+            eval_batch=eval_batch,
         )
         folder = out or Path("runs") / f"{agent}-{env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if config.env_config.dataset == "builtin":

@@ -309,7 +309,9 @@ def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs
             lines.append(
                 f"- {source.folder.name}, session {number}: {stats['done']} done, {stats['failed']} failed, "
                 f"{stats['retried']} retried, {stats['cached']} answered from the cache, "
-                f"{stats['worker_seconds']:.0f} worker-seconds, {stats['evaluations_per_minute']:.1f} evaluations/min"
+                f"{stats['worker_seconds']:.0f} worker-seconds, {stats.get('gpu_seconds', 0.0):.0f} GPU-seconds, "
+                f"{stats['evaluations_per_minute']:.1f} evaluations/min"
+                + (f", {stats['nodes']} node(s)" if "nodes" in stats else "")
             )
     lines += [
         "",

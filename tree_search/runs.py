@@ -39,6 +39,7 @@ _EXECUTION_FIELDS = {
     "gpus_per_eval",
     "parallel",
     "env_runners",
+    "eval_batch",
 }  # may differ on resume
 
 

@@ -5,7 +5,8 @@ Each trial is one episode: the action of step ``i`` is the integer parameter ``a
 tie), so every sampler, including CMA-ES, works on a fixed box of integers. The value
 told back is ``-reward`` (the validation NLL, plus the cost term in the tradeoff mode);
 NSGA-II is told two objectives, (validation NLL, cost relative to full softmax). A
-pruner sees the head's validation loss at each measurement of its training, so hopeless
+pruner sees the head's validation loss at each measurement of its training (also when the
+head trains on a Ray actor: the measurements come back to this process), so hopeless
 trees stop early; a pruned trial used compute and counts against the budget.
 """
 
@@ -94,7 +95,7 @@ class OptunaSearcher(Searcher):
             evaluator: rewards and budget.
             storage: an Optuna storage or URL (SQLite, PostgreSQL, journal); None keeps the study in memory.
             study_name: the study; several processes with the same storage and name share it.
-            prune: stop hopeless head trainings early (in-process evaluators only).
+            prune: stop hopeless head trainings early (the pruner runs in this process, for any evaluator).
             parallel: trials played at once by threads (use with a `RayEvaluator` of as many workers).
             owner: marks this searcher's trials; on resume only its own unfinished trials are marked failed
                 (other processes sharing the study keep theirs). Default: a fresh id.

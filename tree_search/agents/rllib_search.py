@@ -7,7 +7,7 @@ process: the environments reach the run's `Evaluator` through a key in ``env_con
 looked up in this module (RLlib pickles ``env_config``, so a live object cannot travel
 in it). With ``env_runners=N`` RLlib samples in N Ray actors anywhere in the cluster, N
 episodes at once; their environments reach the same `Evaluator` through an evaluation
-relay (`tree_search.heads.relay`), so deduplication, the budget and the run's records
+relay (`tree_search.agents.relay`), so deduplication, the budget and the run's records
 are the same in both modes. Training stops mid-iteration when the evaluation budget is
 used up (with remote runners the episodes then in flight end truncated, without a
 reward, and that last iteration is neither counted nor checkpointed). A checkpoint of
@@ -33,11 +33,11 @@ from ray.rllib.utils.torch_utils import FLOAT_MIN
 from ray.tune.registry import register_env
 
 from tree_search.agents.base import EnvFactory, Searcher
+from tree_search.agents.relay import RelayReward, RelayServer, SearchStopped
 from tree_search.data.features import FeatureDataset
 from tree_search.envs import make_env
 from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, evaluation_key, failed_result
 from tree_search.heads.ray_evaluator import ensure_ray
-from tree_search.heads.relay import RelayReward, RelayServer, SearchStopped
 from tree_search.heads.reward import Result
 from tree_search.tree import Tree
 
@@ -176,7 +176,8 @@ class RLlibSearcher(Searcher):
             training = {"lambda_": 1.0, "minibatch_size": p.minibatch_size, "num_epochs": p.num_epochs}
         else:
             config, module = APPOConfig(), MaskedAPPOTorchRLModule
-            training = {}
+            # With remote runners, wait for their samples instead of polling in a loop that takes a core.
+            training = {"timeout_s_sampler_manager": 0.5} if relay else {}
             config = config.reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=p.batch_steps)
         if relay is None:
             env_config = {"evaluator_key": key}
@@ -189,6 +190,11 @@ class RLlibSearcher(Searcher):
                 num_envs_per_env_runner=1,
                 rollout_fragment_length="auto",
                 num_cpus_per_env_runner=0,  # runners mostly wait for rewards; the evaluation actors hold the CPUs
+                sample_timeout_s=None,  # a fragment waits for its head trainings (RLlib drops late ones by default)
+                # Remote runners: one whole episode per sample call, so every round of PPO's synchronous
+                # sampling has all N runners waiting for a reward at once (fixed-length fragments would
+                # leave a runner idle at the barrier while another evaluates several short episodes).
+                batch_mode="complete_episodes" if relay else "truncate_episodes",
             )
             .learners(num_learners=0)
             .training(
@@ -233,6 +239,7 @@ class RLlibSearcher(Searcher):
             while not arrived.empty():
                 yield arrived.get()
 
+        finished = False
         try:
             algo = self.algorithm_config(key, relay.name if relay else None).build_algo()
             if checkpoint is not None and (checkpoint / "algorithm_state.pkl").exists():
@@ -254,11 +261,14 @@ class RLlibSearcher(Searcher):
                     self.run.log_scalars("policy", stats, self.iterations)
                     algo.save_to_path(str(checkpoint.resolve()))
                 yield from drain()
-            yield from drain()
+            finished = True
         finally:
             if relay is not None:
-                relay.close()
-            self.evaluator.listeners.remove(listener)
-            _FACTORIES.pop(key, None)
+                relay.stop()  # runners waiting for rewards truncate their episodes, so RLlib can stop them
             if algo is not None:
                 algo.stop()
+            if relay is not None:  # after a normal end the evaluations in flight (APPO) are finished and recorded
+                relay.close(wait=finished)
+            self.evaluator.listeners.remove(listener)
+            _FACTORIES.pop(key, None)
+        yield from drain()

@@ -62,6 +62,7 @@ class SearchConfig:
     gpus_per_eval: float = 0.0  # GPU share each evaluation actor holds (e.g. 0.25: four per GPU)
     parallel: int | None = None  # Optuna trials played at once (default: eval_workers, at least 1)
     env_runners: int = 0  # RLlib: Ray actors sampling episodes (0: in the driver process)
+    eval_batch: int = 1  # most evaluations sent to a Ray actor in one call
 
     def __post_init__(self) -> None:
         if self.agent not in AGENTS:
@@ -76,6 +77,8 @@ class SearchConfig:
             raise ValueError("SearchConfig needs budget >= 1 and final_seeds >= 1")
         if self.eval_workers < 0 or self.env_runners < 0 or (self.parallel is not None and self.parallel < 1):
             raise ValueError("SearchConfig needs eval_workers >= 0, env_runners >= 0 and parallel >= 1")
+        if self.eval_batch < 1:
+            raise ValueError(f"SearchConfig.eval_batch must be >= 1, got {self.eval_batch}")
         if self.env_runners > 0 and self.agent not in RLLIB_AGENTS:
             raise ValueError(f"SearchConfig.env_runners is for the RLlib agents {RLLIB_AGENTS}, not {self.agent!r}")
 
@@ -123,7 +126,7 @@ def make_searcher(config: SearchConfig, evaluator: Evaluator, run: Run, dataset:
             evaluator,
             storage=storage,
             study_name=config.study or f"{config.agent}-{config.env}",
-            prune=config.prune and not config.uses_ray,  # pruning callbacks cannot cross processes
+            prune=config.prune,  # with Ray actors too: their measurements come back to this process's pruner
             # Trials at once only with a thread-safe pool of workers; in process they would only contend.
             parallel=(config.parallel or config.eval_workers or 1) if config.uses_ray else 1,
             owner=str(run.folder.resolve()),
@@ -194,6 +197,7 @@ def run_search(
             cpus_per_eval=config.cpus_per_eval,
             gpus_per_eval=config.gpus_per_eval,
             address=config.ray_address,
+            batch=config.eval_batch,
         )
     else:
         evaluator = LocalEvaluator(dataset, train, seeds, budget=config.budget, listeners=listeners)
@@ -204,17 +208,28 @@ def run_search(
             f"resuming {run.folder}: {len(previous)} evaluations on disk, "
             f"{evaluator.used}/{config.budget} of the budget used"
         )
+    searcher = None
     try:
         if config.baselines != "none":
             for _ in BaselineSearcher(evaluator, dataset, BASELINE_SETS[config.baselines], seed=config.seed).search():
                 pass
         if not evaluator.exhausted:
-            for _ in make_searcher(config, evaluator, run, dataset).search():
+            searcher = make_searcher(config, evaluator, run, dataset)
+            for _ in searcher.search():
                 pass
     finally:
         stats = evaluator.stats()
         if config.uses_ray:
             stats["nodes"] = evaluator.nodes()
+        relay = getattr(searcher, "relay", None)
+        if relay is not None:  # where the remote environments ran, and how many rewards they asked for
+            clients = sorted(relay.clients)
+            stats["env_runners"] = {
+                "processes": len(clients),
+                "nodes": len({client.split(":")[0] for client in clients}),
+                "rewards_served": relay.served,
+                "episodes_truncated": relay.stopped,
+            }
         previous_stats = run.read_json("evaluator.json") or {}
         sessions = [*previous_stats.get("sessions", []), stats]
         run.write_json("evaluator.json", {"sessions": sessions})

@@ -19,7 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from tree_search.data.features import FeatureDataset
+import torch
+
+from tree_search.data.features import FeatureDataset, default_device
 from tree_search.heads.reward import Result, evaluate
 from tree_search.heads.train import Callback, TrainConfig
 from tree_search.tree import Tree
@@ -105,14 +107,17 @@ class Evaluator(ABC):
         self._next_index = 0
         self.counters = {"done": 0, "failed": 0, "retried": 0, "cached": 0, "worker_seconds": 0.0}
         self.workers = 1  # evaluations that can run at once
+        self.gpus_per_evaluation = 0.0  # GPU share an evaluation holds (for the GPU-seconds counter)
 
     thread_safe = False  # whether several threads may call `evaluate` at once
 
     def stats(self) -> dict[str, float]:
-        """Counters for TensorBoard and the report: done, failed, retried, cached, worker seconds, per minute."""
+        """Counters for TensorBoard and the report: done, failed, retried, cached, worker and GPU seconds, rate."""
         minutes = (time.perf_counter() - self.started) / 60
         per_minute = self.counters["done"] / max(minutes, 1e-9)
-        return {**self.counters, "workers": self.workers, "evaluations_per_minute": per_minute}
+        gpu_seconds = self.counters["worker_seconds"] * self.gpus_per_evaluation
+        return {**self.counters, "gpu_seconds": gpu_seconds, "workers": self.workers,
+                "evaluations_per_minute": per_minute}  # fmt: skip
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release workers (nothing to do in process)."""
@@ -240,6 +245,8 @@ class LocalEvaluator(Evaluator):
         """Args: dataset, train and seeds: what `evaluate` gets; budget and listeners: see `Evaluator`."""
         super().__init__(budget, listeners)
         self.dataset, self.train, self.seeds, self.device = dataset, train, seeds, device
+        on_gpu = (torch.device(device) if device is not None else default_device()).type == "cuda"
+        self.gpus_per_evaluation = 1.0 if on_gpu else 0.0
         self._done: dict[int, Evaluation] = {}
         self._tickets = 0
 

@@ -8,19 +8,29 @@ keeps every actor busy. Deduplication and the budget are enforced across threads
 is never trained twice, even when two threads propose it at once, and evaluations in
 flight count against the budget. An actor that dies (killed, out of memory, node lost)
 is replaced and its evaluation retried up to ``max_retries`` times, then recorded as
-failed with the error. Pruning callbacks cannot cross processes and are not used here.
+failed with the error.
+
+Training callbacks (an Optuna pruner) stay in the driver: the actor sends each
+validation measurement to a small report channel (an asynchronous actor), the driver
+thread that waits for the evaluation runs the callbacks and sends back whether to stop,
+so a pruner decides exactly as it would in process. With ``batch > 1``, evaluations
+without callbacks that wait for an actor at the same time go to it in one call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import itertools
 import os
 import queue
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import ray
@@ -29,7 +39,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from tree_search.data.features import FeatureDataset
 from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, Listener, evaluation_key, failed_result
 from tree_search.heads.reward import Result
-from tree_search.heads.train import Callback, TrainConfig
+from tree_search.heads.train import Callback, EvalPoint, TrainConfig
 from tree_search.tree import Tree
 
 __all__ = ["EvaluationWorker", "EvaluatorClosed", "RayEvaluator", "ensure_ray"]
@@ -69,12 +79,35 @@ class EvaluationWorker:
         self.dataset = dataset
 
     def evaluate(
-        self, tree: Tree, projections: dict[int, int] | None, train: TrainConfig, seeds: int
+        self,
+        tree: Tree,
+        projections: dict[int, int] | None,
+        train: TrainConfig,
+        seeds: int,
+        reporter: tuple[Any, int] | None = None,
     ) -> dict[str, Any]:
-        """`tree_search.heads.evaluate` on this actor's device; the `Result` as JSON."""
+        """`tree_search.heads.evaluate` on this actor's device; the `Result` as JSON.
+
+        ``reporter`` (a report channel and a request id): each validation measurement is
+        sent to the driver, whose answer decides whether training stops.
+        """
         from tree_search.heads.reward import evaluate
 
-        return evaluate(tree, self.dataset, train, seeds=seeds, projections=projections).to_json()
+        callbacks = ()
+        if reporter is not None:
+            channel, rid = reporter
+            callbacks = (lambda point: ray.get(channel.report.remote(rid, asdict(point))),)
+        return evaluate(tree, self.dataset, train, seeds=seeds, projections=projections, callbacks=callbacks).to_json()
+
+    def evaluate_many(self, requests: list[tuple[Tree, dict[int, int] | None, TrainConfig, int]]) -> list[dict]:
+        """Several evaluations in one call: ``{"result": ...}`` or ``{"error": ...}`` for each."""
+        answers = []
+        for tree, projections, train, seeds in requests:
+            try:
+                answers.append({"result": self.evaluate(tree, projections, train, seeds)})
+            except Exception as error:  # noqa: BLE001 - one bad tree must not fail the others
+                answers.append({"error": _describe(error)})
+        return answers
 
     def pid(self) -> int:
         """The actor's process id (tests kill it)."""
@@ -83,6 +116,62 @@ class EvaluationWorker:
     def node(self) -> str:
         """The id of the Ray node the actor runs on."""
         return ray.get_runtime_context().get_node_id()
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: last line of the message`` (the cause of a Ray task error)."""
+    cause = error.cause if isinstance(error, RayTaskError) and getattr(error, "cause", None) is not None else error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+
+
+class _ReportChannel:
+    """Carries training measurements from evaluation actors to the driver, and the driver's answers back."""
+
+    def __init__(self) -> None:
+        self._reports: dict[int, asyncio.Queue] = defaultdict(asyncio.Queue)
+        self._answers: dict[int, asyncio.Future] = {}
+
+    async def report(self, rid: int, point: dict[str, Any]) -> bool:
+        """Called by an actor: hand over a measurement, wait for "stop?"."""
+        answer = asyncio.get_running_loop().create_future()
+        self._answers[rid] = answer
+        await self._reports[rid].put(point)
+        return await answer
+
+    async def next(self, rid: int, timeout: float) -> dict[str, Any] | None:
+        """Called by the driver: the next measurement of request ``rid`` (None after ``timeout`` s)."""
+        try:
+            return await asyncio.wait_for(self._reports[rid].get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def answer(self, rid: int, stop: bool) -> None:
+        """Called by the driver: whether request ``rid``'s training stops."""
+        future = self._answers.pop(rid, None)
+        if future is not None and not future.done():
+            future.set_result(stop)
+
+    async def forget(self, rid: int) -> None:
+        """Called by the driver when request ``rid`` is over (a measurement still waiting is told to stop)."""
+        self._reports.pop(rid, None)
+        future = self._answers.pop(rid, None)
+        if future is not None and not future.done():
+            future.set_result(True)
+
+
+@dataclass
+class _Waiting:
+    """An evaluation waiting to be put into a batch, and where its answer goes."""
+
+    tree: Tree
+    projections: dict[int, int] | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Result | BaseException | None = None
+
+
+class _WorkerDied(Exception):  # noqa: N818 - carries the last error after the retries
+    """Evaluation actors died ``max_retries + 1`` times in a row."""
 
 
 class RayEvaluator(Evaluator):
@@ -103,13 +192,21 @@ class RayEvaluator(Evaluator):
         gpus_per_eval: float = 0,
         max_retries: int = 2,
         address: str | None = None,
+        batch: int = 1,
     ) -> None:
-        """Args: see `LocalEvaluator`; workers: actors; cpus/gpus_per_eval: resources of each; address: Ray."""
+        """Start ``workers`` actors.
+
+        Args: see `LocalEvaluator`; workers: actors; cpus/gpus_per_eval: resources of each;
+        address: Ray; batch: most evaluations sent to an actor in one call.
+        """
         super().__init__(budget, listeners)
-        if workers < 1 or max_retries < 0 or cpus_per_eval <= 0 or gpus_per_eval < 0:
-            raise ValueError("RayEvaluator needs workers >= 1, max_retries >= 0, cpus_per_eval > 0, gpus_per_eval >= 0")
+        if workers < 1 or max_retries < 0 or cpus_per_eval <= 0 or gpus_per_eval < 0 or batch < 1:
+            raise ValueError(
+                "RayEvaluator needs workers >= 1, max_retries >= 0, cpus_per_eval > 0, gpus_per_eval >= 0, batch >= 1"
+            )
         ensure_ray(address)
-        self.train, self.seeds, self.max_retries = train, seeds, max_retries
+        self.train, self.seeds, self.max_retries, self.batch = train, seeds, max_retries, batch
+        self.gpus_per_evaluation = gpus_per_eval
         self._actor_class = ray.remote(num_cpus=cpus_per_eval, num_gpus=gpus_per_eval, max_restarts=0)(EvaluationWorker)
         self._threads = max(1, int(cpus_per_eval))
         self._dataset_ref = ray.put(dataset)  # once; every actor maps it from the object store
@@ -122,9 +219,13 @@ class RayEvaluator(Evaluator):
         self._lock = threading.RLock()
         self._in_flight: dict[str, threading.Event] = {}
         self._in_flight_counted = 0
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evaluation")
+        self._pool = ThreadPoolExecutor(max_workers=workers * batch, thread_name_prefix="evaluation")
         self._futures: dict[int, Future] = {}
         self._tickets = 0
+        self._waiting: list[_Waiting] = []  # evaluations waiting to join a batch
+        self._channel = None  # the report channel, started with the first evaluation that has callbacks
+        self._rids = itertools.count()
+        self.counters["batched_calls"] = 0
 
     def _new_actor(self):
         return self._actor_class.remote(self._dataset_ref, self._threads)
@@ -166,7 +267,7 @@ class RayEvaluator(Evaluator):
                     continue
         started = time.perf_counter()
         try:
-            result = self._run(tree, projections)
+            result = self._run(tree, projections, callbacks)
         except BaseException:
             with self._lock:  # nothing recorded: release the budget and let waiters train it themselves
                 self._in_flight_counted -= int(counted)
@@ -182,12 +283,24 @@ class RayEvaluator(Evaluator):
             done.set()
         return evaluation
 
-    def _run(self, tree: Tree, projections: Mapping[int, int] | None) -> Result:
+    def _run(self, tree: Tree, projections: Mapping[int, int] | None, callbacks: Sequence[Callback]) -> Result:
+        projections = dict(projections or {}) or None
+        try:
+            if self.batch > 1 and not callbacks:
+                return self._run_batched(tree, projections)
+            return self._with_actor(lambda actor: self._call(actor, tree, projections, callbacks))
+        except RayTaskError as error:  # the evaluation itself raised (bad input): a failed result, actor intact
+            return failed_result(tree, _describe(error))
+        except _WorkerDied as died:
+            return failed_result(tree, str(died))
+
+    def _with_actor(self, work, actor=None):
+        """``work(actor)`` on an idle actor (or ``actor``); a dead actor is replaced and the work retried."""
         error: BaseException | None = None
         for attempt in range(self.max_retries + 1):
-            actor = self._idle.get()
+            actor = actor if actor is not None else self._idle.get()
             try:
-                data = ray.get(actor.evaluate.remote(tree, dict(projections or {}) or None, self.train, self.seeds))
+                out = work(actor)
             except _DIED as err:
                 error = err
                 if self._closed:  # close() killed it: stopping, nothing to record or replace
@@ -199,17 +312,79 @@ class RayEvaluator(Evaluator):
                     replacement = self._new_actor()
                     self.actors = [replacement if a is actor else a for a in self.actors]
                 self._idle.put(replacement)
+                actor = None
                 continue
-            except RayTaskError as err:  # the evaluation itself raised (bad input): a failed result, actor intact
+            except BaseException:
                 self._idle.put(actor)
-                cause = err.cause if getattr(err, "cause", None) is not None else err
-                return failed_result(tree, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}")
+                raise
             self._idle.put(actor)
-            return Result.from_json(data)
+            return out
         message = str(error).strip().splitlines()[0] if error is not None else "unknown"
-        return failed_result(
-            tree, f"evaluation worker died {self.max_retries + 1} times: {type(error).__name__}: {message}"
-        )
+        raise _WorkerDied(f"evaluation worker died {self.max_retries + 1} times: {type(error).__name__}: {message}")
+
+    def _call(self, actor, tree: Tree, projections, callbacks: Sequence[Callback]) -> Result:
+        """One evaluation on ``actor``, answering its training measurements with ``callbacks`` meanwhile."""
+        if not callbacks:
+            return Result.from_json(ray.get(actor.evaluate.remote(tree, projections, self.train, self.seeds)))
+        channel, rid = self._report_channel(), next(self._rids)
+        reference = actor.evaluate.remote(tree, projections, self.train, self.seeds, (channel, rid))
+        try:
+            while not ray.wait([reference], timeout=0)[0]:
+                point = ray.get(channel.next.remote(rid, 0.1))
+                if point is not None:
+                    stop = True  # also when a callback raises: the actor must not wait for an answer forever
+                    try:
+                        stop = any([bool(callback(EvalPoint(**point))) for callback in callbacks])
+                    finally:
+                        channel.answer.remote(rid, stop)
+            return Result.from_json(ray.get(reference))
+        finally:
+            channel.forget.remote(rid)
+
+    def _report_channel(self):
+        with self._lock:
+            if self._channel is None:
+                self._channel = ray.remote(num_cpus=0, max_concurrency=1000)(_ReportChannel).remote()
+            return self._channel
+
+    def _run_batched(self, tree: Tree, projections) -> Result:
+        """Wait in line; whichever waiting thread gets an idle actor sends it the next ``batch`` in line."""
+        mine = _Waiting(tree, projections)
+        with self._lock:
+            self._waiting.append(mine)
+        while not mine.done.is_set():
+            try:
+                actor = self._idle.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            with self._lock:
+                batch, self._waiting = self._waiting[: self.batch], self._waiting[self.batch :]
+            if not batch:
+                self._idle.put(actor)
+                continue
+            answers: list[Result | BaseException]
+            try:
+                answers = self._with_actor(functools.partial(self._call_many, batch=batch), actor)
+            except _WorkerDied as died:
+                answers = [failed_result(w.tree, str(died)) for w in batch]
+            except BaseException as error:  # noqa: BLE001 - raised in every waiting thread, none waits forever
+                answers = [error] * len(batch)
+            for waiting, answer in zip(batch, answers, strict=True):
+                waiting.result = answer
+                waiting.done.set()
+        if isinstance(mine.result, BaseException):
+            raise mine.result
+        return mine.result
+
+    def _call_many(self, actor, *, batch: list[_Waiting]) -> list[Result]:
+        requests = [(w.tree, w.projections, self.train, self.seeds) for w in batch]
+        answers = ray.get(actor.evaluate_many.remote(requests))
+        with self._lock:
+            self.counters["batched_calls"] += 1
+        return [
+            Result.from_json(a["result"]) if "result" in a else failed_result(w.tree, a["error"])
+            for w, a in zip(batch, answers, strict=True)
+        ]
 
     def submit(
         self,
@@ -227,7 +402,7 @@ class RayEvaluator(Evaluator):
                 raise BudgetExhausted(f"the budget of {self.budget} evaluations is used up")
             ticket, self._tickets = self._tickets, self._tickets + 1
             self._futures[ticket] = self._pool.submit(
-                self.evaluate, tree, projections, searcher=searcher, counted=counted
+                self.evaluate, tree, projections, searcher=searcher, counted=counted, callbacks=callbacks
             )
         return ticket
 
@@ -255,3 +430,5 @@ class RayEvaluator(Evaluator):
         self._pool.shutdown(wait=False, cancel_futures=True)
         for actor in self.actors:
             ray.kill(actor)
+        if self._channel is not None:
+            ray.kill(self._channel)

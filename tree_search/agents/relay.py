@@ -50,6 +50,7 @@ class _RelayActor:
         self._requests: asyncio.Queue | None = None
         self._waiting: dict[int, asyncio.Future] = {}
         self._next = 0
+        self._stopped: str | None = None  # why the search is over, once it is
 
     def _queue(self) -> asyncio.Queue:
         if self._requests is None:  # created on the actor's event loop
@@ -58,6 +59,8 @@ class _RelayActor:
 
     async def evaluate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Called by an environment: wait for the driver's answer to ``request``."""
+        if self._stopped is not None:
+            return {"stopped": self._stopped}
         rid, self._next = self._next, self._next + 1
         future = asyncio.get_running_loop().create_future()
         self._waiting[rid] = future
@@ -80,6 +83,14 @@ class _RelayActor:
         future = self._waiting.pop(rid, None)
         if future is not None and not future.done():
             future.set_result(response)
+
+    async def stop_all(self, reason: str) -> None:
+        """Called by the driver at the end: answer "stopped" to every request waiting and to come."""
+        self._stopped = reason
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_result({"stopped": reason})
+        self._waiting.clear()
 
     async def dataset(self) -> list:
         """The dataset's object reference, in a list (see ``__init__``)."""
@@ -145,10 +156,20 @@ class RelayServer:
         if not self._stopping.is_set():
             self.actor.answer.remote(rid, response)
 
-    def close(self) -> None:
-        """Answer nothing more and remove the relay actor (environments still waiting see it die)."""
+    def stop(self, reason: str = "the search is over") -> None:
+        """Release every environment still waiting ("stopped": its episode is truncated), and all that ask later.
+
+        Evaluations already started go on in this process and are recorded when they finish.
+        """
+        try:
+            ray.get(self.actor.stop_all.remote(reason))
+        except RayActorError:
+            pass
+
+    def close(self, wait: bool = True) -> None:
+        """Remove the relay actor; ``wait``: first let the evaluations already started finish."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
         self._stopping.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
         ray.kill(self.actor)
         self._thread.join(timeout=5)
 
