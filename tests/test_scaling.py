@@ -374,3 +374,29 @@ def test_batched_evaluations_share_actor_calls_and_fail_alone(ray_session):
         evaluator.close()
     assert all(done[t].ok for t in tickets[:-1]) and "projection 10000" in done[tickets[-1]].error
     assert 2 <= evaluator.stats()["batched_calls"] < len(tickets)  # some calls carried several evaluations
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_closing_the_pool_releases_every_thread_waiting_for_an_actor(ray_session, batch):
+    from tree_search.builders import huffman
+    from tree_search.heads.ray_evaluator import EvaluatorClosed, RayEvaluator
+
+    dataset = load_env_dataset(CONFIG)
+    evaluator = RayEvaluator(dataset, QUICK, workers=1, batch=batch)
+    outcomes = []
+
+    def evaluate(arity):
+        try:
+            outcomes.append(evaluator.evaluate(huffman(dataset.counts, arity)))
+        except EvaluatorClosed as closed:
+            outcomes.append(closed)
+
+    threads = [threading.Thread(target=evaluate, args=(arity,)) for arity in (2, 3, 4, 5, 6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    evaluator.close()
+    for thread in threads:
+        thread.join(timeout=15)
+    assert not any(thread.is_alive() for thread in threads)  # none left waiting for an actor that never comes
+    assert len(outcomes) == 5 and any(isinstance(o, EvaluatorClosed) for o in outcomes)

@@ -23,6 +23,7 @@ import asyncio
 import functools
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from tree_search.data.features import FeatureDataset
 from tree_search.envs.reward import SearchStopped
+from tree_search.heads.ray_evaluator import on_this_node
 from tree_search.heads.reward import Result
 from tree_search.tree import Tree
 
@@ -69,6 +71,9 @@ class _RelayActor:
 
     async def take(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
         """Called by the driver: the pending requests (waiting up to ``timeout`` s for one)."""
+        if self._stopped is not None:
+            await asyncio.sleep(timeout)
+            return []
         queue = self._queue()
         try:
             items = [await asyncio.wait_for(queue.get(), timeout)]
@@ -91,6 +96,9 @@ class _RelayActor:
             if not future.done():
                 future.set_result({"stopped": reason})
         self._waiting.clear()
+        queue = self._queue()
+        while not queue.empty():  # their environments were just released: nobody waits for these any more
+            queue.get_nowait()
 
     async def dataset(self) -> list:
         """The dataset's object reference, in a list (see ``__init__``)."""
@@ -119,7 +127,10 @@ class RelayServer:
         self.stopped = 0  # of which answered "stopped" (their episodes were truncated)
         self.clients: set[str] = set()  # "node-id:pid" of the processes whose environments asked
         actor_class = ray.remote(num_cpus=0, max_concurrency=1000)(_RelayActor)
-        self.actor = actor_class.options(name=self.name, namespace=RELAY_NAMESPACE).remote([ray.put(dataset)])
+        self.actor = actor_class.options(
+            name=self.name, namespace=RELAY_NAMESPACE, scheduling_strategy=on_this_node()
+        ).remote([ray.put(dataset)])  # on the driver's node: it lives and dies with the driver
+        self._stopped = False
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="relay")
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -135,12 +146,20 @@ class RelayServer:
         while not self._stopping.is_set():
             try:
                 requests = ray.get(self.actor.take.remote(0.5))
-            except RayActorError:  # killed by close()
+            except ActorUnavailableError:  # transient (e.g. a network blip): ask again
+                time.sleep(0.5)
+                continue
+            except RayActorError:  # killed by close() (the actor shares the driver's node otherwise)
                 return
             for rid, request in requests:
-                self._pool.submit(self._serve, rid, request)
+                try:
+                    self._pool.submit(self._serve, rid, request)
+                except RuntimeError:  # the pool is shut down: closing
+                    return
 
     def _serve(self, rid: int, request: dict[str, Any]) -> None:
+        if self._stopped:  # taken just before `stop`: its environment was released already
+            return
         with self._lock:
             self.served += 1
             self.clients.add(str(request.get("client")))
@@ -161,9 +180,10 @@ class RelayServer:
 
         Evaluations already started go on in this process and are recorded when they finish.
         """
+        self._stopped = True
         try:
             ray.get(self.actor.stop_all.remote(reason))
-        except RayActorError:
+        except RayError:  # the actor is gone (Ray shutting down): nobody is waiting either
             pass
 
     def close(self, wait: bool = True) -> None:

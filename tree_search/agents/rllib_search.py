@@ -263,12 +263,14 @@ class RLlibSearcher(Searcher):
                 yield from drain()
             finished = True
         finally:
-            if relay is not None:
-                relay.stop()  # runners waiting for rewards truncate their episodes, so RLlib can stop them
-            if algo is not None:
-                algo.stop()
-            if relay is not None:  # after a normal end the evaluations in flight (APPO) are finished and recorded
-                relay.close(wait=finished)
-            self.evaluator.listeners.remove(listener)
-            _FACTORIES.pop(key, None)
+            try:
+                if relay is not None:
+                    relay.stop()  # runners waiting for rewards truncate their episodes, so RLlib can stop them
+                if algo is not None:
+                    algo.stop()
+            finally:
+                if relay is not None:  # after a normal end the evaluations in flight (APPO) finish and are recorded
+                    relay.close(wait=finished)
+                self.evaluator.listeners.remove(listener)
+                _FACTORIES.pop(key, None)
         yield from drain()

@@ -35,6 +35,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tree_search.data.features import FeatureDataset
 from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, Listener, evaluation_key, failed_result
@@ -118,6 +119,11 @@ class EvaluationWorker:
         return ray.get_runtime_context().get_node_id()
 
 
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Scheduling on the calling process's node (for small actors that must live and die with the driver)."""
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def _describe(error: BaseException) -> str:
     """``Type: last line of the message`` (the cause of a Ray task error)."""
     cause = error.cause if isinstance(error, RayTaskError) and getattr(error, "cause", None) is not None else error
@@ -168,6 +174,7 @@ class _Waiting:
     projections: dict[int, int] | None
     done: threading.Event = field(default_factory=threading.Event)
     result: Result | BaseException | None = None
+    seconds: float = 0.0  # its share of the actor call's time
 
 
 class _WorkerDied(Exception):  # noqa: N818 - carries the last error after the retries
@@ -267,7 +274,7 @@ class RayEvaluator(Evaluator):
                     continue
         started = time.perf_counter()
         try:
-            result = self._run(tree, projections, callbacks)
+            result, busy = self._run(tree, projections, callbacks)
         except BaseException:
             with self._lock:  # nothing recorded: release the budget and let waiters train it themselves
                 self._in_flight_counted -= int(counted)
@@ -276,29 +283,32 @@ class RayEvaluator(Evaluator):
             raise
         with self._lock:  # one step, so no thread ever sees the evaluation neither in flight nor recorded
             self._in_flight_counted -= int(counted)
-            self.counters["worker_seconds"] += time.perf_counter() - started
+            self.counters["worker_seconds"] += busy if busy is not None else time.perf_counter() - started
             self.counters["failed" if result.error else "done"] += 1
             evaluation = self._record(key, result, tree, searcher, counted, projections)
             del self._in_flight[key]
             done.set()
         return evaluation
 
-    def _run(self, tree: Tree, projections: Mapping[int, int] | None, callbacks: Sequence[Callback]) -> Result:
+    def _run(
+        self, tree: Tree, projections: Mapping[int, int] | None, callbacks: Sequence[Callback]
+    ) -> tuple[Result, float | None]:
+        """The result, and the actor time it took when it shared a call (None: the time waited for it)."""
         projections = dict(projections or {}) or None
         try:
             if self.batch > 1 and not callbacks:
                 return self._run_batched(tree, projections)
-            return self._with_actor(lambda actor: self._call(actor, tree, projections, callbacks))
+            return self._with_actor(lambda actor: self._call(actor, tree, projections, callbacks)), None
         except RayTaskError as error:  # the evaluation itself raised (bad input): a failed result, actor intact
-            return failed_result(tree, _describe(error))
+            return failed_result(tree, _describe(error)), None
         except _WorkerDied as died:
-            return failed_result(tree, str(died))
+            return failed_result(tree, str(died)), None
 
     def _with_actor(self, work, actor=None):
         """``work(actor)`` on an idle actor (or ``actor``); a dead actor is replaced and the work retried."""
         error: BaseException | None = None
         for attempt in range(self.max_retries + 1):
-            actor = actor if actor is not None else self._idle.get()
+            actor = actor if actor is not None else self._next_idle()
             try:
                 out = work(actor)
             except _DIED as err:
@@ -322,6 +332,16 @@ class RayEvaluator(Evaluator):
         message = str(error).strip().splitlines()[0] if error is not None else "unknown"
         raise _WorkerDied(f"evaluation worker died {self.max_retries + 1} times: {type(error).__name__}: {message}")
 
+    def _next_idle(self):
+        """An idle actor (waiting for one); `EvaluatorClosed` once the evaluator is closed."""
+        while True:
+            if self._closed:
+                raise EvaluatorClosed("the evaluator was closed while this evaluation waited for an actor")
+            try:
+                return self._idle.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
     def _call(self, actor, tree: Tree, projections, callbacks: Sequence[Callback]) -> Result:
         """One evaluation on ``actor``, answering its training measurements with ``callbacks`` meanwhile."""
         if not callbacks:
@@ -330,7 +350,12 @@ class RayEvaluator(Evaluator):
         reference = actor.evaluate.remote(tree, projections, self.train, self.seeds, (channel, rid))
         try:
             while not ray.wait([reference], timeout=0)[0]:
-                point = ray.get(channel.next.remote(rid, 0.1))
+                try:
+                    point = ray.get(channel.next.remote(rid, 0.1))
+                except _DIED as lost:  # not the evaluation actor's fault: do not replace it
+                    with self._lock:
+                        self._channel = None
+                    raise RuntimeError("the channel of training measurements (pruning) was lost") from lost
                 if point is not None:
                     stop = True  # also when a callback raises: the actor must not wait for an answer forever
                     try:
@@ -344,15 +369,18 @@ class RayEvaluator(Evaluator):
     def _report_channel(self):
         with self._lock:
             if self._channel is None:
-                self._channel = ray.remote(num_cpus=0, max_concurrency=1000)(_ReportChannel).remote()
+                channel_class = ray.remote(num_cpus=0, max_concurrency=1000)(_ReportChannel)
+                self._channel = channel_class.options(scheduling_strategy=on_this_node()).remote()
             return self._channel
 
-    def _run_batched(self, tree: Tree, projections) -> Result:
+    def _run_batched(self, tree: Tree, projections) -> tuple[Result, float]:
         """Wait in line; whichever waiting thread gets an idle actor sends it the next ``batch`` in line."""
         mine = _Waiting(tree, projections)
         with self._lock:
             self._waiting.append(mine)
         while not mine.done.is_set():
+            if self._closed:
+                raise EvaluatorClosed("the evaluator was closed while this evaluation waited for an actor")
             try:
                 actor = self._idle.get(timeout=0.05)
             except queue.Empty:
@@ -372,13 +400,18 @@ class RayEvaluator(Evaluator):
             for waiting, answer in zip(batch, answers, strict=True):
                 waiting.result = answer
                 waiting.done.set()
+            if isinstance(answers[0], BaseException) and not isinstance(answers[0], Exception):
+                raise answers[0]  # KeyboardInterrupt and the like also stop this thread itself
         if isinstance(mine.result, BaseException):
             raise mine.result
-        return mine.result
+        return mine.result, mine.seconds
 
     def _call_many(self, actor, *, batch: list[_Waiting]) -> list[Result]:
         requests = [(w.tree, w.projections, self.train, self.seeds) for w in batch]
+        started = time.perf_counter()
         answers = ray.get(actor.evaluate_many.remote(requests))
+        for waiting in batch:  # the call's time, shared: worker seconds count the actor's time once
+            waiting.seconds = (time.perf_counter() - started) / len(batch)
         with self._lock:
             self.counters["batched_calls"] += 1
         return [
