@@ -39,7 +39,7 @@ from tree_search.heads.ray_evaluator import on_this_node
 from tree_search.heads.reward import Result
 from tree_search.tree import Tree
 
-__all__ = ["RELAY_NAMESPACE", "RelayReward", "RelayServer", "SearchStopped"]
+__all__ = ["RELAY_NAMESPACE", "RelayReward", "RelayServer"]
 
 RELAY_NAMESPACE = "tree_search"
 
@@ -136,11 +136,6 @@ class RelayServer:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve_forever, name="relay-server", daemon=True)
         self._thread.start()
-
-    @property
-    def reward(self) -> RelayReward:
-        """The picklable `RewardFunction` that remote environments use to reach this server."""
-        return RelayReward(self.name)
 
     def _serve_forever(self) -> None:
         while not self._stopping.is_set():

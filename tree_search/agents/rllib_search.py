@@ -33,9 +33,9 @@ from ray.rllib.utils.torch_utils import FLOAT_MIN
 from ray.tune.registry import register_env
 
 from tree_search.agents.base import EnvFactory, Searcher
-from tree_search.agents.relay import RelayReward, RelayServer, SearchStopped
+from tree_search.agents.relay import RelayReward, RelayServer
 from tree_search.data.features import FeatureDataset
-from tree_search.envs import make_env
+from tree_search.envs import SearchStopped, make_env
 from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, evaluation_key, failed_result
 from tree_search.heads.ray_evaluator import ensure_ray
 from tree_search.heads.reward import Result
