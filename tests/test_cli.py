@@ -148,3 +148,25 @@ def test_baseline_evaluate_trains_a_head_per_tree(tmp_path, monkeypatch):
     assert all(row["valid_nll"] is not None for row in summary["trees"])
     bad = CliRunner().invoke(main, ["baseline", "--evaluate", "--counts", str(out / "vocab.json")])
     assert bad.exit_code != 0 and "drop --counts" in bad.output
+
+
+def test_a_stop_signal_leaves_even_when_the_clean_up_hangs():
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import os, signal, time\n"
+        "import tree_search.cli as cli\n"
+        "cli.STOP_GRACE_SECONDS = 0.5\n"
+        "signal.signal(signal.SIGTERM, cli._stop_search)\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    time.sleep(30)  # a clean-up that never ends\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=25)
+    assert done.returncode == 130 and "did not finish in 0.5 s" in done.stderr
+    assert time.monotonic() - started < 20

@@ -10,6 +10,8 @@ import functools
 import json
 import math
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -600,10 +602,9 @@ def search(
             prepare_dataset(log=console.print, progress=progress)  # cached after the first run
     console.print(f"run folder: {folder}")
 
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)  # a scheduler's SIGTERM stops as cleanly as Ctrl-C
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a parent's "ignore Ctrl-C" is respected
+        signal.signal(signal.SIGINT, _stop_search)
+    signal.signal(signal.SIGTERM, _stop_search)  # a scheduler's SIGTERM stops as cleanly as Ctrl-C
     try:
         run_search(config, folder, resume=resume is not None, log=console.print)
     except KeyboardInterrupt:
@@ -613,6 +614,32 @@ def search(
     if compare:
         rows = compare_runs([folder], log=console.print)
         _print_comparison(rows, folder)
+
+
+STOP_GRACE_SECONDS = 30.0
+_stopping = threading.Event()
+
+
+def _stop_search(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM: stop the search cleanly, but surely.
+
+    Every finished evaluation is already on disk (each is flushed and fsynced as it
+    arrives), so the clean-up only tidies up. Should it hang anyway (a lock held by the
+    interrupted code, a stuck worker), the process leaves after ``STOP_GRACE_SECONDS``;
+    a second signal leaves at once.
+    """
+    if _stopping.is_set():
+        os._exit(130)
+    _stopping.set()
+
+    def leave_after_grace() -> None:
+        time.sleep(STOP_GRACE_SECONDS)
+        print(f"clean-up did not finish in {STOP_GRACE_SECONDS:g} s: leaving (finished evaluations are on disk)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(130)
+
+    threading.Thread(target=leave_after_grace, name="stop-grace", daemon=True).start()
+    raise KeyboardInterrupt
 
 
 @main.command(name="compare")
