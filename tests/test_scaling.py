@@ -81,29 +81,24 @@ def test_search_on_a_two_node_ray_cluster_by_address(tmp_path):
             assert time.monotonic() < deadline, "the Ray head did not start"
             time.sleep(0.5)
         nodes.append(launch("--address", address))
-        out = tmp_path / "cluster"
-        result = subprocess.run(
-            [*CLI, *SEARCH, "--agent", "random", "--budget", "6", "--ray-address", address, "--eval-workers", "2",
-             "--out", str(out)],  # fmt: skip
-            capture_output=True, text=True, env=cluster_environment(), timeout=300,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        keys = counted(out)
-        assert len(keys) == len(set(keys)) == 6
-        stats = Run(out).read_json("evaluator.json")["sessions"][-1]
+
+        def search_on_cluster(out: Path, budget: int, *args: str) -> dict:
+            """Run a search through the cluster; check its distinct counted trees; its evaluator counters."""
+            result = subprocess.run(
+                [*CLI, *SEARCH, *args, "--budget", str(budget), "--ray-address", address, "--out", str(out)],
+                capture_output=True, text=True, env=cluster_environment(), timeout=300,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr[-3000:]
+            keys = counted(out)
+            assert len(keys) == len(set(keys)) == budget
+            return Run(out).read_json("evaluator.json")["sessions"][-1]
+
+        stats = search_on_cluster(tmp_path / "cluster", 6, "--agent", "random", "--eval-workers", "2")
         assert stats["done"] + stats["failed"] == 6
         assert stats["workers"] == 2 and stats["nodes"] == 2  # one actor on each node (1 CPU each)
 
-        ppo = tmp_path / "cluster-ppo"  # PPO sampling in 2 remote env runners, evaluating on 2 actors
-        result = subprocess.run(
-            [*CLI, *SEARCH, "--agent", "ppo", "--env", "merge", "--budget", "4", "--ray-address", address,
-             "--env-runners", "2", "--out", str(ppo)],  # fmt: skip
-            capture_output=True, text=True, env=cluster_environment(), timeout=300,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        keys = counted(ppo)
-        assert len(keys) == len(set(keys)) == 4
-        stats = Run(ppo).read_json("evaluator.json")["sessions"][-1]
+        # PPO sampling in 2 remote env runners, evaluating on 2 actors
+        stats = search_on_cluster(tmp_path / "cluster-ppo", 4, "--agent", "ppo", "--env", "merge", "--env-runners", "2")
         assert stats["workers"] == 2 and stats["nodes"] == 2  # --eval-workers defaults to --env-runners
         assert stats["env_runners"]["processes"] == 2 and stats["env_runners"]["rewards_served"] >= 4
         print("PPO on the cluster:", stats["env_runners"])
