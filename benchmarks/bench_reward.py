@@ -1,96 +1,157 @@
-"""Is the reward worth optimising? Noise floor, rank fidelity, recipe fairness, throughput.
+"""Reward benchmark: evaluations per minute, rank fidelity, FLOP rate and memory of the node-exact reward.
 
-On the built-in default dataset (prepared if needed):
+On the built-in corpus, for classic trees and trees from random episodes of the split
+environment (the shapes a search proposes), every node new (an empty node bank):
 
-1. Eight varied trees (Huffman 2/4/16, balanced 2, frequency cutoffs, PCA-split fanout 2,
-   k-means fanout 4 and 16 of the class embeddings): valid NLL under the default budget
-   and under a full budget; the Spearman correlation between the two orders.
-2. Noise floor: the standard deviation over 5 seeds of the default reward for Huffman-2
-   and balanced-2, against the gap between them.
-3. Recipe fairness: for five shapes, the default recipe's valid NLL against the best of a
-   learning-rate sweep under the same budget.
-4. Evaluations per minute of `evaluate` with the default budget.
+- seconds per evaluation at the default recipe (`NodeRecipe()`), hence evaluations/min;
+- the validation NLL at the default recipe and at the full budget (3 epochs over all
+  train positions, 256 steps of up to 16,384 tokens per node), and the Spearman rank
+  correlation between the two orders;
+- with ``--old``: the previous reward (a whole `TreeSoftmaxHead` trained with `fit` at
+  `TrainConfig()`, 0.5 epoch) timed side by side and scored on the same validation sample;
+- useful GFLOP/s of the default reward's matmuls against a plain float32 matmul and a
+  batched skinny matmul of the reward's typical shape, timed in the same run;
+- the same trees again with the bank filled (what a search pays for a known node);
+- the process's peak RSS.
 
-    python benchmarks/bench_reward.py [--full-epochs 3] [--skip-sweep] [--device cpu]
+    python benchmarks/bench_reward.py [--old] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import resource
+import tempfile
+import time
+from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
+import torch
 
-from tree_search import builders
+import tree_search.envs  # noqa: F401 - registers the environments
+from tree_search.agents.baselines import classic_baselines
 from tree_search.data import prepare_dataset
-from tree_search.heads import TrainConfig, evaluate
+from tree_search.envs import SearchStopped, TreeEnvConfig
+from tree_search.heads import NodeRecipe, TrainConfig, TreeSoftmaxHead, evaluate, fit, validation_nll
+from tree_search.heads.node_train import split_sample
+
+CLASSIC = ("huffman-2", "huffman-3", "huffman-4", "huffman-8", "huffman-16", "balanced-2", "balanced-16", "pca-2",
+           "kmeans-2", "kmeans-4", "kmeans-16", "two-level", "random", "adaptive", "cutoffs")  # fmt: skip
+FULL = NodeRecipe(train_tokens=None, epochs=3, steps=256, batch_size=16384)
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+def searched_shapes(count: int) -> dict:
+    """Trees of random legal episodes of the split environment (their reward is not computed)."""
+
+    def no_reward(tree, projections=None):
+        raise SearchStopped("shapes only")  # the episode ends truncated; the tree is kept in `last_tree`
+
+    env = gym.make("TreeSearch/Split-v0", config=TreeEnvConfig(cost_mode="tradeoff", cost_weight=0.0),
+                   reward_fn=no_reward)  # fmt: skip
+    trees = {}
+    for seed in range(count):
+        _, info = env.reset(seed=seed)
+        env.action_space.seed(seed)
+        done = truncated = False
+        while not (done or truncated):
+            _, _, done, truncated, info = env.step(env.action_space.sample(mask=info["action_mask"]))
+        trees[f"split-episode-{seed}"] = (env.unwrapped.last_tree, {})
+    return trees
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731 - no ties in these losses
+    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
+def matmul_rates(device: torch.device) -> dict[str, float]:
+    """GFLOP/s of a plain float32 matmul and of a batched skinny one (the reward's binary nodes)."""
+    out = {}
+    for name, (a, b) in {
+        "plain matmul 4096x256 @ 256x2048": (torch.randn(4096, 256), torch.randn(256, 2048)),
+        "batched 64 x (1024x256 @ 256x2)": (torch.randn(64, 1024, 256), torch.randn(64, 256, 2)),
+    }.items():
+        a, b = a.to(device), b.to(device)
+        product = (lambda: a @ b) if a.dim() == 2 else (lambda: torch.bmm(a, b))  # noqa: B023
+        product()
+        started, repeats = time.perf_counter(), 20
+        for _ in range(repeats):
+            product()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        flops = 2 * a.numel() * b.shape[-1]
+        out[name] = flops * repeats / (time.perf_counter() - started) / 1e9
+    return out
+
+
+def old_reward(tree, dataset, valid_h, valid_y, device) -> tuple[float, float]:
+    """The previous reward: one whole head trained by `fit` (0.5 epoch), scored on the same validation rows."""
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    head = TreeSoftmaxHead(tree, dataset.dim, sparse=True)
+    fit(head, dataset, TrainConfig(), device=device)
+    return validation_nll(head, valid_h, valid_y), time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full-epochs", type=float, default=3.0)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--skip-sweep", action="store_true")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--old", action="store_true", help="also time the previous whole-head reward")
+    parser.add_argument("--episodes", type=int, default=3, help="trees from random split-environment episodes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     dataset = prepare_dataset()
-    counts, embeddings = dataset.counts, dataset.class_embeddings
-    default = TrainConfig()
-    full = dataclasses.replace(default, epochs=args.full_epochs, patience=3)
-    classic = builders.classic_trees(counts, arities=(4, 16))
-    trees = {
-        "huffman-2": classic["huffman-2"][0],
-        "huffman-4": classic["huffman-4"][0],
-        "huffman-16": classic["huffman-16"][0],
-        "balanced-2": classic["balanced-2"][0],
-        "cutoffs": classic["cutoffs"][0],
-        "pca-2": builders.cluster_tree(embeddings, counts, fanout=2, method="pca"),
-        "kmeans-4": builders.cluster_tree(embeddings, counts, fanout=4, method="kmeans"),
-        "kmeans-16": builders.cluster_tree(embeddings, counts, fanout=16, method="kmeans"),
-    }
-    print(f"dataset {dataset.info.get('cache', dataset.key)}; default budget {default}")
-    print(f"\n{'tree':<12} {'cost ratio':>10} {'default NLL':>12} {'s':>6} {'full NLL':>9} {'s':>6}")
-    short, long, seconds = [], [], []
-    for name, tree in trees.items():
-        quick = evaluate(tree, dataset, default, device=args.device, use_cache=False)
-        slow = evaluate(tree, dataset, full, device=args.device, use_cache=False)
-        short.append(quick.valid_nll)
-        long.append(slow.valid_nll)
-        seconds.append(quick.train_seconds)
-        print(f"{name:<12} {quick.cost_ratio:>10.4f} {quick.valid_nll:>12.4f} {quick.train_seconds:>6.1f} "
-              f"{slow.valid_nll:>9.4f} {slow.train_seconds:>6.1f}", flush=True)  # fmt: skip
-    print(f"Spearman(default, full) over {len(trees)} trees: {spearman(short, long):.3f}")
-    print(f"evaluations per minute with the default budget: {60 / np.mean(seconds):.1f} "
-          f"(mean {np.mean(seconds):.1f} s per evaluation, device {quick.device})")  # fmt: skip
-
-    print(f"\nnoise floor over {args.seeds} seeds (default budget)")
-    spread = {}
-    for name in ("huffman-2", "balanced-2"):
-        result = evaluate(trees[name], dataset, default, seeds=args.seeds, device=args.device, use_cache=False)
-        spread[name] = (result.valid_nll, float(np.std(result.per_seed_nll, ddof=1)))
-        print(f"  {name:<12} mean {result.valid_nll:.4f}  std {spread[name][1]:.4f}  "
-              f"per seed {[round(x, 4) for x in result.per_seed_nll]}")  # fmt: skip
-    gap = abs(spread["huffman-2"][0] - spread["balanced-2"][0])
-    worst = max(s for _, s in spread.values())
-    print(f"  gap huffman-2 vs balanced-2: {gap:.4f} nats = {gap / worst:.1f}x the larger seed std")
-
-    if args.skip_sweep:
-        return
-    print("\nrecipe fairness: default lr vs the best of a sweep (same budget)")
-    for name in ("huffman-2", "balanced-2", "kmeans-4", "huffman-16", "cutoffs"):
-        results = {}
-        for lr in (0.003, 0.005, 0.01, 0.02):
-            config = dataclasses.replace(default, lr=lr)
-            results[lr] = evaluate(trees[name], dataset, config, device=args.device, use_cache=False).valid_nll
-        best_lr = min(results, key=results.get)
-        print(f"  {name:<12} default (lr {default.lr}) {results.get(default.lr, float('nan')):.4f}  best lr {best_lr} "
-              f"{results[best_lr]:.4f}  gap {results.get(default.lr, np.nan) - results[best_lr]:.4f}  "
-              f"sweep {[round(v, 4) for v in results.values()]}", flush=True)  # fmt: skip
+    trees = {**{k: v for k, v in classic_baselines(dataset, CLASSIC).items()}, **searched_shapes(args.episodes)}
+    default = NodeRecipe()
+    valid = split_sample(dataset, "valid", default.valid_tokens, default.seed, device)
+    valid_h, valid_y = valid.features.float(), torch.from_numpy(valid.labels).to(device)
+    rates = matmul_rates(device)
+    bank = Path(tempfile.mkdtemp(prefix="bench-reward-bank-"))
+    evaluate(trees["huffman-4"][0], dataset, default, device=device, use_cache=False)  # samples loaded once
+    rows = []
+    print(f"{'tree':<18s} {'nodes':>6s} {'default':>8s} {'s':>6s} {'GFLOP/s':>8s} {'full':>8s} {'s':>6s}"
+          + (f" {'old':>8s} {'s':>6s}" if args.old else ""))  # fmt: skip
+    for name, (tree, projections) in trees.items():
+        fresh = evaluate(tree, dataset, default, device=device, projections=projections, bank_root=bank)
+        full = evaluate(tree, dataset, FULL, device=device, projections=projections, use_cache=False)
+        row = {"tree": name, "nodes": tree.num_internal, "default": fresh.valid_nll, "seconds": fresh.train_seconds,
+               "gflops": fresh.extra["flops"] / fresh.extra["node_seconds"] / 1e9, "full": full.valid_nll,
+               "full_seconds": full.train_seconds}  # fmt: skip
+        if args.old and not projections:
+            row["old"], row["old_seconds"] = old_reward(tree, dataset, valid_h, valid_y, device)
+        rows.append(row)
+        line = (f"{name:<18s} {tree.num_internal:6d} {row['default']:8.4f} {row['seconds']:6.2f} {row['gflops']:8.1f} "
+                f"{row['full']:8.4f} {row['full_seconds']:6.1f}")  # fmt: skip
+        if "old" in row:
+            line += f" {row['old']:8.4f} {row['old_seconds']:6.1f}"
+        print(line, flush=True)
+    warm = [evaluate(t, dataset, default, device=device, projections=p, bank_root=bank).train_seconds
+            for t, p in trees.values()]  # fmt: skip
+    seconds = np.array([r["seconds"] for r in rows])
+    default_nll, full_nll = np.array([r["default"] for r in rows]), np.array([r["full"] for r in rows])
+    print(f"\n{len(rows)} trees, every node new: {seconds.mean():.2f} s per evaluation on average "
+          f"({60 / seconds.mean():.1f} evaluations/min; median {np.median(seconds):.2f} s, slowest "
+          f"{rows[int(seconds.argmax())]['tree']} {seconds.max():.2f} s)")  # fmt: skip
+    cheap = seconds[[r["tree"] not in ("adaptive", "cutoffs") for r in rows]]
+    print(f"without the two adaptive shapes (35x and 74x Huffman's cost): {cheap.mean():.2f} s "
+          f"({60 / cheap.mean():.1f} evaluations/min)")  # fmt: skip
+    print(f"with the bank filled: {np.mean(warm) * 1000:.0f} ms per evaluation")
+    print(f"Spearman (default vs full budget, {len(rows)} trees): {spearman(default_nll, full_nll):.3f}")
+    with_old = [r for r in rows if "old" in r]
+    if with_old:
+        old_nll = np.array([r["old"] for r in with_old])
+        same = np.array([r["full"] for r in with_old])
+        old_seconds = np.mean([r["old_seconds"] for r in with_old])
+        new_seconds = np.mean([r["seconds"] for r in with_old])
+        print(f"previous reward on the same {len(with_old)} trees: {old_seconds:.2f} s per evaluation "
+              f"({60 / old_seconds:.1f}/min), new {new_seconds:.2f} s: {old_seconds / new_seconds:.1f}x faster; "
+              f"Spearman of the previous reward vs the full budget: {spearman(old_nll, same):.3f}")  # fmt: skip
+    achieved = np.sum([r["gflops"] * r["seconds"] for r in rows]) / seconds.sum()
+    for name, rate in rates.items():
+        print(f"{name}: {rate:.1f} GFLOP/s; the reward's matmuls achieve {achieved:.1f} ({achieved / rate:.2f}x)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process: {peak:.0f} MiB (dataset samples, all trees, the full-budget runs)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from tree_search.data import (
     read_counts_tsv,
 )
 from tree_search.export import TreeFileError, TreeRecord, load_codes_npz, save_codes_npz, save_tree_json
-from tree_search.heads import TrainConfig, evaluate
+from tree_search.heads import NodeRecipe, evaluate
 from tree_search.tree import Tree, TreeError
 
 
@@ -32,14 +32,14 @@ def test_held_out_words_unseen_in_train_map_to_unk(tmp_path):
     assert corpus.info["unk_rate"]["valid"] > 0
 
 
-def test_a_pruned_evaluation_is_not_cached():
+def test_a_pruned_evaluation_is_partial_and_seeds_are_checked():
     dataset = make_planted(num_classes=20, dim=8, num_train=2000, num_valid=400, num_test=400).to_dataset()
-    config = TrainConfig(epochs=2, batch_size=128, evals_per_epoch=4, max_valid_samples=None)
+    config = NodeRecipe(train_tokens=None, valid_tokens=None, steps=8, batch_size=128, measurements=4)
     tree = builders.huffman(dataset.counts)
-    pruned = evaluate(tree, dataset, config, device="cpu", callbacks=[lambda point: True])
+    pruned = evaluate(tree, dataset, config, device="cpu", callbacks=[lambda point: True], use_cache=False)
     assert pruned.extra.get("pruned") is True
-    full = evaluate(tree, dataset, config, device="cpu")
-    assert not full.cached and full.steps > pruned.steps
+    full = evaluate(tree, dataset, config, device="cpu", use_cache=False)
+    assert not full.extra.get("pruned") and full.valid_nll < pruned.valid_nll  # stopped at the initial weights
     with pytest.raises(ValueError, match="at least one seed"):
         evaluate(tree, dataset, config, seeds=0)
 

@@ -15,11 +15,11 @@ import pytest
 from tree_search.agents import SearchConfig, run_search
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig
-from tree_search.heads.train import TrainConfig
+from tree_search.heads import NodeRecipe
 from tree_search.report import compare_runs
 from tree_search.runs import Run, RunError
 
-QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patience=3, max_valid_samples=None)
+QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
 PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
 ENV = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8)
 CLI = [sys.executable, "-c", "from tree_search.cli import main; main()"]
@@ -69,7 +69,8 @@ def test_run_folder_contents_and_resume_rules(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
-    args = ["search", "--agent", "tpe", "--dataset", "planted", "--budget", "12", "--baselines", "none", "--no-compare",
+    # a budget far beyond the 5 evaluations seen before the kill: the search cannot end before SIGKILL lands
+    args = ["search", "--agent", "tpe", "--dataset", "planted", "--budget", "40", "--baselines", "none", "--no-compare",
             "--epochs", "2", "--seed", "3"]  # fmt: skip
 
     def environment(cache: str) -> dict[str, str]:  # own caches: no run may find the other's trees trained
@@ -97,7 +98,7 @@ def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
     killed_keys, whole_keys = counted_keys(folder), counted_keys(tmp_path / "whole")
     print(f"distinct evaluated trees: uninterrupted {len(set(whole_keys))}, killed at {on_disk} and resumed "
           f"{len(set(killed_keys))}; evaluated twice: {len(killed_keys) - len(set(killed_keys))}")  # fmt: skip
-    assert len(killed_keys) == len(set(killed_keys)) == len(set(whole_keys)) == 12
+    assert len(killed_keys) == len(set(killed_keys)) == len(set(whole_keys)) == 40
 
 
 def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkeypatch):

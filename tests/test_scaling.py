@@ -20,10 +20,10 @@ import pytest
 from tree_search.agents import OptunaSearcher
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
-from tree_search.heads.train import TrainConfig
+from tree_search.heads import NodeRecipe
 from tree_search.runs import Run
 
-QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patience=3, max_valid_samples=None)
+QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
 PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
 CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8)
 CLI = [sys.executable, "-c", "from tree_search.cli import main; main()"]
@@ -151,7 +151,8 @@ def test_a_bad_evaluation_fails_cleanly_and_keeps_the_actor(ray_session):
 
 def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     folder = tmp_path / "interrupted"
-    args = [*CLI, *SEARCH, "--agent", "tpe", "--budget", "15", "--out", str(folder)]  # about 20 trees are reachable
+    # 256 classes: enough reachable trees for a budget far beyond the 3 seen before SIGINT, which must land mid-search
+    args = [*CLI, *SEARCH, "--agent", "tpe", "--budget", "40", "--planted-classes", "256", "--out", str(folder)]
 
     def default_sigint() -> None:  # a parent that ignores SIGINT (some runners do) would pass that on
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -176,7 +177,7 @@ def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{before} evaluations on disk" in resumed.stdout
     keys = counted(folder)
-    assert len(keys) == len(set(keys)) == 15
+    assert len(keys) == len(set(keys)) == 40
 
 
 def run_two_workers(tmp_path: Path, storage: str) -> optuna.Study:

@@ -37,7 +37,7 @@ from tree_search.data import (
     read_counts_tsv,
 )
 from tree_search.export import TreeFileError, TreeRecord, load_tree, save_tree
-from tree_search.heads import TrainConfig
+from tree_search.heads import NodeRecipe
 from tree_search.heads import evaluate as evaluate_tree
 from tree_search.tree import TreeError
 
@@ -150,7 +150,12 @@ def main() -> None:
     help="Train a head on every tree (built-in corpus features) and report validation loss; adds "
     "trees clustered from the class embeddings.",
 )
-@click.option("--epochs", default=TrainConfig.epochs, show_default=True, help="Head training budget per tree.")
+@click.option(
+    "--epochs",
+    default=NodeRecipe.epochs,
+    show_default=True,
+    help="Passes over each node's sampled tokens (reward fidelity).",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the head training.")
 @click.option("--device", default=None, help="torch device for head training (default: cuda if available).")
 @_friendly_errors
@@ -198,9 +203,9 @@ def baseline(
     for name, (tree, _built_by) in trees.items():
         rows.append({"tree": name, **tree.summary(counts, dim), "hash": tree.canonical_hash[:12]})
     if dataset is not None:
-        config = TrainConfig(epochs=epochs, seed=seed)
+        config = NodeRecipe(epochs=epochs, seed=seed)
         for k, row in enumerate(rows, start=1):
-            result = evaluate_tree(trees[row["tree"]][0], dataset, config, device=device)
+            result = evaluate_tree(trees[row["tree"]][0], dataset, config, device=device, top_k_samples=5_000)
             row.update(valid_nll=result.valid_nll, perplexity=result.perplexity, top1=result.top1,
                        train_seconds=result.train_seconds, error=result.error)  # fmt: skip
             status = f"valid NLL {result.valid_nll:.4f}" if result.ok else f"FAILED: {result.error}"
@@ -482,7 +487,12 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 @click.option("--dataset", default="builtin", show_default=True,
               help="'builtin' (code corpus), 'planted', an .npz file or a prepared feature folder.")  # fmt: skip
 @click.option("--planted-classes", default=64, show_default=True, help="V of the planted-hierarchy data.")
-@click.option("--epochs", default=TrainConfig.epochs, show_default=True, help="Head training per evaluation.")
+@click.option(
+    "--epochs",
+    default=NodeRecipe.epochs,
+    show_default=True,
+    help="Passes over each node's sampled tokens per evaluation.",
+)
 @click.option("--cost-mode", type=click.Choice(["cap", "tradeoff"]), default="cap", show_default=True)
 @click.option("--cost-cap", default=2.0, show_default=True, help="Cap on cost, in multiples of binary Huffman's.")
 @click.option("--cost-weight", default=1.0, show_default=True, help="lambda of the tradeoff mode.")
@@ -504,6 +514,8 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 @click.option("--parallel", type=int, default=None, help="Optuna trials at once (default: --eval-workers).")
 @click.option("--env-runners", default=0, show_default=True,
               help="PPO/APPO: Ray actors sampling episodes at once on the cluster (0: in this process).")  # fmt: skip
+@click.option("--node-bank/--no-node-bank", default=True, show_default=True,
+              help="Reuse trained nodes across trees and runs (same results, less time).")  # fmt: skip
 @click.option("--eval-batch", default=1, show_default=True,
               help="Most evaluations (without pruning) sent to a Ray actor in one call.")  # fmt: skip
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///RUN/optuna.db).")
@@ -535,6 +547,7 @@ def search(
     parallel: int | None,
     env_runners: int,
     eval_batch: int,
+    node_bank: bool,
     storage: str | None,
     study: str | None,
 ) -> None:
@@ -563,6 +576,7 @@ def search(
             parallel=parallel,
             env_runners=env_runners,
             eval_batch=eval_batch,
+            node_bank=node_bank,
         )
     else:
         planted = PlantedConfig(num_classes=planted_classes, dim=16, signal=3.0, num_train=8000, num_valid=2000,
@@ -570,7 +584,7 @@ def search(
         env_config = TreeEnvConfig(
             dataset=dataset,
             planted=planted,
-            train=TrainConfig(epochs=epochs),
+            train=NodeRecipe(epochs=epochs),
             cost_mode=cost_mode,
             cost_cap=cost_cap,
             cost_weight=cost_weight,
@@ -595,6 +609,7 @@ def search(
             parallel=parallel,
             env_runners=env_runners,
             eval_batch=eval_batch,
+            node_bank=node_bank,
         )
         folder = out or Path("runs") / f"{agent}-{env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if config.env_config.dataset == "builtin":

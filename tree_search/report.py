@@ -22,7 +22,7 @@ import numpy as np
 from tree_search.builders import frequency_cutoffs, huffman
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads.evaluator import Evaluation
-from tree_search.heads.reward import head_cost, score_test
+from tree_search.heads.reward import FINAL_SEED_OFFSET, head_cost, score_test
 from tree_search.runs import Run, RunError
 
 __all__ = ["compare_runs", "finalists"]
@@ -126,7 +126,8 @@ def compare_runs(
                 continue
             if log:
                 log(f"final scoring {index + 1}/{len(entries)}: {name}, seed {seed + 1}/{seeds} (test split)")
-            result = score_test(tree, dataset, dataclasses.replace(train, seed=seed), projections=projections or None)
+            final = dataclasses.replace(train, seed=FINAL_SEED_OFFSET + seed)  # seeds no search trained with
+            result = score_test(tree, dataset, final, projections=projections or None)
             per_seed[str(seed)] = result["test_nll"]
             report_run.write_json("final.json", {"setting": setting, "scores": scores})
         values = [per_seed[str(s)] for s in range(seeds)]

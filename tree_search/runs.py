@@ -146,6 +146,9 @@ class Run:
             )
         writer.add_scalar("tree/cost_ratio", evaluation.cost_ratio, step)
         writer.add_scalar("tree/max_depth", evaluation.max_depth, step)
+        writer.add_scalar("reward/nodes_trained", evaluation.nodes_trained, step)
+        writer.add_scalar("reward/nodes_reused", evaluation.nodes_reused, step)
+        writer.add_scalar("reward/seconds", evaluation.train_seconds, step)
         writer.flush()
 
     def log_scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:

@@ -10,10 +10,10 @@ import pytest
 from tree_search.agents import BaselineSearcher, OptunaSearcher, PolicyConfig, classic_baselines
 from tree_search.data.planted import PlantedConfig, make_planted
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
+from tree_search.heads import NodeRecipe
 from tree_search.heads.evaluator import BudgetExhausted, LocalEvaluator
-from tree_search.heads.train import TrainConfig
 
-QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patience=3, max_valid_samples=None)
+QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
 PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
 CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK)
 AGENTS = ["tpe", "cmaes", "random", "nsga2", "ppo", "appo"]

@@ -8,11 +8,21 @@ import torch
 
 from tree_search import builders
 from tree_search.data import make_planted
-from tree_search.heads import TrainConfig, TreeSoftmaxHead, evaluate, fit, score_test, validation_nll
-from tree_search.heads.reward import Result, _cache_path
+from tree_search.heads import (
+    FINAL_SEED_OFFSET,
+    NodeRecipe,
+    TrainConfig,
+    TreeSoftmaxHead,
+    evaluate,
+    fit,
+    score_test,
+    validation_nll,
+)
+from tree_search.heads.reward import Result
 from tree_search.heads.train import device_split
 
 QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patience=3, max_valid_samples=None)
+RECIPE = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
 
 
 @pytest.fixture(scope="module")
@@ -45,66 +55,46 @@ def test_a_callback_can_stop_training(planted):
 
 def test_oracle_tree_beats_huffman_and_approaches_the_bayes_loss(planted):
     dataset = planted.to_dataset()
-    oracle = evaluate(planted.tree, dataset, QUICK, device="cpu", use_cache=False)
-    huffman = evaluate(builders.huffman(planted.counts), dataset, QUICK, device="cpu", use_cache=False)
+    oracle = evaluate(planted.tree, dataset, RECIPE, device="cpu", use_cache=False)
+    huffman = evaluate(builders.huffman(planted.counts), dataset, RECIPE, device="cpu", use_cache=False)
     assert oracle.ok and huffman.ok
     assert oracle.valid_nll < huffman.valid_nll - 0.05
     assert oracle.valid_nll > planted.bayes_nll["valid"] - 0.05  # nothing beats the true model (up to noise)
 
 
-def test_result_fields_cache_and_seeds(planted, tmp_path):
+def test_result_fields_and_seeds(planted, tmp_path):
     dataset = planted.to_dataset()
     tree = builders.huffman(planted.counts, arity=4)
-    first = evaluate(tree, dataset, QUICK, device="cpu", seeds=2)
+    first = evaluate(tree, dataset, RECIPE, device="cpu", seeds=2, top_k_samples=500, bank_root=tmp_path)
     assert first.ok and not first.cached and first.seeds == (0, 1) and len(first.per_seed_nll) == 2
     assert first.valid_nll == pytest.approx(np.mean(first.per_seed_nll))
     assert first.valid_nll_stderr > 0 and first.perplexity == pytest.approx(math.exp(first.valid_nll))
     assert 0 <= first.top1 <= first.top5 <= 1
     assert first.cost_ratio == pytest.approx(tree.cost_ratio(dataset.counts))
-    again = evaluate(tree, dataset, QUICK, device="cpu", seeds=2)
-    assert again.cached and again.valid_nll == first.valid_nll
+    assert first.extra["nodes_trained"] == 2 * tree.num_internal
+    again = evaluate(tree, dataset, RECIPE, device="cpu", seeds=2, bank_root=tmp_path)
+    assert again.cached and again.valid_nll == first.valid_nll and math.isnan(again.top1)  # top-k only on request
     # a sibling-reordered copy of the same tree is the same evaluation
     shuffled = type(tree)(tree.num_classes, [row[::-1] for row in tree.children_lists()])
-    assert evaluate(shuffled, dataset, QUICK, device="cpu", seeds=2).cached
-    # the disk cache survives the in-memory one
-    from tree_search.heads import reward
-
-    reward._MEMORY.clear()
-    assert evaluate(tree, dataset, QUICK, device="cpu", seeds=2).cached
+    assert evaluate(shuffled, dataset, RECIPE, device="cpu", seeds=2, bank_root=tmp_path).cached
     assert Result.from_json(json.loads(json.dumps(first.to_json()))).valid_nll == first.valid_nll
-    assert _cache_path("ab" + "0" * 14).parent.name == "ab"
-
-
-def test_a_failed_training_is_a_result_not_an_exception(planted):
-    dataset = planted.to_dataset()
-    broken = dict(dataset.features)
-    broken["train"] = np.full_like(broken["train"], np.nan)  # what a diverging encoder would hand over
-    dataset = dataclasses.replace(dataset, features=broken, key="broken")
-    result = evaluate(builders.balanced(64, 2), dataset, QUICK, device="cpu", use_cache=False)
-    assert not result.ok and "non-finite" in result.error and result.valid_nll == math.inf
-    assert Result.from_json(result.to_json()).valid_nll == math.inf
 
 
 def test_score_test_uses_the_test_split(planted):
-    scores = score_test(planted.tree, planted.to_dataset(), QUICK, device="cpu")
+    dataset = planted.to_dataset()
+    recipe = dataclasses.replace(RECIPE, seed=FINAL_SEED_OFFSET)
+    scores = score_test(planted.tree, dataset, recipe, device="cpu")
     assert set(scores) == {"valid_nll", "test_nll", "test_perplexity"}
-    assert abs(scores["test_nll"] - scores["valid_nll"]) < 0.3
+    assert abs(scores["test_nll"] - planted.bayes_nll["test"]) < 0.4
+    # scramble the test labels: the test NLL must get worse and the validation NLL must not move
+    labels = dict(dataset.labels)
+    labels["test"] = np.random.default_rng(0).permutation(np.asarray(labels["test"]))
+    scrambled = score_test(planted.tree, dataclasses.replace(dataset, labels=labels, key="scrambled-test"), recipe,
+                           device="cpu")  # fmt: skip
+    assert scrambled["test_nll"] > scores["test_nll"] + 0.5
+    assert scrambled["valid_nll"] == pytest.approx(scores["valid_nll"])
 
 
 def test_class_count_mismatch(planted):
     with pytest.raises(ValueError, match="classes"):
-        evaluate(builders.huffman([1, 2, 3]), planted.to_dataset(), QUICK)
-
-
-def test_a_cached_result_replays_its_measurements_to_pruning_callbacks(planted):
-    dataset = planted.to_dataset()
-    tree = builders.huffman(planted.counts)
-    stop_at_second = lambda: lambda point, seen=[]: seen.append(point) or len(seen) == 2  # noqa: E731
-    fresh = evaluate(tree, dataset, QUICK, device="cpu", use_cache=False, callbacks=[stop_at_second()])
-    assert fresh.extra["pruned"]
-    complete = evaluate(tree, dataset, QUICK, device="cpu")  # trains fully and caches
-    assert not complete.extra.get("pruned") and len(complete.extra["history"]) > 2
-    replayed = evaluate(tree, dataset, QUICK, device="cpu", callbacks=[stop_at_second()])
-    assert replayed.cached and replayed.extra["pruned"]
-    assert replayed.valid_nll == fresh.valid_nll and replayed.steps == fresh.steps
-    assert evaluate(tree, dataset, QUICK, device="cpu").valid_nll == complete.valid_nll  # no callback: the full result
+        evaluate(builders.huffman([1, 2, 3]), planted.to_dataset(), RECIPE)

@@ -19,7 +19,6 @@ episode without a reward (raising out of an RLlib env runner would kill its proc
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import threading
@@ -35,74 +34,13 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from tree_search.data.features import FeatureDataset
 from tree_search.envs.reward import SearchStopped
-from tree_search.heads.ray_evaluator import on_this_node
+from tree_search.heads.ray_channel import start_channel
 from tree_search.heads.reward import Result
 from tree_search.tree import Tree
 
 __all__ = ["RELAY_NAMESPACE", "RelayReward", "RelayServer"]
 
 RELAY_NAMESPACE = "tree_search"
-
-
-class _RelayActor:
-    """Queue of evaluation requests from environments; the driver takes them and answers."""
-
-    def __init__(self, dataset_box: list) -> None:
-        self._dataset_box = dataset_box  # [ObjectRef]: a list, so that Ray passes the reference, not the data
-        self._requests: asyncio.Queue | None = None
-        self._waiting: dict[int, asyncio.Future] = {}
-        self._next = 0
-        self._stopped: str | None = None  # why the search is over, once it is
-
-    def _queue(self) -> asyncio.Queue:
-        if self._requests is None:  # created on the actor's event loop
-            self._requests = asyncio.Queue()
-        return self._requests
-
-    async def evaluate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Called by an environment: wait for the driver's answer to ``request``."""
-        if self._stopped is not None:
-            return {"stopped": self._stopped}
-        rid, self._next = self._next, self._next + 1
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = future
-        await self._queue().put((rid, request))
-        return await future
-
-    async def take(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
-        """Called by the driver: the pending requests (waiting up to ``timeout`` s for one)."""
-        if self._stopped is not None:
-            await asyncio.sleep(timeout)
-            return []
-        queue = self._queue()
-        try:
-            items = [await asyncio.wait_for(queue.get(), timeout)]
-        except asyncio.TimeoutError:
-            return []
-        while not queue.empty():
-            items.append(queue.get_nowait())
-        return items
-
-    async def answer(self, rid: int, response: dict[str, Any]) -> None:
-        """Called by the driver: release the environment waiting on request ``rid``."""
-        future = self._waiting.pop(rid, None)
-        if future is not None and not future.done():
-            future.set_result(response)
-
-    async def stop_all(self, reason: str) -> None:
-        """Called by the driver at the end: answer "stopped" to every request waiting and to come."""
-        self._stopped = reason
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_result({"stopped": reason})
-        self._waiting.clear()
-        queue = self._queue()
-        while not queue.empty():  # their environments were just released: nobody waits for these any more
-            queue.get_nowait()
-
-    async def dataset(self) -> list:
-        """The dataset's object reference, in a list (see ``__init__``)."""
-        return self._dataset_box
 
 
 class RelayServer:
@@ -126,10 +64,10 @@ class RelayServer:
         self.served = 0  # requests answered
         self.stopped = 0  # of which answered "stopped" (their episodes were truncated)
         self.clients: set[str] = set()  # "node-id:pid" of the processes whose environments asked
-        actor_class = ray.remote(num_cpus=0, max_concurrency=1000)(_RelayActor)
-        self.actor = actor_class.options(
-            name=self.name, namespace=RELAY_NAMESPACE, scheduling_strategy=on_this_node()
-        ).remote([ray.put(dataset)])  # on the driver's node: it lives and dies with the driver
+        self.error: Exception | None = None  # the first exception of the driver's reward function (a bug)
+        # on the driver's node: it lives and dies with the driver; the dataset rides along, in a list so that Ray
+        # passes the reference rather than the data
+        self.actor = start_channel([ray.put(dataset)], name=self.name, namespace=RELAY_NAMESPACE)
         self._stopped = False
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="relay")
         self._stopping = threading.Event()
@@ -140,7 +78,7 @@ class RelayServer:
     def _serve_forever(self) -> None:
         while not self._stopping.is_set():
             try:
-                requests = ray.get(self.actor.take.remote(0.5))
+                requests = ray.get(self.actor.take.remote(None, 0.5))
             except ActorUnavailableError:  # transient (e.g. a network blip): ask again
                 time.sleep(0.5)
                 continue
@@ -165,8 +103,11 @@ class RelayServer:
             with self._lock:
                 self.stopped += 1
             response = {"stopped": str(stopped)}
-        except Exception as error:  # noqa: BLE001 - the environment re-raises it with its message
-            response = {"error": f"{type(error).__name__}: {error}"}
+        except Exception as error:  # noqa: BLE001 - a bug: the search stops and the driver raises it
+            with self._lock:
+                self.error = self.error or error
+            self.stop(f"stopped by an error in the search process: {type(error).__name__}: {error}")
+            return
         if not self._stopping.is_set():
             self.actor.answer.remote(rid, response)
 
@@ -177,7 +118,7 @@ class RelayServer:
         """
         self._stopped = True
         try:
-            ray.get(self.actor.stop_all.remote(reason))
+            ray.get(self.actor.stop_all.remote({"stopped": reason}))
         except RayError:  # the actor is gone (Ray shutting down): nobody is waiting either
             pass
 
@@ -196,7 +137,7 @@ def _relay_actor(name: str, namespace: str):
 
 @functools.lru_cache(maxsize=2)
 def _relay_dataset(name: str, namespace: str) -> FeatureDataset:
-    return ray.get(ray.get(_relay_actor(name, namespace).dataset.remote())[0])
+    return ray.get(ray.get(_relay_actor(name, namespace).attachment.remote())[0])
 
 
 @dataclass(frozen=True)
@@ -213,11 +154,9 @@ class RelayReward:
             "projections": {int(k): int(v) for k, v in (projections or {}).items()} or None,
             "client": f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}",
         }
-        response = ray.get(_relay_actor(self.name, self.namespace).evaluate.remote(request))
+        response = ray.get(_relay_actor(self.name, self.namespace).ask.remote(request))
         if "stopped" in response:
             raise SearchStopped(response["stopped"])
-        if "error" in response:
-            raise RuntimeError(f"the driver could not evaluate the tree: {response['error']}")
         return Result.from_json(response["result"])
 
     def dataset(self) -> FeatureDataset:

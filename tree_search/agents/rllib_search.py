@@ -250,6 +250,8 @@ class RLlibSearcher(Searcher):
                     result = algo.train()
                 except _BudgetReached:
                     break
+                if relay is not None and relay.error is not None:
+                    raise relay.error  # a bug in the driver's evaluation: stop the search with its message
                 if relay is not None and relay.stopped > truncated_before:
                     break  # the search ended during this iteration: its update saw truncated episodes, keep none of it
                 self.iterations += 1

@@ -63,6 +63,7 @@ class SearchConfig:
     parallel: int | None = None  # Optuna trials played at once (default: eval_workers, at least 1)
     env_runners: int = 0  # RLlib: Ray actors sampling episodes (0: in the driver process)
     eval_batch: int = 1  # most evaluations sent to a Ray actor in one call
+    node_bank: bool = True  # reuse trained nodes across trees and runs (False: train every node of every tree)
 
     def __post_init__(self) -> None:
         if self.agent not in AGENTS:
@@ -198,9 +199,12 @@ def run_search(
             gpus_per_eval=config.gpus_per_eval,
             address=config.ray_address,
             batch=config.eval_batch,
+            use_bank=config.node_bank,
         )
     else:
-        evaluator = LocalEvaluator(dataset, train, seeds, budget=config.budget, listeners=listeners)
+        evaluator = LocalEvaluator(
+            dataset, train, seeds, budget=config.budget, listeners=listeners, use_bank=config.node_bank
+        )
     previous = run.evaluations()
     evaluator.preload(previous)
     if previous and log:

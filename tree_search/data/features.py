@@ -39,6 +39,7 @@ __all__ = [
     "EncoderConfig",
     "FeatureDataset",
     "build_features",
+    "class_embeddings",
     "default_device",
     "load_feature_folder",
 ]
@@ -151,6 +152,23 @@ class FeatureDataset:
     def counts(self) -> np.ndarray:
         """(V,) training counts of the classes (what count-based builders read)."""
         return self.vocab.counts
+
+
+_CLASS_MEANS: dict[str, np.ndarray] = {}  # dataset key -> per-class mean features (a memo)
+
+
+def class_embeddings(dataset: FeatureDataset) -> np.ndarray:
+    """(V, e) class embeddings: the dataset's own, else the mean training feature of each class."""
+    if dataset.class_embeddings is not None:
+        return np.asarray(dataset.class_embeddings, dtype=np.float64)
+    if dataset.key not in _CLASS_MEANS:
+        features, labels = dataset.features["train"], np.asarray(dataset.labels["train"])
+        sums = np.zeros((dataset.num_classes, features.shape[1]))
+        for start in range(0, labels.shape[0], 65_536):  # chunks keep the float64 copies small
+            np.add.at(sums, labels[start : start + 65_536], np.asarray(features[start : start + 65_536], np.float64))
+        seen = np.bincount(labels, minlength=dataset.num_classes)
+        _CLASS_MEANS[dataset.key] = sums / np.maximum(seen, 1)[:, None]
+    return _CLASS_MEANS[dataset.key]
 
 
 def _train_encoder(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from tree_search.data.planted import PlantedConfig
-from tree_search.heads.train import TrainConfig
+from tree_search.heads.node_train import NodeRecipe
 
 __all__ = ["COST_MODES", "TreeEnvConfig"]
 
@@ -27,7 +27,7 @@ class TreeEnvConfig:
     dataset: str = "builtin"  # "builtin" (code corpus), "planted", a .npz file, or a prepared feature folder
     planted: PlantedConfig = field(default_factory=PlantedConfig)  # used when dataset == "planted"
     # --- reward
-    train: TrainConfig = field(default_factory=TrainConfig)  # head training budget of one evaluation
+    train: NodeRecipe = field(default_factory=NodeRecipe)  # node recipe of one evaluation (the reward's fidelity)
     seeds: int = 1  # training seeds averaged per evaluation
     cost_mode: str = "cap"  # "cap": over-cap trees are penalised; "tradeoff": reward -= cost_weight * cost ratio
     cost_cap: float = 2.0  # cap on expected cost per token, in multiples of binary Huffman's
@@ -59,8 +59,8 @@ class TreeEnvConfig:
             raise bad("dataset", "'builtin', 'planted', a .npz path or a feature folder")
         if not isinstance(self.planted, PlantedConfig):
             raise bad("planted", "a PlantedConfig (or a dict of its fields in env_config)")
-        if not isinstance(self.train, TrainConfig):
-            raise bad("train", "a TrainConfig (or a dict of its fields in env_config)")
+        if not isinstance(self.train, NodeRecipe):
+            raise bad("train", "a NodeRecipe (or a dict of its fields in env_config)")
         if self.cost_mode not in COST_MODES:
             raise bad("cost_mode", f"one of {COST_MODES}")
         for name in ("cost_cap",):
@@ -114,7 +114,7 @@ class TreeEnvConfig:
         if isinstance(values.get("planted"), Mapping):
             values["planted"] = PlantedConfig(**values["planted"])
         if isinstance(values.get("train"), Mapping):
-            values["train"] = TrainConfig(**values["train"])
+            values["train"] = NodeRecipe(**values["train"])
         if isinstance(values.get("fanouts"), list):
             values["fanouts"] = tuple(values["fanouts"])
         return cls(**values)

@@ -20,14 +20,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from tree_search.builders import huffman
-from tree_search.data.features import FeatureDataset, load_feature_folder
+from tree_search.data.features import FeatureDataset, class_embeddings, load_feature_folder
 from tree_search.data.npz_dataset import load_npz_dataset
 from tree_search.data.planted import PlantedConfig, make_planted
 from tree_search.data.prepare import prepare_dataset
 from tree_search.data.vocab import DataError
 from tree_search.envs.config import TreeEnvConfig
+from tree_search.heads.node_train import NodeRecipe
 from tree_search.heads.reward import Result, evaluate, head_cost
-from tree_search.heads.train import TrainConfig
 from tree_search.tree import Tree
 
 __all__ = ["EpisodeScorer", "LocalReward", "RewardFunction", "SearchStopped", "class_embeddings", "load_env_dataset"]
@@ -74,29 +74,12 @@ def load_env_dataset(config: TreeEnvConfig) -> FeatureDataset:
     return _load(config.dataset, config.planted)
 
 
-_CLASS_MEANS: dict[str, np.ndarray] = {}  # dataset key -> per-class mean features (a memo)
-
-
-def class_embeddings(dataset: FeatureDataset) -> np.ndarray:
-    """(V, e) class embeddings: the dataset's own, else the mean training feature of each class."""
-    if dataset.class_embeddings is not None:
-        return np.asarray(dataset.class_embeddings, dtype=np.float64)
-    if dataset.key not in _CLASS_MEANS:
-        features, labels = dataset.features["train"], np.asarray(dataset.labels["train"])
-        sums = np.zeros((dataset.num_classes, features.shape[1]))
-        for start in range(0, labels.shape[0], 65_536):  # chunks keep the float64 copies small
-            np.add.at(sums, labels[start : start + 65_536], np.asarray(features[start : start + 65_536], np.float64))
-        seen = np.bincount(labels, minlength=dataset.num_classes)
-        _CLASS_MEANS[dataset.key] = sums / np.maximum(seen, 1)[:, None]
-    return _CLASS_MEANS[dataset.key]
-
-
 @dataclass(frozen=True)
 class LocalReward:
     """`RewardFunction` that trains heads in this process with `tree_search.heads.evaluate`."""
 
     dataset: FeatureDataset
-    train: TrainConfig = TrainConfig()
+    train: NodeRecipe = NodeRecipe()
     seeds: int = 1
     use_cache: bool = True  # reuse results of trees trained before (memory and disk)
 

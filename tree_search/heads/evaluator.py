@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -22,8 +23,9 @@ from typing import Any
 import torch
 
 from tree_search.data.features import FeatureDataset, default_device
+from tree_search.heads.node_train import NodeRecipe
 from tree_search.heads.reward import Result, evaluate
-from tree_search.heads.train import Callback, TrainConfig
+from tree_search.heads.train import Callback
 from tree_search.tree import Tree
 
 __all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "LocalEvaluator", "evaluation_key", "failed_result"]
@@ -62,6 +64,8 @@ class Evaluation:
     train_seconds: float
     counted: bool  # whether it used the searcher's budget (baselines and repeats do not)
     pruned: bool = False  # stopped early by a pruner: a partial measurement
+    nodes_trained: int = 0  # internal nodes trained for this evaluation (the node bank lacked them)
+    nodes_reused: int = 0  # internal nodes whose results came from the node bank
     error: str | None = None
     projections: dict[int, int] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)  # the full `Result`, as JSON
@@ -95,7 +99,14 @@ Listener = Callable[[Evaluation, Tree], None]
 
 
 class Evaluator(ABC):
-    """Submit trees, collect their evaluations; dedup by `evaluation_key`; count a budget."""
+    """Submit trees, collect their evaluations; dedup by `evaluation_key`; count a budget.
+
+    Deduplication and the budget live here, once, for every implementation, and hold
+    across threads: a tree is never trained twice, even when two threads propose it at
+    once (the second waits for the first's result), and evaluations in flight count
+    against the budget. Implementations only say how one tree is scored (`_compute`) and,
+    when they run evaluations concurrently, override `submit` / `collect`.
+    """
 
     def __init__(self, budget: int | None = None, listeners: Sequence[Listener] = ()) -> None:
         """Args: budget: new evaluations allowed (None: unlimited); listeners: called on each new result."""
@@ -105,11 +116,17 @@ class Evaluator(ABC):
         self.used = 0  # counted evaluations so far (including a resumed run's)
         self.started = time.perf_counter()
         self._next_index = 0
-        self.counters = {"done": 0, "failed": 0, "retried": 0, "cached": 0, "worker_seconds": 0.0}
+        self.counters = {"done": 0, "failed": 0, "retried": 0, "cached": 0, "worker_seconds": 0.0,
+                         "nodes_trained": 0, "nodes_reused": 0}  # fmt: skip
         self.workers = 1  # evaluations that can run at once
         self.gpus_per_evaluation = 0.0  # GPU share an evaluation holds (for the GPU-seconds counter)
+        self._lock = threading.RLock()
+        self._in_flight: dict[str, threading.Event] = {}
+        self._in_flight_counted = 0
+        self._done: dict[int, Evaluation] = {}
+        self._tickets = 0
 
-    thread_safe = False  # whether several threads may call `evaluate` at once
+    thread_safe = True  # several threads may call `evaluate` at once
 
     def stats(self) -> dict[str, float]:
         """Counters for TensorBoard and the report: done, failed, retried, cached, worker and GPU seconds, rate."""
@@ -124,8 +141,10 @@ class Evaluator(ABC):
 
     @property
     def remaining(self) -> int | None:
-        """Evaluations left in the budget (None: unlimited)."""
-        return None if self.budget is None else max(0, self.budget - self.used)
+        """Evaluations left in the budget, counting those in flight (None: unlimited)."""
+        if self.budget is None:
+            return None
+        return max(0, self.budget - self.used - self._in_flight_counted)
 
     @property
     def exhausted(self) -> bool:
@@ -141,20 +160,15 @@ class Evaluator(ABC):
             self._next_index = max(self._next_index, evaluation.index + 1)
 
     @abstractmethod
-    def submit(
-        self,
-        tree: Tree,
-        projections: Mapping[int, int] | None = None,
-        *,
-        searcher: str = "",
-        counted: bool = True,
-        callbacks: Sequence[Callback] = (),
-    ) -> int:
-        """Queue ``tree``; returns a ticket. Raises `BudgetExhausted` when a counted tree is new and none is left."""
+    def _compute(
+        self, tree: Tree, projections: Mapping[int, int] | None, callbacks: Sequence[Callback]
+    ) -> tuple[Result, float | None]:
+        """Score one new tree: its `Result`, and the worker seconds it took (None: the time waited for it)."""
 
-    @abstractmethod
-    def collect(self, wait: bool = True) -> dict[int, Evaluation]:
-        """``{ticket: evaluation}`` of the submissions finished since the last call."""
+    def _check_budget(self, key: str, counted: bool) -> None:
+        """Raise `BudgetExhausted` when a counted, new tree would exceed the budget."""
+        if counted and self.exhausted and key not in self.known and key not in self._in_flight:
+            raise BudgetExhausted(f"the budget of {self.budget} evaluations is used up")
 
     def evaluate(
         self,
@@ -165,12 +179,72 @@ class Evaluator(ABC):
         counted: bool = True,
         callbacks: Sequence[Callback] = (),
     ) -> Evaluation:
-        """Submit one tree and wait for its evaluation."""
-        ticket = self.submit(tree, projections, searcher=searcher, counted=counted, callbacks=callbacks)
+        """Evaluate ``tree`` (or answer from what is known), blocking only the calling thread.
+
+        Raises:
+            BudgetExhausted: a counted, new tree and no evaluation left.
+        """
+        key = evaluation_key(tree, projections)
         while True:
-            done = self.collect(wait=True)
-            if ticket in done:
-                return done[ticket]
+            with self._lock:
+                if key in self.known:
+                    self.counters["cached"] += 1
+                    known = self.known[key]
+                    return replace(known, searcher=searcher or known.searcher, counted=False)
+                pending = self._in_flight.get(key)
+                if pending is None:
+                    self._check_budget(key, counted)
+                    done = self._in_flight[key] = threading.Event()
+                    self._in_flight_counted += int(counted)
+                    break
+            pending.wait()  # the same tree is being trained by another thread: wait and reuse it
+            with self._lock:
+                if key not in self.known:  # it failed there: train it here
+                    continue
+        started = time.perf_counter()
+        try:
+            result, busy = self._compute(tree, projections, callbacks)
+        except BaseException:
+            with self._lock:  # nothing recorded: release the budget and let waiters train it themselves
+                self._in_flight_counted -= int(counted)
+                del self._in_flight[key]
+                done.set()
+            raise
+        with self._lock:  # one step, so no thread ever sees the evaluation neither in flight nor recorded
+            self._in_flight_counted -= int(counted)
+            self.counters["worker_seconds"] += busy if busy is not None else time.perf_counter() - started
+            self.counters["failed" if result.error else "done"] += 1
+            self.counters["nodes_trained"] += int(result.extra.get("nodes_trained", 0))
+            self.counters["nodes_reused"] += int(result.extra.get("nodes_reused", 0))
+            evaluation = self._record(key, result, tree, searcher, counted, projections)
+            del self._in_flight[key]
+            done.set()
+        return evaluation
+
+    def submit(
+        self,
+        tree: Tree,
+        projections: Mapping[int, int] | None = None,
+        *,
+        searcher: str = "",
+        counted: bool = True,
+        callbacks: Sequence[Callback] = (),
+    ) -> int:
+        """Queue ``tree``; returns a ticket. Raises `BudgetExhausted` when a counted tree is new and none is left.
+
+        This default evaluates at once, in the calling thread; `collect` hands the result over.
+        """
+        evaluation = self.evaluate(tree, projections, searcher=searcher, counted=counted, callbacks=callbacks)
+        with self._lock:
+            ticket, self._tickets = self._tickets, self._tickets + 1
+            self._done[ticket] = evaluation
+        return ticket
+
+    def collect(self, wait: bool = True) -> dict[int, Evaluation]:
+        """``{ticket: evaluation}`` of the submissions finished since the last call."""
+        with self._lock:
+            done, self._done = self._done, {}
+        return done
 
     def reward(
         self,
@@ -211,6 +285,8 @@ class Evaluator(ABC):
             train_seconds=result.train_seconds,
             counted=counted,
             pruned=bool(result.extra.get("pruned")),
+            nodes_trained=int(result.extra.get("nodes_trained", 0)),
+            nodes_reused=int(result.extra.get("nodes_reused", 0)),
             error=result.error,
             projections={int(k): int(v) for k, v in (projections or {}).items()},
             result=result.to_json(),
@@ -231,59 +307,29 @@ def failed_result(tree: Tree, error: str | None) -> Result:
 
 
 class LocalEvaluator(Evaluator):
-    """Trains heads in this process with `tree_search.heads.evaluate`, one submission at a time."""
+    """Scores trees in this process with `tree_search.heads.evaluate` (through the node bank)."""
+
+    thread_safe = False  # correct from several threads, but torch already uses the cores: searchers go serially
 
     def __init__(
         self,
         dataset: FeatureDataset,
-        train: TrainConfig = TrainConfig(),
+        train: NodeRecipe = NodeRecipe(),
         seeds: int = 1,
         budget: int | None = None,
         listeners: Sequence[Listener] = (),
         device: str | None = None,
+        use_bank: bool = True,
     ) -> None:
-        """Args: dataset, train and seeds: what `evaluate` gets; budget and listeners: see `Evaluator`."""
+        """Args: dataset, train, seeds: what `evaluate` gets; use_bank: reuse trained nodes; see `Evaluator`."""
         super().__init__(budget, listeners)
-        self.dataset, self.train, self.seeds, self.device = dataset, train, seeds, device
+        self.dataset, self.train, self.seeds, self.device, self.use_bank = dataset, train, seeds, device, use_bank
         on_gpu = (torch.device(device) if device is not None else default_device()).type == "cuda"
         self.gpus_per_evaluation = 1.0 if on_gpu else 0.0
-        self._done: dict[int, Evaluation] = {}
-        self._tickets = 0
 
-    def submit(
-        self,
-        tree: Tree,
-        projections: Mapping[int, int] | None = None,
-        *,
-        searcher: str = "",
-        counted: bool = True,
-        callbacks: Sequence[Callback] = (),
-    ) -> int:
-        """Evaluate now (in this process); the result waits for `collect`."""
-        key = evaluation_key(tree, projections)
-        ticket, self._tickets = self._tickets, self._tickets + 1
-        if key in self.known:
-            self.counters["cached"] += 1
-            self._done[ticket] = replace(self.known[key], searcher=searcher or self.known[key].searcher, counted=False)
-            return ticket
-        if counted and self.exhausted:
-            raise BudgetExhausted(f"the budget of {self.budget} evaluations is used up")
-        started = time.perf_counter()
-        result = evaluate(
-            tree,
-            self.dataset,
-            self.train,
-            seeds=self.seeds,
-            device=self.device,
-            callbacks=callbacks,
-            projections=projections,
-        )
-        self.counters["worker_seconds"] += time.perf_counter() - started
-        self.counters["failed" if result.error else "done"] += 1
-        self._done[ticket] = self._record(key, result, tree, searcher, counted, projections)
-        return ticket
-
-    def collect(self, wait: bool = True) -> dict[int, Evaluation]:
-        """Everything submitted so far has finished (evaluation is synchronous)."""
-        done, self._done = self._done, {}
-        return done
+    def _compute(
+        self, tree: Tree, projections: Mapping[int, int] | None, callbacks: Sequence[Callback]
+    ) -> tuple[Result, float | None]:
+        result = evaluate(tree, self.dataset, self.train, seeds=self.seeds, device=self.device, callbacks=callbacks,
+                          projections=projections, use_cache=self.use_bank)  # fmt: skip
+        return result, None

@@ -19,28 +19,27 @@ without callbacks that wait for an actor at the same time go to it in one call.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
 import os
 import queue
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tree_search.data.features import FeatureDataset
-from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, Listener, evaluation_key, failed_result
+from tree_search.heads.evaluator import Evaluation, Evaluator, Listener, evaluation_key, failed_result
+from tree_search.heads.node_train import NodeRecipe
+from tree_search.heads.ray_channel import start_channel
 from tree_search.heads.reward import Result
-from tree_search.heads.train import Callback, EvalPoint, TrainConfig
+from tree_search.heads.train import Callback, EvalPoint
 from tree_search.tree import Tree
 
 __all__ = ["EvaluationWorker", "EvaluatorClosed", "RayEvaluator", "ensure_ray"]
@@ -83,9 +82,10 @@ class EvaluationWorker:
         self,
         tree: Tree,
         projections: dict[int, int] | None,
-        train: TrainConfig,
+        train: NodeRecipe,
         seeds: int,
         reporter: tuple[Any, int] | None = None,
+        use_bank: bool = True,
     ) -> dict[str, Any]:
         """`tree_search.heads.evaluate` on this actor's device; the `Result` as JSON.
 
@@ -97,17 +97,18 @@ class EvaluationWorker:
         callbacks = ()
         if reporter is not None:
             channel, rid = reporter
-            callbacks = (lambda point: ray.get(channel.report.remote(rid, asdict(point))),)
-        return evaluate(tree, self.dataset, train, seeds=seeds, projections=projections, callbacks=callbacks).to_json()
+            callbacks = (lambda point: ray.get(channel.ask.remote(asdict(point), rid)),)
+        return evaluate(tree, self.dataset, train, seeds=seeds, projections=projections, callbacks=callbacks,
+                        use_cache=use_bank).to_json()  # fmt: skip
 
-    def evaluate_many(self, requests: list[tuple[Tree, dict[int, int] | None, TrainConfig, int]]) -> list[dict]:
-        """Several evaluations in one call: ``{"result": ...}`` or ``{"error": ...}`` for each."""
+    def evaluate_many(self, requests: list[tuple[Tree, dict[int, int] | None, NodeRecipe, int, bool]]) -> list[dict]:
+        """Several evaluations in one call: ``{"result": ...}`` or ``{"exception": ...}`` (raised by the caller)."""
         answers = []
-        for tree, projections, train, seeds in requests:
+        for tree, projections, train, seeds, use_bank in requests:
             try:
-                answers.append({"result": self.evaluate(tree, projections, train, seeds)})
-            except Exception as error:  # noqa: BLE001 - one bad tree must not fail the others
-                answers.append({"error": _describe(error)})
+                answers.append({"result": self.evaluate(tree, projections, train, seeds, use_bank=use_bank)})
+            except Exception as error:  # noqa: BLE001 - one bug must not hide the other results
+                answers.append({"exception": error})
         return answers
 
     def pid(self) -> int:
@@ -119,51 +120,11 @@ class EvaluationWorker:
         return ray.get_runtime_context().get_node_id()
 
 
-def on_this_node() -> NodeAffinitySchedulingStrategy:
-    """Scheduling on the calling process's node (for small actors that must live and die with the driver)."""
-    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-
-
 def _describe(error: BaseException) -> str:
     """``Type: last line of the message`` (the cause of a Ray task error)."""
     cause = error.cause if isinstance(error, RayTaskError) and getattr(error, "cause", None) is not None else error
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
-
-
-class _ReportChannel:
-    """Carries training measurements from evaluation actors to the driver, and the driver's answers back."""
-
-    def __init__(self) -> None:
-        self._reports: dict[int, asyncio.Queue] = defaultdict(asyncio.Queue)
-        self._answers: dict[int, asyncio.Future] = {}
-
-    async def report(self, rid: int, point: dict[str, Any]) -> bool:
-        """Called by an actor: hand over a measurement, wait for "stop?"."""
-        answer = asyncio.get_running_loop().create_future()
-        self._answers[rid] = answer
-        await self._reports[rid].put(point)
-        return await answer
-
-    async def next(self, rid: int, timeout: float) -> dict[str, Any] | None:
-        """Called by the driver: the next measurement of request ``rid`` (None after ``timeout`` s)."""
-        try:
-            return await asyncio.wait_for(self._reports[rid].get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-
-    async def answer(self, rid: int, stop: bool) -> None:
-        """Called by the driver: whether request ``rid``'s training stops."""
-        future = self._answers.pop(rid, None)
-        if future is not None and not future.done():
-            future.set_result(stop)
-
-    async def forget(self, rid: int) -> None:
-        """Called by the driver when request ``rid`` is over (a measurement still waiting is told to stop)."""
-        self._reports.pop(rid, None)
-        future = self._answers.pop(rid, None)
-        if future is not None and not future.done():
-            future.set_result(True)
 
 
 @dataclass
@@ -189,7 +150,7 @@ class RayEvaluator(Evaluator):
     def __init__(
         self,
         dataset: FeatureDataset,
-        train: TrainConfig = TrainConfig(),
+        train: NodeRecipe = NodeRecipe(),
         seeds: int = 1,
         budget: int | None = None,
         listeners: Sequence[Listener] = (),
@@ -200,6 +161,7 @@ class RayEvaluator(Evaluator):
         max_retries: int = 2,
         address: str | None = None,
         batch: int = 1,
+        use_bank: bool = True,
     ) -> None:
         """Start ``workers`` actors.
 
@@ -213,6 +175,7 @@ class RayEvaluator(Evaluator):
             )
         ensure_ray(address)
         self.train, self.seeds, self.max_retries, self.batch = train, seeds, max_retries, batch
+        self.use_bank = use_bank  # the actors share this machine's node bank (see `tree_search.heads.node_bank`)
         self.gpus_per_evaluation = gpus_per_eval
         self._actor_class = ray.remote(num_cpus=cpus_per_eval, num_gpus=gpus_per_eval, max_restarts=0)(EvaluationWorker)
         self._threads = max(1, int(cpus_per_eval))
@@ -223,12 +186,8 @@ class RayEvaluator(Evaluator):
         self.actors = [self._new_actor() for _ in range(workers)]
         for actor in self.actors:
             self._idle.put(actor)
-        self._lock = threading.RLock()
-        self._in_flight: dict[str, threading.Event] = {}
-        self._in_flight_counted = 0
         self._pool = ThreadPoolExecutor(max_workers=workers * batch, thread_name_prefix="evaluation")
         self._futures: dict[int, Future] = {}
-        self._tickets = 0
         self._waiting: list[_Waiting] = []  # evaluations waiting to join a batch
         self._channel = None  # the report channel, started with the first evaluation that has callbacks
         self._rids = itertools.count()
@@ -237,70 +196,22 @@ class RayEvaluator(Evaluator):
     def _new_actor(self):
         return self._actor_class.remote(self._dataset_ref, self._threads)
 
-    @property
-    def remaining(self) -> int | None:
-        """Evaluations left, counting those in flight."""
-        if self.budget is None:
-            return None
-        return max(0, self.budget - self.used - self._in_flight_counted)
-
-    def evaluate(
-        self,
-        tree: Tree,
-        projections: Mapping[int, int] | None = None,
-        *,
-        searcher: str = "",
-        counted: bool = True,
-        callbacks: Sequence[Callback] = (),
-    ) -> Evaluation:
-        """Evaluate on a free actor (waiting for one), blocking only the calling thread."""
-        key = evaluation_key(tree, projections)
-        while True:
-            with self._lock:
-                if key in self.known:
-                    self.counters["cached"] += 1
-                    known = self.known[key]
-                    return replace(known, searcher=searcher or known.searcher, counted=False)
-                pending = self._in_flight.get(key)
-                if pending is None:
-                    if counted and self.exhausted:
-                        raise BudgetExhausted(f"the budget of {self.budget} evaluations is used up")
-                    done = self._in_flight[key] = threading.Event()
-                    self._in_flight_counted += int(counted)
-                    break
-            pending.wait()  # the same tree is being trained by another thread: wait and reuse it
-            with self._lock:
-                if key not in self.known:  # it failed there: train it here
-                    continue
-        started = time.perf_counter()
-        try:
-            result, busy = self._run(tree, projections, callbacks)
-        except BaseException:
-            with self._lock:  # nothing recorded: release the budget and let waiters train it themselves
-                self._in_flight_counted -= int(counted)
-                del self._in_flight[key]
-                done.set()
-            raise
-        with self._lock:  # one step, so no thread ever sees the evaluation neither in flight nor recorded
-            self._in_flight_counted -= int(counted)
-            self.counters["worker_seconds"] += busy if busy is not None else time.perf_counter() - started
-            self.counters["failed" if result.error else "done"] += 1
-            evaluation = self._record(key, result, tree, searcher, counted, projections)
-            del self._in_flight[key]
-            done.set()
-        return evaluation
-
-    def _run(
+    def _compute(
         self, tree: Tree, projections: Mapping[int, int] | None, callbacks: Sequence[Callback]
     ) -> tuple[Result, float | None]:
-        """The result, and the actor time it took when it shared a call (None: the time waited for it)."""
+        """The result, and the actor time it took when it shared a call (None: the time waited for it).
+
+        An exception raised by the evaluation itself is a bug (training failures come back as
+        results): it is raised here, as its own type, so the search stops with its message.
+        A worker that keeps dying is a failed evaluation.
+        """
         projections = dict(projections or {}) or None
         try:
             if self.batch > 1 and not callbacks:
                 return self._run_batched(tree, projections)
             return self._with_actor(lambda actor: self._call(actor, tree, projections, callbacks)), None
-        except RayTaskError as error:  # the evaluation itself raised (bad input): a failed result, actor intact
-            return failed_result(tree, _describe(error)), None
+        except RayTaskError as error:  # the actor stays intact; the driver sees the original exception
+            raise error.as_instanceof_cause() from None
         except _WorkerDied as died:
             return failed_result(tree, str(died)), None
 
@@ -345,32 +256,33 @@ class RayEvaluator(Evaluator):
     def _call(self, actor, tree: Tree, projections, callbacks: Sequence[Callback]) -> Result:
         """One evaluation on ``actor``, answering its training measurements with ``callbacks`` meanwhile."""
         if not callbacks:
-            return Result.from_json(ray.get(actor.evaluate.remote(tree, projections, self.train, self.seeds)))
+            return Result.from_json(
+                ray.get(actor.evaluate.remote(tree, projections, self.train, self.seeds, None, self.use_bank))
+            )
         channel, rid = self._report_channel(), next(self._rids)
-        reference = actor.evaluate.remote(tree, projections, self.train, self.seeds, (channel, rid))
+        reference = actor.evaluate.remote(tree, projections, self.train, self.seeds, (channel, rid), self.use_bank)
         try:
             while not ray.wait([reference], timeout=0)[0]:
                 try:
-                    point = ray.get(channel.next.remote(rid, 0.1))
+                    points = ray.get(channel.take.remote(rid, 0.1))
                 except _DIED as lost:  # not the evaluation actor's fault: do not replace it
                     with self._lock:
                         self._channel = None
                     raise RuntimeError("the channel of training measurements (pruning) was lost") from lost
-                if point is not None:
+                for point_id, point in points:
                     stop = True  # also when a callback raises: the actor must not wait for an answer forever
                     try:
                         stop = any([bool(callback(EvalPoint(**point))) for callback in callbacks])
                     finally:
-                        channel.answer.remote(rid, stop)
+                        channel.answer.remote(point_id, stop)
             return Result.from_json(ray.get(reference))
         finally:
-            channel.forget.remote(rid)
+            channel.close_topic.remote(rid, True)  # a measurement still waiting is told to stop
 
     def _report_channel(self):
         with self._lock:
             if self._channel is None:
-                channel_class = ray.remote(num_cpus=0, max_concurrency=1000)(_ReportChannel)
-                self._channel = channel_class.options(scheduling_strategy=on_this_node()).remote()
+                self._channel = start_channel()
             return self._channel
 
     def _run_batched(self, tree: Tree, projections) -> tuple[Result, float]:
@@ -407,17 +319,14 @@ class RayEvaluator(Evaluator):
         return mine.result, mine.seconds
 
     def _call_many(self, actor, *, batch: list[_Waiting]) -> list[Result]:
-        requests = [(w.tree, w.projections, self.train, self.seeds) for w in batch]
+        requests = [(w.tree, w.projections, self.train, self.seeds, self.use_bank) for w in batch]
         started = time.perf_counter()
         answers = ray.get(actor.evaluate_many.remote(requests))
         for waiting in batch:  # the call's time, shared: worker seconds count the actor's time once
             waiting.seconds = (time.perf_counter() - started) / len(batch)
         with self._lock:
             self.counters["batched_calls"] += 1
-        return [
-            Result.from_json(a["result"]) if "result" in a else failed_result(w.tree, a["error"])
-            for w, a in zip(batch, answers, strict=True)
-        ]
+        return [Result.from_json(a["result"]) if "result" in a else a["exception"] for a in answers]
 
     def submit(
         self,
@@ -430,9 +339,7 @@ class RayEvaluator(Evaluator):
     ) -> int:
         """Queue an evaluation on the pool; `collect` returns it when done."""
         with self._lock:
-            key = evaluation_key(tree, projections)
-            if counted and self.exhausted and key not in self.known and key not in self._in_flight:
-                raise BudgetExhausted(f"the budget of {self.budget} evaluations is used up")
+            self._check_budget(evaluation_key(tree, projections), counted)
             ticket, self._tickets = self._tickets, self._tickets + 1
             self._futures[ticket] = self._pool.submit(
                 self.evaluate, tree, projections, searcher=searcher, counted=counted, callbacks=callbacks

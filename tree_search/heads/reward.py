@@ -1,13 +1,16 @@
-"""The reward: train a head on a tree and score it on validation data, cached.
+"""The reward: the validation loss of a head trained on a tree, assembled node by node from the node bank.
 
-`evaluate` is what every searcher calls: it never raises for a failed training (NaN,
-out of memory); the failure is recorded in `Result.error`. `score_test` is the only
-function that touches the test split, for final reports; searches never call it.
+`evaluate` is what every searcher calls. It trains (`tree_search.heads.node_train`)
+only the tree's internal nodes that the `NodeBank` lacks, all of them in one batched
+pass, stores them, and sums: ``NLL(T) = (1/N) sum_n L_n`` over the tree's nodes, on a
+seeded random sample of the validation split. A genuine training failure (non-finite
+loss, out of memory) is recorded in `Result.error`; any other exception is a bug and
+propagates. `score_test` is the only function that touches the test split, for final
+reports, with seeds the search never trained with.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -18,16 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from tree_search.data.cache import atomic_write_bytes, cache_root, content_key
 from tree_search.data.features import FeatureDataset, default_device
-from tree_search.heads.train import Callback, EvalPoint, TrainConfig, device_split, fit, validation_nll
+from tree_search.heads.node_bank import NodeBank
+from tree_search.heads.node_train import NodeRecipe, node_keys, split_sample, train_nodes
+from tree_search.heads.train import Callback, EvalPoint
 from tree_search.heads.tree_head import TreeSoftmaxHead
 from tree_search.tree import Tree
 
-__all__ = ["Result", "evaluate", "head_cost", "score_test"]
+__all__ = ["FINAL_SEED_OFFSET", "Result", "evaluate", "head_cost", "score_test", "training_failure"]
 
-_REWARD_VERSION = "reward/2"  # 2: results carry the first seed's validation history
-_MEMORY: dict[str, Result] = {}
+FINAL_SEED_OFFSET = 1_000_000  # final test scoring uses seeds from here on: never a search's seed
 
 
 @dataclass(frozen=True)
@@ -117,107 +120,148 @@ def head_cost(
     return cost
 
 
-def _cache_path(key: str) -> Path:
-    return cache_root() / "evaluations" / key[:2] / f"{key}.json"
+_BANKS: dict[tuple, NodeBank] = {}
+
+
+def node_bank(dataset: FeatureDataset, recipe: NodeRecipe, device: torch.device, root: Path | None = None) -> NodeBank:
+    """The (process-wide) bank of ``dataset`` and ``recipe`` on this device class."""
+    key = (dataset.key, recipe, device.type, str(root))
+    if key not in _BANKS:
+        _BANKS[key] = NodeBank(dataset, recipe, device.type, root)
+    return _BANKS[key]
+
+
+def training_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a genuine training failure (a penalty reward), not a bug (which must raise)."""
+    if isinstance(error, (FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def node_losses(
+    tree: Tree,
+    dataset: FeatureDataset,
+    recipe: NodeRecipe,
+    *,
+    projections: Mapping[int, int] | None = None,
+    device: torch.device,
+    use_bank: bool = True,
+    bank_root: Path | None = None,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """(I, M) validation loss sums of every internal node at each measurement, from the bank or trained now.
+
+    Returns the losses and counters: nodes trained, nodes reused, seconds, useful FLOPs of the training.
+    """
+    keys = node_keys(tree, projections)
+    started = time.perf_counter()
+    if use_bank:
+        bank = node_bank(dataset, recipe, device, bank_root)
+        record = bank.lookup(keys)
+        found, losses = record.found, record.losses
+    else:
+        found, losses = (
+            np.zeros(tree.num_internal, dtype=bool),
+            np.zeros((tree.num_internal, recipe.measure_steps.size)),
+        )
+    missing = np.flatnonzero(~found)
+    flops = 0.0
+    if missing.size:
+        outcome = train_nodes(
+            tree, missing, dataset, recipe, projections=projections, device=device, keys=keys[missing]
+        )
+        losses[missing] = outcome.losses
+        flops = outcome.flops
+        if use_bank:
+            bank.store(outcome)
+    counters = {"nodes_trained": int(missing.size), "nodes_reused": int(found.sum()),
+                "node_seconds": time.perf_counter() - started, "flops": flops}  # fmt: skip
+    return losses, counters
 
 
 def evaluate(
     tree: Tree,
     dataset: FeatureDataset,
-    config: TrainConfig = TrainConfig(),
+    config: NodeRecipe = NodeRecipe(),
     *,
     seeds: int | Sequence[int] = 1,
     device: torch.device | str | None = None,
-    top_k_samples: int = 5_000,
+    top_k_samples: int = 0,
     use_cache: bool = True,
     callbacks: Sequence[Callback] = (),
     projections: Mapping[int, int] | None = None,
+    bank_root: Path | None = None,
 ) -> Result:
-    """Train a `TreeSoftmaxHead` on ``tree`` and report its validation loss and cost.
+    """The validation loss and cost of a head on ``tree``, assembled from its nodes' results.
 
     Args:
         tree: the tree over the dataset's classes.
         dataset: frozen features (see `tree_search.data.prepare_dataset`).
-        config: the training budget; ``config.seed`` is the first seed.
+        config: the node recipe; ``config.seed`` is the first seed.
         seeds: how many seeds (``config.seed, config.seed + 1, ...``) or which seeds;
             the result is their mean with its standard error.
         device: default CUDA when available.
-        top_k_samples: validation rows on which top-1/top-5 accuracy are measured.
-        use_cache: reuse results keyed by (canonical tree hash, dataset key, budget,
-            seeds), in memory and on disk under the cache folder.
-        callbacks: per-measurement callbacks of the first seed's training (pruners). A
-            run a callback stopped is returned with ``extra["pruned"] = True`` and is
-            not cached, since it is a partial measurement.
-        projections: optional ``{internal node: projected dim}`` of the head (the
-            adaptive-softmax tail clusters); part of the cache key and of the cost.
+        top_k_samples: validation rows (a seeded random sample) on which top-1/top-5
+            accuracy are measured; 0 (the default of searches) skips it.
+        use_cache: read and extend the node bank (else every node is trained).
+        callbacks: see each measurement of the first seed (the tree's NLL after each
+            of its nodes' measurement points); one returning True stops there, and the
+            result is that partial (pruned) measurement.
+        projections: optional ``{internal node: projected dim}`` (adaptive tail clusters).
+        bank_root: the bank's folder (default under the cache folder).
 
     Returns:
-        A `Result`; ``error`` says why when training failed (nothing is raised).
+        A `Result`; ``error`` says why when training failed (non-finite loss, out of
+        memory). Other exceptions propagate: they are bugs, not properties of the tree.
     """
     if tree.num_classes != dataset.num_classes:
         raise ValueError(f"the tree has {tree.num_classes} classes, the dataset {dataset.num_classes}")
     seed_list = tuple(range(config.seed, config.seed + seeds)) if isinstance(seeds, int) else tuple(seeds)
     if not seed_list:
         raise ValueError(f"evaluate needs at least one seed, got seeds={seeds!r}")
-    key = content_key(
-        {
-            "reward": _REWARD_VERSION,
-            "tree": tree.canonical_hash,
-            "dataset": dataset.key,
-            "config": {k: v for k, v in asdict(config).items() if k != "seed"},
-            "seeds": seed_list,
-            "top_k_samples": top_k_samples,
-            # Projections name nodes by id, which the canonical hash ignores: key those trees by exact structure.
-            **(
-                {
-                    "projections": sorted((int(n), int(d)) for n, d in projections.items()),
-                    "structure": content_key({"ptr": tree.child_ptr.tolist(), "ids": tree.child_ids.tolist()}),
-                }
-                if projections
-                else {}
-            ),
-        }
-    )
-    if use_cache:
-        cached = _MEMORY.get(key)
-        path = _cache_path(key)
-        if cached is None and path.exists():
-            cached = _MEMORY[key] = Result.from_json(json.loads(path.read_text(encoding="utf-8")))
-        if cached is not None:
-            return _replay(cached, callbacks)
     device = torch.device(device) if device is not None else default_device()
     counts = dataset.counts if dataset.counts.sum() > 0 else None
     projections = {int(node): int(size) for node, size in (projections or {}).items()}
     cost = head_cost(tree, counts, dataset.dim, projections)
     ratio = cost / tree.full_softmax_cost(dataset.dim)
     started = time.perf_counter()
-    per_seed, steps, top1, top5, error, pruned, history = [], 0, math.nan, math.nan, None, False, []
+    per_seed, history, error, pruned = [], [], None, False
+    counters = {"nodes_trained": 0, "nodes_reused": 0, "node_seconds": 0.0, "flops": 0.0}
+    steps = [int(s) for s in config.measure_steps]
     try:
         for index, seed in enumerate(seed_list):
-            run_config = replace(config, seed=seed)
-            torch.manual_seed(seed)
-            head = TreeSoftmaxHead(tree, dataset.dim, projections=projections, sparse=config.sparse)
-            outcome = fit(head, dataset, run_config, device=device, callbacks=callbacks if index == 0 else ())
-            per_seed.append(outcome.best_valid_nll)
-            steps += outcome.steps
+            recipe = replace(config, seed=seed)
+            losses, used = node_losses(tree, dataset, recipe, projections=projections, device=device,
+                                       use_bank=use_cache, bank_root=bank_root)  # fmt: skip
+            counters = {k: counters[k] + used[k] for k in counters}
+            rows = split_sample(dataset, "valid", recipe.valid_tokens, seed, device).labels.size
+            curve = losses.sum(0) / rows  # the tree's NLL at each measurement point
+            best = float(losses.min(1).sum() / rows)  # each node at its own best measurement
             if index == 0:
-                history = [[point.step, point.epoch, point.valid_nll, point.train_loss, point.seconds]
-                           for point in outcome.history]  # fmt: skip
-            if outcome.stopped_by_callback:  # a pruned run is a partial measurement: report it, never cache it
-                pruned = True
+                history = [
+                    [step, step / config.steps, float(v), math.nan, 0.0] for step, v in zip(steps, curve, strict=True)
+                ]
+                for j, point in enumerate(history):
+                    if any([bool(callback(EvalPoint(*point))) for callback in callbacks]):
+                        best, pruned = float(min(curve[: j + 1])), j + 1 < len(history)
+                        break
+            per_seed.append(best)
+            if pruned:
                 break
-            if index == 0 and top_k_samples:
-                features, labels = device_split(dataset, "valid", device, config.max_valid_samples)
-                top1, top5 = _top_k_accuracy(head, features[:top_k_samples], labels[:top_k_samples])
-    except (FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - only genuine training failures become a result
+        if not training_failure(err):
+            raise
         error = f"{type(err).__name__}: {err}"
     seconds = time.perf_counter() - started
+    top1 = top5 = math.nan
+    if error is None and top_k_samples and not pruned:
+        top1, top5 = top_k_accuracy(tree, dataset, config, top_k_samples, projections=projections, device=device)
     if error is None:
         mean = float(np.mean(per_seed))
         stderr = float(np.std(per_seed, ddof=1) / math.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0
     else:
         mean, stderr = math.inf, math.inf
-    result = Result(
+    return Result(
         tree_hash=tree.canonical_hash,
         valid_nll=mean,
         valid_nll_stderr=stderr,
@@ -227,62 +271,66 @@ def evaluate(
         expected_cost=cost,
         cost_ratio=ratio,
         train_seconds=seconds,
-        steps=steps,
+        steps=config.steps,
         device=str(device),
         seeds=seed_list,
         per_seed_nll=tuple(per_seed),
         error=error,
-        extra={"pruned": True, "history": history} if pruned else {"history": history},
+        cached=counters["nodes_trained"] == 0 and error is None,
+        extra={"history": history, **counters, **({"pruned": True} if pruned else {})},
     )
-    if use_cache and error is None and not pruned:  # failures may be transient (memory); pruned runs are partial
-        _MEMORY[key] = result
-        atomic_write_bytes(_cache_path(key), json.dumps(result.to_json()).encode())
-    return result
 
 
-def _replay(result: Result, callbacks: Sequence[Callback]) -> Result:
-    """A cached result as the callbacks would have seen it.
+def trained_head(
+    tree: Tree,
+    dataset: FeatureDataset,
+    recipe: NodeRecipe = NodeRecipe(),
+    *,
+    projections: Mapping[int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> TreeSoftmaxHead:
+    """A `TreeSoftmaxHead` holding every node's weights at its best measurement under ``recipe``."""
+    device = torch.device(device) if device is not None else default_device()
+    outcome = train_nodes(tree, np.arange(tree.num_internal), dataset, recipe, projections=projections, device=device,
+                          keep_weights=True)  # fmt: skip
+    head = TreeSoftmaxHead(tree, dataset.dim, projections=projections)
+    for node, weights in outcome.weights.items():  # loads once per node; never on the reward's path
+        head.set_node_parameters(node, *[torch.from_numpy(w) for w in weights])
+    return head.to(device)
 
-    Each stored measurement of the first seed is passed to them in order; if one stops
-    training, the result is the same partial (pruned) measurement a fresh training would
-    have given. So a search decides the same way whether or not a tree was cached.
-    """
-    history = result.extra.get("history") or []
-    for index, values in enumerate(history):
-        point = EvalPoint(*values)
-        if any(callback(point) for callback in callbacks):
-            best = min(v[2] for v in history[: index + 1])
-            return replace(
-                result,
-                valid_nll=best,
-                valid_nll_stderr=0.0,
-                perplexity=math.exp(best) if best < 700 else math.inf,
-                per_seed_nll=(best,),
-                steps=int(point.step),
-                top1=math.nan,
-                top5=math.nan,
-                cached=True,
-                extra={**result.extra, "pruned": True},
-            )
-    return replace(result, cached=True)
+
+def top_k_accuracy(
+    tree: Tree,
+    dataset: FeatureDataset,
+    recipe: NodeRecipe,
+    samples: int,
+    *,
+    projections: Mapping[int, int] | None = None,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy on a seeded random sample of ``samples`` validation rows."""
+    head = trained_head(tree, dataset, recipe, projections=projections, device=device)
+    sample = split_sample(dataset, "valid", samples, recipe.seed + 7, device)
+    return _top_k_accuracy(head, sample.features.float(), torch.from_numpy(sample.labels).to(device))
 
 
 def score_test(
     tree: Tree,
     dataset: FeatureDataset,
-    config: TrainConfig = TrainConfig(),
+    config: NodeRecipe = NodeRecipe(),
     *,
     device: torch.device | str | None = None,
     projections: Mapping[int, int] | None = None,
 ) -> dict[str, float]:
-    """Final-report scoring: train as `evaluate` does (seed ``config.seed``), then measure the test split.
+    """Final-report scoring: train every node with ``config`` (pass a final seed, see `FINAL_SEED_OFFSET`), score test.
 
-    Searches select on validation and never call this.
+    The nodes keep their best validation measurement; the test NLL is measured on the
+    whole test split. Searches select on validation and never call this.
     """
     device = torch.device(device) if device is not None else default_device()
-    torch.manual_seed(config.seed)
-    head = TreeSoftmaxHead(tree, dataset.dim, projections=projections, sparse=config.sparse)
-    outcome = fit(head, dataset, config, device=device)
-    features, labels = device_split(dataset, "test", device)
-    test_nll = validation_nll(head, features, labels)
-    return {"valid_nll": outcome.best_valid_nll, "test_nll": test_nll, "test_perplexity": math.exp(test_nll)}
+    outcome = train_nodes(tree, np.arange(tree.num_internal), dataset, config, projections=projections, device=device,
+                          score_split="test")  # fmt: skip
+    rows = split_sample(dataset, "valid", config.valid_tokens, config.seed, device).labels.size
+    test_rows = split_sample(dataset, "test", None, config.seed, device).labels.size
+    test_nll = float(outcome.split_losses.sum() / test_rows)
+    return {"valid_nll": float(outcome.best.sum() / rows), "test_nll": test_nll, "test_perplexity": math.exp(test_nll)}

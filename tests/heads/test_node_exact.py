@@ -1,0 +1,265 @@
+"""The node-exact reward: additivity, invariance, the bank, the validation sample, failures."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from tree_search import builders
+from tree_search.agents.baselines import classic_baselines
+from tree_search.data import make_planted
+from tree_search.heads import NodeBank, NodeRecipe, evaluate, node_keys, train_nodes, trained_head
+from tree_search.heads.node_train import split_sample
+from tree_search.tree import Tree
+
+RECIPE = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return make_planted(num_classes=64, dim=16, fanout=4, signal=3.0, num_train=6000, num_valid=1500,
+                        num_test=1500, seed=0)  # fmt: skip
+
+
+def _shapes(planted):
+    dataset = planted.to_dataset()
+    counts = planted.counts
+    base = classic_baselines(dataset, ("huffman-2", "huffman-4", "kmeans-2", "two-level", "random", "adaptive"))
+    shapes = {name: value for name, value in base.items()}
+    shapes["balanced-3"] = (builders.balanced(64, 3), {})
+    shapes["cutoffs"] = (builders.frequency_cutoffs(counts, [8, 24]), {})
+    shapes["oracle"] = (planted.tree, {})
+    assert shapes["adaptive"][1], "the adaptive shape must carry projections"
+    return shapes
+
+
+@pytest.mark.parametrize("init", ["embeddings", "random"])
+def test_a_tree_nll_is_the_sum_of_its_node_losses_and_equals_the_head(planted, init):
+    """Additivity on nine shapes (adaptive with projections included), checked against the real head."""
+    dataset = planted.to_dataset()
+    recipe = NodeRecipe(**{**RECIPE.key_fields(), "init": init})
+    valid = split_sample(dataset, "valid", recipe.valid_tokens, recipe.seed, torch.device("cpu"))
+    for name, (tree, projections) in _shapes(planted).items():
+        result = evaluate(tree, dataset, recipe, device="cpu", use_cache=False, projections=projections)
+        outcome = train_nodes(tree, np.arange(tree.num_internal), dataset, recipe, projections=projections,
+                              keep_weights=True)  # fmt: skip
+        assert result.valid_nll == pytest.approx(outcome.best.sum() / valid.labels.size, rel=1e-9), name
+        assert len(outcome.weights) == tree.num_internal
+        # the head holding every node's best weights gives the same NLL, computed its own way (paths, not nodes)
+        head = trained_head(tree, dataset, recipe, projections=projections, device="cpu")
+        with torch.no_grad():
+            direct = -head.log_prob(valid.features.float(), torch.from_numpy(valid.labels)).mean().item()
+        assert direct == pytest.approx(result.valid_nll, rel=1e-5), name
+
+
+def _node_results(tree, dataset, recipe, projections=None):
+    outcome = train_nodes(tree, np.arange(tree.num_internal), dataset, recipe, projections=projections)
+    return {row.tobytes(): (losses, tokens) for row, losses, tokens in
+            zip(outcome.keys, outcome.losses, outcome.tokens, strict=True)}  # fmt: skip
+
+
+@pytest.mark.parametrize("init", ["embeddings", "random"])
+def test_a_node_gives_the_same_results_in_every_tree(planted, init):
+    dataset = planted.to_dataset()
+    recipe = NodeRecipe(**{**RECIPE.key_fields(), "init": init})
+    # the same four leaf groups under two different upper structures, plus groups of different sizes around them
+    a = builders.from_nested([[[0, 1], [2, 3, 4]], [[5, 6], list(range(7, 64))]])
+    b = builders.from_nested([[0, 1], [[2, 3, 4], [5, 6]], list(range(7, 30)), list(range(30, 64))])
+    first, second = _node_results(a, dataset, recipe), _node_results(b, dataset, recipe)
+    shared = set(first) & set(second)
+    assert len(shared) == 3  # {0,1}, {2,3,4}, {5,6}
+    for key in shared:
+        np.testing.assert_allclose(first[key][0], second[key][0], rtol=1e-6)
+        assert first[key][1] == second[key][1]
+    # a node alone gives what it gives inside a big tree (a group of one versus a group of many)
+    tree = builders.huffman(planted.counts, 2)
+    everything = train_nodes(tree, np.arange(tree.num_internal), dataset, recipe)
+    for node in (0, 5, tree.num_internal - 1):
+        alone = train_nodes(tree, np.array([node]), dataset, recipe)
+        np.testing.assert_allclose(alone.losses[0], everything.losses[node], rtol=1e-6)
+    # sibling order changes nothing, keys included; projections too
+    projections = {1: 4}
+    shuffled = Tree(tree.num_classes, [row[::-1] for row in tree.children_lists()])
+    np.testing.assert_array_equal(node_keys(tree, projections), node_keys(shuffled, projections))
+    here, there = (
+        _node_results(tree, dataset, recipe, projections),
+        _node_results(shuffled, dataset, recipe, projections),
+    )
+    assert here.keys() == there.keys()
+    for key in here:
+        np.testing.assert_allclose(here[key][0], there[key][0], rtol=1e-5)
+
+
+def test_node_keys_depend_on_content_only(planted):
+    tree = builders.from_nested([[0, 1], [2, 3], list(range(4, 64))])
+    keys = node_keys(tree)
+    assert len({row.tobytes() for row in keys}) == tree.num_internal
+    other = builders.from_nested([[[0, 1], [2, 3]], list(range(4, 64))])
+    assert {row.tobytes() for row in keys[1:3]} <= {row.tobytes() for row in node_keys(other)}
+    assert node_keys(tree, {1: 4})[1].tobytes() != keys[1].tobytes()  # a projection is another node
+    assert node_keys(tree)[0].tobytes() != node_keys(other)[0].tobytes()  # another partition of the same set
+
+
+def test_the_bank_trains_each_node_once_and_survives_the_process(planted, tmp_path):
+    dataset = planted.to_dataset()
+    tree = builders.huffman(planted.counts, 2)
+    first = evaluate(tree, dataset, RECIPE, device="cpu", bank_root=tmp_path)
+    assert first.extra["nodes_trained"] == tree.num_internal and first.extra["nodes_reused"] == 0
+    again = evaluate(tree, dataset, RECIPE, device="cpu", bank_root=tmp_path)
+    assert again.cached and again.extra["nodes_trained"] == 0 and again.valid_nll == first.valid_nll
+    # a tree sharing most nodes trains only the new ones
+    children = tree.children_lists()
+    root = children[0]
+    merged = builders.from_nested([_nested(tree, root[0]), _nested(tree, root[1])])  # the same tree, rebuilt
+    assert evaluate(merged, dataset, RECIPE, device="cpu", bank_root=tmp_path).extra["nodes_trained"] == 0
+    other = builders.huffman(planted.counts, 4)
+    partial = evaluate(other, dataset, RECIPE, device="cpu", bank_root=tmp_path)
+    assert partial.extra["nodes_trained"] == other.num_internal - partial.extra["nodes_reused"]
+    # a new process (a new bank object) reads what was stored; numbers normalised: epochs 1 and 1.0 are one key
+    fresh = NodeBank(dataset, NodeRecipe(**{**RECIPE.key_fields(), "epochs": 1}), "cpu", tmp_path)
+    record = fresh.lookup(node_keys(tree))
+    assert record.found.all()
+    assert NodeBank(dataset, NodeRecipe(**{**RECIPE.key_fields(), "seed": 1}), "cpu", tmp_path).folder != fresh.folder
+    # without the bank every node is trained again, to the same numbers
+    assert evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False).valid_nll == pytest.approx(first.valid_nll)
+
+
+def _nested(tree, child):
+    V = tree.num_classes
+    if child < V:
+        return int(child)
+    return [_nested(tree, c) for c in tree.children_lists()[child - V]]
+
+
+def test_a_half_written_bank_entry_is_never_read(planted, tmp_path):
+    """A writer killed (SIGKILL) in the middle of a segment leaves nothing a reader would take."""
+    dataset = planted.to_dataset()
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        import numpy as np
+        from tree_search import builders
+        from tree_search.data import make_planted
+        from tree_search.heads import NodeRecipe, evaluate
+        planted = make_planted(num_classes=64, dim=16, fanout=4, signal=3.0, num_train=6000, num_valid=1500,
+                               num_test=1500, seed=0)
+        real_fsync = os.fsync
+        def stall(fd):  # the segment's bytes are in its temporary file: stop before it is renamed into place
+            if "segment-" in os.readlink(f"/proc/self/fd/{{fd}}"):
+                print("writing", flush=True)
+                time.sleep(60)
+            real_fsync(fd)
+        os.fsync = stall
+        evaluate(builders.huffman(planted.counts, 2), planted.to_dataset(), NodeRecipe(**{RECIPE.key_fields()!r}),
+                 device="cpu", bank_root={str(tmp_path)!r})
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    bank = NodeBank(dataset, RECIPE, "cpu", tmp_path)
+    leftovers = [p.name for p in bank.folder.iterdir() if p.name.startswith("segment-")]
+    assert leftovers and all(name.endswith(".tmp") for name in leftovers)  # the killed writer's temporary file
+    assert bank.refresh() == 0 and len(bank) == 0
+    # a damaged file under a segment's name (a disk error) is skipped with a warning, never half-read
+    (bank.folder / "segment-damaged.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.warns(UserWarning, match="unreadable segment"):
+        assert bank.refresh() == 0
+    result = evaluate(builders.huffman(planted.counts, 2), dataset, RECIPE, device="cpu", bank_root=tmp_path)
+    assert result.ok and result.extra["nodes_trained"] > 0
+
+
+def test_the_validation_sample_spreads_over_the_whole_split(planted):
+    dataset = planted.to_dataset()
+    n = dataset.labels["valid"].shape[0]
+    rows = []
+    for seed in (0, 1):
+        sample = split_sample(dataset, "valid", n // 4, seed, torch.device("cpu"))
+        features = np.asarray(dataset.features["valid"], dtype=np.float32)
+        # which rows: match each sampled feature row to its index in the split
+        index = {features[i].tobytes(): i for i in range(n)}
+        picked = np.array([index[row.numpy().tobytes()] for row in sample.features])
+        assert picked.size == n // 4 and np.unique(picked).size == picked.size
+        deciles = np.bincount(picked * 10 // n, minlength=10)
+        assert (deciles > 0.5 * picked.size / 10).all(), deciles  # every tenth of the split is represented
+        assert picked.max() > 0.9 * n  # not a prefix
+        np.testing.assert_array_equal(sample.labels, dataset.labels["valid"][picked])
+        rows.append(set(picked.tolist()))
+    assert rows[0] != rows[1]  # another seed, another sample
+    full = split_sample(dataset, "valid", None, 0, torch.device("cpu"))
+    assert full.labels.size == n  # all of it when asked (or when the split is small)
+
+
+def test_a_bug_raises_and_only_training_failures_become_results(planted, monkeypatch):
+    import tree_search.heads.reward as reward
+
+    dataset = planted.to_dataset()
+    tree = builders.huffman(planted.counts, 2)
+
+    def broken(*args, **kwargs):
+        raise IndexError("index 7 is out of bounds")  # what a bug in the head would raise
+
+    monkeypatch.setattr(reward, "train_nodes", broken)
+    with pytest.raises(IndexError, match="out of bounds"):
+        evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False)
+
+    def diverged(*args, **kwargs):
+        raise FloatingPointError("non-finite validation loss in 1 node(s)")
+
+    monkeypatch.setattr(reward, "train_nodes", diverged)
+    result = evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False)
+    assert not result.ok and "non-finite" in result.error and result.valid_nll == math.inf
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+
+    monkeypatch.setattr(reward, "train_nodes", out_of_memory)
+    assert "allocate" in evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False).error
+
+
+def test_non_finite_features_fail_the_evaluation(planted):
+    import dataclasses
+
+    dataset = planted.to_dataset()
+    broken = dict(dataset.features)
+    broken["train"] = np.full_like(broken["train"], np.nan)  # what a diverging encoder would hand over
+    dataset = dataclasses.replace(dataset, features=broken, key="broken")
+    result = evaluate(builders.balanced(64, 2), dataset, RECIPE, device="cpu", use_cache=False)
+    assert not result.ok and "non-finite" in result.error
+
+
+def test_pruning_callbacks_see_the_measurements_and_stop(planted, tmp_path):
+    dataset = planted.to_dataset()
+    tree = builders.huffman(planted.counts, 2)
+    seen = []
+    complete = evaluate(tree, dataset, RECIPE, device="cpu", bank_root=tmp_path, callbacks=[seen.append])
+    assert [p.step for p in seen] == list(RECIPE.measure_steps) and not complete.extra.get("pruned")
+    assert complete.valid_nll <= min(p.valid_nll for p in seen) + 1e-12  # each node at its own best
+    stopped = evaluate(tree, dataset, RECIPE, device="cpu", bank_root=tmp_path,
+                       callbacks=[lambda point, seen=[]: seen.append(point) or len(seen) == 2])  # fmt: skip
+    assert stopped.extra["pruned"] and stopped.valid_nll == pytest.approx(min(p.valid_nll for p in seen[:2]))
+
+
+def test_the_recipe_validates_and_normalises():
+    assert NodeRecipe(epochs=1).key_fields() == NodeRecipe(epochs=1.0).key_fields()
+    with pytest.raises(ValueError, match="measurements"):
+        NodeRecipe(steps=4, measurements=5)
+    with pytest.raises(ValueError, match="init"):
+        NodeRecipe(init="zeros")
+    with pytest.raises(ValueError, match="train_tokens"):
+        NodeRecipe(train_tokens=0)
+
+
+def test_training_is_deterministic(planted):
+    dataset = planted.to_dataset()
+    tree = builders.huffman(planted.counts, 2)
+    one = train_nodes(tree, np.arange(tree.num_internal), dataset, RECIPE)
+    two = train_nodes(tree, np.arange(tree.num_internal), dataset, RECIPE)
+    np.testing.assert_array_equal(one.losses, two.losses)

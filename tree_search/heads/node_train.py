@@ -1,0 +1,550 @@
+"""Node-exact training: every internal node of a tree is trained on its own, all nodes at once.
+
+With frozen features, a tree's held-out NLL is a sum over its internal nodes
+(DESIGN.md, "The reward splits over nodes"): ``NLL(T) = (1/N) sum_n L_n`` with ``L_n``
+node n's own cross-entropy summed over the held-out tokens whose class lies below it.
+Here each node's training depends only on the node's *content* (the class sets of its
+children and its projection size), never on the rest of the tree:
+
+- its data: the tokens of a seeded sample of the train split whose class lies below
+  it, in the sample's (seeded, tree-independent) order;
+- its own parameters, its own Adam state, exactly ``steps`` optimizer steps of at most
+  ``batch_size`` of its tokens (a power of two chosen from its token count), a learning
+  rate scaled by its exact fanout, warm-up then cosine decay over its own steps;
+- its initialisation: the count-weighted mean class embedding of each child (a first
+  guess in the feature space, see `NodeRecipe.init`), or uniform noise seeded by the
+  node's content key; projections are seeded by the key;
+- its measurements (``measurements`` of them, evenly spaced over its steps) on the
+  validation sample, and the best of them as its result.
+
+So a node gives the same numbers in every tree that contains it, which is what lets the
+`tree_search.heads.node_bank.NodeBank` store it once. Nodes are batched: those with
+the same (batch size, fanout rounded up to a power of two, projection size) form one
+group whose every step is two batched matmuls (`torch.bmm`), so a Python loop runs
+over a handful of groups and the steps, never over nodes or samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tree_search.data.features import FeatureDataset, class_embeddings
+from tree_search.tree import Tree
+
+__all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "node_keys", "split_sample", "train_nodes"]
+
+TRAINING_CODE_VERSION = "node-train/1"  # bump when a change alters any node's numbers
+
+
+@dataclass(frozen=True)
+class NodeRecipe:
+    """How every internal node is trained for the reward (the fidelity of an evaluation)."""
+
+    train_tokens: int | None = 500_000  # seeded random sample of the train split (None: all rows)
+    valid_tokens: int | None = 50_000  # seeded random sample of the validation split (None: all rows)
+    epochs: float = 1.0  # passes over a node's sampled tokens (at most steps * batch_size tokens)
+    steps: int = 64  # optimizer steps of every node
+    batch_size: int = 4096  # most tokens in one step of a node of fanout <= 16 (fanout / 16 times more above)
+    lr: float = 0.03  # peak Adam learning rate of a 16-ary node (narrower ones get less, wide ones more)
+    warmup_fraction: float = 0.05  # share of a node's steps with a linear warm-up
+    measurements: int = 4  # validation measurements per node, evenly spaced; the best is the node's result
+    init: str = "embeddings"  # "embeddings": mean class embedding per child; "random": seeded uniform
+    seed: int = 0  # which train sample, its order, and random initial weights
+
+    def __post_init__(self) -> None:
+        # numbers normalised so that equal recipes have equal keys (`epochs=1` is `epochs=1.0`)
+        for name in ("epochs", "lr", "warmup_fraction"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("steps", "batch_size", "measurements", "seed"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("train_tokens", "valid_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, int(value))
+                if value < 1:
+                    raise ValueError(f"NodeRecipe.{name} must be >= 1 or None (all rows), got {value}")
+        if not self.epochs > 0 or not self.lr > 0 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("NodeRecipe needs epochs > 0, lr > 0, steps >= 1 and batch_size >= 1")
+        if not 1 <= self.measurements <= self.steps or not 0 <= self.warmup_fraction < 1:
+            raise ValueError("NodeRecipe needs 1 <= measurements <= steps and 0 <= warmup_fraction < 1")
+        if self.init not in ("embeddings", "random"):
+            raise ValueError(f"NodeRecipe.init must be 'embeddings' or 'random', got {self.init!r}")
+
+    def key_fields(self, exclude_seed: bool = False) -> dict[str, Any]:
+        """The recipe as a JSON-friendly dict (what cache keys hold)."""
+        fields = asdict(self)
+        if exclude_seed:
+            fields.pop("seed")
+        return fields
+
+    @property
+    def measure_steps(self) -> np.ndarray:
+        """The steps (1-based) after which every node is measured."""
+        steps = np.ceil(self.steps * np.arange(1, self.measurements + 1) / self.measurements).astype(int)
+        return np.unique(np.concatenate([[0], steps]))  # 0: the initial weights
+
+
+# ---------------------------------------------------------------- content keys
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return z ^ (z >> np.uint64(31))
+
+
+def _class_codes(num_classes: int) -> np.ndarray:
+    """(V, 2) fixed random 64-bit codes per class (two lanes: 128-bit set hashes)."""
+    ids = np.arange(num_classes, dtype=np.uint64)
+    return np.stack([_splitmix(ids * np.uint64(2)), _splitmix(ids * np.uint64(2) + np.uint64(1))], axis=1)
+
+
+def child_set_hashes(tree: Tree) -> np.ndarray:
+    """(len(child_ids), 2) uint64: a 128-bit hash of the class set below each child slot of every node.
+
+    Sums of fixed random class codes, so the hash of a set does not depend on how the
+    tree arranges it.
+    """
+    codes = _class_codes(tree.num_classes)
+    sets = np.zeros((tree.num_internal, 2), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        np.add.at(sets, tree.leaf_parent, codes)
+        for level in reversed(tree._levels[1:]):
+            np.add.at(sets, tree.node_parent[level], sets[level])
+    V, ids = tree.num_classes, tree.child_ids
+    return np.where((ids < V)[:, None], codes[np.minimum(ids, V - 1)], sets[np.maximum(ids - V, 0)])
+
+
+def _mix(hashes: np.ndarray) -> np.ndarray:
+    """(n, 2) -> (n, 2) a nonlinear mix of 128-bit hashes."""
+    return np.stack([_splitmix(hashes[:, 0] ^ _splitmix(hashes[:, 1])), _splitmix(hashes[:, 1])], 1)
+
+
+def node_keys(tree: Tree, projections: Mapping[int, int] | None = None) -> np.ndarray:
+    """(I, 2) uint64 content keys of the internal nodes.
+
+    A node's key depends only on the class sets of its children (in any order) and its
+    projection size: the same node in two trees has the same key. Each child's set hash
+    (`child_set_hashes`) is mixed nonlinearly and the mixes are summed, so sibling order
+    does not matter.
+    """
+    with np.errstate(over="ignore"):
+        keys = np.add.reduceat(_mix(child_set_hashes(tree)), tree.child_ptr[:-1], axis=0)
+        proj = np.zeros(tree.num_internal, dtype=np.uint64)
+        for node, size in (projections or {}).items():
+            proj[int(node)] = np.uint64(size)
+        keys[:, 0] += _splitmix(proj + np.uint64(0x5EED))
+    return keys
+
+
+# ---------------------------------------------------------------- samples
+@dataclass(frozen=True)
+class _Split:
+    features: torch.Tensor  # (N, d) on the device (the dataset's dtype)
+    labels: np.ndarray  # (N,) int64
+
+
+_SAMPLES: OrderedDict[tuple, _Split] = OrderedDict()
+
+
+def split_sample(dataset: FeatureDataset, split: str, size: int | None, seed: int, device: torch.device) -> _Split:
+    """A seeded random sample of ``split`` (all rows, shuffled, when ``size`` is None or larger), kept on ``device``.
+
+    The train sample's order is the order in which nodes see their tokens; the same
+    (dataset, split, size, seed) always gives the same rows in the same order.
+    """
+    key = (dataset.key, split, size, seed, str(device))
+    if key in _SAMPLES:
+        _SAMPLES.move_to_end(key)
+        return _SAMPLES[key]
+    n = int(dataset.labels[split].shape[0])
+    salt = {"train": 1, "valid": 2, "test": 3}.get(split, 4)
+    rows = np.random.default_rng([seed, salt]).permutation(n)
+    if size is not None and size < n:
+        rows = rows[:size]
+    if split != "train":
+        rows = np.sort(rows)  # order is irrelevant for scoring; sorted reads the memory map in order
+    features = torch.from_numpy(np.asarray(dataset.features[split][np.sort(rows)], dtype=np.float32))
+    features = features[torch.from_numpy(np.argsort(np.argsort(rows)))] if split == "train" else features
+    sample = _Split(features.to(device), np.asarray(dataset.labels[split])[rows].astype(np.int64))
+    _SAMPLES[key] = sample
+    while len(_SAMPLES) > 6:
+        _SAMPLES.popitem(last=False)
+    return sample
+
+
+def _node_pairs(tree: Tree, labels: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token, node, child index) for every token and every wanted node on its class's path, grouped by node.
+
+    Within a node the tokens keep their order in ``labels``. Returns ``(rows, child,
+    ptr)``: node ``wanted[i]``'s tokens are ``rows[ptr[i]:ptr[i + 1]]``.
+    """
+    ptr, path_nodes, path_codes = tree.packed_paths()
+    local = np.full(tree.num_internal, -1, dtype=np.int64)
+    local[wanted] = np.arange(wanted.size)
+    start, length = ptr[labels], ptr[labels + 1] - ptr[labels]
+    rows = np.repeat(np.arange(labels.size, dtype=np.int64), length)
+    flat = np.arange(rows.size) - np.repeat(np.cumsum(length) - length - start, length)
+    owner = local[path_nodes[flat]]
+    keep = owner >= 0
+    rows, owner, child = rows[keep], owner[keep], path_codes[flat][keep].astype(np.int64)
+    # a stable sort by node; 16-bit keys take numpy's radix sort (several times faster than the default)
+    order = np.argsort(owner.astype(np.uint16) if wanted.size <= 65_536 else owner, kind="stable")
+    counts = np.bincount(owner, minlength=wanted.size)
+    out_ptr = np.zeros(wanted.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=out_ptr[1:])
+    return rows[order], child[order], out_ptr
+
+
+# ---------------------------------------------------------------- training
+@dataclass
+class NodeOutcome:
+    """What training a set of nodes gives, one row per node (in the order asked)."""
+
+    keys: np.ndarray  # (n, 2) uint64 content keys
+    losses: np.ndarray  # (n, M) float64: validation loss summed over the node's tokens, per measurement
+    tokens: np.ndarray  # (n,) int64: validation tokens below the node
+    train_tokens: np.ndarray  # (n,) int64: sampled train tokens below the node
+    weights: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)  # row -> (W, b[, P]) at the best
+    split_losses: np.ndarray | None = None  # (n,) loss sums on the scored split (``score_split``), at the best
+    flops: float = 0.0  # useful floating-point operations (2 per multiply-add) of the matmuls, padding excluded
+
+    @property
+    def best(self) -> np.ndarray:
+        """(n,) each node's result: its lowest measured validation loss sum."""
+        return self.losses.min(axis=1) if self.losses.shape[1] else np.zeros(self.losses.shape[0])
+
+
+def step_scale(fanout: np.ndarray) -> np.ndarray:
+    """Learning-rate factor by fanout: 0.3 up to fanout 16, rising log-linearly to 1 at 256 and beyond."""
+    return np.clip(0.3 * (np.asarray(fanout, dtype=float) / 16.0) ** 0.434, 0.3, 1.0)
+
+
+def _pow2_ceil(x: np.ndarray) -> np.ndarray:
+    x = np.maximum(np.asarray(x, dtype=np.int64), 1)
+    return (1 << np.ceil(np.log2(x)).astype(np.int64)).astype(np.int64)
+
+
+def _seeded_uniform(seeds: np.ndarray, count: int) -> np.ndarray:
+    """(n, count) uniform in [-1, 1), a stream per uint64 seed (no global random state)."""
+    with np.errstate(over="ignore"):
+        bits = _splitmix(seeds[:, None] + np.arange(count, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15))
+    return (bits >> np.uint64(11)).astype(np.float64) / 2.0**52 - 1.0
+
+
+def _init_seeds(keys: np.ndarray, seed: int, salt: int, child_hashes: np.ndarray | None = None) -> np.ndarray:
+    """Per-node (or per node and child slot, (G, W)) uint64 seeds from content keys, the recipe's seed and a salt."""
+    with np.errstate(over="ignore"):
+        base = _splitmix(keys[:, 0] ^ _splitmix(keys[:, 1] + np.uint64(seed) * np.uint64(1_000_003) + np.uint64(salt)))
+        if child_hashes is None:
+            return base
+        return _splitmix(base[:, None] ^ _mix(child_hashes.reshape(-1, 2))[:, 0].reshape(child_hashes.shape[:2]))
+
+
+def _warm_start(tree: Tree, sums: np.ndarray, mass: np.ndarray, E: np.ndarray, counts: np.ndarray,
+                nodes: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(G, width, d) count-weighted mean class embedding of each child and (G, width) its log share of the mass."""
+    V = tree.num_classes
+    fan = tree.fanout[nodes]
+    slots = np.arange(width)[None, :]
+    has = slots < fan[:, None]
+    child = np.where(
+        has, tree.child_ids[np.minimum(tree.child_ptr[nodes][:, None] + slots, tree.child_ids.size - 1)], 0
+    )
+    leaf = child < V
+    leaf_id = np.minimum(child, V - 1)
+    total = np.where(leaf[..., None], E[leaf_id] * counts[leaf_id][..., None], sums[np.maximum(child - V, 0)])
+    weight_mass = np.where(leaf, counts[np.minimum(child, V - 1)], mass[np.maximum(child - V, 0)])
+    weight = np.where(has[..., None], total / weight_mass[..., None], 0.0)
+    bias = np.where(has, np.log(weight_mass) - np.log(mass[nodes])[:, None], 0.0)
+    return weight, bias
+
+
+def _subtree_embedding_sums(tree: Tree, E: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(I, d) count-weighted embedding sums and (I,) count sums below each internal node."""
+    sums = torch.zeros(tree.num_internal, E.shape[1], dtype=torch.float64)
+    sums.index_add_(0, torch.from_numpy(tree.leaf_parent.astype(np.int64)), torch.from_numpy(E * counts[:, None]))
+    for level in reversed(tree._levels[1:]):
+        sums.index_add_(0, torch.from_numpy(tree.node_parent[level].astype(np.int64)), sums[torch.from_numpy(level)])
+    return sums.numpy(), tree.subtree_sums(counts)
+
+
+@dataclass
+class _Group:
+    nodes: np.ndarray  # positions into the `wanted` array
+    batch: int
+    width: int
+    proj: int  # 0: none
+
+
+def train_nodes(
+    tree: Tree,
+    nodes: np.ndarray,
+    dataset: FeatureDataset,
+    recipe: NodeRecipe = NodeRecipe(),
+    *,
+    projections: Mapping[int, int] | None = None,
+    device: torch.device | str = "cpu",
+    keep_weights: bool = False,
+    keys: np.ndarray | None = None,
+    score_split: str | None = None,
+) -> NodeOutcome:
+    """Train the internal ``nodes`` of ``tree``, each on its own (see the module docstring).
+
+    Args:
+        tree: the tree the nodes belong to (only their content matters).
+        nodes: internal node ids to train.
+        dataset: frozen features.
+        recipe: the node recipe (sample sizes, steps, learning rate, ...).
+        projections: ``{node: projected dim}`` of the head.
+        device: where to train.
+        keep_weights: also return each node's weights at its best measurement.
+        keys: the nodes' content keys, when the caller has them (else computed).
+        score_split: also score each node, at its best measurement, on this whole split
+            (``"test"`` for final reports): `NodeOutcome.split_losses`.
+
+    Raises:
+        FloatingPointError: when a node's loss becomes NaN or infinite.
+    """
+    device = torch.device(device)
+    nodes = np.asarray(nodes, dtype=np.int64)
+    projections = {int(k): int(v) for k, v in (projections or {}).items()}
+    all_keys = node_keys(tree, projections) if keys is None else None
+    keys = all_keys[nodes] if keys is None else keys
+    M = recipe.measure_steps.size
+    outcome = NodeOutcome(
+        keys, np.zeros((nodes.size, M)), np.zeros(nodes.size, np.int64), np.zeros(nodes.size, np.int64)
+    )
+    if nodes.size == 0:
+        return outcome
+    train = split_sample(dataset, "train", recipe.train_tokens, recipe.seed, device)
+    valid = split_sample(dataset, "valid", recipe.valid_tokens, recipe.seed, device)
+    t_rows, t_child, t_ptr = _node_pairs(tree, train.labels, nodes)
+    v_rows, v_child, v_ptr = _node_pairs(tree, valid.labels, nodes)
+    m = np.diff(t_ptr)
+    outcome.train_tokens[:] = m
+    outcome.tokens[:] = np.diff(v_ptr)
+    fanout = tree.fanout[nodes].astype(np.int64)
+    proj = (
+        np.array([projections.get(int(n), 0) for n in nodes], dtype=np.int64) if projections else np.zeros_like(fanout)
+    )
+    # Nodes wider than 16 children have more parameters to fit: their cap on tokens per step grows with the fanout.
+    most = recipe.batch_size * np.maximum(1, fanout // 16)
+    visits = np.minimum(np.ceil(recipe.epochs * m).astype(np.int64), recipe.steps * most)
+    own_batch = np.clip(np.ceil(visits / recipe.steps).astype(np.int64), 1, most)  # tokens per step
+    batch = np.minimum(_pow2_ceil(own_batch), _pow2_ceil(most))  # the group's (padded) batch
+    width = np.maximum(_pow2_ceil(fanout), 2)
+    group_key = np.stack([batch, width, proj], 1)
+    unique, inverse = np.unique(group_key, axis=0, return_inverse=True)
+    context = _Context(tree, nodes, keys, fanout, own_batch, recipe, device, train, valid, (t_rows, t_child, t_ptr),
+                       (v_rows, v_child, v_ptr), keep_weights)  # fmt: skip
+    if score_split is not None:
+        context.scored = split_sample(dataset, score_split, None, recipe.seed, device)
+        s_rows, s_child, s_ptr = _node_pairs(tree, context.scored.labels, nodes)
+        context.scored_pairs = (s_ptr, s_rows, s_child)
+        outcome.split_losses = np.zeros(nodes.size)
+    if recipe.init == "random" or projections:
+        context.child_hashes = child_set_hashes(tree)
+    if recipe.init == "embeddings":
+        E = class_embeddings(dataset)
+        counts = np.asarray(dataset.counts, dtype=np.float64) + 0.5  # every class some mass
+        context.embeddings = (E, counts, *_subtree_embedding_sums(tree, E, counts))
+    for g, (b, w, p) in enumerate(unique):
+        members = np.flatnonzero(inverse.reshape(-1) == g)
+        # Nodes are independent, so a group is trained in chunks whose batch of features stays in the CPU's
+        # cache between the gather and the two matmuls that read it (about 2x faster for the widest batches).
+        chunk = max(1, _CHUNK_BYTES // (int(b) * dataset.dim * 4))
+        for lo in range(0, members.size, chunk):
+            _train_group(context, members[lo : lo + chunk], int(b), int(w), int(p), outcome)
+    return outcome
+
+
+_CHUNK_BYTES = 4 << 20
+
+
+@dataclass
+class _Context:
+    """What every group of one `train_nodes` call shares."""
+
+    tree: Tree
+    nodes: np.ndarray
+    keys: np.ndarray
+    fanout: np.ndarray
+    own_batch: np.ndarray  # each node's tokens per step (its group pads to a power of two)
+    recipe: NodeRecipe
+    device: torch.device
+    train: _Split
+    valid: _Split
+    train_pairs: tuple[np.ndarray, np.ndarray, np.ndarray]
+    valid_pairs: tuple[np.ndarray, np.ndarray, np.ndarray]
+    keep_weights: bool
+    embeddings: tuple | None = None  # (E, counts, subtree sums, subtree mass) for warm starts
+    child_hashes: np.ndarray | None = None  # `child_set_hashes` of the tree (random initialisation)
+    scored: _Split | None = None  # a split every node is scored on at its best measurement
+    scored_pairs: tuple | None = None  # its (ptr, rows, child) per node
+
+
+def _stream(ptr: np.ndarray, rows: np.ndarray, child: np.ndarray, members: np.ndarray, steps: int, batch: int,
+            own_batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(G, steps, batch) token rows and child indices: step k of a node takes its next ``own_batch`` tokens.
+
+    Slots past a node's own batch repeat its first token (a row already in cache; they are
+    masked out of the gradient).
+    """
+    start, count = ptr[members], np.diff(ptr)[members]
+    slot = np.arange(batch, dtype=np.int64)[None, None, :]
+    own = own_batch[:, None, None]
+    visit = np.arange(steps, dtype=np.int64)[None, :, None] * own + slot  # the node's visit number
+    position = np.where(slot < own, visit % np.maximum(count, 1)[:, None, None], 0) + start[:, None, None]
+    if rows.size == 0:
+        zeros = np.zeros((members.size, steps, batch), dtype=np.int64)
+        return zeros, zeros
+    position = np.minimum(position, rows.size - 1)
+    child_of = np.where((count > 0)[:, None, None], child[position], 0)  # a node without tokens: any valid index
+    return rows[position], child_of
+
+
+def _padded(ptr: np.ndarray, rows: np.ndarray, child: np.ndarray, members: np.ndarray):
+    """(G, L) validation rows and child indices, padded, with the (G, L) mask of real tokens."""
+    start, count = ptr[members], np.diff(ptr)[members]
+    L = max(int(count.max()), 1)
+    offset = np.arange(L)[None, :]
+    mask = offset < count[:, None]
+    position = np.where(mask, start[:, None] + offset, 0)
+    if rows.size == 0:
+        return np.zeros_like(position), np.zeros_like(position), mask
+    return rows[position], np.where(mask, child[position], 0), mask
+
+
+def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, outcome: NodeOutcome) -> None:
+    """Train the nodes ``members`` (positions into ``c.nodes``) together: batch B, width Wd, projection P."""
+    recipe, device = c.recipe, c.device
+    G, d = members.size, c.train.features.shape[1]
+    din = P or d
+    fan = c.fanout[members]
+    if c.embeddings is not None and not P:
+        w0, b0 = _warm_start(c.tree, c.embeddings[2], c.embeddings[3], c.embeddings[0], c.embeddings[1],
+                             c.nodes[members], Wd)  # fmt: skip
+    else:
+        # seeded by each child's class set, so that the same node with its children in another order starts the same
+        slots = np.minimum(c.tree.child_ptr[c.nodes[members]][:, None] + np.arange(Wd), c.tree.child_ids.size - 1)
+        seeds = _init_seeds(c.keys[members], recipe.seed, 1, c.child_hashes[slots])
+        w0 = _seeded_uniform(seeds.reshape(-1), din).reshape(G, Wd, din) / math.sqrt(din)
+        b0 = np.zeros((G, Wd))
+    # Parametrised as W = scale * W', b = scale * b' (scale by the node's exact fanout): Adam's steps on W'
+    # are then scale * lr on W, the node's own learning rate, with one fused Adam over the whole group.
+    scale = torch.from_numpy(step_scale(fan)).float().to(device)
+    params = [torch.tensor(w0, dtype=torch.float32, device=device) / scale[:, None, None],
+              torch.tensor(b0, dtype=torch.float32, device=device) / scale[:, None]]  # fmt: skip
+    if P:
+        proj0 = _seeded_uniform(_init_seeds(c.keys[members], recipe.seed, 2), P * d).reshape(G, P, d) / math.sqrt(d)
+        params.append(torch.tensor(proj0, dtype=torch.float32, device=device))
+    column_mask = torch.from_numpy(np.where(np.arange(Wd)[None, :] < fan[:, None], 0.0, -math.inf)).float().to(device)
+    trained = np.diff(c.train_pairs[2])[members] > 0  # a node without train tokens keeps its initial weights
+    own = c.own_batch[members]
+    factor = np.where(np.arange(B)[None, :] < own[:, None], 1.0 / own[:, None], 0.0) * trained[:, None]
+    grad_factor = (scale[:, None] * torch.from_numpy(factor).float().to(device))[:, :, None]  # (G, B, 1)
+    t_rows, t_child = _stream(c.train_pairs[2], c.train_pairs[0], c.train_pairs[1], members, recipe.steps, B, own)
+    t_rows, t_child = torch.from_numpy(t_rows).to(device), torch.from_numpy(t_child).to(device)
+    measure = set(recipe.measure_steps.tolist())
+    snapshots = []  # the effective parameters at each measurement, scored together at the end (one pass)
+    state = ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+             [torch.zeros((), device=device) for _ in params])  # fmt: skip
+    # One buffer for the batch's features, reused every step: a fresh multi-MB tensor per step costs more in
+    # page faults than the gather itself (measured: 5x on this machine's CPU).
+    workspace = torch.empty(G * B, d, device=device)
+    for k in range(-1, recipe.steps):
+        if k >= 0:
+            _step(k, B, P, c.train.features, t_rows, t_child, params, scale, column_mask, grad_factor, state, recipe,
+                  workspace)  # fmt: skip
+        if k + 1 in measure:
+            snapshots.append(
+                [params[0] * scale[:, None, None], params[1] * scale[:, None], *[p.clone() for p in params[2:]]]
+            )
+    stacked = [torch.stack([snap[i] for snap in snapshots], 1) for i in range(len(params))]  # (G, M, ...)
+    v_rows, v_child, v_mask = _padded(c.valid_pairs[2], c.valid_pairs[0], c.valid_pairs[1], members)
+    losses = _loss_sums(stacked, column_mask, c.valid.features, v_rows, v_child, v_mask, device)  # (G, M)
+    if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(f"non-finite validation loss in {int((~np.isfinite(losses)).any(1).sum())} node(s)")
+    outcome.losses[members] = losses
+    per_token = 2.0 * fan * din + (2.0 * P * d if P else 0.0)  # one token's scores (and projection)
+    visits = recipe.steps * own * (3.0 if P else 2.0)  # forward, gradient of W (and of the projection)
+    outcome.flops += float(per_token @ visits + per_token @ (np.diff(c.valid_pairs[2])[members] * len(snapshots)))
+    best = torch.from_numpy(losses.argmin(1)).to(device)
+    chosen = [p[torch.arange(G, device=device), best] for p in stacked]
+    if c.scored is not None:
+        ptr, rows, child = c.scored_pairs
+        s_rows, s_child, s_mask = _padded(ptr, rows, child, members)
+        single = [p[:, None] for p in chosen]
+        outcome.split_losses[members] = _loss_sums(single, column_mask, c.scored.features, s_rows, s_child, s_mask,
+                                                   device)[:, 0]  # fmt: skip
+    if c.keep_weights:
+        for i, row in enumerate(members):
+            f = int(fan[i])
+            outcome.weights[int(row)] = tuple(p[i, :f].cpu().numpy() if n < 2 else p[i].cpu().numpy()
+                                              for n, p in enumerate(chosen))  # fmt: skip
+
+
+def _step(k: int, B: int, P: int, features, t_rows, t_child, params, scale, column_mask, grad_factor, state,
+          recipe: NodeRecipe, workspace: torch.Tensor) -> None:  # fmt: skip
+    """One Adam step of every node of a group on its k-th batch (the gradients written out by hand)."""
+    W, bias = params[0], params[1]
+    G = W.shape[0]
+    X = torch.index_select(features, 0, t_rows[:, k].reshape(-1), out=workspace).view(G, B, -1)  # (G, B, d)
+    Z = torch.bmm(X, params[2].transpose(1, 2)) if P else X  # (G, B, din)
+    scores = torch.baddbmm(bias[:, None, :], Z, W.transpose(1, 2)).mul_(scale[:, None, None]).add_(column_mask[:, None])
+    grad_scores = torch.softmax(scores, dim=2)  # d(mean cross-entropy)/d(scores) = (softmax - onehot) / B
+    grad_scores.scatter_add_(2, t_child[:, k, :, None], torch.full_like(grad_scores[..., :1], -1.0))
+    grad_scores.mul_(grad_factor)  # (G, B, Wd): mean over the node's own tokens, times its scale; pads zeroed
+    grads = [torch.bmm(grad_scores.transpose(1, 2), Z), grad_scores.sum(1)]  # (G, Wd, din), (G, Wd)
+    if P:
+        grads.append(torch.bmm(torch.bmm(grad_scores, W).transpose(1, 2), X))  # (G, P, d)
+    warmup = max(1, round(recipe.warmup_fraction * recipe.steps))
+    if k < warmup:
+        rate = (k + 1) / warmup
+    else:
+        rate = 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, recipe.steps - warmup)))
+    for step in state[2]:
+        step += 1
+    torch._fused_adam_(params, grads, state[0], state[1], [], state[2], amsgrad=False, lr=recipe.lr * rate,
+                       beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)  # fmt: skip
+
+
+def _loss_sums(params, column_mask, features, rows, child, mask, device, chunk_rows: int = 32_768) -> np.ndarray:
+    """(G, M) cross-entropy of each node at each of its M snapshots, summed over its (padded) held-out tokens.
+
+    ``params`` hold the snapshots stacked: W (G, M, Wd, din), b (G, M, Wd)[, P (G, M, p, d)].
+    """
+    W, bias = params[0], params[1]
+    G, M, Wd, din = W.shape
+    L = rows.shape[1]
+    out = np.zeros((G, M))
+    step = max(1, chunk_rows // L)
+    workspace = torch.empty(min(G, step) * L, features.shape[1], device=device)  # reused: see `_train_group`
+    with torch.no_grad():
+        for lo in range(0, G, step):
+            hi = min(G, lo + step)
+            index = torch.from_numpy(rows[lo:hi].reshape(-1)).to(device)
+            X = torch.index_select(features, 0, index, out=workspace[: index.numel()]).view(hi - lo, L, -1)
+            if len(params) > 2:
+                Z = torch.bmm(X, params[2][lo:hi].flatten(1, 2).transpose(1, 2)).view(hi - lo, L, M, din)
+                scores = torch.einsum("glmp,gmwp->glmw", Z, W[lo:hi])
+            else:
+                scores = torch.bmm(X, W[lo:hi].flatten(1, 2).transpose(1, 2)).view(hi - lo, L, M, Wd)
+            scores = scores + bias[lo:hi, None] + column_mask[lo:hi, None, None, :]
+            index = torch.from_numpy(child[lo:hi]).to(device)[:, :, None, None].expand(-1, -1, M, 1)
+            logp = torch.log_softmax(scores, dim=3).gather(3, index).squeeze(3)  # (g, L, M)
+            keep = torch.from_numpy(mask[lo:hi]).to(device)[:, :, None]
+            out[lo:hi] = -torch.where(keep, logp.double(), 0.0).sum(1).cpu().numpy()
+    return out
