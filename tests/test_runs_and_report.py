@@ -70,8 +70,9 @@ def test_run_folder_contents_and_resume_rules(tmp_path):
 @pytest.mark.slow
 def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
     # a budget far beyond the 5 evaluations seen before the kill: the search cannot end before SIGKILL lands
-    args = ["search", "--agent", "tpe", "--dataset", "planted", "--budget", "40", "--baselines", "none", "--no-compare",
-            "--epochs", "2", "--seed", "3"]  # fmt: skip
+    # (256 classes: more reachable trees than the budget)
+    args = ["search", "--agent", "tpe", "--dataset", "planted", "--planted-classes", "256", "--budget", "40",
+            "--baselines", "none", "--no-compare", "--epochs", "2", "--seed", "3"]  # fmt: skip
 
     def environment(cache: str) -> dict[str, str]:  # own caches: no run may find the other's trees trained
         return {**os.environ, "PYTHONUNBUFFERED": "1", "TREE_SEARCH_CACHE": str(tmp_path / cache)}

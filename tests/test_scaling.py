@@ -134,17 +134,19 @@ def test_a_killed_evaluation_actor_is_replaced_and_every_evaluation_is_accounted
     assert evaluator.actors[0] is not first  # the dead actor was replaced
 
 
-def test_a_bad_evaluation_fails_cleanly_and_keeps_the_actor(ray_session):
+def test_a_bug_in_an_evaluation_raises_in_the_driver_and_keeps_the_actor(ray_session):
     from tree_search.builders import huffman
     from tree_search.heads.ray_evaluator import RayEvaluator
 
     dataset = load_env_dataset(CONFIG)
-    evaluator = RayEvaluator(dataset, QUICK, workers=1)
+    evaluator = RayEvaluator(dataset, QUICK, workers=1, budget=1)
     try:
         tree = huffman(dataset.counts, 2)
-        bad = evaluator.evaluate(tree, {10_000: 4})  # no such node: the head refuses it inside the actor
-        assert not bad.ok and "projection 10000" in bad.error
-        assert evaluator.evaluate(tree).ok  # the same actor serves the next evaluation
+        first = evaluator.actors[0]
+        with pytest.raises(ValueError, match="projection 10000"):  # raised inside the actor, as its own type here
+            evaluator.evaluate(tree, {10_000: 4})
+        assert evaluator.remaining == 1 and evaluator.stats()["failed"] == 0  # nothing recorded, nothing spent
+        assert evaluator.evaluate(tree).ok and evaluator.actors[0] is first  # the same actor serves the next one
     finally:
         evaluator.close()
 
@@ -362,13 +364,17 @@ def test_batched_evaluations_share_actor_calls_and_fail_alone(ray_session):
     evaluator = RayEvaluator(dataset, QUICK, workers=1, batch=4)
     try:
         tickets = [evaluator.submit(tree, projections, counted=False) for tree, projections in trees]
-        tickets.append(evaluator.submit(trees[0][0], {10_000: 4}, counted=False))  # no such node: fails alone
-        done = {}
-        while len(done) < len(tickets):
-            done.update(evaluator.collect())
+        tickets.append(evaluator.submit(trees[0][0], {10_000: 4}, counted=False))  # no such node: a bug, raised alone
+        done, raised = {}, []
+        while len(done) + len(raised) < len(tickets):
+            try:
+                done.update(evaluator.collect())
+            except ValueError as error:
+                raised.append(str(error))
     finally:
         evaluator.close()
-    assert all(done[t].ok for t in tickets[:-1]) and "projection 10000" in done[tickets[-1]].error
+    assert sorted(done) == tickets[:-1] and all(e.ok for e in done.values())
+    assert len(raised) == 1 and "projection 10000" in raised[0]
     assert 2 <= evaluator.stats()["batched_calls"] < len(tickets)  # some calls carried several evaluations
 
 

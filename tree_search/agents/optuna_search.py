@@ -4,10 +4,11 @@ Each trial is one episode: the action of step ``i`` is the integer parameter ``a
 ``0..n-1``; an illegal value is replaced by the nearest legal index (the lower one on a
 tie), so every sampler, including CMA-ES, works on a fixed box of integers. The value
 told back is ``-reward`` (the validation NLL, plus the cost term in the tradeoff mode);
-NSGA-II is told two objectives, (validation NLL, cost relative to full softmax). A
-pruner sees the head's validation loss at each measurement of its training (also when the
-head trains on a Ray actor: the measurements come back to this process), so hopeless
-trees stop early; a pruned trial used compute and counts against the budget.
+NSGA-II is told two objectives, (validation NLL, cost relative to full softmax). With
+``prune=True`` a median pruner sees the tree's validation loss at each measurement point
+(also when it trains on a Ray actor: the measurements come back to this process); a pruned
+trial counts against the budget. Off by default: the node-exact reward trains a tree's
+nodes together, so stopping early saves no time.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class OptunaSearcher(Searcher):
         *,
         storage: str | optuna.storages.BaseStorage | None = None,
         study_name: str = "tree_search",
-        prune: bool = True,
+        prune: bool = False,
         parallel: int = 1,
         owner: str = "",
         seconds: float | None = None,
@@ -95,7 +96,9 @@ class OptunaSearcher(Searcher):
             evaluator: rewards and budget.
             storage: an Optuna storage or URL (SQLite, PostgreSQL, journal); None keeps the study in memory.
             study_name: the study; several processes with the same storage and name share it.
-            prune: stop hopeless head trainings early (the pruner runs in this process, for any evaluator).
+            prune: report each measurement to a median pruner, which may stop a trial there (the pruner runs
+                in this process, for any evaluator). Off by default: with the node bank a tree's nodes train
+                together in about a second, so stopping early saves no time and leaves a partial measurement.
             parallel: trials played at once by threads (use with a `RayEvaluator` of as many workers).
             owner: marks this searcher's trials; on resume only its own unfinished trials are marked failed
                 (other processes sharing the study keep theirs). Default: a fresh id.

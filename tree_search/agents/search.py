@@ -50,7 +50,7 @@ class SearchConfig:
     baselines: str = "core"  # "core", "all" or "none"
     seed: int = 0  # sampler / policy seed
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    prune: bool = True  # Optuna: stop hopeless head trainings early
+    prune: bool = False  # Optuna: median pruner on the measurements (saves no time with the node bank)
     final_seeds: int = 3  # seeds of the final test-split scoring
     final_epochs: float | None = None  # training epochs of the final scoring (None: 2x the search's)
     storage: str | None = None  # Optuna storage URL (default: sqlite:///<run>/optuna.db)

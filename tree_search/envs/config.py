@@ -114,6 +114,13 @@ class TreeEnvConfig:
         if isinstance(values.get("planted"), Mapping):
             values["planted"] = PlantedConfig(**values["planted"])
         if isinstance(values.get("train"), Mapping):
+            recipe = {f.name for f in fields(NodeRecipe)}
+            unknown = sorted(set(values["train"]) - recipe)
+            if unknown:  # e.g. a run folder written before the node-exact reward (its `train` was a TrainConfig)
+                raise ValueError(
+                    f"unknown NodeRecipe field(s) {unknown} in env_config.train; known fields: {sorted(recipe)} "
+                    "(a run made by an older version of tree_search cannot be resumed: start a new one)"
+                )
             values["train"] = NodeRecipe(**values["train"])
         if isinstance(values.get("fanouts"), list):
             values["fanouts"] = tuple(values["fanouts"])

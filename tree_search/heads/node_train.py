@@ -51,7 +51,7 @@ class NodeRecipe:
     valid_tokens: int | None = 50_000  # seeded random sample of the validation split (None: all rows)
     epochs: float = 1.0  # passes over a node's sampled tokens (at most steps * batch_size tokens)
     steps: int = 64  # optimizer steps of every node
-    batch_size: int = 4096  # most tokens in one step of a node of fanout <= 16 (fanout / 16 times more above)
+    batch_size: int = 4096  # most tokens per step of a node of fanout <= 16 (up to 4x more for wider nodes)
     lr: float = 0.03  # peak Adam learning rate of a 16-ary node (narrower ones get less, wide ones more)
     warmup_fraction: float = 0.05  # share of a node's steps with a linear warm-up
     measurements: int = 4  # validation measurements per node, evenly spaced; the best is the node's result
@@ -339,12 +339,13 @@ def train_nodes(
     proj = (
         np.array([projections.get(int(n), 0) for n in nodes], dtype=np.int64) if projections else np.zeros_like(fanout)
     )
-    # Nodes wider than 16 children have more parameters to fit: their cap on tokens per step grows with the fanout.
-    most = recipe.batch_size * np.maximum(1, fanout // 16)
+    # Nodes wider than 16 children have more parameters to fit: their cap on tokens per step grows with the
+    # fanout, up to 4x (a full softmax over 10k classes would otherwise cost minutes).
+    most = recipe.batch_size * np.clip(fanout // 16, 1, 4)
     visits = np.minimum(np.ceil(recipe.epochs * m).astype(np.int64), recipe.steps * most)
     own_batch = np.clip(np.ceil(visits / recipe.steps).astype(np.int64), 1, most)  # tokens per step
     batch = np.minimum(_pow2_ceil(own_batch), _pow2_ceil(most))  # the group's (padded) batch
-    width = np.maximum(_pow2_ceil(fanout), 2)
+    width = np.where(fanout > 64, fanout, np.maximum(_pow2_ceil(fanout), 2))  # wide nodes: exact, no padding
     group_key = np.stack([batch, width, proj], 1)
     unique, inverse = np.unique(group_key, axis=0, return_inverse=True)
     context = _Context(tree, nodes, keys, fanout, own_batch, recipe, device, train, valid, (t_rows, t_child, t_ptr),
@@ -521,30 +522,38 @@ def _step(k: int, B: int, P: int, features, t_rows, t_child, params, scale, colu
                        beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)  # fmt: skip
 
 
-def _loss_sums(params, column_mask, features, rows, child, mask, device, chunk_rows: int = 32_768) -> np.ndarray:
+def _loss_sums(params, column_mask, features, rows, child, mask, device, budget: int = 1 << 23) -> np.ndarray:
     """(G, M) cross-entropy of each node at each of its M snapshots, summed over its (padded) held-out tokens.
 
-    ``params`` hold the snapshots stacked: W (G, M, Wd, din), b (G, M, Wd)[, P (G, M, p, d)].
+    ``params`` hold the snapshots stacked: W (G, M, Wd, din), b (G, M, Wd)[, P (G, M, p, d)]. Work is
+    chunked over nodes and tokens so that no score tensor exceeds about ``budget`` numbers (a full softmax
+    over 10k classes scored on 50k tokens at 5 snapshots would otherwise take 10 GB).
     """
     W, bias = params[0], params[1]
     G, M, Wd, din = W.shape
     L = rows.shape[1]
     out = np.zeros((G, M))
-    step = max(1, chunk_rows // L)
-    workspace = torch.empty(min(G, step) * L, features.shape[1], device=device)  # reused: see `_train_group`
+    per_token = M * max(Wd, din, features.shape[1])
+    span = max(1, min(L, budget // per_token))  # tokens per chunk
+    step = max(1, budget // (per_token * span))  # nodes per chunk
+    workspace = torch.empty(min(G, step) * span, features.shape[1], device=device)  # reused: see `_train_group`
     with torch.no_grad():
         for lo in range(0, G, step):
             hi = min(G, lo + step)
-            index = torch.from_numpy(rows[lo:hi].reshape(-1)).to(device)
-            X = torch.index_select(features, 0, index, out=workspace[: index.numel()]).view(hi - lo, L, -1)
-            if len(params) > 2:
-                Z = torch.bmm(X, params[2][lo:hi].flatten(1, 2).transpose(1, 2)).view(hi - lo, L, M, din)
-                scores = torch.einsum("glmp,gmwp->glmw", Z, W[lo:hi])
-            else:
-                scores = torch.bmm(X, W[lo:hi].flatten(1, 2).transpose(1, 2)).view(hi - lo, L, M, Wd)
-            scores = scores + bias[lo:hi, None] + column_mask[lo:hi, None, None, :]
-            index = torch.from_numpy(child[lo:hi]).to(device)[:, :, None, None].expand(-1, -1, M, 1)
-            logp = torch.log_softmax(scores, dim=3).gather(3, index).squeeze(3)  # (g, L, M)
-            keep = torch.from_numpy(mask[lo:hi]).to(device)[:, :, None]
-            out[lo:hi] = -torch.where(keep, logp.double(), 0.0).sum(1).cpu().numpy()
+            for start in range(0, L, span):
+                end = min(L, start + span)
+                index = torch.from_numpy(rows[lo:hi, start:end].reshape(-1)).to(device)
+                X = torch.index_select(features, 0, index, out=workspace[: index.numel()]).view(
+                    hi - lo, end - start, -1
+                )
+                if len(params) > 2:
+                    Z = torch.bmm(X, params[2][lo:hi].flatten(1, 2).transpose(1, 2)).view(hi - lo, end - start, M, din)
+                    scores = torch.einsum("glmp,gmwp->glmw", Z, W[lo:hi])
+                else:
+                    scores = torch.bmm(X, W[lo:hi].flatten(1, 2).transpose(1, 2)).view(hi - lo, end - start, M, Wd)
+                scores = scores + bias[lo:hi, None] + column_mask[lo:hi, None, None, :]
+                target = torch.from_numpy(child[lo:hi, start:end]).to(device)[:, :, None, None].expand(-1, -1, M, 1)
+                logp = torch.log_softmax(scores, dim=3).gather(3, target).squeeze(3)  # (g, span, M)
+                keep = torch.from_numpy(mask[lo:hi, start:end]).to(device)[:, :, None]
+                out[lo:hi] += -torch.where(keep, logp.double(), 0.0).sum(1).cpu().numpy()
     return out

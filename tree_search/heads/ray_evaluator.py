@@ -347,7 +347,11 @@ class RayEvaluator(Evaluator):
         return ticket
 
     def collect(self, wait: bool = True) -> dict[int, Evaluation]:
-        """Finished submissions (waiting for at least one when ``wait`` and any is pending)."""
+        """Finished submissions (waiting for at least one when ``wait`` and any is pending).
+
+        An evaluation that raised (a bug, not a failed training) raises here, once; the other
+        finished ones stay for the next call.
+        """
         with self._lock:
             futures = dict(self._futures)
         if wait and futures:
@@ -356,8 +360,8 @@ class RayEvaluator(Evaluator):
         with self._lock:
             for ticket, future in futures.items():
                 if future.done():
-                    done[ticket] = future.result()
                     del self._futures[ticket]
+                    done[ticket] = future.result()
         return done
 
     def nodes(self) -> int:
