@@ -109,18 +109,21 @@ def main() -> None:
     rates = matmul_rates(device)
     bank = Path(tempfile.mkdtemp(prefix="bench-reward-bank-"))
     evaluate(trees["huffman-4"][0], dataset, default, device=device, use_cache=False)  # samples loaded once
+    # Phase 1, what a search pays: every tree at the default recipe, one after the other, every node new.
     rows = []
-    print(f"{'tree':<18s} {'nodes':>6s} {'default':>8s} {'s':>6s} {'GFLOP/s':>8s} {'full':>8s} {'s':>6s}"
-          + (f" {'old':>8s} {'s':>6s}" if args.old else ""))  # fmt: skip
     for name, (tree, projections) in trees.items():
         fresh = evaluate(tree, dataset, default, device=device, projections=projections, bank_root=bank)
+        rows.append({"tree": name, "nodes": tree.num_internal, "default": fresh.valid_nll,
+                     "seconds": fresh.train_seconds,
+                     "gflops": fresh.extra["flops"] / fresh.extra["node_seconds"] / 1e9})  # fmt: skip
+    # Phase 2, the references: the full budget, and the previous reward.
+    print(f"{'tree':<18s} {'nodes':>6s} {'default':>8s} {'s':>6s} {'GFLOP/s':>8s} {'full':>8s} {'s':>6s}"
+          + (f" {'old':>8s} {'s':>6s}" if args.old else ""))  # fmt: skip
+    for row, (name, (tree, projections)) in zip(rows, trees.items(), strict=True):
         full = evaluate(tree, dataset, FULL, device=device, projections=projections, use_cache=False)
-        row = {"tree": name, "nodes": tree.num_internal, "default": fresh.valid_nll, "seconds": fresh.train_seconds,
-               "gflops": fresh.extra["flops"] / fresh.extra["node_seconds"] / 1e9, "full": full.valid_nll,
-               "full_seconds": full.train_seconds}  # fmt: skip
+        row.update(full=full.valid_nll, full_seconds=full.train_seconds)
         if args.old and not projections:
             row["old"], row["old_seconds"] = old_reward(tree, dataset, valid_h, valid_y, device)
-        rows.append(row)
         line = (f"{name:<18s} {tree.num_internal:6d} {row['default']:8.4f} {row['seconds']:6.2f} {row['gflops']:8.1f} "
                 f"{row['full']:8.4f} {row['full_seconds']:6.1f}")  # fmt: skip
         if "old" in row:

@@ -263,3 +263,14 @@ def test_training_is_deterministic(planted):
     one = train_nodes(tree, np.arange(tree.num_internal), dataset, RECIPE)
     two = train_nodes(tree, np.arange(tree.num_internal), dataset, RECIPE)
     np.testing.assert_array_equal(one.losses, two.losses)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_node_training_on_cuda_matches_the_cpu(planted, tmp_path):
+    dataset = planted.to_dataset()
+    tree, projections = _shapes(planted)["adaptive"]
+    cpu = evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False, projections=projections)
+    gpu = evaluate(tree, dataset, RECIPE, device="cuda", bank_root=tmp_path, projections=projections)
+    assert gpu.ok and gpu.valid_nll == pytest.approx(cpu.valid_nll, rel=1e-3)
+    # the bank keeps devices apart (float rounding differs): the CPU finds nothing of the GPU's
+    assert NodeBank(dataset, RECIPE, "cpu", tmp_path).lookup(node_keys(tree, projections)).found.sum() == 0

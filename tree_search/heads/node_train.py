@@ -47,7 +47,7 @@ TRAINING_CODE_VERSION = "node-train/1"  # bump when a change alters any node's n
 class NodeRecipe:
     """How every internal node is trained for the reward (the fidelity of an evaluation)."""
 
-    train_tokens: int | None = 500_000  # seeded random sample of the train split (None: all rows)
+    train_tokens: int | None = 400_000  # seeded random sample of the train split (None: all rows)
     valid_tokens: int | None = 50_000  # seeded random sample of the validation split (None: all rows)
     epochs: float = 1.0  # passes over a node's sampled tokens (at most steps * batch_size tokens)
     steps: int = 64  # optimizer steps of every node
