@@ -120,6 +120,31 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
     assert [r["test_nll"] for r in compare_runs([run.folder], seeds=2, log=None)] == [r["test_nll"] for r in rows]
 
 
+def test_final_scoring_uses_seeds_the_search_never_trained_with(tmp_path, monkeypatch):
+    import tree_search.report as report
+    from tree_search.heads import FINAL_SEED_OFFSET, evaluate
+
+    env = dataclasses.replace(ENV, seeds=2)  # the search itself trains with seeds 0 and 1
+    searched_seeds, final_seeds = set(), []
+    real_evaluate, real_score = evaluate, report.score_test
+
+    def spy_evaluate(tree, dataset, config, *args, seeds=1, **kwargs):
+        searched_seeds.update(range(config.seed, config.seed + seeds) if isinstance(seeds, int) else seeds)
+        return real_evaluate(tree, dataset, config, *args, seeds=seeds, **kwargs)
+
+    def spy_score(tree, dataset, config, **kwargs):
+        final_seeds.append(config.seed)
+        return real_score(tree, dataset, config, **kwargs)
+
+    monkeypatch.setattr("tree_search.heads.evaluator.evaluate", spy_evaluate)
+    monkeypatch.setattr(report, "score_test", spy_score)
+    run = run_search(SearchConfig(agent="tpe", budget=2, env_config=env, baselines="none"), tmp_path / "run", log=None)
+    compare_runs([run.folder], seeds=3, log=None)
+    assert searched_seeds == {0, 1}
+    assert final_seeds and set(final_seeds) == {FINAL_SEED_OFFSET, FINAL_SEED_OFFSET + 1, FINAL_SEED_OFFSET + 2}
+    assert not searched_seeds & set(final_seeds)
+
+
 def test_cli_search_and_compare_end_to_end(tmp_path):
     out = tmp_path / "cli"
     args = ["search", "--agent", "random", "--env", "cutoffs", "--dataset", "planted", "--budget", "3", "--baselines",
