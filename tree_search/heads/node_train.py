@@ -40,7 +40,7 @@ from tree_search.tree import Tree
 
 __all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "node_keys", "split_sample", "train_nodes"]
 
-TRAINING_CODE_VERSION = "node-train/1"  # bump when a change alters any node's numbers
+TRAINING_CODE_VERSION = "node-train/2"  # bump when a change alters any node's numbers
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class NodeRecipe:
     train_tokens: int | None = 400_000  # seeded random sample of the train split (None: all rows)
     valid_tokens: int | None = 50_000  # seeded random sample of the validation split (None: all rows)
     epochs: float = 1.0  # passes over a node's sampled tokens (at most steps * batch_size tokens)
-    steps: int = 64  # optimizer steps of every node
-    batch_size: int = 4096  # most tokens per step of a node of fanout <= 16 (up to 4x more for wider nodes)
+    steps: int = 64  # optimizer steps of a node of up to 31 children (more for wider ones, see `node_steps`)
+    batch_size: int = 4096  # most tokens in one step of a node
     lr: float = 0.03  # peak Adam learning rate of a 16-ary node (narrower ones get less, wide ones more)
     warmup_fraction: float = 0.05  # share of a node's steps with a linear warm-up
     measurements: int = 4  # validation measurements per node, evenly spaced; the best is the node's result
@@ -86,9 +86,22 @@ class NodeRecipe:
 
     @property
     def measure_steps(self) -> np.ndarray:
-        """The steps (1-based) after which every node is measured."""
-        steps = np.ceil(self.steps * np.arange(1, self.measurements + 1) / self.measurements).astype(int)
-        return np.unique(np.concatenate([[0], steps]))  # 0: the initial weights
+        """The steps (1-based) after which a node of ``steps`` steps is measured; 0 is the initial weights."""
+        return measure_points(self.steps, self.measurements)
+
+    def node_steps(self, fanout: np.ndarray) -> np.ndarray:
+        """Optimizer steps of nodes of these fanouts: ``steps``, times floor(sqrt(fanout / 16)) above 31 children.
+
+        A wide node has many more weights to fit (a full softmax over 10k classes: 2.6M): it
+        takes more, smaller steps over the same tokens (25x for 10k children).
+        """
+        return self.steps * np.maximum(1, np.floor(np.sqrt(np.asarray(fanout) / 16.0))).astype(np.int64)
+
+
+def measure_points(steps: int, measurements: int) -> np.ndarray:
+    """The steps (1-based) after which a node is measured, evenly spaced; 0 is the initial weights."""
+    points = np.ceil(steps * np.arange(1, measurements + 1) / measurements).astype(int)
+    return np.concatenate([[0], points])
 
 
 # ---------------------------------------------------------------- content keys
@@ -339,14 +352,12 @@ def train_nodes(
     proj = (
         np.array([projections.get(int(n), 0) for n in nodes], dtype=np.int64) if projections else np.zeros_like(fanout)
     )
-    # Nodes wider than 16 children have more parameters to fit: their cap on tokens per step grows with the
-    # fanout, up to 4x (a full softmax over 10k classes would otherwise cost minutes).
-    most = recipe.batch_size * np.clip(fanout // 16, 1, 4)
-    visits = np.minimum(np.ceil(recipe.epochs * m).astype(np.int64), recipe.steps * most)
-    own_batch = np.clip(np.ceil(visits / recipe.steps).astype(np.int64), 1, most)  # tokens per step
-    batch = np.minimum(_pow2_ceil(own_batch), _pow2_ceil(most))  # the group's (padded) batch
+    steps = recipe.node_steps(fanout)
+    visits = np.minimum(np.ceil(recipe.epochs * m).astype(np.int64), steps * recipe.batch_size)
+    own_batch = np.clip(np.ceil(visits / steps).astype(np.int64), 1, recipe.batch_size)  # tokens per step
+    batch = np.minimum(_pow2_ceil(own_batch), recipe.batch_size)  # the group's (padded) batch
     width = np.where(fanout > 64, fanout, np.maximum(_pow2_ceil(fanout), 2))  # wide nodes: exact, no padding
-    group_key = np.stack([batch, width, proj], 1)
+    group_key = np.stack([batch, width, proj, steps], 1)
     unique, inverse = np.unique(group_key, axis=0, return_inverse=True)
     context = _Context(tree, nodes, keys, fanout, own_batch, recipe, device, train, valid, (t_rows, t_child, t_ptr),
                        (v_rows, v_child, v_ptr), keep_weights)  # fmt: skip
@@ -361,13 +372,13 @@ def train_nodes(
         E = class_embeddings(dataset)
         counts = np.asarray(dataset.counts, dtype=np.float64) + 0.5  # every class some mass
         context.embeddings = (E, counts, *_subtree_embedding_sums(tree, E, counts))
-    for g, (b, w, p) in enumerate(unique):
+    for g, (b, w, p, k) in enumerate(unique):
         members = np.flatnonzero(inverse.reshape(-1) == g)
         # Nodes are independent, so a group is trained in chunks whose batch of features stays in the CPU's
         # cache between the gather and the two matmuls that read it (about 2x faster for the widest batches).
         chunk = max(1, _CHUNK_BYTES // (int(b) * dataset.dim * 4))
         for lo in range(0, members.size, chunk):
-            _train_group(context, members[lo : lo + chunk], int(b), int(w), int(p), outcome)
+            _train_group(context, members[lo : lo + chunk], int(b), int(w), int(p), int(k), outcome)
     return outcome
 
 
@@ -428,8 +439,8 @@ def _padded(ptr: np.ndarray, rows: np.ndarray, child: np.ndarray, members: np.nd
     return rows[position], np.where(mask, child[position], 0), mask
 
 
-def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, outcome: NodeOutcome) -> None:
-    """Train the nodes ``members`` (positions into ``c.nodes``) together: batch B, width Wd, projection P."""
+def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: int, outcome: NodeOutcome) -> None:
+    """Train the nodes ``members`` (positions into ``c.nodes``) together: batch B, width Wd, projection P, S steps."""
     recipe, device = c.recipe, c.device
     G, d = members.size, c.train.features.shape[1]
     din = P or d
@@ -445,7 +456,7 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, outc
         b0 = np.zeros((G, Wd))
     # Parametrised as W = scale * W', b = scale * b' (scale by the node's exact fanout): Adam's steps on W'
     # are then scale * lr on W, the node's own learning rate, with one fused Adam over the whole group.
-    scale = torch.from_numpy(step_scale(fan)).float().to(device)
+    scale = torch.from_numpy(step_scale(fan) * np.sqrt(recipe.steps / S)).float().to(device)
     params = [torch.tensor(w0, dtype=torch.float32, device=device) / scale[:, None, None],
               torch.tensor(b0, dtype=torch.float32, device=device) / scale[:, None]]  # fmt: skip
     if P:
@@ -456,19 +467,19 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, outc
     own = c.own_batch[members]
     factor = np.where(np.arange(B)[None, :] < own[:, None], 1.0 / own[:, None], 0.0) * trained[:, None]
     grad_factor = (scale[:, None] * torch.from_numpy(factor).float().to(device))[:, :, None]  # (G, B, 1)
-    t_rows, t_child = _stream(c.train_pairs[2], c.train_pairs[0], c.train_pairs[1], members, recipe.steps, B, own)
+    t_rows, t_child = _stream(c.train_pairs[2], c.train_pairs[0], c.train_pairs[1], members, S, B, own)
     t_rows, t_child = torch.from_numpy(t_rows).to(device), torch.from_numpy(t_child).to(device)
-    measure = set(recipe.measure_steps.tolist())
+    measure = set(measure_points(S, recipe.measurements).tolist())
     snapshots = []  # the effective parameters at each measurement, scored together at the end (one pass)
     state = ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
              [torch.zeros((), device=device) for _ in params])  # fmt: skip
     # One buffer for the batch's features, reused every step: a fresh multi-MB tensor per step costs more in
     # page faults than the gather itself (measured: 5x on this machine's CPU).
     workspace = torch.empty(G * B, d, device=device)
-    for k in range(-1, recipe.steps):
+    for k in range(-1, S):
         if k >= 0:
-            _step(k, B, P, c.train.features, t_rows, t_child, params, scale, column_mask, grad_factor, state, recipe,
-                  workspace)  # fmt: skip
+            _step(k, S, B, P, c.train.features, t_rows, t_child, params, scale, column_mask, grad_factor, state,
+                  recipe, workspace)  # fmt: skip
         if k + 1 in measure:
             snapshots.append(
                 [params[0] * scale[:, None, None], params[1] * scale[:, None], *[p.clone() for p in params[2:]]]
@@ -480,7 +491,7 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, outc
         raise FloatingPointError(f"non-finite validation loss in {int((~np.isfinite(losses)).any(1).sum())} node(s)")
     outcome.losses[members] = losses
     per_token = 2.0 * fan * din + (2.0 * P * d if P else 0.0)  # one token's scores (and projection)
-    visits = recipe.steps * own * (3.0 if P else 2.0)  # forward, gradient of W (and of the projection)
+    visits = S * own * (3.0 if P else 2.0)  # forward, gradient of W (and of the projection)
     outcome.flops += float(per_token @ visits + per_token @ (np.diff(c.valid_pairs[2])[members] * len(snapshots)))
     best = torch.from_numpy(losses.argmin(1)).to(device)
     chosen = [p[torch.arange(G, device=device), best] for p in stacked]
@@ -497,7 +508,7 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, outc
                                               for n, p in enumerate(chosen))  # fmt: skip
 
 
-def _step(k: int, B: int, P: int, features, t_rows, t_child, params, scale, column_mask, grad_factor, state,
+def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, scale, column_mask, grad_factor, state,
           recipe: NodeRecipe, workspace: torch.Tensor) -> None:  # fmt: skip
     """One Adam step of every node of a group on its k-th batch (the gradients written out by hand)."""
     W, bias = params[0], params[1]
@@ -511,11 +522,11 @@ def _step(k: int, B: int, P: int, features, t_rows, t_child, params, scale, colu
     grads = [torch.bmm(grad_scores.transpose(1, 2), Z), grad_scores.sum(1)]  # (G, Wd, din), (G, Wd)
     if P:
         grads.append(torch.bmm(torch.bmm(grad_scores, W).transpose(1, 2), X))  # (G, P, d)
-    warmup = max(1, round(recipe.warmup_fraction * recipe.steps))
+    warmup = max(1, round(recipe.warmup_fraction * S))
     if k < warmup:
         rate = (k + 1) / warmup
     else:
-        rate = 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, recipe.steps - warmup)))
+        rate = 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, S - warmup)))
     for step in state[2]:
         step += 1
     torch._fused_adam_(params, grads, state[0], state[1], [], state[2], amsgrad=False, lr=recipe.lr * rate,
