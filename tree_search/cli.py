@@ -261,7 +261,7 @@ def baseline(
             )
             console.print(
                 f"lowest validation loss: {best['tree']} at {best['valid_nll']:.4f} nats/token ({versus}); "
-                f"validation split, one seed, {epochs} epoch(s) of head training"
+                f"validation sample, one seed, the node recipe with {epochs:g} pass(es) over each node's tokens"
             )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
