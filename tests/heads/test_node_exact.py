@@ -274,3 +274,30 @@ def test_node_training_on_cuda_matches_the_cpu(planted, tmp_path):
     assert gpu.ok and gpu.valid_nll == pytest.approx(cpu.valid_nll, rel=1e-3)
     # the bank keeps devices apart (float rounding differs): the CPU finds nothing of the GPU's
     assert NodeBank(dataset, RECIPE, "cpu", tmp_path).lookup(node_keys(tree, projections)).found.sum() == 0
+
+
+def test_the_bank_keeps_trained_weights_and_builds_the_head_from_them(planted, tmp_path, monkeypatch):
+    import tree_search.heads.reward as reward
+
+    dataset = planted.to_dataset()
+    tree, projections = _shapes(planted)["adaptive"]
+    valid = split_sample(dataset, "valid", RECIPE.valid_tokens, RECIPE.seed, torch.device("cpu"))
+    h, y = valid.features.float(), torch.from_numpy(valid.labels)
+    first = trained_head(tree, dataset, RECIPE, projections=projections, device="cpu", bank_root=tmp_path)
+    reward._BANKS.clear()  # a new process: only the disk holds the weights
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored node was trained again")
+
+    monkeypatch.setattr(reward, "train_nodes", no_training)
+    again = trained_head(tree, dataset, RECIPE, projections=projections, device="cpu", bank_root=tmp_path)
+    # the same nodes listing their children in the opposite order: the stored rows follow them
+    shuffled = Tree(tree.num_classes, [row[::-1] for row in tree.children_lists()])
+    mirrored = trained_head(shuffled, dataset, RECIPE, projections=projections, device="cpu", bank_root=tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again.log_prob(h, y), first.log_prob(h, y))
+        torch.testing.assert_close(mirrored.log_prob(h, y), first.log_prob(h, y))
+        nll = -again.log_prob(h, y).mean().item()
+    monkeypatch.undo()
+    result = evaluate(tree, dataset, RECIPE, device="cpu", projections=projections, bank_root=tmp_path)
+    assert result.extra["nodes_trained"] == 0 and result.valid_nll == pytest.approx(nll, rel=1e-5)

@@ -8,12 +8,14 @@ contains the node, in this run and later ones.
 On disk: one folder per namespace (dataset, recipe, code version, device class) under
 ``<cache>/nodes/``, holding ``namespace.json`` and append-only *segments*, one ``.npz``
 per batch of newly trained nodes (keys, per-measurement validation loss sums, token
-counts, and the weights when asked for). A segment is written to a temporary file and
-renamed into place, so a reader never sees a partial one, and concurrent writers (Ray
-actors, several searches) never touch each other's files. Readers load segments they
-have not seen yet when a lookup misses. Processes on other machines share the bank when
-``TREE_SEARCH_CACHE`` points to a shared file system; otherwise each machine keeps its
-own (correct, but nodes are then trained once per machine).
+counts, and each node's weights at its best measurement when the training kept them:
+`tree_search.heads.trained_head` does, so a head is assembled from stored nodes). A
+segment is written to a temporary file and renamed into place, so a reader never sees a
+partial one, and concurrent writers (Ray actors, several searches) never touch each
+other's files. Readers load segments they have not seen yet when a lookup misses.
+Processes on other machines share the bank when ``TREE_SEARCH_CACHE`` points to a shared
+file system; otherwise each machine keeps its own (correct, but nodes are then trained
+once per machine).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class NodeBank:
         self.folder = Path(root or cache_root() / "nodes") / content_key(self.namespace)
         self.measurements = int(recipe.measure_steps.size)
         self._index: dict[bytes, tuple[np.ndarray, int]] = {}
+        self._weights_at: dict[bytes, tuple[str, int]] = {}  # key -> (segment, row) of its stored weights
         self._seen: set[str] = set()
         info = self.folder / "namespace.json"
         if not info.exists():
@@ -96,6 +99,7 @@ class NodeBank:
             try:
                 with np.load(self.folder / name, allow_pickle=False) as segment:
                     keys, losses, tokens = segment["keys"], segment["losses"], segment["tokens"]
+                    weighted = segment["w_rows"] if "w_rows" in segment.files else np.zeros(0, np.int64)
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:  # damaged: skip, never half-read
                 warnings.warn(f"node bank {self.folder}: skipping unreadable segment {name}: {error}", stacklevel=2)
                 continue
@@ -104,8 +108,34 @@ class NodeBank:
                 continue
             for key, row, count in zip(_as_bytes(keys), losses, tokens, strict=True):
                 self._index.setdefault(key, (row, int(count)))
+            for position, key in zip(weighted.tolist(), _as_bytes(keys[weighted]), strict=True):
+                self._weights_at.setdefault(key, (name, position))
             loaded += 1
         return loaded
+
+    def weights(self, keys: np.ndarray) -> dict[int, tuple[np.ndarray, ...]]:
+        """``{i: (W, b[, P])}`` for the ``keys`` whose trained weights are stored (each node at its best)."""
+        wanted = _as_bytes(keys)
+        if any(key not in self._weights_at for key in wanted):
+            self.refresh()
+        by_segment: dict[str, list[tuple[int, int]]] = {}
+        for i, key in enumerate(wanted):
+            if key in self._weights_at:
+                name, position = self._weights_at[key]
+                by_segment.setdefault(name, []).append((i, position))
+        out: dict[int, tuple[np.ndarray, ...]] = {}
+        for name, items in by_segment.items():
+            with np.load(self.folder / name, allow_pickle=False) as segment:
+                rows, ptr, data, shapes = segment["w_rows"], segment["w_ptr"], segment["w_data"], segment["w_shapes"]
+            slot = {int(r): j for j, r in enumerate(rows)}
+            for i, position in items:
+                j = slot[position]
+                flat, (f, din, p, d) = data[ptr[j] : ptr[j + 1]], shapes[j].tolist()
+                parts = [flat[: f * din].reshape(f, din), flat[f * din : f * din + f]]
+                if p:
+                    parts.append(flat[f * din + f :].reshape(p, d))
+                out[i] = tuple(parts)
+        return out
 
     def lookup(self, keys: np.ndarray) -> NodeRecord:
         """The stored results of ``keys`` ((n, 2) uint64 content keys)."""
@@ -129,15 +159,24 @@ class NodeBank:
             return None
         path = self.folder / f"segment-{os.getpid()}-{uuid.uuid4().hex}.npz"
         buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            keys=outcome.keys.astype(np.uint64),
-            losses=outcome.losses.astype(np.float64),
-            tokens=outcome.tokens.astype(np.int64),
-            train_tokens=outcome.train_tokens.astype(np.int64),
-        )
+        arrays = {
+            "keys": outcome.keys.astype(np.uint64),
+            "losses": outcome.losses.astype(np.float64),
+            "tokens": outcome.tokens.astype(np.int64),
+            "train_tokens": outcome.train_tokens.astype(np.int64),
+        }
+        if outcome.weights:  # trained weights, when the training kept them: (W, b[, P]) per node, flattened
+            rows = np.array(sorted(outcome.weights), dtype=np.int64)
+            parts = [outcome.weights[int(r)] for r in rows]
+            flat = [np.concatenate([a.ravel() for a in part]).astype(np.float32) for part in parts]
+            shapes = [(*part[0].shape, *(part[2].shape if len(part) > 2 else (0, 0))) for part in parts]
+            arrays.update(w_rows=rows, w_ptr=np.concatenate([[0], np.cumsum([f.size for f in flat])]),
+                          w_data=np.concatenate(flat), w_shapes=np.array(shapes, dtype=np.int64))  # fmt: skip
+        np.savez(buffer, **arrays)
         atomic_write_bytes(path, buffer.getvalue())
         self._seen.add(path.name)
         for key, row, count in zip(_as_bytes(outcome.keys), outcome.losses, outcome.tokens, strict=True):
             self._index.setdefault(key, (np.array(row), int(count)))
+        for position in sorted(outcome.weights):
+            self._weights_at.setdefault(outcome.keys[position].tobytes(), (path.name, position))
         return path

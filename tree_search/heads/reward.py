@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.heads.node_bank import NodeBank
-from tree_search.heads.node_train import NodeRecipe, node_keys, split_sample, train_nodes
+from tree_search.heads.node_train import NodeRecipe, child_set_hashes, node_keys, split_sample, train_nodes
 from tree_search.heads.train import Callback, EvalPoint
 from tree_search.heads.tree_head import TreeSoftmaxHead
 from tree_search.tree import Tree
@@ -125,6 +126,7 @@ _BANKS: dict[tuple, NodeBank] = {}
 
 def node_bank(dataset: FeatureDataset, recipe: NodeRecipe, device: torch.device, root: Path | None = None) -> NodeBank:
     """The (process-wide) bank of ``dataset`` and ``recipe`` on this device class."""
+    root = Path(root) if root is not None else cache_root() / "nodes"
     key = (dataset.key, recipe, device.type, str(root))
     if key not in _BANKS:
         _BANKS[key] = NodeBank(dataset, recipe, device.type, root)
@@ -255,7 +257,8 @@ def evaluate(
     seconds = time.perf_counter() - started
     top1 = top5 = math.nan
     if error is None and top_k_samples and not pruned:
-        top1, top5 = top_k_accuracy(tree, dataset, config, top_k_samples, projections=projections, device=device)
+        top1, top5 = top_k_accuracy(tree, dataset, config, top_k_samples, projections=projections, device=device,
+                                    use_bank=use_cache, bank_root=bank_root)  # fmt: skip
     if error is None:
         mean = float(np.mean(per_seed))
         stderr = float(np.std(per_seed, ddof=1) / math.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0
@@ -288,14 +291,40 @@ def trained_head(
     *,
     projections: Mapping[int, int] | None = None,
     device: torch.device | str | None = None,
+    use_bank: bool = True,
+    bank_root: Path | None = None,
 ) -> TreeSoftmaxHead:
-    """A `TreeSoftmaxHead` holding every node's weights at its best measurement under ``recipe``."""
+    """A `TreeSoftmaxHead` holding every node's weights at its best measurement under ``recipe``.
+
+    Nodes whose weights the node bank holds are not trained again; the others are trained
+    now and stored with their weights (same numbers as in `evaluate`: the recipe decides them).
+    """
     device = torch.device(device) if device is not None else default_device()
-    outcome = train_nodes(tree, np.arange(tree.num_internal), dataset, recipe, projections=projections, device=device,
-                          keep_weights=True)  # fmt: skip
+    keys = node_keys(tree, projections)
+    # The bank stores each node's rows (one per child) in a canonical child order, since the same node
+    # may list its children in another order in another tree: sorted by the children's class-set hashes.
+    hashes = child_set_hashes(tree)
+    owner = np.repeat(np.arange(tree.num_internal), tree.fanout)
+    canonical = np.lexsort((hashes[:, 1], hashes[:, 0], owner)) - tree.child_ptr[owner]  # tree slot of each rank
+    bank = node_bank(dataset, recipe, device, bank_root) if use_bank else None
+    weights = {}
+    for node, value in (bank.weights(keys) if bank is not None else {}).items():
+        order = np.argsort(canonical[tree.child_ptr[node] : tree.child_ptr[node + 1]])  # canonical rank of each slot
+        weights[node] = (value[0][order], value[1][order], *value[2:])
+    missing = np.array([n for n in range(tree.num_internal) if n not in weights], dtype=np.int64)
+    if missing.size:
+        outcome = train_nodes(tree, missing, dataset, recipe, projections=projections, device=device,
+                              keep_weights=True, keys=keys[missing])  # fmt: skip
+        for row, value in outcome.weights.items():
+            node = int(missing[row])
+            weights[node] = value
+            order = canonical[tree.child_ptr[node] : tree.child_ptr[node + 1]]
+            outcome.weights[row] = (value[0][order], value[1][order], *value[2:])
+        if bank is not None:
+            bank.store(outcome)
     head = TreeSoftmaxHead(tree, dataset.dim, projections=projections)
-    for node, weights in outcome.weights.items():  # loads once per node; never on the reward's path
-        head.set_node_parameters(node, *[torch.from_numpy(w) for w in weights])
+    for node, value in weights.items():  # once per node, when a head is built; never on the reward's path
+        head.set_node_parameters(node, *[torch.from_numpy(np.asarray(w, dtype=np.float32)) for w in value])
     return head.to(device)
 
 
@@ -307,9 +336,12 @@ def top_k_accuracy(
     *,
     projections: Mapping[int, int] | None = None,
     device: torch.device,
+    use_bank: bool = True,
+    bank_root: Path | None = None,
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy on a seeded random sample of ``samples`` validation rows."""
-    head = trained_head(tree, dataset, recipe, projections=projections, device=device)
+    head = trained_head(tree, dataset, recipe, projections=projections, device=device, use_bank=use_bank,
+                        bank_root=bank_root)  # fmt: skip
     sample = split_sample(dataset, "valid", samples, recipe.seed + 7, device)
     return _top_k_accuracy(head, sample.features.float(), torch.from_numpy(sample.labels).to(device))
 
