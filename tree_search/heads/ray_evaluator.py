@@ -349,19 +349,26 @@ class RayEvaluator(Evaluator):
     def collect(self, wait: bool = True) -> dict[int, Evaluation]:
         """Finished submissions (waiting for at least one when ``wait`` and any is pending).
 
-        An evaluation that raised (a bug, not a failed training) raises here, once; the other
-        finished ones stay for the next call.
+        An evaluation that raised (a bug, not a failed training) raises here, once, in a call
+        that has no finished result to hand over (so no result is ever lost to it).
         """
         with self._lock:
             futures = dict(self._futures)
         if wait and futures:
             wait_for(list(futures.values()), return_when=FIRST_COMPLETED)
-        done = {}
+        done, raised = {}, None
         with self._lock:
             for ticket, future in futures.items():
-                if future.done():
-                    del self._futures[ticket]
-                    done[ticket] = future.result()
+                if not future.done():
+                    continue
+                if future.exception() is not None:
+                    raised = ticket if raised is None else raised
+                    continue
+                del self._futures[ticket]
+                done[ticket] = future.result()
+            if done or raised is None:  # the finished results first; an exception when nothing else is left
+                return done
+            self._futures.pop(raised).result()  # raises it
         return done
 
     def nodes(self) -> int:
