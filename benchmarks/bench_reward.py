@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dataset = prepare_dataset()
-    trees = {**{k: v for k, v in classic_baselines(dataset, CLASSIC).items()}, **searched_shapes(args.episodes)}
+    trees = {**classic_baselines(dataset, CLASSIC), **searched_shapes(args.episodes)}
     default = NodeRecipe()
     valid = split_sample(dataset, "valid", default.valid_tokens, default.seed, device)
     valid_h, valid_y = valid.features.float(), torch.from_numpy(valid.labels).to(device)

@@ -77,12 +77,9 @@ class NodeRecipe:
         if self.init not in ("embeddings", "random"):
             raise ValueError(f"NodeRecipe.init must be 'embeddings' or 'random', got {self.init!r}")
 
-    def key_fields(self, exclude_seed: bool = False) -> dict[str, Any]:
+    def key_fields(self) -> dict[str, Any]:
         """The recipe as a JSON-friendly dict (what cache keys hold)."""
-        fields = asdict(self)
-        if exclude_seed:
-            fields.pop("seed")
-        return fields
+        return asdict(self)
 
     @property
     def measure_steps(self) -> np.ndarray:
@@ -236,7 +233,7 @@ class NodeOutcome:
     @property
     def best(self) -> np.ndarray:
         """(n,) each node's result: its lowest measured validation loss sum."""
-        return self.losses.min(axis=1) if self.losses.shape[1] else np.zeros(self.losses.shape[0])
+        return self.losses.min(axis=1)
 
 
 def step_scale(fanout: np.ndarray) -> np.ndarray:
@@ -278,7 +275,7 @@ def _warm_start(tree: Tree, sums: np.ndarray, mass: np.ndarray, E: np.ndarray, c
     leaf = child < V
     leaf_id = np.minimum(child, V - 1)
     total = np.where(leaf[..., None], E[leaf_id] * counts[leaf_id][..., None], sums[np.maximum(child - V, 0)])
-    weight_mass = np.where(leaf, counts[np.minimum(child, V - 1)], mass[np.maximum(child - V, 0)])
+    weight_mass = np.where(leaf, counts[leaf_id], mass[np.maximum(child - V, 0)])
     weight = np.where(has[..., None], total / weight_mass[..., None], 0.0)
     bias = np.where(has, np.log(weight_mass) - np.log(mass[nodes])[:, None], 0.0)
     return weight, bias
@@ -291,14 +288,6 @@ def _subtree_embedding_sums(tree: Tree, E: np.ndarray, counts: np.ndarray) -> tu
     for level in reversed(tree._levels[1:]):
         sums.index_add_(0, torch.from_numpy(tree.node_parent[level].astype(np.int64)), sums[torch.from_numpy(level)])
     return sums.numpy(), tree.subtree_sums(counts)
-
-
-@dataclass
-class _Group:
-    nodes: np.ndarray  # positions into the `wanted` array
-    batch: int
-    width: int
-    proj: int  # 0: none
 
 
 def train_nodes(
@@ -333,8 +322,7 @@ def train_nodes(
     device = torch.device(device)
     nodes = np.asarray(nodes, dtype=np.int64)
     projections = {int(k): int(v) for k, v in (projections or {}).items()}
-    all_keys = node_keys(tree, projections) if keys is None else None
-    keys = all_keys[nodes] if keys is None else keys
+    keys = node_keys(tree, projections)[nodes] if keys is None else keys
     M = recipe.measure_steps.size
     outcome = NodeOutcome(
         keys, np.zeros((nodes.size, M)), np.zeros(nodes.size, np.int64), np.zeros(nodes.size, np.int64)
@@ -374,8 +362,8 @@ def train_nodes(
         context.embeddings = (E, counts, *_subtree_embedding_sums(tree, E, counts))
     for g, (b, w, p, k) in enumerate(unique):
         members = np.flatnonzero(inverse.reshape(-1) == g)
-        # Nodes are independent, so a group is trained in chunks whose batch of features stays in the CPU's
-        # cache between the gather and the two matmuls that read it (about 2x faster for the widest batches).
+        # Nodes are independent, so a group is trained in chunks: the batch of features and the score tensors
+        # of one step stay a few MB whatever the group's size.
         chunk = max(1, _CHUNK_BYTES // (int(b) * dataset.dim * 4))
         for lo in range(0, members.size, chunk):
             _train_group(context, members[lo : lo + chunk], int(b), int(w), int(p), int(k), outcome)
@@ -502,10 +490,10 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
         outcome.split_losses[members] = _loss_sums(single, column_mask, c.scored.features, s_rows, s_child, s_mask,
                                                    device)[:, 0]  # fmt: skip
     if c.keep_weights:
+        arrays = [p.cpu().numpy() for p in chosen]  # one copy per tensor, then views per node
         for i, row in enumerate(members):
             f = int(fan[i])
-            outcome.weights[int(row)] = tuple(p[i, :f].cpu().numpy() if n < 2 else p[i].cpu().numpy()
-                                              for n, p in enumerate(chosen))  # fmt: skip
+            outcome.weights[int(row)] = (arrays[0][i, :f], arrays[1][i, :f], *[a[i] for a in arrays[2:]])
 
 
 def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, scale, column_mask, grad_factor, state,

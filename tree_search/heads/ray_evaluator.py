@@ -120,13 +120,6 @@ class EvaluationWorker:
         return ray.get_runtime_context().get_node_id()
 
 
-def _describe(error: BaseException) -> str:
-    """``Type: last line of the message`` (the cause of a Ray task error)."""
-    cause = error.cause if isinstance(error, RayTaskError) and getattr(error, "cause", None) is not None else error
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
-
-
 @dataclass
 class _Waiting:
     """An evaluation waiting to be put into a batch, and where its answer goes."""
