@@ -12,14 +12,18 @@ environment (the shapes a search proposes), every node new (an empty node bank):
 - useful GFLOP/s of the default reward's matmuls against a plain float32 matmul and a
   batched skinny matmul of the reward's typical shape, timed in the same run;
 - the same trees again with the bank filled (what a search pays for a known node);
-- the process's peak RSS.
+- the process's peak RSS;
+- with ``--evaluators 1,2,4``: that many evaluator processes sharing the device (one GPU, or the
+  CPU cores), each evaluating every tree into its own empty bank; the aggregate evaluations/min.
 
-    python benchmarks/bench_reward.py [--old] [--device cuda]
+    python benchmarks/bench_reward.py [--old] [--device cuda] [--evaluators 1,2,4] [--no-full]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import multiprocessing
 import resource
 import tempfile
 import time
@@ -30,8 +34,9 @@ import numpy as np
 import torch
 
 import tree_search.envs  # noqa: F401 - registers the environments
-from tree_search.agents.baselines import classic_baselines
+from tree_search.builders import classic_trees
 from tree_search.data import prepare_dataset
+from tree_search.data.features import class_embeddings
 from tree_search.envs import SearchStopped, TreeEnvConfig
 from tree_search.heads import NodeRecipe, TrainConfig, TreeSoftmaxHead, evaluate, fit, validation_nll
 from tree_search.heads.node_train import split_sample
@@ -85,6 +90,45 @@ def matmul_rates(device: torch.device) -> dict[str, float]:
     return out
 
 
+def _evaluator_process(trees: dict, device: str, bank: str, threads: int, barrier, results) -> None:
+    """One evaluator sharing the device: load the data, wait for the others, evaluate every tree (all nodes new)."""
+    torch.set_num_threads(threads)  # the evaluators share the CPU cores too
+    dataset = prepare_dataset()
+    first = next(iter(trees.values()))
+    evaluate(first[0], dataset, NodeRecipe(), device=device, projections=first[1], use_cache=False)  # warm-up
+    barrier.wait()
+    started = time.time()
+    for tree, projections in trees.values():
+        evaluate(tree, dataset, NodeRecipe(), device=device, projections=projections, bank_root=Path(bank))
+    results.put((started, time.time()))
+
+
+def evaluator_scaling(trees: dict, device: str, counts: list[int]) -> None:
+    """Aggregate evaluations/min of 1, 2, 4, ... evaluator processes sharing ``device``."""
+    context = multiprocessing.get_context("spawn")
+    base = None
+    for n in counts:
+        barrier, results = context.Barrier(n), context.Queue()
+        threads = max(1, torch.get_num_threads() // n)
+        workers = [
+            context.Process(
+                target=_evaluator_process,
+                args=(trees, device, tempfile.mkdtemp(prefix=f"bench-eval{n}-{i}-"), threads, barrier, results),
+            )
+            for i in range(n)
+        ]
+        for worker in workers:
+            worker.start()
+        spans = [results.get() for _ in workers]
+        for worker in workers:
+            worker.join()
+        wall = max(end for _, end in spans) - min(start for start, _ in spans)
+        rate = 60 * n * len(trees) / wall
+        base = base or rate
+        print(f"{n} evaluator(s) sharing {device}: {n * len(trees)} evaluations in {wall:.1f} s, "
+              f"{rate:.1f} evaluations/min ({rate / base:.2f}x one evaluator)", flush=True)  # fmt: skip
+
+
 def old_reward(tree, dataset, valid_h, valid_y, device) -> tuple[float, float]:
     """The previous reward: one whole head trained by `fit` (0.5 epoch), scored on the same validation rows."""
     started = time.perf_counter()
@@ -99,10 +143,13 @@ def main() -> None:
     parser.add_argument("--old", action="store_true", help="also time the previous whole-head reward")
     parser.add_argument("--episodes", type=int, default=3, help="trees from random split-environment episodes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--evaluators", help="comma-separated counts of evaluator processes sharing the device")
+    parser.add_argument("--no-full", action="store_true", help="skip the full-budget references (and Spearman)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dataset = prepare_dataset()
-    trees = {**classic_baselines(dataset, CLASSIC), **searched_shapes(args.episodes)}
+    classics = classic_trees(dataset.counts, CLASSIC, embeddings=class_embeddings(dataset), dim=dataset.dim)
+    trees = {**{k: (c.tree, c.projections) for k, c in classics.items()}, **searched_shapes(args.episodes)}
     default = NodeRecipe()
     valid = split_sample(dataset, "valid", default.valid_tokens, default.seed, device)
     valid_h, valid_y = valid.features.float(), torch.from_numpy(valid.labels).to(device)
@@ -116,12 +163,17 @@ def main() -> None:
         rows.append({"tree": name, "nodes": tree.num_internal, "default": fresh.valid_nll,
                      "seconds": fresh.train_seconds,
                      "gflops": fresh.extra["flops"] / fresh.extra["node_seconds"] / 1e9})  # fmt: skip
+    if args.evaluators:
+        evaluator_scaling(trees, args.device, [int(n) for n in args.evaluators.split(",")])
     # Phase 2, the references: the full budget, and the previous reward.
     print(f"{'tree':<18s} {'nodes':>6s} {'default':>8s} {'s':>6s} {'GFLOP/s':>8s} {'full':>8s} {'s':>6s}"
           + (f" {'old':>8s} {'s':>6s}" if args.old else ""))  # fmt: skip
     for row, (name, (tree, projections)) in zip(rows, trees.items(), strict=True):
-        full = evaluate(tree, dataset, FULL, device=device, projections=projections, use_cache=False)
-        row.update(full=full.valid_nll, full_seconds=full.train_seconds)
+        if args.no_full:
+            full = None
+        else:
+            full = evaluate(tree, dataset, FULL, device=device, projections=projections, use_cache=False)
+        row.update(full=full.valid_nll if full else math.nan, full_seconds=full.train_seconds if full else math.nan)
         if args.old and not projections:
             row["old"], row["old_seconds"] = old_reward(tree, dataset, valid_h, valid_y, device)
         line = (f"{name:<18s} {tree.num_internal:6d} {row['default']:8.4f} {row['seconds']:6.2f} {row['gflops']:8.1f} "
@@ -140,7 +192,8 @@ def main() -> None:
     print(f"without the two adaptive shapes (35x and 74x Huffman's cost): {cheap.mean():.2f} s "
           f"({60 / cheap.mean():.1f} evaluations/min)")  # fmt: skip
     print(f"with the bank filled: {np.mean(warm) * 1000:.0f} ms per evaluation")
-    print(f"Spearman (default vs full budget, {len(rows)} trees): {spearman(default_nll, full_nll):.3f}")
+    if not args.no_full:
+        print(f"Spearman (default vs full budget, {len(rows)} trees): {spearman(default_nll, full_nll):.3f}")
     with_old = [r for r in rows if "old" in r]
     if with_old:
         old_nll = np.array([r["old"] for r in with_old])

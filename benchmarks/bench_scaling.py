@@ -29,7 +29,7 @@ import time
 
 import ray
 
-from tree_search.agents.baselines import classic_baselines
+from tree_search.agents.baselines import dataset_classics
 from tree_search.agents.search import SearchConfig, run_search
 from tree_search.builders import random_tree
 from tree_search.data.planted import PlantedConfig
@@ -69,7 +69,7 @@ def ray_pool(dataset, **kwargs) -> RayEvaluator:
 
 
 def worker_scaling(dataset, workers_list: list[int], gpus_per_eval: float, in_process: bool) -> None:
-    trees = list(classic_baselines(dataset, TREES).values())
+    trees = [(c.tree, c.projections) for c in dataset_classics(dataset, TREES).values()]
     rates = {}
     if in_process:
         fresh_cache()

@@ -68,7 +68,12 @@ def test_every_builder_gives_a_valid_tree_with_each_class_once(counts, arity, se
         builders.random_tree(V, seed=seed, max_arity=arity),
         builders.frequency_cutoffs(counts, cutoffs),
         builders.frequency_cutoffs(counts, builders.cutoffs_by_mass(counts)),
-        *(tree for tree, _ in builders.classic_trees(counts, arities=(arity,)).values()),
+        *(
+            c.tree
+            for c in builders.classic_trees(
+                counts, f"huffman-2,huffman-{arity},balanced-{arity},cutoffs,random"
+            ).values()
+        ),
     ]
     for tree in trees:
         assert tree.num_classes == V
@@ -274,6 +279,41 @@ def test_from_children_renumbers():
 
 
 def test_classic_trees_names():
-    trees = builders.classic_trees(np.arange(100, 0, -1), arities=(4, 16))
-    assert list(trees) == ["huffman-2", "huffman-4", "huffman-16", "balanced-2", "balanced-4", "balanced-16", "cutoffs"]
-    assert trees["huffman-4"][1] == {"builder": "huffman", "params": {"arity": 4}}
+    counts = np.arange(100, 0, -1)
+    trees = builders.classic_trees(counts, "huffman-2,huffman-4,balanced-16,cutoffs")
+    assert list(trees) == ["huffman-2", "huffman-4", "balanced-16", "cutoffs"]
+    assert trees["huffman-4"].builder == "huffman" and trees["huffman-4"].params == {"arity": 4}
+    assert trees["huffman-4"].tree == builders.huffman(counts, 4)
+    for bad in ("oak", "huffman-1", "huffman-x", "cutoffs-100", "adaptive-1", "headtail-random-4", ""):
+        with pytest.raises(ValueError, match="classic tree"):
+            builders.classic_trees(counts, bad)
+    with pytest.raises(ValueError, match="'kmeans-4' needs the class embeddings"):
+        builders.classic_trees(counts, "kmeans-4")
+    with pytest.raises(ValueError, match="'adaptive' needs the class features' dimension"):
+        builders.classic_trees(counts, "adaptive")
+
+
+def test_the_front_set_spans_costs_and_every_tree_is_valid():
+    rng = np.random.default_rng(0)
+    V = 500
+    counts = np.sort(rng.zipf(1.3, V).astype(float))[::-1]
+    embeddings = rng.normal(size=(V, 8))
+    trees = builders.classic_trees(counts, "front", embeddings=embeddings, dim=64)
+    assert list(trees) == list(builders.CLASSIC_SETS["front"])
+    costs = {}
+    for name, classic in trees.items():
+        assert classic.tree.num_classes == V and leaves_once(classic.tree), name
+        costs[name] = classic.tree.expected_cost(counts, 64)
+    assert costs["huffman-2"] == min(costs.values())  # binary Huffman is the cheapest tree
+    assert max(costs.values()) > 10 * costs["huffman-2"]  # the front reaches far above it
+    assert len({round(c) for c in costs.values()}) >= 20  # many different costs
+    # Huffman's cost grows with its fanout; the head-and-tail top level keeps the frequent half of the mass at the root
+    huffman = [costs[f"huffman-{k}"] for k in (2, 3, 4, 6, 8, 12, 16, 32)]
+    assert huffman == sorted(huffman)
+    headtail = trees["headtail-kmeans-4"].tree
+    root_leaves = [c for c in headtail.children(0) if c < V]
+    assert 0.5 <= counts[root_leaves].sum() / counts.sum() < 0.5 + counts.max() / counts.sum() + 1e-9
+    assert set(root_leaves) == set(range(len(root_leaves)))  # the most frequent classes (counts are sorted)
+    adaptive = {k: trees[k] for k in ("adaptive-50", "adaptive", "adaptive-10")}
+    heads = [sum(1 for c in t.tree.children(0) if c < V) for t in adaptive.values()]
+    assert heads == [V // 50, V // 25, V // 10] and all(t.projections == {1: 16, 2: 4} for t in adaptive.values())

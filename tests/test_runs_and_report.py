@@ -16,7 +16,7 @@ from tree_search.agents import SearchConfig, run_search
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig
 from tree_search.heads import NodeRecipe
-from tree_search.report import compare_runs
+from tree_search.report import classic_front_at, compare_runs, front_verdicts
 from tree_search.runs import Run, RunError
 
 QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
@@ -106,7 +106,13 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
     run = run_search(SearchConfig(agent="tpe", budget=4, env_config=ENV, baselines="core"), tmp_path / "run", log=None)
     rows = compare_runs([run.folder], seeds=2, log=None)
     names = [r["name"] for r in rows]
-    assert "full softmax" in names and "huffman-2" in names and "adaptive" in names and "tpe" in names
+    assert "full softmax" in names and "huffman-2" in names and "tpe" in names
+    # the classic trees scored on test are those of the validation front (and binary Huffman); the others are
+    # beaten on validation by a cheaper classic tree
+    classic = {e.searcher.split(":")[1]: e for e in run.evaluations() if e.searcher.startswith("baseline:")}
+    for name, e in classic.items():
+        dominated = any(o.cost_ratio <= e.cost_ratio and o.valid_nll < e.valid_nll for o in classic.values())
+        assert (name in names) == (not dominated or name == "huffman-2"), name
     assert [r["test_nll"] for r in rows] == sorted(r["test_nll"] for r in rows)
     assert all(r["seeds"] == 2 and r["test_stderr"] > 0 for r in rows)  # two seeds really differ
     full = next(r for r in rows if r["name"] == "full softmax")
@@ -156,3 +162,56 @@ def test_cli_search_and_compare_end_to_end(tmp_path):
     assert compare.returncode == 0 and "Test split" in compare.stdout
     bad = subprocess.run([*CLI, "search", "--resume", str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 1 and "a run folder?" in bad.stderr and not (tmp_path / "none").exists()
+
+
+def _row(name, kind, cost, test, stderr=0.01, valid=None):
+    return {"name": name, "kind": kind, "cost_vs_huffman": cost, "test_nll": test, "test_stderr": stderr,
+            "valid_nll": test if valid is None else valid}  # fmt: skip
+
+
+def test_the_classic_front_is_interpolated_in_log_cost():
+    rows = [_row("h2", "baseline", 1.0, 3.0), _row("k4", "baseline", 4.0, 2.0, 0.03), _row("bad", "baseline", 2.0, 3.5),
+            _row("s", "searched", 2.0, 2.4)]  # fmt: skip
+    assert classic_front_at(rows, 0.5) is None  # below the cheapest classic tree: no front
+    assert classic_front_at(rows, 1.0) == pytest.approx((3.0, 0.01))
+    assert classic_front_at(rows, 2.0) == pytest.approx((2.5, 0.02))  # halfway in log cost, not in cost (2.667)
+    assert classic_front_at(rows, 8.0) == pytest.approx((2.0, 0.03))  # beyond the front: its last value
+    caps = front_verdicts(rows, (1.0, 2.0, 4.0))
+    assert [c["classic"]["name"] for c in caps] == ["h2", "h2", "k4"]
+    assert [c["searched"] and c["searched"]["name"] for c in caps] == [None, "s", "s"]
+    assert "difference" not in caps[0]
+    assert caps[1]["difference"] == pytest.approx(0.6) and caps[1]["significant"]  # 3.0 - 2.4 > 2 * 0.014
+    assert caps[1]["front_nll"] == pytest.approx(2.5) and caps[1]["front_difference"] == pytest.approx(0.1)
+    assert caps[2]["difference"] == pytest.approx(-0.4) and caps[2]["significant"]  # k4 wins at 4x
+    close = front_verdicts([*rows[:2], _row("s", "searched", 1.0, 2.995)], (1.0,))[0]
+    assert close["difference"] == pytest.approx(0.005) and not close["significant"]
+
+
+def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
+    with pytest.raises(ValueError, match="increasing"):
+        SearchConfig(cost_caps=(2.0, 1.0))
+    with pytest.raises(ValueError, match="finite numbers >= 1"):
+        SearchConfig(cost_caps=(0.5,))
+    config = SearchConfig(agent="random", budget=3, cost_caps=(1.0, 3.0), env_config=ENV,
+                          baselines="huffman-2,huffman-4,kmeans-4,kmeans-16")  # fmt: skip
+    assert [label for label, _ in config.searches()] == ["random@1x", "random@3x"]
+    assert SearchConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    run = run_search(config, tmp_path / "run", log=None)
+    counted = [e for e in run.evaluations() if e.counted]
+    assert {e.searcher for e in counted} <= {"random@1x", "random@3x"} and len(counted) <= 6
+    assert sum(e.searcher == "random@3x" for e in counted) >= 1
+    huffman_cost = next(e.cost_ratio for e in run.evaluations() if e.searcher == "baseline:huffman-2")
+    for e in counted:
+        cap = 1.0 if e.searcher == "random@1x" else 3.0
+        assert e.cost_ratio <= cap * huffman_cost * (1 + 1e-6)  # each search stays under its own cap
+    rows = compare_runs([run.folder], seeds=2, log=None)
+    caps = json.loads((run.folder / "comparison.json").read_text())["caps"]
+    assert [c["cap"] for c in caps] == [1.0, 3.0]
+    for cap in caps:
+        assert cap["classic"]["cost_vs_huffman"] <= cap["cap"] * (1 + 1e-9)
+        best = min((r for r in rows if r["kind"] == "baseline" and r["cost_vs_huffman"] <= cap["cap"] * (1 + 1e-9)),
+                   key=lambda r: r["test_nll"])  # fmt: skip
+        assert cap["classic"]["name"] == best["name"]
+    report = (run.folder / "report.md").read_text()
+    assert "## Per cost cap" in report and "| 1x |" in report and "| 3x |" in report
+    assert (run.folder / "fronts.png").stat().st_size > 1000

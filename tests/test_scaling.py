@@ -354,13 +354,12 @@ def test_optuna_prunes_trials_evaluated_on_ray_actors(ray_session):
 
 
 def test_batched_evaluations_share_actor_calls_and_fail_alone(ray_session):
-    from tree_search.agents.baselines import classic_baselines
+    from tree_search.agents.baselines import dataset_classics
     from tree_search.heads.ray_evaluator import RayEvaluator
 
     dataset = load_env_dataset(CONFIG)
-    trees = list(
-        classic_baselines(dataset, ("huffman-2", "huffman-3", "huffman-4", "balanced-2", "balanced-4")).values()
-    )
+    names = ("huffman-2", "huffman-3", "huffman-4", "balanced-2", "balanced-4")
+    trees = [(c.tree, c.projections) for c in dataset_classics(dataset, names).values()]
     evaluator = RayEvaluator(dataset, QUICK, workers=1, batch=4)
     try:
         tickets = [evaluator.submit(tree, projections, counted=False) for tree, projections in trees]

@@ -36,9 +36,11 @@ from tree_search.data import (
     prepare_dataset,
     read_counts_tsv,
 )
+from tree_search.data.features import class_embeddings
 from tree_search.export import TreeFileError, TreeRecord, load_tree, save_tree
 from tree_search.heads import NodeRecipe
 from tree_search.heads import evaluate as evaluate_tree
+from tree_search.heads.reward import head_cost
 from tree_search.tree import TreeError
 
 __all__ = ["main"]
@@ -111,6 +113,15 @@ def _int_list(text: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str | None, option: str) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=option) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tree_search")
 def main() -> None:
@@ -135,6 +146,13 @@ def main() -> None:
     default=(4, 16),
     show_default=True,
     help="Fanouts of the n-ary Huffman and balanced trees (repeat the flag).",
+)
+@click.option(
+    "--trees",
+    "tree_names",
+    help="Classic trees to build: a set (core, all, front) or comma-separated names such as "
+    "huffman-8,kmeans-16,adaptive-50 (default: Huffman and balanced of fanout 2 and each --arity, frequency "
+    "cutoffs, and with --evaluate pca-2, kmeans-4, kmeans-16 and adaptive).",
 )
 @click.option(
     "--cutoffs", help="Frequency-rank cutoffs of the adaptive shape, e.g. 2000,10000. Default: 90%/99% of the mass."
@@ -163,6 +181,7 @@ def baseline(
     counts_file: Path | None,
     max_size: int,
     arities: tuple[int, ...],
+    tree_names: str | None,
     cutoffs: str | None,
     dim: int,
     out: Path | None,
@@ -192,20 +211,38 @@ def baseline(
     counts = vocab.counts
     console.print(f"[bold]{len(vocab):,} classes[/] from {source}")
     started = time.perf_counter()
-    trees = builders.classic_trees(counts, arities=arities, cutoffs=_int_list(cutoffs))
-    if dataset is not None and dataset.class_embeddings is not None:
-        for method, fanout in (("pca", 2), ("kmeans", 4), ("kmeans", 16)):
-            tree = builders.cluster_tree(dataset.class_embeddings, counts, fanout=fanout, method=method)
-            trees[f"{method}-{fanout}"] = (tree, {"builder": "cluster_tree", "params": {"method": method,
-                                                                                      "fanout": fanout}})  # fmt: skip
+    for arity in arities:
+        if isinstance(arity, bool) or arity < 2:
+            raise ValueError(f"arity must be an integer >= 2, got {arity}")
+    if tree_names is None:
+        tree_names = ",".join(dict.fromkeys(["huffman-2", *(f"huffman-{k}" for k in arities), "balanced-2",
+                                             *(f"balanced-{k}" for k in arities), "cutoffs"]))  # fmt: skip
+        if dataset is not None:
+            tree_names += ",pca-2,kmeans-4,kmeans-16,adaptive"
+    embeddings = class_embeddings(dataset) if dataset is not None else None
+    try:
+        trees = builders.classic_trees(counts, tree_names, embeddings=embeddings, dim=dim, seed=seed,
+                                       cutoffs=_int_list(cutoffs))  # fmt: skip
+    except ValueError as err:
+        hint = (
+            "; add --evaluate (clustered trees need the class embeddings of the features)"
+            if "needs" in str(err)
+            else ""
+        )
+        raise click.UsageError(f"{err}{hint}") from None
     build_seconds = time.perf_counter() - started
     rows = []
-    for name, (tree, _built_by) in trees.items():
-        rows.append({"tree": name, **tree.summary(counts, dim), "hash": tree.canonical_hash[:12]})
+    for name, classic in trees.items():
+        rows.append({"tree": name, **classic.tree.summary(counts, dim), "hash": classic.tree.canonical_hash[:12]})
+        if classic.projections:  # the adaptive shapes: their cost counts the projected sizes
+            rows[-1]["expected_cost"] = head_cost(classic.tree, counts, dim, classic.projections)
+            rows[-1]["cost_ratio"] = rows[-1]["expected_cost"] / (len(vocab) * dim)
     if dataset is not None:
         config = NodeRecipe(epochs=epochs, seed=seed)
         for k, row in enumerate(rows, start=1):
-            result = evaluate_tree(trees[row["tree"]][0], dataset, config, device=device, top_k_samples=5_000)
+            classic = trees[row["tree"]]
+            result = evaluate_tree(classic.tree, dataset, config, device=device, projections=classic.projections,
+                                   top_k_samples=5_000)  # fmt: skip
             row.update(valid_nll=result.valid_nll, perplexity=result.perplexity, top1=result.top1,
                        train_seconds=result.train_seconds, error=result.error)  # fmt: skip
             status = f"valid NLL {result.valid_nll:.4f}" if result.ok else f"FAILED: {result.error}"
@@ -267,7 +304,10 @@ def baseline(
         out.mkdir(parents=True, exist_ok=True)
         labels = list(vocab.tokens)
         for row in rows:
-            tree, built_by = trees[row["tree"]]
+            classic = trees[row["tree"]]
+            tree, built_by = classic.tree, {"builder": classic.builder, "params": classic.params}
+            if classic.projections:
+                built_by["projections"] = {str(n): d for n, d in classic.projections.items()}
             metrics = {k: float(v) for k, v in row.items() if _is_number(v) and math.isfinite(v)}
             record = TreeRecord(tree, labels=labels, counts=counts, built_by=built_by, metrics=metrics)
             name = row["tree"]
@@ -495,9 +535,26 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 )
 @click.option("--cost-mode", type=click.Choice(["cap", "tradeoff"]), default="cap", show_default=True)
 @click.option("--cost-cap", default=2.0, show_default=True, help="Cap on cost, in multiples of binary Huffman's.")
+@click.option(
+    "--seed-classics/--no-seed-classics",
+    default=True,
+    show_default=True,
+    help="Optuna: start from the homogeneous (classic) trees the environment can express.",
+)
+@click.option(
+    "--cost-caps",
+    help="Front search: one search per cap, e.g. 1,1.5,2,4 (multiples of binary Huffman's cost), each with "
+    "--budget evaluations, sharing the node bank; the report compares each cap with the classic trees.",
+)
 @click.option("--cost-weight", default=1.0, show_default=True, help="lambda of the tradeoff mode.")
 @click.option("--max-steps", default=16, show_default=True, help="Decisions per episode.")
-@click.option("--baselines", type=click.Choice(["core", "all", "none"]), default="core", show_default=True)
+@click.option(
+    "--baselines",
+    default="core",
+    show_default=True,
+    help="Classic trees to compare with: a set (core, all, front), comma-separated names (see 'baseline "
+    "--trees'), or none.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the sampler or policy.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Run folder (default: runs/AGENT-ENV-TIME).")  # fmt: skip
@@ -531,6 +588,8 @@ def search(
     epochs: float,
     cost_mode: str,
     cost_cap: float,
+    seed_classics: bool,
+    cost_caps: str | None,
     cost_weight: float,
     max_steps: int,
     baselines: str,
@@ -594,6 +653,8 @@ def search(
             agent=agent,
             env=env_name,
             budget=budget,
+            cost_caps=_float_list(cost_caps, "--cost-caps"),
+            seed_classics=seed_classics,
             seconds=seconds,
             env_config=env_config,
             baselines=baselines,

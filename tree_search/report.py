@@ -35,10 +35,12 @@ def _group(searcher: str) -> str:
 
 
 def finalists(runs: Sequence[Run], cost_weight: float = 0.0) -> dict[str, tuple[Run, Evaluation]]:
-    """``{name: (run, evaluation)}``: the best evaluation per searcher, and every baseline.
+    """``{name: (run, evaluation)}``: the best evaluation per searcher, and the classic trees of the validation front.
 
     "Best" is what the search optimised, on the validation split: the NLL, plus
-    ``cost_weight`` x cost / full softmax in the tradeoff mode.
+    ``cost_weight`` x cost / full softmax in the tradeoff mode. A classic tree that a
+    cheaper classic tree beats on validation is left out (it cannot decide a comparison
+    at any cost), except binary Huffman, the reference of every cost.
     """
 
     def objective(evaluation: Evaluation) -> float:
@@ -54,6 +56,11 @@ def finalists(runs: Sequence[Run], cost_weight: float = 0.0) -> dict[str, tuple[
                 name = f"{name} ({run.folder.name})"
             if name not in chosen or objective(evaluation) < objective(chosen[name][1]):
                 chosen[name] = (run, evaluation)
+    classic = {name: e for name, (_, e) in chosen.items() if e.searcher.startswith("baseline:")}
+    for name, e in classic.items():
+        dominated = any(o.cost_ratio <= e.cost_ratio and o.valid_nll < e.valid_nll for o in classic.values())
+        if dominated and name != "huffman-2":
+            del chosen[name]
     return chosen
 
 
@@ -151,9 +158,96 @@ def compare_runs(
         )
     rows.sort(key=lambda r: r["test_nll"])
     verdicts = _verdicts(rows)
+    caps = tuple(config.get("cost_caps") or ())
+    cap_rows = front_verdicts(rows, caps) if caps else []
     tree_of = {e[0]: e[2] for e in entries}
-    _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost)
+    _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
+                  cap_rows=cap_rows)  # fmt: skip
     return rows
+
+
+def classic_front_at(rows: Sequence[dict[str, Any]], cost: float) -> tuple[float, float] | None:
+    """The classic trees' test front, interpolated linearly in log cost at ``cost`` (x binary Huffman).
+
+    Returns ``(test NLL, standard error)`` (the error interpolated alike), or None below the cheapest
+    classic tree. Above the most expensive point of the front, the front stays at its last value.
+    """
+    classic = [r for r in rows if r["kind"] == "baseline"]
+    front = []
+    for r in sorted(classic, key=lambda r: (r["cost_vs_huffman"], r["test_nll"])):
+        if not front or r["test_nll"] < front[-1]["test_nll"]:
+            front.append(r)
+    if not front or cost < front[0]["cost_vs_huffman"] * (1 - 1e-9):
+        return None
+    for left, right in zip(front, front[1:], strict=False):
+        if left["cost_vs_huffman"] <= cost <= right["cost_vs_huffman"]:
+            span = math.log(right["cost_vs_huffman"]) - math.log(left["cost_vs_huffman"])
+            t = (math.log(cost) - math.log(left["cost_vs_huffman"])) / span if span > 0 else 1.0
+            return tuple(float((1 - t) * left[k] + t * right[k]) for k in ("test_nll", "test_stderr"))
+    return front[-1]["test_nll"], front[-1]["test_stderr"]
+
+
+def front_verdicts(rows: Sequence[dict[str, Any]], caps: Sequence[float]) -> list[dict[str, Any]]:
+    """Per cost cap: the best classic tree and the best searched tree costing at most the cap, on test.
+
+    The searched tree is chosen on validation (as a user would) among every searched finalist within the
+    cap; it is judged against (a) the classic tree with the lowest test NLL within the cap and (b) the
+    classic front interpolated at its own cost (`classic_front_at`). ``difference`` > 0: the searched tree
+    is better; ``significant``: the difference exceeds twice the combined standard error.
+    """
+    out = []
+    for cap in caps:
+        within = [r for r in rows if r["cost_vs_huffman"] <= cap * (1 + 1e-9)]
+        classic = min((r for r in within if r["kind"] == "baseline"), key=lambda r: r["test_nll"], default=None)
+        searched = min((r for r in within if r["kind"] == "searched"), key=lambda r: r["valid_nll"], default=None)
+        entry: dict[str, Any] = {"cap": cap, "classic": classic, "searched": searched}
+        if classic is not None and searched is not None:
+            diff, combined, significant = _difference(searched, classic)
+            entry.update(difference=diff, two_se=2 * combined, significant=significant)
+            at = classic_front_at(rows, searched["cost_vs_huffman"])
+            if at is not None:
+                front_diff = at[0] - searched["test_nll"]
+                front_se = math.sqrt(at[1] ** 2 + searched["test_stderr"] ** 2)
+                entry.update(front_nll=at[0], front_difference=front_diff, front_two_se=2 * front_se)
+        out.append(entry)
+    return out
+
+
+def _cap_lines(cap_rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The front search's table: one row per cap, with a verdict in words."""
+    if not cap_rows:
+        return []
+    lines = [
+        "## Per cost cap (multiples of binary Huffman's cost)",
+        "",
+        "Test NLL ± standard error. Difference = classic − searched (> 0: the searched tree is better); "
+        "significant when it exceeds twice the combined standard error. The classic front is interpolated in "
+        "log cost at the searched tree's cost.",
+        "",
+        "| cap | best classic tree ≤ cap | test NLL | cost | best searched tree ≤ cap | test NLL | cost | "
+        "difference | 2 SE | verdict | classic front at its cost | difference | 2 SE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in cap_rows:
+        c, s = e["classic"], e["searched"]
+        cells = [f"{e['cap']:g}x"]
+        cells += [c["name"], f"{c['test_nll']:.4f} ± {c['test_stderr']:.4f}", f"{c['cost_vs_huffman']:.2f}x"] if c \
+            else ["none", "", ""]  # fmt: skip
+        cells += [s["name"], f"{s['test_nll']:.4f} ± {s['test_stderr']:.4f}", f"{s['cost_vs_huffman']:.2f}x"] if s \
+            else ["none", "", ""]  # fmt: skip
+        if "difference" in e:
+            verdict = ("searched wins" if e["difference"] > 0 else "classic wins") if e["significant"] else "tie"
+            cells += [f"{e['difference']:+.4f}", f"{e['two_se']:.4f}", verdict]
+        else:
+            cells += ["", "", "nothing to compare"]
+        if "front_nll" in e:
+            cells += [f"{e['front_nll']:.4f}", f"{e['front_difference']:+.4f}", f"{e['front_two_se']:.4f}"]
+        else:
+            cells += ["", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    wins = sum(1 for e in cap_rows if e.get("significant") and e["difference"] > 0)
+    lines += ["", f"The searched tree beats the best classic tree significantly at {wins} of {len(cap_rows)} caps.", ""]
+    return lines
 
 
 def _difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, bool]:
@@ -214,7 +308,9 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs: float, cap_ratio: float) -> None:
+def _write_report(
+    run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs: float, cap_ratio: float, cap_rows=()
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -314,9 +410,15 @@ def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs
                 f"{stats['evaluations_per_minute']:.1f} evaluations/min"
                 + (f", {stats['nodes']} node(s)" if "nodes" in stats else "")
             )
+    if cap_rows:
+        _plot_fronts(folder / "fronts.png", rows, cap_rows)
     lines += [
         "",
         *verdicts,
+        "",
+        *_cap_lines(cap_rows),
+        *(["![fronts](fronts.png)", ""] if cap_rows else []),
+        "Classic trees that a cheaper classic tree beats on validation are not scored on test.",
         "",
         "![best so far](best_so_far.png)",
         "![loss vs cost](loss_vs_cost.png)",
@@ -324,4 +426,51 @@ def _write_report(run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs
         "",
     ]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    run.write_json("comparison.json", {"rows": rows, "verdicts": verdicts})
+    run.write_json("comparison.json", {"rows": rows, "verdicts": verdicts, "caps": list(cap_rows)})
+
+
+def _plot_fronts(path: Path, rows, cap_rows) -> None:
+    """Test NLL against cost (x binary Huffman): the classic trees and their front, the searched tree of each cap."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    classic = sorted((r for r in rows if r["kind"] == "baseline"), key=lambda r: r["cost_vs_huffman"])
+    if classic:
+        ax.errorbar([r["cost_vs_huffman"] for r in classic], [r["test_nll"] for r in classic],
+                    yerr=[r["test_stderr"] for r in classic], fmt="s", color="black", markersize=4,
+                    label="classic trees")  # fmt: skip
+        front = []
+        for r in classic:
+            if not front or r["test_nll"] < front[-1]["test_nll"]:
+                front.append(r)
+        ax.plot([r["cost_vs_huffman"] for r in front], [r["test_nll"] for r in front], color="black", linewidth=1,
+                label="classic front (log-cost interpolation)")  # fmt: skip
+        for k, r in enumerate(front):  # names of the front only, alternately above and below: no overlaps
+            ax.annotate(r["name"], (r["cost_vs_huffman"], r["test_nll"]), fontsize=8, color="dimgrey",
+                        xytext=(4, 8 if k % 2 else -12), textcoords="offset points")  # fmt: skip
+    searched = [e["searched"] for e in cap_rows if e["searched"] is not None]
+    if searched:
+        ax.errorbar([r["cost_vs_huffman"] for r in searched], [r["test_nll"] for r in searched],
+                    yerr=[r["test_stderr"] for r in searched], fmt="o", color="tab:blue", markersize=6,
+                    label="best searched tree per cap")  # fmt: skip
+    for e in cap_rows:
+        ax.axvline(e["cap"], linestyle=":", color="tab:red", linewidth=1)
+    ax.set_xscale("log")
+    ticks = sorted({1.0, *(e["cap"] for e in cap_rows)})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}x" for t in ticks])
+    right = max(ticks) * 1.6
+    ax.set_xlim(min(0.8, min((r["cost_vs_huffman"] for r in classic), default=1) * 0.9), right)
+    shown = [r["test_nll"] for r in [*classic, *searched] if r["cost_vs_huffman"] <= right]
+    if shown:
+        pad = 0.08 * (max(shown) - min(shown) + 1e-3)
+        ax.set_ylim(min(shown) - pad, max(shown) + pad)
+    ax.set_xlabel("expected cost per token (multiples of binary Huffman's; dotted: the caps)")
+    ax.set_ylabel("test NLL (nats/token)")
+    ax.set_title("Classic front and searched trees, on the test split")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

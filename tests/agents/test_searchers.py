@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from tree_search.agents import BaselineSearcher, OptunaSearcher, PolicyConfig, classic_baselines
+from tree_search.agents import BaselineSearcher, OptunaSearcher, PolicyConfig, dataset_classics
+from tree_search.agents.optuna_search import homogeneous_episodes, nearest_legal
 from tree_search.data.planted import PlantedConfig, make_planted
-from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
+from tree_search.envs import SearchStopped, TreeEnvConfig, load_env_dataset, make_env
 from tree_search.heads import NodeRecipe
 from tree_search.heads.evaluator import BudgetExhausted, LocalEvaluator
 
@@ -43,7 +44,7 @@ def make_searcher(agent, factory, evaluator):
         from tree_search.agents.rllib_search import RLlibSearcher
 
         return RLlibSearcher(agent, factory, evaluator, policy=PolicyConfig(batch_steps=8, minibatch_size=8), seed=0)
-    return OptunaSearcher(agent, factory, evaluator, seed=0)
+    return OptunaSearcher(agent, factory, evaluator, seed=0, seed_classics=False)  # the sampler on its own
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_search_closes_half_the_gap_between_huffman_and_the_oracle(agent, datase
     planted = make_planted(PLANTED)
     reference = LocalEvaluator(dataset, QUICK)
     oracle = reference.evaluate(planted.tree, searcher="oracle").valid_nll
-    huffman = reference.evaluate(classic_baselines(dataset, ("huffman-2",))["huffman-2"][0]).valid_nll
+    huffman = reference.evaluate(dataset_classics(dataset, ("huffman-2",))["huffman-2"].tree).valid_nll
     assert oracle < huffman - 0.2  # the planted structure matters
     evaluator = LocalEvaluator(dataset, QUICK, budget=16)  # a fresh evaluator: no tree is known to the search
     found = min(e.valid_nll for e in make_searcher(agent, CheckedEnvFactory(dataset), evaluator).search())
@@ -82,19 +83,19 @@ def test_search_closes_half_the_gap_between_huffman_and_the_oracle(agent, datase
 
 
 def test_evaluator_deduplicates_and_enforces_the_budget(dataset):
-    trees = classic_baselines(dataset, ("huffman-2", "huffman-4", "balanced-2"))
+    trees = {k: c.tree for k, c in dataset_classics(dataset, ("huffman-2", "huffman-4", "balanced-2")).items()}
     seen = []
     evaluator = LocalEvaluator(dataset, QUICK, budget=2, listeners=[lambda e, t: seen.append(e)])
-    first = evaluator.evaluate(trees["huffman-2"][0], searcher="a")
-    again = evaluator.evaluate(trees["huffman-2"][0].canonical(), searcher="b")  # same tree, other numbering
+    first = evaluator.evaluate(trees["huffman-2"], searcher="a")
+    again = evaluator.evaluate(trees["huffman-2"].canonical(), searcher="b")  # same tree, other numbering
     assert again.valid_nll == first.valid_nll and not again.counted and evaluator.used == 1 and len(seen) == 1
-    evaluator.evaluate(trees["huffman-4"][0])
+    evaluator.evaluate(trees["huffman-4"])
     assert evaluator.exhausted
     with pytest.raises(BudgetExhausted, match="budget of 2"):
-        evaluator.evaluate(trees["balanced-2"][0])
-    result = evaluator(trees["balanced-2"][0])  # environments get a failed result, never an exception
+        evaluator.evaluate(trees["balanced-2"])
+    result = evaluator(trees["balanced-2"])  # environments get a failed result, never an exception
     assert not result.ok and "budget" in result.error
-    assert evaluator(trees["huffman-2"][0]).valid_nll == first.valid_nll  # known trees are still answered
+    assert evaluator(trees["huffman-2"]).valid_nll == first.valid_nll  # known trees are still answered
 
 
 def test_baselines_are_extra_and_include_pytorch_adaptive_softmax(dataset):
@@ -108,5 +109,30 @@ def test_baselines_are_extra_and_include_pytorch_adaptive_softmax(dataset):
     ]
     assert evaluator.used == 0 and all(r.ok for r in rows)
     assert rows[1].projections == {1: PLANTED.dim // 4, 2: PLANTED.dim // 16}
-    with pytest.raises(ValueError, match="unknown baseline 'oak'"):
-        classic_baselines(dataset, ("oak",))
+    with pytest.raises(ValueError, match="unknown classic tree 'oak'"):
+        dataset_classics(dataset, ("oak",))
+
+
+def test_a_seeded_optuna_search_starts_from_every_homogeneous_tree(dataset):
+    """The classic trees the split environment can express are evaluated first: the search is never worse."""
+    factory = CheckedEnvFactory(dataset, CONFIG.with_updates(cost_cap=3.0, split_min_group=8))
+    episodes = homogeneous_episodes(factory)
+
+    def tree_only(tree, projections=None):
+        raise SearchStopped("tree only")
+
+    env, trees = factory(tree_only), {}
+    assert 5 <= len(episodes) <= env.action_space.n and all(len(set(p.values())) == 1 for p in episodes)
+    for params in episodes:  # their trees, by the environment's own scoring rules (cost cap included)
+        _, info = env.reset(seed=0)
+        done = truncated = False
+        while not (done or truncated):
+            _, _, done, truncated, info = env.step(nearest_legal(params["a0"], info["action_mask"]))
+        trees[info["tree"].canonical_hash] = not truncated  # truncated: within the cap, it asked for a reward
+    assert len(trees) == len(episodes)  # one episode per distinct tree
+    within = {key for key, over in trees.items() if not over}
+    assert within and len(within) < len(trees)  # some are over the cap (evaluated for free), some within
+    evaluator = LocalEvaluator(dataset, QUICK, budget=len(within) + 3)
+    found = list(OptunaSearcher("tpe", factory, evaluator, seed=0).search())
+    assert {e.key for e in found[: len(within)]} == within  # the seeded trees come first (key: canonical hash)
+    assert len(found) == len(within) + 3  # then the sampler goes on from them

@@ -5,13 +5,12 @@ import Ray only when used (``tree_search.agents.rllib_search``).
 """
 
 from tree_search.agents.base import EnvFactory, Searcher
-from tree_search.agents.baselines import BASELINE_SETS, BaselineSearcher, classic_baselines
+from tree_search.agents.baselines import BaselineSearcher, dataset_classics
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
 from tree_search.agents.search import AGENTS, PolicyConfig, SearchConfig, make_searcher, run_search
 
 __all__ = [
     "AGENTS",
-    "BASELINE_SETS",
     "OPTUNA_SAMPLERS",
     "BaselineSearcher",
     "EnvFactory",
@@ -19,7 +18,7 @@ __all__ = [
     "PolicyConfig",
     "SearchConfig",
     "Searcher",
-    "classic_baselines",
+    "dataset_classics",
     "make_searcher",
     "run_search",
 ]

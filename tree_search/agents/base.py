@@ -26,6 +26,16 @@ class Searcher(ABC):
     """Base class: a named search over trees with a budget of evaluations."""
 
     name = "searcher"
+    _label: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What its evaluations are recorded as (the name, or e.g. ``tpe@2x`` in a front search)."""
+        return self._label or self.name
+
+    @label.setter
+    def label(self, value: str) -> None:
+        self._label = value
 
     def __init__(
         self,

@@ -9,6 +9,13 @@ NSGA-II is told two objectives, (validation NLL, cost relative to full softmax).
 (also when it trains on a Ray actor: the measurements come back to this process); a pruned
 trial counts against the budget. Off by default: the node-exact reward trains a tree's
 nodes together, so stopping early saves no time.
+
+Seeding (``seed_classics``, on by default): a new study starts with one enqueued trial per
+distinct tree that repeats a single action at every step. In the split environment these
+are exactly the homogeneous classic trees it can express (k-means or PCA trees of each
+fanout, frequency-ordered Huffman-like splits, head-and-tail shapes, the full softmax), so
+a search is never worse than those classic trees, and the sampler improves from them.
+Over-cap trees cost no training, and trees already known to the evaluator no budget.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ import optuna
 import sqlalchemy.exc
 
 from tree_search.agents.base import EnvFactory, Searcher
+from tree_search.envs.reward import SearchStopped
 from tree_search.heads.evaluator import Evaluation, Evaluator
 from tree_search.heads.train import EvalPoint
 
-__all__ = ["OPTUNA_SAMPLERS", "OptunaSearcher", "nearest_legal", "open_storage"]
+__all__ = ["OPTUNA_SAMPLERS", "OptunaSearcher", "homogeneous_episodes", "nearest_legal", "open_storage"]
 
 OPTUNA_SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
 
@@ -37,6 +45,32 @@ def nearest_legal(action: int, legal: np.ndarray) -> int:
     """The legal index nearest to ``action`` (the lower one on a tie)."""
     indices = np.flatnonzero(legal)
     return int(indices[np.argmin(np.abs(indices - action))])
+
+
+def homogeneous_episodes(env_factory: EnvFactory) -> list[dict[str, int]]:
+    """Optuna parameters ``{"a0": a, "a1": a, ...}`` of the episodes that repeat one action ``a``, one per tree.
+
+    Each episode is played without a reward (only its tree is built); episodes whose trees
+    coincide (an action illegal at some step falls back to its nearest legal neighbour) are kept once.
+    """
+
+    def no_reward(tree, projections=None):
+        raise SearchStopped("tree only")  # the episode ends truncated; its tree is kept in `last_tree`
+
+    env = env_factory(no_reward)
+    seen, out = set(), []
+    for action in range(int(env.action_space.n)):
+        _, info = env.reset(seed=0)
+        params, done, truncated, step = {}, False, False, 0
+        while not (done or truncated):
+            params[f"a{step}"] = action
+            _, _, done, truncated, info = env.step(nearest_legal(action, info["action_mask"]))
+            step += 1
+        key = env.unwrapped.last_tree.canonical_hash
+        if key not in seen:
+            seen.add(key)
+            out.append(params)
+    return out
 
 
 def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -87,6 +121,7 @@ class OptunaSearcher(Searcher):
         owner: str = "",
         seconds: float | None = None,
         seed: int = 0,
+        seed_classics: bool = True,
     ) -> None:
         """Create the searcher.
 
@@ -104,6 +139,7 @@ class OptunaSearcher(Searcher):
                 (other processes sharing the study keep theirs). Default: a fresh id.
             seconds: wall-clock limit.
             seed: sampler seed.
+            seed_classics: start a new study from the homogeneous trees (`homogeneous_episodes`).
         """
         super().__init__(env_factory, evaluator, seconds=seconds, seed=seed)
         if sampler not in OPTUNA_SAMPLERS:
@@ -113,6 +149,7 @@ class OptunaSearcher(Searcher):
         self.name = sampler
         self.storage, self.study_name, self.prune, self.parallel = storage, study_name, prune, parallel
         self.owner = owner or uuid.uuid4().hex
+        self.seed_classics = seed_classics
         self.env = env_factory(lambda tree, projections=None: None)  # for the action space; workers own theirs
 
     def study(self) -> optuna.Study:
@@ -127,6 +164,9 @@ class OptunaSearcher(Searcher):
             directions=directions,
             load_if_exists=True,
         )
+        if self.seed_classics and not study.get_trials(deepcopy=False):  # a new study (a resumed one has trials)
+            for params in homogeneous_episodes(self.env_factory):
+                study.enqueue_trial(params, user_attrs={"seeded": True}, skip_if_exists=True)
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if trial.user_attrs.get("owner") == self.owner:  # ours, cut off by a crash; other workers' are live
                 study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
@@ -193,7 +233,7 @@ class _TrialWorker:
                 return trial.should_prune()
 
             callbacks.append(report)
-        result, self.last = searcher.evaluator.reward(tree, projections, searcher=searcher.name, callbacks=callbacks)
+        result, self.last = searcher.evaluator.reward(tree, projections, searcher=searcher.label, callbacks=callbacks)
         return result
 
     def trials(self) -> Iterator[Evaluation]:

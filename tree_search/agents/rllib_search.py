@@ -156,14 +156,14 @@ class RLlibSearcher(Searcher):
     def _reward(self, tree: Tree, projections=None):
         if self.done and evaluation_key(tree, projections) not in self.evaluator.known:
             raise _BudgetReached
-        return self.evaluator.reward(tree, projections, searcher=self.name)[0]
+        return self.evaluator.reward(tree, projections, searcher=self.label)[0]
 
     def _remote_reward(self, tree: Tree, projections=None) -> Result:
         """The relay's answer to a remote environment; `SearchStopped` rather than a made-up failure."""
         if self.done and evaluation_key(tree, projections) not in self.evaluator.known:
             raise SearchStopped("the search's evaluation budget or time is used up")
         try:  # two runners can race for the last evaluation of the budget: the loser stops
-            evaluation = self.evaluator.evaluate(tree, projections, searcher=self.name)
+            evaluation = self.evaluator.evaluate(tree, projections, searcher=self.label)
         except BudgetExhausted as exhausted:
             raise SearchStopped(str(exhausted)) from exhausted
         return Result.from_json(evaluation.result) if evaluation.result else failed_result(tree, evaluation.error)
@@ -233,7 +233,7 @@ class RLlibSearcher(Searcher):
             threads = self.env_runners if self.evaluator.thread_safe else 1
             relay = self.relay = RelayServer(self._remote_reward, self.dataset, threads=threads)
         algo = None
-        checkpoint = None if self.run is None else self.run.folder / "checkpoints" / self.name
+        checkpoint = None if self.run is None else self.run.folder / "checkpoints" / self.label
 
         def drain() -> Iterator[Evaluation]:
             while not arrived.empty():

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from tree_search.agents.base import Searcher
-from tree_search.agents.baselines import BASELINE_SETS, BaselineSearcher
+from tree_search.agents.baselines import BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
+from tree_search.builders import classic_names
 from tree_search.data.features import FeatureDataset
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
 from tree_search.heads.evaluator import Evaluation, Evaluator, LocalEvaluator
@@ -44,12 +45,14 @@ class SearchConfig:
 
     agent: str = "tpe"  # one of AGENTS
     env: str = "split"  # "split", "merge" or "cutoffs"
-    budget: int = 20  # counted evaluations of the searcher (baselines are extra)
+    budget: int = 20  # counted evaluations of the searcher, per cost cap (baselines are extra)
+    cost_caps: tuple[float, ...] = ()  # front search: one search per cap (multiples of binary Huffman's cost)
     seconds: float | None = None  # optional wall-clock limit of the search
     env_config: TreeEnvConfig = field(default_factory=TreeEnvConfig)
-    baselines: str = "core"  # "core", "all" or "none"
+    baselines: str = "core"  # a set of builders.CLASSIC_SETS ("core", "all", "front"), comma-separated names, or "none"
     seed: int = 0  # sampler / policy seed
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    seed_classics: bool = True  # Optuna: a new study starts from the homogeneous (classic) trees of its environment
     prune: bool = False  # Optuna: median pruner on the measurements (saves no time with the node bank)
     final_seeds: int = 3  # seeds of the final test-split scoring
     final_epochs: float | None = None  # training epochs of the final scoring (None: 2x the search's)
@@ -70,10 +73,20 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.agent must be one of {AGENTS}, got {self.agent!r}")
         if self.env not in ("split", "merge", "cutoffs"):
             raise ValueError(f"SearchConfig.env must be 'split', 'merge' or 'cutoffs', got {self.env!r}")
-        if self.baselines not in (*BASELINE_SETS, "none"):
-            raise ValueError(
-                f"SearchConfig.baselines must be one of {(*BASELINE_SETS, 'none')}, got {self.baselines!r}"
-            )
+        if self.baselines != "none":
+            try:
+                classic_names(self.baselines)
+            except ValueError as err:
+                raise ValueError(f"SearchConfig.baselines: {err} (or 'none')") from None
+        caps = self.cost_caps
+        if not isinstance(caps, tuple) or any(
+            isinstance(c, bool) or not isinstance(c, (int, float)) or not 1 <= c < math.inf for c in caps
+        ):
+            raise ValueError(f"SearchConfig.cost_caps must be a tuple of finite numbers >= 1, got {caps!r}")
+        if list(caps) != sorted(set(caps)):
+            raise ValueError(f"SearchConfig.cost_caps must be increasing and distinct, got {list(caps)}")
+        if caps and self.env_config.cost_mode != "cap":
+            raise ValueError("SearchConfig.cost_caps needs the env's cost_mode 'cap'")
         if self.budget < 1 or self.final_seeds < 1:
             raise ValueError("SearchConfig needs budget >= 1 and final_seeds >= 1")
         if self.eval_workers < 0 or self.env_runners < 0 or (self.parallel is not None and self.parallel < 1):
@@ -87,6 +100,13 @@ class SearchConfig:
     def uses_ray(self) -> bool:
         """Whether evaluations run on Ray actors."""
         return self.eval_workers > 0 or self.env_runners > 0 or self.ray_address is not None
+
+    def searches(self) -> list[tuple[str, SearchConfig]]:
+        """``[(label, config)]``: one search per cost cap (the label names the cap), or the one search."""
+        if not self.cost_caps:
+            return [(self.agent, self)]
+        return [(f"{self.agent}@{cap:g}x", dataclasses.replace(self, env_config=self.env_config.with_updates(
+            cost_cap=float(cap)), cost_caps=())) for cap in self.cost_caps]  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for ``config.json``."""
@@ -104,6 +124,7 @@ class SearchConfig:
         if unknown:
             raise ValueError(f"unknown SearchConfig field(s) {unknown}; known fields: {sorted(known)}")
         values["env_config"] = TreeEnvConfig.from_env_config(values.get("env_config", {}))
+        values["cost_caps"] = tuple(values.get("cost_caps", ()))
         policy = dict(values.get("policy", {}))
         policy.pop("env_runners", None)  # runs written before it became the execution field `env_runners`
         if "hidden" in policy:
@@ -112,8 +133,21 @@ class SearchConfig:
         return cls(**values)
 
 
-def make_searcher(config: SearchConfig, evaluator: Evaluator, run: Run, dataset: FeatureDataset) -> Searcher:
-    """The searcher named by ``config.agent``, its environments scoring through ``evaluator``."""
+def make_searcher(
+    config: SearchConfig, evaluator: Evaluator, run: Run, dataset: FeatureDataset, label: str | None = None
+) -> Searcher:
+    """The searcher named by ``config.agent``, its environments scoring through ``evaluator``.
+
+    ``label`` names its evaluations (default: the agent), e.g. ``tpe@2x`` in a front search.
+    """
+    searcher = _make_searcher(config, evaluator, run, dataset, label or config.agent)
+    searcher.label = label or config.agent
+    return searcher
+
+
+def _make_searcher(
+    config: SearchConfig, evaluator: Evaluator, run: Run, dataset: FeatureDataset, label: str
+) -> Searcher:
     env_config = {"env": config.env, **config.env_config.to_env_config()}
 
     def env_factory(reward_fn):
@@ -126,13 +160,14 @@ def make_searcher(config: SearchConfig, evaluator: Evaluator, run: Run, dataset:
             env_factory,
             evaluator,
             storage=storage,
-            study_name=config.study or f"{config.agent}-{config.env}",
+            study_name=config.study or f"{label}-{config.env}",
             prune=config.prune,  # with Ray actors too: their measurements come back to this process's pruner
             # Trials at once only with a thread-safe pool of workers; in process they would only contend.
             parallel=(config.parallel or config.eval_workers or 1) if config.uses_ray else 1,
             owner=str(run.folder.resolve()),
             seconds=config.seconds,
             seed=config.seed,
+            seed_classics=config.seed_classics,
         )
     from tree_search.agents.rllib_search import RLlibSearcher  # Ray is imported only when needed
 
@@ -173,7 +208,7 @@ def run_search(
         if log is None:
             return
         what = "failed: " + str(evaluation.error) if evaluation.error else f"valid NLL {evaluation.valid_nll:.4f}"
-        budget = f"{evaluator.used}/{config.budget}" if evaluation.counted else "extra"
+        budget = f"{evaluator.used}/{total_budget}" if evaluation.counted else "extra"
         log(
             f"[{evaluation.index:3d}] {evaluation.searcher:<20s} {budget:>7s}  {what}"
             f"{' (pruned)' if evaluation.pruned else ''}  cost {evaluation.cost_ratio:.2%} of full"
@@ -184,6 +219,8 @@ def run_search(
         run.log_scalars("evaluator", evaluator.stats(), evaluation.index)
 
     listeners = [run.record, progress, counters]
+    searches = config.searches()
+    total_budget = config.budget * len(searches)
     train, seeds = config.env_config.train, config.env_config.seeds
     if config.uses_ray:
         from tree_search.heads.ray_evaluator import RayEvaluator
@@ -192,7 +229,7 @@ def run_search(
             dataset,
             train,
             seeds,
-            budget=config.budget,
+            budget=total_budget,
             listeners=listeners,
             workers=max(1, config.eval_workers or config.env_runners),  # default: one per env runner
             cpus_per_eval=config.cpus_per_eval,
@@ -203,22 +240,30 @@ def run_search(
         )
     else:
         evaluator = LocalEvaluator(
-            dataset, train, seeds, budget=config.budget, listeners=listeners, use_bank=config.node_bank
+            dataset, train, seeds, budget=total_budget, listeners=listeners, use_bank=config.node_bank
         )
     previous = run.evaluations()
     evaluator.preload(previous)
     if previous and log:
         log(
             f"resuming {run.folder}: {len(previous)} evaluations on disk, "
-            f"{evaluator.used}/{config.budget} of the budget used"
+            f"{evaluator.used}/{total_budget} of the budget used"
         )
     searcher = None
     try:
         if config.baselines != "none":
-            for _ in BaselineSearcher(evaluator, dataset, BASELINE_SETS[config.baselines], seed=config.seed).search():
+            for _ in BaselineSearcher(evaluator, dataset, config.baselines, seed=config.seed).search():
                 pass
-        if not evaluator.exhausted:
-            searcher = make_searcher(config, evaluator, run, dataset)
+        for number, (label, search) in enumerate(searches, start=1):
+            # Each cap's search has its own share of the budget; the evaluator, its cache and the node bank are
+            # shared, so a tree found under one cap is free for the others (and a resumed run skips done caps).
+            evaluator.budget = config.budget * number
+            if evaluator.exhausted:
+                continue
+            if log and len(searches) > 1:
+                log(f"search {number}/{len(searches)}: {label}, cost cap {search.env_config.cost_cap:g}x binary "
+                    f"Huffman, {evaluator.remaining} evaluations")  # fmt: skip
+            searcher = make_searcher(search, evaluator, run, dataset, label=label)
             for _ in searcher.search():
                 pass
     finally:

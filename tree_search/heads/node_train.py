@@ -241,9 +241,10 @@ def step_scale(fanout: np.ndarray) -> np.ndarray:
     return np.clip(0.3 * (np.asarray(fanout, dtype=float) / 16.0) ** 0.434, 0.3, 1.0)
 
 
-def _pow2_ceil(x: np.ndarray) -> np.ndarray:
+def _pow2_ceil(x: np.ndarray, log_step: int = 1) -> np.ndarray:
+    """The smallest power of ``2 ** log_step`` at least ``x`` (at least 1)."""
     x = np.maximum(np.asarray(x, dtype=np.int64), 1)
-    return (1 << np.ceil(np.log2(x)).astype(np.int64)).astype(np.int64)
+    return (1 << (np.ceil(np.log2(x) / log_step).astype(np.int64) * log_step)).astype(np.int64)
 
 
 def _seeded_uniform(seeds: np.ndarray, count: int) -> np.ndarray:
@@ -343,7 +344,8 @@ def train_nodes(
     steps = recipe.node_steps(fanout)
     visits = np.minimum(np.ceil(recipe.epochs * m).astype(np.int64), steps * recipe.batch_size)
     own_batch = np.clip(np.ceil(visits / steps).astype(np.int64), 1, recipe.batch_size)  # tokens per step
-    batch = np.minimum(_pow2_ceil(own_batch), recipe.batch_size)  # the group's (padded) batch
+    log_step = _BATCH_BUCKET[device.type == "cpu"]
+    batch = np.minimum(_pow2_ceil(own_batch, log_step), recipe.batch_size)  # the group's (padded) batch
     width = np.where(fanout > 64, fanout, np.maximum(_pow2_ceil(fanout), 2))  # wide nodes: exact, no padding
     group_key = np.stack([batch, width, proj, steps], 1)
     unique, inverse = np.unique(group_key, axis=0, return_inverse=True)
@@ -364,13 +366,17 @@ def train_nodes(
         members = np.flatnonzero(inverse.reshape(-1) == g)
         # Nodes are independent, so a group is trained in chunks: the batch of features and the score tensors
         # of one step stay a few MB whatever the group's size.
-        chunk = max(1, _CHUNK_BYTES // (int(b) * dataset.dim * 4))
+        chunk = max(1, _CHUNK_BYTES[device.type == "cpu"] // (int(b) * dataset.dim * 4))
         for lo in range(0, members.size, chunk):
             _train_group(context, members[lo : lo + chunk], int(b), int(w), int(p), int(k), outcome)
     return outcome
 
 
-_CHUNK_BYTES = 4 << 20
+# Batches of a group, by device: powers of 2 on a CPU (little padding); powers of 8 on a GPU, whose time goes to
+# launching each step's kernels, so fewer groups (more padding) is faster. Padding never changes a node's result.
+_BATCH_BUCKET = {True: 1, False: 3}
+# The gathered batch of one step, by device: a few MB keeps a CPU in its caches; a GPU wants few, large kernels.
+_CHUNK_BYTES = {True: 4 << 20, False: 1 << 30}
 
 
 @dataclass
@@ -521,13 +527,14 @@ def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, sca
                        beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)  # fmt: skip
 
 
-def _loss_sums(params, column_mask, features, rows, child, mask, device, budget: int = 1 << 23) -> np.ndarray:
+def _loss_sums(params, column_mask, features, rows, child, mask, device, budget: int | None = None) -> np.ndarray:
     """(G, M) cross-entropy of each node at each of its M snapshots, summed over its (padded) held-out tokens.
 
     ``params`` hold the snapshots stacked: W (G, M, Wd, din), b (G, M, Wd)[, P (G, M, p, d)]. Work is
     chunked over nodes and tokens so that no score tensor exceeds about ``budget`` numbers (a full softmax
     over 10k classes scored on 50k tokens at 5 snapshots would otherwise take 10 GB).
     """
+    budget = budget or (1 << 23 if device.type == "cpu" else 1 << 28)  # a GPU holds a GB of scores easily
     W, bias = params[0], params[1]
     G, M, Wd, din = W.shape
     L = rows.shape[1]
