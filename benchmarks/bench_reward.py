@@ -52,7 +52,7 @@ def searched_shapes(count: int) -> dict:
     def no_reward(tree, projections=None):
         raise SearchStopped("shapes only")  # the episode ends truncated; the tree is kept in `last_tree`
 
-    env = gym.make("TreeSearch/Split-v0", config=TreeEnvConfig(cost_mode="tradeoff", cost_weight=0.0),
+    env = gym.make("TreeSearch/Split-v1", config=TreeEnvConfig(cost_mode="tradeoff", cost_weight=0.0),
                    reward_fn=no_reward)  # fmt: skip
     trees = {}
     for seed in range(count):

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tree_search import builders
+from tree_search.agents.search import AGENTS
 from tree_search.data import (
     CorpusConfig,
     DataError,
@@ -518,8 +519,8 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 
 
 @main.command()
-@click.option("--agent", type=click.Choice(["ppo", "appo", "tpe", "cmaes", "nsga2", "random"]), default="tpe",
-              show_default=True, help="The searcher.")  # fmt: skip
+@click.option("--agent", type=click.Choice(AGENTS), default="tpe", show_default=True,
+              help="The searcher: RLlib ppo/appo, Optuna samplers, or dp (split env only).")  # fmt: skip
 @click.option("--env", "env_name", type=click.Choice(["split", "merge", "cutoffs"]), default="split",
               show_default=True, help="The environment trees are built in.")  # fmt: skip
 @click.option("--budget", default=20, show_default=True, help="Tree evaluations of the searcher (baselines extra).")
@@ -535,6 +536,14 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 )
 @click.option("--cost-mode", type=click.Choice(["cap", "tradeoff"]), default="cap", show_default=True)
 @click.option("--cost-cap", default=2.0, show_default=True, help="Cap on cost, in multiples of binary Huffman's.")
+@click.option(
+    "--reward-mode",
+    type=click.Choice(["terminal", "dense"]),
+    default="terminal",
+    show_default=True,
+    help="RLlib agents: the reward at the end only, or each decision paid its node's share of the loss "
+    "(the episode's sum is the same).",
+)
 @click.option(
     "--seed-classics/--no-seed-classics",
     default=True,
@@ -588,6 +597,7 @@ def search(
     epochs: float,
     cost_mode: str,
     cost_cap: float,
+    reward_mode: str,
     seed_classics: bool,
     cost_caps: str | None,
     cost_weight: float,
@@ -648,6 +658,7 @@ def search(
             cost_cap=cost_cap,
             cost_weight=cost_weight,
             max_steps=max_steps,
+            reward_mode=reward_mode,
         )
         config = SearchConfig(
             agent=agent,

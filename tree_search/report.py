@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tree_search.agents.search import SearchConfig
 from tree_search.builders import frequency_cutoffs, huffman
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads.evaluator import Evaluation
@@ -34,13 +35,17 @@ def _group(searcher: str) -> str:
     return searcher.split(":", 1)[1] if searcher.startswith("baseline:") else searcher
 
 
-def finalists(runs: Sequence[Run], cost_weight: float = 0.0) -> dict[str, tuple[Run, Evaluation]]:
+def finalists(
+    runs: Sequence[Run], cost_weight: float = 0.0, caps: dict[str, float] | None = None
+) -> dict[str, tuple[Run, Evaluation]]:
     """``{name: (run, evaluation)}``: the best evaluation per searcher, and the classic trees of the validation front.
 
     "Best" is what the search optimised, on the validation split: the NLL, plus
     ``cost_weight`` x cost / full softmax in the tradeoff mode. A classic tree that a
     cheaper classic tree beats on validation is left out (it cannot decide a comparison
-    at any cost), except binary Huffman, the reference of every cost.
+    at any cost), except binary Huffman, the reference of every cost. ``caps`` (``{searcher:
+    cost ratio to full softmax}``) leaves out a searcher's trees over its own cap (a searcher
+    may probe such trees, e.g. to learn node losses).
     """
 
     def objective(evaluation: Evaluation) -> float:
@@ -52,6 +57,8 @@ def finalists(runs: Sequence[Run], cost_weight: float = 0.0) -> dict[str, tuple[
             if not evaluation.ok:
                 continue
             name = _group(evaluation.searcher)
+            if caps and evaluation.cost_ratio > caps.get(evaluation.searcher, math.inf) * (1 + 1e-9):
+                continue
             if not evaluation.searcher.startswith("baseline:") and len(runs) > 1:
                 name = f"{name} ({run.folder.name})"
             if name not in chosen or objective(evaluation) < objective(chosen[name][1]):
@@ -116,7 +123,10 @@ def compare_runs(
     if stored.get("setting") == json.loads(json.dumps(setting)):
         scores = stored.get("scores", {})
 
-    chosen = finalists(runs, env_config.cost_weight if env_config.cost_mode == "tradeoff" else 0.0)
+    searches = SearchConfig.from_json(config).searches() if "agent" in config else []
+    own_caps = {label: s.env_config.cost_cap * huffman_cost / full_cost for label, s in searches
+                if s.env_config.cost_mode == "cap"}  # fmt: skip
+    chosen = finalists(runs, env_config.cost_weight if env_config.cost_mode == "tradeoff" else 0.0, own_caps)
     entries: list[tuple[str, str, Any, dict[int, int], float, str]] = []
     for name, (run, evaluation) in chosen.items():
         kind = "baseline" if evaluation.searcher.startswith("baseline:") else "searched"

@@ -173,7 +173,7 @@ class RLlibSearcher(Searcher):
         p = self.policy
         if self.name == "ppo":
             config, module = PPOConfig(), MaskedPPOTorchRLModule
-            training = {"lambda_": 1.0, "minibatch_size": p.minibatch_size, "num_epochs": p.num_epochs}
+            training = {"lambda_": p.gae_lambda, "minibatch_size": p.minibatch_size, "num_epochs": p.num_epochs}
         else:
             config, module = APPOConfig(), MaskedAPPOTorchRLModule
             # With remote runners, wait for their samples instead of polling in a loop that takes a core.

@@ -22,7 +22,7 @@ from tree_search.tree import Tree
 __all__ = ["AGENTS", "RLLIB_AGENTS", "PolicyConfig", "SearchConfig", "make_searcher", "run_search"]
 
 RLLIB_AGENTS = ("ppo", "appo")
-AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS)
+AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS, "dp")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class PolicyConfig:
     lr: float = 3e-4  # learning rate of policy and value networks
     entropy_coeff: float = 0.01  # entropy bonus: keeps exploring structures
     vf_loss_coeff: float = 0.5  # weight of the value loss
-    gamma: float = 1.0  # episodes are short and rewarded once at the end: no discount
+    gamma: float = 1.0  # episodes are short: no discount (the episode's return is exactly -NLL)
+    gae_lambda: float = 1.0  # PPO's GAE lambda; below 1, dense rewards (reward_mode="dense") lower the variance
     batch_steps: int = 32  # environment steps sampled per training iteration
     minibatch_size: int = 16  # PPO minibatch (steps)
     num_epochs: int = 8  # PPO: SGD passes over each batch
@@ -149,10 +150,19 @@ def _make_searcher(
     config: SearchConfig, evaluator: Evaluator, run: Run, dataset: FeatureDataset, label: str
 ) -> Searcher:
     env_config = {"env": config.env, **config.env_config.to_env_config()}
+    if config.agent in OPTUNA_SAMPLERS:  # a trial is scored by its episode's total: per-step rewards would only cost
+        env_config["reward_mode"] = "terminal"
 
     def env_factory(reward_fn):
         return make_env(env_config, dataset=dataset, reward_fn=reward_fn)
 
+    if config.agent == "dp":
+        if config.env != "split":
+            raise ValueError(f"the dp agent searches the split grammar: use env 'split', not {config.env!r}")
+        from tree_search.agents.dp_search import DPSearcher
+
+        return DPSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
+                          use_bank=config.node_bank)  # fmt: skip
     if config.agent in OPTUNA_SAMPLERS:
         storage = config.storage or f"sqlite:///{(run.folder / 'optuna.db').resolve()}"
         return OptunaSearcher(

@@ -1,9 +1,10 @@
 """Gymnasium environments in which an episode builds one tree, rewarded by held-out loss.
 
-Registered ids (lazy entry points): ``TreeSearch/Split-v0`` (top-down splits, any V),
+Registered ids (lazy entry points): ``TreeSearch/Split-v1`` (top-down splits, any V),
 ``TreeSearch/Merge-v0`` (bottom-up merges), ``TreeSearch/Cutoffs-v0`` (adaptive-softmax
 cutoffs and projections). `make_env` is the RLlib-ready factory: ``env_config`` dict in,
-environment out.
+environment out. ``reward_mode="dense"`` pays each episode's terminal reward out node by
+node as decisions fix nodes (`DenseRewards`), with exactly the same sum.
 """
 
 from __future__ import annotations
@@ -12,20 +13,26 @@ from typing import Any
 
 import gymnasium as gym
 
-from tree_search.envs.config import TreeEnvConfig
+from tree_search.envs.config import REWARD_MODES, TreeEnvConfig
 from tree_search.envs.reward import (
+    DenseRewards,
     EpisodeScorer,
     LocalReward,
+    NodeContent,
     RewardFunction,
     SearchStopped,
     class_embeddings,
     load_env_dataset,
+    node_tree,
 )
 
 __all__ = [
     "ENV_IDS",
+    "REWARD_MODES",
+    "DenseRewards",
     "EpisodeScorer",
     "LocalReward",
+    "NodeContent",
     "RewardFunction",
     "SearchStopped",
     "TreeEnvConfig",
@@ -33,10 +40,11 @@ __all__ = [
     "env_class",
     "load_env_dataset",
     "make_env",
+    "node_tree",
 ]
 
 ENV_IDS = {
-    "split": "TreeSearch/Split-v0",
+    "split": "TreeSearch/Split-v1",
     "merge": "TreeSearch/Merge-v0",
     "cutoffs": "TreeSearch/Cutoffs-v0",
 }

@@ -1,12 +1,15 @@
 """What every tree-building environment shares: config, masking contract, reward, info, render.
 
 Subclasses implement the decision process (`_start`, `_legal`, `_apply`, `_features`,
-`_decisions_left`, `_finish`); this class runs the Gymnasium protocol around it.
+`_decisions_left`, `_finish`); this class runs the Gymnasium protocol around it, and the
+rewards: all at the end (``reward_mode="terminal"``), or node by node (``"dense"``, from the
+nodes `_apply` reports as fixed) with the same sum.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -15,7 +18,16 @@ from gymnasium import spaces
 
 from tree_search.data.features import FeatureDataset
 from tree_search.envs.config import TreeEnvConfig
-from tree_search.envs.reward import EpisodeScorer, RewardFunction, SearchStopped, class_embeddings, load_env_dataset
+from tree_search.envs.reward import (
+    DenseRewards,
+    EpisodeScorer,
+    NodeContent,
+    RewardFunction,
+    SearchStopped,
+    class_embeddings,
+    load_env_dataset,
+)
+from tree_search.split_grammar import normalise_embeddings
 from tree_search.tree import Tree
 
 __all__ = ["TreeEnv", "render_tree"]
@@ -80,6 +92,7 @@ class TreeEnv(gym.Env):
         self.render_mode = render_mode
         self.dataset = dataset if dataset is not None else load_env_dataset(config)
         self.scorer = EpisodeScorer(config, self.dataset, reward_fn)
+        self.dense = DenseRewards(self.scorer) if config.reward_mode == "dense" else None
         self.counts = self.scorer.counts
         self.mass = self.counts / self.counts.sum()
         self.num_classes = self.dataset.num_classes
@@ -103,10 +116,7 @@ class TreeEnv(gym.Env):
     def embeddings(self) -> np.ndarray:
         """(V, e) class embeddings, scaled and centred once (as `cluster_tree` does)."""
         if self._embeddings is None:
-            X = class_embeddings(self.dataset)
-            scale = np.abs(X).max()
-            X = X / scale if scale > 0 else X
-            self._embeddings = X - X.mean(axis=0)
+            self._embeddings = normalise_embeddings(class_embeddings(self.dataset))
         return self._embeddings
 
     # ------------------------------------------------------------------ subclass hooks
@@ -128,8 +138,8 @@ class TreeEnv(gym.Env):
         """(n,) bool: the legal actions in the current state."""
 
     @abstractmethod
-    def _apply(self, action: int) -> None:
-        """Carry out one legal action."""
+    def _apply(self, action: int) -> Sequence[NodeContent]:
+        """Carry out one legal action; return the nodes whose content it fixed (dense rewards pay for them)."""
 
     @abstractmethod
     def _decisions_left(self) -> bool:
@@ -168,13 +178,15 @@ class TreeEnv(gym.Env):
         super().reset(seed=seed)
         self._steps = 0
         self._done = False
+        if self.dense is not None:
+            self.dense.reset()
         self._start()
         legal = self._legal()
         self.last_info = {"action_mask": legal.astype(np.int8), "step": 0}
         return self._observation(legal), dict(self.last_info)
 
     def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        """Carry out ``action``; the episode's only non-zero reward comes at its end."""
+        """Carry out ``action``; its reward (terminal mode: 0 until the end; dense: see `DenseRewards`)."""
         if self._done:
             raise RuntimeError("step() called on a finished episode: call reset() first")
         legal = self._legal()
@@ -186,7 +198,7 @@ class TreeEnv(gym.Env):
             allowed = np.flatnonzero(legal).tolist()
             raise ValueError(f"action {action!r} is not legal in this state; legal actions: {allowed}")
         described = self.describe_action(index)
-        self._apply(index)
+        fixed = self._apply(index)
         self._steps += 1
         info: dict[str, Any] = {"step": self._steps, "action": described}
         reward, truncated = 0.0, False
@@ -198,6 +210,11 @@ class TreeEnv(gym.Env):
             except SearchStopped as stopped:  # the search is over: no reward exists, the episode is cut short
                 truncated, scored = True, {"tree": tree, "stopped": str(stopped)}
             info.update(scored)
+            if self.dense is not None:  # the last decision's node and the finished rest: the exact remainder
+                if not truncated:
+                    info["terminal_reward"] = reward
+                    reward = self.dense.remainder(reward)
+                info.update(node_reward=None, dense_node_queries=self.dense.queries())
             self.last_tree = tree
             # After the end no action is legal; the mask is all ones so learners never see an empty mask.
             next_legal = np.ones(self.action_space.n, dtype=bool)
@@ -206,6 +223,9 @@ class TreeEnv(gym.Env):
                 "action_mask": next_legal.astype(np.float32),
             }
         else:
+            if self.dense is not None:
+                reward, paid = self.dense.step(fixed)
+                info.update(paid)
             next_legal = self._legal()
             observation = self._observation(next_legal)
         info["action_mask"] = next_legal.astype(np.int8)

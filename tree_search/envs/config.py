@@ -7,12 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import torch
+
 from tree_search.data.planted import PlantedConfig
 from tree_search.heads.node_train import NodeRecipe
 
-__all__ = ["COST_MODES", "TreeEnvConfig"]
+__all__ = ["COST_MODES", "REWARD_MODES", "TreeEnvConfig"]
 
 COST_MODES = ("cap", "tradeoff")
+REWARD_MODES = ("terminal", "dense")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class TreeEnvConfig:
     cap_penalty: float = 1.0  # over the cap: reward = -ln V - cap_penalty * (cost / cap - 1); no training
     cost_weight: float = 1.0  # lambda of the tradeoff mode: reward = -NLL - lambda * cost / full-softmax cost
     failure_penalty: float = 1.0  # a failed evaluation (NaN, OOM): reward = -ln V - failure_penalty
+    reward_mode: str = "terminal"  # "terminal": all at the end; "dense": each new node's share at once, same sum
+    dense_device: str = "cpu"  # where dense mode trains the nodes it asks about ("cpu", "cuda", "cuda:1", "auto")
     # --- episodes
     max_steps: int = 16  # decisions per episode; the rest of the tree is finished by a fixed rule
     fanouts: tuple[int, ...] = (2, 4, 8, 16)  # fanouts an action may choose
@@ -63,6 +68,10 @@ class TreeEnvConfig:
             raise bad("train", "a NodeRecipe (or a dict of its fields in env_config)")
         if self.cost_mode not in COST_MODES:
             raise bad("cost_mode", f"one of {COST_MODES}")
+        if self.reward_mode not in REWARD_MODES:
+            raise bad("reward_mode", f"one of {REWARD_MODES} (dense: each decision is rewarded by its node's loss)")
+        if not isinstance(self.dense_device, str) or not _is_device(self.dense_device):
+            raise bad("dense_device", "'auto' (CUDA when available) or a torch device name such as 'cpu' or 'cuda:0'")
         for name in ("cost_cap",):
             if not (isinstance(getattr(self, name), (int, float)) and 1.0 <= getattr(self, name) < math.inf):
                 raise bad(name, "a finite number >= 1 (a multiple of binary Huffman's cost)")
@@ -141,3 +150,13 @@ class TreeEnvConfig:
     def with_updates(self, **changes: Any) -> TreeEnvConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+
+def _is_device(name: str) -> bool:
+    if name == "auto":
+        return True
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True

@@ -6,6 +6,7 @@ import numpy as np
 
 from tree_search.builders import frequency_cutoffs
 from tree_search.envs.base import TreeEnv
+from tree_search.envs.reward import NodeContent
 from tree_search.tree import Tree
 
 __all__ = ["CUTOFF_FRACTIONS", "CutoffsEnv", "adaptive_softmax_actions"]
@@ -48,7 +49,12 @@ class CutoffsEnv(TreeEnv):
     ## Rewards
     As `SplitEnv`: ``-(validation NLL)`` of the head (with the chosen projections) under the
     config's cost rule, costs counting each projection; a penalty for failed evaluations;
-    the test split is never used.
+    the test split is never used. With ``reward_mode="dense"`` a tail cluster's node is fixed
+    (its classes and projection) when the next cutoff is chosen: that cutoff step is rewarded
+    by minus the node's share of the validation NLL (and of the cost, in the tradeoff mode);
+    the first cutoff, the projection steps and a cluster of one class (a leaf) get 0; the last
+    step gets the exact remainder (the root, the last cluster), so an episode's rewards add up
+    to the terminal reward.
 
     ## Starting State
     No cluster: a cutoff step. Deterministic.
@@ -56,14 +62,15 @@ class CutoffsEnv(TreeEnv):
     ## Episode End
     Terminates after "stop", after the projection of the K-th cluster, when no larger
     cutoff is left, or after ``max_steps`` steps (the current cluster then keeps the full
-    dimension). Never truncates.
+    dimension). Truncates (reward 0) only when the search's reward function says the search
+    is over.
 
     ## Arguments
     ``gymnasium.make("TreeSearch/Cutoffs-v0", config=TreeEnvConfig(...), ...)``; uses
     ``cutoff_max_clusters``, ``cutoff_projections``, ``max_steps``.
 
     ## Version History
-    * v0: initial version.
+    * v0: initial version; ``reward_mode="dense"`` added later (the default terminal rewards are unchanged).
     """
 
     def _setup(self) -> None:
@@ -74,6 +81,7 @@ class CutoffsEnv(TreeEnv):
             max(1, self.dataset.dim // 2**j) for j in range(self.config.cutoff_projections) if self.dataset.dim // 2**j
         ] or [1]
         self.stop_action = self.grid.size
+        self._ranked = np.lexsort((np.arange(V), -self.counts))  # `frequency_cutoffs`'s ranking
 
     def _num_actions(self) -> int:
         return max(self.grid.size + 1, len(self.projection_sizes))
@@ -107,7 +115,7 @@ class CutoffsEnv(TreeEnv):
             legal[self.stop_action] = True
         return legal
 
-    def _apply(self, action: int) -> None:
+    def _apply(self, action: int) -> list[NodeContent]:
         if self._choosing_projection:
             self.projections.append(self.projection_sizes[action])
             self._choosing_projection = False
@@ -116,6 +124,13 @@ class CutoffsEnv(TreeEnv):
         else:
             self.cutoffs.append(int(self.grid[action]))
             self._choosing_projection = True
+            if len(self.cutoffs) > 1:  # the previous tail cluster now ends here: its node is fixed
+                start, end = self.cutoffs[-2:]
+                if end - start > 1:  # (a cluster of one class is a leaf of the root)
+                    size = self.projections[-1]
+                    classes = self._ranked[start:end]
+                    return [NodeContent(tuple(classes[:, None]), size if size < self.dataset.dim else 0)]
+        return []
 
     def _finish(self) -> tuple[Tree, dict[int, int]]:
         if len(self.projections) < len(self.cutoffs):

@@ -9,6 +9,7 @@ import numpy as np
 
 from tree_search.builders import from_merges, huffman
 from tree_search.envs.base import TreeEnv
+from tree_search.envs.reward import NodeContent
 from tree_search.tree import Tree
 
 __all__ = ["MergeEnv"]
@@ -46,20 +47,25 @@ class MergeEnv(TreeEnv):
     ## Rewards
     As `SplitEnv`: at the end ``-(validation NLL)`` under the config's cost rule (cap
     relative to binary Huffman by default, or a tradeoff), a penalty for failed evaluations;
-    the test split is never used.
+    the test split is never used. With ``reward_mode="dense"`` each merge is rewarded at once
+    by minus the new node's share of the validation NLL (and of the cost, in the tradeoff
+    mode), its children being the merged roots; the last step gets the exact remainder, so
+    an episode's rewards add up to the terminal reward. The initial grouped forest of a
+    large V and the final Huffman merges are not decisions: they are paid in the remainder.
 
     ## Starting State
     The forest described above. Deterministic.
 
     ## Episode End
-    Terminates after ``max_steps`` merges or when one root remains; never truncates.
+    Terminates after ``max_steps`` merges or when one root remains; truncates (reward 0)
+    only when the search's reward function says the search is over.
 
     ## Arguments
     ``gymnasium.make("TreeSearch/Merge-v0", config=TreeEnvConfig(...), ...)``; uses
     ``merge_candidates``, ``merge_max_leaves``, ``merge_groups``, ``fanouts``, ``max_steps``.
 
     ## Version History
-    * v0: initial version.
+    * v0: initial version; ``reward_mode="dense"`` added later (the default terminal rewards are unchanged).
     """
 
     def _setup(self) -> None:
@@ -151,14 +157,27 @@ class MergeEnv(TreeEnv):
         taken = set(members)
         self._roots = [r for r in self._roots if r not in taken] + [node]
 
-    def _apply(self, action: int) -> None:
+    def _apply(self, action: int) -> list[NodeContent]:
         if action < len(self._pairs):
             i, j = self._pairs[action]
-            self._merge([self._candidates[i], self._candidates[j]])
+            members = [self._candidates[i], self._candidates[j]]
         else:
             k = self._wide[action - len(self._pairs)]
-            self._merge([int(r) for r in self._lightest_order()[:k]])
+            members = [int(r) for r in self._lightest_order()[:k]]
+        self._merge(members)
         self._candidates = self._candidate_list()
+        return [NodeContent(tuple(self._classes(m) for m in members))]  # the new node: its children are the roots
+
+    def _classes(self, node: int) -> np.ndarray:
+        """The classes below ``node`` (a class, or ``V + m`` for merge m), sorted."""
+        V, found, stack = self.num_classes, [], [node]
+        while stack:
+            top = stack.pop()
+            if top < V:
+                found.append(top)
+            else:
+                stack.extend(self._merges[top - V])
+        return np.sort(np.asarray(found, dtype=np.int64))
 
     def _finish(self) -> tuple[Tree, dict[int, int]]:
         while len(self._roots) > 1:

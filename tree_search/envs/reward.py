@@ -1,4 +1,4 @@
-"""The one terminal reward every environment uses, and the data it needs.
+"""The one terminal reward every environment uses, its split over nodes, and the data they need.
 
 `EpisodeScorer` turns a finished tree into a reward: it applies the cost rule of the
 `TreeEnvConfig` and, when the tree is within the rules, asks a `RewardFunction` for the
@@ -6,31 +6,47 @@ validation loss. The default `LocalReward` trains the head in this process throu
 `tree_search.heads.evaluate` (cached by canonical tree hash, in memory and on disk);
 searchers pass their own `RewardFunction` (an `Evaluator`) to share, deduplicate and
 distribute evaluations.
+
+`DenseRewards` (``reward_mode="dense"``) pays that same reward out node by node: each
+decision that fixes a node's content is rewarded at once by minus the node's share of
+the validation NLL, and the last step gets the exact remainder, so an episode's rewards
+add up to the terminal reward (DESIGN.md, "The reward splits over nodes").
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
+import torch
 
 from tree_search.builders import huffman
-from tree_search.data.features import FeatureDataset, class_embeddings, load_feature_folder
+from tree_search.data.features import FeatureDataset, class_embeddings, default_device, load_feature_folder
 from tree_search.data.npz_dataset import load_npz_dataset
 from tree_search.data.planted import PlantedConfig, make_planted
 from tree_search.data.prepare import prepare_dataset
 from tree_search.data.vocab import DataError
 from tree_search.envs.config import TreeEnvConfig
-from tree_search.heads.node_train import NodeRecipe
-from tree_search.heads.reward import Result, evaluate, head_cost
+from tree_search.heads.node_train import NodeRecipe, split_sample
+from tree_search.heads.reward import Result, evaluate, head_cost, node_losses, training_failure
 from tree_search.tree import Tree
 
-__all__ = ["EpisodeScorer", "LocalReward", "RewardFunction", "SearchStopped", "class_embeddings", "load_env_dataset"]
+__all__ = [
+    "DenseRewards",
+    "EpisodeScorer",
+    "LocalReward",
+    "NodeContent",
+    "RewardFunction",
+    "SearchStopped",
+    "class_embeddings",
+    "load_env_dataset",
+    "node_tree",
+]
 
 
 class SearchStopped(RuntimeError):
@@ -140,3 +156,133 @@ class EpisodeScorer:
         if self.config.cost_mode == "tradeoff":
             reward -= self.config.cost_weight * cost / self.full_cost
         return reward, info
+
+
+class NodeContent(NamedTuple):
+    """An internal node as the reward sees it: what lies below each child, and its projection.
+
+    A node's trained result depends on nothing else (its content key, `node_keys`), so a
+    decision that fixes these is rewarded at once in dense mode.
+    """
+
+    children: tuple[np.ndarray, ...]  # the class ids below each child, in child order (one class: a leaf)
+    projection: int = 0  # projected dimension of the node (0: none, the full feature dimension)
+
+
+def node_tree(num_classes: int, node: NodeContent) -> tuple[Tree, int, dict[int, int]]:
+    """The smallest tree over all the classes that holds ``node``: ``(tree, the node's id, projections)``.
+
+    The node's children are exactly ``node.children`` (a one-class set is a leaf, a larger
+    one a flat node); the classes outside the node are leaves of a root above it, unless the
+    node holds every class, when it is the root. Its content key is therefore the one it has
+    in every tree that contains it, and the node bank answers for it.
+
+    Example:
+        >>> tree, node, _ = node_tree(5, NodeContent((np.array([1]), np.array([2, 3]))))
+        >>> tree.children_lists(), node
+        ([[6, 0, 4], [1, 7], [2, 3]], 1)
+    """
+    V = int(num_classes)
+    sets = [np.asarray(c, dtype=np.int64).ravel() for c in node.children]
+    outside = np.setdiff1d(np.arange(V), np.concatenate(sets))
+    top = int(outside.size > 0)  # the node's id: 1 below a root of the outside classes, else the root
+    children: list[list[int]] = [[V + 1, *outside.tolist()]] if top else []
+    kids: list[int] = []
+    flat: list[list[int]] = []
+    for classes in sets:
+        if classes.size == 1:
+            kids.append(int(classes[0]))
+        else:
+            kids.append(V + top + 1 + len(flat))
+            flat.append(sorted(classes.tolist()))
+    tree = Tree(V, [*children, kids, *flat])
+    return tree, top, ({top: int(node.projection)} if node.projection else {})
+
+
+class DenseRewards:
+    """Pays an episode's terminal reward out node by node (``reward_mode="dense"``); used by `TreeEnv.step`.
+
+    Life cycle: `reset` when an episode starts; `step` after each decision that does not end
+    it, with the nodes whose content that decision fixed: their reward is minus each node's
+    share of the validation NLL, ``-min_m L_n[m] / N`` (``L_n[m]``: the node's validation loss
+    sum at measurement m, N: the validation tokens of the sample; the mean over the config's
+    seeds, as `evaluate` does), and in the tradeoff cost mode also minus ``cost_weight`` x the
+    node's share of the expected cost (visit probability x fanout x dim, projections as in
+    `head_cost`) over the full softmax's; `remainder` at the end: the terminal reward (what
+    terminal mode gives, whatever the outcome: within the cap, over it, failed) minus what was
+    given, so that the episode's rewards add up to it exactly.
+
+    Node losses come from the node bank of ``config.train`` on ``config.dense_device`` (the
+    bank `evaluate` reads on that device class: whole-tree evaluations there reuse these nodes,
+    and these reuse theirs), training a missing node now. These queries are not evaluations
+    of a tree: they never go through the environment's `RewardFunction` nor count in its budget.
+    """
+
+    def __init__(self, scorer: EpisodeScorer) -> None:
+        """Args: scorer: the environment's `EpisodeScorer` (its config, dataset, counts and costs)."""
+        self.scorer = scorer
+        config = scorer.config
+        self.device = default_device() if config.dense_device == "auto" else torch.device(config.dense_device)
+        self.recipes = [
+            replace(config.train, seed=seed) for seed in range(config.train.seed, config.train.seed + config.seeds)
+        ]
+        self.mass = scorer.counts / scorer.counts.sum()
+        self.totals = {"trained": 0, "reused": 0}  # node queries of every episode so far (one per seed)
+        self._episode = dict(self.totals)
+        self._given: list[float] = []
+
+    def reset(self) -> None:
+        """Start an episode: nothing given yet."""
+        self._given = []
+        self._episode = {"trained": 0, "reused": 0}
+
+    def node_share(self, node: NodeContent) -> float:
+        """Node's share of the validation NLL (nats/token, mean over the seeds), from the bank or trained now."""
+        tree, index, projections = node_tree(self.scorer.dataset.num_classes, node)
+        dataset, per_seed = self.scorer.dataset, []
+        for recipe in self.recipes:
+            losses, counters = node_losses(tree, dataset, recipe, projections=projections, device=self.device,
+                                           nodes=np.array([index]))  # fmt: skip
+            losses, how = losses[0], "trained" if counters["nodes_trained"] else "reused"
+            self._episode[how] += 1
+            self.totals[how] += 1
+            rows = split_sample(dataset, "valid", recipe.valid_tokens, recipe.seed, self.device).labels.size
+            per_seed.append(float(losses.min() / rows))  # `evaluate`'s arithmetic, for one node
+        return float(np.mean(per_seed))
+
+    def node_cost(self, node: NodeContent) -> float:
+        """Node's share of the expected cost per token: visit probability x its cost per visit."""
+        fanout, dim, p = len(node.children), self.scorer.dim, node.projection
+        visits = float(sum(self.mass[np.asarray(c, dtype=np.int64)].sum() for c in node.children))
+        return visits * (dim * p + fanout * p if p else fanout * dim)
+
+    def step(self, nodes: Sequence[NodeContent]) -> tuple[float, dict[str, Any]]:
+        """Reward of a decision that fixed ``nodes`` (none: 0), and its ``info`` entries.
+
+        A genuine training failure of a node (non-finite loss, out of memory) gives it 0
+        here, with the error in ``info["node_error"]``; the remainder still makes the sum exact.
+        """
+        if not nodes:
+            return 0.0, {"node_reward": None}
+        reward, info = 0.0, {}
+        for node in nodes:
+            try:
+                share = self.node_share(node)
+            except Exception as err:  # noqa: BLE001 - only genuine training failures become a result
+                if not training_failure(err):
+                    raise
+                info["node_error"] = f"{type(err).__name__}: {err}"
+                continue
+            reward -= share
+            if self.scorer.config.cost_mode == "tradeoff":
+                reward -= self.scorer.config.cost_weight * self.node_cost(node) / self.scorer.full_cost
+        self._given.append(reward)
+        return reward, {"node_reward": reward, **info}
+
+    def remainder(self, terminal: float) -> float:
+        """The last step's reward: ``terminal`` minus every reward given in this episode."""
+        return terminal - math.fsum(self._given)
+
+    def queries(self) -> dict[str, int]:
+        """This episode's node queries (one per node and seed): trained now vs answered by the bank."""
+        return dict(self._episode)

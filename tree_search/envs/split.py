@@ -1,46 +1,18 @@
-"""`TreeSearch/Split-v0`: build a tree top-down by choosing how each large group of classes splits."""
+"""`TreeSearch/Split-v1`: build a tree top-down by choosing how each large group of classes splits."""
 
 from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from tree_search.builders import order_group
 from tree_search.envs.base import TreeEnv
+from tree_search.envs.reward import NodeContent
+from tree_search.split_grammar import FLAT, ORDERS, SplitRule, partition_group, split_rules
 from tree_search.tree import Tree
 
 __all__ = ["ORDERS", "SplitEnv", "SplitRule"]
-
-ORDERS = ("frequency", "pca", "kmeans")
-CUTS = ("count", "mass")
-HEAD_MASS = 0.5  # the head of a head-and-tail cut keeps the most frequent classes up to this share of the group
-
-
-@dataclass(frozen=True)
-class SplitRule:
-    """How one group is split: an ordering of its classes, a cut rule and a fanout (or flat)."""
-
-    order: str  # "frequency", "pca", "kmeans" (or "flat")
-    cut: str  # "count", "mass", "headtail" (or "flat")
-    fanout: int  # parts (head-and-tail: tail clusters + 1); 0 for flat
-
-    @property
-    def flat(self) -> bool:
-        """All members become leaves of the node."""
-        return self.cut == "flat"
-
-    def __str__(self) -> str:
-        if self.flat:
-            return "flat"
-        if self.cut == "headtail":
-            return f"head+{self.fanout - 1} tail clusters (frequency order)"
-        return f"{self.order} order, equal-{self.cut} cut, fanout {self.fanout}"
-
-
-FLAT = SplitRule("flat", "flat", 0)
 
 
 class SplitEnv(TreeEnv):
@@ -63,21 +35,25 @@ class SplitEnv(TreeEnv):
 
     Cuts of an ordered group into k parts: "count" gives sizes differing by at most one
     (larger first); "mass" cuts where the cumulative token mass crosses j/k of the group's
-    mass (every part keeps at least one class); "headtail" (frequency order only) makes the
-    most frequent classes holding half the group's mass (at most ``split_head_max``, at least
-    one) direct leaves and cuts the rest into k-1 equal-mass tail groups. k-means and PCA
-    are seeded by ``config.seed``, so the same actions always build the same tree.
+    mass (every part keeps at least one class); "headtail" makes the most frequent classes
+    holding half the group's mass (at most ``split_head_max``, at least one) direct leaves
+    and cuts the rest into k-1 tail groups: equal-mass runs in frequency order (adaptive
+    softmax's clusters), or balanced k-means or PCA clusters. k-means and PCA
+    are seeded by ``config.seed`` and the group's members (never its place in the tree), so
+    the same actions always build the same tree, and a group splits the same way in every
+    tree (the grammar is `tree_search.split_grammar`, shared with the ``dp`` searcher).
 
     ## Action Space
-    ``Discrete(7F + 1)`` for F = ``len(config.fanouts)`` (29 by default), index =
+    ``Discrete(9F + 1)`` for F = ``len(config.fanouts)`` (37 by default), index =
     ``(order * 2 + cut) * F + f`` for the 3 orders (frequency, pca, kmeans) x 2 cuts (count,
-    mass) x F fanouts; then ``6F + f`` for head-and-tail with fanout ``fanouts[f]``; last,
-    ``7F`` for flat. Legal: a fanout below the group's size; flat only for groups of at most
-    ``split_flat_max`` classes, or at the root (where flat is the full softmax). At the root
-    of a tree with more classes than the largest fanout every action is legal.
+    mass) x F fanouts; then ``(6 + order) * F + f`` for head-and-tail with its tail in that
+    order and fanout ``fanouts[f]``; last, ``9F`` for flat. Legal: a fanout below the
+    group's size; flat only for groups of at most ``split_flat_max`` classes, or at the root
+    (where flat is the full softmax). At the root of a tree with more classes than the
+    largest fanout every action is legal.
 
     ## Observation Space
-    ``Dict(observations=Box(-10, 10, (10,)), action_mask=Box(0, 1, (7F + 1,)))``:
+    ``Dict(observations=Box(-10, 10, (10,)), action_mask=Box(0, 1, (9F + 1,)))``:
 
     | index | observation                                                   |
     |-------|---------------------------------------------------------------|
@@ -101,35 +77,46 @@ class SplitEnv(TreeEnv):
     A failed evaluation (NaN, out of memory) gives ``-ln V - failure_penalty`` with the
     error in ``info["error"]``.
 
+    With ``reward_mode="dense"`` each decision is rewarded at once: it fixes the split
+    group's node (its children are the parts), and its reward is minus that node's share of
+    the validation NLL, ``-min_m L_n[m] / N`` (the node's validation loss sum at its best
+    measurement over the N validation tokens of the sample; from the node bank, or trained
+    now), minus ``cost_weight`` x its share of the cost over the full softmax's in the tradeoff
+    mode (``info["node_reward"]``). The last step gets the terminal reward above minus
+    everything given before, so every episode's rewards add up to it exactly (the last
+    decision's node and the nodes finished by the inherited rules are paid then).
+
     ## Starting State
     One open group, the root, with all classes. Deterministic.
 
     ## Episode End
     Terminates when no group is left for the agent, or after ``max_steps`` decisions;
-    never truncates. ``info`` then carries the tree (``info["tree"]``), its statistics, and
-    the evaluation (``info["result"]``).
+    truncates (reward 0) only when the search's reward function says the search is over.
+    ``info`` then carries the tree (``info["tree"]``), its statistics, and the evaluation
+    (``info["result"]``); in dense mode also ``terminal_reward`` and ``dense_node_queries``.
 
     ## Arguments
-    ``gymnasium.make("TreeSearch/Split-v0", config=TreeEnvConfig(...), reward_fn=None,
+    ``gymnasium.make("TreeSearch/Split-v1", config=TreeEnvConfig(...), reward_fn=None,
     dataset=None, render_mode=None, **config_fields)``.
 
     ## Version History
+    * v1: head-and-tail with k-means or PCA tail clusters (37 actions by default); k-means and
+      PCA seeded by each group's content (so the same actions can give other trees than v0's);
+      ``reward_mode="dense"``.
     * v0: initial version.
     """
 
     def _setup(self) -> None:
         F = len(self.config.fanouts)
-        rules = [SplitRule(o, c, k) for o in ORDERS for c in CUTS for k in self.config.fanouts]
-        rules += [SplitRule("frequency", "headtail", k) for k in self.config.fanouts]
-        self.rules: tuple[SplitRule, ...] = (*rules, FLAT)
-        assert len(self.rules) == 7 * F + 1
+        self.rules: tuple[SplitRule, ...] = split_rules(self.config.fanouts)
+        assert len(self.rules) == 9 * F + 1
         self._fanouts = np.array([r.fanout for r in self.rules])
         p = self.mass
         centre = p @ self.embeddings
         self._total_spread = float(p @ ((self.embeddings - centre) ** 2).sum(axis=1)) or 1.0
 
     def _num_actions(self) -> int:
-        return 7 * len(self.config.fanouts) + 1
+        return 9 * len(self.config.fanouts) + 1
 
     def _num_features(self) -> int:
         return 10
@@ -162,16 +149,19 @@ class SplitEnv(TreeEnv):
         legal[-1] = node == 0 or size <= self.config.split_flat_max
         return legal
 
-    def _apply(self, action: int) -> None:
+    def _apply(self, action: int) -> list[NodeContent]:
         _, node = heapq.heappop(self._queue)
         members, _ = self._groups.pop(node)
         rule = self.rules[action]
-        self._committed += self._split(node, members, rule, decide=True) * float(self.mass[members].sum())
+        children = self._split(node, members, rule, decide=True)
+        self._committed += len(children) * float(self.mass[members].sum())
+        return [NodeContent(tuple(children))]  # the group's node: its children are the parts
 
-    def _split(self, node: int, members: np.ndarray, rule: SplitRule, decide: bool) -> int:
-        """Split ``members`` under ``node`` by ``rule``; new groups inherit it. Returns the fanout."""
+    def _split(self, node: int, members: np.ndarray, rule: SplitRule, decide: bool) -> list[np.ndarray]:
+        """Split ``members`` under ``node`` by ``rule``; new groups inherit it. Returns the children's class sets."""
         V = self.num_classes
-        leaves, parts = self._partition(node, members, rule)
+        leaves, parts = partition_group(members, rule, self.counts, self.embeddings, seed=self.config.seed,
+                                        head_max=self.config.split_head_max)  # fmt: skip
         kids = self._children[node]
         kids.extend(int(y) for y in leaves)
         for part in parts:
@@ -187,30 +177,7 @@ class SplitEnv(TreeEnv):
                 heapq.heappush(self._queue, (-float(self.mass[part].sum()), child))
             else:
                 self._later.append(child)
-        return len(kids)
-
-    def _partition(self, node: int, members: np.ndarray, rule: SplitRule) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(direct leaves, parts) of one split."""
-        size = members.size
-        if rule.flat or size <= rule.fanout:
-            return members, []
-        weights = self.counts[members]
-        if rule.order == "frequency":
-            ordered = members[np.lexsort((members, -weights))]
-        else:
-            rng = np.random.default_rng([self.config.seed, node, size])
-            ordered = members[order_group(self.embeddings[members], weights, rule.order, rule.fanout, rng)]
-        if rule.cut == "count":
-            return np.empty(0, np.int64), np.array_split(ordered, rule.fanout)
-        mass = self.counts[ordered]
-        if rule.cut == "mass":
-            return np.empty(0, np.int64), np.split(ordered, _mass_cuts(mass, rule.fanout))
-        tails = rule.fanout - 1
-        cumulative = np.cumsum(mass)
-        head = int(np.searchsorted(cumulative, HEAD_MASS * cumulative[-1])) + 1
-        head = max(1, min(head, self.config.split_head_max, size - tails))
-        tail = ordered[head:]
-        return ordered[:head], np.split(tail, _mass_cuts(self.counts[tail], tails)) if tails > 1 else [tail]
+        return [leaves[i : i + 1] for i in range(leaves.size)] + list(parts)
 
     def _finish(self) -> tuple[Tree, dict[int, int]]:
         pending = [node for _, node in self._queue] + self._later
@@ -258,18 +225,3 @@ class SplitEnv(TreeEnv):
         for negative_mass, node in sorted(self._queue)[:8]:
             lines.append(f"  node {node}: {self._groups[node][0].size} classes, {-negative_mass:.1%} of tokens")
         return "\n".join(lines)
-
-
-def _mass_cuts(mass: np.ndarray, parts: int) -> np.ndarray:
-    """Cut positions splitting ``mass`` (in order) into ``parts`` runs of about equal sum, none empty."""
-    n = mass.size
-    cumulative = np.cumsum(mass)
-    total = cumulative[-1]
-    if total <= 0:
-        return np.array([round(j * n / parts) for j in range(1, parts)], dtype=np.int64)
-    cuts = np.searchsorted(cumulative, total * np.arange(1, parts) / parts, side="left") + 1
-    # Keep every run non-empty: at least one class before each cut and enough after it.
-    for j in range(parts - 1):
-        low = (cuts[j - 1] if j else 0) + 1
-        cuts[j] = min(max(cuts[j], low), n - (parts - 1 - j))
-    return cuts

@@ -150,12 +150,17 @@ def node_losses(
     device: torch.device,
     use_bank: bool = True,
     bank_root: Path | None = None,
+    nodes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """(I, M) validation loss sums of every internal node at each measurement, from the bank or trained now.
 
-    Returns the losses and counters: nodes trained, nodes reused, seconds, useful FLOPs of the training.
+    ``nodes`` restricts this to some internal nodes: (len(nodes), M) for them alone (a dense
+    reward asks for the one node a decision fixed). Returns the losses and counters: nodes
+    trained, nodes reused, seconds, useful FLOPs of the training.
     """
     keys = node_keys(tree, projections)
+    subset = np.arange(tree.num_internal) if nodes is None else np.asarray(nodes, dtype=np.int64)
+    keys = keys[subset]
     started = time.perf_counter()
     if use_bank:
         bank = node_bank(dataset, recipe, device, bank_root)
@@ -163,14 +168,14 @@ def node_losses(
         found, losses = record.found, record.losses
     else:
         found, losses = (
-            np.zeros(tree.num_internal, dtype=bool),
-            np.zeros((tree.num_internal, recipe.measure_steps.size)),
+            np.zeros(subset.size, dtype=bool),
+            np.zeros((subset.size, recipe.measure_steps.size)),
         )
     missing = np.flatnonzero(~found)
     flops = 0.0
     if missing.size:
         outcome = train_nodes(
-            tree, missing, dataset, recipe, projections=projections, device=device, keys=keys[missing]
+            tree, subset[missing], dataset, recipe, projections=projections, device=device, keys=keys[missing]
         )
         losses[missing] = outcome.losses
         flops = outcome.flops

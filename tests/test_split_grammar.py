@@ -1,0 +1,98 @@
+"""The split grammar shared by the split environment and the dp searcher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tree_search.builders import huffman
+from tree_search.data.features import class_embeddings
+from tree_search.data.planted import PlantedConfig
+from tree_search.envs import SearchStopped, TreeEnvConfig, make_env
+from tree_search.split_grammar import (
+    Plan,
+    SplitRule,
+    huffman_rule,
+    normalise_embeddings,
+    partition_group,
+    plan_tree,
+    split_rules,
+)
+
+CONFIG = TreeEnvConfig(dataset="planted", planted=PlantedConfig(num_classes=256, dim=16), split_min_group=8)
+
+
+def _stop(tree, projections=None):
+    raise SearchStopped("the tree only")
+
+
+@pytest.fixture(scope="module")
+def env():
+    return make_env({"env": "split", **CONFIG.to_env_config()}, reward_fn=_stop)
+
+
+def test_the_environment_builds_the_grammar_s_trees(env):
+    """Repeating one rule in the environment gives `plan_tree` of that rule: one grammar, one place."""
+    data = env.unwrapped.dataset
+    embeddings = normalise_embeddings(class_embeddings(data))
+    compared = 0
+    for action, rule in enumerate(env.unwrapped.rules[:-1]):
+        _, info = env.reset(seed=0)
+        done = truncated = False
+        while not (done or truncated):
+            if not info["action_mask"][action]:
+                break  # the rule is illegal for some group (fanout >= its size): not a homogeneous episode
+            _, _, done, truncated, info = env.step(action)
+        else:
+            planned = plan_tree(data.counts, embeddings, Plan(rule), seed=CONFIG.seed,
+                                leaf_size=CONFIG.split_leaf_size, head_max=CONFIG.split_head_max)  # fmt: skip
+            assert env.unwrapped.last_tree.canonical_hash == planned.canonical_hash, str(rule)
+            compared += 1
+    assert compared >= 18  # every order, cut and fanout up to 8
+
+
+def test_a_group_splits_the_same_way_wherever_it_is():
+    rng = np.random.default_rng(0)
+    V = 300
+    counts = rng.zipf(1.5, V).astype(float)
+    embeddings = normalise_embeddings(rng.normal(size=(V, 6)))
+    group = np.sort(rng.choice(V, 120, replace=False))
+    for rule in split_rules((2, 4, 8))[:-1]:
+        leaves, parts = partition_group(group, rule, counts, embeddings, seed=3)
+        again = partition_group(rng.permutation(group), rule, counts, embeddings, seed=3)  # another order
+        assert np.array_equal(np.sort(np.concatenate([leaves, *parts])), group)  # every member once
+        if rule.order != "frequency":  # clusters do not depend on the order the members come in
+            assert sorted(map(tuple, map(np.sort, parts))) == sorted(map(tuple, map(np.sort, again[1]))), str(rule)
+    kmeans = SplitRule("kmeans", "count", 4)
+    assert not all(  # the seed matters
+        np.array_equal(a, b)
+        for a, b in zip(
+            partition_group(group, kmeans, counts, embeddings, seed=3)[1],
+            partition_group(group, kmeans, counts, embeddings, seed=4)[1],
+            strict=True,
+        )  # fmt: skip
+    )
+
+
+def test_plans_mix_rules_and_huffman_completions():
+    rng = np.random.default_rng(1)
+    V = 200
+    counts = rng.zipf(1.4, V).astype(float)
+    embeddings = normalise_embeddings(rng.normal(size=(V, 5)))
+    assert plan_tree(counts, embeddings, Plan(huffman_rule(3))).canonical_hash == huffman(counts, 3).canonical_hash
+    root = SplitRule("kmeans", "count", 4)
+    _, parts = partition_group(np.arange(V), root, counts, embeddings)
+    mixed = Plan(root, {0: Plan(huffman_rule(2)), 1: Plan(SplitRule("pca", "count", 2)), 3: Plan(huffman_rule(4))})
+    cache: dict = {}
+    tree = plan_tree(counts, embeddings, mixed, cache=cache)
+    again = plan_tree(counts, embeddings, mixed, cache=cache)  # from the cache of group splits
+    assert tree.canonical_hash == again.canonical_hash and cache
+    # part 0 is exactly binary Huffman over its classes; part 2 inherits the root's rule
+    part0 = np.sort(parts[0])
+    sub = huffman(counts[part0], 2)
+    sizes = sorted(tree.subtree_size[1:][tree.node_parent[1:] == 0].tolist())
+    assert sizes == sorted(p.size for p in parts)
+    inside = tree.subtree_sums(np.isin(np.arange(V), part0).astype(np.int64))
+    nodes0 = np.flatnonzero((inside > 0) & (tree.subtree_size == inside))  # nodes entirely within part 0
+    assert nodes0.size == sub.num_internal  # binary Huffman over part 0: one node per merge
+    assert np.all(tree.fanout[nodes0] == 2)

@@ -1,0 +1,237 @@
+"""The split grammar: how a group of classes splits under a rule, and trees built from plans of rules.
+
+One place for what the split environment (`tree_search.envs.split`) and the dynamic-programming
+searcher (`tree_search.agents.dp_search`) share. A *rule* orders a group's classes (by
+descending frequency, along the top principal direction of the class embeddings, or by
+balanced k-means clusters) and cuts the order into parts (equal counts, equal token mass,
+or head-and-tail as in adaptive softmax: the most frequent classes as leaves, the tail cut
+in frequency order by mass or clustered by k-means or PCA), or makes every member a leaf
+("flat"). A *plan*
+is a rule for a group plus, optionally, plans for some of its parts; a part without a plan
+inherits its parent's rule, recursively, until groups of at most ``leaf_size`` classes (or
+at most the rule's fanout) become flat nodes. A Huffman rule (`huffman_rule`) completes a
+group at once with the k-ary Huffman tree of its counts (the cheapest subtree in expected
+cost; it takes no plans for parts).
+
+A split depends only on the group's content (its members) and the seed: k-means and PCA
+draw from a generator seeded by the group's members, never by where the group sits in a
+tree. So a group's subtree under a given plan is the same in every tree that contains it,
+which is what makes its node losses reusable (the node bank) and the best plan findable by
+dynamic programming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tree_search.builders import from_children, huffman, order_group
+from tree_search.tree import Tree
+
+__all__ = [
+    "CUTS",
+    "FLAT",
+    "HEAD_MASS",
+    "ORDERS",
+    "Plan",
+    "SplitRule",
+    "group_rng",
+    "huffman_rule",
+    "normalise_embeddings",
+    "partition_group",
+    "plan_tree",
+    "split_rules",
+]
+
+ORDERS = ("frequency", "pca", "kmeans")
+CUTS = ("count", "mass")
+HEAD_MASS = 0.5  # the head of a head-and-tail cut keeps the most frequent classes up to this share of the group
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How one group is split: an ordering of its classes, a cut rule and a fanout (or flat)."""
+
+    order: str  # "frequency", "pca", "kmeans" (or "flat")
+    cut: str  # "count", "mass", "headtail" (or "flat")
+    fanout: int  # parts (head-and-tail: tail clusters + 1); 0 for flat
+
+    @property
+    def flat(self) -> bool:
+        """All members become leaves of the node."""
+        return self.cut == "flat"
+
+    def __str__(self) -> str:
+        if self.flat:
+            return "flat"
+        if self.cut == "huffman":
+            return f"{self.fanout}-ary Huffman subtree"
+        if self.cut == "headtail":
+            return f"head+{self.fanout - 1} tail clusters ({self.order} order)"
+        return f"{self.order} order, equal-{self.cut} cut, fanout {self.fanout}"
+
+
+FLAT = SplitRule("flat", "flat", 0)
+
+
+def split_rules(fanouts: tuple[int, ...]) -> tuple[SplitRule, ...]:
+    """Every rule, in the split environment's action order: ``(order, cut, fanout)``, head-and-tail by order, flat."""
+    rules = [SplitRule(o, c, k) for o in ORDERS for c in CUTS for k in fanouts]
+    rules += [SplitRule(o, "headtail", k) for o in ORDERS for k in fanouts]
+    return (*rules, FLAT)
+
+
+def huffman_rule(fanout: int) -> SplitRule:
+    """The rule that completes a group with its k-ary Huffman tree."""
+    return SplitRule("frequency", "huffman", int(fanout))
+
+
+def normalise_embeddings(embeddings: np.ndarray) -> np.ndarray:
+    """Class embeddings scaled by their largest absolute value and centred (as `cluster_tree` does)."""
+    X = np.asarray(embeddings, dtype=np.float64)
+    scale = np.abs(X).max()
+    X = X / scale if scale > 0 else X
+    return X - X.mean(axis=0)
+
+
+def group_rng(members: np.ndarray, seed: int) -> np.random.Generator:
+    """The generator of one group's split: seeded by the seed and the group's (sorted) members."""
+    content = np.ascontiguousarray(np.sort(np.asarray(members, dtype=np.int64)))  # (already sorted by callers)
+    return np.random.default_rng([int(seed), int(content.size), zlib.crc32(content.tobytes())])
+
+
+def _mass_cuts(mass: np.ndarray, parts: int) -> np.ndarray:
+    """Cut positions splitting ``mass`` (in order) into ``parts`` runs of about equal sum, none empty."""
+    n = mass.size
+    cumulative = np.cumsum(mass)
+    total = cumulative[-1]
+    if total <= 0:
+        return np.array([round(j * n / parts) for j in range(1, parts)], dtype=np.int64)
+    cuts = np.searchsorted(cumulative, total * np.arange(1, parts) / parts, side="left") + 1
+    # Keep every run non-empty: at least one class before each cut and enough after it.
+    for j in range(parts - 1):
+        low = (cuts[j - 1] if j else 0) + 1
+        cuts[j] = min(max(cuts[j], low), n - (parts - 1 - j))
+    return cuts
+
+
+def partition_group(
+    members: np.ndarray,
+    rule: SplitRule,
+    counts: np.ndarray,
+    embeddings: np.ndarray,
+    *,
+    seed: int = 0,
+    head_max: int = 256,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(direct leaves, parts)`` of one split of ``members`` by ``rule``.
+
+    Args:
+        members: the group's class ids.
+        rule: the rule; flat, or a group of at most ``rule.fanout`` classes, gives all leaves.
+        counts: (V,) class counts.
+        embeddings: (V, d) class embeddings, normalised (`normalise_embeddings`).
+        seed: seeds k-means and PCA, together with the group's content (`group_rng`).
+        head_max: most classes the head of a head-and-tail cut keeps as leaves.
+    """
+    members = np.sort(np.asarray(members, dtype=np.int64))  # content only: the order members come in is ignored
+    size = members.size
+    if rule.flat or size <= rule.fanout:
+        return members, []
+    weights = counts[members]
+    if rule.order == "frequency" or rule.cut == "headtail":  # head-and-tail: the head is always by frequency
+        ordered = members[np.lexsort((members, -weights))]
+    else:
+        order = order_group(embeddings[members], weights, rule.order, rule.fanout, group_rng(members, seed))
+        ordered = members[order]
+    if rule.cut == "count":
+        return np.empty(0, np.int64), np.array_split(ordered, rule.fanout)
+    mass = counts[ordered]
+    if rule.cut == "mass":
+        return np.empty(0, np.int64), np.split(ordered, _mass_cuts(mass, rule.fanout))
+    tails = rule.fanout - 1
+    cumulative = np.cumsum(mass)
+    head = int(np.searchsorted(cumulative, HEAD_MASS * cumulative[-1])) + 1
+    head = max(1, min(head, head_max, size - tails))
+    tail = ordered[head:]
+    if tails == 1:
+        return ordered[:head], [tail]
+    if rule.order == "frequency":  # the tail cut by equal mass in frequency order (adaptive softmax's clusters)
+        return ordered[:head], np.split(tail, _mass_cuts(counts[tail], tails))
+    tail = np.sort(tail)  # the tail clustered (k-means or PCA order, equal counts), by its content alone
+    order = order_group(embeddings[tail], counts[tail], rule.order, tails, group_rng(tail, seed))
+    return ordered[:head], np.array_split(tail[order], tails)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A rule for a group and, by part index, plans for some of its parts (the others inherit the rule)."""
+
+    rule: SplitRule
+    parts: dict[int, Plan] = field(default_factory=dict)
+
+
+def plan_tree(
+    counts: np.ndarray,
+    embeddings: np.ndarray,
+    plan: Plan,
+    *,
+    seed: int = 0,
+    leaf_size: int = 8,
+    head_max: int = 256,
+    cache: dict | None = None,
+) -> Tree:
+    """The tree of a plan for the root group (all classes).
+
+    Part ``i`` of a split is the i-th part `partition_group` returns (parts of one class
+    become leaves of the node and keep their index). A part with a plan splits by it; a
+    part without one inherits its parent's rule, until groups of at most ``max(leaf_size,
+    rule.fanout)`` classes become flat nodes.
+
+    ``cache`` (a dict the caller keeps for one dataset and seed) remembers each group's
+    split by (rule, content): trees that share groups (a search's trees do) split them once.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    V = counts.size
+    children: list[list[int]] = []
+    stack: list[tuple[int, np.ndarray, SplitRule, Plan | None]] = [(-1, np.arange(V), plan.rule, plan)]
+    while stack:
+        parent, members, rule, own = stack.pop()
+        node = len(children)
+        children.append([])
+        if parent >= 0:
+            children[parent].append(V + node)
+        if rule.cut == "huffman" and members.size > rule.fanout:  # the group's own Huffman subtree, grafted
+            sub_tree = huffman(counts[members], rule.fanout)
+            offset = len(children) - 1  # sub_tree's node j becomes node offset + j (its root is `node`)
+            for j, kids in enumerate(sub_tree.children_lists()):
+                if j:
+                    children.append([])
+                children[offset + j].extend(int(members[c]) if c < members.size else V + offset + c - members.size
+                                            for c in kids)  # fmt: skip
+            continue
+        if own is None and members.size <= max(leaf_size, rule.fanout):
+            rule = FLAT
+        # 128 bits of the group's content: a 32-bit checksum collides among a search's ~1e5 groups
+        key = (
+            (rule, hashlib.blake2b(np.sort(members).tobytes(), digest_size=16).digest()) if cache is not None else None
+        )
+        if key is not None and key in cache:
+            leaves, parts = cache[key]
+        else:
+            leaves, parts = partition_group(members, rule, counts, embeddings, seed=seed, head_max=head_max)
+            if key is not None:
+                cache[key] = (leaves, parts)
+        children[node].extend(int(y) for y in leaves)
+        for index in reversed(range(len(parts))):  # popped in order: the children keep the parts' order
+            part = parts[index]
+            if part.size == 1:
+                continue
+            sub = own.parts.get(index) if own is not None else None
+            stack.append((node, part, sub.rule if sub is not None else rule, sub))
+        singles = [int(p[0]) for p in parts if p.size == 1]
+        children[node].extend(singles)
+    return from_children(V, children)
