@@ -190,8 +190,14 @@ def test_the_classic_front_is_interpolated_in_log_cost():
 def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
     with pytest.raises(ValueError, match="increasing"):
         SearchConfig(cost_caps=(2.0, 1.0))
-    with pytest.raises(ValueError, match="finite numbers >= 1"):
-        SearchConfig(cost_caps=(0.5,))
+    with pytest.raises(ValueError, match="finite numbers > 0"):
+        SearchConfig(cost_caps=(0.0,))
+    with pytest.raises(ValueError, match="distinct"):  # both would be labelled "@1x"
+        SearchConfig(cost_caps=(1.0, 1.0000001))
+    with pytest.raises(ValueError, match="dp agent searches the split grammar"):
+        SearchConfig(agent="dp", env="merge")
+    with pytest.raises(ValueError, match="dp agent searches under a cost cap"):
+        SearchConfig(agent="dp", env_config=ENV.with_updates(cost_mode="tradeoff"))
     config = SearchConfig(agent="random", budget=3, cost_caps=(1.0, 3.0), env_config=ENV,
                           baselines="huffman-2,huffman-4,kmeans-4,kmeans-16")  # fmt: skip
     assert [label for label, _ in config.searches()] == ["random@1x", "random@3x"]
@@ -204,6 +210,8 @@ def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
     for e in counted:
         cap = 1.0 if e.searcher == "random@1x" else 3.0
         assert e.cost_ratio <= cap * huffman_cost * (1 + 1e-6)  # each search stays under its own cap
+    resumed = run_search(config, tmp_path / "run", resume=True, log=None)  # every cap has used its budget
+    assert [e.key for e in resumed.evaluations()] == [e.key for e in run.evaluations()]
     rows = compare_runs([run.folder], seeds=2, log=None)
     caps = json.loads((run.folder / "comparison.json").read_text())["caps"]
     assert [c["cap"] for c in caps] == [1.0, 3.0]

@@ -35,34 +35,52 @@ def _group(searcher: str) -> str:
     return searcher.split(":", 1)[1] if searcher.startswith("baseline:") else searcher
 
 
+def searcher_caps(run: Run) -> dict[str, float]:
+    """``{searcher label: its cost cap in multiples of binary Huffman's cost}`` of a run (none in the tradeoff mode)."""
+    config = SearchConfig.from_json(run.config)
+    return {label: s.env_config.cost_cap for label, s in config.searches() if s.env_config.cost_mode == "cap"}
+
+
 def finalists(
-    runs: Sequence[Run], cost_weight: float = 0.0, caps: dict[str, float] | None = None
+    runs: Sequence[Run], cost_weight: float = 0.0, huffman_ratio: float | None = None
 ) -> dict[str, tuple[Run, Evaluation]]:
-    """``{name: (run, evaluation)}``: the best evaluation per searcher, and the classic trees of the validation front.
+    """``{name: (run, evaluation)}``: the best searched tree of each searcher, and the classic trees of the front.
 
     "Best" is what the search optimised, on the validation split: the NLL, plus
-    ``cost_weight`` x cost / full softmax in the tradeoff mode. A classic tree that a
-    cheaper classic tree beats on validation is left out (it cannot decide a comparison
-    at any cost), except binary Huffman, the reference of every cost. ``caps`` (``{searcher:
-    cost ratio to full softmax}``) leaves out a searcher's trees over its own cap (a searcher
-    may probe such trees, e.g. to learn node losses).
+    ``cost_weight`` x cost / full softmax in the tradeoff mode. With ``huffman_ratio``
+    (binary Huffman's cost / full softmax's), each searcher's finalist is its best tree
+    within its own cap (`searcher_caps`, from each run's own config); in a front search
+    (several caps), the finalist of cap ``c`` (named like its searcher, ``dp@2x``) is the
+    best tree of the whole run within ``c`` (a tree found under one cap serves any larger
+    one, and a searcher's probes over its own cap never stand for it). A classic tree that
+    a cheaper classic tree beats on validation is left out (it cannot decide a comparison
+    at any cost), except binary Huffman, the reference of every cost.
     """
 
     def objective(evaluation: Evaluation) -> float:
         return evaluation.valid_nll + cost_weight * evaluation.cost_ratio
 
     chosen: dict[str, tuple[Run, Evaluation]] = {}
+
+    def offer(name: str, run: Run, evaluation: Evaluation) -> None:
+        if name not in chosen or objective(evaluation) < objective(chosen[name][1]):
+            chosen[name] = (run, evaluation)
+
     for run in runs:
+        caps = searcher_caps(run) if huffman_ratio is not None else {}
+        front = bool(run.config.get("cost_caps"))
+        suffix = f" ({run.folder.name})" if len(runs) > 1 else ""
         for evaluation in run.evaluations():
             if not evaluation.ok:
                 continue
-            name = _group(evaluation.searcher)
-            if caps and evaluation.cost_ratio > caps.get(evaluation.searcher, math.inf) * (1 + 1e-9):
-                continue
-            if not evaluation.searcher.startswith("baseline:") and len(runs) > 1:
-                name = f"{name} ({run.folder.name})"
-            if name not in chosen or objective(evaluation) < objective(chosen[name][1]):
-                chosen[name] = (run, evaluation)
+            if evaluation.searcher.startswith("baseline:"):
+                offer(_group(evaluation.searcher), run, evaluation)
+            elif front:
+                for label, cap in caps.items():
+                    if evaluation.cost_ratio <= cap * huffman_ratio * (1 + 1e-9):
+                        offer(label + suffix, run, evaluation)
+            elif evaluation.cost_ratio <= caps.get(evaluation.searcher, math.inf) * (huffman_ratio or 1) * (1 + 1e-9):
+                offer(evaluation.searcher + suffix, run, evaluation)
     classic = {name: e for name, (_, e) in chosen.items() if e.searcher.startswith("baseline:")}
     for name, e in classic.items():
         dominated = any(o.cost_ratio <= e.cost_ratio and o.valid_nll < e.valid_nll for o in classic.values())
@@ -115,7 +133,8 @@ def compare_runs(
     counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
     full_cost = float(dataset.num_classes * dataset.dim)
     huffman_cost = huffman(counts, 2).expected_cost(counts, dataset.dim)
-    cap = env_config.cost_cap * huffman_cost if env_config.cost_mode == "cap" else math.inf
+    all_caps = [c for run in runs for c in searcher_caps(run).values()]  # x Huffman, each run's own
+    cap = max(all_caps) * huffman_cost if all_caps else math.inf  # the widest: "within the cap" of the table
     report_run = Run(out) if out is not None else runs[0]
     scores: dict[str, dict[str, float]] = {}
     setting = {"dataset": dataset.key, "train": dataclasses.asdict(train)}  # stored scores are reused only for these
@@ -123,10 +142,8 @@ def compare_runs(
     if stored.get("setting") == json.loads(json.dumps(setting)):
         scores = stored.get("scores", {})
 
-    searches = SearchConfig.from_json(config).searches() if "agent" in config else []
-    own_caps = {label: s.env_config.cost_cap * huffman_cost / full_cost for label, s in searches
-                if s.env_config.cost_mode == "cap"}  # fmt: skip
-    chosen = finalists(runs, env_config.cost_weight if env_config.cost_mode == "tradeoff" else 0.0, own_caps)
+    cost_weight = env_config.cost_weight if env_config.cost_mode == "tradeoff" else 0.0
+    chosen = finalists(runs, cost_weight, huffman_cost / full_cost)
     entries: list[tuple[str, str, Any, dict[int, int], float, str]] = []
     for name, (run, evaluation) in chosen.items():
         kind = "baseline" if evaluation.searcher.startswith("baseline:") else "searched"
@@ -168,7 +185,7 @@ def compare_runs(
         )
     rows.sort(key=lambda r: r["test_nll"])
     verdicts = _verdicts(rows)
-    caps = tuple(config.get("cost_caps") or ())
+    caps = sorted({float(c) for run in runs for c in run.config.get("cost_caps") or ()})
     cap_rows = front_verdicts(rows, caps) if caps else []
     tree_of = {e[0]: e[2] for e in entries}
     _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,

@@ -68,6 +68,7 @@ class Run:
         self._writer = None
         self._best: dict[str, float] = {}
         self._best_search = math.inf
+        self.cap_ratio = math.inf  # searched trees costing more (/ full softmax) never become best_tree.json
         for evaluation in self.evaluations():
             self._note_best(evaluation)
 
@@ -170,7 +171,8 @@ class Run:
             return False
         group = evaluation.searcher.split(":")[0]
         self._best[group] = min(self._best.get(group, math.inf), evaluation.valid_nll)
-        if not evaluation.searcher.startswith("baseline:") and evaluation.valid_nll < self._best_search:
+        within = evaluation.cost_ratio <= self.cap_ratio * (1 + 1e-9)
+        if not evaluation.searcher.startswith("baseline:") and within and evaluation.valid_nll < self._best_search:
             self._best_search = evaluation.valid_nll
             return True
         return False

@@ -16,8 +16,8 @@ searcher's tree), and its nodes' losses are read from the node bank, summed per 
 The search, within its budget:
 
 1. root rules whose cheapest completion fits under the cap (costs need no training),
-   each completed by 3-ary Huffman subtrees, the cheapest completion (at most half the
-   budget);
+   costliest first, each measured by its homogeneous tree when that fits the cap, else
+   completed by 3-ary Huffman subtrees, the cheapest completion (at most half the budget);
 2. root rules in order of their best measured objective at the cap, each completion rule
    measured in turn (Huffman of fanouts 2-4, k-means of fanouts 2-16, head-and-tail, ...);
 3. after each root rule is complete, the knapsack's tree for the cap is evaluated (its
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -184,11 +184,14 @@ class DPSearcher(Searcher):
 
     def _node_values(self, tree: Tree) -> tuple[np.ndarray, np.ndarray]:
         """(I,) each node's NLL share (its best measurement / validation tokens) and cost share, from the bank."""
-        recipe = self.config.train
-        losses, _ = node_losses(tree, self.dataset, recipe, device=self.device, use_bank=self.use_bank)
-        rows = split_sample(self.dataset, "valid", recipe.valid_tokens, recipe.seed, self.device).labels.size
+        shares = []
+        for seed in range(self.config.train.seed, self.config.train.seed + self.config.seeds):  # as `evaluate`
+            recipe = replace(self.config.train, seed=seed)
+            losses, _ = node_losses(tree, self.dataset, recipe, device=self.device, use_bank=self.use_bank)
+            rows = split_sample(self.dataset, "valid", recipe.valid_tokens, recipe.seed, self.device).labels.size
+            shares.append(losses.min(1) / rows)
         visits = tree.subtree_sums(self.mass)
-        return losses.min(1) / rows, visits * tree.fanout * self.dim
+        return np.mean(shares, axis=0), visits * tree.fanout * self.dim
 
     def _measure(self, root: SplitRule, completion: SplitRule) -> Evaluation | None:
         """Evaluate the tree completing every part of ``root`` by ``completion``; record its per-part values."""
@@ -245,15 +248,17 @@ class DPSearcher(Searcher):
             # Costs need no training: root rules whose cheapest completion (3-ary Huffman) is over the cap are out.
             cheap = huffman_rule(3)
             cheapest = {r: head_cost(self._tree(r, cheap), self.counts, self.dim) for r in self.root_rules}
-            feasible = sorted((r for r in self.root_rules if cheapest[r] <= self.cap), key=cheapest.get)
-            cheap = huffman_rule(3)
-            cheapest = {r: head_cost(self._tree(r, cheap), self.counts, self.dim) for r in self.root_rules}
+            # the costliest first: a wider root split buys more loss for its cost
+            feasible = sorted((r for r in self.root_rules if cheapest[r] <= self.cap), key=lambda r: -cheapest[r])
+            # At most half the budget ranks root rules, each by its homogeneous tree when that fits the cap (a classic
+            # candidate itself), else completed by 3-ary Huffman; the rest of the budget completes the best of them.
             left = self.evaluator.remaining
             feasible = feasible[: max(2, left // 2)] if left is not None else feasible
             for root in feasible:
                 if self.done:
                     return
-                evaluation = self._measure(root, huffman_rule(3))
+                fits = head_cost(self._tree(root, root), self.counts, self.dim) <= self.cap
+                evaluation = self._measure(root, root if fits else cheap)
                 if evaluation is not None and evaluation.counted:
                     yield evaluation
             while not self.done:

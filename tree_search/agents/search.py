@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tree_search.agents.base import Searcher
 from tree_search.agents.baselines import BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
-from tree_search.builders import classic_names
+from tree_search.builders import classic_names, huffman
 from tree_search.data.features import FeatureDataset
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
 from tree_search.heads.evaluator import Evaluation, Evaluator, LocalEvaluator
@@ -81,11 +84,11 @@ class SearchConfig:
                 raise ValueError(f"SearchConfig.baselines: {err} (or 'none')") from None
         caps = self.cost_caps
         if not isinstance(caps, tuple) or any(
-            isinstance(c, bool) or not isinstance(c, (int, float)) or not 1 <= c < math.inf for c in caps
+            isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf for c in caps
         ):
-            raise ValueError(f"SearchConfig.cost_caps must be a tuple of finite numbers >= 1, got {caps!r}")
-        if list(caps) != sorted(set(caps)):
-            raise ValueError(f"SearchConfig.cost_caps must be increasing and distinct, got {list(caps)}")
+            raise ValueError(f"SearchConfig.cost_caps must be a tuple of finite numbers > 0, got {caps!r}")
+        if list(caps) != sorted(set(caps)) or len({f"{c:g}" for c in caps}) != len(caps):
+            raise ValueError(f"SearchConfig.cost_caps must be increasing and distinct (as %g), got {list(caps)}")
         if caps and self.env_config.cost_mode != "cap":
             raise ValueError("SearchConfig.cost_caps needs the env's cost_mode 'cap'")
         if self.budget < 1 or self.final_seeds < 1:
@@ -96,6 +99,14 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.eval_batch must be >= 1, got {self.eval_batch}")
         if self.env_runners > 0 and self.agent not in RLLIB_AGENTS:
             raise ValueError(f"SearchConfig.env_runners is for the RLlib agents {RLLIB_AGENTS}, not {self.agent!r}")
+        if self.agent == "dp":  # checked here, before a run folder is made and its baselines trained
+            if self.env != "split":
+                raise ValueError(f"the dp agent searches the split grammar: use env 'split', not {self.env!r}")
+            if self.env_config.cost_mode != "cap":
+                raise ValueError("the dp agent searches under a cost cap: use cost_mode 'cap' (and --cost-caps)")
+            if self.uses_ray or not self.node_bank:
+                raise ValueError("the dp agent reads node losses from this machine's node bank: run it without Ray "
+                                 "options and with the node bank on")  # fmt: skip
 
     @property
     def uses_ray(self) -> bool:
@@ -156,9 +167,7 @@ def _make_searcher(
     def env_factory(reward_fn):
         return make_env(env_config, dataset=dataset, reward_fn=reward_fn)
 
-    if config.agent == "dp":
-        if config.env != "split":
-            raise ValueError(f"the dp agent searches the split grammar: use env 'split', not {config.env!r}")
+    if config.agent == "dp":  # (SearchConfig has checked its environment and cost rule)
         from tree_search.agents.dp_search import DPSearcher
 
         return DPSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
@@ -170,7 +179,10 @@ def _make_searcher(
             env_factory,
             evaluator,
             storage=storage,
-            study_name=config.study or f"{label}-{config.env}",
+            # one study per cap: a study's values carry its cap's penalties
+            study_name=(f"{config.study}-{label}" if label != config.agent else config.study)
+            if config.study
+            else f"{label}-{config.env}",
             prune=config.prune,  # with Ray actors too: their measurements come back to this process's pruner
             # Trials at once only with a thread-safe pool of workers; in process they would only contend.
             parallel=(config.parallel or config.eval_workers or 1) if config.uses_ray else 1,
@@ -213,7 +225,7 @@ def run_search(
 
     def progress(evaluation: Evaluation, tree: Tree) -> None:
         group = evaluation.searcher.split(":")[0]
-        if evaluation.ok:
+        if evaluation.ok and evaluation.cost_ratio <= caps.get(group, math.inf) * (1 + 1e-9):  # probes over it: no
             best[group] = min(best.get(group, math.inf), evaluation.valid_nll)
         if log is None:
             return
@@ -230,6 +242,11 @@ def run_search(
 
     listeners = [run.record, progress, counters]
     searches = config.searches()
+    counts = np.asarray(dataset.counts, dtype=np.float64)
+    counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
+    huffman_ratio = huffman(counts, 2).expected_cost(counts, dataset.dim) / (dataset.num_classes * dataset.dim)
+    caps = {label: s.env_config.cost_cap * huffman_ratio for label, s in searches if s.env_config.cost_mode == "cap"}
+    run.cap_ratio = max(caps.values(), default=math.inf)  # best_tree.json: the best searched tree within a cap
     total_budget = config.budget * len(searches)
     train, seeds = config.env_config.train, config.env_config.seeds
     if config.uses_ray:
@@ -264,10 +281,11 @@ def run_search(
         if config.baselines != "none":
             for _ in BaselineSearcher(evaluator, dataset, config.baselines, seed=config.seed).search():
                 pass
+        done_before = Counter(e.searcher for e in previous if e.counted)
         for number, (label, search) in enumerate(searches, start=1):
-            # Each cap's search has its own share of the budget; the evaluator, its cache and the node bank are
-            # shared, so a tree found under one cap is free for the others (and a resumed run skips done caps).
-            evaluator.budget = config.budget * number
+            # Each cap's search has its own budget (what a resumed run's cap has used counts); the evaluator, its
+            # cache and the node bank are shared, so a tree found under one cap is free for the others.
+            evaluator.budget = evaluator.used + max(0, config.budget - done_before[label])
             if evaluator.exhausted:
                 continue
             if log and len(searches) > 1:

@@ -38,7 +38,7 @@ class TreeEnvConfig:
     cost_weight: float = 1.0  # lambda of the tradeoff mode: reward = -NLL - lambda * cost / full-softmax cost
     failure_penalty: float = 1.0  # a failed evaluation (NaN, OOM): reward = -ln V - failure_penalty
     reward_mode: str = "terminal"  # "terminal": all at the end; "dense": each new node's share at once, same sum
-    dense_device: str = "cpu"  # where dense mode trains the nodes it asks about ("cpu", "cuda", "cuda:1", "auto")
+    dense_device: str = "auto"  # where dense mode trains its nodes ("auto": CUDA when available, as the evaluator)
     # --- episodes
     max_steps: int = 16  # decisions per episode; the rest of the tree is finished by a fixed rule
     fanouts: tuple[int, ...] = (2, 4, 8, 16)  # fanouts an action may choose
@@ -73,8 +73,8 @@ class TreeEnvConfig:
         if not isinstance(self.dense_device, str) or not _is_device(self.dense_device):
             raise bad("dense_device", "'auto' (CUDA when available) or a torch device name such as 'cpu' or 'cuda:0'")
         for name in ("cost_cap",):
-            if not (isinstance(getattr(self, name), (int, float)) and 1.0 <= getattr(self, name) < math.inf):
-                raise bad(name, "a finite number >= 1 (a multiple of binary Huffman's cost)")
+            if not (isinstance(getattr(self, name), (int, float)) and 0 < getattr(self, name) < math.inf):
+                raise bad(name, "a finite number > 0 (a multiple of binary Huffman's cost; 3-ary Huffman costs ~0.95)")
         for name in ("cap_penalty", "cost_weight", "failure_penalty"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
