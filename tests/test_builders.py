@@ -304,7 +304,9 @@ def test_the_front_set_spans_costs_and_every_tree_is_valid():
     for name, classic in trees.items():
         assert classic.tree.num_classes == V and leaves_once(classic.tree), name
         costs[name] = classic.tree.expected_cost(counts, 64)
-    assert costs["huffman-2"] == min(costs.values())  # binary Huffman is the cheapest tree
+    # the cheapest tree is a Huffman tree of fanout 2 or 3 (cost fanout x dim per node on the path: k / ln k is
+    # smallest near e, so 3-ary wins for flat counts; binary for counts this skewed)
+    assert min(costs, key=costs.get) in ("huffman-2", "huffman-3")
     assert max(costs.values()) > 10 * costs["huffman-2"]  # the front reaches far above it
     assert len({round(c) for c in costs.values()}) >= 20  # many different costs
     # Huffman's cost grows with its fanout; the head-and-tail top level keeps the frequent half of the mass at the root

@@ -420,15 +420,21 @@ def _adaptive(counts: np.ndarray, dim: int, divisor: int) -> tuple[Tree, dict[in
     return tree, projections, cuts
 
 
-def _head_and_tail(counts: np.ndarray, embeddings: np.ndarray, fanout: int, method: str, seed: int) -> Tree:
-    """A frequency-ordered top level: the classes holding half the mass as leaves of the root.
+HEAD_MASS = 0.5  # a head-and-tail split keeps the most frequent classes up to this share of the mass as leaves
 
-    The rest is clustered (`cluster_tree`) and its top-level clusters hang under the root.
+
+def _head_and_tail(counts: np.ndarray, embeddings: np.ndarray, fanout: int, method: str, seed: int) -> Tree:
+    """A frequency-ordered top level: the classes holding `HEAD_MASS` of the mass as leaves of the root.
+
+    The rest is clustered (`cluster_tree`, fanout ``fanout`` at every level) and its top-level
+    clusters hang under the root. (The split grammar's head-and-tail rule differs: its head
+    holds at most ``head_max`` classes, its tail has ``fanout - 1`` clusters, and each cluster
+    inherits the head-and-tail rule unless planned otherwise.)
     """
     V = counts.size
     ranked = np.lexsort((np.arange(V), -counts))
     cumulative = np.cumsum(counts[ranked]) / max(counts.sum(), 1e-300)
-    head_size = int(np.clip(np.searchsorted(cumulative, 0.5) + 1, 1, V - 2))
+    head_size = int(np.clip(np.searchsorted(cumulative, HEAD_MASS) + 1, 1, V - 2))
     head, tail = ranked[:head_size], np.sort(ranked[head_size:])
     sub = cluster_tree(embeddings[tail], counts[tail], fanout, method=method, seed=seed)
     T = tail.size  # unified ids: sub's leaves are tail[i]; its internal node j becomes V + j
@@ -502,7 +508,7 @@ def classic_trees(
             needs("embeddings", embeddings, name)
             tree = _head_and_tail(weights, np.asarray(embeddings), int(sub_arg), family, seed)
             built = ClassicTree(name, tree, {}, "head_and_tail",
-                                {"head_mass": 0.5, "method": family, "fanout": int(sub_arg)})  # fmt: skip
+                                {"head_mass": HEAD_MASS, "method": family, "fanout": int(sub_arg)})  # fmt: skip
         elif name == "two-level":
             needs("embeddings", embeddings, name)
             clusters = max(2, round(math.sqrt(V)))

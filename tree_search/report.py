@@ -193,6 +193,15 @@ def compare_runs(
     return rows
 
 
+def _test_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the Pareto front on test: by increasing cost, each better than every cheaper one."""
+    front: list[dict[str, Any]] = []
+    for r in sorted(rows, key=lambda r: (r["cost_vs_huffman"], r["test_nll"])):
+        if not front or r["test_nll"] < front[-1]["test_nll"]:
+            front.append(r)
+    return front
+
+
 def classic_front_at(rows: Sequence[dict[str, Any]], cost: float) -> tuple[float, float] | None:
     """The classic trees' test front, interpolated linearly in log cost at ``cost`` (x binary Huffman).
 
@@ -200,10 +209,7 @@ def classic_front_at(rows: Sequence[dict[str, Any]], cost: float) -> tuple[float
     classic tree. Above the most expensive point of the front, the front stays at its last value.
     """
     classic = [r for r in rows if r["kind"] == "baseline"]
-    front = []
-    for r in sorted(classic, key=lambda r: (r["cost_vs_huffman"], r["test_nll"])):
-        if not front or r["test_nll"] < front[-1]["test_nll"]:
-            front.append(r)
+    front = _test_front(classic)
     if not front or cost < front[0]["cost_vs_huffman"] * (1 - 1e-9):
         return None
     for left, right in zip(front, front[1:], strict=False):
@@ -467,20 +473,19 @@ def _plot_fronts(path: Path, rows, cap_rows) -> None:
         ax.errorbar([r["cost_vs_huffman"] for r in classic], [r["test_nll"] for r in classic],
                     yerr=[r["test_stderr"] for r in classic], fmt="s", color="black", markersize=4,
                     label="classic trees")  # fmt: skip
-        front = []
-        for r in classic:
-            if not front or r["test_nll"] < front[-1]["test_nll"]:
-                front.append(r)
+        front = _test_front(classic)
         ax.plot([r["cost_vs_huffman"] for r in front], [r["test_nll"] for r in front], color="black", linewidth=1,
                 label="classic front (log-cost interpolation)")  # fmt: skip
-        for k, r in enumerate(front):  # names of the front only, alternately above and below: no overlaps
+        for r in front:  # names of the front only, above and right: the front falls to the right, so that is free
             ax.annotate(r["name"], (r["cost_vs_huffman"], r["test_nll"]), fontsize=8, color="dimgrey",
-                        xytext=(4, 8 if k % 2 else -12), textcoords="offset points")  # fmt: skip
+                        xytext=(5, 4), textcoords="offset points")  # fmt: skip
     searched = [e["searched"] for e in cap_rows if e["searched"] is not None]
-    if searched:
-        ax.errorbar([r["cost_vs_huffman"] for r in searched], [r["test_nll"] for r in searched],
-                    yerr=[r["test_stderr"] for r in searched], fmt="o", color="tab:blue", markersize=6,
-                    label="best searched tree per cap")  # fmt: skip
+    markers = "ovD^<>sp*h"
+    for k, r in enumerate(dict.fromkeys(r["name"] for r in searched)):  # named in the legend, not on the plot
+        row = next(x for x in searched if x["name"] == r)
+        ax.errorbar([row["cost_vs_huffman"]], [row["test_nll"]], yerr=[row["test_stderr"]], fmt=markers[k % 10],
+                    color=f"C{k % 10}", markersize=7,
+                    label=f"{r}: {row['test_nll']:.4f} at {row['cost_vs_huffman']:.2f}x")  # fmt: skip
     for e in cap_rows:
         ax.axvline(e["cap"], linestyle=":", color="tab:red", linewidth=1)
     ax.set_xscale("log")

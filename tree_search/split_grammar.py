@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tree_search.builders import from_children, huffman, order_group
+from tree_search.builders import HEAD_MASS, from_children, huffman, order_group
 from tree_search.tree import Tree
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
 
 ORDERS = ("frequency", "pca", "kmeans")
 CUTS = ("count", "mass")
-HEAD_MASS = 0.5  # the head of a head-and-tail cut keeps the most frequent classes up to this share of the group
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_mi
 
 def test_choose_completions_is_feasible_and_exact_at_the_extremes():
     rng = np.random.default_rng(0)
+    optimal = feasible = 0
     for _ in range(200):
         options, parts = rng.integers(1, 5), rng.integers(1, 5)
         loss, cost = rng.random((options, parts)), rng.random((options, parts))
@@ -35,11 +36,14 @@ def test_choose_completions_is_feasible_and_exact_at_the_extremes():
             assert found is None
             continue
         choice, total_loss, total_cost = found
+        feasible += 1
         assert total_cost <= 1.0 + 1e-12 and total_loss == pytest.approx(loss[choice, np.arange(parts)].sum())
         assert total_loss >= best[0] - 1e-12  # never better than the optimum (it is a real choice)
+        optimal += total_loss <= best[0] + 1e-12
         for o in range(options):  # never worse than one option for every part, when that fits
             if cost[o].sum() <= 1.0:
                 assert total_loss <= loss[o].sum() + 1e-12
+    assert feasible > 100 and optimal >= 0.95 * feasible  # relaxation + greedy upgrades: optimal in most instances
     loss, cost = np.array([[1.0, 1.0], [0.5, 0.2]]), np.array([[0.1, 0.1], [1.0, 1.0]])
     assert choose_completions(loss, cost, 10.0)[0].tolist() == [1, 1]  # unconstrained: the lowest loss per part
     assert choose_completions(loss, cost, 0.2)[0].tolist() == [0, 0]  # only the cheapest fits
