@@ -189,7 +189,8 @@ def _make_searcher(
             owner=str(run.folder.resolve()),
             seconds=config.seconds,
             seed=config.seed,
-            seed_classics=config.seed_classics,
+            # a study other processes may share is not seeded: they would race for its enqueued trials
+            seed_classics=config.seed_classics and config.study is None and config.storage is None,
         )
     from tree_search.agents.rllib_search import RLlibSearcher  # Ray is imported only when needed
 
