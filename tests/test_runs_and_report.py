@@ -202,6 +202,10 @@ def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
                           baselines="huffman-2,huffman-4,kmeans-4,kmeans-16")  # fmt: skip
     assert [label for label, _ in config.searches()] == ["random@1x", "random@3x"]
     assert SearchConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    old = {k: v for k, v in config.to_json().items() if k != "env_id"}  # a run made before env ids were stored
+    with pytest.raises(ValueError, match="searched TreeSearch/Split-v0.*start a new run"):
+        SearchConfig.from_json(old)
+    assert SearchConfig.from_json({**old, "env": "merge"}).env == "merge"  # the merge env is still v0
     run = run_search(config, tmp_path / "run", log=None)
     counted = [e for e in run.evaluations() if e.counted]
     assert {e.searcher for e in counted} <= {"random@1x", "random@3x"} and len(counted) <= 6

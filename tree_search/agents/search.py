@@ -17,7 +17,7 @@ from tree_search.agents.baselines import BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
 from tree_search.builders import classic_names, huffman
 from tree_search.data.features import FeatureDataset
-from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
+from tree_search.envs import ENV_IDS, TreeEnvConfig, load_env_dataset, make_env
 from tree_search.heads.evaluator import Evaluation, Evaluator, LocalEvaluator
 from tree_search.runs import Run
 from tree_search.tree import Tree
@@ -123,6 +123,7 @@ class SearchConfig:
     def to_json(self) -> dict[str, Any]:
         """Plain dict for ``config.json``."""
         out = dataclasses.asdict(self)
+        out["env_id"] = ENV_IDS[self.env]  # the environment's version: its actions mean what they meant
         out["env_config"] = self.env_config.to_env_config()
         out["policy"]["hidden"] = list(self.policy.hidden)
         return out
@@ -131,6 +132,14 @@ class SearchConfig:
     def from_json(cls, data: dict[str, Any]) -> SearchConfig:
         """Inverse of `to_json` (what ``--resume`` reads from ``config.json``)."""
         values = dict(data)
+        env = values.get("env", "split")
+        # runs written before ids were stored used the v0 environments; Split-v1 changed the split actions
+        stored = values.pop("env_id", ENV_IDS[env] if env != "split" else "TreeSearch/Split-v0")
+        if env in ENV_IDS and stored != ENV_IDS[env]:
+            raise ValueError(
+                f"this run searched {stored}, whose actions differ from today's {ENV_IDS[env]}: its Optuna "
+                "trials and RLlib checkpoints cannot continue; start a new run"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
