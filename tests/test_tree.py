@@ -65,6 +65,17 @@ def test_subtree_sums_match_brute_force():
     for u in range(tree.num_internal):
         below = [y for y in range(40) if u in tree.paths()[0][y]]
         assert sums[u] == values[below].sum()
+    # the same over internal nodes: each node's value plus its descendants' (an ancestor on their paths)
+    node_values = np.arange(tree.num_internal) ** 2 + 1
+    node_sums = tree.node_subtree_sums(node_values)
+    nodes, _, _ = tree.paths()
+    for u in range(tree.num_internal):
+        below = {int(n) for y in range(40) if u in nodes[y] for n in nodes[y][list(nodes[y]).index(u) :] if n >= 0}
+        assert node_sums[u] == node_values[sorted(below)].sum()
+    assert tree.min_leaf[0] == 0 and all(tree.min_leaf[u] == min(y for y in range(40) if u in nodes[y])
+                                          for u in range(tree.num_internal))  # fmt: skip
+    with pytest.raises(ValueError, match="node_values must have shape"):
+        tree.node_subtree_sums(values)
 
 
 @pytest.mark.parametrize(

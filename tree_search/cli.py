@@ -38,6 +38,7 @@ from tree_search.data import (
     read_counts_tsv,
 )
 from tree_search.data.features import class_embeddings
+from tree_search.envs.config import REWARD_MODES
 from tree_search.export import TreeFileError, TreeRecord, load_tree, save_tree
 from tree_search.heads import NodeRecipe
 from tree_search.heads import evaluate as evaluate_tree
@@ -234,10 +235,9 @@ def baseline(
     build_seconds = time.perf_counter() - started
     rows = []
     for name, classic in trees.items():
-        rows.append({"tree": name, **classic.tree.summary(counts, dim), "hash": classic.tree.canonical_hash[:12]})
-        if classic.projections:  # the adaptive shapes: their cost counts the projected sizes
-            rows[-1]["expected_cost"] = head_cost(classic.tree, counts, dim, classic.projections)
-            rows[-1]["cost_ratio"] = rows[-1]["expected_cost"] / (len(vocab) * dim)
+        cost = head_cost(classic.tree, counts, dim, classic.projections)  # the adaptive shapes' projections count
+        rows.append({"tree": name, **classic.tree.summary(counts, dim), "expected_cost": cost,
+                     "cost_ratio": cost / (len(vocab) * dim), "hash": classic.tree.canonical_hash[:12]})  # fmt: skip
     if dataset is not None:
         config = NodeRecipe(epochs=epochs, seed=seed)
         for k, row in enumerate(rows, start=1):
@@ -538,7 +538,7 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 @click.option("--cost-cap", default=2.0, show_default=True, help="Cap on cost, in multiples of binary Huffman's.")
 @click.option(
     "--reward-mode",
-    type=click.Choice(["terminal", "dense"]),
+    type=click.Choice(REWARD_MODES),
     default="terminal",
     show_default=True,
     help="RLlib agents: the reward at the end only, or each decision paid its node's share of the loss "

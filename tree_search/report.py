@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from tree_search.agents.search import SearchConfig
-from tree_search.builders import frequency_cutoffs, huffman
+from tree_search.builders import frequency_cutoffs
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads.evaluator import Evaluation
-from tree_search.heads.reward import FINAL_SEED_OFFSET, head_cost, score_test
+from tree_search.heads.reward import FINAL_SEED_OFFSET, head_cost, huffman_cost, score_test
 from tree_search.runs import Run, RunError
 
 __all__ = ["compare_runs", "finalists"]
@@ -35,12 +35,6 @@ def _group(searcher: str) -> str:
     return searcher.split(":", 1)[1] if searcher.startswith("baseline:") else searcher
 
 
-def searcher_caps(run: Run) -> dict[str, float]:
-    """``{searcher label: its cost cap in multiples of binary Huffman's cost}`` of a run (none in the tradeoff mode)."""
-    config = SearchConfig.from_json(run.config)
-    return {label: s.env_config.cost_cap for label, s in config.searches() if s.env_config.cost_mode == "cap"}
-
-
 def finalists(
     runs: Sequence[Run], cost_weight: float = 0.0, huffman_ratio: float | None = None
 ) -> dict[str, tuple[Run, Evaluation]]:
@@ -49,7 +43,7 @@ def finalists(
     "Best" is what the search optimised, on the validation split: the NLL, plus
     ``cost_weight`` x cost / full softmax in the tradeoff mode. With ``huffman_ratio``
     (binary Huffman's cost / full softmax's), each searcher's finalist is its best tree
-    within its own cap (`searcher_caps`, from each run's own config); in a front search
+    within its own cap (`SearchConfig.caps`, from each run's own config); in a front search
     (several caps), the finalist of cap ``c`` (named like its searcher, ``dp@2x``) is the
     best tree of the whole run within ``c`` (a tree found under one cap serves any larger
     one, and a searcher's probes over its own cap never stand for it). A classic tree that
@@ -67,7 +61,7 @@ def finalists(
             chosen[name] = (run, evaluation)
 
     for run in runs:
-        caps = searcher_caps(run) if huffman_ratio is not None else {}
+        caps = SearchConfig.from_json(run.config).caps() if huffman_ratio is not None else {}
         front = bool(run.config.get("cost_caps"))
         suffix = f" ({run.folder.name})" if len(runs) > 1 else ""
         for evaluation in run.evaluations():
@@ -132,9 +126,9 @@ def compare_runs(
     counts = np.asarray(dataset.counts, dtype=np.float64)
     counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
     full_cost = float(dataset.num_classes * dataset.dim)
-    huffman_cost = huffman(counts, 2).expected_cost(counts, dataset.dim)
-    all_caps = [c for run in runs for c in searcher_caps(run).values()]  # x Huffman, each run's own
-    cap = max(all_caps) * huffman_cost if all_caps else math.inf  # the widest: "within the cap" of the table
+    unit = huffman_cost(dataset)  # binary Huffman's cost: the unit of caps
+    all_caps = [c for run in runs for c in SearchConfig.from_json(run.config).caps().values()]  # each run's own
+    cap = max(all_caps) * unit if all_caps else math.inf  # the widest: "within the cap" of the table
     report_run = Run(out) if out is not None else runs[0]
     scores: dict[str, dict[str, float]] = {}
     setting = {"dataset": dataset.key, "train": dataclasses.asdict(train)}  # stored scores are reused only for these
@@ -143,7 +137,7 @@ def compare_runs(
         scores = stored.get("scores", {})
 
     cost_weight = env_config.cost_weight if env_config.cost_mode == "tradeoff" else 0.0
-    chosen = finalists(runs, cost_weight, huffman_cost / full_cost)
+    chosen = finalists(runs, cost_weight, unit / full_cost)
     entries: list[tuple[str, str, Any, dict[int, int], float, str]] = []
     for name, (run, evaluation) in chosen.items():
         kind = "baseline" if evaluation.searcher.startswith("baseline:") else "searched"
@@ -176,7 +170,7 @@ def compare_runs(
                 "test_stderr": stderr,
                 "perplexity": math.exp(mean),
                 "cost_ratio": cost / full_cost,
-                "cost_vs_huffman": cost / huffman_cost,
+                "cost_vs_huffman": cost / unit,
                 "within_cap": cost <= cap * (1 + 1e-9),
                 "max_depth": tree.max_depth,
                 "seeds": seeds,
@@ -193,13 +187,18 @@ def compare_runs(
     return rows
 
 
-def _test_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of the Pareto front on test: by increasing cost, each better than every cheaper one."""
-    front: list[dict[str, Any]] = []
-    for r in sorted(rows, key=lambda r: (r["cost_vs_huffman"], r["test_nll"])):
-        if not front or r["test_nll"] < front[-1]["test_nll"]:
-            front.append(r)
+def _pareto(items: Sequence[Any], cost=lambda x: x[0], loss=lambda x: x[1]) -> list[Any]:
+    """The items of the Pareto front: by increasing cost, each with a lower loss than every cheaper one."""
+    front: list[Any] = []
+    for item in sorted(items, key=lambda x: (cost(x), loss(x))):
+        if not front or loss(item) < loss(front[-1]):
+            front.append(item)
     return front
+
+
+def _test_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Report rows of the Pareto front on test (cost in multiples of binary Huffman's)."""
+    return _pareto(rows, cost=lambda r: r["cost_vs_huffman"], loss=lambda r: r["test_nll"])
 
 
 def classic_front_at(rows: Sequence[dict[str, Any]], cost: float) -> tuple[float, float] | None:
@@ -330,15 +329,6 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
             f"tree ({cheapest['cost_vs_huffman']:.2f}x binary Huffman){where}."
         )
     return lines
-
-
-def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    front, best = [], math.inf
-    for cost, loss in sorted(points):
-        if loss < best:
-            front.append((cost, loss))
-            best = loss
-    return front
 
 
 def _write_report(

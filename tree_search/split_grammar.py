@@ -43,6 +43,7 @@ __all__ = [
     "normalise_embeddings",
     "partition_group",
     "plan_tree",
+    "split_group",
     "split_rules",
 ]
 
@@ -165,6 +166,26 @@ def partition_group(
     return ordered[:head], np.array_split(tail[order], tails)
 
 
+def split_group(
+    members: np.ndarray,
+    rule: SplitRule,
+    counts: np.ndarray,
+    embeddings: np.ndarray,
+    *,
+    seed: int = 0,
+    head_max: int = 256,
+    cache: dict | None = None,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`partition_group`, remembered in ``cache`` (a dict kept for one dataset and seed) by rule and content."""
+    if cache is None:
+        return partition_group(members, rule, counts, embeddings, seed=seed, head_max=head_max)
+    # 128 bits of the group's content: a 32-bit checksum collides among a search's ~1e5 groups
+    key = (rule, hashlib.blake2b(np.sort(np.asarray(members, dtype=np.int64)).tobytes(), digest_size=16).digest())
+    if key not in cache:
+        cache[key] = partition_group(members, rule, counts, embeddings, seed=seed, head_max=head_max)
+    return cache[key]
+
+
 @dataclass(frozen=True)
 class Plan:
     """A rule for a group and, by part index, plans for some of its parts (the others inherit the rule)."""
@@ -214,16 +235,7 @@ def plan_tree(
             continue
         if own is None and members.size <= max(leaf_size, rule.fanout):
             rule = FLAT
-        # 128 bits of the group's content: a 32-bit checksum collides among a search's ~1e5 groups
-        key = (
-            (rule, hashlib.blake2b(np.sort(members).tobytes(), digest_size=16).digest()) if cache is not None else None
-        )
-        if key is not None and key in cache:
-            leaves, parts = cache[key]
-        else:
-            leaves, parts = partition_group(members, rule, counts, embeddings, seed=seed, head_max=head_max)
-            if key is not None:
-                cache[key] = (leaves, parts)
+        leaves, parts = split_group(members, rule, counts, embeddings, seed=seed, head_max=head_max, cache=cache)
         children[node].extend(int(y) for y in leaves)
         for index in reversed(range(len(parts))):  # popped in order: the children keep the parts' order
             part = parts[index]

@@ -313,6 +313,17 @@ class Tree:
             raise ValueError(f"leaf_values must have shape ({self._num_classes},), got {values.shape}")
         out = np.zeros(self.num_internal, dtype=np.result_type(values.dtype, np.int64))
         np.add.at(out, self.leaf_parent, values)
+        return self._add_up(out)
+
+    def node_subtree_sums(self, node_values: np.ndarray) -> np.ndarray:
+        """(I,) sum of ``node_values`` (I,) over each internal node and the internal nodes below it."""
+        values = np.asarray(node_values)
+        if values.shape != (self.num_internal,):
+            raise ValueError(f"node_values must have shape ({self.num_internal},), got {values.shape}")
+        return self._add_up(values.astype(np.result_type(values.dtype, np.int64), copy=True))
+
+    def _add_up(self, out: np.ndarray) -> np.ndarray:
+        """Add each internal node's entry of ``out`` into its parent's, deepest level first (in place)."""
         for level in reversed(self._levels[1:]):
             np.add.at(out, self.node_parent[level], out[level])
         return out
@@ -442,8 +453,8 @@ class Tree:
 
     # ------------------------------------------------------------------ canonical form
     @cached_property
-    def _min_leaf(self) -> np.ndarray:
-        """(I,) smallest class id below each internal node: a canonical sibling key."""
+    def min_leaf(self) -> np.ndarray:
+        """(I,) smallest class id below each internal node (the canonical sibling key)."""
         out = np.full(self.num_internal, self._num_classes, dtype=np.int64)
         np.minimum.at(out, self.leaf_parent, np.arange(self._num_classes))
         for level in reversed(self._levels[1:]):
@@ -457,7 +468,7 @@ class Tree:
         have identical canonical forms.
         """
         V, ids = self._num_classes, self._child_ids
-        key_of_node = self._min_leaf
+        key_of_node = self.min_leaf
         # New internal ids: by (depth, smallest class below) — topological and canonical.
         new_order = np.lexsort((key_of_node, self.node_depth))
         new_id = np.empty_like(new_order)

@@ -32,25 +32,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from tree_search.agents.base import Searcher
-from tree_search.builders import huffman
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator
-from tree_search.heads.node_train import split_sample
-from tree_search.heads.reward import head_cost, node_losses
+from tree_search.heads.reward import head_cost, huffman_cost, node_costs, node_nll_shares
 from tree_search.split_grammar import (
     Plan,
     SplitRule,
     huffman_rule,
     normalise_embeddings,
-    partition_group,
     plan_tree,
+    split_group,
     split_rules,
 )
 from tree_search.tree import Tree
@@ -153,10 +151,9 @@ class DPSearcher(Searcher):
         self.device = default_device() if device is None else torch.device(device)  # the bank is per device
         counts = np.asarray(dataset.counts, dtype=np.float64)
         self.counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
-        self.mass = self.counts / self.counts.sum()
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
         self.dim = dataset.dim
-        self.cap = config.cost_cap * huffman(self.counts, 2).expected_cost(self.counts, self.dim)
+        self.cap = config.cost_cap * huffman_cost(dataset)
         rules = [r for r in split_rules(config.fanouts) if not r.flat]
         self.root_rules = [r for r in rules if r.order in ("kmeans", "pca") or r.cut == "headtail"]
         # completions in order of promise: the cheapest (Huffman), then clusters of growing fanout, then the rest
@@ -177,21 +174,17 @@ class DPSearcher(Searcher):
 
     def _parts(self, rule: SplitRule) -> _Measured:
         if rule not in self.measured:
-            _, parts = partition_group(np.arange(self.counts.size), rule, self.counts, self.embeddings,
-                                       seed=self.config.seed, head_max=self.config.split_head_max)  # fmt: skip
+            everything = np.arange(self.counts.size)
+            _, parts = split_group(everything, rule, self.counts, self.embeddings, seed=self.config.seed,
+                                   head_max=self.config.split_head_max, cache=self._splits)  # fmt: skip
             self.measured[rule] = _Measured(rule, [i for i, p in enumerate(parts) if p.size > 1], parts)
         return self.measured[rule]
 
     def _node_values(self, tree: Tree) -> tuple[np.ndarray, np.ndarray]:
-        """(I,) each node's NLL share (its best measurement / validation tokens) and cost share, from the bank."""
-        shares = []
-        for seed in range(self.config.train.seed, self.config.train.seed + self.config.seeds):  # as `evaluate`
-            recipe = replace(self.config.train, seed=seed)
-            losses, _ = node_losses(tree, self.dataset, recipe, device=self.device, use_bank=self.use_bank)
-            rows = split_sample(self.dataset, "valid", recipe.valid_tokens, recipe.seed, self.device).labels.size
-            shares.append(losses.min(1) / rows)
-        visits = tree.subtree_sums(self.mass)
-        return np.mean(shares, axis=0), visits * tree.fanout * self.dim
+        """(I,) each node's NLL share and cost share, from the bank (the evaluator has just trained them)."""
+        shares, _ = node_nll_shares(tree, self.dataset, self.config.train, seeds=self.config.seeds,
+                                    device=self.device, use_bank=self.use_bank)  # fmt: skip
+        return shares, node_costs(tree, self.counts, self.dim)
 
     def _measure(self, root: SplitRule, completion: SplitRule) -> Evaluation | None:
         """Evaluate the tree completing every part of ``root`` by ``completion``; record its per-part values."""
@@ -205,41 +198,44 @@ class DPSearcher(Searcher):
             entry.cost[completion] = np.full(len(entry.parts), math.nan)
             return evaluation
         loss, cost = self._node_values(tree)
-        branch = _top_branch(tree)
         # the root's children that are internal nodes, in the order of the root split's parts (by smallest member)
-        sizes = tree.subtree_size
         kids = [c - tree.num_classes for c in tree.children(0) if c >= tree.num_classes]
-        smallest = {int(tree_min): node for node, tree_min in zip(kids, _smallest_leaf(tree)[kids], strict=True)}
-        parts = entry.members
-        nodes = [smallest[int(parts[i].min())] for i in entry.parts]
-        assert all(sizes[n] == parts[i].size for n, i in zip(nodes, entry.parts, strict=True))
+        smallest = {int(tree.min_leaf[node]): node for node in kids}
+        nodes = [smallest[int(entry.members[i].min())] for i in entry.parts]
+        assert all(tree.subtree_size[n] == entry.members[i].size for n, i in zip(nodes, entry.parts, strict=True))
         entry.root_loss, entry.root_cost = float(loss[0]), float(cost[0])
-        entry.loss[completion] = np.array([loss[branch == n].sum() for n in nodes])
-        entry.cost[completion] = np.array([cost[branch == n].sum() for n in nodes])
+        entry.loss[completion] = tree.node_subtree_sums(loss)[nodes]  # each part's whole subtree
+        entry.cost[completion] = tree.node_subtree_sums(cost)[nodes]
         return evaluation
 
     # ------------------------------------------------------------------ the search
-    def _objective(self, entry: _Measured) -> float:
-        """The best NLL the measured completions of ``entry`` reach within the cap (inf: none fits)."""
+    def _knapsack(self, entry: _Measured) -> tuple[dict[int, SplitRule], float] | None:
+        """The best measured completion of each part of ``entry`` within the cap, and the tree's predicted NLL."""
         if not entry.loss or math.isnan(entry.root_loss):
-            return math.inf
-        options = list(entry.loss)
-        best = choose_completions(np.stack([entry.loss[o] for o in options]),
-                                  np.stack([entry.cost[o] for o in options]), self.cap - entry.root_cost)  # fmt: skip
-        return math.inf if best is None else entry.root_loss + best[1]
-
-    def _combine(self, entry: _Measured) -> Evaluation | None:
-        """Evaluate the knapsack's tree of ``entry`` at the cap (nothing new to train)."""
+            return None
         options = list(entry.loss)
         best = choose_completions(np.stack([entry.loss[o] for o in options]),
                                   np.stack([entry.cost[o] for o in options]), self.cap - entry.root_cost)  # fmt: skip
         if best is None:
             return None
         choice, loss, _ = best
-        tree = self._tree(entry.rule, {part: options[c] for part, c in zip(entry.parts, choice, strict=True)})
+        return {part: options[c] for part, c in zip(entry.parts, choice, strict=True)}, entry.root_loss + loss
+
+    def _objective(self, entry: _Measured) -> float:
+        """The best NLL the measured completions of ``entry`` reach within the cap (inf: none fits)."""
+        best = self._knapsack(entry)
+        return math.inf if best is None else best[1]
+
+    def _combine(self, entry: _Measured) -> Evaluation | None:
+        """Evaluate the knapsack's tree of ``entry`` at the cap (nothing new to train)."""
+        best = self._knapsack(entry)
+        if best is None:
+            return None
+        completions, predicted = best
+        tree = self._tree(entry.rule, completions)
         evaluation = self.evaluator.evaluate(tree, searcher=self.label)
         if evaluation.ok:
-            self.predictions.append((entry.root_loss + loss, evaluation.valid_nll))
+            self.predictions.append((predicted, evaluation.valid_nll))
         return evaluation
 
     def search(self) -> Iterator[Evaluation]:
@@ -280,25 +276,3 @@ class DPSearcher(Searcher):
                             yield evaluation
         except BudgetExhausted:
             return
-
-
-def _levels(tree: Tree) -> list[np.ndarray]:
-    depth = tree.node_depth
-    return [np.flatnonzero(depth == d) for d in range(int(depth.max()) + 1)]
-
-
-def _top_branch(tree: Tree) -> np.ndarray:
-    """(I,) for each internal node, the child of the root it lies under (the root: 0)."""
-    branch = np.arange(tree.num_internal)
-    for level in _levels(tree)[2:]:  # level by level, top down
-        branch[level] = branch[tree.node_parent[level]]
-    return branch
-
-
-def _smallest_leaf(tree: Tree) -> np.ndarray:
-    """(I,) the smallest class id under each internal node."""
-    smallest = np.full(tree.num_internal, np.iinfo(np.int64).max)
-    np.minimum.at(smallest, tree.leaf_parent, np.arange(tree.num_classes))
-    for level in reversed(_levels(tree)[1:]):  # bottom up
-        np.minimum.at(smallest, tree.node_parent[level], smallest[level])
-    return smallest

@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tree_search.agents.base import Searcher
 from tree_search.agents.baselines import BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
-from tree_search.builders import classic_names, huffman
+from tree_search.builders import classic_names
 from tree_search.data.features import FeatureDataset
 from tree_search.envs import ENV_IDS, TreeEnvConfig, load_env_dataset, make_env
 from tree_search.heads.evaluator import Evaluation, Evaluator, LocalEvaluator
+from tree_search.heads.reward import huffman_cost
 from tree_search.runs import Run
 from tree_search.tree import Tree
 
@@ -119,6 +118,10 @@ class SearchConfig:
             return [(self.agent, self)]
         return [(f"{self.agent}@{cap:g}x", dataclasses.replace(self, env_config=self.env_config.with_updates(
             cost_cap=float(cap)), cost_caps=())) for cap in self.cost_caps]  # fmt: skip
+
+    def caps(self) -> dict[str, float]:
+        """``{label: cost cap in multiples of binary Huffman's cost}`` of its searches (none in the tradeoff mode)."""
+        return {label: s.env_config.cost_cap for label, s in self.searches() if s.env_config.cost_mode == "cap"}
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for ``config.json``."""
@@ -252,10 +255,8 @@ def run_search(
 
     listeners = [run.record, progress, counters]
     searches = config.searches()
-    counts = np.asarray(dataset.counts, dtype=np.float64)
-    counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
-    huffman_ratio = huffman(counts, 2).expected_cost(counts, dataset.dim) / (dataset.num_classes * dataset.dim)
-    caps = {label: s.env_config.cost_cap * huffman_ratio for label, s in searches if s.env_config.cost_mode == "cap"}
+    huffman_ratio = huffman_cost(dataset) / (dataset.num_classes * dataset.dim)
+    caps = {label: cap * huffman_ratio for label, cap in config.caps().items()}  # / full softmax
     run.cap_ratio = max(caps.values(), default=math.inf)  # best_tree.json: the best searched tree within a cap
     total_budget = config.budget * len(searches)
     train, seeds = config.env_config.train, config.env_config.seeds

@@ -18,22 +18,29 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
-from tree_search.builders import huffman
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device, load_feature_folder
 from tree_search.data.npz_dataset import load_npz_dataset
 from tree_search.data.planted import PlantedConfig, make_planted
 from tree_search.data.prepare import prepare_dataset
 from tree_search.data.vocab import DataError
 from tree_search.envs.config import TreeEnvConfig
-from tree_search.heads.node_train import NodeRecipe, split_sample
-from tree_search.heads.reward import Result, evaluate, head_cost, node_losses, training_failure
+from tree_search.heads.node_train import NodeRecipe
+from tree_search.heads.reward import (
+    Result,
+    evaluate,
+    head_cost,
+    huffman_cost,
+    node_costs,
+    node_nll_shares,
+    training_failure,
+)
 from tree_search.tree import Tree
 
 __all__ = [
@@ -117,7 +124,7 @@ class EpisodeScorer:
         self.counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
         self.dim = dataset.dim
         self.full_cost = float(dataset.num_classes * dataset.dim)
-        self.huffman_cost = huffman(self.counts, 2).expected_cost(self.counts, self.dim)
+        self.huffman_cost = huffman_cost(dataset)
         self.cap = config.cost_cap * self.huffman_cost
         self.floor = math.log(dataset.num_classes)  # the NLL of a uniform guess
 
@@ -223,10 +230,6 @@ class DenseRewards:
         self.scorer = scorer
         config = scorer.config
         self.device = default_device() if config.dense_device == "auto" else torch.device(config.dense_device)
-        self.recipes = [
-            replace(config.train, seed=seed) for seed in range(config.train.seed, config.train.seed + config.seeds)
-        ]
-        self.mass = scorer.counts / scorer.counts.sum()
         self.totals = {"trained": 0, "reused": 0}  # node queries of every episode so far (one per seed)
         self._episode = dict(self.totals)
         self._given: list[float] = []
@@ -239,22 +242,18 @@ class DenseRewards:
     def node_share(self, node: NodeContent) -> float:
         """Node's share of the validation NLL (nats/token, mean over the seeds), from the bank or trained now."""
         tree, index, projections = node_tree(self.scorer.dataset.num_classes, node)
-        dataset, per_seed = self.scorer.dataset, []
-        for recipe in self.recipes:
-            losses, counters = node_losses(tree, dataset, recipe, projections=projections, device=self.device,
-                                           nodes=np.array([index]))  # fmt: skip
-            losses, how = losses[0], "trained" if counters["nodes_trained"] else "reused"
-            self._episode[how] += 1
-            self.totals[how] += 1
-            rows = split_sample(dataset, "valid", recipe.valid_tokens, recipe.seed, self.device).labels.size
-            per_seed.append(float(losses.min() / rows))  # `evaluate`'s arithmetic, for one node
-        return float(np.mean(per_seed))
+        shares, counters = node_nll_shares(tree, self.scorer.dataset, self.scorer.config.train,
+                                           seeds=self.scorer.config.seeds, projections=projections,
+                                           device=self.device, nodes=np.array([index]))  # fmt: skip
+        for how in ("trained", "reused"):
+            self._episode[how] += counters[f"nodes_{how}"]
+            self.totals[how] += counters[f"nodes_{how}"]
+        return float(shares[0])
 
     def node_cost(self, node: NodeContent) -> float:
-        """Node's share of the expected cost per token: visit probability x its cost per visit."""
-        fanout, dim, p = len(node.children), self.scorer.dim, node.projection
-        visits = float(sum(self.mass[np.asarray(c, dtype=np.int64)].sum() for c in node.children))
-        return visits * (dim * p + fanout * p if p else fanout * dim)
+        """Node's share of the expected cost per token (`node_costs`)."""
+        tree, index, projections = node_tree(self.scorer.dataset.num_classes, node)
+        return float(node_costs(tree, self.scorer.counts, self.scorer.dim, projections)[index])
 
     def step(self, nodes: Sequence[NodeContent]) -> tuple[float, dict[str, Any]]:
         """Reward of a decision that fixed ``nodes`` (none: 0), and its ``info`` entries.

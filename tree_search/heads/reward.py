@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tree_search.builders import huffman
 from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.heads.node_bank import NodeBank
@@ -29,7 +30,17 @@ from tree_search.heads.train import Callback, EvalPoint
 from tree_search.heads.tree_head import TreeSoftmaxHead
 from tree_search.tree import Tree
 
-__all__ = ["FINAL_SEED_OFFSET", "Result", "evaluate", "head_cost", "score_test", "training_failure"]
+__all__ = [
+    "FINAL_SEED_OFFSET",
+    "Result",
+    "evaluate",
+    "head_cost",
+    "huffman_cost",
+    "node_costs",
+    "node_nll_shares",
+    "score_test",
+    "training_failure",
+]
 
 FINAL_SEED_OFFSET = 1_000_000  # final test scoring uses seeds from here on: never a search's seed
 
@@ -92,19 +103,24 @@ def _top_k_accuracy(head: TreeSoftmaxHead, features: torch.Tensor, labels: torch
     return hits1 / n, hits5 / n
 
 
-def head_cost(
+def node_costs(
     tree: Tree,
     counts: np.ndarray | None,
     dim: int,
     projections: Mapping[int, int] | None = None,
-) -> float:
-    """Expected multiply-adds per token of a `TreeSoftmaxHead`, projections included.
+) -> np.ndarray:
+    """(I,) each internal node's share of a `TreeSoftmaxHead`'s expected multiply-adds per token.
 
-    A node without a projection costs ``fanout * dim`` per visit (`Tree.expected_cost`);
-    a node projected to ``p`` dimensions costs ``dim * p + fanout * p`` (the projection,
-    then its children's scores), as a tail cluster of ``AdaptiveLogSoftmaxWithLoss`` does.
+    A node costs its visit probability (the mass of its classes) times ``fanout * dim``,
+    or ``dim * p + fanout * p`` when projected to ``p`` dimensions (the projection, then its
+    children's scores, as a tail cluster of ``AdaptiveLogSoftmaxWithLoss`` does). Counts of
+    None (or all zero) mean uniform classes.
     """
-    cost = tree.expected_cost(counts, dim)
+    V = tree.num_classes
+    total = 0.0 if counts is None else float(np.sum(counts))
+    leaf_visits = np.full(V, 1.0 / V) if total <= 0 else np.asarray(counts, np.float64) / total
+    visits = tree.subtree_sums(leaf_visits)  # probability that a token's path passes each node
+    per_visit = tree.fanout * float(dim)
     if projections:
         nodes = np.fromiter(projections.keys(), dtype=np.int64)
         sizes = np.fromiter(projections.values(), dtype=np.float64)
@@ -113,12 +129,53 @@ def head_cost(
             node, size = int(nodes[bad][0]), int(sizes[bad][0])
             raise ValueError(f"projection {node}: {size} must name an internal node (0..{tree.num_internal - 1}) "
                              f"and a size >= 1")  # fmt: skip
-        V = tree.num_classes
-        leaf_visits = np.full(V, 1.0 / V) if counts is None else np.asarray(counts, np.float64) / np.sum(counts)
-        visits = tree.subtree_sums(leaf_visits)[nodes]  # probability that a token's path passes each node
-        fanout = tree.fanout[nodes]
-        cost += float(visits @ (dim * sizes + fanout * sizes - fanout * dim))
-    return cost
+        per_visit[nodes] = (dim + tree.fanout[nodes]) * sizes
+    return visits * per_visit
+
+
+def head_cost(
+    tree: Tree,
+    counts: np.ndarray | None,
+    dim: int,
+    projections: Mapping[int, int] | None = None,
+) -> float:
+    """Expected multiply-adds per token of a `TreeSoftmaxHead`, projections included: the sum of `node_costs`."""
+    return float(node_costs(tree, counts, dim, projections).sum())
+
+
+def huffman_cost(dataset: FeatureDataset) -> float:
+    """Binary Huffman's `head_cost` under the dataset's counts (uniform when it has none): the unit of cost caps."""
+    counts = np.asarray(dataset.counts, dtype=np.float64)
+    counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
+    return head_cost(huffman(counts, 2), counts, dataset.dim)
+
+
+def node_nll_shares(
+    tree: Tree,
+    dataset: FeatureDataset,
+    recipe: NodeRecipe,
+    *,
+    seeds: int = 1,
+    projections: Mapping[int, int] | None = None,
+    device: torch.device,
+    use_bank: bool = True,
+    nodes: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Each node's share of the validation NLL: its best measurement over the validation tokens, mean over seeds.
+
+    `evaluate`'s arithmetic, node by node: a tree's NLL is the sum of its nodes' shares.
+    ``nodes`` restricts it to some internal nodes (as `node_losses`). Returns the shares
+    and the node counters summed over the seeds (trained now, reused from the bank).
+    """
+    shares, counters = [], {"nodes_trained": 0, "nodes_reused": 0}
+    for seed in range(recipe.seed, recipe.seed + seeds):
+        seeded = replace(recipe, seed=seed)
+        losses, used = node_losses(tree, dataset, seeded, projections=projections, device=device,
+                                   use_bank=use_bank, nodes=nodes)  # fmt: skip
+        rows = split_sample(dataset, "valid", seeded.valid_tokens, seed, device).labels.size
+        shares.append(losses.min(1) / rows)
+        counters = {k: counters[k] + int(used[k]) for k in counters}
+    return np.mean(shares, axis=0), counters
 
 
 _BANKS: dict[tuple, NodeBank] = {}
