@@ -7,6 +7,8 @@ environment (the shapes a search proposes), every node new (an empty node bank):
 - the validation NLL at the default recipe and at the full budget (3 epochs over all
   train positions, 256 steps of up to 16,384 tokens per node), and the Spearman rank
   correlation between the two orders;
+- with ``--fp32``: the default recipe with float32 products (``precision="fp32"``) timed side
+  by side, where the default resolves to bfloat16 (`training_dtype`);
 - with ``--old``: the previous reward (a whole `TreeSoftmaxHead` trained with `fit` at
   `TrainConfig()`, 0.5 epoch) timed side by side and scored on the same validation sample;
 - useful GFLOP/s of the default reward's matmuls against a plain float32 matmul and a
@@ -16,7 +18,7 @@ environment (the shapes a search proposes), every node new (an empty node bank):
 - with ``--evaluators 1,2,4``: that many evaluator processes sharing the device (one GPU, or the
   CPU cores), each evaluating every tree into its own empty bank; the aggregate evaluations/min.
 
-    python benchmarks/bench_reward.py [--old] [--device cuda] [--evaluators 1,2,4] [--no-full]
+    python benchmarks/bench_reward.py [--old] [--fp32] [--device cuda] [--evaluators 1,2,4] [--no-full]
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ from tree_search.data import prepare_dataset
 from tree_search.data.features import class_embeddings
 from tree_search.envs import SearchStopped, TreeEnvConfig
 from tree_search.heads import NodeRecipe, TrainConfig, TreeSoftmaxHead, evaluate, fit, validation_nll
-from tree_search.heads.node_train import split_sample
+from tree_search.heads.node_train import split_sample, training_dtype
 
 CLASSIC = ("huffman-2", "huffman-3", "huffman-4", "huffman-8", "huffman-16", "balanced-2", "balanced-16", "pca-2",
            "kmeans-2", "kmeans-4", "kmeans-16", "two-level", "random", "adaptive", "cutoffs")  # fmt: skip
-FULL = NodeRecipe(train_tokens=None, epochs=3, steps=256, batch_size=16384)
+FULL = NodeRecipe(train_tokens=None, epochs=3, steps=256, batch_size=16384, precision="fp32")
 
 
 def searched_shapes(count: int) -> dict:
@@ -71,10 +73,14 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def matmul_rates(device: torch.device) -> dict[str, float]:
-    """GFLOP/s of a plain float32 matmul and of a batched skinny one (the reward's binary nodes)."""
+    """GFLOP/s of a plain matmul (float32 and bfloat16) and of a batched skinny one (the reward's binary nodes)."""
     out = {}
     for name, (a, b) in {
         "plain matmul 4096x256 @ 256x2048": (torch.randn(4096, 256), torch.randn(256, 2048)),
+        "plain bfloat16 matmul 4096x256 @ 256x2048": (
+            torch.randn(4096, 256).bfloat16(),
+            torch.randn(256, 2048).bfloat16(),
+        ),
         "batched 64 x (1024x256 @ 256x2)": (torch.randn(64, 1024, 256), torch.randn(64, 256, 2)),
     }.items():
         a, b = a.to(device), b.to(device)
@@ -145,12 +151,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--evaluators", help="comma-separated counts of evaluator processes sharing the device")
     parser.add_argument("--no-full", action="store_true", help="skip the full-budget references (and Spearman)")
+    parser.add_argument("--fp32", action="store_true", help="also time the default recipe with float32 products")
     args = parser.parse_args()
     device = torch.device(args.device)
     dataset = prepare_dataset()
     classics = classic_trees(dataset.counts, CLASSIC, embeddings=class_embeddings(dataset), dim=dataset.dim)
     trees = {**{k: (c.tree, c.projections) for k, c in classics.items()}, **searched_shapes(args.episodes)}
-    default = NodeRecipe()
+    default, fp32 = NodeRecipe(), NodeRecipe(precision="fp32")
+    print(f"default recipe's products on {device.type}: {training_dtype(default.precision, device)}", flush=True)
     valid = split_sample(dataset, "valid", default.valid_tokens, default.seed, device)
     valid_h, valid_y = valid.features.float(), torch.from_numpy(valid.labels).to(device)
     rates = matmul_rates(device)
@@ -163,6 +171,9 @@ def main() -> None:
         rows.append({"tree": name, "nodes": tree.num_internal, "default": fresh.valid_nll,
                      "seconds": fresh.train_seconds,
                      "gflops": fresh.extra["flops"] / fresh.extra["node_seconds"] / 1e9})  # fmt: skip
+        if args.fp32:
+            reference = evaluate(tree, dataset, fp32, device=device, projections=projections, use_cache=False)
+            rows[-1].update(fp32=reference.valid_nll, fp32_seconds=reference.train_seconds)
     if args.evaluators:
         evaluator_scaling(trees, args.device, [int(n) for n in args.evaluators.split(",")])
     # Phase 2, the references: the full budget, and the previous reward.
@@ -194,6 +205,15 @@ def main() -> None:
     print(f"with the bank filled: {np.mean(warm) * 1000:.0f} ms per evaluation")
     if not args.no_full:
         print(f"Spearman (default vs full budget, {len(rows)} trees): {spearman(default_nll, full_nll):.3f}")
+    if args.fp32:
+        fp32_seconds, fp32_nll = np.array([r["fp32_seconds"] for r in rows]), np.array([r["fp32"] for r in rows])
+        print(f"float32 products, timed alternately with the default: {fp32_seconds.mean():.2f} s per evaluation "
+              f"({60 / fp32_seconds.mean():.1f}/min); the default is {fp32_seconds.sum() / seconds.sum():.2f}x "
+              f"faster; NLL difference default - float32: mean {np.mean(default_nll - fp32_nll):+.4f}, largest "
+              f"{np.abs(default_nll - fp32_nll).max():.4f}; "
+              f"Spearman between them {spearman(default_nll, fp32_nll):.3f}")  # fmt: skip
+        if not args.no_full:
+            print(f"Spearman (float32 products vs full budget): {spearman(fp32_nll, full_nll):.3f}")
     with_old = [r for r in rows if "old" in r]
     if with_old:
         old_nll = np.array([r["old"] for r in with_old])

@@ -261,6 +261,51 @@ def test_the_recipe_validates_and_normalises():
         NodeRecipe(init="zeros")
     with pytest.raises(ValueError, match="train_tokens"):
         NodeRecipe(train_tokens=0)
+    with pytest.raises(ValueError, match="precision"):
+        NodeRecipe(precision="fp16")
+
+
+def test_precision_resolves_per_device_and_keeps_banks_apart(planted, tmp_path):
+    assert node_train.training_dtype("fp32", "cpu") == torch.float32
+    assert node_train.training_dtype("bf16", "cpu") == torch.bfloat16
+    native = node_train._cpu_has_native_bf16()
+    assert node_train.training_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    dataset = planted.to_dataset()
+    banks = {p: NodeBank(dataset, NodeRecipe(precision=p), "cpu", tmp_path).folder for p in ("bf16", "fp32")}
+    assert banks["bf16"] != banks["fp32"]
+    # "auto" is one recipe, but its bank records what it resolved to on this machine
+    auto = NodeBank(dataset, NodeRecipe(precision="auto"), "cpu", tmp_path)
+    assert auto.namespace["precision"] == ("bfloat16" if native else "float32")
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """A planted task with 160 classes, so that nodes of 64 children and more (bfloat16 products) exist."""
+    return make_planted(num_classes=160, dim=16, fanout=8, signal=3.0, num_train=8000, num_valid=2000,
+                        num_test=500, seed=1)  # fmt: skip
+
+
+def test_bf16_training_stays_node_exact_and_close_to_fp32(wide):
+    dataset = wide.to_dataset()
+    recipe = {p: NodeRecipe(**{**RECIPE.key_fields(), "precision": p}) for p in ("bf16", "fp32")}
+    # a 100-wide node (bfloat16 products) and a narrow one (float32 products) under two upper structures
+    a = builders.from_nested([[list(range(0, 100)), [100, 101]], list(range(102, 160))])
+    b = builders.from_nested([list(range(0, 100)), [[100, 101], list(range(102, 130))], list(range(130, 160))])
+    results = {p: (_node_results(a, dataset, r), _node_results(b, dataset, r)) for p, r in recipe.items()}
+    rows = a.children_lists()
+    wide_key = node_keys(a)[next(i for i, r in enumerate(rows) if sorted(r) == list(range(100)))].tobytes()
+    pair_key = node_keys(a)[next(i for i, r in enumerate(rows) if sorted(r) == [100, 101])].tobytes()
+    for first, second in results.values():
+        shared = set(first) & set(second)
+        assert {wide_key, pair_key} <= shared
+        for key in shared:  # the same node in two trees: the same numbers, in either precision
+            np.testing.assert_allclose(first[key][0], second[key][0], rtol=1e-6)
+    low, full = results["bf16"][0], results["fp32"][0]
+    # both read bfloat16 features (the wide node also multiplies in bfloat16): close to float32, not equal
+    for key in (wide_key, pair_key):
+        assert not np.allclose(low[key][0][1:], full[key][0][1:], rtol=1e-6, atol=0)
+        np.testing.assert_allclose(low[key][0], full[key][0], rtol=0.02)
+    np.testing.assert_allclose(low[wide_key][0][0], full[wide_key][0][0], rtol=1e-9)  # the initial weights: no step
 
 
 def test_training_is_deterministic(planted):

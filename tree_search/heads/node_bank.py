@@ -2,10 +2,11 @@
 
 A node's result under the node-exact recipe (`tree_search.heads.node_train`) depends
 only on its content key, the dataset, the recipe (seed included), the training code's
-version and the device class, so it is stored once and reused by every tree that
-contains the node, in this run and later ones.
+version, the device class and the precision of its products (`training_dtype`), so it
+is stored once and reused by every tree that contains the node, in this run and later
+ones.
 
-On disk: one folder per namespace (dataset, recipe, code version, device class) under
+On disk: one folder per namespace (dataset, recipe, code version, device class, precision) under
 ``<cache>/nodes/``, holding ``namespace.json`` and append-only *segments*, one ``.npz``
 per batch of newly trained nodes (keys, per-measurement validation loss sums, token
 counts, and each node's weights at its best measurement when the training kept them:
@@ -33,7 +34,7 @@ import numpy as np
 
 from tree_search.data.cache import atomic_write_bytes, cache_root, content_key
 from tree_search.data.features import FeatureDataset
-from tree_search.heads.node_train import TRAINING_CODE_VERSION, NodeOutcome, NodeRecipe
+from tree_search.heads.node_train import TRAINING_CODE_VERSION, NodeOutcome, NodeRecipe, training_dtype
 
 __all__ = ["NodeBank", "NodeRecord"]
 
@@ -55,7 +56,7 @@ def _as_bytes(keys: np.ndarray) -> list[bytes]:
 
 
 class NodeBank:
-    """Node results of one namespace (dataset, recipe, training code, device class) in ``folder``.
+    """Node results of one namespace (dataset, recipe, training code, device class, precision) in ``folder``.
 
     Args:
         dataset: whose features the nodes were trained on.
@@ -71,6 +72,8 @@ class NodeBank:
             "dataset": dataset.key,
             "recipe": recipe.key_fields(),
             "device": device_type,
+            # "auto" precision resolves per machine: a bank shared by CPUs with and without bfloat16 keeps them apart
+            "precision": str(training_dtype(recipe.precision, device_type)).removeprefix("torch."),
         }
         self.folder = Path(root or cache_root() / "nodes") / content_key(self.namespace)
         self.measurements = int(recipe.measure_steps.size)

@@ -27,9 +27,11 @@ over a handful of groups and the steps, never over nodes or samples.
 from __future__ import annotations
 
 import math
+import platform
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,9 +40,10 @@ import torch
 from tree_search.data.features import FeatureDataset, class_embeddings
 from tree_search.tree import Tree
 
-__all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "node_keys", "split_sample", "train_nodes"]
+__all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "node_keys", "split_sample", "train_nodes",
+           "training_dtype"]  # fmt: skip
 
-TRAINING_CODE_VERSION = "node-train/2"  # bump when a change alters any node's numbers
+TRAINING_CODE_VERSION = "node-train/3"  # bump when a change alters any node's numbers
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class NodeRecipe:
     measurements: int = 4  # validation measurements per node, evenly spaced; the best is the node's result
     init: str = "embeddings"  # "embeddings": mean class embedding per child; "random": seeded uniform
     seed: int = 0  # which train sample, its order, and random initial weights
+    precision: str = "auto"  # training matmuls: "bf16", "fp32", or "auto" (bf16 where the device has it natively)
 
     def __post_init__(self) -> None:
         # numbers normalised so that equal recipes have equal keys (`epochs=1` is `epochs=1.0`)
@@ -76,6 +80,8 @@ class NodeRecipe:
             raise ValueError("NodeRecipe needs 1 <= measurements <= steps and 0 <= warmup_fraction < 1")
         if self.init not in ("embeddings", "random"):
             raise ValueError(f"NodeRecipe.init must be 'embeddings' or 'random', got {self.init!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"NodeRecipe.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def key_fields(self) -> dict[str, Any]:
         """The recipe as a JSON-friendly dict (what cache keys hold)."""
@@ -93,6 +99,44 @@ class NodeRecipe:
         takes more, smaller steps over the same tokens (25x for 10k children).
         """
         return self.steps * np.maximum(1, np.floor(np.sqrt(np.asarray(fanout) / 16.0))).astype(np.int64)
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+BF16_MIN_WIDTH = 64  # narrower nodes train in float32 whatever the precision (their products are bound by memory)
+
+
+def training_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The dtype of a node's training matmuls on ``device`` under ``precision`` (`NodeRecipe.precision`).
+
+    Only the matmuls' inputs are rounded to bfloat16: weights, Adam state, softmax and
+    gradients stay float32, and validation is always scored in float32. ``"auto"``
+    takes bfloat16 where the device computes it natively (a CPU with AVX-512 BF16 or
+    AMX, whose bfloat16 matmuls run several times faster than float32; a CUDA card
+    with bfloat16 tensor cores), else float32.
+    """
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type == "cuda":
+            native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        else:
+            native = device.type == "cpu" and _cpu_has_native_bf16()
+        precision = "bf16" if native else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True when the CPU has bfloat16 dot-product instructions (x86 AVX-512 BF16 or AMX, or Arm BF16).
+
+    PyTorch's own check (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) is also true on
+    AVX-512 CPUs without them, where bfloat16 is emulated and slower than float32.
+    """
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: trust PyTorch (Apple and Arm CPUs that it accepts have BF16 instructions)
+        return platform.machine().lower() in ("arm64", "aarch64")
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16", " bf16"))
 
 
 def measure_points(steps: int, measurements: int) -> np.ndarray:
@@ -161,8 +205,17 @@ def node_keys(tree: Tree, projections: Mapping[int, int] | None = None) -> np.nd
 # ---------------------------------------------------------------- samples
 @dataclass(frozen=True)
 class _Split:
-    features: torch.Tensor  # (N, d) on the device (the dataset's dtype)
+    features: torch.Tensor  # (N, d) on the device, float32
     labels: np.ndarray  # (N,) int64
+    _cast: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def features_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The features in ``dtype`` (a copy made once, kept with the sample)."""
+        if dtype == self.features.dtype:
+            return self.features
+        if dtype not in self._cast:
+            self._cast[dtype] = self.features.to(dtype)
+        return self._cast[dtype]
 
 
 _SAMPLES: OrderedDict[tuple, _Split] = OrderedDict()
@@ -350,7 +403,7 @@ def train_nodes(
     group_key = np.stack([batch, width, proj, steps], 1)
     unique, inverse = np.unique(group_key, axis=0, return_inverse=True)
     context = _Context(tree, nodes, keys, fanout, own_batch, recipe, device, train, valid, (t_rows, t_child, t_ptr),
-                       (v_rows, v_child, v_ptr), keep_weights)  # fmt: skip
+                       (v_rows, v_child, v_ptr), keep_weights, training_dtype(recipe.precision, device))  # fmt: skip
     if score_split is not None:
         context.scored = split_sample(dataset, score_split, None, recipe.seed, device)
         s_rows, s_child, s_ptr = _node_pairs(tree, context.scored.labels, nodes)
@@ -395,6 +448,7 @@ class _Context:
     train_pairs: tuple[np.ndarray, np.ndarray, np.ndarray]
     valid_pairs: tuple[np.ndarray, np.ndarray, np.ndarray]
     keep_weights: bool
+    dtype: torch.dtype = torch.float32  # of the training matmuls (`training_dtype`)
     embeddings: tuple | None = None  # (E, counts, subtree sums, subtree mass) for warm starts
     child_hashes: np.ndarray | None = None  # `child_set_hashes` of the tree (random initialisation)
     scored: _Split | None = None  # a split every node is scored on at its best measurement
@@ -469,10 +523,15 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
              [torch.zeros((), device=device) for _ in params])  # fmt: skip
     # One buffer for the batch's features, reused every step: a fresh multi-MB tensor per step costs more in
     # page faults than the gather itself (measured: 5x on this machine's CPU).
-    workspace = torch.empty(G * B, d, device=device)
+    # The train features are read in the training dtype (bfloat16 halves the gather's memory traffic). Only wide
+    # nodes' products are bound by arithmetic: narrow ones multiply in float32 (bfloat16 products are slower there).
+    features = c.train.features_as(c.dtype)
+    workspace = [torch.empty(G * B, d, device=device, dtype=c.dtype)]
+    if c.dtype != torch.float32 and Wd < BF16_MIN_WIDTH:
+        workspace.append(torch.empty(G * B, d, device=device))
     for k in range(-1, S):
         if k >= 0:
-            _step(k, S, B, P, c.train.features, t_rows, t_child, params, scale, column_mask, grad_factor, state,
+            _step(k, S, B, P, features, t_rows, t_child, params, scale, column_mask, grad_factor, state,
                   recipe, workspace)  # fmt: skip
         if k + 1 in measure:
             snapshots.append(
@@ -504,18 +563,38 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
 
 def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, scale, column_mask, grad_factor, state,
           recipe: NodeRecipe, workspace: torch.Tensor) -> None:  # fmt: skip
-    """One Adam step of every node of a group on its k-th batch (the gradients written out by hand)."""
+    """One Adam step of every node of a group on its k-th batch (the gradients written out by hand).
+
+    The matmuls take their inputs in ``features.dtype`` (bfloat16 or float32, see
+    `training_dtype`); scores, softmax, gradients and Adam are float32.
+    """
     W, bias = params[0], params[1]
     G = W.shape[0]
-    X = torch.index_select(features, 0, t_rows[:, k].reshape(-1), out=workspace).view(G, B, -1)  # (G, B, d)
-    Z = torch.bmm(X, params[2].transpose(1, 2)) if P else X  # (G, B, din)
-    scores = torch.baddbmm(bias[:, None, :], Z, W.transpose(1, 2)).mul_(scale[:, None, None]).add_(column_mask[:, None])
-    grad_scores = torch.softmax(scores, dim=2)  # d(mean cross-entropy)/d(scores) = (softmax - onehot) / B
+    X = torch.index_select(features, 0, t_rows[:, k].reshape(-1), out=workspace[0])
+    if len(workspace) > 1:
+        X = workspace[1].copy_(X)  # a narrow group multiplies in float32
+    X, low = X.view(G, B, -1), X.dtype  # (G, B, d)
+    if low == torch.float32:
+        Z = torch.bmm(X, params[2].transpose(1, 2)) if P else X  # (G, B, din)
+        scores = torch.baddbmm(bias[:, None, :], Z, W.transpose(1, 2))
+        scores.mul_(scale[:, None, None]).add_(column_mask[:, None])
+    else:  # bfloat16 products, float32 scores: ``(Z W'^T + b') * scale``, padded columns at -inf
+        W_low = W.to(low)
+        Z = torch.bmm(X, params[2].to(low).transpose(1, 2)) if P else X
+        offset = torch.addcmul(column_mask, bias, scale[:, None])[:, None, :]  # (G, 1, Wd)
+        scores = torch.bmm(Z, W_low.transpose(1, 2)).float().mul_(scale[:, None, None]).add_(offset)
+    if scores.shape[2] == 2:  # the softmax of two scores is the logistic function of their difference (faster)
+        upper = torch.sigmoid(scores[..., 1] - scores[..., 0])
+        grad_scores = torch.stack([1.0 - upper, upper], dim=2)
+    else:  # d(mean cross-entropy)/d(scores) = (softmax - onehot) / B
+        grad_scores = torch.softmax(scores, dim=2)
     grad_scores.scatter_add_(2, t_child[:, k, :, None], torch.full_like(grad_scores[..., :1], -1.0))
     grad_scores.mul_(grad_factor)  # (G, B, Wd): mean over the node's own tokens, times its scale; pads zeroed
-    grads = [torch.bmm(grad_scores.transpose(1, 2), Z), grad_scores.sum(1)]  # (G, Wd, din), (G, Wd)
+    grad_low = grad_scores.to(low)
+    grads = [torch.bmm(grad_low.transpose(1, 2), Z).float(), grad_scores.sum(1)]  # (G, Wd, din), (G, Wd)
     if P:
-        grads.append(torch.bmm(torch.bmm(grad_scores, W).transpose(1, 2), X))  # (G, P, d)
+        W_low = W if low == torch.float32 else W_low
+        grads.append(torch.bmm(torch.bmm(grad_low, W_low).transpose(1, 2), X).float())  # (G, P, d)
     warmup = max(1, round(recipe.warmup_fraction * S))
     if k < warmup:
         rate = (k + 1) / warmup
