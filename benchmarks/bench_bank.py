@@ -5,7 +5,10 @@ runs twice from an empty node bank: once reusing trained nodes (the default), on
 training every node of every tree (``node_bank=False``). The reward's numbers are the
 same either way, so TPE proposes the same trees; only the time differs.
 
-    python benchmarks/bench_bank.py --budget 100
+    python benchmarks/bench_bank.py --budget 100 [--eval-workers 2]
+
+With ``--eval-workers N`` the trees train on N Ray actors (one CPU each) sharing the bank,
+N trials at once; the time includes starting Ray.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--agent", default="tpe")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-bank"))
+    parser.add_argument("--eval-workers", type=int, default=0, help="Ray evaluation actors (0: in this process)")
     args = parser.parse_args()
     features = cache_root() / "features"  # prepared once (`tree-search data prepare`); the bank starts empty
     results = {}
@@ -35,7 +39,8 @@ def main() -> None:
         os.environ["TREE_SEARCH_CACHE"] = str(scratch)
         label = "with the bank" if use_bank else "without the bank"
         config = SearchConfig(agent=args.agent, env="split", budget=args.budget, baselines="none",
-                              env_config=TreeEnvConfig(), node_bank=use_bank)  # fmt: skip
+                              env_config=TreeEnvConfig(), node_bank=use_bank,
+                              eval_workers=args.eval_workers)  # fmt: skip
         started = time.perf_counter()
         run = run_search(config, args.out / ("bank" if use_bank else "no-bank"), log=None)
         seconds = time.perf_counter() - started

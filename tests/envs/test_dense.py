@@ -15,7 +15,7 @@ from test_envs import CONFIG, PLANTED, FakeReward, StoppedReward
 from tree_search.envs import ENV_IDS, NodeContent, TreeEnvConfig, make_env, node_tree
 from tree_search.envs.cutoffs import adaptive_softmax_actions
 from tree_search.envs.split import SplitRule
-from tree_search.heads.node_train import node_keys, split_sample
+from tree_search.heads.node_train import node_keys, node_results, split_sample
 from tree_search.heads.reward import head_cost, node_losses
 
 CPU = torch.device("cpu")
@@ -57,12 +57,12 @@ def node_shares(tree, projections, config, env):
     valid = split_sample(env.dataset, "valid", config.train.valid_tokens, config.train.seed, CPU).labels
     tokens = tree.subtree_sums(np.bincount(valid, minlength=tree.num_classes))
     mass = tree.subtree_sums(env.counts / env.counts.sum())
-    keys = node_keys(tree, projections)
+    keys, results = node_keys(tree, projections), node_results(losses)
     out = {}
     for n in range(tree.num_internal):
         fanout, p = int(tree.fanout[n]), projections.get(n, 0)
         cost = mass[n] * (env.scorer.dim * p + fanout * p if p else fanout * env.scorer.dim)
-        out[keys[n].tobytes()] = (float(losses[n].min() / valid.size), cost / env.scorer.full_cost, int(tokens[n]))
+        out[keys[n].tobytes()] = (float(results[n] / valid.size), cost / env.scorer.full_cost, int(tokens[n]))
     return out
 
 

@@ -38,7 +38,7 @@ from tree_search.heads.node_train import TRAINING_CODE_VERSION, NodeOutcome, Nod
 
 __all__ = ["NodeBank", "NodeRecord"]
 
-BANK_VERSION = "node-bank/1"
+BANK_VERSION = "node-bank/2"  # 2: per-half measurement losses (2M columns)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class NodeRecord:
     """The stored results of some nodes, one row per node asked for (``found`` says which are known)."""
 
     found: np.ndarray  # (n,) bool
-    losses: np.ndarray  # (n, M) validation loss sums per measurement (zeros where not found)
+    losses: np.ndarray  # (n, 2M) validation loss sums per measurement and half (zeros where not found)
     tokens: np.ndarray  # (n,) validation tokens below each node
 
 
@@ -76,7 +76,7 @@ class NodeBank:
             "precision": str(training_dtype(recipe.precision, device_type)).removeprefix("torch."),
         }
         self.folder = Path(root or cache_root() / "nodes") / content_key(self.namespace)
-        self.measurements = int(recipe.measure_steps.size)
+        self.measurements = 2 * int(recipe.measure_steps.size)  # loss columns: each half of the validation sample
         self._index: dict[bytes, tuple[np.ndarray, int]] = {}
         self._weights_at: dict[bytes, tuple[str, int]] = {}  # key -> (segment, row) of its stored weights
         self._seen: set[str] = set()

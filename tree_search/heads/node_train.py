@@ -14,8 +14,11 @@ children and its projection size), never on the rest of the tree:
 - its initialisation: the count-weighted mean class embedding of each child (a first
   guess in the feature space, see `NodeRecipe.init`), or uniform noise seeded by the
   node's content key; projections are seeded by the key;
-- its measurements (``measurements`` of them, evenly spaced over its steps) on the
-  validation sample, and the best of them as its result.
+- its measurements (``measurements`` of them, evenly spaced over its steps, and its
+  initial weights) on each half of the validation sample, and its result *cross-fitted*:
+  its loss on each half at the measurement that was best on the other half, summed
+  (`node_results`). Taking the lowest measurement on the same tokens it is scored on
+  would make the result optimistic, the more so the more small nodes a tree has.
 
 So a node gives the same numbers in every tree that contains it, which is what lets the
 `tree_search.heads.node_bank.NodeBank` store it once. Nodes are batched: those with
@@ -40,10 +43,10 @@ import torch
 from tree_search.data.features import FeatureDataset, class_embeddings
 from tree_search.tree import Tree
 
-__all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "node_keys", "split_sample", "train_nodes",
-           "training_dtype"]  # fmt: skip
+__all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "measurement_totals", "node_keys", "node_results",
+           "split_sample", "train_nodes", "training_dtype"]  # fmt: skip
 
-TRAINING_CODE_VERSION = "node-train/3"  # bump when a change alters any node's numbers
+TRAINING_CODE_VERSION = "node-train/4"  # bump when a change alters any node's numbers
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,7 @@ class NodeOutcome:
     """What training a set of nodes gives, one row per node (in the order asked)."""
 
     keys: np.ndarray  # (n, 2) uint64 content keys
-    losses: np.ndarray  # (n, M) float64: validation loss summed over the node's tokens, per measurement
+    losses: np.ndarray  # (n, 2M) float64: validation loss sums per measurement, half A's M then half B's M
     tokens: np.ndarray  # (n,) int64: validation tokens below the node
     train_tokens: np.ndarray  # (n,) int64: sampled train tokens below the node
     weights: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)  # row -> (W, b[, P]) at the best
@@ -285,8 +288,28 @@ class NodeOutcome:
 
     @property
     def best(self) -> np.ndarray:
-        """(n,) each node's result: its lowest measured validation loss sum."""
-        return self.losses.min(axis=1)
+        """(n,) each node's result (`node_results`)."""
+        return node_results(self.losses)
+
+
+def measurement_totals(losses: np.ndarray) -> np.ndarray:
+    """(n, M) validation loss sums over the whole sample per measurement, from (n, 2M) per-half sums."""
+    M = losses.shape[1] // 2
+    return losses[:, :M] + losses[:, M:]
+
+
+def node_results(losses: np.ndarray) -> np.ndarray:
+    """(n,) each node's result from its (n, 2M) per-half measurement losses, cross-fitted.
+
+    Half B's loss at the measurement best on half A, plus half A's loss at the measurement
+    best on half B: each term is measured on tokens that took no part in choosing it, so
+    the sum is not biased low by the choice (the lowest of M noisy measurements of the
+    same tokens would be), and a tree's reward is still the sum of its nodes' results.
+    """
+    M = losses.shape[1] // 2
+    half_a, half_b = losses[:, :M], losses[:, M:]
+    rows = np.arange(losses.shape[0])
+    return half_b[rows, half_a.argmin(1)] + half_a[rows, half_b.argmin(1)]
 
 
 def step_scale(fanout: np.ndarray) -> np.ndarray:
@@ -379,7 +402,7 @@ def train_nodes(
     keys = node_keys(tree, projections)[nodes] if keys is None else keys
     M = recipe.measure_steps.size
     outcome = NodeOutcome(
-        keys, np.zeros((nodes.size, M)), np.zeros(nodes.size, np.int64), np.zeros(nodes.size, np.int64)
+        keys, np.zeros((nodes.size, 2 * M)), np.zeros(nodes.size, np.int64), np.zeros(nodes.size, np.int64)
     )
     if nodes.size == 0:
         return outcome
@@ -539,20 +562,22 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
             )
     stacked = [torch.stack([snap[i] for snap in snapshots], 1) for i in range(len(params))]  # (G, M, ...)
     v_rows, v_child, v_mask = _padded(c.valid_pairs[2], c.valid_pairs[0], c.valid_pairs[1], members)
-    losses = _loss_sums(stacked, column_mask, c.valid.features, v_rows, v_child, v_mask, device)  # (G, M)
+    # the validation sample's two halves: its even and odd rows (a random sample, so both spread over the split)
+    halves = [v_mask & (v_rows % 2 == 0), v_mask & (v_rows % 2 == 1)]
+    losses = _loss_sums(stacked, column_mask, c.valid.features, v_rows, v_child, halves, device)  # (G, 2M)
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(f"non-finite validation loss in {int((~np.isfinite(losses)).any(1).sum())} node(s)")
     outcome.losses[members] = losses
     per_token = 2.0 * fan * din + (2.0 * P * d if P else 0.0)  # one token's scores (and projection)
     visits = S * own * (3.0 if P else 2.0)  # forward, gradient of W (and of the projection)
     outcome.flops += float(per_token @ visits + per_token @ (np.diff(c.valid_pairs[2])[members] * len(snapshots)))
-    best = torch.from_numpy(losses.argmin(1)).to(device)
+    best = torch.from_numpy(measurement_totals(losses).argmin(1)).to(device)  # the weights kept and test-scored
     chosen = [p[torch.arange(G, device=device), best] for p in stacked]
     if c.scored is not None:
         ptr, rows, child = c.scored_pairs
         s_rows, s_child, s_mask = _padded(ptr, rows, child, members)
         single = [p[:, None] for p in chosen]
-        outcome.split_losses[members] = _loss_sums(single, column_mask, c.scored.features, s_rows, s_child, s_mask,
+        outcome.split_losses[members] = _loss_sums(single, column_mask, c.scored.features, s_rows, s_child, [s_mask],
                                                    device)[:, 0]  # fmt: skip
     if c.keep_weights:
         arrays = [p.cpu().numpy() for p in chosen]  # one copy per tensor, then views per node
@@ -606,8 +631,11 @@ def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, sca
                        beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)  # fmt: skip
 
 
-def _loss_sums(params, column_mask, features, rows, child, mask, device, budget: int | None = None) -> np.ndarray:
-    """(G, M) cross-entropy of each node at each of its M snapshots, summed over its (padded) held-out tokens.
+def _loss_sums(params, column_mask, features, rows, child, masks, device, budget: int | None = None) -> np.ndarray:
+    """(G, K*M) cross-entropy of each node at each of its M snapshots, summed over each of K sets of its tokens.
+
+    ``masks`` are K (G, L) boolean arrays over the (padded) held-out tokens ``rows``: which
+    tokens each sum takes (the two halves of the validation sample, or all real tokens).
 
     ``params`` hold the snapshots stacked: W (G, M, Wd, din), b (G, M, Wd)[, P (G, M, p, d)]. Work is
     chunked over nodes and tokens so that no score tensor exceeds about ``budget`` numbers (a full softmax
@@ -617,7 +645,7 @@ def _loss_sums(params, column_mask, features, rows, child, mask, device, budget:
     W, bias = params[0], params[1]
     G, M, Wd, din = W.shape
     L = rows.shape[1]
-    out = np.zeros((G, M))
+    out = np.zeros((G, len(masks) * M))
     per_token = M * max(Wd, din, features.shape[1])
     span = max(1, min(L, budget // per_token))  # tokens per chunk
     step = max(1, budget // (per_token * span))  # nodes per chunk
@@ -639,6 +667,8 @@ def _loss_sums(params, column_mask, features, rows, child, mask, device, budget:
                 scores = scores + bias[lo:hi, None] + column_mask[lo:hi, None, None, :]
                 target = torch.from_numpy(child[lo:hi, start:end]).to(device)[:, :, None, None].expand(-1, -1, M, 1)
                 logp = torch.log_softmax(scores, dim=3).gather(3, target).squeeze(3)  # (g, span, M)
-                keep = torch.from_numpy(mask[lo:hi, start:end]).to(device)[:, :, None]
-                out[lo:hi] += -torch.where(keep, logp.double(), 0.0).sum(1).cpu().numpy()
+                logp = logp.double()
+                for j, mask in enumerate(masks):
+                    keep = torch.from_numpy(mask[lo:hi, start:end]).to(device)[:, :, None]
+                    out[lo:hi, j * M : (j + 1) * M] -= torch.where(keep, logp, 0.0).sum(1).cpu().numpy()
     return out

@@ -25,7 +25,15 @@ from tree_search.builders import huffman
 from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.heads.node_bank import NodeBank
-from tree_search.heads.node_train import NodeRecipe, child_set_hashes, node_keys, split_sample, train_nodes
+from tree_search.heads.node_train import (
+    NodeRecipe,
+    child_set_hashes,
+    measurement_totals,
+    node_keys,
+    node_results,
+    split_sample,
+    train_nodes,
+)
 from tree_search.heads.train import Callback, EvalPoint
 from tree_search.heads.tree_head import TreeSoftmaxHead
 from tree_search.tree import Tree
@@ -161,7 +169,7 @@ def node_nll_shares(
     use_bank: bool = True,
     nodes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """Each node's share of the validation NLL: its best measurement over the validation tokens, mean over seeds.
+    """Each node's share of the validation NLL: its cross-fitted result (`node_results`) per token, mean over seeds.
 
     `evaluate`'s arithmetic, node by node: a tree's NLL is the sum of its nodes' shares.
     ``nodes`` restricts it to some internal nodes (as `node_losses`). Returns the shares
@@ -173,7 +181,7 @@ def node_nll_shares(
         losses, used = node_losses(tree, dataset, seeded, projections=projections, device=device,
                                    use_bank=use_bank, nodes=nodes)  # fmt: skip
         rows = split_sample(dataset, "valid", seeded.valid_tokens, seed, device).labels.size
-        shares.append(losses.min(1) / rows)
+        shares.append(node_results(losses) / rows)
         counters = {k: counters[k] + int(used[k]) for k in counters}
     return np.mean(shares, axis=0), counters
 
@@ -209,9 +217,9 @@ def node_losses(
     bank_root: Path | None = None,
     nodes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """(I, M) validation loss sums of every internal node at each measurement, from the bank or trained now.
+    """(I, 2M) validation loss sums of every internal node per measurement and half, from the bank or trained now.
 
-    ``nodes`` restricts this to some internal nodes: (len(nodes), M) for them alone (a dense
+    ``nodes`` restricts this to some internal nodes: (len(nodes), 2M) for them alone (a dense
     reward asks for the one node a decision fixed). Returns the losses and counters: nodes
     trained, nodes reused, seconds, useful FLOPs of the training.
     """
@@ -226,7 +234,7 @@ def node_losses(
     else:
         found, losses = (
             np.zeros(subset.size, dtype=bool),
-            np.zeros((subset.size, recipe.measure_steps.size)),
+            np.zeros((subset.size, 2 * recipe.measure_steps.size)),
         )
     missing = np.flatnonzero(~found)
     flops = 0.0
@@ -299,8 +307,8 @@ def evaluate(
                                        use_bank=use_cache, bank_root=bank_root)  # fmt: skip
             counters = {k: counters[k] + used[k] for k in counters}
             rows = split_sample(dataset, "valid", recipe.valid_tokens, seed, device).labels.size
-            curve = losses.sum(0) / rows  # the tree's NLL at each measurement point
-            best = float(losses.min(1).sum() / rows)  # each node at its own best measurement
+            curve = measurement_totals(losses).sum(0) / rows  # the tree's NLL at each measurement point
+            best = float(node_results(losses).sum() / rows)  # each node's cross-fitted result
             if index == 0:
                 history = [
                     [step, step / config.steps, float(v), math.nan, 0.0] for step, v in zip(steps, curve, strict=True)
