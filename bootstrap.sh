@@ -4,7 +4,7 @@
 # - Creates the virtual environment if it is missing.
 # - On a machine without an NVIDIA GPU, installs a CPU build of PyTorch first so
 #   that pip never pulls the multi-GB CUDA build; with a GPU, pip chooses.
-# - Installs this package in editable mode with the `dev` extra.
+# - Installs this package in editable mode with the `search` and `dev` extras.
 # - Skips the install when nothing changed since the last successful run
 #   (a stamp of pyproject.toml's hash), so running it twice costs a second.
 set -euo pipefail
@@ -37,6 +37,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
            --extra-index-url https://pypi.org/simple
   fi
 fi
-echo "[bootstrap] installing tree_search[dev] (first run takes a few minutes)"
-"$PY" -m pip install -q -e ".[dev]"
+echo "[bootstrap] installing tree_search[search,dev] (first run takes a few minutes)"
+"$PY" -m pip install -q -e ".[search,dev]"
 echo "$want" > "$stamp"

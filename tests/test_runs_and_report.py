@@ -14,7 +14,7 @@ import pytest
 
 from tree_search.agents import SearchConfig, run_search
 from tree_search.data.planted import PlantedConfig
-from tree_search.envs import TreeEnvConfig
+from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import NodeRecipe
 from tree_search.report import classic_front_at, compare_runs, front_verdicts
 from tree_search.runs import Run, RunError
@@ -121,8 +121,27 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
     assert "binary Huffman" in report and "2 x combined standard error" in report
     for plot in ("best_so_far.png", "loss_vs_cost.png", "depth_histogram.png"):
         assert (run.folder / plot).stat().st_size > 1000
-    # Scores are kept in final.json: comparing again trains nothing.
+    # best_head.pt: the best searched tree's head with the weights of its first final seed, whose test NLL it gives
+    import numpy as np
+    import torch
+
+    from tree_search.heads import TreeSoftmaxHead
+    from tree_search.heads.node_train import split_sample
+
+    assert torch.load(run.folder / "best_head.pt", weights_only=True)["format"] == "tree_search.head"
+    head = TreeSoftmaxHead.load(run.folder / "best_head.pt")
+    searched = next(r for r in rows if r["kind"] == "searched")
+    assert head.metadata["key"] == searched["key"] and head.tree.canonical_hash == searched["key"].split("+")[0]
+    dataset = load_env_dataset(ENV)
+    test = split_sample(dataset, "test", None, 0, torch.device("cpu"))
+    with torch.no_grad():
+        nll = -head.log_prob(test.features, torch.from_numpy(test.labels)).mean().item()
+    first_seed = json.loads((run.folder / "final.json").read_text())["scores"][searched["key"]]["0"]
+    assert nll == pytest.approx(first_seed, rel=1e-5)
+    assert head.labels == list(dataset.vocab.tokens) and np.array_equal(head.counts, dataset.counts)
+    # Scores are kept in final.json: comparing again trains nothing (the best head is not written again either).
     monkeypatch.setattr("tree_search.report.score_test", lambda *a, **k: pytest.fail("re-trained a finalist"))
+    monkeypatch.setattr("tree_search.report.trained_head", lambda *a, **k: pytest.fail("re-trained the best head"))
     assert [r["test_nll"] for r in compare_runs([run.folder], seeds=2, log=None)] == [r["test_nll"] for r in rows]
 
 
@@ -227,3 +246,32 @@ def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
     report = (run.folder / "report.md").read_text()
     assert "## Per cost cap" in report and "| 1x |" in report and "| 3x |" in report
     assert (run.folder / "fronts.png").stat().st_size > 1000
+
+
+def test_every_tree_file_of_a_run_carries_the_class_tokens_and_counts(tmp_path):
+    """A searched tree is read back by token: the best tree, every tree of the run, through the CLI too."""
+    import numpy as np
+
+    from tree_search.envs import load_env_dataset
+    from tree_search.export import load_tree
+
+    rng = np.random.default_rng(0)
+    names = np.array([f"tok_{chr(97 + k // 26)}{chr(97 + k % 26)}" for k in range(40)])
+    labels = rng.zipf(1.3, size=6000) % 40
+    centres = rng.normal(size=(40, 8))
+    features = (centres[labels] + rng.normal(scale=0.5, size=(6000, 8))).astype(np.float32)
+    path = tmp_path / "tokens.npz"
+    np.savez(path, features=features, labels=labels, class_names=names)
+    env = TreeEnvConfig(dataset=str(path), train=QUICK, split_min_group=8)
+    run = run_search(SearchConfig(agent="random", budget=3, env_config=env, baselines="none"), tmp_path / "run",
+                     log=None)  # fmt: skip
+    counts = load_env_dataset(env).counts  # the training split's counts
+    assert counts.sum() > 0
+    files = [run.folder / "best_tree.json", *(run.folder / "trees").iterdir()]
+    assert len(files) >= 4
+    for tree_file in files:
+        record = load_tree(tree_file)
+        assert record.labels == tuple(names) and np.array_equal(record.counts, counts), tree_file
+    shown = subprocess.run([*CLI, "show", str(run.folder / "best_tree.json"), "--class", "tok_bc"],
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "tok_bc" in shown and "neither a label" not in shown

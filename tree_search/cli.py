@@ -18,9 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import click
+try:
+    import click
+    from rich.console import Console
+except ImportError as missing:  # a light install (torch and numpy only): say what to install, not a traceback
+    raise SystemExit(
+        f"tree-search's command line needs the search extra ({missing.name} is missing): "
+        'pip install "tree_search[search]"'
+    ) from None
 import numpy as np
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -512,9 +518,11 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
     verdicts = json.loads((folder / "comparison.json").read_text(encoding="utf-8"))["verdicts"]
     for line in verdicts:
         console.print(line)
+    head = folder / "best_head.pt"
     console.print(
-        f"report: {folder / 'report.md'} (plots beside it); best tree: {folder / 'best_tree.json'}; "
-        f"TensorBoard: tensorboard --logdir {folder / 'tb'}"
+        f"report: {folder / 'report.md'} (plots beside it); best tree: {folder / 'best_tree.json'}"
+        + (f"; its trained head: {head}" if head.exists() else "")
+        + f"; TensorBoard: tensorboard --logdir {folder / 'tb'}"
     )
 
 

@@ -6,6 +6,10 @@ tree: the same head and training recipe). Each is re-trained with ``final_seeds`
 and scored once on the test split; scores are written to ``final.json`` as each arrives,
 so an interrupted comparison resumes where it stopped. A difference is called
 significant only when it exceeds twice the combined standard error of the two means.
+
+The report's folder also gets ``best_head.pt``: the best searched tree within the cap (by
+validation NLL) with the weights of its first final seed, whose test NLL the report shows
+(`tree_search.heads.TreeSoftmaxHead.load`; `torch.load(..., weights_only=True)` reads it).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import numpy as np
 from tree_search.agents.search import SearchConfig
 from tree_search.builders import frequency_cutoffs
 from tree_search.envs import TreeEnvConfig, load_env_dataset
+from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.evaluator import Evaluation
-from tree_search.heads.reward import FINAL_SEED_OFFSET, head_cost, huffman_cost, score_test
+from tree_search.heads.reward import FINAL_SEED_OFFSET, head_cost, huffman_cost, score_test, trained_head
 from tree_search.runs import Run, RunError
 
 __all__ = ["compare_runs", "finalists"]
@@ -178,6 +183,12 @@ def compare_runs(
             }
         )
     rows.sort(key=lambda r: r["test_nll"])
+    searched = [r for r in rows if r["kind"] == "searched" and r["within_cap"]]
+    if searched:
+        best = min(searched, key=lambda r: r["valid_nll"])
+        entry = next(e for e in entries if e[5] == best["key"])
+        write_best_head(report_run.folder / "best_head.pt", entry[2], entry[3], dataset,
+                        dataclasses.replace(train, seed=FINAL_SEED_OFFSET), best, setting, log)  # fmt: skip
     verdicts = _verdicts(rows)
     caps = sorted({float(c) for run in runs for c in run.config.get("cost_caps") or ()})
     cap_rows = front_verdicts(rows, caps) if caps else []
@@ -185,6 +196,28 @@ def compare_runs(
     _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
                   cap_rows=cap_rows)  # fmt: skip
     return rows
+
+
+def write_best_head(path: Path, tree, projections, dataset, recipe, row: dict[str, Any], setting: dict[str, Any],
+                    log: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    """Train (or read from the node bank) the head of ``row``'s tree under ``recipe`` and save it to ``path``.
+
+    Skipped when ``path`` already holds that tree under the same setting.
+    """
+    metadata = {"tree": row["name"], "key": row["key"], "setting": json.dumps(setting, sort_keys=True),
+                "seed": int(recipe.seed), "valid_nll": float(row["valid_nll"]),
+                "test_nll_mean": float(row["test_nll"])}  # fmt: skip
+    if path.exists():
+        try:
+            old = TreeSoftmaxHead.load(path).metadata
+        except (ValueError, RuntimeError, OSError):
+            old = {}
+        if old.get("key") == metadata["key"] and old.get("setting") == metadata["setting"]:
+            return
+    if log:
+        log(f"best head: {row['name']} with the weights of its first final seed -> {path}")
+    head = trained_head(tree, dataset, recipe, projections=projections or None)
+    head.save(path, labels=dataset.vocab.tokens, counts=dataset.counts, metadata=metadata)
 
 
 def _pareto(items: Sequence[Any], cost=lambda x: x[0], loss=lambda x: x[1]) -> list[Any]:

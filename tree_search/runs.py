@@ -4,8 +4,9 @@ Layout of ``runs/<name>/``::
 
     config.json        the resolved configuration (what `tree-search search --resume` reads)
     leaderboard.jsonl  one `Evaluation` per line, appended, flushed and fsynced as it arrives
-    trees/<key>.json   every evaluated tree (tree.json format), written before its leaderboard line
-    best_tree.json     the best searched tree so far by validation NLL
+    trees/<key>.json   every evaluated tree (tree.json format, with the class tokens and counts), written before
+                       its leaderboard line
+    best_tree.json     the best searched tree so far by validation NLL (within the cap), tokens and counts too
     tb/                TensorBoard events (search/*, tree/*, policy/*)
     final.json         test-split scores of the finalists (`tree-search compare`)
     report.md, *.png   the comparison report and its plots
@@ -23,6 +24,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from tree_search.data.cache import atomic_write_bytes
 from tree_search.export import TreeRecord, load_tree_json, save_tree_json
@@ -69,6 +72,8 @@ class Run:
         self._best: dict[str, float] = {}
         self._best_search = math.inf
         self.cap_ratio = math.inf  # searched trees costing more (/ full softmax) never become best_tree.json
+        self.labels: tuple[str, ...] | None = None  # class tokens and training counts written into every tree file
+        self.counts: np.ndarray | None = None
         for evaluation in self.evaluations():
             self._note_best(evaluation)
 
@@ -121,7 +126,8 @@ class Run:
         tree_path = self.folder / "trees" / f"{evaluation.key}.json"
         tree_path.parent.mkdir(parents=True, exist_ok=True)
         if not tree_path.exists():
-            save_tree_json(tree_path, TreeRecord(tree, built_by={"searcher": evaluation.searcher}))
+            save_tree_json(tree_path, TreeRecord(tree, labels=self.labels, counts=self.counts,
+                                                 built_by={"searcher": evaluation.searcher}))  # fmt: skip
         board = self.folder / "leaderboard.jsonl"
         _drop_torn_line(board)
         with open(board, "a", encoding="utf-8") as handle:
@@ -134,6 +140,8 @@ class Run:
                 self.folder / "best_tree.json",
                 TreeRecord(
                     tree,
+                    labels=self.labels,
+                    counts=self.counts,
                     built_by={"searcher": evaluation.searcher, "projections": evaluation.projections},
                     metrics={"valid_nll": evaluation.valid_nll, "cost_ratio": evaluation.cost_ratio},
                 ),

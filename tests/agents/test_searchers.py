@@ -8,7 +8,7 @@ import pytest
 
 from tree_search.agents import BaselineSearcher, OptunaSearcher, PolicyConfig, dataset_classics
 from tree_search.agents.dp_search import DPSearcher
-from tree_search.agents.optuna_search import homogeneous_episodes
+from tree_search.agents.seeding import homogeneous_episodes
 from tree_search.data.planted import PlantedConfig, make_planted
 from tree_search.envs import SearchStopped, TreeEnvConfig, load_env_dataset, make_env
 from tree_search.heads import NodeRecipe
@@ -43,7 +43,8 @@ def make_searcher(agent, factory, evaluator):
     if agent in ("ppo", "appo"):
         from tree_search.agents.rllib_search import RLlibSearcher
 
-        return RLlibSearcher(agent, factory, evaluator, policy=PolicyConfig(batch_steps=8, minibatch_size=8), seed=0)
+        return RLlibSearcher(agent, factory, evaluator, policy=PolicyConfig(batch_steps=8, minibatch_size=8), seed=0,
+                             seed_classics=False)  # the policy on its own  # fmt: skip
     return OptunaSearcher(agent, factory, evaluator, seed=0, seed_classics=False)  # the sampler on its own
 
 
@@ -171,15 +172,41 @@ def test_a_seeded_optuna_search_starts_from_the_homogeneous_trees(dataset):
     factory = CheckedEnvFactory(dataset, CONFIG.with_updates(cost_cap=3.0, split_min_group=8))
     episodes = homogeneous_episodes(factory)
     env = factory(lambda *a: None)
-    assert 5 <= len(episodes) <= env.action_space.n and all(len(set(p.values())) == 1 for p, _, _ in episodes)
-    assert len({t.canonical_hash for _, t, _ in episodes}) == len(episodes)  # one episode per distinct tree
-    within = [t for _, t, fits in episodes if fits]
+    assert 5 <= len(episodes) <= env.action_space.n and all(len(set(e.params.values())) == 1 for e in episodes)
+    assert len({e.tree.canonical_hash for e in episodes}) == len(episodes)  # one episode per distinct tree
+    within = [e.tree for e in episodes if e.within_cap]
     assert within and len(within) < len(episodes)  # some over the cap (never trained), some within
-    for tree, fits in [(t, f) for _, t, f in episodes]:  # "within" is the environment's own cap rule
-        assert fits == (env.unwrapped.scorer.cost(tree) <= env.unwrapped.scorer.cap * (1 + 1e-9))
+    for e in episodes:  # "within" is the environment's own cap rule
+        assert e.within_cap == (env.unwrapped.scorer.cost(e.tree) <= env.unwrapped.scorer.cap * (1 + 1e-9))
     budget = 12
     evaluator = LocalEvaluator(dataset, QUICK, budget=budget)
     found = list(OptunaSearcher("tpe", factory, evaluator, seed=0).search())
     seeded = sorted(within, key=lambda t: -t.expected_cost(env.unwrapped.counts))[: budget // 2]
     assert [e.key for e in found[: budget // 2]] == [t.canonical_hash for t in seeded]  # the costliest first
     assert len(found) == budget  # then the sampler's own trees
+
+
+def test_a_seeded_ppo_search_plays_the_classic_trees_then_starts_from_the_best(dataset, ray_session):
+    """RLlib seeding: the homogeneous trees first (the costliest first), then the best one's actions cloned."""
+    from tree_search.agents.rllib_search import RLlibSearcher
+
+    factory = CheckedEnvFactory(dataset, CONFIG.with_updates(cost_cap=3.0, split_min_group=8))
+    budget = 8  # half of it to seeds: the 4 costliest trees within the cap
+    within = sorted((e for e in homogeneous_episodes(factory) if e.within_cap), key=lambda e: -e.cost)[: budget // 2]
+    evaluator = LocalEvaluator(dataset, QUICK, budget=budget)
+    searcher = RLlibSearcher("ppo", factory, evaluator, policy=PolicyConfig(batch_steps=8, minibatch_size=8), seed=0)
+    found = list(searcher.search())
+    assert [e.key for e in found[: len(within)]] == [e.tree.canonical_hash for e in within]
+    assert len(found) == budget and factory.illegal == 0
+    best = min(found[: len(within)], key=lambda e: e.valid_nll)
+    demonstrated = next(e for e in within if e.tree.canonical_hash == best.key)
+    assert searcher.demonstration and searcher.demonstration[0] == demonstrated.action  # at the root all are legal
+    # the sampling policy (the env runner's copy, after the weights were sent) gives the best tree's actions
+    # about the target probability, where an untrained policy gives each legal action about the same
+    assert searcher.demonstration_probability >= 0.45
+    assert len(searcher.demonstration) == demonstrated.steps
+    # a search that is not seeded starts from the untrained policy
+    unseeded = RLlibSearcher("ppo", factory, LocalEvaluator(dataset, QUICK, budget=4), seed=0, seed_classics=False,
+                             policy=PolicyConfig(batch_steps=8, minibatch_size=8))  # fmt: skip
+    list(unseeded.search())
+    assert unseeded.demonstration is None and unseeded.demonstration_probability is None

@@ -166,3 +166,102 @@ def test_cuda_matches_cpu():
 def test_bad_projection():
     with pytest.raises(ValueError, match="projection"):
         TreeSoftmaxHead(Tree(3, [[0, 1, 2]]), 4, projections={5: 2})
+
+
+def test_ignore_index_and_reductions_match_cross_entropy_on_the_same_log_probabilities():
+    tree = builders.huffman(np.arange(30, 0, -1), 3)
+    torch.manual_seed(0)
+    h, y = torch.randn(12, 8), torch.randint(0, 30, (12,))
+    y[[2, 7]] = -100
+    heads = {r: TreeSoftmaxHead(tree, 8, reduction=r) for r in ("mean", "sum", "none")}
+    for head in heads.values():
+        head.load_state_dict(heads["mean"].state_dict())
+    logp = heads["mean"].log_probs_all(h)  # the reference: cross-entropy over the head's own full distribution
+    for reduction, head in heads.items():
+        output, loss = head(h, y)
+        expected = torch.nn.functional.nll_loss(logp, y, ignore_index=-100, reduction=reduction)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        assert output[2] == 0 and output[7] == 0 and torch.all(output[y != -100] < 0)
+    custom = TreeSoftmaxHead(tree, 8, ignore_index=5)
+    custom.load_state_dict(heads["mean"].state_dict())
+    kept = y[(y != 5) & (y >= 0)]
+    rows = (y != 5) & (y >= 0)
+    torch.testing.assert_close(custom(h[rows], kept).loss, heads["mean"](h[rows], kept).loss)
+    with pytest.raises(ValueError, match="reduction"):
+        TreeSoftmaxHead(tree, 8, reduction="average")
+
+
+def test_a_saved_head_loads_with_weights_only_and_gives_the_same_log_probabilities(tmp_path):
+    counts = np.arange(200, 0, -1)
+    tree = builders.frequency_cutoffs(counts, [20, 80])
+    head = TreeSoftmaxHead(tree, 16, projections={1: 8, 2: 4}, reduction="sum", ignore_index=-1)
+    torch.manual_seed(1)
+    for p in head.parameters():
+        p.data.normal_()
+    labels = [f"w{i}" for i in range(200)]
+    head.save(tmp_path / "head.pt", labels=labels, counts=counts, metadata={"test_nll": 2.5})
+    raw = torch.load(tmp_path / "head.pt", weights_only=True)  # plain tensors and containers only
+    assert raw["format"] == "tree_search.head" and raw["labels"][7] == "w7"
+    loaded = TreeSoftmaxHead.load(tmp_path / "head.pt")
+    h, y = torch.randn(9, 16), torch.randint(0, 200, (9,))
+    torch.testing.assert_close(loaded.log_prob(h, y), head.log_prob(h, y))
+    assert loaded.reduction == "sum" and loaded.ignore_index == -1 and loaded.labels == labels
+    assert np.array_equal(loaded.counts, counts) and loaded.metadata == {"test_nll": 2.5}
+    assert loaded.tree.canonical_hash == tree.canonical_hash
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a tree_search head"):
+        TreeSoftmaxHead.load(tmp_path / "other.pt")
+
+
+def test_a_head_from_a_tree_file_keeps_its_labels_and_projections(tmp_path):
+    from tree_search.export import TreeRecord, save_tree_json
+
+    counts = np.arange(100, 0, -1)
+    tree = builders.frequency_cutoffs(counts, [10, 40])
+    labels = [f"t{i}" for i in range(100)]
+    save_tree_json(tmp_path / "best_tree.json", TreeRecord(tree, labels=labels, counts=counts,
+                                                           built_by={"projections": {"1": 6}}))  # fmt: skip
+    head = TreeSoftmaxHead.from_tree_file(tmp_path / "best_tree.json", 12)
+    assert head.labels == labels and head._settings["projections"] == {"1": 6}
+    output, loss = head(torch.randn(5, 12), torch.randint(0, 100, (5,)))
+    loss.backward()
+    assert torch.isfinite(loss) and output.shape == (5,)
+
+
+def test_the_readme_worked_example_trains_a_model_of_ones_own(tmp_path):
+    """README, "Use the tree in your project": a model with the head inside, trained on a tree file, saved, loaded."""
+    from tree_search.export import save_tree
+
+    vocab, dim = 200, 16
+    counts = np.random.default_rng(0).zipf(1.5, size=vocab).astype(float)
+    save_tree(tmp_path / "best_tree.json", builders.huffman(counts, 4), labels=[f"w{i}" for i in range(vocab)],
+              counts=counts)  # fmt: skip
+
+    class TinyLM(nn.Module):
+        def __init__(self, vocab: int, dim: int, tree_file):
+            super().__init__()
+            self.embed = nn.EmbeddingBag(vocab, dim)
+            self.head = TreeSoftmaxHead.from_tree_file(tree_file, dim, ignore_index=-100)
+
+        def forward(self, context, target):
+            return self.head(torch.tanh(self.embed(context)), target)
+
+    torch.manual_seed(0)
+    model = TinyLM(vocab, dim, tmp_path / "best_tree.json")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    context = torch.randint(0, vocab, (256, 3))
+    target = (context[:, 0] * 7 + 3) % vocab  # learnable from the context
+    target[::10] = -100  # padding positions take no part
+    losses = []
+    for _ in range(60):
+        output, loss = model(context, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0] and torch.all(output[::10] == 0)
+    model.head.save(tmp_path / "my_head.pt", labels=model.head.labels, counts=model.head.counts)
+    again = TreeSoftmaxHead.load(tmp_path / "my_head.pt")
+    h = torch.tanh(model.embed(context))
+    torch.testing.assert_close(again(h, target).loss, model.head(h, target).loss)
+    assert again.labels[5] == "w5"

@@ -11,11 +11,10 @@ trial counts against the budget. Off by default: the node-exact reward trains a 
 nodes together, so stopping early saves no time.
 
 Seeding (``seed_classics``, on by default): a new study starts with enqueued trials of the
-distinct trees that repeat a single action at every step. In the split environment these
-are exactly the homogeneous classic trees it can express (k-means or PCA trees of each
-fanout, frequency-ordered Huffman-like splits, head-and-tail shapes, the full softmax).
-At most half the budget goes to them (the most expensive within the cap first); over-cap
-trees cost no training, and trees already known to the evaluator no budget.
+distinct trees that repeat a single action at every step (`tree_search.agents.seeding`:
+in the split environment, exactly the homogeneous classic trees it can express). At most
+half the budget goes to them (the most expensive within the cap first); over-cap trees
+cost no training, and trees already known to the evaluator no budget.
 """
 
 from __future__ import annotations
@@ -27,53 +26,17 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import optuna
 import sqlalchemy.exc
 
 from tree_search.agents.base import EnvFactory, Searcher
-from tree_search.envs.reward import SearchStopped
+from tree_search.agents.seeding import nearest_legal, seed_episodes
 from tree_search.heads.evaluator import Evaluation, Evaluator
 from tree_search.heads.train import EvalPoint
-from tree_search.tree import Tree
 
-__all__ = ["OPTUNA_SAMPLERS", "OptunaSearcher", "homogeneous_episodes", "nearest_legal", "open_storage"]
+__all__ = ["OPTUNA_SAMPLERS", "OptunaSearcher", "open_storage"]
 
 OPTUNA_SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
-
-
-def nearest_legal(action: int, legal: np.ndarray) -> int:
-    """The legal index nearest to ``action`` (the lower one on a tie)."""
-    indices = np.flatnonzero(legal)
-    return int(indices[np.argmin(np.abs(indices - action))])
-
-
-def homogeneous_episodes(env_factory: EnvFactory, seed: int = 0) -> list[tuple[dict[str, int], Tree, bool]]:
-    """``(params, tree, within the cap)`` of the episodes that repeat one action, one per distinct tree.
-
-    ``params`` are the Optuna parameters ``{"a0": a, "a1": a, ...}``. Each episode is played
-    without a reward (only its tree is built); episodes whose trees coincide (an action
-    illegal at some step falls back to its nearest legal neighbour) are kept once. A tree
-    within the cap would be trained (and counted); one over it would only be penalised.
-    """
-
-    def no_reward(tree, projections=None):
-        raise SearchStopped("tree only")  # the episode ends truncated; its tree is kept in `last_tree`
-
-    env = env_factory(no_reward)
-    seen, out = set(), []
-    for action in range(int(env.action_space.n)):
-        _, info = env.reset(seed=seed)
-        params, done, truncated, step = {}, False, False, 0
-        while not (done or truncated):
-            params[f"a{step}"] = action
-            _, _, done, truncated, info = env.step(nearest_legal(action, info["action_mask"]))
-            step += 1
-        tree = env.unwrapped.last_tree
-        if tree.canonical_hash not in seen:
-            seen.add(tree.canonical_hash)
-            out.append((params, tree, truncated))  # truncated: the scorer asked for a reward, so within the cap
-    return out
 
 
 def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -142,7 +105,7 @@ class OptunaSearcher(Searcher):
                 (other processes sharing the study keep theirs). Default: a fresh id.
             seconds: wall-clock limit.
             seed: sampler seed.
-            seed_classics: start a new study from the homogeneous trees (`homogeneous_episodes`).
+            seed_classics: start a new study from the homogeneous trees (`tree_search.agents.seeding`).
         """
         super().__init__(env_factory, evaluator, seconds=seconds, seed=seed)
         if sampler not in OPTUNA_SAMPLERS:
@@ -168,14 +131,9 @@ class OptunaSearcher(Searcher):
             load_if_exists=True,
         )
         if self.seed_classics and not study.get_trials(deepcopy=False):  # a new study (a resumed one has trials)
-            # At most half the budget goes to seeds: the most expensive trees within the cap first (the cost
-            # buys loss), trees the evaluator knows (free) and over-cap ones (never trained) on top.
-            episodes = homogeneous_episodes(self.env_factory, self.seed)
-            within = [(p, t) for p, t, fits in episodes if fits and t.canonical_hash not in self.evaluator.known]
-            within.sort(key=lambda pt: -pt[1].expected_cost(self.env.unwrapped.counts))
-            left = self.evaluator.remaining
-            chosen = [p for p, _ in within[: max(1, left // 2) if left is not None else len(within)]]
-            chosen += [p for p, t, fits in episodes if not fits or t.canonical_hash in self.evaluator.known]
+            # the most expensive trees within the cap first; known ones (free) and over-cap ones (never trained) on top
+            trained, free = seed_episodes(self.env_factory, self.evaluator, self.seed)
+            chosen = [episode.params for episode in trained + free]
             for params in chosen:
                 study.enqueue_trial(params, user_attrs={"seeded": True}, skip_if_exists=True)
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):

@@ -13,6 +13,17 @@ used up (with remote runners the episodes then in flight end truncated, without 
 reward, and that last iteration is neither counted nor checkpointed). A checkpoint of
 the algorithm is saved in ``<run>/checkpoints/<agent>`` after every iteration and
 restored when the run is resumed.
+
+Seeding (``seed_classics``, on by default, not on resume): before the first iteration the
+searcher plays the homogeneous episodes of its environment through the evaluator
+(`tree_search.agents.seeding`: in the split environment, the classic trees it can
+express; at most half the budget, the most expensive within the cap first), then clones
+the actions of the best of them into the initial policy (a few steps of cross-entropy on
+its observations, until the policy gives those actions probability ``demo_probability``
+on average) and sends the weights to the env runners. PPO then samples around the best
+classic tree instead of uniformly, and the search's best is never worse than the classic
+trees it played. The seed episodes are not in PPO's first batch (PPO learns only from
+its own samples).
 """
 
 from __future__ import annotations
@@ -22,10 +33,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+import torch
 from ray.rllib.algorithms.appo import APPOConfig
 from ray.rllib.algorithms.appo.torch.default_appo_torch_rl_module import DefaultAPPOTorchRLModule
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
+from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import TARGET_NETWORK_ACTION_DIST_INPUTS
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -34,6 +48,7 @@ from ray.tune.registry import register_env
 
 from tree_search.agents.base import EnvFactory, Searcher
 from tree_search.agents.relay import RelayReward, RelayServer
+from tree_search.agents.seeding import nearest_legal, seed_episodes
 from tree_search.data.features import FeatureDataset
 from tree_search.envs import SearchStopped, make_env
 from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, evaluation_key, failed_result
@@ -133,11 +148,14 @@ class RLlibSearcher(Searcher):
     def __init__(self, agent: str, env_factory: EnvFactory, evaluator: Evaluator, *, run=None, policy=None,
                  seconds: float | None = None, seed: int = 0, ray_address: str | None = None,
                  env_runners: int = 0, env_config: dict[str, Any] | None = None,
-                 dataset: FeatureDataset | None = None) -> None:  # fmt: skip
+                 dataset: FeatureDataset | None = None, seed_classics: bool = True,
+                 demo_probability: float = 0.5) -> None:  # fmt: skip
         """Args: agent: "ppo" or "appo"; run: the `Run` (checkpoints, TensorBoard); policy: a `PolicyConfig`.
 
         With ``env_runners > 0`` RLlib samples in that many Ray actors, whose environments
         are built from ``env_config`` (`make_env`'s dict) on ``dataset``: both are then required.
+        ``seed_classics``: start from the homogeneous episodes and clone the best one into the
+        policy, to ``demo_probability`` (see the module docstring).
         """
         from tree_search.agents.search import PolicyConfig
 
@@ -150,6 +168,11 @@ class RLlibSearcher(Searcher):
         if env_runners > 0 and (env_config is None or dataset is None):
             raise ValueError("remote env runners (env_runners > 0) need the env_config dict and the dataset")
         self.env_runners, self.env_config, self.dataset = env_runners, env_config, dataset
+        if not 0.0 < demo_probability < 1.0:
+            raise ValueError(f"demo_probability must be in (0, 1), got {demo_probability}")
+        self.seed_classics, self.demo_probability = seed_classics, demo_probability
+        self.demonstration: list[int] | None = None  # the actions cloned into the initial policy
+        self.demonstration_probability: float | None = None  # what the sampling policy then gives them, on average
         self.iterations = 0
         self.relay: RelayServer | None = None  # the last search's relay (its `served` and `clients` stay readable)
 
@@ -167,6 +190,48 @@ class RLlibSearcher(Searcher):
         except BudgetExhausted as exhausted:
             raise SearchStopped(str(exhausted)) from exhausted
         return Result.from_json(evaluation.result) if evaluation.result else failed_result(tree, evaluation.error)
+
+    def _play_seeds(self) -> list[tuple[list[tuple[Any, Any, int]], float]]:
+        """Play the seed episodes through the evaluator: each finished one's ``([(obs, mask, action)], return)``."""
+        trained, free = seed_episodes(self.env_factory, self.evaluator, self.seed)
+        env, played = self.env_factory(self._reward), []
+        for episode in trained + [e for e in free if e.within_cap]:  # over-cap ones teach nothing
+            observation, _ = env.reset(seed=self.seed)
+            steps, total, done, truncated = [], 0.0, False, False
+            try:
+                while not (done or truncated):
+                    action = nearest_legal(episode.action, observation["action_mask"])
+                    steps.append((observation["observations"], observation["action_mask"], action))
+                    observation, reward, done, truncated, _ = env.step(action)
+                    total += float(reward)
+            except _BudgetReached:
+                break
+            if done:
+                played.append((steps, total))
+        return played
+
+    def _clone(self, algo, steps: list[tuple[Any, Any, int]]) -> None:
+        """Fit the learner's policy to ``steps``' actions (to ``demo_probability``); send it to the env runners."""
+        observations = {
+            "observations": torch.as_tensor(np.stack([s[0] for s in steps]), dtype=torch.float32),
+            "action_mask": torch.as_tensor(np.stack([s[1] for s in steps]), dtype=torch.float32),
+        }
+        actions = torch.as_tensor([s[2] for s in steps], dtype=torch.int64)
+        module = algo.learner_group._learner.module[DEFAULT_MODULE_ID]  # noqa: SLF001 - the local learner (no API)
+        optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
+        for _ in range(500):
+            logits = module.forward_train({Columns.OBS: observations})[Columns.ACTION_DIST_INPUTS]
+            if torch.softmax(logits, 1).gather(1, actions[:, None]).mean() >= self.demo_probability:
+                break
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(logits, actions).backward()
+            optimizer.step()
+        algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True,
+                                           timeout_seconds=60.0)  # fmt: skip
+        with torch.no_grad():  # what the sampling policy now gives the demonstration
+            logits = algo.get_module().forward_inference({Columns.OBS: observations})[Columns.ACTION_DIST_INPUTS]
+            self.demonstration_probability = float(torch.softmax(logits, 1).gather(1, actions[:, None]).mean())
+        self.demonstration = actions.tolist()
 
     def algorithm_config(self, key: str, relay: str | None = None):
         """The RLlib config: masked module, small batches; sampling in the driver or in remote env runners."""
@@ -244,6 +309,11 @@ class RLlibSearcher(Searcher):
             algo = self.algorithm_config(key, relay.name if relay else None).build_algo()
             if checkpoint is not None and (checkpoint / "algorithm_state.pkl").exists():
                 algo.restore_from_path(str(checkpoint.resolve()))
+            elif self.seed_classics:
+                played = self._play_seeds()
+                yield from drain()
+                if played:
+                    self._clone(algo, max(played, key=lambda episode: episode[1])[0])
             while not self.done:
                 truncated_before = relay.stopped if relay else 0
                 try:

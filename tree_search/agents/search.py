@@ -55,7 +55,7 @@ class SearchConfig:
     baselines: str = "core"  # a set of builders.CLASSIC_SETS ("core", "all", "front"), comma-separated names, or "none"
     seed: int = 0  # sampler / policy seed
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    seed_classics: bool = True  # Optuna: a new study starts from the homogeneous (classic) trees of its environment
+    seed_classics: bool = True  # Optuna and RLlib: a new search starts from the homogeneous (classic) trees
     prune: bool = False  # Optuna: median pruner on the measurements (saves no time with the node bank)
     final_seeds: int = 3  # seeds of the final test-split scoring
     final_epochs: float | None = None  # training epochs of the final scoring (None: 2x the search's)
@@ -218,6 +218,7 @@ def _make_searcher(
         env_runners=config.env_runners,
         env_config=env_config,
         dataset=dataset,
+        seed_classics=config.seed_classics,
     )
 
 
@@ -234,6 +235,7 @@ def run_search(
     """
     run = Run.create(out, config.to_json(), resume=resume)
     dataset = load_env_dataset(config.env_config)
+    run.labels, run.counts = dataset.vocab.tokens, dataset.counts  # every tree file says which class is which token
     best: dict[str, float] = {}
 
     def progress(evaluation: Evaluation, tree: Tree) -> None:

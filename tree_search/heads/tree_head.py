@@ -20,16 +20,21 @@ A Python loop runs over these groups only (a handful), never over samples or nod
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import NamedTuple
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from tree_search.export import load_tree
 from tree_search.tree import Tree
 
-__all__ = ["HeadOutput", "TreeSoftmaxHead"]
+__all__ = ["HEAD_FILE_FORMAT", "HeadOutput", "TreeSoftmaxHead"]
+
+HEAD_FILE_FORMAT = "tree_search.head"  # `TreeSoftmaxHead.save` files: the tree, the settings and the weights
+REDUCTIONS = ("mean", "sum", "none")
 
 
 class HeadOutput(NamedTuple):
@@ -66,6 +71,10 @@ class TreeSoftmaxHead(nn.Module):
             best with about a third of the step that the wide nodes of the adaptive shape
             need; with Adam's scale-free steps this lets one learning rate fit all shapes.
             The effective weights are unchanged at initialisation.
+        ignore_index: targets equal to it take no part in the loss (their output is 0), as
+            in `torch.nn.CrossEntropyLoss`.
+        reduction: of the loss over the batch's counted targets: ``"mean"``, ``"sum"`` or
+            ``"none"`` (per sample, 0 for ignored targets).
 
     Shape:
         h (B, d), y (B,) int64 -> `log_prob` (B,); `log_probs_all` (B, V).
@@ -91,9 +100,24 @@ class TreeSoftmaxHead(nn.Module):
         top_columns: int = 1024,
         sparse: bool = False,
         fanout_scaled_steps: bool = True,
+        ignore_index: int = -100,
+        reduction: str = "mean",
     ) -> None:
         super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.tree, self.dim, self.sparse, self.bias = tree, int(dim), bool(sparse), bool(bias)
+        self.ignore_index, self.reduction = int(ignore_index), reduction
+        self.labels: list[str] | None = None  # class tokens, when the head came from a file that has them
+        self.counts: np.ndarray | None = None
+        self.metadata: dict[str, Any] = {}
+        # what `save` writes and `load` rebuilds the layout from (the weights' shapes depend on it)
+        self._settings = {
+            "dim": int(dim), "bias": bool(bias), "dense_fanout": int(dense_fanout),
+            "max_dense_nodes": int(max_dense_nodes), "top_columns": int(top_columns), "sparse": bool(sparse),
+            "fanout_scaled_steps": bool(fanout_scaled_steps), "ignore_index": int(ignore_index),
+            "reduction": reduction, "projections": {str(int(k)): int(v) for k, v in (projections or {}).items()},
+        }  # fmt: skip
 
         def step_scale(width: np.ndarray | int) -> np.ndarray:
             if not fanout_scaled_steps:
@@ -345,13 +369,96 @@ class TreeSoftmaxHead(nn.Module):
         return torch.zeros(y.shape[0], dtype=pair.dtype, device=h.device).index_add_(0, rows, pair)
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> HeadOutput:
-        """Log-probabilities of the targets and the mean NLL loss."""
-        output = self.log_prob(h, y)
-        return HeadOutput(output, -output.mean())
+        """``(output, loss)`` as `torch.nn.AdaptiveLogSoftmaxWithLoss`: targets' log-probabilities and the NLL.
+
+        ``output`` is (B,) log p(y | h), 0 where ``y == ignore_index``; ``loss`` the negative
+        log-likelihood reduced by ``reduction`` over the other targets (``"mean"``: NaN when
+        every target is ignored, as in `torch.nn.CrossEntropyLoss`).
+        """
+        keep = y != self.ignore_index
+        if bool(keep.all()):
+            output = self.log_prob(h, y)
+        else:
+            output = torch.zeros(y.shape[0], dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+            output = output.index_put((keep,), self.log_prob(h[keep], y[keep]))
+        if self.reduction == "none":
+            return HeadOutput(output, -output)
+        total = -output.sum()
+        return HeadOutput(output, total if self.reduction == "sum" else total / keep.sum())
 
     def loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood of ``y`` (nats)."""
-        return -self.log_prob(h, y).mean()
+        """The negative log-likelihood of ``y`` (nats), with ``ignore_index`` and ``reduction`` (see `forward`)."""
+        return self(h, y).loss
+
+    # ------------------------------------------------------------------ files
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        labels: Sequence[str] | None = None,
+        counts: Sequence[float] | np.ndarray | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write the head to ``path``: its tree (with class ``labels`` and ``counts``), settings and weights.
+
+        The file holds only tensors, numbers, strings, lists and dicts, so
+        ``torch.load(path, weights_only=True)`` reads it; `load` rebuilds the head.
+        """
+        tree = self.tree
+        payload = {
+            "format": HEAD_FILE_FORMAT,
+            "version": 1,
+            "num_classes": int(tree.num_classes),
+            "child_ptr": torch.from_numpy(tree.child_ptr.astype(np.int64)),
+            "child_ids": torch.from_numpy(tree.child_ids.astype(np.int64)),
+            "settings": dict(self._settings),
+            "labels": list(labels) if labels is not None else None,
+            "counts": torch.tensor(np.asarray(counts, dtype=np.float64)) if counts is not None else None,
+            "metadata": dict(metadata or {}),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+        torch.save(payload, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device | None = None) -> TreeSoftmaxHead:
+        """A head written by `save` (``torch.load(weights_only=True)``: no code runs from the file).
+
+        Its ``labels``, ``counts`` and ``metadata`` are kept as attributes of the same names.
+
+        Raises:
+            ValueError: when the file is not a tree_search head, naming what is wrong.
+        """
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != HEAD_FILE_FORMAT:
+            raise ValueError(f"{path}: not a tree_search head file (format {HEAD_FILE_FORMAT!r})")
+        if payload.get("version") != 1:
+            raise ValueError(f"{path}: head file version {payload.get('version')!r}; this code reads version 1")
+        ptr, ids = payload["child_ptr"].numpy(), payload["child_ids"].numpy()
+        tree = Tree(int(payload["num_classes"]), [ids[a:b].tolist() for a, b in zip(ptr[:-1], ptr[1:], strict=True)])
+        settings = dict(payload["settings"])
+        settings["projections"] = {int(k): int(v) for k, v in settings["projections"].items()}
+        head = cls(tree, **settings)
+        head.load_state_dict(payload["state_dict"])
+        head.labels = payload["labels"]
+        head.counts = payload["counts"].numpy() if payload["counts"] is not None else None
+        head.metadata = payload["metadata"]
+        return head.to(map_location) if map_location is not None else head
+
+    @classmethod
+    def from_tree_file(cls, path: str | os.PathLike[str], dim: int, **settings: Any) -> TreeSoftmaxHead:
+        """A new (untrained) head on the tree of a tree file (``tree.json`` or ``codes.npz``), to train from scratch.
+
+        ``settings`` are the constructor's keyword arguments; a ``tree.json`` written by a
+        search carries the projections of its adaptive nodes (``built_by.projections``),
+        used unless ``projections`` is given. ``labels`` and ``counts`` of the file are kept.
+        """
+        record = load_tree(path)
+        stored = (record.built_by or {}).get("projections") or {}
+        settings.setdefault("projections", {int(k): int(v) for k, v in stored.items()})
+        head = cls(record.tree, dim, **settings)
+        head.labels = list(record.labels) if record.labels is not None else None
+        head.counts = record.counts
+        return head
 
     def log_probs_all(self, h: torch.Tensor) -> torch.Tensor:
         """(B, V) log-probabilities of every class; costs as much as a full softmax."""
