@@ -104,8 +104,11 @@ def main() -> None:
     for seed in range(args.seeds):
         for name in args.agents:
             agent, mode = AGENTS[name]
+            # No agent starts from the classic trees (PPO's seeding would clone the best of them into its policy),
+            # except random-classics: this measures what each agent learns on its own.
             config = SearchConfig(agent=agent, env=args.env, budget=args.budget, baselines="none", seed=seed,
-                                  env_config=base.with_updates(reward_mode=mode), policy=policy)  # fmt: skip
+                                  env_config=base.with_updates(reward_mode=mode), policy=policy,
+                                  seed_classics=name == "random-classics")  # fmt: skip
             folder = args.out / f"{name}-seed{seed}"
             started = time.perf_counter()
             run = random_search(config, folder) if name == "random" else run_search(config, folder, log=None)

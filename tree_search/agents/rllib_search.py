@@ -23,7 +23,8 @@ its observations, until the policy gives those actions probability ``demo_probab
 on average) and sends the weights to the env runners. PPO then samples around the best
 classic tree instead of uniformly, and the search's best is never worse than the classic
 trees it played. The seed episodes are not in PPO's first batch (PPO learns only from
-its own samples).
+its own samples). With remote env runners no environment is built in the driver, and the
+search is not seeded.
 """
 
 from __future__ import annotations
@@ -309,7 +310,7 @@ class RLlibSearcher(Searcher):
             algo = self.algorithm_config(key, relay.name if relay else None).build_algo()
             if checkpoint is not None and (checkpoint / "algorithm_state.pkl").exists():
                 algo.restore_from_path(str(checkpoint.resolve()))
-            elif self.seed_classics:
+            elif self.seed_classics and relay is None:  # remote runners: no environment in the driver (not seeded)
                 played = self._play_seeds()
                 yield from drain()
                 if played:
