@@ -210,3 +210,15 @@ def test_a_seeded_ppo_search_plays_the_classic_trees_then_starts_from_the_best(d
                              policy=PolicyConfig(batch_steps=8, minibatch_size=8))  # fmt: skip
     list(unseeded.search())
     assert unseeded.demonstration is None and unseeded.demonstration_probability is None
+
+
+def test_ppo_gives_up_when_no_tree_fits_the_cap(dataset, ray_session):
+    """A cap below every tree of the environment penalises every episode: the search stops instead of spinning."""
+    from tree_search.agents.rllib_search import RLlibSearcher
+
+    factory = CheckedEnvFactory(dataset, CONFIG.with_updates(cost_cap=0.2))
+    evaluator = LocalEvaluator(dataset, QUICK, budget=4)
+    searcher = RLlibSearcher("ppo", factory, evaluator, policy=PolicyConfig(batch_steps=8, minibatch_size=8), seed=0,
+                             give_up_after=3)  # fmt: skip
+    assert list(searcher.search()) == [] and searcher.gave_up and evaluator.used == 0
+    assert searcher.iterations == 3 and factory.actions > 0

@@ -12,7 +12,9 @@ are the same in both modes. Training stops mid-iteration when the evaluation bud
 used up (with remote runners the episodes then in flight end truncated, without a
 reward, and that last iteration is neither counted nor checkpointed). A checkpoint of
 the algorithm is saved in ``<run>/checkpoints/<agent>`` after every iteration and
-restored when the run is resumed.
+restored when the run is resumed. A search gives up after ``FRUITLESS_ITERATIONS``
+iterations in a row without a new counted evaluation (a cap that no tree of the
+environment fits penalises every episode, and the budget would never be used).
 
 Seeding (``seed_classics``, on by default, not on resume): before the first iteration the
 searcher plays the homogeneous episodes of its environment through the evaluator
@@ -60,6 +62,7 @@ from tree_search.tree import Tree
 __all__ = ["MaskedAPPOTorchRLModule", "MaskedPPOTorchRLModule", "RLlibSearcher"]
 
 _ENV_NAME = "tree_search_env"
+FRUITLESS_ITERATIONS = 25  # a search stops after this many iterations in a row without a new counted evaluation
 _FACTORIES: dict[str, EnvFactory] = {}  # evaluator key -> factory of environments scoring through that evaluator
 
 
@@ -150,13 +153,14 @@ class RLlibSearcher(Searcher):
                  seconds: float | None = None, seed: int = 0, ray_address: str | None = None,
                  env_runners: int = 0, env_config: dict[str, Any] | None = None,
                  dataset: FeatureDataset | None = None, seed_classics: bool = True,
-                 demo_probability: float = 0.5) -> None:  # fmt: skip
+                 demo_probability: float = 0.5, give_up_after: int = FRUITLESS_ITERATIONS) -> None:  # fmt: skip
         """Args: agent: "ppo" or "appo"; run: the `Run` (checkpoints, TensorBoard); policy: a `PolicyConfig`.
 
         With ``env_runners > 0`` RLlib samples in that many Ray actors, whose environments
         are built from ``env_config`` (`make_env`'s dict) on ``dataset``: both are then required.
         ``seed_classics``: start from the homogeneous episodes and clone the best one into the
-        policy, to ``demo_probability`` (see the module docstring).
+        policy, to ``demo_probability`` (see the module docstring). ``give_up_after``: iterations
+        in a row without a new counted evaluation before the search stops.
         """
         from tree_search.agents.search import PolicyConfig
 
@@ -175,6 +179,8 @@ class RLlibSearcher(Searcher):
         self.demonstration: list[int] | None = None  # the actions cloned into the initial policy
         self.demonstration_probability: float | None = None  # what the sampling policy then gives them, on average
         self.iterations = 0
+        self.give_up_after = int(give_up_after)
+        self.gave_up = False  # stopped after `give_up_after` iterations without a counted evaluation
         self.relay: RelayServer | None = None  # the last search's relay (its `served` and `clients` stay readable)
 
     def _reward(self, tree: Tree, projections=None):
@@ -315,8 +321,12 @@ class RLlibSearcher(Searcher):
                 yield from drain()
                 if played:
                     self._clone(algo, max(played, key=lambda episode: episode[1])[0])
+            fruitless = 0  # iterations in a row that added no counted evaluation
             while not self.done:
-                truncated_before = relay.stopped if relay else 0
+                if fruitless >= self.give_up_after:
+                    self.gave_up = True  # e.g. a cap no tree of the environment fits: every episode is penalised
+                    break
+                truncated_before, used_before = (relay.stopped if relay else 0), self.evaluator.used
                 try:
                     result = algo.train()
                 except _BudgetReached:
@@ -326,6 +336,7 @@ class RLlibSearcher(Searcher):
                 if relay is not None and relay.stopped > truncated_before:
                     break  # the search ended during this iteration: its update saw truncated episodes, keep none of it
                 self.iterations += 1
+                fruitless = 0 if self.evaluator.used > used_before else fruitless + 1
                 if self.run is not None:
                     learner = result.get("learners", {}).get("default_policy", {})
                     runners = result.get("env_runners", {})

@@ -307,6 +307,9 @@ def run_search(
             searcher = make_searcher(search, evaluator, run, dataset, label=label)
             for _ in searcher.search():
                 pass
+            if log and not evaluator.exhausted:
+                log(f"{label}: stopped with {evaluator.remaining} of its budget unused (its time ran out, or no new "
+                    f"tree within the cap came in as many tries as its searcher allows)")  # fmt: skip
     finally:
         stats = evaluator.stats()
         if config.uses_ray:
