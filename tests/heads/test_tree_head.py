@@ -64,6 +64,26 @@ def test_top_k_beyond_the_number_of_classes():
     classes, lp = head.predict(torch.randn(2, 4), k=5)
     assert (classes[:, 3:] == -1).all() and torch.isinf(lp[:, 3:]).all()
     assert sorted(classes[0, :3].tolist()) == [0, 1, 2]
+    flat = TreeSoftmaxHead(Tree(3, [[0, 1, 2]]), 4)  # scoring every node is a flat softmax: top-k of it, padded
+    assert flat._scoring_cost <= flat.dim * flat.num_classes
+    classes, lp = flat.predict(torch.randn(2, 4), k=5)
+    assert (classes[:, 3:] == -1).all() and torch.isinf(lp[:, 3:]).all()
+    assert sorted(classes[0, :3].tolist()) == [0, 1, 2]
+
+
+def test_the_adaptive_shape_decodes_its_whole_distribution_exactly():
+    counts = np.arange(300, 0, -1)
+    head = TreeSoftmaxHead(builders.frequency_cutoffs(counts, [30, 120]), 32, projections={1: 8, 2: 2})
+    assert head._scoring_cost <= head.dim * head.num_classes  # cheaper than a flat softmax: no beam
+    torch.manual_seed(0)
+    for p in head.parameters():
+        nn.init.normal_(p, std=1.0)
+    h = torch.randn(16, 32)
+    reference = head.log_probs_all(h).topk(5, dim=1)
+    classes, lp = head.predict(h, k=5)
+    assert torch.equal(classes, reference.indices) and torch.allclose(lp, reference.values)
+    beam_classes, _ = head.predict(h, k=5, beam=2)  # the certified beam search, asked for, agrees
+    assert torch.equal(beam_classes, classes)
 
 
 def test_gradients_match_finite_differences():

@@ -198,6 +198,9 @@ class TreeSoftmaxHead(nn.Module):
         self.register_buffer("_path_nodes", torch.from_numpy(nodes.copy()), persistent=False)  # int32
         self.register_buffer("_path_codes", torch.from_numpy(codes.copy()), persistent=False)
         self.register_buffer("_fanout", torch.from_numpy(fanout.astype(np.int64)), persistent=False)
+        sizes = np.array([projections.get(n, dim) for n in range(tree.num_internal)], dtype=np.int64)
+        # multiply-adds to score every node once (what `log_probs_all` costs per sample)
+        self._scoring_cost = int(fanout @ sizes + sum(size * dim for size in projections.values()))
         self.register_buffer("_child_ptr", torch.from_numpy(tree.child_ptr.copy()), persistent=False)
         self.register_buffer("_child_ids", torch.from_numpy(tree.child_ids.copy()), persistent=False)
         self.reset_parameters()
@@ -480,13 +483,23 @@ class TreeSoftmaxHead(nn.Module):
         (default ``max(k, 8)``). Since log-probabilities only fall along a path, the
         result of a sample is exact when no pruned partial path scored above its k-th
         best leaf; samples without that certificate are searched again with a beam four
-        times wider, until every sample is certified (at worst the whole tree).
+        times wider, until every sample is certified (at worst the whole tree). When
+        scoring every node costs no more than a flat softmax (the adaptive shape) and no
+        ``beam`` is given, the whole distribution is computed and its top-k taken instead.
 
         Returns:
             ``(classes, log_probs)``, each (B, k), best first. With ``k > V`` the extra
             columns hold class -1 and log-probability -inf.
         """
         B, V = h.shape[0], self.num_classes
+        if beam is None and self._scoring_cost <= self.dim * V:
+            # Scoring every node costs no more than a flat softmax (a wide root and projected tails, the
+            # adaptive shape): the whole distribution, then top-k, beats a beam that widens on wide nodes.
+            found_s, found_c = self.log_probs_all(h).topk(min(k, V), dim=1)
+            classes = torch.full((B, k), -1, dtype=torch.int64, device=h.device)
+            scores = torch.full((B, k), float("-inf"), dtype=found_s.dtype, device=h.device)
+            classes[:, : found_c.shape[1]], scores[:, : found_s.shape[1]] = found_c, found_s
+            return classes, scores
         width = max(k, 8) if beam is None else max(k, beam)
         classes = torch.full((B, k), -1, dtype=torch.int64, device=h.device)
         scores = torch.full((B, k), float("-inf"), device=h.device)
