@@ -14,6 +14,7 @@ Every builder takes plain arrays and returns a validated `Tree`; none does I/O.
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from collections import deque
@@ -30,6 +31,7 @@ __all__ = [
     "CLASSIC_SETS",
     "ClassicTree",
     "balanced",
+    "binarized",
     "classic_names",
     "classic_trees",
     "cluster_tree",
@@ -1026,3 +1028,35 @@ def order_group(
     else:
         key = _balanced_kmeans_labels(X, w, np.array([M]), min(parts, M), rng, iterations)[0]
     return np.argsort(key, kind="stable")
+
+
+def binarized(tree: Tree, counts: Sequence[float] | np.ndarray | None = None) -> Tree:
+    """The binary tree that replaces every node of more than two children by a Huffman tree over them.
+
+    Each wide node's children are merged two at a time, the two lightest first (by the
+    subtree mass of ``counts``; by class count without them), so frequent children keep
+    short paths. Classes keep their ids and their order of groups; a binary tree comes back
+    unchanged. A model trained on the result is a different model (more, smaller decisions).
+    """
+    V = tree.num_classes
+    weights = np.ones(V) if counts is None else np.asarray(counts, dtype=np.float64)
+    if weights.shape != (V,):
+        raise ValueError(f"counts must have {V} entries, one per class; got shape {weights.shape}")
+    if np.all(tree.fanout == 2):
+        return tree
+    mass = tree.subtree_sums(weights)
+    rows = tree.children_lists()
+    children: list[list[int]] = [list(row) for row in rows]
+    for u, row in enumerate(rows):
+        if len(row) <= 2:
+            continue
+        heap = [(float(weights[c] if c < V else mass[c - V]), order, c) for order, c in enumerate(row)]
+        heapq.heapify(heap)
+        counter = len(row)
+        while len(heap) > 2:
+            (m1, _, a), (m2, _, b) = heapq.heappop(heap), heapq.heappop(heap)
+            children.append([a, b])
+            heapq.heappush(heap, (m1 + m2, counter, V + len(children) - 1))
+            counter += 1
+        children[u] = [heap[0][2], heap[1][2]] if heap[0][1] < heap[1][1] else [heap[1][2], heap[0][2]]
+    return from_children(V, children, renumber=True)

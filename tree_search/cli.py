@@ -394,10 +394,45 @@ def _resolve_class(record: TreeRecord, query: str) -> int:
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("target", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["file", "gensim"]),
+    default="file",
+    show_default=True,
+    help="file: tree.json (.json) or codes (.npz) by TARGET's suffix; gensim: into a saved Word2Vec model.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="--to gensim: a saved gensim Word2Vec(hs=1, negative=0) with its vocabulary built.",
+)
+@click.option("--binarize", is_flag=True, help="--to gensim: split n-ary nodes into binary ones (changes the model).")
 @_friendly_errors
-def export(source: Path, target: Path) -> None:
-    """Convert a tree between tree.json (.json) and word2vec-style codes (.npz)."""
+def export(source: Path, target: Path, to: str, model_path: Path | None, binarize: bool) -> None:  # fmt: skip
+    """Convert a tree between tree.json (.json) and word2vec-style codes (.npz), or put it into a gensim model.
+
+    With ``--to gensim`` TARGET is the gensim model written with the tree's codes and
+    points (train it with gensim afterwards; its ``score()`` then uses the tree).
+    """
     record = load_tree(source)
+    if to == "gensim":
+        if model_path is None:
+            raise click.UsageError("--to gensim needs --model, a saved Word2Vec(hs=1, negative=0) model")
+        try:
+            from gensim.models import Word2Vec
+        except ImportError:
+            raise click.UsageError("--to gensim needs gensim: pip install gensim") from None
+        from tree_search.interop import to_gensim
+
+        model = Word2Vec.load(str(model_path))
+        info = to_gensim(model, record, binarize=binarize)
+        model.save(str(target))
+        note = " (binarised: a different model from the n-ary tree)" if info["binarized"] else ""
+        console.print(f"wrote {target}: gensim model with the tree's paths for {info['words']:,} words, "
+                      f"{info['internal_nodes']:,} internal nodes, max depth {info['max_depth']}{note}")  # fmt: skip
+        return
     save_tree(target, record)
     back = load_tree(target).tree
     if back != record.tree:  # the formats are exact; anything else is a bug worth a loud error

@@ -1,0 +1,109 @@
+"""Trees into other libraries, checked with the real libraries."""
+
+import numpy as np
+import pytest
+
+from tree_search import builders
+from tree_search.export import TreeRecord, load_tree, save_tree
+from tree_search.interop import to_gensim
+
+gensim = pytest.importorskip("gensim")
+
+
+def _corpus(seed: int = 0) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(60)]
+    probabilities = 1.0 / np.arange(1, 61) ** 1.1
+    probabilities /= probabilities.sum()
+    return [list(rng.choice(words, size=12, p=probabilities)) for _ in range(400)]
+
+
+def _model(sentences):
+    model = gensim.models.Word2Vec(vector_size=16, hs=1, negative=0, min_count=1, window=3, workers=1, seed=0)
+    model.build_vocab(sentences)
+    return model
+
+
+def test_gensim_trains_and_scores_with_our_tree(tmp_path):
+    sentences = _corpus()
+    model = _model(sentences)
+    tokens = [f"w{i}" for i in range(60)][::-1]  # our class 0 is gensim's rarest word: matching by token matters
+    counts = np.array([sum(s.count(t) for s in sentences) for t in tokens], dtype=float)
+    tree = builders.balanced(60, 2)  # not gensim's Huffman tree: a balanced binary tree
+    save_tree(tmp_path / "t.tree.json", tree, labels=tokens, counts=counts)
+    info = to_gensim(model, load_tree(tmp_path / "t.tree.json"))
+    assert info == {"words": 60, "internal_nodes": 59, "binarized": False, "max_depth": tree.max_depth}
+    model.train(sentences, total_examples=len(sentences), epochs=3)
+    ptr, nodes, codes = tree.packed_paths()
+    for word in ("w0", "w17", "w59"):  # gensim kept our paths (by token, whatever its own word order)
+        y = tokens.index(word)
+        assert model.wv.get_vecattr(word, "code").tolist() == codes[ptr[y] : ptr[y + 1]].tolist()
+        assert model.wv.get_vecattr(word, "point").tolist() == nodes[ptr[y] : ptr[y + 1]].tolist()
+    assert model.wv.index_to_key[0] != tokens[0]  # gensim's own order (by frequency) is not ours
+    scores = model.score([s for s in sentences[:20]], total_sentences=20)
+    assert scores.shape == (20,) and np.all(np.isfinite(scores)) and np.all(scores < 0)
+    assert np.abs(model.syn1).sum() > 0  # training moved the weights of our internal nodes
+
+
+def test_gensim_export_refuses_what_it_cannot_do():
+    sentences = _corpus()
+    tokens = [f"w{i}" for i in range(60)]
+    quaternary = TreeRecord(builders.balanced(60, 4), labels=tokens)
+    with pytest.raises(ValueError, match="binarize=True"):
+        to_gensim(_model(sentences), quaternary)
+    info = to_gensim(_model(sentences), quaternary, binarize=True)  # binarised: a different, binary model
+    assert info["binarized"] and info["internal_nodes"] == 59
+    with pytest.raises(ValueError, match="no labels"):
+        to_gensim(_model(sentences), TreeRecord(builders.balanced(60, 2)))
+    with pytest.raises(ValueError, match="not classes of the tree"):
+        to_gensim(_model(sentences), TreeRecord(builders.balanced(60, 2), labels=[f"x{i}" for i in range(60)]))
+    negative = gensim.models.Word2Vec(vector_size=8, hs=0, negative=5, min_count=1)
+    negative.build_vocab(sentences)
+    with pytest.raises(ValueError, match="hs=1, negative=0"):
+        to_gensim(negative, TreeRecord(builders.balanced(60, 2), labels=tokens))
+
+
+def _class_sets(tree) -> set[frozenset[int]]:
+    rows, V = tree.children_lists(), tree.num_classes
+
+    def below(u: int) -> frozenset[int]:
+        return frozenset().union(*(frozenset([c]) if c < V else below(c - V) for c in rows[u]))
+
+    return {below(u) for u in range(tree.num_internal)}
+
+
+def test_binarized_keeps_every_group_and_makes_every_node_binary():
+    counts = np.arange(40, 0, -1).astype(float)
+    tree = builders.huffman(counts, 8)
+    binary = builders.binarized(tree, counts)
+    assert set(binary.fanout.tolist()) == {2} and binary.num_internal == 39
+    assert _class_sets(tree) <= _class_sets(binary)  # each node of the 8-ary tree is a node of the binary one
+    # inside a wide node the heavy children get the short paths (Huffman over the children's mass)
+    ptr = binary.packed_paths()[0]
+    lengths = np.diff(ptr)
+    assert lengths[0] <= lengths[39]
+    assert builders.binarized(builders.balanced(8, 2)).canonical_hash == builders.balanced(8, 2).canonical_hash
+
+
+def test_the_command_line_puts_a_tree_into_a_saved_gensim_model(tmp_path):
+    import subprocess
+    import sys
+
+    sentences = _corpus()
+    _model(sentences).save(str(tmp_path / "w2v.model"))
+    tokens = [f"w{i}" for i in range(60)]
+    save_tree(tmp_path / "t.tree.json", builders.balanced(60, 3), labels=tokens)
+    cli = [sys.executable, "-c", "from tree_search.cli import main; main()", "export", str(tmp_path / "t.tree.json"),
+           str(tmp_path / "out.model"), "--to", "gensim", "--model", str(tmp_path / "w2v.model")]  # fmt: skip
+    refused = subprocess.run(cli, capture_output=True, text=True)
+    assert refused.returncode != 0 and "binarize" in refused.stderr + refused.stdout
+    assert "Traceback" not in refused.stderr
+    done = subprocess.run([*cli, "--binarize"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "binarised" in done.stdout
+    model = gensim.models.Word2Vec.load(str(tmp_path / "out.model"))
+    binary = builders.binarized(builders.balanced(60, 3))
+    ptr, nodes, codes = binary.packed_paths()
+    assert model.wv.get_vecattr("w5", "code").tolist() == codes[ptr[5] : ptr[6]].tolist()
+    model.train(sentences, total_examples=len(sentences), epochs=1)
+    assert np.all(np.isfinite(model.score(sentences[:5], total_sentences=5)))
