@@ -1,4 +1,4 @@
-"""Trees into other libraries, checked with the real libraries."""
+"""Trees into other libraries (gensim, PECOS), checked with the real libraries."""
 
 import numpy as np
 import pytest
@@ -107,3 +107,36 @@ def test_the_command_line_puts_a_tree_into_a_saved_gensim_model(tmp_path):
     assert model.wv.get_vecattr("w5", "code").tolist() == codes[ptr[5] : ptr[6]].tolist()
     model.train(sentences, total_examples=len(sentences), epochs=1)
     assert np.all(np.isfinite(model.score(sentences[:5], total_sentences=5)))
+
+
+def test_a_tree_trains_a_real_pecos_model_and_pecos_trees_come_back_as_trees():
+    pytest.importorskip("pecos")
+    import scipy.sparse as smat
+    from pecos.utils.cluster_util import ClusterChain
+    from pecos.xmc import Indexer, LabelEmbeddingFactory
+    from pecos.xmc.xlinear.model import XLinearModel
+
+    from tree_search.interop import from_pecos_chain, to_pecos_chain
+
+    rng = np.random.default_rng(0)
+    X = smat.csr_matrix(rng.random((300, 24), dtype=np.float32) * (rng.random((300, 24)) < 0.3))
+    labels = rng.integers(0, 40, size=300)
+    Y = smat.csr_matrix((np.ones(300, np.float32), (np.arange(300), labels)), shape=(300, 40))
+    counts = np.bincount(labels, minlength=40).astype(float) + 1
+    for tree in (builders.huffman(counts, 2), builders.huffman(counts, 4), builders.frequency_cutoffs(counts, [8])):
+        chain = to_pecos_chain(tree)
+        assert ClusterChain(chain).chain[-1].shape == (40, chain[-2].shape[0] if len(chain) > 1 else 1)
+        model = XLinearModel.train(X, Y, C=chain)  # PECOS takes the chain
+        assert model.model.nr_labels == 40 and model.model.depth == len(chain)
+        scores = model.predict(X[:5], beam_size=4, only_topk=3)
+        assert scores.shape == (5, 40) and scores.nnz > 0
+        assert from_pecos_chain(chain).canonical_hash == tree.canonical_hash  # and back, the same tree
+    # a label tree PECOS built itself (hierarchical k-means, 2-way, leaves of at most 4 labels) as a Tree
+    embedding = LabelEmbeddingFactory.create(Y, X, method="pifa")
+    pecos_chain = Indexer.gen(embedding, indexer_type="hierarchicalkmeans", nr_splits=2, max_leaf_size=4)
+    tree = from_pecos_chain(pecos_chain)
+    assert tree.num_classes == 40
+    bottom = pecos_chain[-1].tocsc()
+    clusters = {frozenset(bottom[:, j].indices.tolist()) for j in range(bottom.shape[1]) if bottom[:, j].nnz > 1}
+    assert clusters <= _class_sets(tree)  # PECOS's bottom clusters are nodes of the tree
+    assert from_pecos_chain(to_pecos_chain(tree)).canonical_hash == tree.canonical_hash
