@@ -140,3 +140,21 @@ def test_a_tree_trains_a_real_pecos_model_and_pecos_trees_come_back_as_trees():
     clusters = {frozenset(bottom[:, j].indices.tolist()) for j in range(bottom.shape[1]) if bottom[:, j].nnz > 1}
     assert clusters <= _class_sets(tree)  # PECOS's bottom clusters are nodes of the tree
     assert from_pecos_chain(to_pecos_chain(tree)).canonical_hash == tree.canonical_hash
+
+
+def test_the_command_line_writes_a_pecos_cluster_chain(tmp_path):
+    pytest.importorskip("pecos")
+    import subprocess
+    import sys
+
+    from pecos.utils.cluster_util import ClusterChain
+
+    from tree_search.interop import from_pecos_chain
+
+    tree = builders.huffman(np.arange(30, 0, -1), 3)
+    save_tree(tmp_path / "t.tree.json", tree)
+    done = subprocess.run([sys.executable, "-c", "from tree_search.cli import main; main()", "export",
+                           str(tmp_path / "t.tree.json"), str(tmp_path / "chain"), "--to", "pecos"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert from_pecos_chain(ClusterChain.load(str(tmp_path / "chain"))).canonical_hash == tree.canonical_hash

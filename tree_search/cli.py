@@ -397,10 +397,11 @@ def _resolve_class(record: TreeRecord, query: str) -> int:
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["file", "gensim"]),
+    type=click.Choice(["file", "gensim", "pecos"]),
     default="file",
     show_default=True,
-    help="file: tree.json (.json) or codes (.npz) by TARGET's suffix; gensim: into a saved Word2Vec model.",
+    help="file: tree.json (.json) or codes (.npz) by TARGET's suffix; gensim: into a saved Word2Vec model; "
+    "pecos: a ClusterChain folder.",
 )
 @click.option(
     "--model",
@@ -411,12 +412,26 @@ def _resolve_class(record: TreeRecord, query: str) -> int:
 @click.option("--binarize", is_flag=True, help="--to gensim: split n-ary nodes into binary ones (changes the model).")
 @_friendly_errors
 def export(source: Path, target: Path, to: str, model_path: Path | None, binarize: bool) -> None:  # fmt: skip
-    """Convert a tree between tree.json (.json) and word2vec-style codes (.npz), or put it into a gensim model.
+    """Convert a tree between tree.json (.json) and word2vec-style codes (.npz), or into gensim or PECOS.
 
     With ``--to gensim`` TARGET is the gensim model written with the tree's codes and
-    points (train it with gensim afterwards; its ``score()`` then uses the tree).
+    points (train it with gensim afterwards; its ``score()`` then uses the tree). With
+    ``--to pecos`` TARGET is a folder holding the tree as PECOS's cluster chain
+    (``ClusterChain.load(TARGET)``, then ``XLinearModel.train(X, Y, C=chain)``).
     """
     record = load_tree(source)
+    if to == "pecos":
+        try:
+            from pecos.utils.cluster_util import ClusterChain
+        except ImportError:
+            raise click.UsageError("--to pecos needs PECOS: pip install libpecos") from None
+        from tree_search.interop import to_pecos_chain
+
+        chain = to_pecos_chain(record.tree)
+        ClusterChain(chain).save(str(target))
+        console.print(f"wrote {target}/: PECOS cluster chain of {len(chain)} levels over "
+                      f"{record.tree.num_classes:,} classes (every class at depth {len(chain)})")  # fmt: skip
+        return
     if to == "gensim":
         if model_path is None:
             raise click.UsageError("--to gensim needs --model, a saved Word2Vec(hs=1, negative=0) model")
