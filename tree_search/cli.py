@@ -422,13 +422,11 @@ def export(source: Path, target: Path, to: str, model_path: Path | None, binariz
     record = load_tree(source)
     if to == "pecos":
         try:
-            from pecos.utils.cluster_util import ClusterChain
-        except ImportError:
-            raise click.UsageError("--to pecos needs PECOS: pip install libpecos") from None
-        from tree_search.interop import to_pecos_chain
+            from tree_search.interop import save_pecos_chain
 
-        chain = to_pecos_chain(record.tree)
-        ClusterChain(chain).save(str(target))
+            chain = save_pecos_chain(record.tree, target)
+        except ImportError:
+            raise click.UsageError("--to pecos needs SciPy: pip install scipy") from None
         console.print(f"wrote {target}/: PECOS cluster chain of {len(chain)} levels over "
                       f"{record.tree.num_classes:,} classes (every class at depth {len(chain)})")  # fmt: skip
         return

@@ -16,6 +16,9 @@ chain back removes them. They need SciPy (a PECOS dependency), not PECOS itself.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +27,7 @@ from tree_search.builders import binarized, from_children
 from tree_search.export import TreeRecord
 from tree_search.tree import Tree
 
-__all__ = ["from_pecos_chain", "to_gensim", "to_pecos_chain"]
+__all__ = ["from_pecos_chain", "load_pecos_chain", "save_pecos_chain", "to_gensim", "to_pecos_chain"]
 
 
 def to_gensim(model: Any, record: TreeRecord, *, binarize: bool = False) -> dict[str, Any]:
@@ -159,3 +162,33 @@ def from_pecos_chain(chain) -> Tree:
                 queue.append(child)
     lists = [[c if c < V else V + ids[c] for c in map(resolve, children[node])] for node in order]
     return from_children(V, lists, renumber=True)
+
+
+def save_pecos_chain(tree: Tree, folder: str | os.PathLike[str]) -> list:
+    """Write the tree's cluster chain as PECOS's ``ClusterChain.save`` does: ``config.json`` and ``C{i}.npz``.
+
+    ``pecos.utils.cluster_util.ClusterChain.load(folder)`` reads it; PECOS itself is not
+    needed here (only SciPy). Returns the chain.
+    """
+    import scipy.sparse as smat
+
+    chain = to_pecos_chain(tree)
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"len": len(chain)}), encoding="utf-8")
+    for i, matrix in enumerate(chain):
+        with open(path / f"C{i}.npz", "wb") as handle:  # PECOS's `smat_util.save_matrix`: uncompressed
+            smat.save_npz(handle, matrix, compressed=False)
+    return chain
+
+
+def load_pecos_chain(folder: str | os.PathLike[str]) -> list:
+    """The cluster chain in a folder written by ``ClusterChain.save`` (or `save_pecos_chain`), without PECOS."""
+    import scipy.sparse as smat
+
+    path = Path(folder)
+    try:
+        length = int(json.loads((path / "config.json").read_text(encoding="utf-8"))["len"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path / 'config.json'}: not a PECOS cluster chain folder ({error})") from None
+    return [smat.load_npz(path / f"C{i}.npz").tocsc().astype(np.float32) for i in range(length)]
