@@ -19,6 +19,7 @@ counted evaluations; the node bank shares their nodes with the whole-tree evalua
 
     python benchmarks/bench_dense.py                      # planted data, split env, budget 40, 3 seeds
     python benchmarks/bench_dense.py --budget 100 --dataset builtin
+    python benchmarks/bench_dense.py --budget 80 --gae-lambda 0.9
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="node recipe: optimizer steps per node")
     parser.add_argument("--max-steps", type=int, default=8, help="decisions per episode")
     parser.add_argument("--block", type=int, default=10, help="evaluations per point of the evaluation curve")
+    parser.add_argument("--gae-lambda", type=float, default=1.0, help="PPO's GAE lambda (< 1: dense rewards matter)")
     parser.add_argument("--out", type=Path, default=Path("runs") / time.strftime("bench-dense-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
 
@@ -98,8 +100,9 @@ def main() -> None:
         train=NodeRecipe(steps=args.steps, measurements=2, train_tokens=100_000, valid_tokens=10_000),
         max_steps=args.max_steps,
     )
-    # gamma = lambda = 1 (the default): the return PPO maximises is the same in both reward modes.
-    policy = PolicyConfig(batch_steps=32, minibatch_size=16, num_epochs=8)
+    # gamma = 1: the return PPO maximises is the same in both reward modes; with lambda = 1 (the default) dense
+    # rewards change only the variance of the advantages, with lambda < 1 they also move credit to each decision.
+    policy = PolicyConfig(batch_steps=32, minibatch_size=16, num_epochs=8, gae_lambda=args.gae_lambda)
     table: dict[str, dict[int, dict]] = {name: {} for name in args.agents}
     for seed in range(args.seeds):
         for name in args.agents:
