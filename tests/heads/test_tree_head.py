@@ -162,15 +162,22 @@ def test_adaptive_shape_equals_torch_adaptive_softmax(layout):
     assert torch.allclose(head.log_prob(h, y), reference.log_prob(h, y), atol=1e-5)
 
 
-def test_autocast_bf16_on_cpu():
-    tree = builders.huffman(np.arange(1, 200))
-    head = TreeSoftmaxHead(tree, 16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", ["huffman", "adaptive"])
+def test_autocast_on_cpu(dtype, shape):
+    counts = np.arange(199, 0, -1)
+    if shape == "huffman":
+        head = TreeSoftmaxHead(builders.huffman(counts), 16)
+    else:  # a wide root and projected tails: the dense path
+        head = TreeSoftmaxHead(builders.frequency_cutoffs(counts, [20, 80]), 16, projections={1: 8, 2: 4})
     h, y = torch.randn(64, 16), torch.randint(0, 199, (64,))
     exact = head.log_prob(h, y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         approx = head.log_prob(h, y)
-    assert approx.dtype == torch.float32
-    assert torch.allclose(approx, exact, atol=0.1)
+        output, loss = head(h, y)
+    assert approx.dtype == torch.float32 and output.dtype == torch.float32  # reductions in float32
+    assert torch.allclose(approx, exact, atol=0.1) and torch.isfinite(loss)
+    loss.backward()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
