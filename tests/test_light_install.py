@@ -7,20 +7,23 @@ import textwrap
 from importlib.metadata import requires
 
 SEARCH_STACK = ("ray", "optuna", "gymnasium", "cmaes", "tensorboard", "matplotlib", "click", "rich")
+# Prepended to a child process's script: from then on, importing any search-stack package fails as if uninstalled.
+UNINSTALL_SEARCH_STACK = textwrap.dedent(f"""
+    import importlib.abc, sys
+
+    class Uninstalled(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {SEARCH_STACK!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Uninstalled())
+""")
 
 
 def test_the_core_runs_with_the_search_stack_uninstalled(tmp_path):
     """In a process where importing any search-stack package fails, load a tree and train a head on it."""
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-
-        class Uninstalled(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {SEARCH_STACK!r}:
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-                return None
-
-        sys.meta_path.insert(0, Uninstalled())
+    script = UNINSTALL_SEARCH_STACK + textwrap.dedent(f"""
         import numpy as np, torch
         from tree_search import builders
         from tree_search.export import load_tree, save_tree
@@ -44,16 +47,7 @@ def test_the_core_runs_with_the_search_stack_uninstalled(tmp_path):
 
 
 def test_the_command_line_without_the_extra_says_what_to_install():
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-
-        class Uninstalled(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {SEARCH_STACK!r}:
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-                return None
-
-        sys.meta_path.insert(0, Uninstalled())
+    script = UNINSTALL_SEARCH_STACK + textwrap.dedent("""
         from tree_search.cli import main
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

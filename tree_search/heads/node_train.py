@@ -29,6 +29,7 @@ over a handful of groups and the steps, never over nodes or samples.
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 from collections import OrderedDict
@@ -127,6 +128,7 @@ def training_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+@functools.cache  # the CPU does not change; every `train_nodes` call asks
 def _cpu_has_native_bf16() -> bool:
     """True when the CPU has bfloat16 dot-product instructions (x86 AVX-512 BF16 or AMX, or Arm BF16).
 
@@ -600,6 +602,7 @@ def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, sca
         X = workspace[1].copy_(X)  # a narrow group multiplies in float32
     X, low = X.view(G, B, -1), X.dtype  # (G, B, d)
     if low == torch.float32:
+        W_low = W
         Z = torch.bmm(X, params[2].transpose(1, 2)) if P else X  # (G, B, din)
         scores = torch.baddbmm(bias[:, None, :], Z, W.transpose(1, 2))
         scores.mul_(scale[:, None, None]).add_(column_mask[:, None])
@@ -618,7 +621,6 @@ def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, sca
     grad_low = grad_scores.to(low)
     grads = [torch.bmm(grad_low.transpose(1, 2), Z).float(), grad_scores.sum(1)]  # (G, Wd, din), (G, Wd)
     if P:
-        W_low = W if low == torch.float32 else W_low
         grads.append(torch.bmm(torch.bmm(grad_low, W_low).transpose(1, 2), X).float())  # (G, P, d)
     warmup = max(1, round(recipe.warmup_fraction * S))
     if k < warmup:
