@@ -13,23 +13,48 @@ budget), and an equal-budget table prints, per cap, each searcher's best validat
 within the cap beside the best classic tree's; ``--no-test`` skips the test scoring.
 
     python benchmarks/bench_search.py --budget 25 --agents random tpe ppo dp --cost-caps 1,1.5,2,4 --no-test
+
+``ppo-dense`` is PPO with dense (per-node) rewards; ``--equal-test-seeds 3`` also scores each
+searcher's best tree per cap (chosen on validation) on the test split with 3 fresh seeds:
+
+    python benchmarks/bench_search.py --budget 25 --agents random tpe ppo ppo-dense dp jtm \\
+        --cost-caps 1,1.5,2,4 --baselines front --no-test --equal-test-seeds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from tree_search.agents import SearchConfig, run_search
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.heads.reward import huffman_cost
+from tree_search.heads.reward import FINAL_SEED_OFFSET, huffman_cost, score_test
 from tree_search.report import compare_runs
 from tree_search.runs import Run
 
 
-def equal_budget_table(folders: list[Path], agents: list[str]) -> None:
-    """Per cap: each searcher's best validation NLL within the cap, and the best classic tree's (same reward)."""
+def _test_score(tree, projections, dataset, train, seeds: int, cache: dict, key: str) -> tuple[float, float]:
+    """Mean and standard error of the test NLL over ``seeds`` final seeds (cached by tree key)."""
+    values = cache.setdefault(key, [])
+    for seed in range(len(values), seeds):
+        final = dataclasses.replace(train, seed=FINAL_SEED_OFFSET + seed)  # seeds no search trained with
+        values.append(score_test(tree, dataset, final, projections=projections or None)["test_nll"])
+    mean = float(np.mean(values[:seeds]))
+    return mean, float(np.std(values[:seeds], ddof=1) / math.sqrt(seeds)) if seeds > 1 else 0.0
+
+
+def equal_budget_table(folders: list[Path], agents: list[str], test_seeds: int = 0, out: Path | None = None) -> None:
+    """Per cap: each searcher's best validation NLL within the cap, and the best classic tree's (same reward).
+
+    With ``test_seeds``, each of these trees (chosen on validation) is also re-trained with that
+    many fresh seeds and scored on the test split: a second table, mean +- standard error.
+    """
     runs = [Run(folder) for folder in folders]
     config = SearchConfig.from_json(runs[0].config)
     dataset = load_env_dataset(config.env_config)
@@ -49,6 +74,34 @@ def equal_budget_table(folders: list[Path], agents: list[str]) -> None:
             found = [e.valid_nll for e in run.evaluations() if e.counted and e.searcher == label and within(e, cap)]
             line += f" {min(found):10.4f}" if found else f" {'-':>10s}"
         print(line, flush=True)
+    if not test_seeds:
+        return
+    train = dataclasses.replace(config.env_config.train, epochs=2 * config.env_config.train.epochs)
+    cache_path = (out or folders[0].parent) / "equal_budget_test.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    print(f"\nthe same trees on the test split ({test_seeds} fresh seeds, twice the search's epochs), test NLL +- SE:")
+    print(f"{'cap':>6s} {'classic':>30s} " + " ".join(f"{a:>17s}" for a in agents))
+    for cap in sorted(set(caps.values())):
+        fits = [e for e in classic if within(e, cap)]
+        best = min(fits, key=lambda e: e.valid_nll) if fits else None
+        cells = []
+        if best is not None:
+            mean, se = _test_score(runs[0].tree(best.key), best.projections, dataset, train, test_seeds, cache,
+                                   best.key)  # fmt: skip
+            cells.append(f"{best.searcher.removeprefix('baseline:'):>14s} {mean:7.4f}+-{se:.4f}")
+        else:
+            cells.append(f"{'-':>30s}")
+        for agent, run in zip(agents, runs, strict=True):
+            label = f"{agent.split('-')[0]}@{cap:g}x"
+            found = [e for e in run.evaluations() if e.counted and e.searcher == label and within(e, cap)]
+            if not found:
+                cells.append(f"{'-':>17s}")
+                continue
+            pick = min(found, key=lambda e: e.valid_nll)
+            mean, se = _test_score(run.tree(pick.key), pick.projections, dataset, train, test_seeds, cache, pick.key)
+            cells.append(f"{mean:8.4f}+-{se:.4f}")
+            cache_path.write_text(json.dumps(cache))
+        print(f"{cap:5g}x " + " ".join(cells), flush=True)
 
 
 def main() -> None:
@@ -62,26 +115,33 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--cost-caps", default="", help="comma-separated caps (multiples of binary Huffman's cost)")
     parser.add_argument("--baselines", default="all", help="classic set: core, all, front")
-    parser.add_argument("--no-test", action="store_true", help="skip the final test scoring")
+    parser.add_argument("--no-test", action="store_true", help="skip the final test scoring (compare_runs)")
+    parser.add_argument(
+        "--equal-test-seeds",
+        type=int,
+        default=0,
+        help="also score each searcher's best tree per cap on test with this many seeds",
+    )
     args = parser.parse_args()
     folders = []
-    for agent in args.agents:
-        folder = args.out / agent
+    for spec in args.agents:  # an agent, or "ppo-dense": PPO on dense (per-node) rewards
+        agent, _, mode = spec.partition("-")
+        folder = args.out / spec
         caps = tuple(float(c) for c in args.cost_caps.split(",") if c)
         config = SearchConfig(
-            agent=agent, env=args.env, budget=args.budget, env_config=TreeEnvConfig(), baselines=args.baselines,
-            cost_caps=caps,
+            agent=agent, env=args.env, budget=args.budget, baselines=args.baselines, cost_caps=caps,
+            env_config=TreeEnvConfig(reward_mode=mode or "terminal"),
         )  # fmt: skip
         started = time.perf_counter()
         run = run_search(config, folder, resume=args.resume or (folder / "config.json").exists(), log=print)
         rows = [e for e in run.evaluations() if e.counted]
         seconds = time.perf_counter() - started
         print(
-            f"{agent}: {len(rows)} evaluations in {seconds:.0f} s ({len(rows) / seconds * 60:.1f}/min incl. baselines)"
+            f"{spec}: {len(rows)} evaluations in {seconds:.0f} s ({len(rows) / seconds * 60:.1f}/min incl. baselines)"
         )
         folders.append(folder)
     if args.cost_caps:
-        equal_budget_table(folders, args.agents)
+        equal_budget_table(folders, args.agents, args.equal_test_seeds, args.out)
     if args.no_test:
         return
     rows = compare_runs(folders, seeds=args.seeds, epochs=args.final_epochs, out=args.out, log=print)

@@ -21,10 +21,11 @@ from tree_search.heads.reward import huffman_cost
 from tree_search.runs import Run
 from tree_search.tree import Tree
 
-__all__ = ["AGENTS", "RLLIB_AGENTS", "PolicyConfig", "SearchConfig", "make_searcher", "run_search"]
+__all__ = ["AGENTS", "NODE_AGENTS", "RLLIB_AGENTS", "PolicyConfig", "SearchConfig", "make_searcher", "run_search"]
 
 RLLIB_AGENTS = ("ppo", "appo")
-AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS, "dp")
+NODE_AGENTS = ("dp", "jtm")  # searchers that read trained nodes from this machine's node bank
+AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS, *NODE_AGENTS)
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,15 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.eval_batch must be >= 1, got {self.eval_batch}")
         if self.env_runners > 0 and self.agent not in RLLIB_AGENTS:
             raise ValueError(f"SearchConfig.env_runners is for the RLlib agents {RLLIB_AGENTS}, not {self.agent!r}")
-        if self.agent == "dp":  # checked here, before a run folder is made and its baselines trained
+        if self.agent in NODE_AGENTS:  # checked here, before a run folder is made and its baselines trained
+            name = self.agent
             if self.env != "split":
-                raise ValueError(f"the dp agent searches the split grammar: use env 'split', not {self.env!r}")
+                raise ValueError(f"the {name} agent searches the split grammar: use env 'split', not {self.env!r}")
             if self.env_config.cost_mode != "cap":
-                raise ValueError("the dp agent searches under a cost cap: use cost_mode 'cap' (and --cost-caps)")
+                raise ValueError(f"the {name} agent searches under a cost cap: use cost_mode 'cap' (and --cost-caps)")
             if self.uses_ray or not self.node_bank:
-                raise ValueError("the dp agent reads node losses from this machine's node bank: run it without Ray "
-                                 "options and with the node bank on")  # fmt: skip
+                raise ValueError(f"the {name} agent reads trained nodes from this machine's node bank: run it without "
+                                 "Ray options and with the node bank on")  # fmt: skip
 
     @property
     def uses_ray(self) -> bool:
@@ -184,6 +186,11 @@ def _make_searcher(
 
         return DPSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
                           use_bank=config.node_bank)  # fmt: skip
+    if config.agent == "jtm":
+        from tree_search.agents.jtm_search import JTMSearcher
+
+        return JTMSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
+                           use_bank=config.node_bank)  # fmt: skip
     if config.agent in OPTUNA_SAMPLERS:
         storage = config.storage or f"sqlite:///{(run.folder / 'optuna.db').resolve()}"
         return OptunaSearcher(

@@ -46,6 +46,7 @@ __all__ = [
     "huffman_cost",
     "node_costs",
     "node_nll_shares",
+    "node_weights",
     "score_test",
     "training_failure",
 ]
@@ -354,7 +355,7 @@ def evaluate(
     )
 
 
-def trained_head(
+def node_weights(
     tree: Tree,
     dataset: FeatureDataset,
     recipe: NodeRecipe = NodeRecipe(),
@@ -363,11 +364,12 @@ def trained_head(
     device: torch.device | str | None = None,
     use_bank: bool = True,
     bank_root: Path | None = None,
-) -> TreeSoftmaxHead:
-    """A `TreeSoftmaxHead` holding every node's weights at its best measurement under ``recipe``.
+) -> dict[int, tuple[np.ndarray, ...]]:
+    """``{node: (W (fanout, d'), b (fanout,)[, P (d', d)])}``: every internal node's weights at its best measurement.
 
-    Nodes whose weights the node bank holds are not trained again; the others are trained
-    now and stored with their weights (same numbers as in `evaluate`: the recipe decides them).
+    Rows follow the tree's own child order. Nodes whose weights the node bank holds are not
+    trained again; the others are trained now (same numbers as in `evaluate`: the recipe
+    decides them) and stored with their weights.
     """
     device = torch.device(device) if device is not None else default_device()
     keys = node_keys(tree, projections)
@@ -392,6 +394,23 @@ def trained_head(
             outcome.weights[row] = (value[0][order], value[1][order], *value[2:])
         if bank is not None:
             bank.store(outcome)
+    return weights
+
+
+def trained_head(
+    tree: Tree,
+    dataset: FeatureDataset,
+    recipe: NodeRecipe = NodeRecipe(),
+    *,
+    projections: Mapping[int, int] | None = None,
+    device: torch.device | str | None = None,
+    use_bank: bool = True,
+    bank_root: Path | None = None,
+) -> TreeSoftmaxHead:
+    """A `TreeSoftmaxHead` holding every node's weights at its best measurement under ``recipe`` (`node_weights`)."""
+    device = torch.device(device) if device is not None else default_device()
+    weights = node_weights(tree, dataset, recipe, projections=projections, device=device, use_bank=use_bank,
+                           bank_root=bank_root)  # fmt: skip
     head = TreeSoftmaxHead(tree, dataset.dim, projections=projections)
     for node, value in weights.items():  # once per node, when a head is built; never on the reward's path
         head.set_node_parameters(node, *[torch.from_numpy(np.asarray(w, dtype=np.float32)) for w in value])
