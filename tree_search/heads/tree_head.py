@@ -58,6 +58,10 @@ class TreeSoftmaxHead(nn.Module):
             its children as ``w_c . (P_n h) + b_c`` with ``P_n`` of shape (dim_n, d), as
             the tail clusters of PyTorch's adaptive softmax do (``div_value``).
         bias: learn a bias per child.
+        bias_free_nodes: internal nodes whose children have no bias: their biases stay
+            exactly zero (masked in the scores, so they get no gradient), as the tail
+            clusters of `torch.nn.AdaptiveLogSoftmaxWithLoss` have none; an exact export
+            there (`tree_search.interop.to_torch_adaptive`) needs them bias-free.
         dense_fanout: nodes with a larger fanout get a dense block (see module docstring).
         max_dense_nodes: at most this many of the widest nodes are dense.
         top_columns: the top levels of the other nodes, up to this many children in all,
@@ -95,6 +99,7 @@ class TreeSoftmaxHead(nn.Module):
         *,
         projections: Mapping[int, int] | None = None,
         bias: bool = True,
+        bias_free_nodes: Sequence[int] | None = None,
         dense_fanout: int = 64,
         max_dense_nodes: int = 32,
         top_columns: int = 1024,
@@ -117,6 +122,7 @@ class TreeSoftmaxHead(nn.Module):
             "max_dense_nodes": int(max_dense_nodes), "top_columns": int(top_columns), "sparse": bool(sparse),
             "fanout_scaled_steps": bool(fanout_scaled_steps), "ignore_index": int(ignore_index),
             "reduction": reduction, "projections": {str(int(k)): int(v) for k, v in (projections or {}).items()},
+            "bias_free_nodes": sorted({int(n) for n in bias_free_nodes or ()}),
         }  # fmt: skip
 
         def step_scale(width: np.ndarray | int) -> np.ndarray:
@@ -129,6 +135,12 @@ class TreeSoftmaxHead(nn.Module):
         for node, size in projections.items():
             if not 0 <= node < tree.num_internal or not 1 <= size <= dim:
                 raise ValueError(f"projection {node}: {size} must name an internal node and a size in 1..{dim}")
+        bad = [n for n in self._settings["bias_free_nodes"] if not 0 <= n < tree.num_internal]
+        if bad:
+            raise ValueError(f"bias_free_nodes {bad[:5]} are not internal nodes (0..{tree.num_internal - 1})")
+        # True where a node's children have no bias (every node when bias=False)
+        self._bias_free = np.full(tree.num_internal, not bias)
+        self._bias_free[self._settings["bias_free_nodes"]] = True
         fanout = tree.fanout
         order = np.argsort(-fanout, kind="stable")
         wide = [int(n) for n in order[:max_dense_nodes] if fanout[n] > dense_fanout]
@@ -144,10 +156,11 @@ class TreeSoftmaxHead(nn.Module):
         self.dense_projections = nn.ModuleList()
         self._dense_nodes = dense_nodes
         self._dense_scale = [float(step_scale(int(fanout[n]))) for n in dense_nodes]
+        self._dense_biased = [not self._bias_free[n] for n in dense_nodes]
         for k, node in enumerate(dense_nodes):
             size = projections.get(node, dim)
             self.dense_weights.append(nn.Parameter(torch.empty(int(fanout[node]), size)))
-            self.dense_biases.append(nn.Parameter(torch.zeros(int(fanout[node])), requires_grad=bias))
+            self.dense_biases.append(nn.Parameter(torch.zeros(int(fanout[node])), requires_grad=self._dense_biased[k]))
             self.dense_projections.append(nn.Linear(dim, size, bias=False) if node in projections else nn.Identity())
             group_of[node], local_of[node] = k, 0
         # The top levels of packed nodes, visited by most samples, form one shared block whose
@@ -167,6 +180,11 @@ class TreeSoftmaxHead(nn.Module):
         self._top_width = int(fanout[top_nodes].max()) if self._has_top else 0
         column_scale = np.repeat(step_scale(fanout[top_nodes]), fanout[top_nodes]).astype(np.float32)
         self.register_buffer("_top_scale", torch.from_numpy(column_scale), persistent=False)
+        # bias-free nodes of a shared block: their bias columns are multiplied by 0 in the scores
+        top_free = self._bias_free[top_nodes]
+        self._top_bias_masked = bool(bias and top_free.any())
+        column_keep = np.repeat(~top_free, fanout[top_nodes]).astype(np.float32)
+        self.register_buffer("_top_bias_keep", torch.from_numpy(column_keep), persistent=False)
         group_of[top_nodes], local_of[top_nodes] = len(dense_nodes), top_offset[top_nodes]
         is_packed = ~is_dense
         is_packed[top_nodes] = False
@@ -176,7 +194,8 @@ class TreeSoftmaxHead(nn.Module):
         self.bucket_biases = nn.ParameterList()
         self._bucket_widths = widths
         self._bucket_scale = [float(step_scale(w)) for w in widths]
-        masks = []
+        masks, keeps = [], []
+        self._bucket_bias_masked = []
         for b, width in enumerate(widths):
             members = np.flatnonzero(is_packed & (np.array([_bucket_width(f) for f in fanout]) == width))
             group_of[members] = first_bucket + b
@@ -186,8 +205,13 @@ class TreeSoftmaxHead(nn.Module):
             self.bucket_biases.append(nn.Parameter(torch.zeros(members.size, width), requires_grad=bias))
             valid = torch.from_numpy(np.arange(width)[None, :] < fanout[members][:, None])
             masks.append(valid)
-        for b, valid in enumerate(masks):
+            self._bucket_bias_masked.append(bool(bias and self._bias_free[members].any()))
+            keep = np.repeat(~self._bias_free[members, None], width, 1).astype(np.float32)  # 0: bias-free node
+            keeps.append(torch.from_numpy(keep) if self._bucket_bias_masked[-1] else None)
+        for b, (valid, keep) in enumerate(zip(masks, keeps, strict=True)):
             self.register_buffer(f"_bucket_valid_{b}", valid, persistent=False)
+            if keep is not None:  # (members, width), only for buckets holding a bias-free node
+                self.register_buffer(f"_bucket_bias_keep_{b}", keep, persistent=False)
         self.num_groups = first_bucket + len(widths)
         self.register_buffer("_group_of", torch.from_numpy(group_of), persistent=False)
         self.register_buffer("_local_of", torch.from_numpy(local_of), persistent=False)
@@ -246,17 +270,22 @@ class TreeSoftmaxHead(nn.Module):
         Works whichever layout (dense or packed) the node lives in; used to copy weights
         from other heads (e.g. `torch.nn.AdaptiveLogSoftmaxWithLoss`) and to load exports.
         The values are the effective ones (the step-size scale is divided out here).
+
+        Raises:
+            ValueError: a shape that does not fit the node, a projection for a node without
+                one, or a non-zero bias for a bias-free node.
         """
         fanout = int(self._fanout[node])
         group = int(self._group_of[node])
         num_dense = len(self._dense_nodes)
-        if group < num_dense:
-            scale = self._dense_scale[group]
-        elif group == num_dense:
-            scale = float(self._top_scale[int(self._local_of[node])])
-        else:
-            scale = self._bucket_scale[group - num_dense - 1]
+        scale = self._node_scale(node)
         weight = weight / scale
+        if bias is not None and self._bias_free[node]:
+            if bool(torch.any(bias != 0)):
+                raise ValueError(
+                    f"node {node} is bias-free (bias=False or bias_free_nodes) and was given a non-zero bias"
+                )
+            bias = None
         bias = bias / scale if bias is not None else None
         if group < num_dense:
             if tuple(weight.shape) != tuple(self.dense_weights[group].shape):
@@ -285,6 +314,38 @@ class TreeSoftmaxHead(nn.Module):
         if bias is not None:
             self.bucket_biases[b][local, :fanout] = bias
 
+    def _node_scale(self, node: int) -> float:
+        """The step-size scale of a node's stored parameters (effective = scale * stored)."""
+        group, num_dense = int(self._group_of[node]), len(self._dense_nodes)
+        if group < num_dense:
+            return self._dense_scale[group]
+        if group == num_dense:
+            return float(self._top_scale[int(self._local_of[node])])
+        return self._bucket_scale[group - num_dense - 1]
+
+    @torch.no_grad()
+    def node_parameters(self, node: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The effective child weights (fanout, dim_n), bias (fanout,) and projection (dim_n, d) of a node.
+
+        The inverse of `set_node_parameters`: ``s(node, c) = weight[c] . (projection @ h) + bias[c]``;
+        ``bias`` is None for a bias-free node (``bias=False`` or ``bias_free_nodes``) and
+        ``projection`` None for a node without one (the identity). New tensors.
+        """
+        fanout, group, num_dense = int(self._fanout[node]), int(self._group_of[node]), len(self._dense_nodes)
+        scale, local = self._node_scale(node), int(self._local_of[node])
+        projection = None
+        if group < num_dense:
+            weight, bias = self.dense_weights[group], self.dense_biases[group]
+            if isinstance(self.dense_projections[group], nn.Linear):
+                projection = self.dense_projections[group].weight.detach().clone()
+        elif group == num_dense:
+            weight, bias = self.top_weight[local : local + fanout], self.top_bias[local : local + fanout]
+        else:
+            b = group - num_dense - 1
+            weight = self.bucket_weights[b][local].view(self._bucket_widths[b], self.dim)[:fanout]
+            bias = self.bucket_biases[b][local, :fanout]
+        return weight * scale, None if self._bias_free[node] else bias * scale, projection
+
     @property
     def num_classes(self) -> int:
         """V."""
@@ -309,11 +370,12 @@ class TreeSoftmaxHead(nn.Module):
             if g < num_dense:
                 z = self.dense_projections[g](h[rows[index]])  # (P_g, dim_n)
                 weight, bias = self.dense_weights[g], self.dense_biases[g]
-                scores = torch.addmm(bias, z, weight.t()) if self.bias else z @ weight.t()  # (P_g, fanout)
+                scores = torch.addmm(bias, z, weight.t()) if self._dense_biased[g] else z @ weight.t()  # (P_g, fanout)
                 scale = self._dense_scale[g]
                 yield index, scores if scale == 1.0 else scores * scale, None
             elif g == num_dense:
-                block = torch.addmm(self.top_bias, h, self.top_weight.t()) if self.bias else h @ self.top_weight.t()
+                top_bias = self.top_bias * self._top_bias_keep if self._top_bias_masked else self.top_bias
+                block = torch.addmm(top_bias, h, self.top_weight.t()) if self.bias else h @ self.top_weight.t()
                 block = block * self._top_scale
                 position = torch.arange(self._top_width, device=h.device)
                 fan = self._fanout[nodes[index]]
@@ -326,8 +388,12 @@ class TreeSoftmaxHead(nn.Module):
                 # an embedding lookup, so that the gradient can be sparse (only the rows touched)
                 weights = nn.functional.embedding(local, self.bucket_weights[b], sparse=self.sparse)
                 weights = weights.view(local.shape[0], self._bucket_widths[b], self.dim)  # (P_g, F, d)
-                bias = nn.functional.embedding(local, self.bucket_biases[b], sparse=self.sparse)  # (P_g, F)
-                scores = torch.einsum("pfd,pd->pf", weights, h[rows[index]]) + bias
+                scores = torch.einsum("pfd,pd->pf", weights, h[rows[index]])
+                if self.bias:
+                    bias = nn.functional.embedding(local, self.bucket_biases[b], sparse=self.sparse)  # (P_g, F)
+                    if self._bucket_bias_masked[b]:
+                        bias = bias * getattr(self, f"_bucket_bias_keep_{b}")[local]  # bias-free nodes: 0
+                    scores = scores + bias
                 scale = self._bucket_scale[b]
                 yield index, scores if scale == 1.0 else scores * scale, self._bucket_valid(b)[local]
 
