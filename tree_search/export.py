@@ -16,6 +16,9 @@ labels          no        list of V strings (tokens), or null
 counts          no        list of V non-negative numbers (training counts), or null
 built_by        no        object: ``{"builder": name, "params": {...}}`` or any JSON object
 metrics         no        object of named numbers (valid NLL, cost ratio, ...)
+node_names      no        list of I strings or nulls: the name of internal node ``u``
+                          (a taxonomy's categories); written only when known, so files
+                          without names stay readable by older versions
 ==============  ========  ===============================================================
 
 Unknown fields and versions are rejected. ``codes.npz`` holds, per class, ``points``
@@ -69,7 +72,7 @@ _NPZ_DECODE_ERRORS = (
 )  # fmt: skip
 _REQUIRED = ("format", "version", "num_classes", "children")
 _CODES_ARRAYS = ("format", "version", "num_classes", "points", "codes", "lengths", "fanout", "labels", "counts")
-_OPTIONAL = ("hash", "labels", "counts", "built_by", "metrics")
+_OPTIONAL = ("hash", "labels", "counts", "built_by", "metrics", "node_names")
 
 
 class TreeFileError(ValueError):
@@ -83,16 +86,26 @@ class TreeFileError(ValueError):
 
 @dataclass(frozen=True)
 class TreeRecord:
-    """A tree with what a file says about it: class labels, counts, provenance, metrics."""
+    """A tree with what a file says about it: class labels, counts, provenance, metrics, node names.
+
+    ``node_names[u]`` names internal node ``u`` (None: unnamed), e.g. the categories of a
+    taxonomy tree (`builders.from_taxonomy`); names follow the internal ids of ``tree``.
+    """
 
     tree: Tree
     labels: tuple[str, ...] | None = None
     counts: np.ndarray | None = None
     built_by: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    node_names: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         V = self.tree.num_classes
+        if self.node_names is not None:
+            I = self.tree.num_internal  # noqa: E741 (I is the paper's name)
+            if len(self.node_names) != I or not all(n is None or isinstance(n, str) for n in self.node_names):
+                raise ValueError(f"node_names must be {I} strings or None, one per internal node")
+            object.__setattr__(self, "node_names", tuple(self.node_names))
         if self.labels is not None:
             if len(self.labels) != V or not all(isinstance(t, str) for t in self.labels):
                 raise ValueError(f"labels must be {V} strings, one per class")
@@ -123,6 +136,7 @@ class TreeRecord:
             and same_counts
             and dict(self.built_by) == dict(other.built_by)
             and dict(self.metrics) == dict(other.metrics)
+            and self.node_names == other.node_names
         )
 
     __hash__ = None  # type: ignore[assignment]  # holds arrays; compare, don't hash
@@ -150,6 +164,7 @@ def save_tree_json(
     counts: Sequence[float] | np.ndarray | None = None,
     built_by: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
+    node_names: Sequence[str | None] | None = None,
 ) -> Path:
     """Write ``tree.json`` (see the module docstring for the schema); returns the path.
 
@@ -160,8 +175,9 @@ def save_tree_json(
         counts: one non-negative number per class (training counts).
         built_by: how the tree was built, e.g. ``{"builder": "huffman", "params": {...}}``.
         metrics: named numbers known about the tree (valid NLL, cost ratio, ...).
+        node_names: one name (or None) per internal node; the field is left out when None.
     """
-    record = _as_record(tree, labels=labels, counts=counts, built_by=built_by, metrics=metrics)
+    record = _as_record(tree, labels=labels, counts=counts, built_by=built_by, metrics=metrics, node_names=node_names)
     document = {
         "format": TREE_FORMAT,
         "version": TREE_VERSION,
@@ -173,6 +189,8 @@ def save_tree_json(
         "metrics": {str(k): float(v) for k, v in record.metrics.items()},
         "children": record.tree.children_lists(),
     }
+    if record.node_names is not None:
+        document["node_names"] = list(record.node_names)
     try:  # serialise before touching the disk, so a bad value leaves no file behind
         text = json.dumps(document, allow_nan=False, separators=(",", ":")) + "\n"
     except (TypeError, ValueError) as err:
@@ -263,12 +281,23 @@ def _record_from_document(path: Path, document: Any) -> TreeRecord:
     for key, val in metrics.items():
         if not _is_finite_number(val):
             raise TreeFileError(path, f"metrics.{key}", f"expected a number, got {val!r}")
+    node_names = document.get("node_names")
+    if node_names is not None:
+        if not isinstance(node_names, list) or len(node_names) != tree.num_internal:
+            raise TreeFileError(
+                path, "node_names", f"expected a list of {tree.num_internal} strings or nulls (one per internal node)"
+            )
+        bad = next((u for u, n in enumerate(node_names) if n is not None and not isinstance(n, str)), None)
+        if bad is not None:
+            raise TreeFileError(path, f"node_names[{bad}]", f"expected a string or null, got {node_names[bad]!r}")
+        node_names = tuple(node_names)
     return TreeRecord(
         tree,
         labels=tuple(labels) if labels is not None else None,
         counts=counts,
         built_by=built_by,
         metrics={k: float(v) for k, v in metrics.items()},
+        node_names=node_names,
     )
 
 

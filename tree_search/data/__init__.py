@@ -5,6 +5,7 @@ from tree_search.data.features import EncoderConfig, FeatureDataset, build_featu
 from tree_search.data.npz_dataset import load_npz_dataset
 from tree_search.data.planted import PlantedConfig, PlantedData, make_planted
 from tree_search.data.prepare import cached_datasets, load_corpus, prepare_dataset
+from tree_search.data.taxonomy import Taxonomy, load_taxonomy, taxonomy_tree
 from tree_search.data.text_corpus import load_text_corpus
 from tree_search.data.vocab import UNK, DataError, Vocab, load_vocab, read_counts_tsv
 
@@ -16,6 +17,7 @@ __all__ = [
     "FeatureDataset",
     "PlantedConfig",
     "PlantedData",
+    "Taxonomy",
     "TokenCorpus",
     "Vocab",
     "build_features",
@@ -23,9 +25,11 @@ __all__ = [
     "load_corpus",
     "load_npz_dataset",
     "load_stdlib_corpus",
+    "load_taxonomy",
     "load_text_corpus",
     "load_vocab",
     "make_planted",
     "prepare_dataset",
     "read_counts_tsv",
+    "taxonomy_tree",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from tree_search.builders import UNKNOWN_MODES
 from tree_search.data.planted import PlantedConfig
 from tree_search.heads.node_train import NodeRecipe
 
@@ -48,6 +49,9 @@ class TreeEnvConfig:
     split_flat_max: int = 256  # "flat" is legal for groups of at most this many classes (and at the root)
     split_leaf_size: int = 8  # the inherited rule makes groups of at most this many classes flat nodes
     split_head_max: int = 256  # most classes the head of a head-and-tail cut may keep as leaves
+    taxonomy: str = ""  # a taxonomy file (child<TAB>parent .tsv or .json): the split episode starts below its level
+    taxonomy_level: int = 1  # the taxonomy's nodes at this depth are the starting groups; the levels above are fixed
+    taxonomy_unknown: str = "catch-all"  # classes absent from the taxonomy: "catch-all", "frequency" or "error"
     # --- merge environment
     merge_candidates: int = 8  # m: the m lightest roots plus the m nearest to the lightest are candidates
     merge_max_leaves: int = 512  # above this V, the forest starts from merge_groups Huffman-built groups
@@ -60,6 +64,10 @@ class TreeEnvConfig:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"TreeEnvConfig.{name} must be {rule}, got {getattr(self, name)!r}")
 
+        if not isinstance(self.taxonomy, str):
+            raise bad("taxonomy", "a taxonomy file path (.tsv or .json), or '' for none")
+        if self.taxonomy_unknown not in UNKNOWN_MODES:
+            raise bad("taxonomy_unknown", f"one of {UNKNOWN_MODES}")
         if not isinstance(self.dataset, str) or not self.dataset:
             raise bad("dataset", "'builtin', 'planted', a .npz path or a feature folder")
         if not isinstance(self.planted, PlantedConfig):
@@ -87,6 +95,7 @@ class TreeEnvConfig:
             "split_flat_max": 2,
             "split_leaf_size": 2,
             "split_head_max": 1,
+            "taxonomy_level": 1,
             "merge_candidates": 2,
             "merge_max_leaves": 2,
             "merge_groups": 2,

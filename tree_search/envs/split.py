@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.envs.base import TreeEnv
 from tree_search.envs.reward import NodeContent
 from tree_search.split_grammar import FLAT, ORDERS, SplitRule, partition_group, split_rules
@@ -87,7 +88,14 @@ class SplitEnv(TreeEnv):
     decision's node and the nodes finished by the inherited rules are paid then).
 
     ## Starting State
-    One open group, the root, with all classes. Deterministic.
+    One open group, the root, with all classes. Deterministic. With ``config.taxonomy`` (a
+    taxonomy file, `tree_search.data.taxonomy`, matched to the dataset's class tokens), the
+    taxonomy tree's nodes above ``config.taxonomy_level`` are fixed as given and each of its
+    nodes at that depth is a starting group holding the classes below it (the taxonomy's
+    structure below that level is what the episode searches); classes that are leaves above
+    that depth stay leaves. Groups of more than ``split_min_group`` classes are open for the
+    agent (largest mass first); smaller ones, and open groups left after ``max_steps``
+    decisions, become flat nodes.
 
     ## Episode End
     Terminates when no group is left for the agent, or after ``max_steps`` decisions;
@@ -102,7 +110,7 @@ class SplitEnv(TreeEnv):
     ## Version History
     * v1: head-and-tail with k-means or PCA tail clusters (37 actions by default); k-means and
       PCA seeded by each group's content (so the same actions can give other trees than v0's);
-      ``reward_mode="dense"``.
+      ``reward_mode="dense"``; a taxonomy start (``config.taxonomy``; default episodes unchanged).
     * v0: initial version.
     """
 
@@ -114,6 +122,48 @@ class SplitEnv(TreeEnv):
         p = self.mass
         centre = p @ self.embeddings
         self._total_spread = float(p @ ((self.embeddings - centre) ** 2).sum(axis=1)) or 1.0
+        self._fixed = self._taxonomy_start() if self.config.taxonomy else None
+
+    def _taxonomy_start(self) -> tuple[list[list[int]], list[int], list[np.ndarray], float]:
+        """The fixed upper part of the taxonomy tree: children lists, node depths, starting groups' classes, cost.
+
+        The cost is the fixed nodes' share of the committed cost (sum of fanout x mass).
+
+        Node ids: the fixed nodes (depth below the level) first in their taxonomy order, then
+        one node per starting group, so that every parent comes before its children.
+        """
+        level, path = self.config.taxonomy_level, self.config.taxonomy
+        tree, _ = taxonomy_tree(path, self.dataset.vocab.tokens, self.counts, unknown=self.config.taxonomy_unknown)
+        V = self.num_classes
+        fixed = np.flatnonzero(tree.node_depth < level)
+        groups = np.flatnonzero(tree.node_depth == level)
+        if groups.size == 0:
+            raise ValueError(
+                f"TreeEnvConfig.taxonomy_level={level}: the tree of {path} has no internal node at that depth "
+                f"(its deepest is at depth {int(tree.node_depth.max())}); choose a smaller level"
+            )
+        new_id = np.full(tree.num_internal, -1, dtype=np.int64)
+        new_id[fixed] = np.arange(fixed.size)
+        new_id[groups] = fixed.size + np.arange(groups.size)
+        ids = tree.child_ids.copy()
+        ids[ids >= V] = V + new_id[ids[ids >= V] - V]
+        rows = np.split(ids, tree.child_ptr[1:-1])
+        children = [rows[u].tolist() for u in fixed]
+        nodes, _, _ = tree.paths()
+        ancestor = np.where(tree.depth > level, nodes[:, min(level, nodes.shape[1] - 1)], -1)  # (V,) group's node
+        key = np.where(ancestor >= 0, new_id[ancestor], -1)  # leaves above the level sort first, then by group
+        order = np.argsort(key, kind="stable")[np.sum(ancestor < 0) :]  # classes below the level, by group
+        sizes = np.bincount(key[order] - fixed.size, minlength=groups.size)
+        members = np.split(order, np.cumsum(sizes)[:-1])
+        if max(m.size for m in members) <= self.config.split_min_group:
+            raise ValueError(
+                f"TreeEnvConfig.taxonomy_level={level}: no group of {path} at that depth has more than "
+                f"split_min_group={self.config.split_min_group} classes, so the agent has nothing to decide; "
+                "choose a smaller level or split_min_group"
+            )
+        depths = [*tree.node_depth[fixed].tolist(), *[level] * groups.size]
+        committed = float(tree.fanout[fixed] @ tree.subtree_sums(self.mass)[fixed])
+        return children, depths, members, committed
 
     def _num_actions(self) -> int:
         return 9 * len(self.config.fanouts) + 1
@@ -134,7 +184,21 @@ class SplitEnv(TreeEnv):
         self._groups: dict[int, tuple[np.ndarray, SplitRule | None]] = {0: (np.arange(V), None)}
         self._later: list[int] = []  # groups finished by their inherited rule at the end
         self._committed = 0.0  # sum over decided nodes of fanout x mass
-        self._queue.append((-1.0, 0))
+        if self._fixed is None:
+            self._queue.append((-1.0, 0))
+            return
+        # a taxonomy start: its upper part fixed, its nodes at the level as the starting groups
+        children, depths, members, committed = self._fixed
+        first = len(children)
+        self._children = [list(row) for row in children] + [[] for _ in members]
+        self._depth = list(depths)
+        self._groups = {first + g: (part, None) for g, part in enumerate(members)}
+        for g, part in enumerate(members):
+            if part.size > self.config.split_min_group:
+                heapq.heappush(self._queue, (-float(self.mass[part].sum()), first + g))
+            else:
+                self._later.append(first + g)
+        self._committed = committed
 
     def _current(self) -> int:
         return self._queue[0][1]

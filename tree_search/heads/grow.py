@@ -1,0 +1,316 @@
+"""Growing a tree: add new classes to a tree and its trained `TreeSoftmaxHead` without rebuilding either.
+
+New classes get the next ids (``V, V+1, ...``); every existing internal node keeps its id and
+its weights. Two ways to attach a new class:
+
+- ``"sibling"`` (default): the new class becomes one more child of an existing internal node.
+  Only that node's softmax changes, so only the classes below it change probability (each
+  loses the same share); every other class's log-probability is unchanged.
+- ``"split"``: the new class splits an existing class's leaf into a new binary node
+  ``(old class, new class)``; only the old class changes, by exactly ``log(1 - prior)``.
+
+Where to attach (placement):
+
+- by embedding (`nearest_classes`): the existing class nearest by cosine to a vector given
+  for the new class (e.g. rows of the model's input embeddings); ``"sibling"`` attaches the
+  new class under that class's parent, ``"split"`` splits that class's leaf;
+- by frequency (`place_by_frequency`): under the internal node whose children's mean mass,
+  ``mass(n) / fanout(n)``, is closest (in log) to the new class's count, so the new class
+  joins siblings of its own frequency, about the depth a Huffman tree would give it.
+
+Initial weights of a new child (DESIGN.md's scores ``s(n, c) = w_c . P_n h + b_c``):
+
+- ``"sibling"``: ``w_new`` is the anchor class's row when the anchor is a sibling (placement
+  by embedding: the new class starts out scoring like its nearest class), else the mean of
+  the node's rows; ``b_new`` is set so that at ``h = 0`` (where scores are the biases) the new
+  class gets ``prior`` of the node's probability: ``b_new = log(prior / (1 - K prior)) +
+  logsumexp(b)`` for K new children of the node.
+- ``"split"``: the new node's rows are zero, the old class's bias 0 and the new class's
+  ``log(prior / (1 - K prior))``: ``p(new | node) = prior`` for every ``h``.
+
+Growing copies each node's parameters once (a Python loop over internal nodes, ~0.1 ms each):
+an edit made once, not a training or inference path.
+
+Example:
+    >>> import torch
+    >>> from tree_search.builders import huffman
+    >>> from tree_search.heads import TreeSoftmaxHead
+    >>> head = TreeSoftmaxHead(huffman([50, 30, 10, 5, 5]), dim=4)
+    >>> grown = grow_head(head, [1], prior=0.05)  # class 5 joins internal node 1's children
+    >>> grown.tree.num_classes, round(float(grown.log_probs_all(torch.randn(3, 4)).detach().exp().sum(-1)[0]), 4)
+    (6, 1.0)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tree_search.heads.tree_head import TreeSoftmaxHead
+from tree_search.tree import Tree
+
+__all__ = ["ATTACH_MODES", "GrowResult", "grow_by_embedding", "grow_by_frequency", "grow_head", "grow_tree",
+           "nearest_classes", "place_by_frequency"]  # fmt: skip
+
+ATTACH_MODES = ("sibling", "split")
+
+
+@dataclass(frozen=True)
+class GrowResult:
+    """A grown head, and where each new class went."""
+
+    head: TreeSoftmaxHead  # the new head; its tree is ``head.tree``
+    targets: np.ndarray  # (K,) what was grown: internal nodes ("sibling") or classes split ("split")
+    anchors: np.ndarray | None  # (K,) the nearest existing class of each new class (placement by embedding)
+    attach: str  # "sibling" or "split"
+
+
+def _as_ids(values: Sequence[int] | np.ndarray, name: str, low: int, high: int, what: str) -> np.ndarray:
+    ids = np.asarray(values)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of integer ids, got {values!r}")
+    bad = np.flatnonzero((ids < low) | (ids >= high))
+    if bad.size:
+        raise ValueError(f"{name}[{bad[0]}] = {ids[bad[0]]} is not {what} (expected {low}..{high - 1})")
+    return ids.astype(np.int64)
+
+
+def grow_tree(tree: Tree, targets: Sequence[int] | np.ndarray, attach: str = "sibling") -> Tree:
+    """The tree with K new classes ``V..V+K-1``: new class ``V+k`` attached at ``targets[k]``.
+
+    Args:
+        tree: the tree to grow.
+        targets: (K,) internal nodes to add a child to (``"sibling"``), or classes whose leaf
+            each new class splits (``"split"``: the class and every new class aimed at it
+            become the children of one new internal node, appended after the old ones).
+        attach: ``"sibling"`` or ``"split"``.
+
+    Returns:
+        The grown tree; old internal nodes keep their ids, old classes their ids and positions.
+
+    Example:
+        >>> from tree_search.builders import from_nested
+        >>> grow_tree(from_nested([0, [1, 2]]), [1]).children_lists()  # class 3 joins node 1
+        [[0, 5], [1, 2, 3]]
+        >>> grow_tree(from_nested([0, [1, 2]]), [0], attach="split").children_lists()  # class 3 splits class 0
+        [[6, 5], [1, 2], [0, 3]]
+    """
+    if attach not in ATTACH_MODES:
+        raise ValueError(f"attach must be one of {ATTACH_MODES}, got {attach!r}")
+    V, I = tree.num_classes, tree.num_internal  # noqa: E741 (I is the paper's name)
+    if attach == "sibling":
+        targets = _as_ids(targets, "targets", 0, I, "an internal node")
+    else:
+        targets = _as_ids(targets, "targets", 0, V, "a class")
+    K = targets.size
+    ids = tree.child_ids.copy()
+    ids[ids >= V] += K  # internal node u is now V + K + u
+    rows = [list(r) for r in np.split(ids, tree.child_ptr[1:-1])]
+    if attach == "sibling":
+        for k, node in enumerate(targets.tolist()):
+            rows[node].append(V + k)
+        return Tree(V + K, rows)
+    anchors, first = np.unique(targets, return_index=True)
+    anchors = anchors[np.argsort(first)]  # new nodes in order of first use
+    for j, anchor in enumerate(anchors.tolist()):
+        parent, position = int(tree.leaf_parent[anchor]), int(tree.leaf_child_index[anchor])
+        rows[parent][position] = V + K + I + j
+        rows.append([anchor, *(V + k for k in np.flatnonzero(targets == anchor).tolist())])
+    return Tree(V + K, rows)
+
+
+def _check_prior(prior: float, children_added: np.ndarray) -> None:
+    if not (isinstance(prior, (int, float)) and 0 < prior < 1):
+        raise ValueError(f"prior must be a number in (0, 1), got {prior!r}")
+    most = int(children_added.max())
+    if most * prior >= 1:
+        raise ValueError(f"{most} new classes share one node, each with prior {prior}: their total must stay below 1")
+
+
+def grow_head(
+    head: TreeSoftmaxHead,
+    targets: Sequence[int] | np.ndarray,
+    *,
+    attach: str = "sibling",
+    prior: float = 0.01,
+    anchors: Sequence[int] | np.ndarray | None = None,
+    labels: Sequence[str] | None = None,
+    counts: Sequence[float] | np.ndarray | None = None,
+) -> TreeSoftmaxHead:
+    """A new head on ``grow_tree(head.tree, targets, attach)``, with the old head's weights for every old node.
+
+    Args:
+        head: a (trained) head; it is not modified.
+        targets: (K,) as in `grow_tree`.
+        attach: ``"sibling"`` or ``"split"`` (see the module docstring).
+        prior: the new class's initial share of its node (module docstring: exact at ``h = 0``
+            for ``"sibling"``, for every ``h`` for ``"split"``).
+        anchors: (K,) for ``"sibling"``: an existing child class of ``targets[k]`` whose weight
+            row new class ``k`` copies (None: the mean of the node's rows).
+        labels: (K,) tokens of the new classes, appended to ``head.labels`` when it has them.
+        counts: (K,) counts of the new classes, appended to ``head.counts`` when it has them.
+
+    Returns:
+        The grown head (same settings, dtype and device).
+
+    Raises:
+        ValueError: a target out of range, an anchor that is not a child class of its target,
+            a prior outside (0, 1) or K new children of one node with ``K * prior >= 1``, or a
+            target node without biases (the prior needs one).
+    """
+    old = head.tree
+    V, I = old.num_classes, old.num_internal  # noqa: E741 (I is the paper's name)
+    tree = grow_tree(old, targets, attach)
+    targets = np.asarray(targets, dtype=np.int64)
+    K = targets.size
+    _check_prior(prior, np.bincount(targets))
+    bias_free = set(head._settings.get("bias_free_nodes", ()))  # noqa: SLF001 - the head's own settings
+    if not head.bias or (attach == "sibling" and bias_free & set(targets.tolist())):
+        raise ValueError("the new class's prior is set through its node's biases, and the target node has none")
+    if anchors is not None:
+        if attach != "sibling":
+            raise ValueError("anchors are for attach='sibling' (a split node's rows start at zero)")
+        anchors = _as_ids(anchors, "anchors", 0, V, "a class")
+        if anchors.size != K or np.any(old.leaf_parent[anchors] != targets):
+            k = int(np.flatnonzero(old.leaf_parent[anchors] != targets)[0]) if anchors.size == K else 0
+            raise ValueError(f"anchors must be K={K} classes, anchors[k] a child of targets[k]; anchor {k} is not")
+    settings = dict(head._settings)  # noqa: SLF001 - what `save` writes and `load` rebuilds from
+    settings["projections"] = {int(n): int(size) for n, size in settings["projections"].items()}
+    grown = TreeSoftmaxHead(tree, settings.pop("dim"), **settings)
+    dtype, device = next(head.parameters()).dtype, next(head.parameters()).device
+    # Copy through float64: an unchanged node's stored float32 values come back bit for bit.
+    source = copy.deepcopy(head).to(device=device, dtype=torch.float64)
+    grown = grown.to(device=device, dtype=torch.float64)
+    reference = next(grown.parameters())
+    grown_nodes = set(targets.tolist()) if attach == "sibling" else set()
+    for node in range(I):
+        weight, bias, projection = source.node_parameters(node)
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        if node in grown_nodes:
+            mine = np.flatnonzero(targets == node)
+            share = math.log(prior) - math.log1p(-prior * mine.size)
+            if anchors is not None:
+                rows = weight[torch.as_tensor(old.leaf_child_index[anchors[mine]], device=weight.device)]
+            else:
+                rows = weight.mean(0, keepdim=True).expand(mine.size, -1)
+            new_bias = torch.full((mine.size,), share, dtype=bias.dtype, device=bias.device) + torch.logsumexp(bias, 0)
+            weight, bias = torch.cat([weight, rows]), torch.cat([bias, new_bias])
+        grown.set_node_parameters(node, weight, None if node in bias_free else bias, projection)
+    if attach == "split":
+        for node in range(I, tree.num_internal):
+            fanout = int(tree.fanout[node])
+            share = math.log(prior) - math.log1p(-prior * (fanout - 1))
+            bias = torch.full((fanout,), share, dtype=reference.dtype, device=reference.device)
+            bias[0] = 0.0  # the old class
+            grown.set_node_parameters(node, torch.zeros(fanout, head.dim, dtype=reference.dtype,
+                                                         device=reference.device), bias)  # fmt: skip
+    grown = grown.to(dtype=dtype)
+    grown.labels = None
+    if head.labels is not None:
+        if labels is None or len(labels) != K:
+            raise ValueError(f"the head has labels: give the {K} new classes' labels")
+        grown.labels = [*head.labels, *labels]
+    grown.counts = None
+    if head.counts is not None and counts is not None:
+        grown.counts = np.concatenate([np.asarray(head.counts, dtype=np.float64), np.asarray(counts, np.float64)])
+    grown.metadata = {**head.metadata, "grown_from": {"num_classes": V, "attach": attach, "targets": targets.tolist()}}
+    return grown.train(head.training)
+
+
+def nearest_classes(class_vectors: np.ndarray, new_vectors: np.ndarray) -> np.ndarray:
+    """(K,) the existing class nearest by cosine to each new class's vector.
+
+    Args:
+        class_vectors: (V, e) one vector per existing class.
+        new_vectors: (K, e) one per new class.
+
+    Example:
+        >>> nearest_classes(np.eye(3), np.array([[0.1, 0.9, 0.0]])).tolist()
+        [1]
+    """
+    X = np.asarray(class_vectors, dtype=np.float64)
+    Q = np.asarray(new_vectors, dtype=np.float64)
+    if X.ndim != 2 or Q.ndim != 2 or X.shape[1] != Q.shape[1]:
+        raise ValueError(f"class_vectors (V, e) and new_vectors (K, e) must share e; got {X.shape} and {Q.shape}")
+    for name, M in (("class_vectors", X), ("new_vectors", Q)):
+        norms = np.linalg.norm(M, axis=1)
+        if np.any(~np.isfinite(norms) | (norms == 0)):
+            raise ValueError(
+                f"{name}[{int(np.flatnonzero(~np.isfinite(norms) | (norms == 0))[0])}] is zero or not finite"
+            )
+    X = X / np.linalg.norm(X, axis=1, keepdims=True)
+    Q = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    return np.argmax(Q @ X.T, axis=1)
+
+
+def place_by_frequency(tree: Tree, counts: np.ndarray, new_counts: Sequence[float] | np.ndarray) -> np.ndarray:
+    """(K,) the internal node whose mean child mass ``mass(n) / fanout(n)`` is nearest (in log) to each new count.
+
+    ``counts`` and ``new_counts`` are in the same units (e.g. training counts). Ties go to
+    the shallower node, then the smaller id.
+
+    Example:
+        >>> from tree_search.builders import huffman
+        >>> tree = huffman([64, 32, 16, 8, 4, 4])  # node u's children weigh about 64 / 2**(u+1)
+        >>> place_by_frequency(tree, np.array([64, 32, 16, 8, 4, 4]), [30, 3]).tolist()
+        [1, 4]
+    """
+    weights = np.asarray(counts, dtype=np.float64)
+    wanted = np.asarray(new_counts, dtype=np.float64)
+    if weights.shape != (tree.num_classes,) or np.any(~np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError(f"counts must be {tree.num_classes} finite non-negative numbers, one per class")
+    if wanted.ndim != 1 or wanted.size == 0 or np.any(~np.isfinite(wanted)) or np.any(wanted <= 0):
+        raise ValueError(f"new_counts must be a non-empty 1-D sequence of positive numbers, got {new_counts!r}")
+    child_mass = tree.subtree_sums(weights) / tree.fanout  # (I,)
+    gap = np.abs(np.log(np.maximum(child_mass, 1e-300))[None, :] - np.log(wanted)[:, None])  # (K, I)
+    order = np.lexsort((np.arange(tree.num_internal), tree.node_depth))  # shallow first, then by id
+    return order[np.argmin(gap[:, order], axis=1)]
+
+
+def grow_by_embedding(
+    head: TreeSoftmaxHead,
+    class_vectors: np.ndarray,
+    new_vectors: np.ndarray,
+    *,
+    attach: str = "sibling",
+    prior: float = 0.01,
+    labels: Sequence[str] | None = None,
+) -> GrowResult:
+    """Attach each new class next to its nearest existing class by cosine (see the module docstring).
+
+    ``"sibling"``: under the nearest class's parent, starting with that class's weight row;
+    ``"split"``: splitting the nearest class's leaf.
+    """
+    anchors = nearest_classes(class_vectors, new_vectors)
+    if class_vectors.shape[0] != head.num_classes:
+        raise ValueError(f"class_vectors has {class_vectors.shape[0]} rows; the head has {head.num_classes} classes")
+    if attach == "sibling":
+        targets = head.tree.leaf_parent[anchors]
+        grown = grow_head(head, targets, attach="sibling", prior=prior, anchors=anchors, labels=labels)
+    else:
+        targets = anchors
+        grown = grow_head(head, targets, attach=attach, prior=prior, labels=labels)
+    return GrowResult(grown, np.asarray(targets), anchors, attach)
+
+
+def grow_by_frequency(
+    head: TreeSoftmaxHead,
+    counts: np.ndarray,
+    new_counts: Sequence[float] | np.ndarray,
+    *,
+    prior: float = 0.01,
+    labels: Sequence[str] | None = None,
+) -> GrowResult:
+    """Attach each new class as a child of the node whose children weigh about as much (`place_by_frequency`).
+
+    The new rows are the mean of the node's rows.
+    """
+    targets = place_by_frequency(head.tree, counts, new_counts)
+    grown = grow_head(head, targets, attach="sibling", prior=prior, labels=labels, counts=new_counts)
+    return GrowResult(grown, targets, None, "sibling")
