@@ -24,7 +24,7 @@ def run(*args: str):
 
 
 def test_every_command_has_help():
-    for command in ([], ["baseline"], ["show"], ["export"]):
+    for command in ([], ["baseline"], ["show"], ["export"], ["explain"], ["early"]):
         result = run(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -170,3 +170,100 @@ def test_a_stop_signal_leaves_even_when_the_clean_up_hangs():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=25)
     assert done.returncode == 130 and "did not finish in 0.5 s" in done.stderr
     assert time.monotonic() - started < 20
+
+
+def test_export_a_head_into_torch_adaptive_softmax(tmp_path):
+    import torch
+
+    from tree_search import builders
+    from tree_search.heads import TreeSoftmaxHead
+    from tree_search.interop import adaptive_tail_nodes, load_torch_adaptive
+
+    tree = builders.frequency_cutoffs(np.arange(1, 61), [10, 30])  # class 59 is the most frequent: renumbered
+    head = TreeSoftmaxHead(tree, 16, projections={1: 4, 2: 1}, bias_free_nodes=adaptive_tail_nodes(tree))
+    torch.manual_seed(0)
+    head.set_node_parameters(0, torch.randn(12, 16), torch.randn(12))
+    head.save(tmp_path / "best_head.pt", labels=[f"w{i}" for i in range(60)])
+    result = run("export", str(tmp_path / "best_head.pt"), str(tmp_path / "adaptive.pt"), "--to", "torch-adaptive")
+    assert result.exit_code == 0 and "cutoffs [10, 30]" in result.output and "div_value 4" in result.output
+    exported = load_torch_adaptive(tmp_path / "adaptive.pt")
+    h = torch.randn(8, 16)
+    torch.testing.assert_close(exported.module.log_prob(h)[:, exported.permutation], head.log_probs_all(h),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    assert exported.labels[0] == "w59"
+    biased = TreeSoftmaxHead(tree, 16, projections={1: 4, 2: 1})
+    biased.set_node_parameters(1, torch.randn(20, 4), torch.ones(20), torch.randn(4, 16))
+    biased.save(tmp_path / "biased.pt")
+    TreeSoftmaxHead(builders.huffman(np.arange(1, 61)), 16).save(tmp_path / "huffman.pt")
+    (tmp_path / "junk.pt").write_text("not a head")
+    for source, message in [("biased.pt", "have non-zero biases"), ("huffman.pt", "not that shape"),
+                            ("junk.pt", "not a head file"), ("tree.json", "SOURCE must be a head file")]:  # fmt: skip
+        (tmp_path / "tree.json").write_text("{}")
+        result = CliRunner().invoke(main, ["export", str(tmp_path / source), str(tmp_path / "x.pt"), "--to",
+                                           "torch-adaptive"])  # fmt: skip
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_baseline_taxonomy_and_show_names(tmp_path):
+    from click.testing import CliRunner
+
+    from tree_search.cli import main
+    from tree_search.export import load_tree
+
+    (tmp_path / "counts.tsv").write_text("if\t50\nfor\t30\nx\t20\n+\t15\n-\t10\ny\t5\nzz\t2\n")
+    (tmp_path / "tax.tsv").write_text(
+        "if\tKeyword\nfor\tKeyword\n+\tOperator\n-\tOperator\nx\tName\ny\tName\n"
+        "Keyword\tToken\nOperator\tToken\nName\tToken\n"
+    )
+    (tmp_path / "bad.tsv").write_text("if\tKeyword\nif\tOther\nKeyword\tToken\n")
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(
+        main,
+        [
+            "baseline",
+            "--counts",
+            str(tmp_path / "counts.tsv"),
+            "--taxonomy",
+            str(tmp_path / "tax.tsv"),
+            "--trees",
+            "huffman-2",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "taxonomy" in result.output
+    record = load_tree(out / "taxonomy.tree.json")
+    assert record.node_names == ("Token", "Keyword", "Operator", "Name")
+    assert record.tree.depth[record.labels.index("zz")] == 1  # the catch-all of one class is that class
+    shown = runner.invoke(main, ["show", str(out / "taxonomy.tree.json"), "--class", "if"])
+    assert shown.exit_code == 0 and "[Keyword]" in shown.output and "4 of 4 internal nodes are named" in shown.output
+    bad = runner.invoke(
+        main, ["baseline", "--counts", str(tmp_path / "counts.tsv"), "--taxonomy", str(tmp_path / "bad.tsv")]
+    )
+    assert bad.exit_code == 1 and "bad.tsv:2: 'if' is given twice" in bad.output
+
+
+def test_explain_and_early_on_a_planted_run(tmp_path):  # uses the file's `run` helper (CliRunner().invoke(main, ...))
+    import json
+
+    from tree_search.data import PlantedConfig, make_planted
+    from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit
+
+    planted = PlantedConfig(num_classes=24, dim=8, fanout=3, signal=3.0, num_train=3000, num_valid=600, num_test=600)
+    data = make_planted(planted)
+    dataset = data.to_dataset()
+    head = TreeSoftmaxHead(data.tree, 8)
+    fit(head, dataset, TrainConfig(epochs=1, batch_size=128, lr=0.03), device="cpu")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"env_config": {"dataset": "planted", "planted": planted.__dict__}}))
+    head.save(folder / "best_head.pt", labels=dataset.vocab.tokens, counts=dataset.counts)
+    result = run("explain", str(folder), "--class", "3", "--min-inputs", "2", "--out", str(tmp_path / "ex"))
+    assert result.exit_code == 0 and "where the true path left the predicted one" in result.output
+    assert (tmp_path / "ex" / "explain.png").stat().st_size > 0
+    result = run("early", str(folder), "--costs", "0,1,19", "--out", str(tmp_path / "ea"))
+    assert result.exit_code == 0 and "coverage" in result.output and (tmp_path / "ea" / "early.png").exists()
+    bad = CliRunner().invoke(main, ["explain", str(folder), "--class", "nope"])
+    assert bad.exit_code == 1 and "not a token of the dataset" in bad.output

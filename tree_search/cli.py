@@ -44,6 +44,7 @@ from tree_search.data import (
     read_counts_tsv,
 )
 from tree_search.data.features import class_embeddings
+from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.envs.config import REWARD_MODES
 from tree_search.export import TreeFileError, TreeRecord, load_tree, save_tree
 from tree_search.heads import NodeRecipe
@@ -184,6 +185,21 @@ def main() -> None:
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the head training.")
 @click.option("--device", default=None, help="torch device for head training (default: cuda if available).")
+@click.option(
+    "--taxonomy",
+    "taxonomy_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A taxonomy of the classes (child<TAB>parent lines in a .tsv, or {child: parent} in a .json): "
+    "its tree joins the table as 'taxonomy', with its categories as node names in the written tree file.",
+)
+@click.option(
+    "--unknown",
+    type=click.Choice(["catch-all", "frequency", "error"]),
+    default="catch-all",
+    show_default=True,
+    help="With --taxonomy, classes it does not list: one catch-all node under the root, or placed by frequency "
+    "(Huffman-merged with the taxonomy's top categories), or an error.",
+)
 @_friendly_errors
 def baseline(
     counts_file: Path | None,
@@ -198,10 +214,13 @@ def baseline(
     epochs: float,
     seed: int,
     device: str | None,
+    taxonomy_file: Path | None,
+    unknown: str,
 ) -> None:
     """Build the classic trees (Huffman, balanced, frequency cutoffs) and compare them.
 
     With --evaluate, a head is trained on each tree and scored on the validation split.
+    With --taxonomy, the tree of a taxonomy file over the vocabulary's tokens joins them.
     """
     if evaluate and counts_file is not None:
         raise click.UsageError("--evaluate trains heads on the built-in corpus's features; drop --counts")
@@ -238,6 +257,11 @@ def baseline(
             else ""
         )
         raise click.UsageError(f"{err}{hint}") from None
+    node_names: dict[str, tuple[str | None, ...]] = {}
+    if taxonomy_file is not None:
+        taxonomy, node_names["taxonomy"] = taxonomy_tree(taxonomy_file, vocab.tokens, counts, unknown=unknown)
+        trees["taxonomy"] = builders.ClassicTree("taxonomy", taxonomy, builder="from_taxonomy",
+                                                 params={"file": str(taxonomy_file), "unknown": unknown})  # fmt: skip
     build_seconds = time.perf_counter() - started
     rows = []
     for name, classic in trees.items():
@@ -316,7 +340,8 @@ def baseline(
             if classic.projections:
                 built_by["projections"] = {str(n): d for n, d in classic.projections.items()}
             metrics = {k: float(v) for k, v in row.items() if _is_number(v) and math.isfinite(v)}
-            record = TreeRecord(tree, labels=labels, counts=counts, built_by=built_by, metrics=metrics)
+            record = TreeRecord(tree, labels=labels, counts=counts, built_by=built_by, metrics=metrics,
+                                node_names=node_names.get(row["tree"]))  # fmt: skip
             name = row["tree"]
             save_tree(out / f"{name}.tree.json", record)
             if codes:
@@ -360,6 +385,18 @@ def show(tree_file: Path, classes: tuple[str, ...], dim: int) -> None:
         console.print(f"  built by {json.dumps(dict(record.built_by))}")
     if record.metrics:
         console.print("  metrics " + ", ".join(f"{k}={v:.6g}" for k, v in record.metrics.items()))
+    if record.node_names is not None:
+        named = [(u, name) for u, name in enumerate(record.node_names) if name is not None]
+        console.print(f"  node names: {len(named):,} of {tree.num_internal:,} internal nodes are named")
+        names_table = Table(title="named nodes (shallowest first)")
+        for column in ("node", "name", "depth", "fanout", "classes"):
+            names_table.add_column(column, justify="left" if column == "name" else "right")
+        for u, name in sorted(named, key=lambda item: (tree.node_depth[item[0]], item[0]))[:30]:
+            names_table.add_row(str(u), name, str(tree.node_depth[u]), str(tree.fanout[u]),
+                                f"{tree.subtree_size[u]:,}")  # fmt: skip
+        console.print(names_table)
+        if len(named) > 30:
+            console.print(f"  ... {len(named) - 30:,} more named nodes")
     histogram = tree.depth_histogram()
     table = Table(title="classes per depth")
     table.add_column("depth", justify="right")
@@ -375,7 +412,9 @@ def show(tree_file: Path, classes: tuple[str, ...], dim: int) -> None:
         steps = tree.path(label)
         console.print(f"class {label} ({record.label(label)!r}), depth {len(steps)}:")
         for node, index in steps:
-            console.print(f"  node {node:>7} (fanout {tree.fanout[node]}) -> child {index}")
+            name = record.node_names[node] if record.node_names is not None else None
+            console.print(f"  node {node:>7} (fanout {tree.fanout[node]}) -> child {index}"
+                          + (f"  [{name}]" if name is not None else ""))  # fmt: skip
 
 
 def _resolve_class(record: TreeRecord, query: str) -> int:
@@ -397,11 +436,12 @@ def _resolve_class(record: TreeRecord, query: str) -> int:
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["file", "gensim", "pecos"]),
+    type=click.Choice(["file", "gensim", "pecos", "torch-adaptive"]),
     default="file",
     show_default=True,
     help="file: tree.json (.json) or codes (.npz) by TARGET's suffix; gensim: into a saved Word2Vec model; "
-    "pecos: a ClusterChain folder.",
+    "pecos: a ClusterChain folder; torch-adaptive: a trained head (SOURCE: best_head.pt) as "
+    "torch.nn.AdaptiveLogSoftmaxWithLoss (TARGET: .pt).",
 )
 @click.option(
     "--model",
@@ -412,13 +452,21 @@ def _resolve_class(record: TreeRecord, query: str) -> int:
 @click.option("--binarize", is_flag=True, help="--to gensim: split n-ary nodes into binary ones (changes the model).")
 @_friendly_errors
 def export(source: Path, target: Path, to: str, model_path: Path | None, binarize: bool) -> None:  # fmt: skip
-    """Convert a tree between tree.json (.json) and word2vec-style codes (.npz), or into gensim or PECOS.
+    """Convert a tree between tree.json (.json) and word2vec-style codes (.npz), or into gensim, PECOS or PyTorch.
 
     With ``--to gensim`` TARGET is the gensim model written with the tree's codes and
     points (train it with gensim afterwards; its ``score()`` then uses the tree). With
     ``--to pecos`` TARGET is a folder holding the tree as PECOS's cluster chain
-    (``ClusterChain.load(TARGET)``, then ``XLinearModel.train(X, Y, C=chain)``).
+    (``ClusterChain.load(TARGET)``, then ``XLinearModel.train(X, Y, C=chain)``). With
+    ``--to torch-adaptive`` SOURCE is a trained head of the adaptive shape whose tail
+    clusters have no biases (a run's ``best_head.pt``, or ``TreeSoftmaxHead.save``) and
+    TARGET a ``.pt`` file holding it as ``torch.nn.AdaptiveLogSoftmaxWithLoss`` (its
+    ``state_dict``, cutoffs, ``div_value`` and the class permutation;
+    ``tree_search.interop.load_torch_adaptive`` reads it).
     """
+    if to == "torch-adaptive":
+        _export_torch_adaptive(source, target)
+        return
     record = load_tree(source)
     if to == "pecos":
         try:
@@ -451,6 +499,178 @@ def export(source: Path, target: Path, to: str, model_path: Path | None, binariz
     if back != record.tree:  # the formats are exact; anything else is a bug worth a loud error
         raise RuntimeError(f"{target}: the written tree does not read back identical")
     console.print(f"wrote {target} ({record.tree.num_classes:,} classes, hash {record.tree.canonical_hash[:12]})")
+
+
+def _export_torch_adaptive(source: Path, target: Path) -> None:
+    """``export --to torch-adaptive``: a head file into a `torch.nn.AdaptiveLogSoftmaxWithLoss` file."""
+    import pickle
+
+    from tree_search.heads import TreeSoftmaxHead
+    from tree_search.interop import save_torch_adaptive
+
+    if source.suffix in (".json", ".npz"):
+        raise click.UsageError(
+            "--to torch-adaptive exports a trained head: SOURCE must be a head file (a run's best_head.pt, or one "
+            "written by TreeSoftmaxHead.save), not a tree file"
+        )
+    try:
+        head = TreeSoftmaxHead.load(source)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # what torch.load raises on other files
+        raise click.ClickException(f"{source}: not a head file ({type(error).__name__} from torch.load)") from None
+    exported = save_torch_adaptive(head, target)
+    sizes = ", ".join(map(str, exported.tail_dims))
+    how = f"div_value {exported.div_value:g}" if exported.div_value is not None else "no div_value fits: resized tails"
+    console.print(f"wrote {target}: torch.nn.AdaptiveLogSoftmaxWithLoss over {head.num_classes:,} classes, "
+                  f"cutoffs {exported.cutoffs}, tail sizes [{sizes}] ({how}), head_bias "
+                  f"{exported.module.head_bias}; PyTorch's class = permutation[class] "
+                  "(tree_search.interop.load_torch_adaptive reads it)")  # fmt: skip
+
+
+def _head_and_rows(
+    source: Path, dataset: str | None, split: str, rows: int, class_query: str | None
+) -> tuple[Any, Any, Any, list[str], int | None]:
+    """The head of RUN_OR_HEAD, and features, labels and tokens of rows of the dataset it was trained on.
+
+    A run folder gives its ``best_head.pt`` and the dataset of its ``config.json``; a head
+    file gives the dataset of the run folder it lies in, else ``--dataset`` (default: builtin).
+    With ``class_query`` only rows whose true class is that token (or ``#ID``) are kept.
+    """
+    import torch
+
+    from tree_search.envs import TreeEnvConfig, load_env_dataset
+    from tree_search.heads import TreeSoftmaxHead
+
+    folder = source if source.is_dir() else source.parent
+    head_file = source / "best_head.pt" if source.is_dir() else source
+    if not head_file.exists():
+        raise ValueError(f"{source}: no best_head.pt in this folder (a search writes it when it compares finalists)")
+    head = TreeSoftmaxHead.load(head_file)
+    if dataset is not None:
+        env_config = TreeEnvConfig(dataset=dataset)
+    elif (folder / "config.json").exists():
+        env_config = TreeEnvConfig.from_env_config(json.loads((folder / "config.json").read_text())["env_config"])
+    else:
+        env_config = TreeEnvConfig()  # the built-in corpus
+    data = load_env_dataset(env_config)
+    tokens = list(data.vocab.tokens)
+    if (data.num_classes, data.dim) != (head.num_classes, head.dim) or (
+        head.labels is not None and list(head.labels) != tokens
+    ):
+        raise ValueError(f"{head_file}: the head's classes or feature size ({head.num_classes:,}, d={head.dim}) "
+                         f"are not those of dataset {env_config.dataset!r} ({data.num_classes:,}, d={data.dim}); "
+                         "give the dataset it was trained on with --dataset")  # fmt: skip
+    labels = np.asarray(data.labels[split])
+    label = None
+    if class_query is not None:
+        forced = class_query.startswith("#") and class_query[1:].isdigit()
+        if not forced and class_query in tokens:
+            label = tokens.index(class_query)
+        elif forced or class_query.isdigit():
+            label = int(class_query.lstrip("#"))
+            if not 0 <= label < len(tokens):
+                raise ValueError(f"class id {label} is outside 0..{len(tokens) - 1}")
+        else:
+            raise ValueError(f"class {class_query!r} is not a token of the dataset (use #ID for a class id)")
+        chosen = np.flatnonzero(labels == label)[:rows]
+        if chosen.size == 0:
+            raise ValueError(f"no row of the {split} split has class {tokens[label]!r}")
+    else:  # a seeded sample of the whole split (its rows come file by file)
+        chosen = np.sort(np.random.default_rng(0).choice(labels.size, min(rows, labels.size), replace=False))
+    h = torch.tensor(np.asarray(data.features[split][chosen]), dtype=torch.float32)
+    y = torch.from_numpy(labels[chosen].astype(np.int64))
+    return head, h, y, tokens, label
+
+
+@main.command()
+@click.argument("source", metavar="RUN_OR_HEAD", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--class",
+    "class_query",
+    default=None,
+    help="Only rows of this true class (a token, or #ID), and where its path left the predicted one.",
+)
+@click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
+@click.option("--rows", default=2000, show_default=True, help="Rows of the split to audit.")
+@click.option("--path", "path_kind", type=click.Choice(["argmax", "greedy"]), default="argmax", show_default=True,
+              help="The predicted path: the exact top-1 class's, or the greedy descent's.")  # fmt: skip
+@click.option("--show", default=3, show_default=True, help="Inputs whose decisions are printed one by one.")
+@click.option("--top", default=15, show_default=True, help="Least confident nodes listed.")
+@click.option("--min-inputs", default=20, show_default=True, help="Nodes passed by fewer inputs are not ranked.")
+@click.option("--dataset", default=None, help="The head's dataset when RUN_OR_HEAD is not in a run folder "
+              "('builtin', 'planted', an .npz file or a feature folder; default builtin).")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write explain.txt and explain.png here.")  # fmt: skip
+@_friendly_errors
+def explain(source: Path, class_query: str | None, split: str, rows: int, path_kind: str, show: int, top: int,
+            min_inputs: int, dataset: str | None, out: Path | None) -> None:  # fmt: skip
+    """Audit a trained head's predicted paths: each decision, path confidence, the least confident nodes.
+
+    RUN_OR_HEAD is a run folder (its best_head.pt, on the dataset of its search) or a
+    head file (.pt). With --class, only rows of that true class, and where the true path
+    left the predicted one.
+    """
+    from tree_search.heads.explain import explain as explain_paths
+
+    if rows < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--rows")
+    head, h, y, tokens, label = _head_and_rows(source, dataset, split, rows, class_query)
+    audit = explain_paths(head, h, y, path=path_kind, labels=tokens)
+    scope = f"class {tokens[label]!r}" if label is not None else "a sample"
+    console.print(f"[bold]{source}[/]: {h.shape[0]:,} rows of the {split} split ({scope}); top-1 accuracy "
+                  f"{float((audit.classes == y.numpy()).mean()):.4f}, mean p(predicted class) "
+                  f"{float(audit.path_prob.mean()):.4f}")  # fmt: skip
+    text = audit.table(rows=show, top=top, min_inputs=min_inputs)
+    console.print(text, markup=False, soft_wrap=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "explain.txt").write_text(text + "\n", encoding="utf-8")
+        try:
+            title = f"{source.name}: least confident nodes, {h.shape[0]:,} {split} rows ({scope})"
+            audit.plot(out / "explain.png", top=top, min_inputs=min_inputs, title=title)
+        except ImportError as err:
+            raise click.UsageError(str(err)) from None
+        console.print(f"wrote {out / 'explain.txt'} and {out / 'explain.png'}")
+
+
+@main.command()
+@click.argument("source", metavar="RUN_OR_HEAD", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--costs",
+    default="0,0.5,1,2,4,9,19,49",
+    show_default=True,
+    help="Ratios r = c_wrong/c_stop to sweep; the descent stops where the best branch has p < r/(1+r).",
+)
+@click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
+@click.option("--rows", default=20000, show_default=True, help="Rows of the split (a seeded sample).")
+@click.option("--dataset", default=None, help="The head's dataset when RUN_OR_HEAD is not in a run folder.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write early.txt and early.png here.")  # fmt: skip
+@_friendly_errors
+def early(source: Path, costs: str, split: str, rows: int, dataset: str | None, out: Path | None) -> None:
+    """Risk-aware early answers: coverage against accuracy for a sweep of c_wrong/c_stop ratios.
+
+    A larger ratio makes wrong answers costlier than coarse ones: the descent stops at a
+    coarser node more often (less coverage) and its answers hold the true class more often.
+    """
+    from tree_search.heads.early import coverage_sweep
+
+    ratios = _float_list(costs, "--costs")
+    if not ratios or any(not math.isfinite(r) or r < 0 for r in ratios):
+        raise click.BadParameter("expected comma-separated ratios >= 0", param_hint="--costs")
+    if rows < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--rows")
+    head, h, y, _, _ = _head_and_rows(source, dataset, split, rows, None)
+    sweep = coverage_sweep(head, h, y, ratios)
+    text = sweep.table()
+    console.print(text, markup=False, soft_wrap=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "early.txt").write_text(text + "\n", encoding="utf-8")
+        try:
+            sweep.plot(out / "early.png", title=f"{source.name}: early answers, {h.shape[0]:,} {split} rows")
+        except ImportError as err:
+            raise click.UsageError(str(err)) from None
+        console.print(f"wrote {out / 'early.txt'} and {out / 'early.png'}")
 
 
 @main.group()
