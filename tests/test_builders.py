@@ -319,3 +319,25 @@ def test_the_front_set_spans_costs_and_every_tree_is_valid():
     adaptive = {k: trees[k] for k in ("adaptive-50", "adaptive", "adaptive-10")}
     heads = [sum(1 for c in t.tree.children(0) if c < V) for t in adaptive.values()]
     assert heads == [V // 50, V // 25, V // 10] and all(t.projections == {1: 16, 2: 4} for t in adaptive.values())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grave_cutoffs_are_the_least_cost_cutoffs_by_brute_force(seed):
+    """Grave et al.'s dynamic program against every choice of cutoffs (clusters of 2+ classes), same cost function."""
+    from itertools import combinations
+
+    from tree_search.builders import _projected_cutoffs, grave_cutoffs
+    from tree_search.heads.reward import head_cost
+
+    counts = np.sort(np.random.default_rng(seed).zipf(1.3, 40).astype(float))[::-1]
+    for clusters in (1, 2, 3):
+        costs = {}
+        for cuts in combinations(range(1, 40), clusters):
+            bounds = [*cuts, 40]
+            if all(bounds[i + 1] - bounds[i] >= 2 for i in range(clusters)):
+                tree, projections = _projected_cutoffs(counts, list(cuts), 16, 4.0)
+                costs[cuts] = head_cost(tree, counts, 16, projections)
+        found = grave_cutoffs(counts, 16, clusters, candidates=1000)
+        assert costs[tuple(found)] == pytest.approx(min(costs.values()), rel=1e-12)
+    tree = builders.classic_trees(counts, "grave-2", dim=16)["grave-2"]
+    assert tree.params["cutoffs"] == grave_cutoffs(counts, 16, 2) and tree.projections

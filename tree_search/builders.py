@@ -40,6 +40,7 @@ __all__ = [
     "cluster_tree",
     "cutoffs_by_mass",
     "frequency_cutoffs",
+    "grave_cutoffs",
     "from_categories",
     "from_children",
     "from_merges",
@@ -367,6 +368,9 @@ CLASSIC_SETS: dict[str, tuple[str, ...]] = {
         "adaptive-50",
         "adaptive",
         "adaptive-10",
+        "grave-2",
+        "grave-3",
+        "grave-4",
         "pca-2",
         "pca-4",
         "pca-16",
@@ -385,7 +389,8 @@ CLASSIC_SETS: dict[str, tuple[str, ...]] = {
 CLASSIC_NAMES = (
     "huffman-K, balanced-K, pca-K, kmeans-K (fanout K >= 2), cutoffs (head and first tail at 90% and 99% of "
     "the mass), cutoffs-P (head at P% of the mass), adaptive (PyTorch's cutoffs V/25, V/5 and div_value 4), "
-    "adaptive-D (cutoffs V/D and 5V/D), headtail-kmeans-K / headtail-pca-K (a frequency-ordered top level: the "
+    "adaptive-D (cutoffs V/D and 5V/D), grave-J (the J tail-cluster cutoffs of least cost, Grave et al. 2017's dynamic "
+    "program; div_value 4), headtail-kmeans-K / headtail-pca-K (a frequency-ordered top level: the "
     "classes holding half the mass as leaves of the root, the rest clustered), two-level, random; "
     f"or a set: {', '.join(CLASSIC_SETS)}"
 )
@@ -393,7 +398,7 @@ CLASSIC_NAMES = (
 
 _CLASSIC_GRAMMAR = re.compile(
     r"(huffman|balanced|pca|kmeans)-([2-9]|[1-9]\d+)|cutoffs(-[1-9]\d?)?|adaptive(-([2-9]|[1-9]\d+))?"
-    r"|headtail-(pca|kmeans)-([2-9]|[1-9]\d+)|two-level|random"
+    r"|headtail-(pca|kmeans)-([2-9]|[1-9]\d+)|grave-([1-9]\d*)|two-level|random"
 )
 
 
@@ -414,17 +419,72 @@ def classic_names(names: Sequence[str] | str) -> tuple[str, ...]:
     return out
 
 
+def _projected_cutoffs(counts: np.ndarray, cuts: list[int], dim: int, div_value: float) -> tuple[Tree, dict[int, int]]:
+    """`frequency_cutoffs` with tail cluster i projected to ``dim // div_value**(i+1)`` dimensions (PyTorch's rule)."""
+    tree = frequency_cutoffs(counts, cuts)
+    bounds, projections, node = [*cuts, counts.size], {}, 1
+    for i in range(len(cuts)):
+        if bounds[i + 1] - bounds[i] > 1:  # (a cluster of one class is a leaf of the root, not a node)
+            projections[node] = max(1, int(dim // div_value ** (i + 1)))
+            node += 1
+    return tree, projections
+
+
 def _adaptive(counts: np.ndarray, dim: int, divisor: int) -> tuple[Tree, dict[int, int], list[int]]:
     """The adaptive-softmax shape with cutoffs V/divisor and 5V/divisor, projections dim/4 and dim/16."""
     V = counts.size
     cuts = sorted({c for c in (V // divisor, 5 * V // divisor) if 1 <= c <= V - 1})
-    tree = frequency_cutoffs(counts, cuts)
-    bounds, projections, node = [*cuts, V], {}, 1
-    for i in range(len(cuts)):
-        if bounds[i + 1] - bounds[i] > 1:
-            projections[node] = max(1, int(dim // 4 ** (i + 1)))
-            node += 1
-    return tree, projections, cuts
+    return (*_projected_cutoffs(counts, cuts, dim, 4.0), cuts)
+
+
+def grave_cutoffs(
+    counts: Sequence[float] | np.ndarray, dim: int, clusters: int, div_value: float = 4.0, candidates: int = 400
+) -> list[int]:
+    """Grave et al. (2017)'s dynamic program: the cutoffs of ``clusters`` tail clusters of least expected cost.
+
+    "Efficient softmax approximation for GPUs" chooses the adaptive softmax's cutoffs for a
+    given number of clusters by dynamic programming over the frequency-ranked classes, to
+    minimise the cost of a forward pass (theirs: a GPU time model; here the multiply-adds
+    per token the reward charges, `heads.reward.head_cost`): the head costs ``dim * (head +
+    clusters)`` for every token; tail cluster i (projected to ``d_i = dim // div_value**(i+1)``)
+    costs its mass times ``d_i * (dim + size_i)``; a cluster holds at least 2 classes (one
+    class would be a leaf of the root). Cluster boundaries are chosen among ``candidates``
+    log-spaced ranks; exact over them, O(clusters * candidates^2).
+
+    Example:
+        >>> grave_cutoffs(np.arange(1000, 0, -1) ** 2.0, dim=64, clusters=2)  # doctest: +SKIP
+        [12, 98]
+    """
+    weights = _as_counts(counts)
+    V = weights.size
+    if not 1 <= clusters <= V - 1:
+        raise ValueError(f"clusters must be in 1..{V - 1} (V - 1), got {clusters}")
+    ranked = np.sort(weights)[::-1]
+    mass = np.concatenate([[0.0], np.cumsum(ranked)]) / max(ranked.sum(), 1e-300)  # mass[r]: the r most frequent
+    grid = np.unique(np.round(np.geomspace(1, V - 1, candidates)).astype(np.int64))
+    grid = np.concatenate([grid, [V]])  # the last cluster ends at V
+    G = grid.size
+    best = dim * (grid[:-1].astype(np.float64) + clusters)  # (G-1,) a head of grid[a] classes
+    back = []
+    for i in range(1, clusters + 1):
+        d = max(1, int(dim // div_value**i))
+        start, end = grid[:-1, None], grid[None, :]  # a cluster [grid[a], grid[b])
+        cost = (mass[end] - mass[start]) * d * (dim + (end - start))
+        total = np.where(end - start >= 2, best[:, None] + cost, np.inf)  # (G-1, G); a cluster has 2+ classes
+        if i < clusters:
+            total = total[:, :-1]  # a middle cluster cannot end at V
+        back.append(total.argmin(0))
+        best = total.min(0)
+    b = G - 1 if clusters else 0
+    cuts = []
+    for i in reversed(range(clusters)):
+        a = int(back[i][b])
+        cuts.append(int(grid[a]))
+        b = a
+    cuts = sorted(cuts)
+    if len(set(cuts)) != len(cuts) or not np.isfinite(best[-1]):
+        raise ValueError(f"no {clusters} distinct clusters fit among {G} candidate ranks; use fewer clusters")
+    return cuts
 
 
 HEAD_MASS = 0.5  # a head-and-tail split keeps the most frequent classes up to this share of the mass as leaves
@@ -502,6 +562,12 @@ def classic_trees(
             else:
                 cuts = list(cutoffs) if cutoffs is not None else cutoffs_by_mass(weights)
             built = ClassicTree(name, frequency_cutoffs(weights, cuts), {}, "frequency_cutoffs", {"cutoffs": cuts})
+        elif kind == "grave":
+            needs("features' dimension (dim)", dim, name)
+            cuts = grave_cutoffs(weights, int(dim), number)
+            tree, projections = _projected_cutoffs(weights, cuts, int(dim), 4.0)
+            built = ClassicTree(name, tree, projections, "grave_cutoffs",
+                                {"cutoffs": cuts, "div_value": 4, "clusters": number})  # fmt: skip
         elif kind == "adaptive":
             needs("features' dimension (dim)", dim, name)
             tree, projections, cuts = _adaptive(weights, int(dim), number or 25)
