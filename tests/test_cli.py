@@ -24,7 +24,7 @@ def run(*args: str):
 
 
 def test_every_command_has_help():
-    for command in ([], ["baseline"], ["show"], ["export"], ["explain"], ["early"]):
+    for command in ([], ["baseline"], ["show"], ["export"], ["explain"], ["early"], ["grow"]):
         result = run(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -267,3 +267,37 @@ def test_explain_and_early_on_a_planted_run(tmp_path):  # uses the file's `run` 
     assert result.exit_code == 0 and "coverage" in result.output and (tmp_path / "ea" / "early.png").exists()
     bad = CliRunner().invoke(main, ["explain", str(folder), "--class", "nope"])
     assert bad.exit_code == 1 and "not a token of the dataset" in bad.output
+
+
+def test_grow_adds_classes_by_count_and_next_to_a_class_and_leaves_the_others_alone(tmp_path):
+    import torch
+
+    from tree_search import builders
+    from tree_search.heads import TreeSoftmaxHead
+
+    counts = np.arange(1, 21, dtype=float)[::-1].copy()
+    tree = builders.huffman(counts, 3)
+    head = TreeSoftmaxHead(tree, 8)
+    torch.manual_seed(0)
+    for node in range(tree.num_internal):
+        head.set_node_parameters(node, torch.randn(int(tree.fanout[node]), 8), torch.randn(int(tree.fanout[node])))
+    tokens = [f"t{i}" for i in range(20)]
+    head.save(tmp_path / "head.pt", labels=tokens, counts=counts)
+    result = run("grow", str(tmp_path / "head.pt"), str(tmp_path / "grown.pt"), "--add", "new=3", "--add",
+                 "other~t5", "--prior", "0.05")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    grown = TreeSoftmaxHead.load(tmp_path / "grown.pt")
+    assert grown.num_classes == 22 and list(grown.labels[-2:]) == ["new", "other"]
+    h = torch.randn(16, 8)
+    full = grown.log_probs_all(h)
+    torch.testing.assert_close(full.exp().sum(1), torch.ones(16), rtol=0, atol=1e-5)
+    # classes whose path avoids both nodes that took a child keep their log-probabilities exactly
+    changed = {int(grown.tree.leaf_parent[20]), int(grown.tree.leaf_parent[21])}
+    paths, _, _ = tree.paths()
+    untouched = [y for y in range(20) if not changed & set(paths[y][paths[y] >= 0].tolist())]
+    assert untouched, "every class shares a node with a new one: the test would check nothing"
+    torch.testing.assert_close(full[:, untouched], head.log_probs_all(h)[:, untouched], rtol=0, atol=1e-6)
+    assert grown.tree.leaf_parent[21] == tree.leaf_parent[5]  # next to t5
+    for bad, message in [("t3=1", "already a class"), ("x~nope", "not a class of the head"), ("x", "TOKEN=COUNT")]:
+        result = CliRunner().invoke(main, ["grow", str(tmp_path / "head.pt"), str(tmp_path / "g.pt"), "--add", bad])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output

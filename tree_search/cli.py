@@ -673,6 +673,86 @@ def early(source: Path, costs: str, split: str, rows: int, dataset: str | None, 
         console.print(f"wrote {out / 'early.txt'} and {out / 'early.png'}")
 
 
+@main.command()
+@click.argument("head_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.argument("target", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--add",
+    "additions",
+    multiple=True,
+    required=True,
+    metavar="TOKEN=COUNT|TOKEN~NEAR",
+    help="A new class: TOKEN=COUNT places it by frequency; TOKEN~NEAR next to the existing class NEAR "
+    "(a sibling starting from NEAR's weights, or with --split a new node holding both). Repeatable.",
+)
+@click.option("--prior", default=0.01, show_default=True, help="The new class's initial share of its node.")
+@click.option("--split", is_flag=True, help="TOKEN~NEAR: split NEAR's leaf into a node of the two (only NEAR changes).")
+@_friendly_errors
+def grow(head_file: Path, target: Path, additions: tuple[str, ...], prior: float, split: bool) -> None:
+    """Add new classes to a trained head (a run's best_head.pt) without retraining or moving other nodes.
+
+    New classes get the next ids; every other node keeps its weights, so the other classes'
+    log-probabilities change only below the node that took a new child.
+    """
+    from tree_search.heads import TreeSoftmaxHead
+    from tree_search.heads.grow import grow_head, place_by_frequency
+
+    head = TreeSoftmaxHead.load(head_file)
+    labels = list(head.labels) if head.labels is not None else None
+    by_count: list[tuple[str, float]] = []
+    near: list[tuple[str, int]] = []
+    for text in additions:
+        if "=" in text:
+            token, _, value = text.partition("=")
+            try:
+                count = float(value)
+            except ValueError:
+                count = math.nan
+            if not count >= 0 or not math.isfinite(count):
+                raise click.BadParameter(f"{text!r}: COUNT must be a number >= 0", param_hint="--add")
+            by_count.append((token, count))
+        elif "~" in text:
+            token, _, anchor = text.partition("~")
+            near.append((token, _head_class(head, labels, anchor)))
+        else:
+            raise click.BadParameter(f"{text!r}: write TOKEN=COUNT or TOKEN~NEAR", param_hint="--add")
+    new_tokens = [t for t, _ in by_count] + [t for t, _ in near]
+    taken = set(labels or ())
+    for token in new_tokens:
+        if not token or token in taken:
+            raise click.BadParameter(f"{token!r} is empty or already a class of the head", param_hint="--add")
+        taken.add(token)
+    grown = head
+    if by_count:
+        if head.counts is None:
+            raise click.UsageError(f"{head_file} has no class counts: place new classes with TOKEN~NEAR instead")
+        counts = np.asarray(head.counts, dtype=np.float64)
+        new_counts = [c for _, c in by_count]
+        targets = place_by_frequency(head.tree, counts, new_counts)
+        grown = grow_head(grown, targets, prior=prior, labels=[t for t, _ in by_count] if labels else None,
+                          counts=new_counts)  # fmt: skip
+    if near:
+        anchors = np.array([a for _, a in near])
+        attach = "split" if split else "sibling"
+        targets = anchors if split else grown.tree.leaf_parent[anchors]
+        grown = grow_head(grown, targets, attach=attach, prior=prior, anchors=None if split else anchors,
+                          labels=[t for t, _ in near] if labels else None,
+                          counts=[0.0] * len(near) if grown.counts is not None else None)  # fmt: skip
+    grown.save(target, labels=grown.labels, counts=grown.counts)
+    console.print(f"wrote {target}: {grown.num_classes:,} classes ({len(new_tokens)} new: "
+                  f"{', '.join(new_tokens)}), {grown.tree.num_internal:,} internal nodes")  # fmt: skip
+
+
+def _head_class(head: Any, labels: list[str] | None, query: str) -> int:
+    """A class of ``head`` by token (or ``#ID``), with an error that names it."""
+    if query.startswith("#") and query[1:].isdigit() and int(query[1:]) < head.num_classes:
+        return int(query[1:])
+    if labels is not None and query in labels:
+        return labels.index(query)
+    raise click.BadParameter(f"{query!r} is not a class of the head (a token, or #ID below {head.num_classes})",
+                             param_hint="--add")  # fmt: skip
+
+
 @main.group()
 def data() -> None:
     """Prepare and list the datasets that reward evaluations train heads on."""
