@@ -1,31 +1,13 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from random_heads import SHAPES, make_head
 
-from tree_search import builders
-from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.explain import describe, explain
 from tree_search.heads.levels import greedy_descent
 from tree_search.tree import Tree
 
 torch.set_num_threads(1)
-
-SHAPES = {
-    "binary huffman": (lambda: builders.huffman(np.random.default_rng(0).zipf(1.5, 40).astype(float)), {}),
-    "adaptive projected": (lambda: builders.frequency_cutoffs(np.arange(60, 0, -1), [8, 30]), {1: 4, 2: 2}),
-    "random 5-ary": (lambda: builders.random_tree(45, seed=3, max_arity=5), {}),
-}
-
-
-def make_head(name: str, seed: int = 0, dim: int = 8) -> TreeSoftmaxHead:
-    build, projections = SHAPES[name]
-    torch.manual_seed(seed)
-    head = TreeSoftmaxHead(build(), dim, projections=projections)
-    for p in head.parameters():
-        nn.init.normal_(p, std=0.7)
-    head.labels = [f"tok{c}" for c in range(head.num_classes)]
-    return head
 
 
 def path_vertices(tree: Tree, label: int) -> list[int]:
