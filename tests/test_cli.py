@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from tree_search.cli import main
@@ -24,7 +25,7 @@ def run(*args: str):
 
 
 def test_every_command_has_help():
-    for command in ([], ["baseline"], ["show"], ["export"], ["explain"], ["early"], ["grow"]):
+    for command in ([], ["baseline"], ["show"], ["export"], ["explain"], ["early"], ["grow"], ["calibrate"]):
         result = run(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -301,3 +302,29 @@ def test_grow_adds_classes_by_count_and_next_to_a_class_and_leaves_the_others_al
     for bad, message in [("t3=1", "already a class"), ("x~nope", "not a class of the head"), ("x", "TOKEN=COUNT")]:
         result = CliRunner().invoke(main, ["grow", str(tmp_path / "head.pt"), str(tmp_path / "g.pt"), "--add", bad])
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_calibrate_a_run_fits_temperatures_on_validation_and_reports_test(tmp_path):
+    from tree_search.data import PlantedConfig, make_planted
+    from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit
+
+    planted = PlantedConfig(num_classes=24, dim=8, fanout=3, signal=3.0, num_train=3000, num_valid=600, num_test=600)
+    data = make_planted(planted)
+    dataset = data.to_dataset()
+    torch.manual_seed(0)
+    head = TreeSoftmaxHead(data.tree, 8)
+    fit(head, dataset, TrainConfig(epochs=1, batch_size=128, lr=0.03), device="cpu")
+    with torch.no_grad():  # make it over-confident: temperature scaling has something to undo
+        for parameter in head.parameters():
+            parameter.mul_(3.0)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"env_config": {"dataset": "planted", "planted": planted.__dict__}}))
+    head.save(folder / "best_head.pt", labels=dataset.vocab.tokens, counts=dataset.counts)
+    result = run("calibrate", str(folder), "--valid-rows", "500", "--test-rows", "500", "--save",
+                 str(tmp_path / "calibrated.pt"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "per-depth T" in result.output and (folder / "reliability.png").stat().st_size > 0
+    temperatures = TreeSoftmaxHead.load(tmp_path / "calibrated.pt").metadata["temperatures"]
+    # the x3 over-confidence is undone (the exact values vary with the training: 1.8-3.0 per depth seen)
+    assert min(temperatures) > 1.2 and np.mean(temperatures) > 1.6, temperatures

@@ -753,6 +753,68 @@ def _head_class(head: Any, labels: list[str] | None, query: str) -> int:
                              param_hint="--add")  # fmt: skip
 
 
+@main.command()
+@click.argument("source", metavar="RUN_OR_HEAD", type=click.Path(path_type=Path, exists=True))
+@click.option("--dataset", default=None,
+              help="'builtin', a feature folder or an .npz (default: the run's own, else builtin).")  # fmt: skip
+@click.option("--per-depth/--single", default=True, show_default=True,
+              help="Also fit one temperature per tree depth (always the single one too).")  # fmt: skip
+@click.option("--valid-rows", default=20_000, show_default=True, help="Validation rows the temperatures are fitted on.")
+@click.option("--test-rows", default=20_000, show_default=True, help="Test rows for ECE, NLL and top-1.")
+@click.option("--bins", default=15, show_default=True, help="Confidence bins of the ECE and the diagram.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Reliability diagram PNG (default: RUN/reliability.png or HEAD.reliability.png).")  # fmt: skip
+@click.option("--save", "save_to", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also save the head with the best temperatures folded in (TreeSoftmaxHead file).")  # fmt: skip
+@_friendly_errors
+def calibrate(source: Path, dataset: str | None, per_depth: bool, valid_rows: int, test_rows: int, bins: int,
+              out: Path | None, save_to: Path | None) -> None:  # fmt: skip
+    """Temperature-scale a trained head: fit on validation, report ECE / NLL / top-1 before and after on test.
+
+    RUN_OR_HEAD is a run folder (its best_head.pt, on the run's dataset) or a head file
+    written by TreeSoftmaxHead.save. Both splits are seeded random samples of rows (a split's
+    rows come file by file, so its first rows would be a few files).
+    """
+    from tree_search.heads.calibration import fit_temperature, plot_reliability, reliability, scaled_head, top1
+    from tree_search.heads.train import validation_nll
+
+    if valid_rows < 1 or test_rows < 1 or bins < 1:
+        raise click.BadParameter("--valid-rows, --test-rows and --bins must be >= 1")
+    head, valid_h, valid_y, _, _ = _head_and_rows(source, dataset, "valid", valid_rows, None)
+    _, test_h, test_y, _, _ = _head_and_rows(source, dataset, "test", test_rows, None)
+    head = head.cpu().eval()
+    head_path = source / "best_head.pt" if source.is_dir() else source
+    variants = {"before": (head, None)}
+    single = fit_temperature(head, valid_h, valid_y)
+    variants["single T"] = (scaled_head(head, single.temperatures), single)
+    if per_depth:
+        depth = fit_temperature(head, valid_h, valid_y, per_depth=True)
+        variants["per-depth T"] = (scaled_head(head, depth.temperatures), depth)
+    table = Table(title=f"calibration of {head_path} on test ({test_h.shape[0]:,} rows; temperatures fitted "
+                        f"on {valid_h.shape[0]:,} validation rows)")  # fmt: skip
+    for column in ("variant", "ECE", "test NLL", "top-1", "temperatures (root first)"):
+        table.add_column(column, justify="left" if column in ("variant", "temperatures (root first)") else "right")
+    curves, best = {}, ("before", float("inf"))
+    for label, (model, fitted) in variants.items():
+        confidence, predicted = top1(model, test_h)
+        curves[label] = curve = reliability(confidence, predicted == test_y, bins)
+        nll = validation_nll(model, test_h, test_y)
+        if fitted is not None and fitted.nll_after < best[1]:
+            best = (label, fitted.nll_after)  # chosen on validation, never on test
+        temps = "-" if fitted is None else ", ".join(f"{t:.3f}" for t in fitted.temperatures)
+        accuracy = float((predicted == test_y).float().mean())
+        table.add_row(label, f"{curve.ece:.4f}", f"{nll:.4f}", f"{accuracy:.2%}", temps)
+    console.print(table)
+    png = out or (source / "reliability.png" if source.is_dir() else head_path.with_suffix(".reliability.png"))
+    plot_reliability(curves, png, f"{head_path.name}: test top-1 reliability")
+    console.print(f"reliability diagram: {png}")
+    if save_to is not None:
+        model = variants[best[0]][0]
+        model.save(save_to, labels=head.labels, counts=head.counts,
+                   metadata={**head.metadata, "temperatures": list(variants[best[0]][1].temperatures)})  # fmt: skip
+        console.print(f"{best[0]} head (lowest validation NLL) saved to {save_to}")
+
+
 @main.group()
 def data() -> None:
     """Prepare and list the datasets that reward evaluations train heads on."""
