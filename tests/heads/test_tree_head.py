@@ -292,3 +292,19 @@ def test_the_readme_worked_example_trains_a_model_of_ones_own(tmp_path):
     h = torch.tanh(model.embed(context))
     torch.testing.assert_close(again(h, target).loss, model.head(h, target).loss)
     assert again.labels[5] == "w5"
+
+
+def test_predict_on_a_near_flat_head_falls_back_to_the_whole_distribution_and_stays_exact():
+    """An untrained head keeps widening the certified beam; past the whole tree's size it scores every class."""
+    counts = np.random.default_rng(0).zipf(1.2, 3000).astype(float)
+    head = TreeSoftmaxHead(builders.huffman(counts, 2), 32)
+    torch.manual_seed(0)
+    for parameter in head.parameters():
+        torch.nn.init.normal_(parameter, std=0.01)
+    h = torch.randn(700, 32)  # more rows than one chunk of log_probs_all (about 350 here)
+    full = head.log_probs_all(h)
+    torch.testing.assert_close(full[[0, 400, 699]], torch.cat([head.log_probs_all(h[[i]]) for i in (0, 400, 699)]))
+    classes, scores = head.predict(h, k=5)
+    expected_scores, expected_classes = full.topk(5, dim=1)
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5)
+    assert (classes == expected_classes).float().mean() > 0.999  # (ties of near-equal scores may swap)

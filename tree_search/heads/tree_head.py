@@ -530,7 +530,17 @@ class TreeSoftmaxHead(nn.Module):
         return head
 
     def log_probs_all(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, V) log-probabilities of every class; costs as much as a full softmax."""
+        """(B, V) log-probabilities of every class; costs as much as a full softmax.
+
+        Rows go in chunks whose gathered node weights stay near 256 MB, whatever the tree.
+        """
+        per_row = self.tree.num_internal * int(self.tree.fanout.max(initial=1)) * self.dim
+        chunk = max(1, (1 << 26) // max(per_row, 1))
+        if h.shape[0] > chunk:
+            return torch.cat([self._log_probs_all(h[i : i + chunk]) for i in range(0, h.shape[0], chunk)])
+        return self._log_probs_all(h)
+
+    def _log_probs_all(self, h: torch.Tensor) -> torch.Tensor:
         B, internal = h.shape[0], self.tree.num_internal
         rows = torch.arange(B, device=h.device).repeat_interleave(internal)
         nodes = torch.arange(internal, device=h.device).repeat(B)
@@ -571,6 +581,12 @@ class TreeSoftmaxHead(nn.Module):
         scores = torch.full((B, k), float("-inf"), device=h.device)
         todo = torch.arange(B, device=h.device)
         while todo.numel():
+            if width * self.tree.max_depth >= self.tree.num_internal:
+                # The beam would visit about every node anyway (a flat distribution keeps widening it, e.g.
+                # an untrained head): score the whole tree for these rows instead, in bounded chunks.
+                found_s, found_c = self.log_probs_all(h[todo]).topk(min(k, V), dim=1)
+                classes[todo, : found_c.shape[1]], scores[todo, : found_s.shape[1]] = found_c, found_s.float()
+                break
             found_c, found_s, certified = self._beam(h[todo], k, width)
             done = certified | (width >= V + self.tree.num_internal)
             classes[todo[done]], scores[todo[done]] = found_c[done], found_s[done]
