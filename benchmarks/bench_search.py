@@ -70,7 +70,7 @@ def equal_budget_table(folders: list[Path], agents: list[str], test_seeds: int =
         name = best.searcher.removeprefix("baseline:") if best else "-"
         line = f"{cap:5g}x {name:>14s} " + (f"{best.valid_nll:7.4f}" if best else f"{'':7s}")
         for agent, run in zip(agents, runs, strict=True):
-            label = f"{agent}@{cap:g}x"
+            label = f"{agent.split('-')[0]}@{cap:g}x"  # "ppo-dense" searches as "ppo"
             found = [e.valid_nll for e in run.evaluations() if e.counted and e.searcher == label and within(e, cap)]
             line += f" {min(found):10.4f}" if found else f" {'-':>10s}"
         print(line, flush=True)

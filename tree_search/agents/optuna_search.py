@@ -145,6 +145,9 @@ class OptunaSearcher(Searcher):
         """Ask a trial, play its episode, tell the outcome; ``parallel`` threads at once; until the budget is used."""
         study = self.study()
         self._attempts, self._attempts_lock, self._stop = 0, threading.Lock(), threading.Event()
+        # Optuna's ask() is not safe across threads for enqueued trials: two workers could pop the same waiting
+        # trial (one then fails with UpdateFinishedTrialError). One ask at a time in this process.
+        self._ask_lock = threading.Lock()
         if self.parallel == 1:
             yield from _TrialWorker(self, study).trials()
             return
@@ -209,8 +212,9 @@ class _TrialWorker:
         """Play trials until the searcher is done; yield each counted evaluation."""
         n = int(self.env.action_space.n)
         while self.searcher._more():  # noqa: SLF001 - the searcher's shared attempt counter
-            trial = self.study.ask()
-            trial.set_user_attr("owner", self.searcher.owner)
+            with self.searcher._ask_lock:  # noqa: SLF001 - the searcher's shared lock
+                trial = self.study.ask()
+                trial.set_user_attr("owner", self.searcher.owner)
             self.trial, self.last = trial, None
             _, info = self.env.reset(seed=self.searcher.seed)
             done, step = False, 0
