@@ -19,6 +19,9 @@ searcher's best tree per cap (chosen on validation) on the test split with 3 fre
 
     python benchmarks/bench_search.py --budget 25 --agents random tpe ppo ppo-dense dp jtm \\
         --cost-caps 1,1.5,2,4 --baselines front --no-test --equal-test-seeds 3
+
+``--tables-only`` prints both tables from the runs already in ``--out`` (searched by several
+processes, one agent each) without resuming them.
 """
 
 from __future__ import annotations
@@ -122,7 +125,15 @@ def main() -> None:
         default=0,
         help="also score each searcher's best tree per cap on test with this many seeds",
     )
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="print the equal-budget tables of the runs in --out without searching (no resume)",
+    )
     args = parser.parse_args()
+    if args.tables_only:
+        equal_budget_table([args.out / spec for spec in args.agents], args.agents, args.equal_test_seeds, args.out)
+        return
     folders = []
     for spec in args.agents:  # an agent, or "ppo-dense": PPO on dense (per-node) rewards
         agent, _, mode = spec.partition("-")
