@@ -114,3 +114,12 @@ def test_the_jtm_searcher_stays_within_budget_and_cap_and_improves_on_its_start(
     assert min(nll for _, _, nll in searcher.rounds) < min(e.valid_nll for e in starts)  # the rounds improved on it
     for e in trees.values():
         assert e.cost_ratio * dataset.num_classes * dataset.dim <= cap * (1 + 1e-9)
+
+
+def test_projected_nodes_are_refused_with_a_clear_error(dataset):
+    tree = huffman(np.asarray(dataset.counts, float) + 1, 4)
+    weights = {n: (np.zeros((int(tree.fanout[n]), 4)), np.zeros(int(tree.fanout[n])), np.zeros((4, 16)))
+               for n in range(tree.num_internal)}  # fmt: skip
+    features, labels = _train(dataset)
+    with pytest.raises(ValueError, match="without projections"):
+        reassign(tree, weights, features, labels, dataset.counts, dataset.dim)

@@ -176,6 +176,12 @@ def reassign(
         True
     """
     V = tree.num_classes
+    projected = sorted(node for node, value in weights.items() if len(value) > 2)
+    if projected:
+        raise ValueError(
+            f"reassign scores nodes without projections; nodes {projected[:5]} have one "
+            "(re-assignment keeps a tree's shape; the adaptive shape is searched by its cutoffs)"
+        )
     labels = np.asarray(labels, dtype=np.int64)
     ids, ptr = tree.child_ids, tree.child_ptr
     capacity = np.where(ids >= V, tree.subtree_size[np.maximum(ids - V, 0)], 1)
