@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -408,7 +408,8 @@ def show(tree_file: Path, classes: tuple[str, ...], dim: int) -> None:
             table.add_row(str(depth), f"{number:,}", "█" * max(1, round(40 * number / peak)))
     console.print(table)
     for query in classes:
-        label = _resolve_class(record, query)
+        label = _class_id(record.labels, record.tree.num_classes, query,
+                          f"class {query!r} is neither a label in the file nor a class id")  # fmt: skip
         steps = tree.path(label)
         console.print(f"class {label} ({record.label(label)!r}), depth {len(steps)}:")
         for node, index in steps:
@@ -417,16 +418,19 @@ def show(tree_file: Path, classes: tuple[str, ...], dim: int) -> None:
                           + (f"  [{name}]" if name is not None else ""))  # fmt: skip
 
 
-def _resolve_class(record: TreeRecord, query: str) -> int:
-    if record.labels is not None and query in record.labels:
-        return record.labels.index(query)
-    forced_id = query.startswith("#") and query[1:].isdigit()
-    try:
-        label = int(query[1:] if forced_id else query)
-    except ValueError:
-        raise ValueError(f"class {query!r} is neither a label in the file nor a class id") from None
-    if not 0 <= label < record.tree.num_classes:
-        raise ValueError(f"class id {label} is outside 0..{record.tree.num_classes - 1}")
+def _class_id(labels: Sequence[str] | None, num_classes: int, query: str, unknown: str) -> int:
+    """The class a user names: a token of ``labels`` (tried first: a token may be ``#7``), else ``#ID`` or ``ID``.
+
+    Raises:
+        ValueError: ``unknown`` when it is neither; an id outside ``0..num_classes-1``.
+    """
+    if labels is not None and query in labels:
+        return list(labels).index(query)
+    if not ((query.startswith("#") and query[1:].isdigit()) or query.isdigit()):
+        raise ValueError(unknown)
+    label = int(query.lstrip("#"))
+    if not 0 <= label < num_classes:
+        raise ValueError(f"class id {label} is outside 0..{num_classes - 1}")
     return label
 
 
@@ -562,15 +566,8 @@ def _head_and_rows(
     labels = np.asarray(data.labels[split])
     label = None
     if class_query is not None:
-        forced = class_query.startswith("#") and class_query[1:].isdigit()
-        if not forced and class_query in tokens:
-            label = tokens.index(class_query)
-        elif forced or class_query.isdigit():
-            label = int(class_query.lstrip("#"))
-            if not 0 <= label < len(tokens):
-                raise ValueError(f"class id {label} is outside 0..{len(tokens) - 1}")
-        else:
-            raise ValueError(f"class {class_query!r} is not a token of the dataset (use #ID for a class id)")
+        label = _class_id(tokens, len(tokens), class_query,
+                          f"class {class_query!r} is not a token of the dataset (use #ID for a class id)")  # fmt: skip
         chosen = np.flatnonzero(labels == label)[:rows]
         if chosen.size == 0:
             raise ValueError(f"no row of the {split} split has class {tokens[label]!r}")
@@ -713,7 +710,8 @@ def grow(head_file: Path, target: Path, additions: tuple[str, ...], prior: float
             by_count.append((token, count))
         elif "~" in text:
             token, _, anchor = text.partition("~")
-            near.append((token, _head_class(head, labels, anchor)))
+            unknown = f"{anchor!r} is not a class of the head (a token, or #ID below {head.num_classes})"
+            near.append((token, _class_id(labels, head.num_classes, anchor, unknown)))
         else:
             raise click.BadParameter(f"{text!r}: write TOKEN=COUNT or TOKEN~NEAR", param_hint="--add")
     new_tokens = [t for t, _ in by_count] + [t for t, _ in near]
@@ -741,16 +739,6 @@ def grow(head_file: Path, target: Path, additions: tuple[str, ...], prior: float
     grown.save(target, labels=grown.labels, counts=grown.counts)
     console.print(f"wrote {target}: {grown.num_classes:,} classes ({len(new_tokens)} new: "
                   f"{', '.join(new_tokens)}), {grown.tree.num_internal:,} internal nodes")  # fmt: skip
-
-
-def _head_class(head: Any, labels: list[str] | None, query: str) -> int:
-    """A class of ``head`` by token (or ``#ID``), with an error that names it."""
-    if query.startswith("#") and query[1:].isdigit() and int(query[1:]) < head.num_classes:
-        return int(query[1:])
-    if labels is not None and query in labels:
-        return labels.index(query)
-    raise click.BadParameter(f"{query!r} is not a class of the head (a token, or #ID below {head.num_classes})",
-                             param_hint="--add")  # fmt: skip
 
 
 @main.command()

@@ -45,6 +45,7 @@ from tree_search.tree import Tree
 __all__ = ["JTMSearcher", "reassign", "slot_costs"]
 
 _CHUNK_FLOATS = 1 << 22  # gathered weights of one scoring chunk: 16 MB
+STAY_BONUS = 3.0  # nats of evidence a class needs to leave its slot (classes with few tokens stay put)
 
 
 def slot_costs(tree: Tree, counts: np.ndarray, dim: int) -> np.ndarray:
@@ -54,12 +55,11 @@ def slot_costs(tree: Tree, counts: np.ndarray, dim: int) -> np.ndarray:
     ``m`` and of the nodes below it on that class's path, times ``dim``; averaged by ``counts``.
     """
     weights = np.asarray(counts, np.float64) + 0.5  # every class some mass
-    through = tree.node_parent.copy()
     own = tree.fanout.astype(np.float64)  # fanouts summed from the root down to each node, inclusive
     for depth in range(1, int(tree.node_depth.max()) + 1 if tree.num_internal else 1):
         nodes = np.flatnonzero(tree.node_depth == depth)
-        own[nodes] += own[through[nodes]]
-    leaf_total = own[tree.leaf_parent]  # (V,) = path_fanout_sum
+        own[nodes] += own[tree.node_parent[nodes]]
+    leaf_total = tree.path_fanout_sum  # (V,) fanouts summed along each class's path
     mass = tree.subtree_sums(weights)
     weighted = tree.subtree_sums(weights * leaf_total) / mass  # mean path fanout sum of the classes under each node
     above = np.where(tree.node_parent >= 0, own[np.maximum(tree.node_parent, 0)], 0.0)  # fanouts above the node
@@ -152,7 +152,7 @@ def reassign(
     dim: int,
     *,
     cost_weight: float = 0.0,
-    stay_bonus: float = 3.0,
+    stay_bonus: float = STAY_BONUS,
 ) -> Tree:
     """One JTM re-assignment pass: the same shape, each class moved to the leaf slot the trained nodes prefer.
 
@@ -263,7 +263,7 @@ class JTMSearcher(Searcher):
                 trees.setdefault(tree.canonical_hash, (cost, tree))
         return [tree for _, tree in sorted(trees.values(), key=lambda item: -item[0])]
 
-    def refine(self, tree: Tree, stay: float = 3.0) -> Tree | None:
+    def refine(self, tree: Tree, stay: float = STAY_BONUS) -> Tree | None:
         """One round: the tree's trained nodes re-assign its classes; the cost term keeps it within the cap."""
         recipe = self.config.train
         weights = node_weights(tree, self.dataset, recipe, device=self.device, use_bank=self.use_bank)
@@ -271,25 +271,29 @@ class JTMSearcher(Searcher):
         rows = min(self.score_tokens, sample.labels.size)  # the sample is in random order: its head is a sample
         features, labels = sample.features[:rows].cpu(), sample.labels[:rows]
 
-        def attempt(lam: float) -> Tree:
-            return reassign(tree, weights, features, labels, self.counts, self.dataset.dim, cost_weight=lam,
-                            stay_bonus=stay)  # fmt: skip
+        def attempt(lam: float) -> tuple[Tree, bool]:
+            new = reassign(tree, weights, features, labels, self.counts, self.dataset.dim, cost_weight=lam,
+                           stay_bonus=stay)  # fmt: skip
+            return new, self._cost(new) <= self.cap
 
-        new = attempt(0.0)
-        if self._cost(new) <= self.cap:
+        new, fits = attempt(0.0)
+        if fits:
             return new
         low, high = 0.0, 1e-6
-        while self._cost(attempt(high)) > self.cap:
+        best, fits = attempt(high)  # the tree of the smallest cost weight known to fit
+        while not fits:
             low, high = high, high * 8
             if high > 1.0:
                 return None
+            best, fits = attempt(high)
         for _ in range(5):  # bisection in log scale between a tree over the cap and one within it
             middle = math.sqrt(low * high) if low > 0 else high / 8
-            if self._cost(attempt(middle)) > self.cap:
-                low = middle
+            new, fits = attempt(middle)
+            if fits:
+                high, best = middle, new
             else:
-                high = middle
-        return attempt(high)
+                low = middle
+        return best
 
     def search(self) -> Iterator[Evaluation]:
         """Evaluate the starting trees, then re-assignment rounds; yield each counted evaluation."""

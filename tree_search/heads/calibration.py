@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from tree_search.heads.distill import path_pairs
 from tree_search.heads.reference import FullSoftmaxHead
 from tree_search.heads.smoothing import tree_log_probs_all
 from tree_search.heads.tree_head import TreeSoftmaxHead
@@ -221,7 +220,7 @@ def _tree_pieces(head: TreeSoftmaxHead, h: torch.Tensor, y: torch.Tensor, chunk:
     fanout = torch.from_numpy(head.tree.fanout.astype(np.int64)).to(h.device)
     with torch.no_grad():
         for start in range(0, y.shape[0], chunk):
-            rows, nodes, child = path_pairs(head.tree, y[start : start + chunk])
+            rows, nodes, child, _ = head.path_pairs(y[start : start + chunk])
             lp = head._pair_log_softmax(h[start : start + chunk], rows, nodes).float()  # (P, W), -inf padded
             counts = fanout[nodes]  # the children of each pair's node
             valid = torch.arange(lp.shape[1], device=h.device)[None, :] < counts[:, None]

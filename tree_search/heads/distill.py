@@ -57,7 +57,7 @@ from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset
 from tree_search.heads.reference import FullSoftmaxHead
 from tree_search.heads.train import TrainConfig, fit
-from tree_search.heads.tree_head import HeadOutput, TreeSoftmaxHead
+from tree_search.heads.tree_head import HeadOutput, TreeSoftmaxHead, packed_path_pairs
 from tree_search.tree import Tree
 
 __all__ = [
@@ -236,14 +236,9 @@ class _TreeIndex:
             raise ValueError(f"labels must be a 1-d integer tensor, got shape {tuple(y.shape)} and {y.dtype}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= V):
             raise ValueError(f"labels must lie in 0..{V - 1}, got {int(y.min())}..{int(y.max())}")
-        a, y = self.on(y.device), y.long()
-        start, length = a["ptr"][y], a["ptr"][y + 1] - a["ptr"][y]
-        rows = torch.repeat_interleave(torch.arange(y.shape[0], device=y.device), length)
-        offset = torch.arange(rows.shape[0], device=y.device) - torch.repeat_interleave(
-            torch.cumsum(length, 0) - length, length
-        )
-        flat = start[rows] + offset
-        return rows, a["nodes"][flat], a["codes"][flat]
+        a = self.on(y.device)
+        rows, nodes, child, _ = packed_path_pairs(a["ptr"], a["nodes"], a["codes"], y)
+        return rows, nodes, child
 
     def _prefix(self, probs: torch.Tensor) -> torch.Tensor:
         """(B, V + 1) float64 prefix sums of the class probabilities in depth-first order."""

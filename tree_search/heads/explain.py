@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tree_search.heads.levels import _check_inputs, _path_pairs, class_vertices, greedy_descent
+from tree_search.heads.levels import _check_inputs, class_vertices, greedy_descent
 from tree_search.heads.tree_head import TreeSoftmaxHead
 from tree_search.tree import Tree
 
@@ -271,7 +271,7 @@ def explain(
             classes = greedy_descent(head, hc).answer
         else:
             classes = head.predict(hc, 1)[0][:, 0]
-        rows, nodes, child, step = _path_pairs(head, classes)
+        rows, nodes, child, step = head.path_pairs(classes)
         log_sm = head._pair_log_softmax(hc, rows, nodes).float()  # (P, F)
         taken = log_sm.gather(1, child[:, None]).squeeze(1)
         other_lp, other_pos = log_sm.scatter(1, child[:, None], float("-inf")).max(1)

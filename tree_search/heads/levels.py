@@ -118,23 +118,6 @@ def _check_inputs(head: TreeSoftmaxHead, h: torch.Tensor, y: torch.Tensor | None
             )
 
 
-def _path_pairs(head: TreeSoftmaxHead, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``(rows, nodes, child, step)`` of every (sample, path node) pair of the classes ``y`` (B,).
-
-    The same pairs, in the same order, as `TreeSoftmaxHead.log_prob` uses; ``step`` is the
-    pair's depth on its path (0: the root).
-    """
-    y = y.long()
-    start = head._path_ptr[y]
-    lengths = head._path_ptr[y + 1] - start  # (B,)
-    rows = torch.repeat_interleave(torch.arange(y.shape[0], device=y.device), lengths)  # (P,)
-    step = torch.arange(rows.shape[0], device=y.device) - torch.repeat_interleave(
-        torch.cumsum(lengths, 0) - lengths, lengths
-    )
-    flat = start[rows] + step
-    return rows, head._path_nodes[flat].long(), head._path_codes[flat].long(), step
-
-
 def level_loss(
     head: TreeSoftmaxHead,
     h: torch.Tensor,
@@ -182,7 +165,7 @@ def _level_terms(
     keep = y != head.ignore_index
     all_kept = bool(keep.all())
     hk, yk = (h, y) if all_kept else (h[keep], y[keep])
-    rows, nodes, child, _ = _path_pairs(head, yk)
+    rows, nodes, child, _ = head.path_pairs(yk)
     pair = head._pair_log_prob(hk, rows, nodes, child)  # (P,) log p(c_k | n_k), as in head.log_prob
     zeros = torch.zeros(yk.shape[0], dtype=pair.dtype, device=h.device)
     output = zeros.index_add(0, rows, pair)

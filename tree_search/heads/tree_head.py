@@ -31,10 +31,25 @@ from torch import nn
 from tree_search.export import load_tree
 from tree_search.tree import Tree
 
-__all__ = ["HEAD_FILE_FORMAT", "HeadOutput", "TreeSoftmaxHead"]
+__all__ = ["HEAD_FILE_FORMAT", "HeadOutput", "TreeSoftmaxHead", "packed_path_pairs"]
 
 HEAD_FILE_FORMAT = "tree_search.head"  # `TreeSoftmaxHead.save` files: the tree, the settings and the weights
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def packed_path_pairs(
+    ptr: torch.Tensor, nodes: torch.Tensor, codes: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, nodes, child, step)`` of the classes ``y`` from packed paths (`Tree.packed_paths` as tensors)."""
+    y = y.long()
+    start = ptr[y].long()
+    lengths = ptr[y + 1].long() - start  # (B,)
+    rows = torch.repeat_interleave(torch.arange(y.shape[0], device=y.device), lengths)  # (P,)
+    step = torch.arange(rows.shape[0], device=y.device) - torch.repeat_interleave(
+        torch.cumsum(lengths, 0) - lengths, lengths
+    )
+    flat = start[rows] + step  # position of each (sample, step) pair in the packed paths
+    return rows, nodes[flat].long(), codes[flat].long(), step
 
 
 class HeadOutput(NamedTuple):
@@ -424,16 +439,17 @@ class TreeSoftmaxHead(nn.Module):
         return out
 
     # ------------------------------------------------------------------ public
+    def path_pairs(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, nodes, child, step)`` (P,) each: every (sample, node on its class's path) pair of ``y`` (B,).
+
+        Pairs come sample by sample, root first; ``child`` is the index of the child taken and
+        ``step`` the pair's depth on its path (0: the root). What `log_prob` sums over.
+        """
+        return packed_path_pairs(self._path_ptr, self._path_nodes, self._path_codes, y)
+
     def log_prob(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B,) exact log p(y | h)."""
-        start = self._path_ptr[y]
-        lengths = self._path_ptr[y + 1] - start  # (B,)
-        rows = torch.repeat_interleave(torch.arange(y.shape[0], device=y.device), lengths)  # (P,)
-        offset = torch.arange(rows.shape[0], device=y.device) - torch.repeat_interleave(
-            torch.cumsum(lengths, 0) - lengths, lengths
-        )
-        flat = start[rows] + offset  # position of each (sample, step) pair in the packed paths
-        nodes, child = self._path_nodes[flat].long(), self._path_codes[flat].long()
+        rows, nodes, child, _ = self.path_pairs(y)
         pair = self._pair_log_prob(h, rows, nodes, child)
         return torch.zeros(y.shape[0], dtype=pair.dtype, device=h.device).index_add_(0, rows, pair)
 
