@@ -187,6 +187,7 @@ def test_export_a_head_into_torch_adaptive_softmax(tmp_path):
     head.save(tmp_path / "best_head.pt", labels=[f"w{i}" for i in range(60)])
     result = run("export", str(tmp_path / "best_head.pt"), str(tmp_path / "adaptive.pt"), "--to", "torch-adaptive")
     assert result.exit_code == 0 and "cutoffs [10, 30]" in result.output and "div_value 4" in result.output
+    assert "permutation[class]" in " ".join(result.output.split())  # printed, not eaten as rich markup
     exported = load_torch_adaptive(tmp_path / "adaptive.pt")
     h = torch.randn(8, 16)
     torch.testing.assert_close(exported.module.log_prob(h)[:, exported.permutation], head.log_probs_all(h),
@@ -197,8 +198,10 @@ def test_export_a_head_into_torch_adaptive_softmax(tmp_path):
     biased.save(tmp_path / "biased.pt")
     TreeSoftmaxHead(builders.huffman(np.arange(1, 61)), 16).save(tmp_path / "huffman.pt")
     (tmp_path / "junk.pt").write_text("not a head")
+    (tmp_path / "empty").mkdir()
     for source, message in [("biased.pt", "have non-zero biases"), ("huffman.pt", "not that shape"),
-                            ("junk.pt", "not a head file"), ("tree.json", "SOURCE must be a head file")]:  # fmt: skip
+                            ("junk.pt", "not a head file"), ("tree.json", "SOURCE must be a head file"),
+                            ("empty", "no best_head_adaptive.pt or best_head.pt")]:  # fmt: skip
         (tmp_path / "tree.json").write_text("{}")
         result = CliRunner().invoke(main, ["export", str(tmp_path / source), str(tmp_path / "x.pt"), "--to",
                                            "torch-adaptive"])  # fmt: skip

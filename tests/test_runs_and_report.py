@@ -179,8 +179,50 @@ def test_cli_search_and_compare_end_to_end(tmp_path):
     assert "full softmax" in result.stdout and "report:" in result.stdout and (out / "report.md").exists()
     compare = subprocess.run([*CLI, "compare", str(out)], capture_output=True, text=True)
     assert compare.returncode == 0 and "Test split" in compare.stdout
+    _check_the_adaptive_head_exports_to_pytorch(out, tmp_path)
     bad = subprocess.run([*CLI, "search", "--resume", str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 1 and "a run folder?" in bad.stderr and not (tmp_path / "none").exists()
+
+
+def _check_the_adaptive_head_exports_to_pytorch(out: Path, tmp_path: Path) -> None:
+    """A cutoffs search's best tree has PyTorch's adaptive shape: its bias-free head exports from the run folder."""
+    import torch
+
+    from tree_search.export import load_tree
+    from tree_search.heads import TreeSoftmaxHead
+    from tree_search.heads.node_train import split_sample
+    from tree_search.interop import adaptive_tail_nodes, load_torch_adaptive
+
+    head = TreeSoftmaxHead.load(out / "best_head_adaptive.pt")
+    biased = TreeSoftmaxHead.load(out / "best_head.pt")
+    tails = adaptive_tail_nodes(head.tree)
+    assert head.tree == biased.tree and all(head.node_parameters(n)[1] is None for n in tails)
+    env = TreeEnvConfig.from_env_config(json.loads((out / "config.json").read_text())["env_config"])
+    test = split_sample(load_env_dataset(env), "test", None, 0, torch.device("cpu"))
+    h, y = test.features.float(), torch.from_numpy(test.labels)
+    with torch.no_grad():
+        nll = -head.log_prob(h, y).mean().item()
+    assert head.metadata["test_nll"] == pytest.approx(nll, rel=1e-5)
+    assert (
+        "`best_head_adaptive.pt`: the same tree trained with bias-free tail clusters" in (out / "report.md").read_text()
+    )
+    assert f"test NLL {nll:.4f}" in (out / "report.md").read_text()
+    target = tmp_path / "adaptive.pt"
+    exported = subprocess.run([*CLI, "export", str(out), str(target), "--to", "torch-adaptive"], capture_output=True,
+                              text=True)  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    module = load_torch_adaptive(target)
+    with torch.no_grad():
+        torch.testing.assert_close(module.module.log_prob(h)[:, module.permutation], head.log_probs_all(h),
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+    tree_file = subprocess.run([*CLI, "export", str(out), str(tmp_path / "t.json")], capture_output=True, text=True)
+    assert tree_file.returncode == 0  # a folder gives its best tree
+    assert load_tree(tmp_path / "t.json").tree == load_tree(out / "best_tree.json").tree
+    # the head with tail biases is refused, pointing to the one trained for PyTorch
+    refused = subprocess.run([*CLI, "export", str(out / "best_head.pt"), str(tmp_path / "no.pt"), "--to",
+                              "torch-adaptive"], capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 1 and "non-zero biases" in refused.stderr
+    assert "best_head_adaptive.pt is trained for it" in refused.stderr and not (tmp_path / "no.pt").exists()
 
 
 def _row(name, kind, cost, test, stderr=0.01, valid=None):

@@ -49,6 +49,7 @@ __all__ = [
     "from_taxonomy",
     "huffman",
     "order_group",
+    "projected_cutoffs",
     "random_tree",
 ]
 
@@ -419,15 +420,28 @@ def classic_names(names: Sequence[str] | str) -> tuple[str, ...]:
     return out
 
 
-def _projected_cutoffs(counts: np.ndarray, cuts: list[int], dim: int, div_value: float) -> tuple[Tree, dict[int, int]]:
-    """`frequency_cutoffs` with tail cluster i projected to ``dim // div_value**(i+1)`` dimensions (PyTorch's rule)."""
-    tree = frequency_cutoffs(counts, cuts)
-    bounds, projections, node = [*cuts, counts.size], {}, 1
-    for i in range(len(cuts)):
-        if bounds[i + 1] - bounds[i] > 1:  # (a cluster of one class is a leaf of the root, not a node)
-            projections[node] = max(1, int(dim // div_value ** (i + 1)))
+def projected_cutoffs(
+    counts: np.ndarray, cuts: Sequence[int], sizes: Sequence[int], dim: int
+) -> tuple[Tree, dict[int, int]]:
+    """`frequency_cutoffs` with tail cluster i projected to ``sizes[i]`` dimensions (none when ``sizes[i] >= dim``).
+
+    Returns the tree and its ``{node: projected size}``; a cluster of one class is a leaf of
+    the root, not a node, and takes no projection.
+    """
+    counts = np.asarray(counts)
+    tree = frequency_cutoffs(counts, list(cuts))
+    bounds, projections, node = [*cuts, counts.size], {}, 1  # frequency_cutoffs numbers the clusters 1, 2, ...
+    for i, size in enumerate(sizes):
+        if bounds[i + 1] - bounds[i] > 1:
+            if size < dim:
+                projections[node] = int(size)
             node += 1
     return tree, projections
+
+
+def _projected_cutoffs(counts: np.ndarray, cuts: list[int], dim: int, div_value: float) -> tuple[Tree, dict[int, int]]:
+    """`frequency_cutoffs` with tail cluster i projected to ``dim // div_value**(i+1)`` dimensions (PyTorch's rule)."""
+    return projected_cutoffs(counts, cuts, [max(1, int(dim // div_value ** (i + 1))) for i in range(len(cuts))], dim)
 
 
 def _adaptive(counts: np.ndarray, dim: int, divisor: int) -> tuple[Tree, dict[int, int], list[int]]:

@@ -435,7 +435,7 @@ def _class_id(labels: Sequence[str] | None, num_classes: int, query: str, unknow
 
 
 @main.command()
-@click.argument("source", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("source", type=click.Path(path_type=Path))
 @click.argument("target", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--to",
@@ -463,14 +463,19 @@ def export(source: Path, target: Path, to: str, model_path: Path | None, binariz
     ``--to pecos`` TARGET is a folder holding the tree as PECOS's cluster chain
     (``ClusterChain.load(TARGET)``, then ``XLinearModel.train(X, Y, C=chain)``). With
     ``--to torch-adaptive`` SOURCE is a trained head of the adaptive shape whose tail
-    clusters have no biases (a run's ``best_head.pt``, or ``TreeSoftmaxHead.save``) and
-    TARGET a ``.pt`` file holding it as ``torch.nn.AdaptiveLogSoftmaxWithLoss`` (its
+    clusters have no biases (a run's ``best_head_adaptive.pt``, or ``TreeSoftmaxHead.save``)
+    and TARGET a ``.pt`` file holding it as ``torch.nn.AdaptiveLogSoftmaxWithLoss`` (its
     ``state_dict``, cutoffs, ``div_value`` and the class permutation;
-    ``tree_search.interop.load_torch_adaptive`` reads it).
+    ``tree_search.interop.load_torch_adaptive`` reads it). SOURCE may be a run folder: its
+    ``best_tree.json``, or for ``--to torch-adaptive`` its ``best_head_adaptive.pt``.
     """
     if to == "torch-adaptive":
         _export_torch_adaptive(source, target)
         return
+    if source.is_dir():
+        if not (source / "best_tree.json").exists():
+            raise click.UsageError(f"{source} is a folder without best_tree.json: pass a tree file or a run folder")
+        source = source / "best_tree.json"
     record = load_tree(source)
     if to == "pecos":
         try:
@@ -511,22 +516,34 @@ def _export_torch_adaptive(source: Path, target: Path) -> None:
 
     from tree_search.heads import TreeSoftmaxHead
     from tree_search.interop import save_torch_adaptive
+    from tree_search.report import ADAPTIVE_HEAD
 
+    if source.is_dir():  # a run folder: the head trained for PyTorch, else the best head (refused if it has biases)
+        found = [source / name for name in (ADAPTIVE_HEAD, "best_head.pt") if (source / name).exists()]
+        if not found:
+            raise click.UsageError(f"{source}: no {ADAPTIVE_HEAD} or best_head.pt in this folder (a search writes them "
+                                   "when it compares finalists: tree-search compare)")  # fmt: skip
+        source = found[0]
     if source.suffix in (".json", ".npz"):
         raise click.UsageError(
-            "--to torch-adaptive exports a trained head: SOURCE must be a head file (a run's best_head.pt, or one "
-            "written by TreeSoftmaxHead.save), not a tree file"
+            "--to torch-adaptive exports a trained head: SOURCE must be a head file (a run's best_head_adaptive.pt, or "
+            "one written by TreeSoftmaxHead.save) or a run folder, not a tree file"
         )
     try:
         head = TreeSoftmaxHead.load(source)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # what torch.load raises on other files
         raise click.ClickException(f"{source}: not a head file ({type(error).__name__} from torch.load)") from None
-    exported = save_torch_adaptive(head, target)
+    try:
+        exported = save_torch_adaptive(head, target)
+    except ValueError as error:
+        sibling = source.parent / ADAPTIVE_HEAD
+        hint = f" This run's {sibling} is trained for it: export that file." if sibling.exists() else ""
+        raise click.ClickException(f"{source}: {error}.{hint}") from None
     sizes = ", ".join(map(str, exported.tail_dims))
     how = f"div_value {exported.div_value:g}" if exported.div_value is not None else "no div_value fits: resized tails"
     console.print(f"wrote {target}: torch.nn.AdaptiveLogSoftmaxWithLoss over {head.num_classes:,} classes, "
                   f"cutoffs {exported.cutoffs}, tail sizes [{sizes}] ({how}), head_bias "
-                  f"{exported.module.head_bias}; PyTorch's class = permutation[class] "
+                  f"{exported.module.head_bias}; PyTorch's class = permutation\\[class] "
                   "(tree_search.interop.load_torch_adaptive reads it)")  # fmt: skip
 
 
@@ -916,10 +933,13 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
     verdicts = json.loads((folder / "comparison.json").read_text(encoding="utf-8"))["verdicts"]
     for line in verdicts:
         console.print(line)
-    head = folder / "best_head.pt"
+    from tree_search.report import ADAPTIVE_HEAD
+
+    head, adaptive = folder / "best_head.pt", folder / ADAPTIVE_HEAD
     console.print(
         f"report: {folder / 'report.md'} (plots beside it); best tree: {folder / 'best_tree.json'}"
         + (f"; its trained head: {head}" if head.exists() else "")
+        + (f" (for torch.nn.AdaptiveLogSoftmaxWithLoss: {adaptive})" if adaptive.exists() else "")
         + f"; TensorBoard: tensorboard --logdir {folder / 'tb'}"
     )
 

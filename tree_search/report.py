@@ -10,6 +10,9 @@ significant only when it exceeds twice the combined standard error of the two me
 The report's folder also gets ``best_head.pt``: the best searched tree within the cap (by
 validation NLL) with the weights of its first final seed, whose test NLL the report shows
 (`tree_search.heads.TreeSoftmaxHead.load`; `torch.load(..., weights_only=True)` reads it).
+When that tree has the shape of PyTorch's adaptive softmax, ``best_head_adaptive.pt`` holds
+it trained with bias-free tail clusters (PyTorch's tails have no biases), which
+``tree-search export --to torch-adaptive`` turns into `torch.nn.AdaptiveLogSoftmaxWithLoss`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tree_search.runs import Run, RunError
 __all__ = ["compare_runs", "finalists"]
 
 FULL = "full softmax"
+ADAPTIVE_HEAD = "best_head_adaptive.pt"  # the best head trained for torch.nn.AdaptiveLogSoftmaxWithLoss
 
 
 def _group(searcher: str) -> str:
@@ -184,25 +188,42 @@ def compare_runs(
         )
     rows.sort(key=lambda r: r["test_nll"])
     searched = [r for r in rows if r["kind"] == "searched" and r["within_cap"]]
+    head_lines = []
     if searched:
         best = min(searched, key=lambda r: r["valid_nll"])
-        entry = next(e for e in entries if e[5] == best["key"])
-        write_best_head(report_run.folder / "best_head.pt", entry[2], entry[3], dataset,
-                        dataclasses.replace(train, seed=FINAL_SEED_OFFSET), best, setting, log)  # fmt: skip
+        _, _, tree, projections, _, _ = next(e for e in entries if e[5] == best["key"])
+        recipe = dataclasses.replace(train, seed=FINAL_SEED_OFFSET)
+        nll = write_best_head(report_run.folder / "best_head.pt", tree, projections, dataset, recipe, best, setting,
+                              log)  # fmt: skip
+        head_lines.append(
+            f"- `best_head.pt`: {best['name']}, the weights of its first final seed (test NLL {nll:.4f})."
+        )
+        tails = _adaptive_tails(tree)
+        if tails is not None:
+            free = write_best_head(report_run.folder / ADAPTIVE_HEAD, tree, projections, dataset, recipe,
+                                   best, setting, log, bias_free_nodes=tails)  # fmt: skip
+            head_lines.append(
+                f"- `{ADAPTIVE_HEAD}`: the same tree trained with bias-free tail clusters, as "
+                "`torch.nn.AdaptiveLogSoftmaxWithLoss` has (`tree-search export RUN_FOLDER OUT.pt "
+                f"--to torch-adaptive`): test NLL {free:.4f}, {free - nll:+.4f} against the head with tail biases."
+            )
     verdicts = _verdicts(rows)
     caps = sorted({float(c) for run in runs for c in run.config.get("cost_caps") or ()})
     cap_rows = front_verdicts(rows, caps) if caps else []
     tree_of = {e[0]: e[2] for e in entries}
     _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
-                  cap_rows=cap_rows)  # fmt: skip
+                  cap_rows=cap_rows, head_lines=head_lines)  # fmt: skip
     return rows
 
 
 def write_best_head(path: Path, tree, projections, dataset, recipe, row: dict[str, Any], setting: dict[str, Any],
-                    log: Callable[[str], None] | None = None) -> None:  # fmt: skip
+                    log: Callable[[str], None] | None = None,
+                    bias_free_nodes: Sequence[int] | None = None) -> float:  # fmt: skip
     """Train (or read from the node bank) the head of ``row``'s tree under ``recipe`` and save it to ``path``.
 
-    Skipped when ``path`` already holds that tree under the same setting.
+    ``bias_free_nodes`` are trained without biases (`trained_head`). Returns the head's NLL on
+    the whole test split, also kept in its metadata (``test_nll``). Skipped when ``path``
+    already holds that tree under the same setting.
     """
     metadata = {"tree": row["name"], "key": row["key"], "setting": json.dumps(setting, sort_keys=True),
                 "seed": int(recipe.seed), "valid_nll": float(row["valid_nll"]),
@@ -212,12 +233,43 @@ def write_best_head(path: Path, tree, projections, dataset, recipe, row: dict[st
             old = TreeSoftmaxHead.load(path).metadata
         except (ValueError, RuntimeError, OSError):
             old = {}
-        if old.get("key") == metadata["key"] and old.get("setting") == metadata["setting"]:
-            return
+        if old.get("key") == metadata["key"] and old.get("setting") == metadata["setting"] and "test_nll" in old:
+            return float(old["test_nll"])
     if log:
-        log(f"best head: {row['name']} with the weights of its first final seed -> {path}")
-    head = trained_head(tree, dataset, recipe, projections=projections or None)
+        biases = " (tail clusters without biases)" if bias_free_nodes else ""
+        log(f"best head: {row['name']} with the weights of its first final seed{biases} -> {path}")
+    head = trained_head(tree, dataset, recipe, projections=projections or None, bias_free_nodes=bias_free_nodes)
+    metadata["test_nll"] = _test_nll(head, dataset, recipe.seed)
     head.save(path, labels=dataset.vocab.tokens, counts=dataset.counts, metadata=metadata)
+    return metadata["test_nll"]
+
+
+def _test_nll(head: TreeSoftmaxHead, dataset, seed: int, chunk: int = 65_536) -> float:
+    """The head's mean NLL over the whole test split (the rows `score_test` scores)."""
+    import torch
+
+    from tree_search.heads.node_train import split_sample
+
+    device = next(head.parameters()).device
+    test = split_sample(dataset, "test", None, seed, device)
+    labels = torch.from_numpy(test.labels).to(device)
+    total = 0.0
+    with torch.no_grad():
+        for lo in range(0, labels.numel(), chunk):
+            total -= float(
+                head.log_prob(test.features[lo : lo + chunk].float(), labels[lo : lo + chunk]).double().sum()
+            )
+    return total / max(1, labels.numel())
+
+
+def _adaptive_tails(tree) -> list[int] | None:
+    """The tail-cluster nodes when ``tree`` has the shape of PyTorch's adaptive softmax, else None."""
+    from tree_search.interop import adaptive_tail_nodes
+
+    try:
+        return adaptive_tail_nodes(tree)
+    except ValueError:
+        return None
 
 
 def _pareto(items: Sequence[Any], cost=lambda x: x[0], loss=lambda x: x[1]) -> list[Any]:
@@ -365,7 +417,15 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _write_report(
-    run: Run, rows, verdicts, runs: Sequence[Run], tree_of, epochs: float, cap_ratio: float, cap_rows=()
+    run: Run,
+    rows,
+    verdicts,
+    runs: Sequence[Run],
+    tree_of,
+    epochs: float,
+    cap_ratio: float,
+    cap_rows=(),
+    head_lines: Sequence[str] = (),
 ) -> None:
     import matplotlib
 
@@ -476,6 +536,7 @@ def _write_report(
         *(["![fronts](fronts.png)", ""] if cap_rows else []),
         "Classic trees that a cheaper classic tree beats on validation are not scored on test.",
         "",
+        *([*head_lines, ""] if head_lines else []),
         "![best so far](best_so_far.png)",
         "![loss vs cost](loss_vs_cost.png)",
         "![depth](depth_histogram.png)",

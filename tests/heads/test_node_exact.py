@@ -382,3 +382,42 @@ def test_the_bank_keeps_trained_weights_and_builds_the_head_from_them(planted, t
     monkeypatch.undo()
     result = evaluate(tree, dataset, RECIPE, device="cpu", projections=projections, bank_root=tmp_path)
     assert result.extra["nodes_trained"] == 0 and result.valid_nll == pytest.approx(nll, rel=1e-5)
+
+
+def test_bias_free_nodes_train_without_biases_under_their_own_keys_and_export_to_pytorch(planted, tmp_path):
+    """Tails trained bias-free (for torch.nn.AdaptiveLogSoftmaxWithLoss): exactly zero biases, own bank keys."""
+    from tree_search.heads.reward import score_test
+    from tree_search.interop import adaptive_tail_nodes, to_torch_adaptive
+
+    dataset = planted.to_dataset()
+    tree, projections = _shapes(planted)["adaptive"]
+    tails = adaptive_tail_nodes(tree)
+    plain, free = node_keys(tree, projections), node_keys(tree, projections, tails)
+    assert plain[0].tobytes() == free[0].tobytes()  # the root is the same node either way
+    assert all(plain[n].tobytes() != free[n].tobytes() for n in tails)
+    with pytest.raises(ValueError, match="not internal nodes"):
+        node_keys(tree, projections, [tree.num_internal])
+    # the bank already holds the biased tails: bias-free training must not take them (non-zero biases would be
+    # refused by the bias-free head)
+    biased = trained_head(tree, dataset, RECIPE, projections=projections, device="cpu", bank_root=tmp_path)
+    head = trained_head(tree, dataset, RECIPE, projections=projections, device="cpu", bank_root=tmp_path,
+                        bias_free_nodes=tails)  # fmt: skip
+    for node in tails:
+        assert head.node_parameters(node)[1] is None
+        assert bool(torch.any(biased.node_parameters(node)[1] != 0))  # the biased ones do use their biases
+        assert not torch.equal(head.node_parameters(node)[0], biased.node_parameters(node)[0])
+    torch.testing.assert_close(head.node_parameters(0)[0], biased.node_parameters(0)[0])  # the root: same training
+    outcome = train_nodes(tree, np.array(tails), dataset, RECIPE, projections=projections, keep_weights=True,
+                          bias_free_nodes=tails)  # fmt: skip
+    assert all(np.all(outcome.weights[i][1] == 0) for i in range(len(tails)))
+    valid = split_sample(dataset, "valid", None, 0, torch.device("cpu"))
+    test = split_sample(dataset, "test", None, 0, torch.device("cpu"))
+    h = valid.features.float()
+    exported = to_torch_adaptive(head)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module.log_prob(h)[:, exported.permutation], head.log_probs_all(h),
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+        nll = -head.log_prob(test.features.float(), torch.from_numpy(test.labels)).mean().item()
+    # final scoring with the same flag scores that head on test
+    scored = score_test(tree, dataset, RECIPE, device="cpu", projections=projections, bias_free_nodes=tails)
+    assert scored["test_nll"] == pytest.approx(nll, rel=1e-5)

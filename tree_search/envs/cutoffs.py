@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tree_search.builders import frequency_cutoffs
+from tree_search.builders import projected_cutoffs
 from tree_search.envs.base import TreeEnv
 from tree_search.envs.reward import NodeContent
 from tree_search.tree import Tree
@@ -135,16 +135,7 @@ class CutoffsEnv(TreeEnv):
     def _finish(self) -> tuple[Tree, dict[int, int]]:
         if len(self.projections) < len(self.cutoffs):
             self.projections.append(self.dataset.dim)
-        tree = frequency_cutoffs(self.counts, self.cutoffs)
-        # frequency_cutoffs numbers the tail clusters of more than one class 1, 2, ... in order.
-        V, projections, node = self.num_classes, {}, 1
-        bounds = [*self.cutoffs, V]
-        for i, size in enumerate(self.projections):
-            if bounds[i + 1] - bounds[i] > 1:
-                if size < self.dataset.dim:
-                    projections[node] = size
-                node += 1
-        return tree, projections
+        return projected_cutoffs(self.counts, self.cutoffs, self.projections, self.dataset.dim)
 
     def _features(self) -> np.ndarray:
         K, V, P = self.config.cutoff_max_clusters, self.num_classes, self.config.cutoff_projections

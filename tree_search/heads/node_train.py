@@ -33,7 +33,7 @@ import functools
 import math
 import platform
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,13 +190,16 @@ def _mix(hashes: np.ndarray) -> np.ndarray:
     return np.stack([_splitmix(hashes[:, 0] ^ _splitmix(hashes[:, 1])), _splitmix(hashes[:, 1])], 1)
 
 
-def node_keys(tree: Tree, projections: Mapping[int, int] | None = None) -> np.ndarray:
+def node_keys(
+    tree: Tree, projections: Mapping[int, int] | None = None, bias_free_nodes: Collection[int] | None = None
+) -> np.ndarray:
     """(I, 2) uint64 content keys of the internal nodes.
 
-    A node's key depends only on the class sets of its children (in any order) and its
-    projection size: the same node in two trees has the same key. Each child's set hash
-    (`child_set_hashes`) is mixed nonlinearly and the mixes are summed, so sibling order
-    does not matter.
+    A node's key depends only on the class sets of its children (in any order), its
+    projection size and whether it is bias-free: the same node in two trees has the same
+    key. Each child's set hash (`child_set_hashes`) is mixed nonlinearly and the mixes are
+    summed, so sibling order does not matter. A bias-free node's second lane is mixed once
+    more, so the ordinary nodes' keys are the same with or without bias-free ones.
     """
     with np.errstate(over="ignore"):
         keys = np.add.reduceat(_mix(child_set_hashes(tree)), tree.child_ptr[:-1], axis=0)
@@ -204,7 +207,24 @@ def node_keys(tree: Tree, projections: Mapping[int, int] | None = None) -> np.nd
         for node, size in (projections or {}).items():
             proj[int(node)] = np.uint64(size)
         keys[:, 0] += _splitmix(proj + np.uint64(0x5EED))
+        free = _bias_free_mask(tree, bias_free_nodes)
+        keys[free, 1] = _splitmix(keys[free, 1] ^ np.uint64(0xB1A5F3EE))
     return keys
+
+
+def _bias_free_mask(tree: Tree, bias_free_nodes: Collection[int] | None) -> np.ndarray:
+    """(I,) bool: the internal nodes trained without biases.
+
+    Raises:
+        ValueError: for an id that is not an internal node.
+    """
+    free = np.zeros(tree.num_internal, dtype=bool)
+    ids = np.asarray(sorted({int(n) for n in bias_free_nodes or ()}), dtype=np.int64)
+    bad = ids[(ids < 0) | (ids >= tree.num_internal)]
+    if bad.size:
+        raise ValueError(f"bias_free_nodes {bad[:5].tolist()} are not internal nodes (0..{tree.num_internal - 1})")
+    free[ids] = True
+    return free
 
 
 # ---------------------------------------------------------------- samples
@@ -380,6 +400,7 @@ def train_nodes(
     keep_weights: bool = False,
     keys: np.ndarray | None = None,
     score_split: str | None = None,
+    bias_free_nodes: Collection[int] | None = None,
 ) -> NodeOutcome:
     """Train the internal ``nodes`` of ``tree``, each on its own (see the module docstring).
 
@@ -394,6 +415,9 @@ def train_nodes(
         keys: the nodes' content keys, when the caller has them (else computed).
         score_split: also score each node, at its best measurement, on this whole split
             (``"test"`` for final reports): `NodeOutcome.split_losses`.
+        bias_free_nodes: internal nodes trained without biases (theirs stay exactly zero), as
+            PyTorch's adaptive softmax has none in its tails (`interop.adaptive_tail_nodes`).
+            Such a node has its own key (`node_keys`).
 
     Raises:
         FloatingPointError: when a node's loss becomes NaN or infinite.
@@ -401,7 +425,7 @@ def train_nodes(
     device = torch.device(device)
     nodes = np.asarray(nodes, dtype=np.int64)
     projections = {int(k): int(v) for k, v in (projections or {}).items()}
-    keys = node_keys(tree, projections)[nodes] if keys is None else keys
+    keys = node_keys(tree, projections, bias_free_nodes)[nodes] if keys is None else keys
     M = recipe.measure_steps.size
     outcome = NodeOutcome(
         keys, np.zeros((nodes.size, 2 * M)), np.zeros(nodes.size, np.int64), np.zeros(nodes.size, np.int64)
@@ -428,7 +452,8 @@ def train_nodes(
     group_key = np.stack([batch, width, proj, steps], 1)
     unique, inverse = np.unique(group_key, axis=0, return_inverse=True)
     context = _Context(tree, nodes, keys, fanout, own_batch, recipe, device, train, valid, (t_rows, t_child, t_ptr),
-                       (v_rows, v_child, v_ptr), keep_weights, training_dtype(recipe.precision, device))  # fmt: skip
+                       (v_rows, v_child, v_ptr), keep_weights, training_dtype(recipe.precision, device),
+                       bias_free=_bias_free_mask(tree, bias_free_nodes)[nodes])  # fmt: skip
     if score_split is not None:
         context.scored = split_sample(dataset, score_split, None, recipe.seed, device)
         s_rows, s_child, s_ptr = _node_pairs(tree, context.scored.labels, nodes)
@@ -474,6 +499,7 @@ class _Context:
     valid_pairs: tuple[np.ndarray, np.ndarray, np.ndarray]
     keep_weights: bool
     dtype: torch.dtype = torch.float32  # of the training matmuls (`training_dtype`)
+    bias_free: np.ndarray | None = None  # (n,) bool per trained node: trained without biases
     embeddings: tuple | None = None  # (E, counts, subtree sums, subtree mass) for warm starts
     child_hashes: np.ndarray | None = None  # `child_set_hashes` of the tree (random initialisation)
     scored: _Split | None = None  # a split every node is scored on at its best measurement
@@ -529,6 +555,10 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
         b0 = np.zeros((G, Wd))
     # Parametrised as W = scale * W', b = scale * b' (scale by the node's exact fanout): Adam's steps on W'
     # are then scale * lr on W, the node's own learning rate, with one fused Adam over the whole group.
+    free = c.bias_free[members] if c.bias_free is not None else np.zeros(G, dtype=bool)
+    b0 = np.where(free[:, None], 0.0, b0)
+    # a bias-free node's bias gradient is zeroed: Adam then never moves its bias from zero
+    bias_keep = torch.from_numpy((~free)[:, None].astype(np.float32)).to(device) if free.any() else None
     scale = torch.from_numpy(step_scale(fan) * np.sqrt(recipe.steps / S)).float().to(device)
     params = [torch.tensor(w0, dtype=torch.float32, device=device) / scale[:, None, None],
               torch.tensor(b0, dtype=torch.float32, device=device) / scale[:, None]]  # fmt: skip
@@ -557,7 +587,7 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
     for k in range(-1, S):
         if k >= 0:
             _step(k, S, B, P, features, t_rows, t_child, params, scale, column_mask, grad_factor, state,
-                  recipe, workspace)  # fmt: skip
+                  recipe, workspace, bias_keep)  # fmt: skip
         if k + 1 in measure:
             snapshots.append(
                 [params[0] * scale[:, None, None], params[1] * scale[:, None], *[p.clone() for p in params[2:]]]
@@ -589,7 +619,7 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
 
 
 def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, scale, column_mask, grad_factor, state,
-          recipe: NodeRecipe, workspace: torch.Tensor) -> None:  # fmt: skip
+          recipe: NodeRecipe, workspace: torch.Tensor, bias_keep: torch.Tensor | None = None) -> None:  # fmt: skip
     """One Adam step of every node of a group on its k-th batch (the gradients written out by hand).
 
     The matmuls take their inputs in ``features.dtype`` (bfloat16 or float32, see
@@ -620,6 +650,8 @@ def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, sca
     grad_scores.mul_(grad_factor)  # (G, B, Wd): mean over the node's own tokens, times its scale; pads zeroed
     grad_low = grad_scores.to(low)
     grads = [torch.bmm(grad_low.transpose(1, 2), Z).float(), grad_scores.sum(1)]  # (G, Wd, din), (G, Wd)
+    if bias_keep is not None:
+        grads[1].mul_(bias_keep)  # (G, 1): 0 for a bias-free node
     if P:
         grads.append(torch.bmm(torch.bmm(grad_low, W_low).transpose(1, 2), X).float())  # (G, P, d)
     warmup = max(1, round(recipe.warmup_fraction * S))

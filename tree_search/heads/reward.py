@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -364,15 +364,17 @@ def node_weights(
     device: torch.device | str | None = None,
     use_bank: bool = True,
     bank_root: Path | None = None,
+    bias_free_nodes: Collection[int] | None = None,
 ) -> dict[int, tuple[np.ndarray, ...]]:
     """``{node: (W (fanout, d'), b (fanout,)[, P (d', d)])}``: every internal node's weights at its best measurement.
 
     Rows follow the tree's own child order. Nodes whose weights the node bank holds are not
     trained again; the others are trained now (same numbers as in `evaluate`: the recipe
-    decides them) and stored with their weights.
+    decides them) and stored with their weights. ``bias_free_nodes`` are trained without
+    biases (their ``b`` is zero; see `train_nodes`).
     """
     device = torch.device(device) if device is not None else default_device()
-    keys = node_keys(tree, projections)
+    keys = node_keys(tree, projections, bias_free_nodes)
     # The bank stores each node's rows (one per child) in a canonical child order, since the same node
     # may list its children in another order in another tree: sorted by the children's class-set hashes.
     hashes = child_set_hashes(tree)
@@ -386,7 +388,7 @@ def node_weights(
     missing = np.array([n for n in range(tree.num_internal) if n not in weights], dtype=np.int64)
     if missing.size:
         outcome = train_nodes(tree, missing, dataset, recipe, projections=projections, device=device,
-                              keep_weights=True, keys=keys[missing])  # fmt: skip
+                              keep_weights=True, keys=keys[missing], bias_free_nodes=bias_free_nodes)  # fmt: skip
         for row, value in outcome.weights.items():
             node = int(missing[row])
             weights[node] = value
@@ -406,12 +408,17 @@ def trained_head(
     device: torch.device | str | None = None,
     use_bank: bool = True,
     bank_root: Path | None = None,
+    bias_free_nodes: Collection[int] | None = None,
 ) -> TreeSoftmaxHead:
-    """A `TreeSoftmaxHead` holding every node's weights at its best measurement under ``recipe`` (`node_weights`)."""
+    """A `TreeSoftmaxHead` holding every node's weights at its best measurement under ``recipe`` (`node_weights`).
+
+    ``bias_free_nodes`` are trained without biases and are bias-free in the head
+    (``interop.adaptive_tail_nodes(tree)`` makes a head `interop.to_torch_adaptive` exports).
+    """
     device = torch.device(device) if device is not None else default_device()
     weights = node_weights(tree, dataset, recipe, projections=projections, device=device, use_bank=use_bank,
-                           bank_root=bank_root)  # fmt: skip
-    head = TreeSoftmaxHead(tree, dataset.dim, projections=projections)
+                           bank_root=bank_root, bias_free_nodes=bias_free_nodes)  # fmt: skip
+    head = TreeSoftmaxHead(tree, dataset.dim, projections=projections, bias_free_nodes=bias_free_nodes)
     for node, value in weights.items():  # once per node, when a head is built; never on the reward's path
         head.set_node_parameters(node, *[torch.from_numpy(np.asarray(w, dtype=np.float32)) for w in value])
     return head.to(device)
@@ -442,6 +449,7 @@ def score_test(
     *,
     device: torch.device | str | None = None,
     projections: Mapping[int, int] | None = None,
+    bias_free_nodes: Collection[int] | None = None,
 ) -> dict[str, float]:
     """Final-report scoring: train every node with ``config`` (pass a final seed, see `FINAL_SEED_OFFSET`), score test.
 
@@ -450,7 +458,7 @@ def score_test(
     """
     device = torch.device(device) if device is not None else default_device()
     outcome = train_nodes(tree, np.arange(tree.num_internal), dataset, config, projections=projections, device=device,
-                          score_split="test")  # fmt: skip
+                          score_split="test", bias_free_nodes=bias_free_nodes)  # fmt: skip
     rows = split_sample(dataset, "valid", config.valid_tokens, config.seed, device).labels.size
     test_rows = split_sample(dataset, "test", None, config.seed, device).labels.size
     test_nll = float(outcome.split_losses.sum() / test_rows)
