@@ -37,7 +37,7 @@ def reference_log_probs(head, h, node_temperature):
     """log p(c | h) with node n's child log-softmax recomputed at temperature node_temperature[n]."""
     B, inner = h.shape[0], head.tree.num_internal
     rows, nodes = torch.arange(B).repeat_interleave(inner), torch.arange(inner).repeat(B)
-    lp = head._pair_log_softmax(h, rows, nodes)
+    lp = head.node_log_softmax(h, rows, nodes)
     lp = torch.log_softmax(lp / torch.as_tensor(node_temperature, dtype=lp.dtype)[nodes][:, None], 1).view(B, inner, -1)
     out = torch.zeros(B, head.tree.num_classes)
     for c in range(head.tree.num_classes):

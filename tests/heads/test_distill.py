@@ -116,7 +116,7 @@ def test_temperature_softens_each_node(tree):
     rows, nodes, _ = path_pairs(tree, y)
     t = branch_targets(tree, torch.softmax(logits.double(), 1), rows, nodes)
     t_soft = torch.softmax(t.log() / T, 1)
-    s = torch.log_softmax(head._pair_log_softmax(h, rows, nodes)[:, : t.shape[1]].double() / T, 1)
+    s = torch.log_softmax(head.node_log_softmax(h, rows, nodes)[:, : t.shape[1]].double() / T, 1)
     per_pair = -(torch.where(t_soft > 0, t_soft * s, torch.zeros_like(s))).sum(1) * T * T
     expected = torch.zeros(3, dtype=torch.float64).index_add(0, rows, per_pair)
     assert torch.allclose(out.loss.double(), expected, atol=1e-5)

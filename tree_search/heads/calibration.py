@@ -221,7 +221,7 @@ def _tree_pieces(head: TreeSoftmaxHead, h: torch.Tensor, y: torch.Tensor, chunk:
     with torch.no_grad():
         for start in range(0, y.shape[0], chunk):
             rows, nodes, child, _ = head.path_pairs(y[start : start + chunk])
-            lp = head._pair_log_softmax(h[start : start + chunk], rows, nodes).float()  # (P, W), -inf padded
+            lp = head.node_log_softmax(h[start : start + chunk], rows, nodes).float()  # (P, W), -inf padded
             counts = fanout[nodes]  # the children of each pair's node
             valid = torch.arange(lp.shape[1], device=h.device)[None, :] < counts[:, None]
             first = torch.cumsum(counts, 0) - counts  # each pair's first entry in the packed values

@@ -319,7 +319,7 @@ def _distill(
         got = None if teacher_logits is None else tuple(teacher_logits.shape)
         raise ValueError(f"teacher logits must be (B, V) = ({y.shape[0]}, {student.num_classes}), got {got}")
     rows, nodes, child = index.pairs(y)
-    lp = student._pair_log_softmax(h, rows, nodes)  # (P, W) the student's child log-probabilities, -inf padded
+    lp = student.node_log_softmax(h, rows, nodes)  # (P, W) the student's child log-probabilities, -inf padded
     hard = -lp.gather(1, child[:, None]).squeeze(1)  # (P,)
     B = y.shape[0]
     log_prob = -torch.zeros(B, dtype=hard.dtype, device=h.device).index_add(0, rows, hard)

@@ -272,10 +272,9 @@ def explain(
         else:
             classes = head.predict(hc, 1)[0][:, 0]
         rows, nodes, child, step = head.path_pairs(classes)
-        log_sm = head._pair_log_softmax(hc, rows, nodes).float()  # (P, F)
+        log_sm = head.node_log_softmax(hc, rows, nodes).float()  # (P, F)
         taken = log_sm.gather(1, child[:, None]).squeeze(1)
         other_lp, other_pos = log_sm.scatter(1, child[:, None], float("-inf")).max(1)
-        ptr = head._child_ptr[nodes]
         table = {
             "nodes": torch.full((B, D), -1, dtype=torch.int64, device=h.device),
             "chosen": torch.full((B, D), -1, dtype=torch.int64, device=h.device),
@@ -284,8 +283,8 @@ def explain(
             "runner_up_prob": torch.full((B, D), float("nan"), device=h.device),
         }
         table["nodes"][rows, step] = nodes
-        table["chosen"][rows, step] = head._child_ids[ptr + child]
-        table["runner_up"][rows, step] = head._child_ids[ptr + other_pos]
+        table["chosen"][rows, step] = head.child_id(nodes, child)
+        table["runner_up"][rows, step] = head.child_id(nodes, other_pos)
         table["chosen_prob"][rows, step] = taken.exp()
         table["runner_up_prob"][rows, step] = other_lp.exp()
         table["classes"] = classes
@@ -304,7 +303,7 @@ def explain(
             true_prob = torch.full((B,), float("nan"), device=h.device)
             idx = torch.nonzero(wrong, as_tuple=True)[0]
             if idx.numel():
-                there = head._pair_log_softmax(hc, idx, left[idx]).float()
+                there = head.node_log_softmax(hc, idx, left[idx]).float()
                 true_prob[idx] = there.gather(1, position[true_child[idx]][:, None]).squeeze(1).exp()
             table["true"] = yc
             table["left_node"] = torch.where(wrong, left, -1)

@@ -166,7 +166,7 @@ def _level_terms(
     all_kept = bool(keep.all())
     hk, yk = (h, y) if all_kept else (h[keep], y[keep])
     rows, nodes, child, _ = head.path_pairs(yk)
-    pair = head._pair_log_prob(hk, rows, nodes, child)  # (P,) log p(c_k | n_k), as in head.log_prob
+    pair = head.node_log_prob(hk, rows, nodes, child)  # (P,) log p(c_k | n_k), as in head.log_prob
     zeros = torch.zeros(yk.shape[0], dtype=pair.dtype, device=h.device)
     output = zeros.index_add(0, rows, pair)
     weighted = zeros.index_add(0, rows, pair * w[nodes].to(pair.dtype))
@@ -282,9 +282,9 @@ def greedy_descent(head: TreeSoftmaxHead, h: torch.Tensor, thresholds: torch.Ten
             if rows.numel() == 0:
                 break
             here = current[rows]
-            log_sm = head._pair_log_softmax(h, rows, here)  # (P, F), -inf beyond each node's fanout
+            log_sm = head.node_log_softmax(h, rows, here)  # (P, F), -inf beyond each node's fanout
             top_lp, top_pos = log_sm.topk(2, dim=1)  # every internal node has at least two children
-            ids = head._child_ids[head._child_ptr[here][:, None] + top_pos]  # (P, 2) unified ids
+            ids = head.child_id(here[:, None], top_pos)  # (P, 2) unified ids
             if thr is not None:
                 stop = top_lp[:, 0].exp() < thr[here]
                 answer[rows[stop]] = V + here[stop]

@@ -412,10 +412,10 @@ class TreeSoftmaxHead(nn.Module):
                 scale = self._bucket_scale[b]
                 yield index, scores if scale == 1.0 else scores * scale, self._bucket_valid(b)[local]
 
-    def _pair_log_prob(
+    def node_log_prob(
         self, h: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor, child: torch.Tensor
     ) -> torch.Tensor:
-        """(P,) log p(child | node, h[row]) for each pair."""
+        """(P,) ``log p(child | node, h[row])`` for each (row, node, child index) pair (see `path_pairs`)."""
         acc = torch.promote_types(h.dtype, torch.float32)  # reductions in at least float32
         out = torch.empty(rows.shape[0], dtype=acc, device=h.device)
         for index, scores, valid in self._pair_scores(h, rows, nodes):
@@ -426,8 +426,11 @@ class TreeSoftmaxHead(nn.Module):
             out[index] = torch.log_softmax(scores, dim=1).gather(1, child[index, None]).squeeze(1)
         return out
 
-    def _pair_log_softmax(self, h: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        """(P, max fanout) log-probabilities of each child of each pair's node; -inf padded."""
+    def node_log_softmax(self, h: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """(P, max fanout) log-probabilities of each child of each pair's node given ``h[row]``; -inf padded.
+
+        Column j is the node's j-th child in the tree's order (`child_id` gives its id).
+        """
         width = max([int(self._fanout.max()), self._top_width, *self._bucket_widths])
         acc = torch.promote_types(h.dtype, torch.float32)
         out = torch.full((rows.shape[0], width), float("-inf"), dtype=acc, device=h.device)
@@ -437,6 +440,10 @@ class TreeSoftmaxHead(nn.Module):
                 scores = scores.masked_fill(~valid, float("-inf"))
             out[index, : scores.shape[1]] = torch.log_softmax(scores, dim=1)
         return out
+
+    def child_id(self, nodes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The unified ids (class ``< V``, internal node ``V + n``) of child ``positions`` of ``nodes`` (broadcast)."""
+        return self._child_ids[self._child_ptr[nodes] + positions]
 
     # ------------------------------------------------------------------ public
     def path_pairs(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -450,7 +457,7 @@ class TreeSoftmaxHead(nn.Module):
     def log_prob(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B,) exact log p(y | h)."""
         rows, nodes, child, _ = self.path_pairs(y)
-        pair = self._pair_log_prob(h, rows, nodes, child)
+        pair = self.node_log_prob(h, rows, nodes, child)
         return torch.zeros(y.shape[0], dtype=pair.dtype, device=h.device).index_add_(0, rows, pair)
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> HeadOutput:
@@ -560,7 +567,7 @@ class TreeSoftmaxHead(nn.Module):
         B, internal = h.shape[0], self.tree.num_internal
         rows = torch.arange(B, device=h.device).repeat_interleave(internal)
         nodes = torch.arange(internal, device=h.device).repeat(B)
-        child_lp = self._pair_log_softmax(h, rows, nodes).view(B, internal, -1)  # (B, I, F)
+        child_lp = self.node_log_softmax(h, rows, nodes).view(B, internal, -1)  # (B, I, F)
         steps = child_lp[:, self._path_nodes.long(), self._path_codes.long()]  # (B, total path length)
         owner = torch.repeat_interleave(
             torch.arange(self.num_classes, device=h.device), self._path_ptr[1:] - self._path_ptr[:-1]
@@ -622,7 +629,7 @@ class TreeSoftmaxHead(nn.Module):
             alive = frontier_lp > float("-inf")
             rows, cols = torch.nonzero(alive, as_tuple=True)
             nodes = frontier[rows, cols]
-            child_lp = self._pair_log_softmax(h, rows, nodes) + frontier_lp[rows, cols, None]  # (P, F)
+            child_lp = self.node_log_softmax(h, rows, nodes) + frontier_lp[rows, cols, None]  # (P, F)
             F = child_lp.shape[1]  # the widest group; columns beyond a node's fanout are -inf
             fan = self._fanout[nodes]
             position = torch.arange(F, device=device)
