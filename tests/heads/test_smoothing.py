@@ -10,7 +10,6 @@ from tree_search.heads.smoothing import (
     SmoothedHead,
     SmoothingConfig,
     tree_distances,
-    tree_log_probs_all,
 )
 from tree_search.tree import Tree
 
@@ -107,21 +106,29 @@ def mixed_head(tree, dim=6, **kw):
     return head
 
 
+def _per_class(head, h):
+    """(B, V) log p(c | h) class by class, along each class's path (`log_prob`): an independent reference."""
+    V = head.num_classes
+    return torch.stack([head.log_prob(h, torch.full((h.shape[0],), c)) for c in range(V)], 1)
+
+
 @pytest.mark.parametrize("bias", [True, False])
-def test_tree_log_probs_all_matches_head(bias):
+def test_log_probs_all_matches_each_class_s_path(bias):
     tree = builders.random_tree(30, seed=5, max_arity=5)
     head = mixed_head(tree, bias=bias)
     groups = {"dense": len(head._dense_nodes), "top": head._has_top, "buckets": len(head._bucket_widths)}
     assert groups["dense"] >= 2 and groups["top"] and groups["buckets"] >= 2, groups
     h = torch.randn(7, 6)
-    ours = tree_log_probs_all(head, h)
-    assert torch.allclose(ours, head.log_probs_all(h), atol=1e-5)
+    ours = head.log_probs_all(h)
+    assert torch.allclose(ours, _per_class(head, h), atol=1e-5)
     # the gradients with respect to the head's parameters agree too
     w = torch.randn(7, 30)
     g1 = torch.autograd.grad((ours * w).sum(), [p for p in head.parameters() if p.requires_grad])
-    g2 = torch.autograd.grad((head.log_probs_all(h) * w).sum(), [p for p in head.parameters() if p.requires_grad])
+    g2 = torch.autograd.grad((_per_class(head, h) * w).sum(), [p for p in head.parameters() if p.requires_grad])
     for a, b in zip(g1, g2, strict=True):
         assert torch.allclose(a.to_dense() if a.is_sparse else a, b.to_dense() if b.is_sparse else b, atol=1e-5)
+    # rows are scored independently (the head splits large batches into chunks)
+    assert torch.allclose(ours, torch.cat([head.log_probs_all(h[:3]), head.log_probs_all(h[3:])]), atol=1e-6)
 
 
 def test_smoothed_tree_head_loss_is_cross_entropy_against_log_probs():
@@ -201,7 +208,7 @@ def test_sampled_loss_is_unbiased():
     assert not SmoothedHead(sparse_head, SmoothingConfig()).sparse_parameters()
 
 
-def test_tree_log_probs_all_with_bias_free_nodes():
+def test_log_probs_all_with_bias_free_nodes():
     """Nodes without biases (the adaptive export's tail clusters): their stored biases must take no part."""
     tree = builders.random_tree(30, seed=5, max_arity=5)
     free = [0, 2, tree.num_internal - 1]
@@ -212,4 +219,4 @@ def test_tree_log_probs_all_with_bias_free_nodes():
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.5)  # also writes non-zero values where the biases are masked
     h = torch.randn(5, 6)
-    assert torch.allclose(tree_log_probs_all(head, h), head.log_probs_all(h), atol=1e-5)
+    assert torch.allclose(head.log_probs_all(h), _per_class(head, h), atol=1e-5)

@@ -64,25 +64,43 @@ def test_top_k_beyond_the_number_of_classes():
     classes, lp = head.predict(torch.randn(2, 4), k=5)
     assert (classes[:, 3:] == -1).all() and torch.isinf(lp[:, 3:]).all()
     assert sorted(classes[0, :3].tolist()) == [0, 1, 2]
-    flat = TreeSoftmaxHead(Tree(3, [[0, 1, 2]]), 4)  # scoring every node is a flat softmax: top-k of it, padded
-    assert flat._scoring_cost <= flat.dim * flat.num_classes
+    flat = TreeSoftmaxHead(Tree(3, [[0, 1, 2]]), 4)  # one node: its top-k, padded
     classes, lp = flat.predict(torch.randn(2, 4), k=5)
     assert (classes[:, 3:] == -1).all() and torch.isinf(lp[:, 3:]).all()
     assert sorted(classes[0, :3].tolist()) == [0, 1, 2]
 
 
-def test_the_adaptive_shape_decodes_its_whole_distribution_exactly():
+def test_the_adaptive_shape_decodes_exactly_and_skips_tails_that_cannot_hold_a_top_class():
     counts = np.arange(300, 0, -1)
     head = TreeSoftmaxHead(builders.frequency_cutoffs(counts, [30, 120]), 32, projections={1: 8, 2: 2})
-    assert head._scoring_cost <= head.dim * head.num_classes  # cheaper than a flat softmax: no beam
     torch.manual_seed(0)
     for p in head.parameters():
         nn.init.normal_(p, std=1.0)
-    h = torch.randn(16, 32)
+    h = torch.randn(64, 32)
+    tails = {1: 0, 2: 0}  # rows each tail cluster's projection was applied to
+    for node in tails:
+        k = head._dense_nodes.index(node)
+
+        def count(module, inputs, output, node=node):
+            tails[node] += inputs[0].shape[0]
+
+        head.dense_projections[k].register_forward_hook(count)
     reference = head.log_probs_all(h).topk(5, dim=1)
+    assert tails == {1: 64, 2: 64}  # the whole distribution scores both tails for every row
+    tails.update({1: 0, 2: 0})
     classes, lp = head.predict(h, k=5)
-    assert torch.equal(classes, reference.indices) and torch.allclose(lp, reference.values)
-    beam_classes, _ = head.predict(h, k=5, beam=2)  # the certified beam search, asked for, agrees
+    assert torch.equal(classes, reference.indices) and torch.allclose(lp, reference.values, atol=1e-6)
+    assert 0 < tails[1] + tails[2] < 2 * 64  # some rows needed a tail, some did not
+    # a root that puts almost no mass on its clusters: no tail is scored, and the top-5 stays exact
+    weight, bias, _ = head.node_parameters(0)
+    is_cluster = torch.from_numpy(head.tree.children(0) >= head.num_classes)
+    with torch.no_grad():
+        head.set_node_parameters(0, weight, bias.masked_fill(is_cluster, -1e4))
+    reference = head.log_probs_all(h).topk(5, dim=1)
+    tails.update({1: 0, 2: 0})
+    classes, lp = head.predict(h, k=5)
+    assert torch.equal(classes, reference.indices) and tails == {1: 0, 2: 0}
+    beam_classes, _ = head.predict(h, k=5, beam=2)  # a narrower beam agrees
     assert torch.equal(beam_classes, classes)
 
 

@@ -42,7 +42,6 @@ from tree_search.heads.smoothing import (
     SmoothedHead,
     SmoothingConfig,
     tree_distances,
-    tree_log_probs_all,
 )
 from tree_search.heads.train import EvalPoint, FitResult, TrainConfig, fit, validation_nll
 from tree_search.heads.tree_head import HeadOutput, TreeSoftmaxHead
@@ -105,6 +104,5 @@ __all__ = [
     "train_nodes",
     "trained_head",
     "tree_distances",
-    "tree_log_probs_all",
     "validation_nll",
 ]

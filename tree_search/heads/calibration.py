@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from tree_search.heads.reference import FullSoftmaxHead
-from tree_search.heads.smoothing import tree_log_probs_all
 from tree_search.heads.tree_head import TreeSoftmaxHead
 
 __all__ = [
@@ -119,14 +118,14 @@ def expected_calibration_error(
 def top1(head: nn.Module, h: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """``(confidence, predicted)`` (N,) each: the probability and the class of each sample's top-1 answer.
 
-    Exact. A tree head scores every class (`tree_log_probs_all`: one matmul per weight
+    Exact. A tree head scores every class (``log_probs_all``: one matmul per weight
     group, a fixed cost), since its certified beam search (``predict``) can widen many
     times on flat, badly calibrated distributions; other heads use ``predict(h, 1)``.
     """
     confidence, predicted = [], []
     for start in range(0, h.shape[0], chunk):
         if isinstance(head, TreeSoftmaxHead):
-            log_probs, classes = tree_log_probs_all(head, h[start : start + chunk]).max(1, keepdim=True)
+            log_probs, classes = head.log_probs_all(h[start : start + chunk]).max(1, keepdim=True)
         else:
             classes, log_probs = head.predict(h[start : start + chunk], 1)
         confidence.append(log_probs[:, 0].float().exp())

@@ -15,10 +15,9 @@ Label smoothing trains on the target ``q = (1 - eps) * onehot(y) + eps * u_y`` i
 The targets are built per batch from lowest-common-ancestor depths (the batch's root
 paths summed down the tree, one gather per depth level), never as a dense V x V table.
 The exact loss (``samples=0``) is the cross-entropy against the head's log-probabilities
-of *every* class, so it costs a full softmax per sample whatever the tree; for a
-`TreeSoftmaxHead` those come from one matmul over all child weights, a segmented
-log-softmax and root-to-leaf sums level by level (`tree_log_probs_all`), not from the
-head's per-pair gathers (memory ~ batch x nodes x fanout x dim). With ``samples=k``, the
+of *every* class, so it costs a full softmax per sample whatever the tree (for a
+`TreeSoftmaxHead`, its ``log_probs_all``: one matmul per weight group, a segmented
+log-softmax and root-to-leaf sums level by level). With ``samples=k``, the
 smoothing term ``eps * E_{c ~ u_y}[-log p(c)]`` is estimated from k classes drawn from
 ``u_y`` top-down through the tree (`LabelSmoother.sample`): unbiased, and the cost of
 k + 1 paths instead of all V classes, which keeps a tree head's training cheap at large V.
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tree_search.heads.tree_head import HeadOutput, TreeSoftmaxHead
+from tree_search.heads.tree_head import HeadOutput, LevelSums
 from tree_search.tree import Tree
 
 __all__ = [
@@ -51,9 +50,7 @@ __all__ = [
     "LabelSmoother",
     "SmoothedHead",
     "SmoothingConfig",
-    "class_log_probs",
     "tree_distances",
-    "tree_log_probs_all",
 ]
 
 SMOOTHING_KINDS = ("none", "uniform", "tree")
@@ -86,52 +83,13 @@ def _check_labels(y: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {int(y.min())}..{int(y.max())}")
 
 
-class _Levels:
-    """Root-to-node sums over a tree, one gather per depth level (a loop over levels, never over nodes).
-
-    ``accumulate(increment)`` with ``increment`` (B, I) returns (B, I): each node's value
-    plus those of all its ancestors. Differentiable (no in-place writes).
-    """
-
-    def __init__(self, tree: Tree) -> None:
-        depth = tree.node_depth
-        order = np.argsort(depth, kind="stable")  # nodes level by level
-        bounds = np.searchsorted(depth[order], np.arange(int(depth.max()) + 2))
-        position = np.empty(tree.num_internal, dtype=np.int64)
-        position[order] = np.arange(tree.num_internal)
-        self._host: dict[str, list[torch.Tensor] | torch.Tensor] = {"position": torch.from_numpy(position)}
-        nodes, parents = [], []
-        for level in range(len(bounds) - 1):
-            members = order[bounds[level] : bounds[level + 1]]
-            nodes.append(torch.from_numpy(members))
-            if level:  # the parent's position within the previous level
-                parents.append(torch.from_numpy(position[tree.node_parent[members]] - bounds[level - 1]))
-        self._host["nodes"], self._host["parents"] = nodes, parents
-        self._on: dict[str, dict] = {}
-
-    def _arrays(self, device: torch.device) -> dict:
-        key = str(device)
-        if key not in self._on:
-            self._on[key] = {
-                k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in self._host.items()
-            }
-        return self._on[key]
-
-    def accumulate(self, increment: torch.Tensor) -> torch.Tensor:
-        a = self._arrays(increment.device)
-        out = [increment[:, a["nodes"][0]]]
-        for nodes, parents in zip(a["nodes"][1:], a["parents"], strict=True):
-            out.append(out[-1][:, parents] + increment[:, nodes])
-        return torch.cat(out, 1)[:, a["position"]]
-
-
 class _Distances:
     """Tree distances from a batch of classes to every class, with the tree's arrays kept on a device."""
 
     def __init__(self, tree: Tree) -> None:
         self.tree = tree
         ptr, nodes, _ = tree.packed_paths()
-        self._levels = _Levels(tree)
+        self._levels = LevelSums(tree)
         self._host = {
             "ptr": torch.from_numpy(ptr.astype(np.int64)),
             "nodes": torch.from_numpy(nodes.astype(np.int64)),
@@ -332,127 +290,6 @@ class LabelSmoother:
         return -torch.where(q > 0, q * log_probs, torch.zeros_like(log_probs)).sum(1)
 
 
-# ---------------------------------------------------------------------- all classes of a tree head
-class _ChildScorer:
-    """Scores of every child of every internal node of a `TreeSoftmaxHead` at once.
-
-    One matmul per weight group of the head (its dense nodes, its shared top block, its
-    packed buckets), differentiable with respect to the head's parameters; the columns are
-    the tree's child entries in CSR order (``tree.child_ptr``/``child_ids``).
-    """
-
-    def __init__(self, head: TreeSoftmaxHead) -> None:
-        tree = head.tree
-        ptr, fanout = tree.child_ptr.astype(np.int64), tree.fanout.astype(np.int64)
-        group_of, local_of = head._group_of.cpu().numpy(), head._local_of.cpu().numpy()
-        num_dense = len(head._dense_nodes)
-        bias_free = np.asarray(getattr(head, "_bias_free", np.full(tree.num_internal, not head.bias)), dtype=bool)
-        positions, self._bucket_columns = [], []
-        self._dense_keep = []
-        for node in head._dense_nodes:
-            positions.append(ptr[node] + np.arange(fanout[node]))
-            self._dense_keep.append(0.0 if bias_free[node] else 1.0)
-        top = np.flatnonzero(group_of == num_dense)
-        columns = int(head.top_weight.shape[0])
-        column_entry = np.zeros(columns, dtype=np.int64)
-        column_keep = np.zeros(columns, dtype=np.float32)
-        if top.size:
-            owner = np.repeat(top, fanout[top])
-            within = np.arange(owner.size) - np.repeat(np.cumsum(fanout[top]) - fanout[top], fanout[top])
-            column_entry[local_of[owner] + within] = ptr[owner] + within
-            column_keep[local_of[owner] + within] = ~bias_free[owner]
-            positions.append(column_entry)
-        self._has_top = bool(top.size)
-        self._top_keep = torch.from_numpy(column_keep)
-        self._bucket_keep = []
-        for b, width in enumerate(head._bucket_widths):
-            members = np.flatnonzero(group_of == num_dense + 1 + b)
-            members = members[np.argsort(local_of[members])]  # row r of the bucket is members[r]
-            valid = np.arange(width)[None, :] < fanout[members][:, None]  # (M, width)
-            flat = np.flatnonzero(valid.ravel())
-            self._bucket_columns.append(torch.from_numpy(flat))
-            positions.append((ptr[members][:, None] + np.arange(width)[None, :]).ravel()[flat])
-            self._bucket_keep.append(torch.from_numpy(np.repeat(~bias_free[members], width).astype(np.float32)))
-        position = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
-        if not np.array_equal(np.sort(position), np.arange(tree.child_ids.size)):
-            raise RuntimeError("the head's weight layout does not cover every child entry once (tree_head changed?)")
-        self._order = torch.from_numpy(np.argsort(position))  # concatenated column -> CSR entry
-        self._owner = torch.from_numpy(np.repeat(np.arange(tree.num_internal), fanout))  # (E,) node of each entry
-        # the entry through which each internal node (the root: none, entry 0 masked) and each class is reached
-        node_entry = ptr[np.maximum(tree.node_parent, 0)] + np.maximum(tree.node_child_index, 0)
-        self._node_entry = torch.from_numpy(node_entry.astype(np.int64))
-        self._not_root = torch.from_numpy((tree.node_parent >= 0).astype(np.float32))
-        self._leaf_entry = torch.from_numpy((ptr[tree.leaf_parent] + tree.leaf_child_index).astype(np.int64))
-        self._leaf_parent = torch.from_numpy(tree.leaf_parent.astype(np.int64))
-        self._levels = _Levels(tree)
-        self.head = head
-
-    def _to(self, device: torch.device) -> None:
-        for name in ("_order", "_owner", "_node_entry", "_not_root", "_leaf_entry", "_leaf_parent", "_top_keep"):
-            setattr(self, name, getattr(self, name).to(device))
-        self._bucket_columns = [c.to(device) for c in self._bucket_columns]
-        self._bucket_keep = [k.to(device) for k in self._bucket_keep]
-
-    def child_scores(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, E) score of every child entry, CSR order."""
-        head = self.head
-        if self._order.device != h.device:
-            self._to(h.device)
-        parts = []
-        for k in range(len(head._dense_nodes)):
-            z = head.dense_projections[k](h)
-            s = z @ head.dense_weights[k].t() + head.dense_biases[k] * self._dense_keep[k]
-            parts.append(s * head._dense_scale[k])
-        if self._has_top:
-            s = h @ head.top_weight.t() + head.top_bias * self._top_keep
-            parts.append(s * head._top_scale)
-        for b in range(len(head._bucket_widths)):
-            weight = head.bucket_weights[b].view(-1, head.dim)  # (M * width, d)
-            s = h @ weight.t() + head.bucket_biases[b].reshape(-1) * self._bucket_keep[b]
-            parts.append((s * head._bucket_scale[b])[:, self._bucket_columns[b]])
-        return torch.cat(parts, 1)[:, self._order].float()
-
-    def entry_log_probs(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, E) log p(child | node) of every child entry, CSR order."""
-        s = self.child_scores(h)  # (B, E)
-        B, inner = s.shape[0], self.head.tree.num_internal
-        owner = self._owner[None, :].expand(B, -1)
-        peak = torch.full((B, inner), float("-inf"), device=s.device).scatter_reduce(1, owner, s.detach(), "amax")
-        z = torch.exp(s - peak[:, self._owner])
-        lse = torch.log(torch.zeros(B, inner, device=s.device).index_add(1, self._owner, z)) + peak
-        return s - lse[:, self._owner]
-
-    def log_probs_all(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, V) log-probabilities of every class (root-to-node sums level by level: work ~ B x (V + I))."""
-        entry_lp = self.entry_log_probs(h)
-        step = torch.where(self._not_root > 0, entry_lp[:, self._node_entry], 0.0)  # the root is reached for sure
-        reach = self._levels.accumulate(step)  # (B, I) log p(reach node)
-        return reach[:, self._leaf_parent] + entry_lp[:, self._leaf_entry]
-
-
-def tree_log_probs_all(head: TreeSoftmaxHead, h: torch.Tensor) -> torch.Tensor:
-    """(B, V) log-probabilities of every class of a tree head, by one matmul per weight group.
-
-    The same numbers as ``head.log_probs_all(h)``, differentiable, with memory ~ B x
-    (V + internal nodes) instead of the per-(sample, node) weight gathers; use it to
-    train on dense targets (smoothing, distillation over all classes).
-
-    Example:
-        >>> from tree_search.builders import huffman
-        >>> head = TreeSoftmaxHead(huffman([5, 3, 2, 1]), dim=8)
-        >>> tree_log_probs_all(head, torch.randn(2, 8)).exp().sum(1)  # doctest: +SKIP
-        tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)
-    """
-    return _ChildScorer(head).log_probs_all(h)
-
-
-def class_log_probs(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """(B, V) log-probabilities of every class: `tree_log_probs_all` for tree heads, else ``head.log_probs_all``."""
-    if isinstance(head, TreeSoftmaxHead):
-        return tree_log_probs_all(head, h)
-    return head.log_probs_all(h)
-
-
 class SmoothedHead(nn.Module):
     """A head whose ``forward`` loss is the label-smoothed cross-entropy; ``log_prob`` stays the head's own.
 
@@ -482,7 +319,6 @@ class SmoothedHead(nn.Module):
         self.smoother = LabelSmoother(int(head.num_classes), config, tree)
         # exact smoothing needs every class's log-probability; "none" and sampled smoothing only paths
         self._on_paths = config.kind == "none" or config.epsilon == 0.0 or config.samples > 0
-        self._scorer = _ChildScorer(head) if isinstance(head, TreeSoftmaxHead) and not self._on_paths else None
 
     @property
     def num_classes(self) -> int:
@@ -500,7 +336,7 @@ class SmoothedHead(nn.Module):
             both = self.head.log_prob(torch.cat([h, h.repeat_interleave(k, 0)]), torch.cat([y.long(), drawn]))
             output, other = both[: y.shape[0]], both[y.shape[0] :].view(-1, k).mean(1)
             return HeadOutput(output, -((1.0 - eps) * output + eps * other).mean())
-        log_probs = self._scorer.log_probs_all(h) if self._scorer is not None else self.head.log_probs_all(h)
+        log_probs = self.head.log_probs_all(h)
         output = log_probs.gather(1, y.long()[:, None]).squeeze(1)
         return HeadOutput(output, self.smoother.loss(log_probs, y).mean())
 

@@ -31,7 +31,7 @@ from torch import nn
 from tree_search.export import load_tree
 from tree_search.tree import Tree
 
-__all__ = ["HEAD_FILE_FORMAT", "HeadOutput", "TreeSoftmaxHead", "packed_path_pairs"]
+__all__ = ["HEAD_FILE_FORMAT", "HeadOutput", "LevelSums", "TreeSoftmaxHead", "packed_path_pairs"]
 
 HEAD_FILE_FORMAT = "tree_search.head"  # `TreeSoftmaxHead.save` files: the tree, the settings and the weights
 REDUCTIONS = ("mean", "sum", "none")
@@ -61,6 +61,145 @@ class HeadOutput(NamedTuple):
 
 def _bucket_width(fanout: int) -> int:
     return 1 << (int(fanout) - 1).bit_length()
+
+
+class LevelSums:
+    """Root-to-node sums over a tree, one gather per depth level (a loop over levels, never over nodes).
+
+    ``accumulate(increment)`` with ``increment`` (B, I) returns (B, I): each node's value
+    plus those of all its ancestors. Differentiable (no in-place writes).
+    """
+
+    def __init__(self, tree: Tree) -> None:
+        depth = tree.node_depth
+        order = np.argsort(depth, kind="stable")  # nodes level by level
+        bounds = np.searchsorted(depth[order], np.arange(int(depth.max()) + 2))
+        position = np.empty(tree.num_internal, dtype=np.int64)
+        position[order] = np.arange(tree.num_internal)
+        self._host: dict[str, list[torch.Tensor] | torch.Tensor] = {"position": torch.from_numpy(position)}
+        nodes, parents = [], []
+        for level in range(len(bounds) - 1):
+            members = order[bounds[level] : bounds[level + 1]]
+            nodes.append(torch.from_numpy(members))
+            if level:  # the parent's position within the previous level
+                parents.append(torch.from_numpy(position[tree.node_parent[members]] - bounds[level - 1]))
+        self._host["nodes"], self._host["parents"] = nodes, parents
+        self._on: dict[str, dict] = {}
+
+    def _arrays(self, device: torch.device) -> dict:
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = {
+                k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in self._host.items()
+            }
+        return self._on[key]
+
+    def accumulate(self, increment: torch.Tensor) -> torch.Tensor:
+        """(B, I): each node's ``increment`` plus its ancestors'."""
+        a = self._arrays(increment.device)
+        out = [increment[:, a["nodes"][0]]]
+        for nodes, parents in zip(a["nodes"][1:], a["parents"], strict=True):
+            out.append(out[-1][:, parents] + increment[:, nodes])
+        return torch.cat(out, 1)[:, a["position"]]
+
+
+class _WholeTree:
+    """Scores of every child of every internal node of a head at once (what `log_probs_all` needs).
+
+    One matmul per weight group of the head (its dense nodes, its shared top block, its
+    packed buckets), differentiable with respect to the head's parameters; the columns are
+    the tree's child entries in CSR order (``tree.child_ptr``/``child_ids``). Index arrays
+    are built once per head and kept per device.
+    """
+
+    def __init__(self, head: TreeSoftmaxHead) -> None:
+        tree = head.tree
+        ptr, fanout = tree.child_ptr.astype(np.int64), tree.fanout.astype(np.int64)
+        group_of, local_of = head._group_of.cpu().numpy(), head._local_of.cpu().numpy()
+        num_dense = len(head._dense_nodes)
+        bias_free = head._bias_free
+        positions, host = [], {}
+        self._dense_keep = []
+        for node in head._dense_nodes:
+            positions.append(ptr[node] + np.arange(fanout[node]))
+            self._dense_keep.append(0.0 if bias_free[node] else 1.0)
+        top = np.flatnonzero(group_of == num_dense)
+        columns = int(head.top_weight.shape[0])
+        column_entry = np.zeros(columns, dtype=np.int64)
+        column_keep = np.zeros(columns, dtype=np.float32)
+        if top.size:
+            owner = np.repeat(top, fanout[top])
+            within = np.arange(owner.size) - np.repeat(np.cumsum(fanout[top]) - fanout[top], fanout[top])
+            column_entry[local_of[owner] + within] = ptr[owner] + within
+            column_keep[local_of[owner] + within] = ~bias_free[owner]
+            positions.append(column_entry)
+        self._has_top = bool(top.size)
+        host["top_keep"] = torch.from_numpy(column_keep)
+        self._buckets = len(head._bucket_widths)
+        for b, width in enumerate(head._bucket_widths):
+            members = np.flatnonzero(group_of == num_dense + 1 + b)
+            members = members[np.argsort(local_of[members])]  # row r of the bucket is members[r]
+            valid = np.arange(width)[None, :] < fanout[members][:, None]  # (M, width)
+            flat = np.flatnonzero(valid.ravel())
+            host[f"bucket_columns_{b}"] = torch.from_numpy(flat)
+            positions.append((ptr[members][:, None] + np.arange(width)[None, :]).ravel()[flat])
+            host[f"bucket_keep_{b}"] = torch.from_numpy(np.repeat(~bias_free[members], width).astype(np.float32))
+        position = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
+        if not np.array_equal(np.sort(position), np.arange(tree.child_ids.size)):
+            raise RuntimeError("the head's weight layout does not cover every child entry once")
+        host["order"] = torch.from_numpy(np.argsort(position))  # concatenated column -> CSR entry
+        host["owner"] = torch.from_numpy(np.repeat(np.arange(tree.num_internal), fanout))  # (E,) node of each entry
+        # the entry through which each internal node (the root: none, entry 0 masked) and each class is reached
+        node_entry = ptr[np.maximum(tree.node_parent, 0)] + np.maximum(tree.node_child_index, 0)
+        host["node_entry"] = torch.from_numpy(node_entry.astype(np.int64))
+        host["not_root"] = torch.from_numpy(tree.node_parent >= 0)
+        host["leaf_entry"] = torch.from_numpy((ptr[tree.leaf_parent] + tree.leaf_child_index).astype(np.int64))
+        host["leaf_parent"] = torch.from_numpy(tree.leaf_parent.astype(np.int64))
+        self._host, self._on = host, {}
+        self.levels = LevelSums(tree)
+
+    def _arrays(self, device: torch.device) -> dict[str, torch.Tensor]:
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = {name: value.to(device) for name, value in self._host.items()}
+        return self._on[key]
+
+    def child_scores(self, head: TreeSoftmaxHead, h: torch.Tensor) -> torch.Tensor:
+        """(B, E) score of every child entry, CSR order, in float32 or wider."""
+        a = self._arrays(h.device)
+        parts = []
+        for k in range(len(head._dense_nodes)):
+            z = head.dense_projections[k](h)
+            s = z @ head.dense_weights[k].t() + head.dense_biases[k] * self._dense_keep[k]
+            parts.append(s * head._dense_scale[k])
+        if self._has_top:
+            s = h @ head.top_weight.t() + head.top_bias * a["top_keep"]
+            parts.append(s * head._top_scale)
+        for b in range(self._buckets):
+            weight = head.bucket_weights[b].view(-1, head.dim)  # (M * width, d)
+            s = h @ weight.t() + head.bucket_biases[b].reshape(-1) * a[f"bucket_keep_{b}"]
+            parts.append((s * head._bucket_scale[b])[:, a[f"bucket_columns_{b}"]])
+        acc = torch.promote_types(h.dtype, torch.float32)
+        return torch.cat(parts, 1)[:, a["order"]].to(acc)
+
+    def entry_log_probs(self, head: TreeSoftmaxHead, h: torch.Tensor) -> torch.Tensor:
+        """(B, E) log p(child | node) of every child entry, CSR order (a segmented log-softmax)."""
+        a = self._arrays(h.device)
+        s = self.child_scores(head, h)  # (B, E)
+        B, inner, owner = s.shape[0], head.tree.num_internal, a["owner"]
+        peak = torch.full((B, inner), float("-inf"), dtype=s.dtype, device=s.device)
+        peak = peak.scatter_reduce(1, owner[None, :].expand(B, -1), s.detach(), "amax")
+        z = torch.exp(s - peak[:, owner])
+        lse = torch.log(torch.zeros(B, inner, dtype=s.dtype, device=s.device).index_add(1, owner, z)) + peak
+        return s - lse[:, owner]
+
+    def log_probs_all(self, head: TreeSoftmaxHead, h: torch.Tensor) -> torch.Tensor:
+        """(B, V) log-probabilities of every class (root-to-node sums level by level: work ~ B x (V + I))."""
+        a = self._arrays(h.device)
+        entry_lp = self.entry_log_probs(head, h)
+        step = torch.where(a["not_root"], entry_lp[:, a["node_entry"]], 0.0)  # the root is reached for sure
+        reach = self.levels.accumulate(step)  # (B, I) log p(reach node)
+        return reach[:, a["leaf_parent"]] + entry_lp[:, a["leaf_entry"]]
 
 
 class TreeSoftmaxHead(nn.Module):
@@ -237,11 +376,9 @@ class TreeSoftmaxHead(nn.Module):
         self.register_buffer("_path_nodes", torch.from_numpy(nodes.copy()), persistent=False)  # int32
         self.register_buffer("_path_codes", torch.from_numpy(codes.copy()), persistent=False)
         self.register_buffer("_fanout", torch.from_numpy(fanout.astype(np.int64)), persistent=False)
-        sizes = np.array([projections.get(n, dim) for n in range(tree.num_internal)], dtype=np.int64)
-        # multiply-adds to score every node once (what `log_probs_all` costs per sample)
-        self._scoring_cost = int(fanout @ sizes + sum(size * dim for size in projections.values()))
         self.register_buffer("_child_ptr", torch.from_numpy(tree.child_ptr.copy()), persistent=False)
         self.register_buffer("_child_ids", torch.from_numpy(tree.child_ids.copy()), persistent=False)
+        self._whole: _WholeTree | None = None  # built on the first `log_probs_all`
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -555,118 +692,114 @@ class TreeSoftmaxHead(nn.Module):
     def log_probs_all(self, h: torch.Tensor) -> torch.Tensor:
         """(B, V) log-probabilities of every class; costs as much as a full softmax.
 
-        Rows go in chunks whose gathered node weights stay near 256 MB, whatever the tree.
+        Every node's children are scored by one matmul per weight group (never a gather of
+        weights per sample), then a segmented log-softmax and root-to-node sums level by
+        level. Differentiable, with dense gradients. Rows go in chunks of about 64M numbers.
         """
-        per_row = self.tree.num_internal * int(self.tree.fanout.max(initial=1)) * self.dim
-        chunk = max(1, (1 << 26) // max(per_row, 1))
+        if self._whole is None:
+            self._whole = _WholeTree(self)
+        per_row = 3 * self.tree.child_ids.size + self.tree.num_internal + self.num_classes
+        chunk = max(1, (1 << 26) // per_row)
         if h.shape[0] > chunk:
-            return torch.cat([self._log_probs_all(h[i : i + chunk]) for i in range(0, h.shape[0], chunk)])
-        return self._log_probs_all(h)
-
-    def _log_probs_all(self, h: torch.Tensor) -> torch.Tensor:
-        B, internal = h.shape[0], self.tree.num_internal
-        rows = torch.arange(B, device=h.device).repeat_interleave(internal)
-        nodes = torch.arange(internal, device=h.device).repeat(B)
-        child_lp = self.node_log_softmax(h, rows, nodes).view(B, internal, -1)  # (B, I, F)
-        steps = child_lp[:, self._path_nodes.long(), self._path_codes.long()]  # (B, total path length)
-        owner = torch.repeat_interleave(
-            torch.arange(self.num_classes, device=h.device), self._path_ptr[1:] - self._path_ptr[:-1]
-        )
-        return torch.zeros(B, self.num_classes, dtype=steps.dtype, device=h.device).index_add_(1, owner, steps)
+            return torch.cat([self._whole.log_probs_all(self, h[i : i + chunk]) for i in range(0, h.shape[0], chunk)])
+        return self._whole.log_probs_all(self, h)
 
     @torch.no_grad()
     def predict(self, h: torch.Tensor, k: int = 1, beam: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-``k`` classes and their log-probabilities, by certified beam search.
 
-        A batched beam search keeps the ``beam`` most probable partial paths per level
-        (default ``max(k, 8)``). Since log-probabilities only fall along a path, the
-        result of a sample is exact when no pruned partial path scored above its k-th
-        best leaf; samples without that certificate are searched again with a beam four
-        times wider, until every sample is certified (at worst the whole tree). When
-        scoring every node costs no more than a flat softmax (the adaptive shape) and no
-        ``beam`` is given, the whole distribution is computed and its top-k taken instead.
+        A batched beam search goes down the tree level by level, keeping the ``beam`` most
+        probable internal nodes per sample (default ``max(k, 8)``) and the k best classes
+        found so far. Log-probabilities only fall along a path, so a node no better than the
+        sample's k-th best class so far is never scored (its classes cannot enter the top
+        k): on the adaptive shape most samples stop at the root's frequent classes, as
+        PyTorch's ``predict`` does. A sample's result is exact when no node dropped for
+        the beam's width scored above its k-th best class; samples without that
+        certificate are searched again with a beam four times wider, and once the beam
+        would visit about every node, the whole distribution is scored instead
+        (`log_probs_all`).
 
         Returns:
             ``(classes, log_probs)``, each (B, k), best first. With ``k > V`` the extra
             columns hold class -1 and log-probability -inf.
         """
-        B, V = h.shape[0], self.num_classes
-        if beam is None and self._scoring_cost <= self.dim * V:
-            # Scoring every node costs no more than a flat softmax (a wide root and projected tails, the
-            # adaptive shape): the whole distribution, then top-k, beats a beam that widens on wide nodes.
-            found_s, found_c = self.log_probs_all(h).topk(min(k, V), dim=1)
-            classes = torch.full((B, k), -1, dtype=torch.int64, device=h.device)
-            scores = torch.full((B, k), float("-inf"), dtype=found_s.dtype, device=h.device)
-            classes[:, : found_c.shape[1]], scores[:, : found_s.shape[1]] = found_c, found_s
-            return classes, scores
+        B, V, inner = h.shape[0], self.num_classes, self.tree.num_internal
         width = max(k, 8) if beam is None else max(k, beam)
         classes = torch.full((B, k), -1, dtype=torch.int64, device=h.device)
         scores = torch.full((B, k), float("-inf"), device=h.device)
+        # rows per pass: a dense node's scores (rows x fanout) stay near 64M numbers
+        chunk = max(1, (1 << 26) // max(int(self.tree.fanout.max(initial=1)) * 3, width * (k + width)))
         todo = torch.arange(B, device=h.device)
         while todo.numel():
-            if width * self.tree.max_depth >= self.tree.num_internal:
+            if width < inner and width * self.tree.max_depth >= inner:
                 # The beam would visit about every node anyway (a flat distribution keeps widening it, e.g.
-                # an untrained head): score the whole tree for these rows instead, in bounded chunks.
+                # an untrained head): score the whole tree for these rows instead.
                 found_s, found_c = self.log_probs_all(h[todo]).topk(min(k, V), dim=1)
                 classes[todo, : found_c.shape[1]], scores[todo, : found_s.shape[1]] = found_c, found_s.float()
                 break
-            found_c, found_s, certified = self._beam(h[todo], k, width)
-            done = certified | (width >= V + self.tree.num_internal)
-            classes[todo[done]], scores[todo[done]] = found_c[done], found_s[done]
-            todo = todo[~done]
+            certified = torch.zeros(todo.numel(), dtype=torch.bool, device=h.device)
+            for lo in range(0, todo.numel(), chunk):
+                rows = todo[lo : lo + chunk]
+                found_c, found_s, certified[lo : lo + chunk] = self._beam(h[rows], k, width)
+                classes[rows], scores[rows] = found_c, found_s
+            todo = todo[~(certified | (width >= inner))]  # a beam as wide as the tree drops no node
             width *= 4
         return classes, scores
 
     def _beam(self, h: torch.Tensor, k: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One beam search of ``width``: ``(classes (B, k), log_probs (B, k), certified (B,))``."""
         B, V, device = h.shape[0], self.num_classes, h.device
         child_ptr, child_ids = self._child_ptr, self._child_ids
+        inf = float("-inf")
         frontier = torch.zeros(B, 1, dtype=torch.int64, device=device)  # internal node ids
         frontier_lp = torch.zeros(B, 1, device=device)
-        leaves = torch.full((B, 0), -1, dtype=torch.int64, device=device)
-        leaves_lp = torch.zeros(B, 0, device=device)
-        pruned_best = torch.full((B,), float("-inf"), device=device)
+        best_id = torch.full((B, k), -1, dtype=torch.int64, device=device)
+        best_lp = torch.full((B, k), inf, device=device)
+        pruned_best = torch.full((B,), inf, device=device)  # the best node dropped for the beam's width
         while frontier.shape[1]:
-            alive = frontier_lp > float("-inf")
-            rows, cols = torch.nonzero(alive, as_tuple=True)
-            nodes = frontier[rows, cols]
-            child_lp = self.node_log_softmax(h, rows, nodes) + frontier_lp[rows, cols, None]  # (P, F)
-            F = child_lp.shape[1]  # the widest group; columns beyond a node's fanout are -inf
-            fan = self._fanout[nodes]
-            position = torch.arange(F, device=device)
-            valid = position[None, :] < fan[:, None]
-            ids = child_ids[(child_ptr[nodes][:, None] + position[None, :]).clamp(max=child_ids.numel() - 1)]
-            child_lp = child_lp.masked_fill(~valid, float("-inf"))
-            # scatter the candidates of each sample into a (B, C) table
-            slots = torch.zeros(B, dtype=torch.int64, device=device).index_add_(0, rows, torch.ones_like(rows))
-            C = int(slots.max()) * F if rows.numel() else 0
-            offset = torch.cumsum(slots, 0) - slots
-            slot = (torch.arange(rows.numel(), device=device) - offset[rows])[:, None] * F + position[None, :]
-            cand_lp = torch.full((B, C), float("-inf"), device=device)
-            cand_id = torch.full((B, C), -1, dtype=torch.int64, device=device)
-            cand_lp[rows[:, None].expand_as(slot), slot] = child_lp
-            cand_id[rows[:, None].expand_as(slot), slot] = ids
-            is_leaf = (cand_id >= 0) & (cand_id < V)
-            leaves = torch.cat([leaves, torch.where(is_leaf, cand_id, -1)], 1)
-            leaves_lp = torch.cat([leaves_lp, cand_lp.masked_fill(~is_leaf, float("-inf"))], 1)
-            inner_lp = cand_lp.masked_fill(is_leaf | (cand_id < 0), float("-inf"))
-            keep = min(width, inner_lp.shape[1])
-            top_lp, top_idx = inner_lp.topk(keep, dim=1) if keep else (inner_lp[:, :0], inner_lp[:, :0].long())
-            if inner_lp.shape[1] > keep:
-                dropped = inner_lp.scatter(1, top_idx, float("-inf"))
-                pruned_best = torch.maximum(pruned_best, dropped.max(1).values)
-            frontier = cand_id.gather(1, top_idx) - V
-            frontier_lp = top_lp
-            if not bool((frontier_lp > float("-inf")).any()):
+            # only nodes above the k-th best class so far can hold a better class (-inf entries are padding)
+            rows, cols = torch.nonzero(frontier_lp > best_lp[:, -1:], as_tuple=True)
+            if rows.numel() == 0:
                 break
-            # keep the leaf table small: only the k best leaves so far matter
-            if leaves.shape[1] > k:
-                best_lp, best_idx = leaves_lp.topk(k, dim=1)
-                leaves, leaves_lp = leaves.gather(1, best_idx), best_lp
-        if leaves.shape[1] < k:
-            pad = k - leaves.shape[1]
-            leaves = torch.cat([leaves, torch.full((B, pad), -1, dtype=torch.int64, device=device)], 1)
-            leaves_lp = torch.cat([leaves_lp, torch.full((B, pad), float("-inf"), device=device)], 1)
-        best_lp, best_idx = leaves_lp.topk(k, dim=1)
-        best = leaves.gather(1, best_idx).masked_fill(best_lp == float("-inf"), -1)
-        certified = pruned_best <= best_lp[:, -1]
-        return best, best_lp, certified
+            nodes, parent_lp = frontier[rows, cols], frontier_lp[rows, cols]
+            W = frontier.shape[1]
+            # each (sample, frontier slot) pair's k best classes and (width + 1) best nodes, in (B, W, .) tables
+            leaf_lp = torch.full((B, W, k), inf, device=device)
+            leaf_id = torch.full((B, W, k), -1, dtype=torch.int64, device=device)
+            inner_lp = torch.full((B, W, width + 1), inf, device=device)
+            inner_id = torch.full((B, W, width + 1), -1, dtype=torch.int64, device=device)
+            for index, scores, valid in self._pair_scores(h, rows, nodes):
+                scores = scores.float()
+                here, r, c = nodes[index], rows[index], cols[index]
+                if valid is None:  # a dense group: one node, every column one of its children
+                    start = int(child_ptr[here[0]])
+                    column_ids = child_ids[start : start + scores.shape[1]]
+                    is_leaf = (column_ids < V)[None, :]
+                    ids_at = lambda pos, column_ids=column_ids: column_ids[pos]  # noqa: E731
+                    is_inner = ~is_leaf
+                else:
+                    scores = scores.masked_fill(~valid, inf)
+                    position = torch.arange(scores.shape[1], device=device)
+                    ids = child_ids[(child_ptr[here][:, None] + position).clamp(max=child_ids.numel() - 1)]
+                    is_leaf, is_inner = valid & (ids < V), valid & (ids >= V)
+                    ids_at = lambda pos, ids=ids: ids.gather(1, pos)  # noqa: E731
+                lp = torch.log_softmax(scores, dim=1) + parent_lp[index, None]  # (P_g, F_g)
+                value, pos = lp.masked_fill(~is_leaf, inf).topk(min(k, lp.shape[1]), dim=1)
+                leaf_lp[r, c, : pos.shape[1]], leaf_id[r, c, : pos.shape[1]] = value, ids_at(pos)
+                if bool(is_inner.any()):
+                    value, pos = lp.masked_fill(~is_inner, inf).topk(min(width + 1, lp.shape[1]), dim=1)
+                    inner_lp[r, c, : pos.shape[1]], inner_id[r, c, : pos.shape[1]] = value, ids_at(pos)
+            pool_lp, pool_id = (
+                torch.cat([best_lp, leaf_lp.view(B, -1)], 1),
+                torch.cat([best_id, leaf_id.view(B, -1)], 1),
+            )
+            best_lp, at = pool_lp.topk(k, dim=1)
+            best_id = pool_id.gather(1, at)
+            value, at = inner_lp.view(B, -1).topk(min(width + 1, W * (width + 1)), dim=1)
+            if value.shape[1] > width:  # the best node left out of the beam
+                pruned_best = torch.maximum(pruned_best, value[:, width])
+            frontier_lp, frontier = value[:, :width], inner_id.view(B, -1).gather(1, at[:, :width]) - V
+            if not bool((frontier_lp > inf).any()):
+                break
+        best_id = best_id.masked_fill(best_lp == inf, -1)
+        return best_id, best_lp, pruned_best <= best_lp[:, -1]
