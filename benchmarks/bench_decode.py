@@ -281,6 +281,9 @@ def report(setup: Setup, args: argparse.Namespace) -> None:
             for name, head in setup.heads.items():
                 seconds = timed(lambda h=h, head=head: head.predict(h, k=k), args.repeats)
                 cells[f"{name} predict"] = (seconds, memory[name])
+            # top-1, the only decoder of PyTorch's module: the same question asked of both
+            seconds = timed(lambda h=h: setup.adaptive_source.predict(h, k=1), args.repeats)
+            cells["adaptive predict (top-1)"] = (seconds, megabytes(*setup.adaptive_source.parameters()))
             seconds = timed(lambda h=h: module.predict(h), args.repeats)
             cells["torch adaptive predict (top-1)"] = (seconds, memory["torch adaptive"])
             seconds = timed(lambda h=h: module.log_prob(h).topk(k, dim=1), args.repeats)

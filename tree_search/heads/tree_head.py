@@ -783,12 +783,16 @@ class TreeSoftmaxHead(nn.Module):
                     ids = child_ids[(child_ptr[here][:, None] + position).clamp(max=child_ids.numel() - 1)]
                     is_leaf, is_inner = valid & (ids < V), valid & (ids >= V)
                     ids_at = lambda pos, ids=ids: ids.gather(1, pos)  # noqa: E731
-                lp = torch.log_softmax(scores, dim=1) + parent_lp[index, None]  # (P_g, F_g)
-                value, pos = lp.masked_fill(~is_leaf, inf).topk(min(k, lp.shape[1]), dim=1)
-                leaf_lp[r, c, : pos.shape[1]], leaf_id[r, c, : pos.shape[1]] = value, ids_at(pos)
-                if bool(is_inner.any()):
-                    value, pos = lp.masked_fill(~is_inner, inf).topk(min(width + 1, lp.shape[1]), dim=1)
-                    inner_lp[r, c, : pos.shape[1]], inner_id[r, c, : pos.shape[1]] = value, ids_at(pos)
+                # log p(child) = the parent's + score - logsumexp: ranked on the scores, normalised after the
+                # top-k (a tail of 400k classes is read twice, never written out as log-probabilities)
+                offset = (parent_lp[index] - torch.logsumexp(scores, dim=1))[:, None]
+                any_inner = bool(is_inner.any())
+                leaves = scores.masked_fill(~is_leaf, inf) if any_inner else scores
+                value, pos = leaves.topk(min(k, scores.shape[1]), dim=1)
+                leaf_lp[r, c, : pos.shape[1]], leaf_id[r, c, : pos.shape[1]] = value + offset, ids_at(pos)
+                if any_inner:
+                    value, pos = scores.masked_fill(~is_inner, inf).topk(min(width + 1, scores.shape[1]), dim=1)
+                    inner_lp[r, c, : pos.shape[1]], inner_id[r, c, : pos.shape[1]] = value + offset, ids_at(pos)
             pool_lp, pool_id = (
                 torch.cat([best_lp, leaf_lp.view(B, -1)], 1),
                 torch.cat([best_id, leaf_id.view(B, -1)], 1),
