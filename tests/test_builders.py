@@ -185,6 +185,16 @@ def test_frequency_cutoffs_shape_matches_adaptive_softmax():
     assert single.num_internal == 2
 
 
+def test_projected_cutoffs_number_the_clusters_and_check_the_sizes():
+    counts = [50, 1, 30, 7, 7, 2, 9, 4]
+    tree, projections = builders.projected_cutoffs(counts, [2, 5, 7], [4, 16, 2], dim=16)
+    # cluster [2, 5) is node 1 (projected to 4), [5, 7) node 2 (16 = dim: no projection), [7, 8) a root leaf
+    assert tree == builders.frequency_cutoffs(counts, [2, 5, 7]) and projections == {1: 4}
+    for sizes in ([4, 16], [4, 16, 2, 2], [4, 0, 2]):
+        with pytest.raises(ValueError, match="one size >= 1 per cutoff"):
+            builders.projected_cutoffs(counts, [2, 5, 7], sizes, dim=16)
+
+
 @pytest.mark.parametrize("cutoffs", [[0, 3], [3, 3], [5, 3], [3, 8], [2.5], [True]])
 def test_frequency_cutoffs_rejects_bad_cutoffs(cutoffs):
     with pytest.raises(ValueError, match="cutoffs should be a sequence of unique, positive integers"):

@@ -104,6 +104,7 @@ def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
 
 def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkeypatch):
     run = run_search(SearchConfig(agent="tpe", budget=4, env_config=ENV, baselines="core"), tmp_path / "run", log=None)
+    (run.folder / "best_head_adaptive.pt").write_bytes(b"an earlier comparison's head for another tree")
     rows = compare_runs([run.folder], seeds=2, log=None)
     names = [r["name"] for r in rows]
     assert "full softmax" in names and "huffman-2" in names and "tpe" in names
@@ -127,6 +128,7 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
 
     from tree_search.heads import TreeSoftmaxHead
     from tree_search.heads.node_train import split_sample
+    from tree_search.interop import adaptive_tail_nodes
 
     assert torch.load(run.folder / "best_head.pt", weights_only=True)["format"] == "tree_search.head"
     head = TreeSoftmaxHead.load(run.folder / "best_head.pt")
@@ -139,6 +141,10 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
     first_seed = json.loads((run.folder / "final.json").read_text())["scores"][searched["key"]]["0"]
     assert nll == pytest.approx(first_seed, rel=1e-5)
     assert head.labels == list(dataset.vocab.tokens) and np.array_equal(head.counts, dataset.counts)
+    # that tree is not PyTorch's adaptive shape: no head for it, and no stale one that export would take instead
+    with pytest.raises(ValueError, match="not that shape"):
+        adaptive_tail_nodes(head.tree)
+    assert not (run.folder / "best_head_adaptive.pt").exists()
     # Scores are kept in final.json: comparing again trains nothing (the best head is not written again either).
     monkeypatch.setattr("tree_search.report.score_test", lambda *a, **k: pytest.fail("re-trained a finalist"))
     monkeypatch.setattr("tree_search.report.trained_head", lambda *a, **k: pytest.fail("re-trained the best head"))

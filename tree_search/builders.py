@@ -429,6 +429,8 @@ def projected_cutoffs(
     the root, not a node, and takes no projection.
     """
     counts = np.asarray(counts)
+    if len(sizes) != len(cuts) or any(int(size) < 1 for size in sizes):
+        raise ValueError(f"projected_cutoffs needs one size >= 1 per cutoff: cutoffs {list(cuts)}, sizes {list(sizes)}")
     tree = frequency_cutoffs(counts, list(cuts))
     bounds, projections, node = [*cuts, counts.size], {}, 1  # frequency_cutoffs numbers the clusters 1, 2, ...
     for i, size in enumerate(sizes):

@@ -188,7 +188,7 @@ def compare_runs(
         )
     rows.sort(key=lambda r: r["test_nll"])
     searched = [r for r in rows if r["kind"] == "searched" and r["within_cap"]]
-    head_lines = []
+    head_lines, tails = [], None
     if searched:
         best = min(searched, key=lambda r: r["valid_nll"])
         _, _, tree, projections, _, _ = next(e for e in entries if e[5] == best["key"])
@@ -207,6 +207,8 @@ def compare_runs(
                 "`torch.nn.AdaptiveLogSoftmaxWithLoss` has (`tree-search export RUN_FOLDER OUT.pt "
                 f"--to torch-adaptive`): test NLL {free:.4f}, {free - nll:+.4f} against the head with tail biases."
             )
+    if tails is None:  # an earlier comparison's head for PyTorch must not outlive its tree (export would take it)
+        (report_run.folder / ADAPTIVE_HEAD).unlink(missing_ok=True)
     verdicts = _verdicts(rows)
     caps = sorted({float(c) for run in runs for c in run.config.get("cost_caps") or ()})
     cap_rows = front_verdicts(rows, caps) if caps else []

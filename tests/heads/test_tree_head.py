@@ -59,6 +59,58 @@ def test_top_k_is_exact_even_with_a_narrow_beam(tree, layout):
         assert torch.equal(classes, reference.indices)
 
 
+BEAM_TREES = {  # (skewed counts make a binary Huffman tree a chain that a beam of one never prunes: not these)
+    "binary huffman": lambda: builders.huffman(np.random.default_rng(2).integers(1, 100, 3000).astype(float)),
+    "random 2-9 children": lambda: builders.random_tree(3000, seed=4, max_arity=9),
+    "balanced 4": lambda: builders.balanced(2048, 4),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(BEAM_TREES))
+@pytest.mark.parametrize("layout", [{}, {"dense_fanout": 4, "max_dense_nodes": 8}, {"top_columns": 0}],
+                         ids=["default", "dense", "no-top"])  # fmt: skip
+def test_the_beam_search_itself_is_exact_when_it_prunes_and_widens(shape, layout, monkeypatch):
+    """Trees deep and wide enough that the beam runs (not the whole-distribution fallback), prunes and widens."""
+    tree = BEAM_TREES[shape]()
+    free = list(range(1, tree.num_internal, 3))  # every third node bias-free
+    head = TreeSoftmaxHead(tree, 16, bias_free_nodes=free, **layout)
+    torch.manual_seed(0)
+    for p in head.parameters():
+        nn.init.normal_(p, std=0.5)
+    h = torch.randn(64, 16)
+    widths, real = [], head._beam
+    monkeypatch.setattr(head, "_beam", lambda h, k, width: (widths.append((h.shape[0], width)), real(h, k, width))[1])
+    widened = []
+    for k, beam in ((1, 1), (3, 2), (7, None)):
+        widths.clear()
+        reference = head.log_probs_all(h).topk(k, dim=1)
+        classes, lp = head.predict(h, k=k, beam=beam)
+        torch.testing.assert_close(lp, reference.values, rtol=0, atol=1e-5)
+        assert torch.equal(classes, reference.indices), (k, beam)
+        assert widths and widths[0] == (64, max(k, beam or 8))  # the beam ran on every row first
+        assert all(b[1] == 4 * a[1] and b[0] <= a[0] for a, b in zip(widths, widths[1:], strict=False)), widths
+        widened.append(len(widths) > 1 and any(rows < 64 for rows, _ in widths[1:]))
+    # so narrow a beam cannot certify every row: rows are searched again, 4x wider, until the rest are certified
+    assert any(widened)
+
+
+def test_rows_go_in_chunks_with_the_same_results(monkeypatch):
+    import tree_search.heads.tree_head as tree_head
+
+    tree = builders.huffman(np.random.default_rng(2).zipf(1.3, 500).astype(float))
+    head = TreeSoftmaxHead(tree, 8, projections={0: 4})
+    torch.manual_seed(0)
+    for p in head.parameters():
+        nn.init.normal_(p, std=0.7)
+    h = torch.randn(50, 8)
+    whole, (classes, lp) = head.log_probs_all(h), head.predict(h, k=3, beam=2)
+    monkeypatch.setattr(tree_head, "CHUNK_NUMBERS", 1_000)  # a few rows per chunk
+    assert head._beam_rows(3, 2) < 50 and tree_head.CHUNK_NUMBERS // (3 * head.tree.child_ids.size) < 50
+    torch.testing.assert_close(head.log_probs_all(h), whole, rtol=1e-6, atol=1e-5)  # matmul blocking differs
+    chunked_classes, chunked_lp = head.predict(h, k=3, beam=2)
+    assert torch.equal(chunked_classes, classes) and torch.allclose(chunked_lp, lp, atol=1e-5)
+
+
 def test_top_k_beyond_the_number_of_classes():
     head = TreeSoftmaxHead(Tree(3, [[0, 4], [1, 2]]), 4)
     classes, lp = head.predict(torch.randn(2, 4), k=5)
@@ -100,8 +152,10 @@ def test_the_adaptive_shape_decodes_exactly_and_skips_tails_that_cannot_hold_a_t
     tails.update({1: 0, 2: 0})
     classes, lp = head.predict(h, k=5)
     assert torch.equal(classes, reference.indices) and tails == {1: 0, 2: 0}
-    beam_classes, _ = head.predict(h, k=5, beam=2)  # a narrower beam agrees
-    assert torch.equal(beam_classes, classes)
+    # a beam of one cluster (the root has two): the other is dropped, and rows whose dropped cluster beats their
+    # best class are searched again; the top-1 stays exact
+    top1 = head.log_probs_all(h).argmax(1)
+    assert torch.equal(head.predict(h, k=1, beam=1)[0][:, 0], top1)
 
 
 def test_gradients_match_finite_differences():
@@ -319,7 +373,7 @@ def test_predict_on_a_near_flat_head_falls_back_to_the_whole_distribution_and_st
     torch.manual_seed(0)
     for parameter in head.parameters():
         torch.nn.init.normal_(parameter, std=0.01)
-    h = torch.randn(700, 32)  # more rows than one chunk of log_probs_all (about 350 here)
+    h = torch.randn(700, 32)
     full = head.log_probs_all(h)
     torch.testing.assert_close(full[[0, 400, 699]], torch.cat([head.log_probs_all(h[[i]]) for i in (0, 400, 699)]))
     classes, scores = head.predict(h, k=5)

@@ -35,6 +35,7 @@ __all__ = ["HEAD_FILE_FORMAT", "HeadOutput", "LevelSums", "TreeSoftmaxHead", "pa
 
 HEAD_FILE_FORMAT = "tree_search.head"  # `TreeSoftmaxHead.save` files: the tree, the settings and the weights
 REDUCTIONS = ("mean", "sum", "none")
+CHUNK_NUMBERS = 1 << 26  # `log_probs_all` and `predict` take rows in chunks whose big tensors stay near this size
 
 
 def packed_path_pairs(
@@ -117,24 +118,17 @@ class _WholeTree:
         ptr, fanout = tree.child_ptr.astype(np.int64), tree.fanout.astype(np.int64)
         group_of, local_of = head._group_of.cpu().numpy(), head._local_of.cpu().numpy()
         num_dense = len(head._dense_nodes)
-        bias_free = head._bias_free
         positions, host = [], {}
-        self._dense_keep = []
         for node in head._dense_nodes:
             positions.append(ptr[node] + np.arange(fanout[node]))
-            self._dense_keep.append(0.0 if bias_free[node] else 1.0)
         top = np.flatnonzero(group_of == num_dense)
-        columns = int(head.top_weight.shape[0])
-        column_entry = np.zeros(columns, dtype=np.int64)
-        column_keep = np.zeros(columns, dtype=np.float32)
+        column_entry = np.zeros(int(head.top_weight.shape[0]), dtype=np.int64)
         if top.size:
             owner = np.repeat(top, fanout[top])
             within = np.arange(owner.size) - np.repeat(np.cumsum(fanout[top]) - fanout[top], fanout[top])
             column_entry[local_of[owner] + within] = ptr[owner] + within
-            column_keep[local_of[owner] + within] = ~bias_free[owner]
             positions.append(column_entry)
         self._has_top = bool(top.size)
-        host["top_keep"] = torch.from_numpy(column_keep)
         self._buckets = len(head._bucket_widths)
         for b, width in enumerate(head._bucket_widths):
             members = np.flatnonzero(group_of == num_dense + 1 + b)
@@ -143,7 +137,6 @@ class _WholeTree:
             flat = np.flatnonzero(valid.ravel())
             host[f"bucket_columns_{b}"] = torch.from_numpy(flat)
             positions.append((ptr[members][:, None] + np.arange(width)[None, :]).ravel()[flat])
-            host[f"bucket_keep_{b}"] = torch.from_numpy(np.repeat(~bias_free[members], width).astype(np.float32))
         position = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
         if not np.array_equal(np.sort(position), np.arange(tree.child_ids.size)):
             raise RuntimeError("the head's weight layout does not cover every child entry once")
@@ -165,19 +158,30 @@ class _WholeTree:
         return self._on[key]
 
     def child_scores(self, head: TreeSoftmaxHead, h: torch.Tensor) -> torch.Tensor:
-        """(B, E) score of every child entry, CSR order, in float32 or wider."""
+        """(B, E) score of every child entry, CSR order, in float32 or wider.
+
+        The scores of `TreeSoftmaxHead._pair_scores`, for every node at once: the same
+        weights, scales and bias masks (bias-free nodes' stored biases take no part).
+        """
         a = self._arrays(h.device)
         parts = []
         for k in range(len(head._dense_nodes)):
             z = head.dense_projections[k](h)
-            s = z @ head.dense_weights[k].t() + head.dense_biases[k] * self._dense_keep[k]
+            weight, bias = head.dense_weights[k], head.dense_biases[k]
+            s = torch.addmm(bias, z, weight.t()) if head._dense_biased[k] else z @ weight.t()
             parts.append(s * head._dense_scale[k])
         if self._has_top:
-            s = h @ head.top_weight.t() + head.top_bias * a["top_keep"]
+            bias = head.top_bias * head._top_bias_keep if head._top_bias_masked else head.top_bias
+            s = torch.addmm(bias, h, head.top_weight.t()) if head.bias else h @ head.top_weight.t()
             parts.append(s * head._top_scale)
         for b in range(self._buckets):
             weight = head.bucket_weights[b].view(-1, head.dim)  # (M * width, d)
-            s = h @ weight.t() + head.bucket_biases[b].reshape(-1) * a[f"bucket_keep_{b}"]
+            s = h @ weight.t()
+            if head.bias:
+                bias = head.bucket_biases[b]
+                if head._bucket_bias_masked[b]:
+                    bias = bias * getattr(head, f"_bucket_bias_keep_{b}")
+                s = s + bias.reshape(-1)
             parts.append((s * head._bucket_scale[b])[:, a[f"bucket_columns_{b}"]])
         acc = torch.promote_types(h.dtype, torch.float32)
         return torch.cat(parts, 1)[:, a["order"]].to(acc)
@@ -568,7 +572,7 @@ class TreeSoftmaxHead(nn.Module):
 
         Column j is the node's j-th child in the tree's order (`child_id` gives its id).
         """
-        width = max([int(self._fanout.max()), self._top_width, *self._bucket_widths])
+        width = self._widest_group()
         acc = torch.promote_types(h.dtype, torch.float32)
         out = torch.full((rows.shape[0], width), float("-inf"), dtype=acc, device=h.device)
         for index, scores, valid in self._pair_scores(h, rows, nodes):
@@ -699,7 +703,7 @@ class TreeSoftmaxHead(nn.Module):
         if self._whole is None:
             self._whole = _WholeTree(self)
         per_row = 3 * self.tree.child_ids.size + self.tree.num_internal + self.num_classes
-        chunk = max(1, (1 << 26) // per_row)
+        chunk = max(1, CHUNK_NUMBERS // per_row)
         if h.shape[0] > chunk:
             return torch.cat([self._whole.log_probs_all(self, h[i : i + chunk]) for i in range(0, h.shape[0], chunk)])
         return self._whole.log_probs_all(self, h)
@@ -727,8 +731,6 @@ class TreeSoftmaxHead(nn.Module):
         width = max(k, 8) if beam is None else max(k, beam)
         classes = torch.full((B, k), -1, dtype=torch.int64, device=h.device)
         scores = torch.full((B, k), float("-inf"), device=h.device)
-        # rows per pass: a dense node's scores (rows x fanout) stay near 64M numbers
-        chunk = max(1, (1 << 26) // max(int(self.tree.fanout.max(initial=1)) * 3, width * (k + width)))
         todo = torch.arange(B, device=h.device)
         while todo.numel():
             if width < inner and width * self.tree.max_depth >= inner:
@@ -738,6 +740,7 @@ class TreeSoftmaxHead(nn.Module):
                 classes[todo, : found_c.shape[1]], scores[todo, : found_s.shape[1]] = found_c, found_s.float()
                 break
             certified = torch.zeros(todo.numel(), dtype=torch.bool, device=h.device)
+            chunk = self._beam_rows(k, width)
             for lo in range(0, todo.numel(), chunk):
                 rows = todo[lo : lo + chunk]
                 found_c, found_s, certified[lo : lo + chunk] = self._beam(h[rows], k, width)
@@ -745,6 +748,19 @@ class TreeSoftmaxHead(nn.Module):
             todo = todo[~(certified | (width >= inner))]  # a beam as wide as the tree drops no node
             width *= 4
         return classes, scores
+
+    def _widest_group(self) -> int:
+        """The most columns of one node's scores in any weight group (buckets pad fanouts to powers of two)."""
+        return max([int(self._fanout.max()), self._top_width, *self._bucket_widths])
+
+    def _beam_rows(self, k: int, width: int) -> int:
+        """Rows per `_beam` pass of ``width`` whose tables, scores and gathered weights stay near `CHUNK_NUMBERS`."""
+        per_row = max(
+            3 * int(self._fanout.max()),  # a dense node's scores: every row at most once per dense node
+            3 * width * (k + min(width + 1, self._widest_group())),  # the candidate tables
+            width * max([self._top_width, *self._bucket_widths]) * self.dim,  # packed nodes' gathered weights
+        )
+        return max(1, CHUNK_NUMBERS // per_row)
 
     def _beam(self, h: torch.Tensor, k: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One beam search of ``width``: ``(classes (B, k), log_probs (B, k), certified (B,))``."""
@@ -766,8 +782,9 @@ class TreeSoftmaxHead(nn.Module):
             # each (sample, frontier slot) pair's k best classes and (width + 1) best nodes, in (B, W, .) tables
             leaf_lp = torch.full((B, W, k), inf, device=device)
             leaf_id = torch.full((B, W, k), -1, dtype=torch.int64, device=device)
-            inner_lp = torch.full((B, W, width + 1), inf, device=device)
-            inner_id = torch.full((B, W, width + 1), -1, dtype=torch.int64, device=device)
+            cap = min(width + 1, self._widest_group())  # no node has more inner children than that
+            inner_lp = torch.full((B, W, cap), inf, device=device)
+            inner_id = torch.full((B, W, cap), -1, dtype=torch.int64, device=device)
             for index, scores, valid in self._pair_scores(h, rows, nodes):
                 scores = scores.float()
                 here, r, c = nodes[index], rows[index], cols[index]
@@ -799,7 +816,7 @@ class TreeSoftmaxHead(nn.Module):
             )
             best_lp, at = pool_lp.topk(k, dim=1)
             best_id = pool_id.gather(1, at)
-            value, at = inner_lp.view(B, -1).topk(min(width + 1, W * (width + 1)), dim=1)
+            value, at = inner_lp.view(B, -1).topk(min(width + 1, W * cap), dim=1)
             if value.shape[1] > width:  # the best node left out of the beam
                 pruned_best = torch.maximum(pruned_best, value[:, width])
             frontier_lp, frontier = value[:, :width], inner_id.view(B, -1).gather(1, at[:, :width]) - V
