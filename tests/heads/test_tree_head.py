@@ -113,6 +113,10 @@ def test_rows_go_in_chunks_with_the_same_results(monkeypatch):
 
 def test_top_k_beyond_the_number_of_classes():
     head = TreeSoftmaxHead(Tree(3, [[0, 4], [1, 2]]), 4)
+    for bad in ({"k": 0}, {"k": 2, "beam": 0}):
+        with pytest.raises(ValueError, match="predict needs k >= 1 and beam >= 1"):
+            head.predict(torch.randn(2, 4), **bad)
+    assert head.predict(torch.randn(0, 4), k=2)[0].shape == (0, 2)
     classes, lp = head.predict(torch.randn(2, 4), k=5)
     assert (classes[:, 3:] == -1).all() and torch.isinf(lp[:, 3:]).all()
     assert sorted(classes[0, :3].tolist()) == [0, 1, 2]

@@ -727,6 +727,8 @@ class TreeSoftmaxHead(nn.Module):
             ``(classes, log_probs)``, each (B, k), best first. With ``k > V`` the extra
             columns hold class -1 and log-probability -inf.
         """
+        if int(k) < 1 or (beam is not None and int(beam) < 1):
+            raise ValueError(f"predict needs k >= 1 and beam >= 1 (or None), got k={k}, beam={beam}")
         B, V, inner = h.shape[0], self.num_classes, self.tree.num_internal
         width = max(k, 8) if beam is None else max(k, beam)
         classes = torch.full((B, k), -1, dtype=torch.int64, device=h.device)
