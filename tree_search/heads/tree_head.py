@@ -716,12 +716,13 @@ class TreeSoftmaxHead(nn.Module):
         probable internal nodes per sample (default ``max(k, 8)``) and the k best classes
         found so far. Log-probabilities only fall along a path, so a node no better than the
         sample's k-th best class so far is never scored (its classes cannot enter the top
-        k): on the adaptive shape most samples stop at the root's frequent classes, as
-        PyTorch's ``predict`` does. A sample's result is exact when no node dropped for
-        the beam's width scored above its k-th best class; samples without that
-        certificate are searched again with a beam four times wider, and once the beam
-        would visit about every node, the whole distribution is scored instead
-        (`log_probs_all`).
+        k): on the adaptive shape a tail cluster is scored only for the samples whose k-th
+        best frequent class it beats (PyTorch's top-1 ``predict`` prunes alike). A
+        sample's result is exact when no node dropped for the beam's width scored above
+        its k-th best class; samples without that certificate are searched again with a
+        beam four times wider, and once the beam would visit about every node, the whole
+        distribution is scored instead (`log_probs_all`). Rows go in chunks whose tables
+        stay near `CHUNK_NUMBERS` numbers.
 
         Returns:
             ``(classes, log_probs)``, each (B, k), best first. With ``k > V`` the extra
