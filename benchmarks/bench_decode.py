@@ -2,9 +2,10 @@
 
 Two sources of heads:
 
-- **built-in corpus** (default; V = 10,000, d = 256): each tree head holds the node-exact
-  reward's trained weights (`trained_head`: the node bank's, or trained now), the flat
-  softmax is the one-node tree trained the same way (a 256 x 10,000 layer), and queries
+- **built-in corpus** (default; V = 10,000, d = 256), or a dataset of your own
+  (``--dataset``, prepared by ``tree-search data prepare``): each tree head holds the
+  node-exact reward's trained weights (`trained_head`: the node bank's, or trained now),
+  the flat softmax is the one-node tree trained the same way (a d x V layer), and queries
   are taken from the validation split.
 - **synthetic** (``--synthetic V``, e.g. 500,000; ``--dim`` d): no training at that size.
   Seeded class embeddings E (V, d) form a two-level Gaussian mixture (about sqrt(V)/2
@@ -27,9 +28,10 @@ For both, at batch 1 and 256, it times:
   (a node no better than a query's k-th best class so far is never scored);
 - the flat softmax: one matmul, then `torch.topk`;
 - `torch.nn.AdaptiveLogSoftmaxWithLoss` holding the adaptive tree head's weights
-  (`interop.to_torch_adaptive`; built-in: of a copy with its trained tail biases dropped,
-  since PyTorch's tails have none): `predict` (top-1, its only decoder; it scores a tail
-  only when that cluster wins in the head, so its cost depends on the weights) and
+  (`interop.to_torch_adaptive`; trained: the adaptive tree trained again with bias-free
+  tails, since PyTorch's tails have none, as a run's ``best_head_adaptive.pt``):
+  `predict` (top-1, its only decoder; it scores a tail only when that cluster wins in the
+  head, so its cost depends on the weights) and
   `log_prob` + `torch.topk` (top-k);
 
 after checking every tree head's top-k against the top-k of its own full distribution
@@ -41,11 +43,10 @@ timed side by side in one run; and how far the flat softmax is from the machine:
 256 its FLOP/s against a 4096 x 4096 fp32 matmul's, at batch 1 the bytes of its weights
 read per second against a 512 MB copy's bandwidth (read + write), both measured in the run.
 
-At V = 500,000 on 2 cores a synthetic run takes about 3 minutes and 6 GB (the k-means
-tree about 35 s, the binary Huffman head's 500k nodes' weights about 20 s; the check
-against `log_probs_all`, 32 queries by default there, about 40 s).
+At V = 500,000 on 2 cores a synthetic run takes about 2 minutes and 6 GB (the k-means
+tree about 35 s, the binary Huffman head's 500k nodes' weights about 20 s).
 
-    python benchmarks/bench_decode.py [--k 5] [--threads 2]
+    python benchmarks/bench_decode.py [--k 5] [--threads 2] [--dataset PATH]
     python benchmarks/bench_decode.py --synthetic 500000 [--dim 256] [--repeats 5] [--check 32]
 """
 
@@ -63,6 +64,7 @@ import torch
 from tree_search.builders import ClassicTree, classic_trees, frequency_cutoffs
 from tree_search.data import prepare_dataset
 from tree_search.data.features import class_embeddings
+from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import NodeRecipe, TreeSoftmaxHead, trained_head
 from tree_search.heads.node_train import _subtree_embedding_sums, _warm_start, split_sample  # the warm start
 from tree_search.interop import TorchAdaptive, adaptive_tail_nodes, to_torch_adaptive
@@ -102,31 +104,28 @@ def megabytes(*tensors: torch.Tensor) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def bias_free_tails(head: TreeSoftmaxHead, projections: dict[int, int]) -> TreeSoftmaxHead:
-    """A copy of an adaptive-shape head with its tail biases dropped (PyTorch's tails have none), to export."""
-    tails = set(adaptive_tail_nodes(head.tree))
-    copy = TreeSoftmaxHead(head.tree, head.dim, projections=projections, bias_free_nodes=sorted(tails))
-    for node in range(head.tree.num_internal):
-        weight, bias, projection = head.node_parameters(node)
-        copy.set_node_parameters(node, weight, None if node in tails else bias, projection)
-    return copy.eval()
-
-
 # ---------------------------------------------------------------------- built-in corpus
 
 
 def builtin_setup(args: argparse.Namespace) -> Setup:
-    """Trained heads of the built-in corpus (the node bank's, or trained now), queries from its validation split."""
-    dataset = prepare_dataset()
+    """Trained heads of a prepared dataset (the node bank's, or trained now), queries from its validation split.
+
+    The adaptive tree is also trained with bias-free tails (what a run's
+    ``best_head_adaptive.pt`` holds), which PyTorch's module receives.
+    """
+    dataset = prepare_dataset() if args.dataset is None else load_env_dataset(TreeEnvConfig(dataset=args.dataset))
     V, d = dataset.num_classes, dataset.dim
     classics = classic_trees(dataset.counts, args.trees or TREES, embeddings=class_embeddings(dataset), dim=d)
     heads = {name: trained_head(c.tree, dataset, NodeRecipe(), projections=c.projections, device="cpu").eval()
              for name, c in classics.items()}  # fmt: skip
     flat = trained_head(frequency_cutoffs(dataset.counts, []), dataset, NodeRecipe(), device="cpu").eval()
     W, b, _ = flat.node_parameters(0)  # effective weights
-    source = bias_free_tails(heads["adaptive"], classics["adaptive"].projections)
+    adaptive = classics["adaptive"]
+    source = trained_head(adaptive.tree, dataset, NodeRecipe(), projections=adaptive.projections, device="cpu",
+                          bias_free_nodes=adaptive_tail_nodes(adaptive.tree)).eval()  # fmt: skip
     queries = split_sample(dataset, "valid", 2048, 0, torch.device("cpu")).features.float()[: max(BATCHES)]
-    title = f"built-in corpus: V = {V:,}, d = {d}, trained heads"
+    name = "built-in corpus" if args.dataset is None else f"dataset {args.dataset}"
+    title = f"{name}: V = {V:,}, d = {d}, trained heads"
     return Setup(title, heads, W, b, queries, to_torch_adaptive(source), source, args.check or 256)
 
 
@@ -312,6 +311,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--trees", nargs="+", help=f"classic tree names (default: {' '.join(TREES)}; "
                         f"synthetic: {' '.join(SYNTHETIC_TREES)}); one must be adaptive")  # fmt: skip
+    parser.add_argument("--dataset", help="a prepared dataset (tree-search data prepare; default: the built-in one)")
     parser.add_argument("--check", type=int, help="queries checked against log_probs_all "
                         "(default 256; synthetic above 100,000 classes: 32)")  # fmt: skip
     synthetic = parser.add_argument_group("synthetic mode")
