@@ -32,6 +32,7 @@ from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.evaluator import Evaluation
 from tree_search.heads.reward import FINAL_SEED_OFFSET, head_cost, huffman_cost, score_test, trained_head
+from tree_search.heads.train import validation_nll
 from tree_search.runs import Run, RunError
 
 __all__ = ["compare_runs", "finalists"]
@@ -246,7 +247,7 @@ def write_best_head(path: Path, tree, projections, dataset, recipe, row: dict[st
     return metadata["test_nll"]
 
 
-def _test_nll(head: TreeSoftmaxHead, dataset, seed: int, chunk: int = 65_536) -> float:
+def _test_nll(head: TreeSoftmaxHead, dataset, seed: int) -> float:
     """The head's mean NLL over the whole test split (the rows `score_test` scores)."""
     import torch
 
@@ -254,14 +255,7 @@ def _test_nll(head: TreeSoftmaxHead, dataset, seed: int, chunk: int = 65_536) ->
 
     device = next(head.parameters()).device
     test = split_sample(dataset, "test", None, seed, device)
-    labels = torch.from_numpy(test.labels).to(device)
-    total = 0.0
-    with torch.no_grad():
-        for lo in range(0, labels.numel(), chunk):
-            total -= float(
-                head.log_prob(test.features[lo : lo + chunk].float(), labels[lo : lo + chunk]).double().sum()
-            )
-    return total / max(1, labels.numel())
+    return validation_nll(head, test.features.float(), torch.from_numpy(test.labels).to(device))
 
 
 def _adaptive_tails(tree) -> list[int] | None:

@@ -57,7 +57,7 @@ from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset
 from tree_search.heads.reference import FullSoftmaxHead
 from tree_search.heads.train import TrainConfig, fit
-from tree_search.heads.tree_head import HeadOutput, TreeSoftmaxHead, packed_path_pairs
+from tree_search.heads.tree_head import DeviceArrays, HeadOutput, TreeSoftmaxHead, packed_path_pairs
 from tree_search.tree import Tree
 
 __all__ = [
@@ -210,25 +210,20 @@ class _TreeIndex:
         is_leaf = ids < V
         low = np.where(is_leaf, rank[np.minimum(ids, V - 1)], start[np.maximum(ids - V, 0)])
         high = np.where(is_leaf, low + 1, end[np.maximum(ids - V, 0)])
-        self._host = {
-            "ptr": torch.from_numpy(ptr.astype(np.int64)),
-            "nodes": torch.from_numpy(nodes.astype(np.int64)),
-            "codes": torch.from_numpy(codes.astype(np.int64)),
-            "child_ptr": torch.from_numpy(tree.child_ptr.astype(np.int64)),
-            "fanout": torch.from_numpy(tree.fanout.astype(np.int64)),
-            "order": torch.from_numpy(order.astype(np.int64)),
-            "start": torch.from_numpy(start),
-            "end": torch.from_numpy(end),
-            "entry_low": torch.from_numpy(low),  # (E,) range of each child entry's classes in depth-first order
-            "entry_high": torch.from_numpy(high),
-        }
-        self._on: dict[str, dict[str, torch.Tensor]] = {}
-
-    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        key = str(device)
-        if key not in self._on:
-            self._on[key] = {k: v.to(device) for k, v in self._host.items()}
-        return self._on[key]
+        self._arrays = DeviceArrays(
+            {
+                "ptr": torch.from_numpy(ptr.astype(np.int64)),
+                "nodes": torch.from_numpy(nodes.astype(np.int64)),
+                "codes": torch.from_numpy(codes.astype(np.int64)),
+                "child_ptr": torch.from_numpy(tree.child_ptr.astype(np.int64)),
+                "fanout": torch.from_numpy(tree.fanout.astype(np.int64)),
+                "order": torch.from_numpy(order.astype(np.int64)),
+                "start": torch.from_numpy(start),
+                "end": torch.from_numpy(end),
+                "entry_low": torch.from_numpy(low),  # (E,) range of each child entry's classes in depth-first order
+                "entry_high": torch.from_numpy(high),
+            }
+        )
 
     def pairs(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         V = self.tree.num_classes
@@ -236,7 +231,7 @@ class _TreeIndex:
             raise ValueError(f"labels must be a 1-d integer tensor, got shape {tuple(y.shape)} and {y.dtype}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= V):
             raise ValueError(f"labels must lie in 0..{V - 1}, got {int(y.min())}..{int(y.max())}")
-        a = self.on(y.device)
+        a = self._arrays.on(y.device)
         rows, nodes, child, _ = packed_path_pairs(a["ptr"], a["nodes"], a["codes"], y)
         return rows, nodes, child
 
@@ -244,17 +239,17 @@ class _TreeIndex:
         """(B, V + 1) float64 prefix sums of the class probabilities in depth-first order."""
         if probs.dim() != 2 or probs.shape[1] != self.tree.num_classes:
             raise ValueError(f"class probabilities must be (B, {self.tree.num_classes}), got {tuple(probs.shape)}")
-        a = self.on(probs.device)
+        a = self._arrays.on(probs.device)
         prefix = torch.zeros(probs.shape[0], probs.shape[1] + 1, dtype=torch.float64, device=probs.device)
         torch.cumsum(probs.index_select(1, a["order"]), 1, dtype=torch.float64, out=prefix[:, 1:])
         return prefix
 
     def masses(self, probs: torch.Tensor) -> torch.Tensor:
-        a, prefix = self.on(probs.device), self._prefix(probs)
+        a, prefix = self._arrays.on(probs.device), self._prefix(probs)
         return (prefix[:, a["end"]] - prefix[:, a["start"]]).clamp_min(0.0)  # (B, I)
 
     def targets(self, probs: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        a, prefix = self.on(probs.device), self._prefix(probs)
+        a, prefix = self._arrays.on(probs.device), self._prefix(probs)
         fan = a["fanout"][nodes]
         width = int(fan.max()) if fan.numel() else 1
         position = torch.arange(width, device=probs.device)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tree_search.heads.tree_head import HeadOutput, LevelSums
+from tree_search.heads.tree_head import DeviceArrays, HeadOutput, LevelSums
 from tree_search.tree import Tree
 
 __all__ = [
@@ -90,24 +90,19 @@ class _Distances:
         self.tree = tree
         ptr, nodes, _ = tree.packed_paths()
         self._levels = LevelSums(tree)
-        self._host = {
-            "ptr": torch.from_numpy(ptr.astype(np.int64)),
-            "nodes": torch.from_numpy(nodes.astype(np.int64)),
-            "depth": torch.from_numpy(tree.depth.astype(np.int64)),
-            "leaf_parent": torch.from_numpy(tree.leaf_parent.astype(np.int64)),
-        }
-        self._on: dict[str, dict[str, torch.Tensor]] = {}
-
-    def _arrays(self, device: torch.device) -> dict[str, torch.Tensor]:
-        key = str(device)
-        if key not in self._on:
-            self._on[key] = {k: v.to(device) for k, v in self._host.items()}
-        return self._on[key]
+        self._arrays = DeviceArrays(
+            {
+                "ptr": torch.from_numpy(ptr.astype(np.int64)),
+                "nodes": torch.from_numpy(nodes.astype(np.int64)),
+                "depth": torch.from_numpy(tree.depth.astype(np.int64)),
+                "leaf_parent": torch.from_numpy(tree.leaf_parent.astype(np.int64)),
+            }
+        )
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
         _check_labels(y, self.tree.num_classes)
         y = y.long()
-        a = self._arrays(y.device)
+        a = self._arrays.on(y.device)
         B = y.shape[0]
         start, length = a["ptr"][y], a["ptr"][y + 1] - a["ptr"][y]
         rows = torch.repeat_interleave(torch.arange(B, device=y.device), length)
@@ -166,25 +161,20 @@ class _TreeSampler:
             np.add.at(node_weight, owner[at_level], entry_weight[at_level])
         self.tree, self.log_decay = tree, math.log(decay)
         padded_nodes, padded_codes, _ = tree.paths()
-        self._host = {
-            "path_nodes": torch.from_numpy(padded_nodes.astype(np.int64)),  # (V, max depth), -1 padded
-            "path_codes": torch.from_numpy(padded_codes.astype(np.int64)),
-            "node_weight": torch.from_numpy(node_weight),
-            "log_entry": torch.from_numpy(np.log(entry_weight)),
-            "entry_weight": torch.from_numpy(entry_weight),
-            "child_ptr": torch.from_numpy(ptr),
-            "child_ids": torch.from_numpy(ids),
-            "fanout": torch.from_numpy(tree.fanout.astype(np.int64)),
-            "node_depth": torch.from_numpy(tree.node_depth.astype(np.float64)),
-        }
-        self._on: dict[str, dict[str, torch.Tensor]] = {}
+        self._arrays = DeviceArrays(
+            {
+                "path_nodes": torch.from_numpy(padded_nodes.astype(np.int64)),  # (V, max depth), -1 padded
+                "path_codes": torch.from_numpy(padded_codes.astype(np.int64)),
+                "node_weight": torch.from_numpy(node_weight),
+                "log_entry": torch.from_numpy(np.log(entry_weight)),
+                "entry_weight": torch.from_numpy(entry_weight),
+                "child_ptr": torch.from_numpy(ptr),
+                "child_ids": torch.from_numpy(ids),
+                "fanout": torch.from_numpy(tree.fanout.astype(np.int64)),
+                "node_depth": torch.from_numpy(tree.node_depth.astype(np.float64)),
+            }
+        )
         self._width = int(tree.fanout.max())
-
-    def _arrays(self, device: torch.device) -> dict[str, torch.Tensor]:
-        key = str(device)
-        if key not in self._on:
-            self._on[key] = {k: v.to(device) for k, v in self._host.items()}
-        return self._on[key]
 
     def _children(self, a: dict[str, torch.Tensor], nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, F) entry ids of each node's children and their validity."""
@@ -194,7 +184,7 @@ class _TreeSampler:
         return entries, valid
 
     def __call__(self, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        a = self._arrays(y.device)
+        a = self._arrays.on(y.device)
         V = self.tree.num_classes
         nodes, codes = a["path_nodes"][y], a["path_codes"][y]  # (B, D)
         on = nodes >= 0

@@ -31,7 +31,7 @@ from torch import nn
 from tree_search.export import load_tree
 from tree_search.tree import Tree
 
-__all__ = ["HEAD_FILE_FORMAT", "HeadOutput", "LevelSums", "TreeSoftmaxHead", "packed_path_pairs"]
+__all__ = ["HEAD_FILE_FORMAT", "DeviceArrays", "HeadOutput", "LevelSums", "TreeSoftmaxHead", "packed_path_pairs"]
 
 HEAD_FILE_FORMAT = "tree_search.head"  # `TreeSoftmaxHead.save` files: the tree, the settings and the weights
 REDUCTIONS = ("mean", "sum", "none")
@@ -64,6 +64,23 @@ def _bucket_width(fanout: int) -> int:
     return 1 << (int(fanout) - 1).bit_length()
 
 
+class DeviceArrays:
+    """Index arrays built once on the host and kept on each device they are asked for (tensors or lists of them)."""
+
+    def __init__(self, host: dict[str, torch.Tensor | list[torch.Tensor]]) -> None:
+        self.host = host
+        self._on: dict[str, dict] = {}
+
+    def on(self, device: torch.device) -> dict:
+        """The arrays on ``device`` (copied there on first use)."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = {
+                k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in self.host.items()
+            }
+        return self._on[key]
+
+
 class LevelSums:
     """Root-to-node sums over a tree, one gather per depth level (a loop over levels, never over nodes).
 
@@ -77,27 +94,17 @@ class LevelSums:
         bounds = np.searchsorted(depth[order], np.arange(int(depth.max()) + 2))
         position = np.empty(tree.num_internal, dtype=np.int64)
         position[order] = np.arange(tree.num_internal)
-        self._host: dict[str, list[torch.Tensor] | torch.Tensor] = {"position": torch.from_numpy(position)}
         nodes, parents = [], []
         for level in range(len(bounds) - 1):
             members = order[bounds[level] : bounds[level + 1]]
             nodes.append(torch.from_numpy(members))
             if level:  # the parent's position within the previous level
                 parents.append(torch.from_numpy(position[tree.node_parent[members]] - bounds[level - 1]))
-        self._host["nodes"], self._host["parents"] = nodes, parents
-        self._on: dict[str, dict] = {}
-
-    def _arrays(self, device: torch.device) -> dict:
-        key = str(device)
-        if key not in self._on:
-            self._on[key] = {
-                k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in self._host.items()
-            }
-        return self._on[key]
+        self._arrays = DeviceArrays({"position": torch.from_numpy(position), "nodes": nodes, "parents": parents})
 
     def accumulate(self, increment: torch.Tensor) -> torch.Tensor:
         """(B, I): each node's ``increment`` plus its ancestors'."""
-        a = self._arrays(increment.device)
+        a = self._arrays.on(increment.device)
         out = [increment[:, a["nodes"][0]]]
         for nodes, parents in zip(a["nodes"][1:], a["parents"], strict=True):
             out.append(out[-1][:, parents] + increment[:, nodes])
@@ -148,14 +155,8 @@ class _WholeTree:
         host["not_root"] = torch.from_numpy(tree.node_parent >= 0)
         host["leaf_entry"] = torch.from_numpy((ptr[tree.leaf_parent] + tree.leaf_child_index).astype(np.int64))
         host["leaf_parent"] = torch.from_numpy(tree.leaf_parent.astype(np.int64))
-        self._host, self._on = host, {}
+        self._arrays = DeviceArrays(host)
         self.levels = LevelSums(tree)
-
-    def _arrays(self, device: torch.device) -> dict[str, torch.Tensor]:
-        key = str(device)
-        if key not in self._on:
-            self._on[key] = {name: value.to(device) for name, value in self._host.items()}
-        return self._on[key]
 
     def child_scores(self, head: TreeSoftmaxHead, h: torch.Tensor) -> torch.Tensor:
         """(B, E) score of every child entry, CSR order, in float32 or wider.
@@ -163,7 +164,7 @@ class _WholeTree:
         The scores of `TreeSoftmaxHead._pair_scores`, for every node at once: the same
         weights, scales and bias masks (bias-free nodes' stored biases take no part).
         """
-        a = self._arrays(h.device)
+        a = self._arrays.on(h.device)
         parts = []
         for k in range(len(head._dense_nodes)):
             z = head.dense_projections[k](h)
@@ -188,7 +189,7 @@ class _WholeTree:
 
     def entry_log_probs(self, head: TreeSoftmaxHead, h: torch.Tensor) -> torch.Tensor:
         """(B, E) log p(child | node) of every child entry, CSR order (a segmented log-softmax)."""
-        a = self._arrays(h.device)
+        a = self._arrays.on(h.device)
         s = self.child_scores(head, h)  # (B, E)
         B, inner, owner = s.shape[0], head.tree.num_internal, a["owner"]
         peak = torch.full((B, inner), float("-inf"), dtype=s.dtype, device=s.device)
@@ -199,7 +200,7 @@ class _WholeTree:
 
     def log_probs_all(self, head: TreeSoftmaxHead, h: torch.Tensor) -> torch.Tensor:
         """(B, V) log-probabilities of every class (root-to-node sums level by level: work ~ B x (V + I))."""
-        a = self._arrays(h.device)
+        a = self._arrays.on(h.device)
         entry_lp = self.entry_log_probs(head, h)
         step = torch.where(a["not_root"], entry_lp[:, a["node_entry"]], 0.0)  # the root is reached for sure
         reach = self.levels.accumulate(step)  # (B, I) log p(reach node)
