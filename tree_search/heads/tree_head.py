@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tree_search.cost import LAYOUT_DEFAULTS, head_layout
 from tree_search.export import load_tree
 from tree_search.tree import Tree
 
@@ -58,10 +59,6 @@ class HeadOutput(NamedTuple):
 
     output: torch.Tensor  # (B,) log-probability of each target
     loss: torch.Tensor  # () mean negative log-likelihood
-
-
-def _bucket_width(fanout: int) -> int:
-    return 1 << (int(fanout) - 1).bit_length()
 
 
 class DeviceArrays:
@@ -259,9 +256,9 @@ class TreeSoftmaxHead(nn.Module):
         projections: Mapping[int, int] | None = None,
         bias: bool = True,
         bias_free_nodes: Sequence[int] | None = None,
-        dense_fanout: int = 64,
-        max_dense_nodes: int = 32,
-        top_columns: int = 1024,
+        dense_fanout: int = LAYOUT_DEFAULTS["dense_fanout"],
+        max_dense_nodes: int = LAYOUT_DEFAULTS["max_dense_nodes"],
+        top_columns: int = LAYOUT_DEFAULTS["top_columns"],
         sparse: bool = False,
         fanout_scaled_steps: bool = True,
         ignore_index: int = -100,
@@ -301,11 +298,9 @@ class TreeSoftmaxHead(nn.Module):
         self._bias_free = np.full(tree.num_internal, not bias)
         self._bias_free[self._settings["bias_free_nodes"]] = True
         fanout = tree.fanout
-        order = np.argsort(-fanout, kind="stable")
-        wide = [int(n) for n in order[:max_dense_nodes] if fanout[n] > dense_fanout]
-        dense_nodes = sorted(set(wide) | set(projections))
-        is_dense = np.zeros(tree.num_internal, dtype=bool)
-        is_dense[dense_nodes] = True
+        layout = head_layout(tree, projections, dense_fanout=dense_fanout, max_dense_nodes=max_dense_nodes,
+                             top_columns=top_columns)  # fmt: skip
+        dense_nodes = list(layout.dense_nodes)
 
         # group id of every internal node, and its index inside the group
         group_of = np.empty(tree.num_internal, dtype=np.int64)
@@ -324,13 +319,7 @@ class TreeSoftmaxHead(nn.Module):
             group_of[node], local_of[node] = k, 0
         # The top levels of packed nodes, visited by most samples, form one shared block whose
         # scores are a single matmul for the whole batch (cheaper than gathering their weights).
-        packed_depth = tree.node_depth[~is_dense]
-        top_depth = -1
-        for depth in range(int(packed_depth.max()) + 1 if packed_depth.size else 0):
-            if fanout[~is_dense][packed_depth <= depth].sum() > top_columns:
-                break
-            top_depth = depth
-        top_nodes = np.flatnonzero(~is_dense & (tree.node_depth <= top_depth))
+        top_nodes = np.flatnonzero(layout.top)
         self._has_top = top_nodes.size > 0
         top_offset = np.zeros(tree.num_internal, dtype=np.int64)
         top_offset[top_nodes] = np.cumsum(fanout[top_nodes]) - fanout[top_nodes]
@@ -345,10 +334,9 @@ class TreeSoftmaxHead(nn.Module):
         column_keep = np.repeat(~top_free, fanout[top_nodes]).astype(np.float32)
         self.register_buffer("_top_bias_keep", torch.from_numpy(column_keep), persistent=False)
         group_of[top_nodes], local_of[top_nodes] = len(dense_nodes), top_offset[top_nodes]
-        is_packed = ~is_dense
-        is_packed[top_nodes] = False
+        is_packed = layout.packed
         first_bucket = len(dense_nodes) + 1
-        widths = sorted({_bucket_width(f) for f in fanout[is_packed]})
+        widths = list(layout.bucket_widths)
         self.bucket_weights = nn.ParameterList()
         self.bucket_biases = nn.ParameterList()
         self._bucket_widths = widths
@@ -356,7 +344,7 @@ class TreeSoftmaxHead(nn.Module):
         masks, keeps = [], []
         self._bucket_bias_masked = []
         for b, width in enumerate(widths):
-            members = np.flatnonzero(is_packed & (np.array([_bucket_width(f) for f in fanout]) == width))
+            members = np.flatnonzero(is_packed & (layout.width == width))
             group_of[members] = first_bucket + b
             local_of[members] = np.arange(members.size)
             # stored flat (nodes, width * dim) so that embedding lookups can give sparse gradients
@@ -545,7 +533,9 @@ class TreeSoftmaxHead(nn.Module):
                 # an embedding lookup, so that the gradient can be sparse (only the rows touched)
                 weights = nn.functional.embedding(local, self.bucket_weights[b], sparse=self.sparse)
                 weights = weights.view(local.shape[0], self._bucket_widths[b], self.dim)  # (P_g, F, d)
-                scores = torch.einsum("pfd,pd->pf", weights, h[rows[index]])
+                # a broadcast product and a sum: on CPU 3-5x faster, forward and backward, than the
+                # einsum's batched matmul of (F, d) by (d, 1) matrices; index_select's backward is index_add
+                scores = (weights * torch.index_select(h, 0, rows[index]).unsqueeze(1)).sum(-1)
                 if self.bias:
                     bias = nn.functional.embedding(local, self.bucket_biases[b], sparse=self.sparse)  # (P_g, F)
                     if self._bucket_bias_masked[b]:

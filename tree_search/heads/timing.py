@@ -1,0 +1,261 @@
+"""Measured time of `TreeSoftmaxHead`'s training step, and the calibration of a `tree_search.cost.CostProfile`.
+
+``tree-search cost calibrate`` calls `calibrate`: it times forward + backward of heads on a
+fitting set of trees (flat, balanced, Huffman and head-and-tail shapes of many fanouts, with
+and without projections), fits the profile's coefficients (`tree_search.cost.fit_coefficients`)
+and reports how well it predicts a held-out set it never saw (the classic front: Huffman of
+fanouts 2-32, clustered, head-and-tail, adaptive shapes, Grave's cutoffs; and trees of the
+split grammar as a search builds them). All trees are built on synthetic Zipf(1) counts and
+seeded clustered class embeddings at the requested V, so a profile needs no dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tree_search import builders
+from tree_search.cost import LAYOUT_DEFAULTS, CostProfile, fit_coefficients, head_layout, layout_features
+from tree_search.heads.tree_head import TreeSoftmaxHead
+from tree_search.split_grammar import Plan, SplitRule, huffman_rule, plan_tree
+from tree_search.tree import Tree
+
+__all__ = [
+    "HELD_OUT_CLASSICS",
+    "TimedTree",
+    "calibrate",
+    "calibration_trees",
+    "device_name",
+    "synthetic_classes",
+    "time_training_step",
+    "tune_allocator",
+]
+
+# The held-out trees of a calibration: the classic front (no tree of the fitting set is among them).
+HELD_OUT_CLASSICS = (
+    "huffman-2", "huffman-3", "huffman-4", "huffman-6", "huffman-8", "huffman-12", "huffman-16", "huffman-32",
+    "balanced-16", "cutoffs-80", "cutoffs", "cutoffs-95", "adaptive-50", "adaptive", "adaptive-10", "grave-2",
+    "grave-3", "grave-4", "pca-4", "pca-16", "kmeans-4", "kmeans-16", "kmeans-32", "headtail-kmeans-4",
+    "headtail-kmeans-16", "headtail-pca-4", "two-level",
+)  # fmt: skip
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def tune_allocator(threshold: int = 1 << 30) -> bool:
+    """Keep freed blocks below ``threshold`` bytes in the heap instead of returning them to the OS (glibc only).
+
+    A training step of a tree head allocates and frees tensors of tens of MB; glibc hands
+    blocks above 32 MB-ish back to the kernel at once, so every step page-faults them in
+    again. On the 2-core VM this project is measured on that doubled a binary Huffman step
+    at V = 50k. A process-wide setting, so the command line sets it, not the library.
+    Returns whether it was applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name of ``device``: the CPU model and thread count, or the GPU's name."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):  # noqa: SIM115 (a tiny read)
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"cpu: {model}, {torch.get_num_threads()} threads"
+
+
+def synthetic_classes(num_classes: int, seed: int = 0, dim: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Zipf(1) counts and seeded class embeddings (a mixture of sqrt(V) Gaussian clusters) for timing trees."""
+    rng = np.random.default_rng(seed)
+    counts = 1.0 / np.arange(1, num_classes + 1)
+    centres = rng.standard_normal((max(2, int(np.sqrt(num_classes))), dim))
+    embeddings = centres[rng.integers(0, centres.shape[0], num_classes)] + 0.3 * rng.standard_normal(
+        (num_classes, dim)
+    )
+    return counts, embeddings.astype(np.float32)
+
+
+def time_training_step(
+    head: TreeSoftmaxHead,
+    h: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    repeats: int = 5,
+    precision: str = "fp32",
+) -> float:
+    """Median seconds of one forward + backward of ``head`` on ``(h, y)`` (after one warm-up step).
+
+    The gradient flows into ``h`` when it requires grad (as when an encoder is trained with
+    the head). ``precision`` "bf16" runs the forward under autocast.
+    """
+    params = [p for p in head.parameters() if p.requires_grad]
+    autocast = (
+        torch.autocast(h.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        h.grad = None
+        with autocast:
+            loss = head(h, y).loss
+        loss.backward()
+        if h.device.type == "cuda":
+            torch.cuda.synchronize(h.device)
+
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+@dataclass(frozen=True)
+class TimedTree:
+    """A tree of a calibration, its head's measured and predicted seconds per token."""
+
+    name: str
+    role: str  # "fit" or "held out"
+    measured: float
+    predicted: float
+
+    @property
+    def relative_error(self) -> float:
+        """(predicted - measured) / measured."""
+        return (self.predicted - self.measured) / self.measured
+
+
+def calibration_trees(
+    num_classes: int, dim: int, seed: int = 0
+) -> tuple[dict[str, tuple[Tree, dict[int, int]]], dict[str, tuple[Tree, dict[int, int]]]]:
+    """``(fitting, held_out)`` trees with their projections, by name, on `synthetic_classes`.
+
+    The fitting set spans fanouts 2 to V: the flat tree (one node), balanced trees,
+    Huffman trees of fanouts none of the held-out trees use, head-and-tail shapes of three
+    head sizes with unprojected, half- and eighth-size tails, and random deep trees. The
+    held-out set is `HELD_OUT_CLASSICS` plus four trees of the split grammar (a root
+    rule with completions, as ``dp`` builds them).
+    """
+    V = int(num_classes)
+    counts, embeddings = synthetic_classes(V, seed)
+    fitting: dict[str, tuple[Tree, dict[int, int]]] = {"flat": (builders.from_children(V, [list(range(V))]), {})}
+    by_count = np.argsort(-counts, kind="stable")
+    for k in (2, 4, 32, 128):
+        fitting[f"balanced-{k}"] = (builders.balanced(V, k, order=by_count), {})
+    for k in (5, 10, 24, 48, 96, 256):
+        fitting[f"huffman-{k}"] = (builders.huffman(counts, k), {})
+    for head in (V // 200, V // 50, V // 10):
+        cuts = [max(2, head), min(V - 1, 6 * max(2, head))]
+        for divisor in (1, 2, 8):
+            sizes = [dim // divisor, dim // (divisor * 4) or 1]
+            tree, projections = builders.projected_cutoffs(counts, cuts, sizes, dim)
+            fitting[f"cutoffs-{cuts[0]}/{cuts[1]}-div{divisor}"] = (tree, projections)
+    for arity in (2, 6):
+        fitting[f"random-{arity}"] = (builders.random_tree(V, seed, max_arity=arity), {})
+    held_out = {
+        name: (c.tree, c.projections)
+        for name, c in builders.classic_trees(counts, HELD_OUT_CLASSICS, embeddings=embeddings, dim=dim,
+                                              seed=seed).items()
+    }  # fmt: skip
+    plans = {
+        "split: headtail-kmeans-8 / huffman-4": Plan(SplitRule("kmeans", "headtail", 8), {}),
+        "split: kmeans-16 / huffman-2": Plan(SplitRule("kmeans", "count", 16), {i: Plan(huffman_rule(2)) for i in range(16)}),
+        "split: pca-4 / kmeans-8": Plan(SplitRule("pca", "mass", 4), {i: Plan(SplitRule("kmeans", "count", 8)) for i in range(4)}),
+        "split: headtail-frequency-4 / huffman-8": Plan(SplitRule("frequency", "headtail", 4),
+                                                        {i: Plan(huffman_rule(8)) for i in range(1, 4)}),
+    }  # fmt: skip
+    for name, plan in plans.items():
+        held_out[name] = (plan_tree(counts, embeddings, plan, seed=seed), {})
+    return fitting, held_out
+
+
+def calibrate(
+    *,
+    num_classes: int = 10_000,
+    dim: int = 256,
+    batch: int = 4096,
+    precision: str = "fp32",
+    sparse: bool = True,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    seed: int = 0,
+    head_settings: Mapping[str, int] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[CostProfile, list[TimedTree]]:
+    """Time the fitting and held-out trees on ``device``, fit a `CostProfile`, and check it on the held-out ones.
+
+    Returns the profile (its ``fit`` holds the median and largest relative errors on both
+    sets) and every tree's measured and predicted time. ``progress(name, done, total)`` is
+    called before each tree.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    device = torch.device(device)
+    settings = {**LAYOUT_DEFAULTS, **(head_settings or {})}
+    counts, _ = synthetic_classes(num_classes, seed)
+    fitting, held_out = calibration_trees(num_classes, dim, seed)
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.multinomial(torch.from_numpy(counts / counts.sum()), batch, replacement=True, generator=generator)
+    h = torch.randn(batch, dim, generator=generator).to(device).requires_grad_(True)
+    y = y.to(device)
+    names = [*fitting, *held_out]
+    features, measured = {}, {}
+    for done, name in enumerate(names):
+        if progress is not None:
+            progress(name, done, len(names))
+        tree, projections = fitting.get(name) or held_out[name]
+        torch.manual_seed(seed)
+        head = TreeSoftmaxHead(tree, dim, projections=projections, sparse=sparse, **settings).to(device)
+        measured[name] = time_training_step(head, h, y, repeats=repeats, precision=precision) / batch
+        layout = head_layout(tree, projections, **settings)
+        features[name] = layout_features(tree, counts, dim, projections, layout, batch=batch, sparse=sparse).sum(0)
+        del head
+    fit_names = list(fitting)
+    coefficients = fit_coefficients(np.array([features[n] for n in fit_names]),
+                                    np.array([measured[n] for n in fit_names]))  # fmt: skip
+    timed = [
+        TimedTree(n, "fit" if n in fitting else "held out", measured[n], float(features[n] @ coefficients))
+        for n in names
+    ]
+
+    def errors(role: str) -> dict[str, float]:
+        rel = np.abs([t.relative_error for t in timed if t.role == role])
+        return {"trees": int(rel.size), "median_abs_relative_error": float(np.median(rel)),
+                "max_abs_relative_error": float(rel.max())}  # fmt: skip
+
+    profile = CostProfile(
+        device=device_name(device),
+        device_type=device.type,
+        dim=int(dim),
+        batch=int(batch),
+        precision=precision,
+        sparse=bool(sparse),
+        num_classes=int(num_classes),
+        coefficients=tuple(float(c) for c in coefficients),
+        torch_version=torch.__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        fit={"fit": errors("fit"), "held_out": errors("held out"), "repeats": int(repeats),
+             "trees": {t.name: {"role": t.role, "measured": t.measured, "predicted": t.predicted} for t in timed}},
+        head_settings={k: int(v) for k, v in settings.items()},
+    )  # fmt: skip
+    return profile, timed
