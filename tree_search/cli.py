@@ -58,6 +58,9 @@ console = Console(highlight=False)
 if not console.is_terminal:  # pipes and CI logs: don't squeeze tables into 80 columns
     console.width = max(console.width, 120)
 F = TypeVar("F", bound=Callable[..., Any])
+COST_HELP = ("'macs' (multiply-adds) or 'measured[:PROFILE.json]': the report also gives each tree's training time "
+             "predicted by this device's cost profile (`tree-search cost calibrate`), verdicts in time and the "
+             "comparison at the adaptive softmax's time")  # fmt: skip
 
 
 def _friendly_errors(command: F) -> F:
@@ -135,6 +138,9 @@ def _float_list(text: str | None, option: str) -> tuple[float, ...]:
 @click.version_option(package_name="tree_search")
 def main() -> None:
     """Search for the best output tree of a hierarchical softmax head."""
+    from tree_search.heads.timing import tune_allocator
+
+    tune_allocator()  # heads train up to 2x faster without page-faulting their tensors in every step
 
 
 @main.command()
@@ -821,6 +827,66 @@ def calibrate(source: Path, dataset: str | None, per_depth: bool, valid_rows: in
 
 
 @main.group()
+def cost() -> None:
+    """Measure what tree heads cost in time on this device (the profile ``--cost measured`` reads)."""
+
+
+@cost.command(name="calibrate")
+@click.option("--dim", default=256, show_default=True, help="Input dimension of the heads (the data's).")
+@click.option("--batch", default=4096, show_default=True, help="Tokens per training step.")
+@click.option("--classes", "num_classes", default=10_000, show_default=True, help="V of the timed trees.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--repeats", default=7, show_default=True, help="Timed steps per tree (the median counts).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Profile file (default: this device's profile in the cache, which --cost measured reads).",
+)
+@_friendly_errors
+def cost_calibrate(dim: int, batch: int, num_classes: int, precision: str, device: str | None, repeats: int,
+                   out: Path | None) -> None:  # fmt: skip
+    """Time the training step of tree heads on this device and fit its cost profile.
+
+    Forward + backward (the gradient flows into the input, as when an encoder trains with the
+    head) of about 50 heads: a fitting set and a held-out set (the classic front and trees of
+    the split grammar) the fit never sees. Prints each tree's measured and predicted time.
+    """
+    import torch
+
+    from tree_search.heads.timing import calibrate, default_profile_path
+
+    if min(dim, batch, num_classes - 1, repeats) < 1:
+        raise click.ClickException("--dim, --batch and --repeats must be >= 1 and --classes >= 2")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with _progress() as start:
+        advance: list[Callable[[int], None]] = []
+
+        def progress(name: str, done: int, total: int) -> None:
+            if not advance:
+                advance.append(start(f"timing heads on {device}", total))
+            advance[0](1 if done else 0)
+
+        profile, timed = calibrate(num_classes=num_classes, dim=dim, batch=batch, precision=precision, device=device,
+                                   repeats=repeats, progress=progress)  # fmt: skip
+    target = out or default_profile_path(device.type, dim, batch, precision)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(target)
+    table = Table(title=f"{profile.device}: training step, V = {num_classes:,}, d = {dim}, batch {batch}, {precision}")
+    for column in ("tree", "set", "measured µs/token", "predicted", "error"):
+        table.add_column(column, justify="left" if column in ("tree", "set") else "right")
+    for t in timed:
+        table.add_row(t.name, t.role, f"{t.measured * 1e6:.3f}", f"{t.predicted * 1e6:.3f}", f"{t.relative_error:+.1%}")
+    console.print(table)
+    for role, key in (("fitting", "fit"), ("held-out", "held_out")):
+        e = profile.fit[key]
+        console.print(f"{role} trees: {e['trees']}, median |error| {e['median_abs_relative_error']:.1%}, "
+                      f"largest {e['max_abs_relative_error']:.1%}")  # fmt: skip
+    console.print(f"profile written to {target}")
+
+
+@main.group()
 def data() -> None:
     """Prepare and list the datasets that reward evaluations train heads on."""
 
@@ -1012,6 +1078,8 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
               help="Most evaluations (without pruning) sent to a Ray actor in one call.")  # fmt: skip
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///RUN/optuna.db).")
 @click.option("--study", default=None, help="Optuna study name; processes sharing storage and name cooperate.")
+@click.option("--cost", "cost_model", default="macs", show_default=True,
+              help=COST_HELP + " (the search's caps stay in multiply-adds)")  # fmt: skip
 @_friendly_errors
 def search(
     agent: str,
@@ -1045,6 +1113,7 @@ def search(
     node_bank: bool,
     storage: str | None,
     study: str | None,
+    cost_model: str,
 ) -> None:
     """Search for a better tree; results are written to the run folder as they arrive.
 
@@ -1057,9 +1126,11 @@ def search(
     from tree_search.agents.search import SearchConfig, run_search
     from tree_search.data.planted import PlantedConfig
     from tree_search.envs import TreeEnvConfig
+    from tree_search.heads.timing import check_cost_spec
     from tree_search.report import compare_runs
     from tree_search.runs import Run
 
+    check_cost_spec(cost_model)  # before the search, not after it
     if resume is not None:
         folder = resume
         config = dataclasses.replace(
@@ -1125,7 +1196,7 @@ def search(
                       f"tree-search search --resume {folder}")  # fmt: skip
         raise SystemExit(130) from None
     if compare:
-        rows = compare_runs([folder], log=console.print)
+        rows = compare_runs([folder], cost=cost_model, log=console.print)
         _print_comparison(rows, folder)
 
 
@@ -1161,10 +1232,12 @@ def _stop_search(signum: int, frame: Any) -> None:
 @click.option("--epochs", type=float, default=None, help="Training epochs of the final scoring.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where the report goes (default: the first run's folder).")  # fmt: skip
+@click.option("--cost", "cost_model", default="macs", show_default=True, help=COST_HELP)
 @_friendly_errors
-def compare_command(runs: tuple[Path, ...], seeds: int | None, epochs: float | None, out: Path | None) -> None:
+def compare_command(runs: tuple[Path, ...], seeds: int | None, epochs: float | None, out: Path | None,
+                    cost_model: str) -> None:  # fmt: skip
     """Score the best trees of RUNS and every baseline on the test split; print the table, write the report."""
     from tree_search.report import compare_runs
 
-    rows = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, log=console.print)
+    rows = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, cost=cost_model, log=console.print)
     _print_comparison(rows, out or runs[0])

@@ -55,7 +55,8 @@ FEATURES = (
     "constant",  # 1: per-token work of any tree (targets, the loss)
     "groups",  # weight groups / batch: each group is a few kernels per step, whatever its size
     "packed_pairs",  # visits of packed nodes: index arithmetic and a gather per (token, node) pair
-    "packed_macs",  # visits x bucket width x dim of packed nodes: gathered weights, memory-bound
+    "packed_macs",  # visits x bucket width x dim of packed nodes: gathered weights, from cache when reused
+    "packed_rows",  # expected distinct packed nodes a batch touches x width x dim / batch: weights read from memory
     "top_pairs",  # visits of nodes in the shared top block: scores picked out of the block
     "top_macs",  # columns of the shared top block x dim: a matmul over every token of the batch
     "dense_rows",  # visits of dense nodes: rows gathered into their matmul
@@ -156,27 +157,29 @@ def layout_features(
     rows give the tree's features; a profile's prediction is their dot product with its
     coefficients.
     """
-    I = tree.num_internal
+    inner = tree.num_internal
     fanout = tree.fanout.astype(np.float64)
     visits = visit_probabilities(tree, counts)
-    size = np.full(I, float(dim))  # each node's scoring dimension (projected or not)
-    projection = np.zeros(I)  # multiply-adds of each node's projection per visit
+    size = np.full(inner, float(dim))  # each node's scoring dimension (projected or not)
+    projection = np.zeros(inner)  # multiply-adds of each node's projection per visit
     for node, p in (projections or {}).items():
         size[node], projection[node] = float(p), float(dim) * float(p)
     dense, top, packed = layout.dense, layout.top, layout.packed
     width = layout.width.astype(np.float64)
-    out = np.zeros((I, len(FEATURES)))
+    out = np.zeros((inner, len(FEATURES)))
     column = {name: i for i, name in enumerate(FEATURES)}
     out[0, column["constant"]] = 1.0
     out[0, column["groups"]] = layout.num_groups / batch
     out[packed, column["packed_pairs"]] = visits[packed]
     out[packed, column["packed_macs"]] = visits[packed] * width[packed] * dim
+    touched = -np.expm1(batch * np.log1p(-np.minimum(visits, 1 - 1e-12)))  # P(a batch visits the node)
+    out[packed, column["packed_rows"]] = touched[packed] * width[packed] * dim / batch
     out[top, column["top_pairs"]] = visits[top]
     out[top, column["top_macs"]] = fanout[top] * dim
     out[dense, column["dense_rows"]] = visits[dense]
     out[dense, column["dense_macs"]] = visits[dense] * (fanout[dense] * size[dense] + projection[dense])
     params = np.where(dense, fanout * size + projection, fanout * dim)  # top nodes: their block's columns
-    with_dense_grads = dense | top | (packed if not sparse else np.zeros(I, dtype=bool))
+    with_dense_grads = dense | top | (packed if not sparse else np.zeros(inner, dtype=bool))
     params = np.where(packed, width * dim, params)
     out[with_dense_grads, column["dense_grad_params"]] = params[with_dense_grads] / batch
     return out
@@ -277,8 +280,6 @@ def load_profile(path: str | os.PathLike[str]) -> CostProfile:
         profile = CostProfile(**{**fields, "coefficients": tuple(float(c) for c in fields["coefficients"])})
     except (TypeError, KeyError) as err:
         raise ProfileError(f"{path}: malformed cost profile ({err})") from None
-    if len(profile.coefficients) != len(FEATURES) or not all(
-        math.isfinite(c) and c >= 0 for c in profile.coefficients
-    ):
+    if len(profile.coefficients) != len(FEATURES) or not all(math.isfinite(c) and c >= 0 for c in profile.coefficients):
         raise ProfileError(f"{path}: field 'coefficients' must hold {len(FEATURES)} finite numbers >= 0")
     return profile

@@ -27,11 +27,14 @@ from typing import Any
 import numpy as np
 
 from tree_search.agents.search import SearchConfig
-from tree_search.builders import frequency_cutoffs
+from tree_search.builders import frequency_cutoffs, huffman
+from tree_search.cost import CostProfile
+from tree_search.data.features import default_device
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.evaluator import Evaluation
 from tree_search.heads.reward import FINAL_SEED_OFFSET, head_cost, huffman_cost, score_test, trained_head
+from tree_search.heads.timing import resolve_cost
 from tree_search.heads.train import validation_nll
 from tree_search.runs import Run, RunError
 
@@ -105,6 +108,7 @@ def compare_runs(
     seeds: int | None = None,
     epochs: float | None = None,
     out: str | Path | None = None,
+    cost: str = "macs",
     log: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
     """Score the finalists of ``folders`` on the test split and write the report.
@@ -115,6 +119,10 @@ def compare_runs(
         epochs: training epochs of the final scoring (default: the run's ``final_epochs``,
             else twice the search budget).
         out: where report.md and the plots go (default: the first run's folder).
+        cost: ``"measured[:PROFILE]"`` adds each finalist's training time per token predicted by
+            a cost profile (`tree_search.heads.timing.resolve_cost`), per-cap verdicts in time
+            and the comparison at the adaptive softmax's time (`time_verdicts`); ``"macs"``
+            (default) reports multiply-adds only.
         log: progress lines.
 
     Returns:
@@ -137,6 +145,8 @@ def compare_runs(
     counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
     full_cost = float(dataset.num_classes * dataset.dim)
     unit = huffman_cost(dataset)  # binary Huffman's cost: the unit of caps
+    profile = resolve_cost(cost, dim=dataset.dim, device_type=default_device().type)
+    time_unit = profile.predict(huffman(counts, 2), counts) if profile is not None else math.nan
     all_caps = [c for run in runs for c in SearchConfig.from_json(run.config).caps().values()]  # each run's own
     cap = max(all_caps) * unit if all_caps else math.inf  # the widest: "within the cap" of the table
     report_run = Run(out) if out is not None else runs[0]
@@ -182,6 +192,7 @@ def compare_runs(
                 "cost_ratio": cost / full_cost,
                 "cost_vs_huffman": cost / unit,
                 "within_cap": cost <= cap * (1 + 1e-9),
+                **(_time_fields(profile, tree, counts, projections, time_unit) if profile is not None else {}),
                 "max_depth": tree.max_depth,
                 "seeds": seeds,
                 "key": key,
@@ -214,9 +225,105 @@ def compare_runs(
     caps = sorted({float(c) for run in runs for c in run.config.get("cost_caps") or ()})
     cap_rows = front_verdicts(rows, caps) if caps else []
     tree_of = {e[0]: e[2] for e in entries}
+    time_lines = time_report_lines(rows, caps, profile) if profile is not None else []
     _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
-                  cap_rows=cap_rows, head_lines=head_lines)  # fmt: skip
+                  cap_rows=cap_rows, head_lines=[*head_lines, *time_lines])  # fmt: skip
     return rows
+
+
+def _time_fields(profile: CostProfile, tree, counts: np.ndarray, projections, unit: float) -> dict[str, float]:
+    """A report row's predicted training time: microseconds per token and multiples of binary Huffman's."""
+    seconds = profile.predict(tree, counts, projections=projections or None)
+    return {"time_us_per_token": seconds * 1e6, "time_vs_huffman": seconds / unit}
+
+
+# PyTorch's `AdaptiveLogSoftmaxWithLoss` shapes (its usual cutoffs, and Grave et al.'s cost-optimal ones)
+ADAPTIVE_SHAPES = ("adaptive", "adaptive-50", "adaptive-10", "grave-2", "grave-3", "grave-4")
+
+
+def time_verdicts(rows: Sequence[dict[str, Any]], caps: Sequence[float]) -> dict[str, Any]:
+    """The front search's verdicts on the time axis of a cost profile (rows with ``time_vs_huffman``).
+
+    ``caps``: `front_verdicts` with each cap read in multiples of binary Huffman's predicted time.
+    ``adaptive``: for each adaptive shape among the rows, the searched tree (chosen on validation)
+    among those no slower than it, with the test NLL difference (> 0: the searched tree is
+    better) and its significance; and the speed-up of the fastest searched tree at least as
+    good on test (None when no searched tree matches it).
+    """
+    timed = [{**r, "cost_vs_huffman": r["time_vs_huffman"]} for r in rows]
+    out: dict[str, Any] = {"caps": front_verdicts(timed, caps) if caps else [], "adaptive": []}
+    searched = [r for r in rows if r["kind"] == "searched"]
+    for shape in (r for r in rows if r["name"] in ADAPTIVE_SHAPES):
+        entry: dict[str, Any] = {"shape": shape}
+        faster = [r for r in searched if r["time_vs_huffman"] <= shape["time_vs_huffman"] * (1 + 1e-9)]
+        if faster:
+            pick = min(faster, key=lambda r: r["valid_nll"])
+            diff, combined, significant = _difference(pick, shape)
+            entry.update(searched=pick, difference=diff, two_se=2 * combined, significant=significant)
+        matching = [r for r in searched if r["test_nll"] <= shape["test_nll"]]
+        fastest = min(matching, key=lambda r: r["time_vs_huffman"], default=None)
+        entry["speedup"] = shape["time_vs_huffman"] / fastest["time_vs_huffman"] if fastest else None
+        entry["matching"] = fastest
+        out["adaptive"].append(entry)
+    return out
+
+
+def time_report_lines(rows: Sequence[dict[str, Any]], caps: Sequence[float], profile: CostProfile) -> list[str]:
+    """The report's section in time: per-cap verdicts and the comparison at the adaptive shapes' time."""
+    found = time_verdicts(rows, caps)
+    held = profile.fit.get("held_out", {})
+    error = held.get("median_abs_relative_error", math.nan)
+    lines = [
+        "",
+        "## In time",
+        "",
+        f"Training time per token (forward + backward, batch {profile.batch}, {profile.precision}) predicted by "
+        f"the cost profile of {profile.device} (held-out median error {error:.1%}); caps in multiples of "
+        "binary Huffman's time.",
+        "",
+        "| tree | µs / token | time / Huffman | cost / Huffman | test NLL |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["time_vs_huffman"]):
+        lines.append(f"| {r['name']} | {r['time_us_per_token']:.2f} | {r['time_vs_huffman']:.2f} | "
+                     f"{r['cost_vs_huffman']:.2f} | {r['test_nll']:.4f} |")  # fmt: skip
+    if found["caps"]:
+        lines += ["", "| time cap | best classic tree | test NLL | best searched | test NLL | difference | verdict |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for c in found["caps"]:
+            classic, pick = c["classic"], c["searched"]
+            if classic is None or pick is None:
+                lines.append(f"| {c['cap']:g}x | {classic['name'] if classic else 'none fits'} | | "
+                             f"{pick['name'] if pick else 'none fits'} | | | no verdict |")  # fmt: skip
+                continue
+            verdict = _verdict_words(c["difference"], c["significant"])
+            lines.append(f"| {c['cap']:g}x | {classic['name']} | {classic['test_nll']:.4f} | {pick['name']} | "
+                         f"{pick['test_nll']:.4f} | {c['difference']:+.4f} ± {c['two_se']:.4f} | "
+                         f"{verdict} |")  # fmt: skip
+    for a in found["adaptive"]:
+        shape = a["shape"]
+        line = (f"- At the time of `{shape['name']}` ({shape['time_vs_huffman']:.2f}x Huffman, "
+                f"test {shape['test_nll']:.4f}): ")  # fmt: skip
+        if "searched" in a:
+            pick, words = a["searched"], _verdict_words(a["difference"], a["significant"])
+            line += (f"the searched `{pick['name']}` ({pick['time_vs_huffman']:.2f}x) scores {pick['test_nll']:.4f}, "
+                     f"{a['difference']:+.4f} ± {a['two_se']:.4f} ({words})")  # fmt: skip
+        else:
+            line += "no searched tree is that fast"
+        if a["speedup"] is not None:
+            line += (f"; the fastest searched tree as good on test, `{a['matching']['name']}`, is "
+                     f"{a['speedup']:.2f}x faster.")  # fmt: skip
+        else:
+            line += "; no searched tree is as good on test at any time."
+        lines.append(line)
+    return lines
+
+
+def _verdict_words(difference: float, significant: bool) -> str:
+    """ "searched wins", "classic wins" or "tie" (a difference within twice the combined standard error)."""
+    if not significant:
+        return "tie"
+    return "searched wins" if difference > 0 else "classic wins"
 
 
 def write_best_head(path: Path, tree, projections, dataset, recipe, row: dict[str, Any], setting: dict[str, Any],
