@@ -1,0 +1,84 @@
+"""Training-step time of tree heads against their multiply-adds, side by side in one run.
+
+    python benchmarks/bench_head_time.py [--sizes 10000,50000] [--batch 4096] [--dim 256] [--repeats 7]
+                                         [--top-columns 1024] [--no-tune-allocator]
+
+For the trees of issue 27 (Huffman 2/8/32, k-means-16, head-and-tail k-means-16, Grave's
+2-cluster cutoffs, the adaptive shapes, the flat softmax as a one-node tree) on synthetic
+Zipf(1) classes: forward + backward of `TreeSoftmaxHead` (sparse gradients, as `fit` trains;
+the gradient flows into h, as when an encoder trains with the head), median of --repeats
+steps. Columns: multiply-adds per token and time, each as a ratio to binary Huffman; the
+achieved rate (3 x multiply-adds x 2 FLOP per token / time) as a share of a 4096x256x2048
+float32 matmul's rate measured in the same run. ``--no-tune-allocator`` leaves glibc's
+malloc as it is (the command line tunes it). The "before" figures of issue 27 come from this script run against a checkout of 157de49 with
+this commit's ``cost.py`` and ``heads/timing.py`` copied in (``PYTHONPATH=...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from tree_search import builders
+from tree_search.heads import TreeSoftmaxHead
+from tree_search.heads.reward import head_cost
+from tree_search.heads.timing import synthetic_classes, time_training_step, tune_allocator
+
+TREES = ("huffman-2", "huffman-8", "huffman-32", "kmeans-16", "headtail-kmeans-16", "grave-2", "adaptive-50",
+         "adaptive", "adaptive-10")  # fmt: skip
+
+
+def matmul_rate(dim: int) -> float:
+    a, b = torch.randn(4096, dim), torch.randn(dim, 2048)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 10 * 2 * 4096 * dim * 2048 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,50000")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--top-columns", type=int, default=None)
+    parser.add_argument("--no-tune-allocator", action="store_true")
+    args = parser.parse_args()
+    if not args.no_tune_allocator:
+        tune_allocator()
+    settings = {} if args.top_columns is None else {"top_columns": args.top_columns}
+    rate = matmul_rate(args.dim)
+    print(f"{torch.get_num_threads()} threads, batch {args.batch}, d = {args.dim}; "
+          f"matmul rate {rate / 1e9:.0f} GFLOP/s; "
+          f"head settings {settings or 'default'}, "
+          f"allocator {'as is' if args.no_tune_allocator else 'tuned'}")  # fmt: skip
+    for V in (int(s) for s in args.sizes.split(",")):
+        counts, embeddings = synthetic_classes(V)
+        trees = builders.classic_trees(counts, TREES, embeddings=embeddings, dim=args.dim)
+        trees["full softmax"] = builders.ClassicTree("full softmax", builders.from_children(V, [list(range(V))]))
+        generator = torch.Generator().manual_seed(0)
+        y = torch.multinomial(torch.from_numpy(counts / counts.sum()), args.batch, replacement=True,
+                              generator=generator)  # fmt: skip
+        h = torch.randn(args.batch, args.dim, generator=generator).requires_grad_(True)
+        rows = []
+        for name, classic in trees.items():
+            head = TreeSoftmaxHead(classic.tree, args.dim, projections=classic.projections, sparse=True,
+                                   **settings)  # fmt: skip
+            seconds = time_training_step(head, h, y, repeats=args.repeats)
+            macs = head_cost(classic.tree, counts, args.dim, classic.projections)
+            rows.append((name, macs, seconds))
+        base_macs, base_time = rows[0][1], rows[0][2]
+        print(f"\nV = {V:,}\n  {'tree':<20} {'MACs / Huffman':>14} {'time / Huffman':>15} {'ms / step':>10} "
+              f"{'% of matmul rate':>17}")  # fmt: skip
+        for name, macs, seconds in rows:
+            achieved = 3 * 2 * macs * args.batch / seconds
+            print(f"  {name:<20} {macs / base_macs:>14.2f} {seconds / base_time:>15.2f} {seconds * 1e3:>10.1f} "
+                  f"{100 * achieved / rate:>16.1f}%")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The measured cost model: the head's layout rule, per-node features, the fit, profile files, time verdicts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tree_search import builders
+from tree_search.cost import (
+    FEATURES,
+    CostProfile,
+    ProfileError,
+    fit_coefficients,
+    head_layout,
+    layout_features,
+    load_profile,
+)
+from tree_search.heads import TreeSoftmaxHead
+from tree_search.heads.timing import check_cost_spec, resolve_cost
+from tree_search.report import time_verdicts
+
+COLUMN = {name: i for i, name in enumerate(FEATURES)}
+
+
+@pytest.mark.parametrize("settings", [{}, {"top_columns": 0}, {"top_columns": 6}, {"dense_fanout": 3}])
+def test_layout_is_the_heads(settings):
+    counts = np.arange(60, 0, -1.0)
+    tree, projections = builders.projected_cutoffs(counts, [8, 30], [4, 2], 16)
+    head = TreeSoftmaxHead(tree, 16, projections=projections, **settings)
+    layout = head_layout(tree, projections, **settings)
+    assert list(layout.dense_nodes) == head._dense_nodes
+    # an independent reading of the head: its group ids (dense k < num_dense, top == num_dense, buckets above)
+    group = head._group_of.numpy()
+    assert np.array_equal(layout.dense, group < len(head._dense_nodes))
+    assert np.array_equal(layout.top, group == len(head._dense_nodes))
+    assert list(layout.bucket_widths) == head._bucket_widths
+
+
+def test_features_of_a_binary_tree_by_hand():
+    # classes 0..3 with counts 4,2,1,1: huffman gives root -> (0, n1), n1 -> (1, n2), n2 -> (2, 3)
+    tree = builders.huffman([4, 2, 1, 1], 2)
+    layout = head_layout(tree, top_columns=2)  # the root alone in the top block
+    f = layout_features(tree, [4, 2, 1, 1], 8, None, layout, batch=2, sparse=True)
+    assert f[:, COLUMN["top_macs"]].sum() == pytest.approx(2 * 8)
+    visits = np.sort(f[:, COLUMN["packed_pairs"]])[::-1]
+    assert visits[:2] == pytest.approx([0.5, 0.25])  # n1 is reached by 4 of 8 tokens, n2 by 2
+    assert f[:, COLUMN["packed_macs"]].sum() == pytest.approx((0.5 + 0.25) * 2 * 8)
+    # each of n1, n2 is touched by a batch of 2 with probability 1 - (1 - v)^2
+    touched = 1 - (1 - 0.5) ** 2 + 1 - (1 - 0.25) ** 2
+    assert f[:, COLUMN["packed_rows"]].sum() == pytest.approx(touched * 2 * 8 / 2)
+    assert f[:, COLUMN["constant"]].sum() == 1.0
+    assert f[:, COLUMN["groups"]].sum() == pytest.approx(2 / 2)  # the top block and one bucket
+
+
+def test_projected_dense_node_features():
+    counts = np.arange(40, 0, -1.0)
+    tree, projections = builders.projected_cutoffs(counts, [10], [4], 16)
+    layout = head_layout(tree, projections)
+    f = layout_features(tree, counts, 16, projections, layout, batch=1, sparse=True)
+    tail_mass = counts[10:].sum() / counts.sum()
+    # the projected tail is dense: its projection and its 30 scores in 4 dimensions, per visit
+    assert f[:, COLUMN["dense_macs"]].sum() == pytest.approx(tail_mass * (16 * 4 + 30 * 4))
+    assert f[:, COLUMN["top_macs"]].sum() == pytest.approx(11 * 16)  # the root (10 classes + 1 cluster), every token
+
+
+def test_fit_recovers_known_coefficients():
+    rng = np.random.default_rng(0)
+    features = rng.uniform(0.1, 2.0, (30, len(FEATURES)))
+    truth = rng.uniform(0.0, 1.0, len(FEATURES))
+    truth[[1, 4]] = 0.0
+    coefficients = fit_coefficients(features, features @ truth)
+    assert np.allclose(coefficients, truth, atol=1e-6)
+    with pytest.raises(ValueError, match="positive time"):
+        fit_coefficients(features, -np.ones(30))
+
+
+def _profile(**kw):
+    values = dict(device="cpu: test", device_type="cpu", dim=8, batch=4, precision="fp32", sparse=True,
+                  num_classes=16, coefficients=tuple(float(i + 1) for i in range(len(FEATURES))))
+    values.update(kw)
+    return CostProfile(**values)
+
+
+def test_profile_predicts_its_node_sum_and_round_trips(tmp_path):
+    profile = _profile()
+    counts = np.arange(16, 0, -1.0)
+    tree = builders.huffman(counts, 3)
+    features = layout_features(tree, counts, 8, None, profile.layout(tree), batch=4, sparse=True).sum(0)
+    assert profile.predict(tree, counts) == pytest.approx(float(features @ np.arange(1, len(FEATURES) + 1)))
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert load_profile(path) == profile
+    assert resolve_cost(f"measured:{path}", dim=8) == profile
+    assert resolve_cost("macs", dim=8) is None
+    with pytest.raises(ProfileError, match="dim 8, the data has dim 16"):
+        resolve_cost(f"measured:{path}", dim=16)
+    with pytest.raises(ValueError, match="dim 8, not 16"):
+        profile.node_costs(tree, counts, 16, None)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(format="other"), "not a cost profile"),
+        (lambda d: d.update(version=2), "version 2"),
+        (lambda d: d.update(coefficients=[1.0]), "'coefficients'"),
+        (lambda d: d.update(coefficients=[-1.0] * len(FEATURES)), "'coefficients'"),
+        (lambda d: d.update(features=["x"]), "calibrate again"),
+        (lambda d: d.pop("dim"), "malformed"),
+    ],
+)
+def test_bad_profiles_are_named(tmp_path, edit, message):
+    data = _profile().to_json()
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=message) as err:
+        load_profile(path)
+    assert str(path) in str(err.value)
+
+
+def test_cost_specs():
+    with pytest.raises(ProfileError, match="--cost must be"):
+        check_cost_spec("seconds")
+    with pytest.raises(ProfileError, match="no such cost profile"):
+        check_cost_spec("measured:/nonexistent/profile.json")
+    check_cost_spec("macs")
+    check_cost_spec("measured")
+
+
+def _row(name, kind, time, test, valid=None, se=0.001):
+    return {"name": name, "kind": kind, "time_vs_huffman": time, "cost_vs_huffman": 1.0, "test_nll": test,
+            "test_stderr": se, "valid_nll": test if valid is None else valid}
+
+
+def test_time_verdicts_at_the_adaptive_softmax_time():
+    rows = [
+        _row("adaptive", "baseline", 1.0, 2.30),
+        _row("huffman-2", "baseline", 1.0, 2.60),
+        _row("dp@1x", "searched", 0.8, 2.40, valid=2.1),  # fast, worse
+        _row("dp@2x", "searched", 0.9, 2.35, valid=2.2),  # fast, worse, less good on validation
+        _row("dp@4x", "searched", 2.0, 2.25),  # slower, better
+    ]
+    found = time_verdicts(rows, [1.0])
+    (adaptive,) = found["adaptive"]
+    assert adaptive["searched"]["name"] == "dp@1x"  # chosen on validation among the trees no slower
+    assert adaptive["difference"] == pytest.approx(2.30 - 2.40)
+    assert adaptive["significant"]
+    assert adaptive["matching"]["name"] == "dp@4x"
+    assert adaptive["speedup"] == pytest.approx(0.5)  # the only searched tree as good is twice as slow
+    (cap,) = found["caps"]
+    assert cap["classic"]["name"] == "adaptive" and cap["searched"]["name"] == "dp@1x"
+
+
+def test_packed_scores_equal_an_independent_dot_product():
+    counts = np.arange(300, 0, -1.0)
+    torch.manual_seed(0)
+    tree = builders.huffman(counts, 2)
+    head = TreeSoftmaxHead(tree, 16, top_columns=0)
+    h, y = torch.randn(5, 16), torch.tensor([0, 5, 17, 150, 299])
+    rows, nodes, child, _ = head.path_pairs(y)
+    expected = torch.stack([head.node_parameters(int(n))[0] @ h[r] + head.node_parameters(int(n))[1]
+                            for r, n in zip(rows, nodes, strict=True)])  # fmt: skip
+    lp = torch.log_softmax(expected, 1).gather(1, child[:, None]).squeeze(1)
+    assert torch.allclose(head.node_log_prob(h, rows, nodes, child), lp, atol=1e-5)
+
+
+def test_cost_calibrate_command(tmp_path):
+    from click.testing import CliRunner
+
+    from tree_search.cli import main
+
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(main, ["cost", "calibrate", "--classes", "300", "--dim", "16", "--batch", "64",
+                                       "--repeats", "1", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    profile = load_profile(out)
+    assert profile.dim == 16 and profile.num_classes == 300 and profile.batch == 64
+    trees = profile.fit["trees"]
+    assert sum(t["role"] == "held out" for t in trees.values()) >= 20  # the issue's held-out count
+    assert {"huffman-2", "adaptive", "grave-2", "kmeans-16", "headtail-kmeans-16"} <= set(trees)
+    for t in trees.values():  # the stored predictions are the profile's own
+        assert t["measured"] > 0 and t["predicted"] >= 0
+    assert trees["huffman-2"]["predicted"] == pytest.approx(
+        profile.predict(builders.huffman(1.0 / np.arange(1, 301), 2), 1.0 / np.arange(1, 301)), rel=1e-9
+    )
+    assert "held-out trees: 31" in result.output
