@@ -10,8 +10,9 @@ the gradient flows into h, as when an encoder trains with the head), median of -
 steps. Columns: multiply-adds per token and time, each as a ratio to binary Huffman; the
 achieved rate (3 x multiply-adds x 2 FLOP per token / time) as a share of a 4096x256x2048
 float32 matmul's rate measured in the same run. ``--no-tune-allocator`` leaves glibc's
-malloc as it is (the command line tunes it). The "before" figures of issue 27 come from this script run against a checkout of 157de49 with
-this commit's ``cost.py`` and ``heads/timing.py`` copied in (``PYTHONPATH=...``).
+malloc as it is (the command line tunes it). The "before" figures of issue 27 come from
+this script run against a checkout of 157de49 with this commit's ``cost.py`` and
+``heads/timing.py`` copied in (``PYTHONPATH=...``).
 """
 
 from __future__ import annotations

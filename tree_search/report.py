@@ -320,7 +320,7 @@ def time_report_lines(rows: Sequence[dict[str, Any]], caps: Sequence[float], pro
 
 
 def _verdict_words(difference: float, significant: bool) -> str:
-    """ "searched wins", "classic wins" or "tie" (a difference within twice the combined standard error)."""
+    """The verdict in words: searched wins, classic wins, or a tie (within twice the combined standard error)."""
     if not significant:
         return "tie"
     return "searched wins" if difference > 0 else "classic wins"
