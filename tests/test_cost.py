@@ -76,8 +76,16 @@ def test_fit_recovers_known_coefficients():
 
 
 def _profile(**kw):
-    values = dict(device="cpu: test", device_type="cpu", dim=8, batch=4, precision="fp32", sparse=True,
-                  num_classes=16, coefficients=tuple(float(i + 1) for i in range(len(FEATURES))))
+    values = dict(
+        device="cpu: test",
+        device_type="cpu",
+        dim=8,
+        batch=4,
+        precision="fp32",
+        sparse=True,
+        num_classes=16,
+        coefficients=tuple(float(i + 1) for i in range(len(FEATURES))),
+    )
     values.update(kw)
     return CostProfile(**values)
 
@@ -130,8 +138,15 @@ def test_cost_specs():
 
 
 def _row(name, kind, time, test, valid=None, se=0.001):
-    return {"name": name, "kind": kind, "time_vs_huffman": time, "cost_vs_huffman": 1.0, "test_nll": test,
-            "test_stderr": se, "valid_nll": test if valid is None else valid}
+    return {
+        "name": name,
+        "kind": kind,
+        "time_vs_huffman": time,
+        "cost_vs_huffman": 1.0,
+        "test_nll": test,
+        "test_stderr": se,
+        "valid_nll": test if valid is None else valid,
+    }
 
 
 def test_time_verdicts_at_the_adaptive_softmax_time():
