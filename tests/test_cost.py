@@ -134,7 +134,20 @@ def test_cost_specs():
     with pytest.raises(ProfileError, match="no such cost profile"):
         check_cost_spec("measured:/nonexistent/profile.json")
     check_cost_spec("macs")
+
+
+def test_measured_without_a_profile_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("TREE_SEARCH_CACHE", str(tmp_path))
+    with pytest.raises(ProfileError, match="tree-search cost calibrate"):
+        check_cost_spec("measured")
+    with pytest.raises(ProfileError, match="no such cost profile"):
+        resolve_cost("measured", dim=8)
+    (tmp_path / "cost_profiles").mkdir()
+    _profile().save(tmp_path / "cost_profiles" / "cpu-d8-b4-fp32.json")  # not the default batch: still found
     check_cost_spec("measured")
+    assert resolve_cost("measured", dim=8) == _profile()
+    with pytest.raises(ProfileError, match="no such cost profile"):
+        resolve_cost("measured", dim=16)
 
 
 def _row(name, kind, time, test, valid=None, se=0.001):

@@ -58,8 +58,8 @@ console = Console(highlight=False)
 if not console.is_terminal:  # pipes and CI logs: don't squeeze tables into 80 columns
     console.width = max(console.width, 120)
 F = TypeVar("F", bound=Callable[..., Any])
-COST_HELP = ("'macs' (multiply-adds) or 'measured[:PROFILE.json]': the report also gives each tree's training time "
-             "predicted by this device's cost profile (`tree-search cost calibrate`), verdicts in time and the "
+COST_HELP = ("'macs' (multiply-adds) or 'measured[:PROFILE.json]': training time per token predicted by this "
+             "device's cost profile (`tree-search cost calibrate`); the report then adds verdicts in time and the "
              "comparison at the adaptive softmax's time")  # fmt: skip
 
 
@@ -1079,7 +1079,7 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///RUN/optuna.db).")
 @click.option("--study", default=None, help="Optuna study name; processes sharing storage and name cooperate.")
 @click.option("--cost", "cost_model", default="macs", show_default=True,
-              help=COST_HELP + " (the search's caps stay in multiply-adds)")  # fmt: skip
+              help="What costs and caps are in: " + COST_HELP)  # fmt: skip
 @_friendly_errors
 def search(
     agent: str,
@@ -1123,6 +1123,8 @@ def search(
     import dataclasses
     import signal
 
+    import torch
+
     from tree_search.agents.search import SearchConfig, run_search
     from tree_search.data.planted import PlantedConfig
     from tree_search.envs import TreeEnvConfig
@@ -1130,7 +1132,7 @@ def search(
     from tree_search.report import compare_runs
     from tree_search.runs import Run
 
-    check_cost_spec(cost_model)  # before the search, not after it
+    check_cost_spec(cost_model, "cuda" if torch.cuda.is_available() else "cpu")  # before the search, not after it
     if resume is not None:
         folder = resume
         config = dataclasses.replace(
@@ -1153,6 +1155,7 @@ def search(
             train=NodeRecipe(epochs=epochs),
             cost_mode=cost_mode,
             cost_cap=cost_cap,
+            cost=cost_model,
             cost_weight=cost_weight,
             max_steps=max_steps,
             reward_mode=reward_mode,
@@ -1196,7 +1199,7 @@ def search(
                       f"tree-search search --resume {folder}")  # fmt: skip
         raise SystemExit(130) from None
     if compare:
-        rows = compare_runs([folder], cost=cost_model, log=console.print)
+        rows = compare_runs([folder], log=console.print)
         _print_comparison(rows, folder)
 
 
@@ -1232,10 +1235,10 @@ def _stop_search(signum: int, frame: Any) -> None:
 @click.option("--epochs", type=float, default=None, help="Training epochs of the final scoring.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where the report goes (default: the first run's folder).")  # fmt: skip
-@click.option("--cost", "cost_model", default="macs", show_default=True, help=COST_HELP)
+@click.option("--cost", "cost_model", default=None, help="Default: the run's own. " + COST_HELP)
 @_friendly_errors
 def compare_command(runs: tuple[Path, ...], seeds: int | None, epochs: float | None, out: Path | None,
-                    cost_model: str) -> None:  # fmt: skip
+                    cost_model: str | None) -> None:  # fmt: skip
     """Score the best trees of RUNS and every baseline on the test split; print the table, write the report."""
     from tree_search.report import compare_runs
 

@@ -37,10 +37,13 @@ __all__ = [
     "CostProfile",
     "HeadLayout",
     "ProfileError",
+    "cost_label",
     "fit_coefficients",
+    "head_cost",
     "head_layout",
     "layout_features",
     "load_profile",
+    "node_costs",
     "visit_probabilities",
 ]
 
@@ -67,6 +70,53 @@ FEATURES = (
 
 class ProfileError(ValueError):
     """A cost profile file that cannot be used (missing, malformed, another format or version)."""
+
+
+def node_costs(
+    tree: Tree,
+    counts: np.ndarray | Sequence[float] | None,
+    dim: int,
+    projections: Mapping[int, int] | None = None,
+    model: CostProfile | None = None,
+) -> np.ndarray:
+    """(I,) each internal node's share of a `TreeSoftmaxHead`'s cost per token under ``model``.
+
+    ``model`` None: expected multiply-adds; a node costs its visit probability (the mass of
+    its classes) times ``fanout * dim``, or ``dim * p + fanout * p`` when projected to ``p``
+    dimensions (the projection, then its children's scores, as a tail cluster of
+    ``AdaptiveLogSoftmaxWithLoss`` does). A `CostProfile`: its predicted seconds per token
+    (`CostProfile.node_costs`). Counts of None (or all zero) mean uniform classes.
+    """
+    if model is not None:
+        return model.node_costs(tree, counts, dim, projections)
+    visits = visit_probabilities(tree, counts)
+    per_visit = tree.fanout * float(dim)
+    if projections:
+        nodes = np.fromiter(projections.keys(), dtype=np.int64)
+        sizes = np.fromiter(projections.values(), dtype=np.float64)
+        bad = (nodes < 0) | (nodes >= tree.num_internal) | (sizes < 1)
+        if bad.any():
+            node, size = int(nodes[bad][0]), int(sizes[bad][0])
+            raise ValueError(f"projection {node}: {size} must name an internal node (0..{tree.num_internal - 1}) "
+                             f"and a size >= 1")  # fmt: skip
+        per_visit[nodes] = (dim + tree.fanout[nodes]) * sizes
+    return visits * per_visit
+
+
+def head_cost(
+    tree: Tree,
+    counts: np.ndarray | Sequence[float] | None,
+    dim: int,
+    projections: Mapping[int, int] | None = None,
+    model: CostProfile | None = None,
+) -> float:
+    """A `TreeSoftmaxHead`'s cost per token under ``model`` (multiply-adds, or seconds): the sum of `node_costs`."""
+    return float(node_costs(tree, counts, dim, projections, model).sum())
+
+
+def cost_label(model: CostProfile | None) -> str:
+    """What costs are in: "multiply-adds" or the profile's "training time on DEVICE"."""
+    return "multiply-adds" if model is None else f"training time on {model.device}"
 
 
 def visit_probabilities(tree: Tree, counts: np.ndarray | Sequence[float] | None) -> np.ndarray:

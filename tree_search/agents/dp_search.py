@@ -38,10 +38,12 @@ import numpy as np
 import torch
 
 from tree_search.agents.base import Searcher
+from tree_search.cost import head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator
-from tree_search.heads.reward import head_cost, huffman_cost, node_costs, node_nll_shares
+from tree_search.heads.reward import huffman_cost, node_nll_shares
+from tree_search.heads.timing import resolve_cost
 from tree_search.split_grammar import (
     Plan,
     SplitRule,
@@ -153,7 +155,8 @@ class DPSearcher(Searcher):
         self.counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
         self.dim = dataset.dim
-        self.cap = config.cost_cap * huffman_cost(dataset)
+        self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type)
+        self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model)
         rules = [r for r in split_rules(config.fanouts) if not r.flat]
         self.root_rules = [r for r in rules if r.order in ("kmeans", "pca") or r.cut == "headtail"]
         # completions in order of promise: the cheapest (Huffman), then clusters of growing fanout, then the rest
@@ -184,7 +187,7 @@ class DPSearcher(Searcher):
         """(I,) each node's NLL share and cost share, from the bank (the evaluator has just trained them)."""
         shares, _ = node_nll_shares(tree, self.dataset, self.config.train, seeds=self.config.seeds,
                                     device=self.device, use_bank=self.use_bank)  # fmt: skip
-        return shares, node_costs(tree, self.counts, self.dim)
+        return shares, node_costs(tree, self.counts, self.dim, model=self.cost_model)
 
     def _measure(self, root: SplitRule, completion: SplitRule) -> Evaluation | None:
         """Evaluate the tree completing every part of ``root`` by ``completion``; record its per-part values."""
@@ -243,7 +246,8 @@ class DPSearcher(Searcher):
         try:
             # Costs need no training: root rules whose cheapest completion (3-ary Huffman) is over the cap are out.
             cheap = huffman_rule(3)
-            cheapest = {r: head_cost(self._tree(r, cheap), self.counts, self.dim) for r in self.root_rules}
+            cheapest = {r: head_cost(self._tree(r, cheap), self.counts, self.dim, model=self.cost_model)
+                        for r in self.root_rules}  # fmt: skip
             # the costliest first: a wider root split buys more loss for its cost
             feasible = sorted((r for r in self.root_rules if cheapest[r] <= self.cap), key=lambda r: -cheapest[r])
             # At most half the budget ranks root rules, each by its homogeneous tree when that fits the cap (a classic
@@ -253,7 +257,7 @@ class DPSearcher(Searcher):
             for root in feasible:
                 if self.done:
                     return
-                fits = head_cost(self._tree(root, root), self.counts, self.dim) <= self.cap
+                fits = head_cost(self._tree(root, root), self.counts, self.dim, model=self.cost_model) <= self.cap
                 evaluation = self._measure(root, root if fits else cheap)
                 if evaluation is not None and evaluation.counted:
                     yield evaluation

@@ -34,11 +34,13 @@ import numpy as np
 import torch
 
 from tree_search.agents.base import Searcher
+from tree_search.cost import head_cost
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator
 from tree_search.heads.node_train import split_sample
-from tree_search.heads.reward import head_cost, huffman_cost, node_weights
+from tree_search.heads.reward import huffman_cost, node_weights
+from tree_search.heads.timing import resolve_cost
 from tree_search.split_grammar import Plan, normalise_embeddings, plan_tree, split_rules
 from tree_search.tree import Tree
 
@@ -243,12 +245,13 @@ class JTMSearcher(Searcher):
         counts = np.asarray(dataset.counts, dtype=np.float64)
         self.counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
-        self.cap = config.cost_cap * huffman_cost(dataset) if config.cost_mode == "cap" else math.inf
+        self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type)
+        self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model) if config.cost_mode == "cap" else math.inf
         self._splits: dict = {}
         self.rounds: list[tuple[int, int, float]] = []  # (chain, round, valid NLL) of every re-assignment round
 
     def _cost(self, tree: Tree) -> float:
-        return head_cost(tree, self.counts, self.dataset.dim)
+        return head_cost(tree, self.counts, self.dataset.dim, model=self.cost_model)
 
     def start_trees(self) -> list[Tree]:
         """The split grammar's homogeneous (classic) trees within the cap, the costliest first."""

@@ -5,19 +5,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from tree_search.agents.base import Searcher
 from tree_search.agents.baselines import BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
 from tree_search.builders import classic_names
-from tree_search.data.features import FeatureDataset
+from tree_search.cost import head_cost
+from tree_search.data.features import FeatureDataset, default_device
 from tree_search.envs import ENV_IDS, TreeEnvConfig, load_env_dataset, make_env
 from tree_search.heads.evaluator import Evaluation, Evaluator, LocalEvaluator
-from tree_search.heads.reward import huffman_cost
+from tree_search.heads.reward import full_softmax_cost, huffman_cost
+from tree_search.heads.timing import resolve_cost
 from tree_search.runs import Run
 from tree_search.tree import Tree
 
@@ -264,7 +268,9 @@ def run_search(
 
     listeners = [run.record, progress, counters]
     searches = config.searches()
-    huffman_ratio = huffman_cost(dataset) / (dataset.num_classes * dataset.dim)
+    cost_model = resolve_cost(config.env_config.cost, dim=dataset.dim, device_type=default_device().type)
+    full_cost = full_softmax_cost(dataset, cost_model)
+    huffman_ratio = huffman_cost(dataset, cost_model) / full_cost
     caps = {label: cap * huffman_ratio for label, cap in config.caps().items()}  # / full softmax
     run.cap_ratio = max(caps.values(), default=math.inf)  # best_tree.json: the best searched tree within a cap
     total_budget = config.budget * len(searches)
@@ -289,6 +295,14 @@ def run_search(
         evaluator = LocalEvaluator(
             dataset, train, seeds, budget=total_budget, listeners=listeners, use_bank=config.node_bank
         )
+    if cost_model is not None:  # the leaderboard's costs in the profile's time, as the environments' caps
+        counts = dataset.counts if np.sum(dataset.counts) > 0 else None
+
+        def measured(tree: Tree, projections: Mapping[int, int] | None) -> tuple[float, float]:
+            cost = head_cost(tree, counts, dataset.dim, projections, cost_model)
+            return cost, cost / full_cost
+
+        evaluator.cost_fn = measured
     previous = run.evaluations()
     evaluator.preload(previous)
     if previous and log:

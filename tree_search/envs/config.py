@@ -35,6 +35,7 @@ class TreeEnvConfig:
     seeds: int = 1  # training seeds averaged per evaluation
     cost_mode: str = "cap"  # "cap": over-cap trees are penalised; "tradeoff": reward -= cost_weight * cost ratio
     cost_cap: float = 2.0  # cap on expected cost per token, in multiples of binary Huffman's
+    cost: str = "macs"  # what costs are: "macs" (multiply-adds) or "measured[:PROFILE]" (a device's training time)
     cap_penalty: float = 1.0  # over the cap: reward = -ln V - cap_penalty * (cost / cap - 1); no training
     cost_weight: float = 1.0  # lambda of the tradeoff mode: reward = -NLL - lambda * cost / full-softmax cost
     failure_penalty: float = 1.0  # a failed evaluation (NaN, OOM): reward = -ln V - failure_penalty
@@ -74,6 +75,10 @@ class TreeEnvConfig:
             raise bad("planted", "a PlantedConfig (or a dict of its fields in env_config)")
         if not isinstance(self.train, NodeRecipe):
             raise bad("train", "a NodeRecipe (or a dict of its fields in env_config)")
+        if not isinstance(self.cost, str) or not (
+            self.cost == "macs" or self.cost == "measured" or self.cost.startswith("measured:")
+        ):
+            raise bad("cost", "'macs', 'measured' (this device's profile) or 'measured:PROFILE.json'")
         if self.cost_mode not in COST_MODES:
             raise bad("cost_mode", f"one of {COST_MODES}")
         if self.reward_mode not in REWARD_MODES:

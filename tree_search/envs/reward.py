@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from tree_search.cost import head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device, load_feature_folder
 from tree_search.data.npz_dataset import load_npz_dataset
 from tree_search.data.planted import PlantedConfig, make_planted
@@ -35,12 +36,12 @@ from tree_search.heads.node_train import NodeRecipe
 from tree_search.heads.reward import (
     Result,
     evaluate,
-    head_cost,
+    full_softmax_cost,
     huffman_cost,
-    node_costs,
     node_nll_shares,
     training_failure,
 )
+from tree_search.heads.timing import resolve_cost
 from tree_search.tree import Tree
 
 __all__ = [
@@ -123,14 +124,15 @@ class EpisodeScorer:
         counts = np.asarray(dataset.counts, dtype=np.float64)
         self.counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
         self.dim = dataset.dim
-        self.full_cost = float(dataset.num_classes * dataset.dim)
-        self.huffman_cost = huffman_cost(dataset)
+        self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type)
+        self.full_cost = full_softmax_cost(dataset, self.cost_model)
+        self.huffman_cost = huffman_cost(dataset, self.cost_model)
         self.cap = config.cost_cap * self.huffman_cost
         self.floor = math.log(dataset.num_classes)  # the NLL of a uniform guess
 
     def cost(self, tree: Tree, projections: Mapping[int, int] | None = None) -> float:
-        """Expected multiply-adds per token of the head on ``tree``."""
-        return head_cost(tree, self.counts, self.dim, projections)
+        """Cost per token of the head on ``tree``: multiply-adds, or the profile's seconds (``config.cost``)."""
+        return head_cost(tree, self.counts, self.dim, projections, self.cost_model)
 
     def score(self, tree: Tree, projections: Mapping[int, int] | None = None) -> tuple[float, dict[str, Any]]:
         """The terminal reward of ``tree`` and the ``info`` entries that explain it."""
@@ -251,9 +253,10 @@ class DenseRewards:
         return float(shares[0])
 
     def node_cost(self, node: NodeContent) -> float:
-        """Node's share of the expected cost per token (`node_costs`)."""
+        """Node's share of the cost per token (`node_costs`, under the scorer's cost model)."""
         tree, index, projections = node_tree(self.scorer.dataset.num_classes, node)
-        return float(node_costs(tree, self.scorer.counts, self.scorer.dim, projections)[index])
+        costs = node_costs(tree, self.scorer.counts, self.scorer.dim, projections, self.scorer.cost_model)
+        return float(costs[index])
 
     def step(self, nodes: Sequence[NodeContent]) -> tuple[float, dict[str, Any]]:
         """Reward of a decision that fixed ``nodes`` (none: 0), and its ``info`` entries.

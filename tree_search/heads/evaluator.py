@@ -57,8 +57,8 @@ class Evaluation:
     searcher: str  # who proposed the tree ("tpe", "ppo", "baseline:huffman-2", ...)
     valid_nll: float  # nats/token on the validation split (inf when failed)
     valid_nll_stderr: float
-    expected_cost: float  # multiply-adds per token
-    cost_ratio: float  # expected_cost / full softmax
+    expected_cost: float  # per token, in the run's cost model: multiply-adds, or seconds (``--cost measured``)
+    cost_ratio: float  # expected_cost / the full softmax's
     max_depth: int
     wall_seconds: float  # seconds since the run started when the result arrived
     train_seconds: float
@@ -125,6 +125,9 @@ class Evaluator(ABC):
         self._in_flight_counted = 0
         self._done: dict[int, Evaluation] = {}
         self._tickets = 0
+        # ``(expected cost, ratio to the full softmax)`` of a tree under the run's cost model (None: the
+        # reward's multiply-adds, as `Result` has them)
+        self.cost_fn: Callable[[Tree, Mapping[int, int] | None], tuple[float, float]] | None = None
 
     thread_safe = True  # several threads may call `evaluate` at once
 
@@ -270,16 +273,22 @@ class Evaluator(ABC):
 
     default_searcher = ""  # the searcher name environments' evaluations are recorded under
 
+    def _costs(self, tree: Tree, projections, result: Result) -> tuple[float, float]:
+        if self.cost_fn is None:
+            return result.expected_cost, result.cost_ratio
+        return self.cost_fn(tree, projections or None)
+
     def _record(self, key: str, result: Result, tree: Tree, searcher: str, counted: bool, projections) -> Evaluation:
         """Turn a fresh `Result` into an `Evaluation`, remember it and tell the listeners."""
+        cost, ratio = self._costs(tree, projections, result)
         evaluation = Evaluation(
             index=self._next_index,
             key=key,
             searcher=searcher,
             valid_nll=result.valid_nll,
             valid_nll_stderr=result.valid_nll_stderr,
-            expected_cost=result.expected_cost,
-            cost_ratio=result.cost_ratio,
+            expected_cost=cost,
+            cost_ratio=ratio,
             max_depth=tree.max_depth,
             wall_seconds=time.perf_counter() - self.started,
             train_seconds=result.train_seconds,

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tree_search.builders import huffman
+from tree_search.builders import frequency_cutoffs, huffman
+from tree_search.cost import CostProfile, head_cost, node_costs
 from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.heads.node_bank import NodeBank
@@ -43,6 +44,7 @@ __all__ = [
     "Result",
     "evaluate",
     "head_cost",
+    "full_softmax_cost",
     "huffman_cost",
     "node_costs",
     "node_nll_shares",
@@ -112,51 +114,21 @@ def _top_k_accuracy(head: TreeSoftmaxHead, features: torch.Tensor, labels: torch
     return hits1 / n, hits5 / n
 
 
-def node_costs(
-    tree: Tree,
-    counts: np.ndarray | None,
-    dim: int,
-    projections: Mapping[int, int] | None = None,
-) -> np.ndarray:
-    """(I,) each internal node's share of a `TreeSoftmaxHead`'s expected multiply-adds per token.
+def huffman_cost(dataset: FeatureDataset, model: CostProfile | None = None) -> float:
+    """Binary Huffman's `head_cost` under the dataset's counts (uniform when it has none): the unit of cost caps.
 
-    A node costs its visit probability (the mass of its classes) times ``fanout * dim``,
-    or ``dim * p + fanout * p`` when projected to ``p`` dimensions (the projection, then its
-    children's scores, as a tail cluster of ``AdaptiveLogSoftmaxWithLoss`` does). Counts of
-    None (or all zero) mean uniform classes.
+    In multiply-adds, or in ``model``'s seconds per token (`tree_search.cost`).
     """
-    V = tree.num_classes
-    total = 0.0 if counts is None else float(np.sum(counts))
-    leaf_visits = np.full(V, 1.0 / V) if total <= 0 else np.asarray(counts, np.float64) / total
-    visits = tree.subtree_sums(leaf_visits)  # probability that a token's path passes each node
-    per_visit = tree.fanout * float(dim)
-    if projections:
-        nodes = np.fromiter(projections.keys(), dtype=np.int64)
-        sizes = np.fromiter(projections.values(), dtype=np.float64)
-        bad = (nodes < 0) | (nodes >= tree.num_internal) | (sizes < 1)
-        if bad.any():
-            node, size = int(nodes[bad][0]), int(sizes[bad][0])
-            raise ValueError(f"projection {node}: {size} must name an internal node (0..{tree.num_internal - 1}) "
-                             f"and a size >= 1")  # fmt: skip
-        per_visit[nodes] = (dim + tree.fanout[nodes]) * sizes
-    return visits * per_visit
-
-
-def head_cost(
-    tree: Tree,
-    counts: np.ndarray | None,
-    dim: int,
-    projections: Mapping[int, int] | None = None,
-) -> float:
-    """Expected multiply-adds per token of a `TreeSoftmaxHead`, projections included: the sum of `node_costs`."""
-    return float(node_costs(tree, counts, dim, projections).sum())
-
-
-def huffman_cost(dataset: FeatureDataset) -> float:
-    """Binary Huffman's `head_cost` under the dataset's counts (uniform when it has none): the unit of cost caps."""
     counts = np.asarray(dataset.counts, dtype=np.float64)
     counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
-    return head_cost(huffman(counts, 2), counts, dataset.dim)
+    return head_cost(huffman(counts, 2), counts, dataset.dim, model=model)
+
+
+def full_softmax_cost(dataset: FeatureDataset, model: CostProfile | None = None) -> float:
+    """The full softmax's cost per token (one node over every class): V x dim multiply-adds, or ``model``'s time."""
+    if model is None:
+        return float(dataset.num_classes * dataset.dim)
+    return head_cost(frequency_cutoffs(np.ones(dataset.num_classes), []), None, dataset.dim, model=model)
 
 
 def node_nll_shares(

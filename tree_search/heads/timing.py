@@ -145,24 +145,34 @@ def default_profile_path(device_type: str, dim: int, batch: int = 4096, precisio
     return cache_root() / "cost_profiles" / f"{device_type}-d{int(dim)}-b{int(batch)}-{precision}.json"
 
 
-def check_cost_spec(spec: str) -> None:
-    """Fail early on a ``--cost`` value `resolve_cost` would refuse without the data (syntax, an explicit file).
+def check_cost_spec(spec: str, device_type: str = "cpu") -> None:
+    """Fail early on a ``--cost`` value `resolve_cost` would refuse without the data.
+
+    Checks the syntax, an explicit profile file, and that ``measured`` alone has a profile
+    of this device type at some dimension (its dimension is checked once the data is known).
 
     Raises:
         ProfileError: as `resolve_cost`.
     """
     kind, _, path = str(spec).partition(":")
-    if (kind == "macs" and not path) or (kind == "measured" and not path):
+    if kind == "macs" and not path:
         return
     if kind != "measured":
         raise ProfileError(f"--cost must be 'macs', 'measured' or 'measured:PROFILE.json', got {spec!r}")
-    load_profile(path)
+    if path:
+        load_profile(path)
+        return
+    folder = default_profile_path(device_type, 1).parent
+    if not any(folder.glob(f"{device_type}-d*.json")):
+        raise ProfileError(f"--cost measured: no cost profile of this {device_type} in {folder}; "
+                           "write one with `tree-search cost calibrate` (about a minute)")  # fmt: skip
 
 
 def resolve_cost(spec: str, *, dim: int, device_type: str = "cpu") -> CostProfile | None:
     """The cost model a ``--cost`` value names: None for ``"macs"``, the `CostProfile` for ``"measured[:PATH]"``.
 
-    ``"measured"`` alone reads this device type's default profile at ``dim`` (`default_profile_path`).
+    ``"measured"`` alone reads this device type's profile at ``dim``: the default one (batch
+    4096, fp32; `default_profile_path`) when it exists, else the newest written at ``dim``.
 
     Raises:
         ProfileError: an unknown value, a missing or unusable profile, or one measured at another dim.
@@ -172,10 +182,14 @@ def resolve_cost(spec: str, *, dim: int, device_type: str = "cpu") -> CostProfil
         return None
     if kind != "measured":
         raise ProfileError(f"--cost must be 'macs', 'measured' or 'measured:PROFILE.json', got {spec!r}")
-    profile = load_profile(path or default_profile_path(device_type, dim))
+    if not path:
+        default = default_profile_path(device_type, dim)
+        others = sorted(default.parent.glob(f"{device_type}-d{int(dim)}-*.json"), key=lambda p: p.stat().st_mtime)
+        path = default if default.exists() or not others else others[-1]
+    profile = load_profile(path)
     if profile.dim != int(dim):
-        raise ProfileError(f"{path or default_profile_path(device_type, dim)}: measured at dim {profile.dim}, "
-                           f"the data has dim {dim}; run `tree-search cost calibrate --dim {dim}`")  # fmt: skip
+        raise ProfileError(f"{path}: measured at dim {profile.dim}, the data has dim {dim}; "
+                           f"run `tree-search cost calibrate --dim {dim}`")  # fmt: skip
     return profile
 
 
