@@ -323,3 +323,44 @@ def test_every_tree_file_of_a_run_carries_the_class_tokens_and_counts(tmp_path):
     shown = subprocess.run([*CLI, "show", str(run.folder / "best_tree.json"), "--class", "tok_bc"],
                            capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "tok_bc" in shown and "neither a label" not in shown
+
+
+def test_a_front_search_in_measured_time(tmp_path):
+    """--cost measured: dp's caps, the leaderboard's costs and the report's caps are the profile's time."""
+    from tree_search.builders import frequency_cutoffs, huffman
+    from tree_search.cost import FEATURES, CostProfile, head_cost
+
+    # a profile in which time is per-level overhead (packed pairs) and the top block, not multiply-adds
+    coefficients = [0.0] * len(FEATURES)
+    coefficients[FEATURES.index("constant")] = 1e-6
+    coefficients[FEATURES.index("packed_pairs")] = 1e-6
+    coefficients[FEATURES.index("top_macs")] = 1e-9
+    coefficients[FEATURES.index("dense_macs")] = 1e-9
+    profile = CostProfile(device="cpu: test", device_type="cpu", dim=PLANTED.dim, batch=256, precision="fp32",
+                          sparse=True, num_classes=64, coefficients=tuple(coefficients))  # fmt: skip
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    env = ENV.with_updates(cost=f"measured:{path}")
+    config = SearchConfig(agent="dp", budget=4, cost_caps=(1.0, 2.0), env_config=env,
+                          baselines="huffman-2,huffman-4,kmeans-4,kmeans-16")  # fmt: skip
+    run = run_search(config, tmp_path / "run", log=None)
+    dataset = load_env_dataset(env)
+    counts = dataset.counts
+    unit = profile.predict(huffman(counts, 2), counts)
+    full = profile.predict(frequency_cutoffs(counts, []), counts)  # the full softmax: one node over every class
+    counted = [e for e in run.evaluations() if e.counted]
+    assert counted
+    for e in run.evaluations():
+        tree = run.tree(e.key)
+        seconds = profile.predict(tree, counts, projections=e.projections or None)
+        assert e.expected_cost == pytest.approx(seconds, rel=1e-9)  # the leaderboard's cost is the profile's time
+        assert e.cost_ratio == pytest.approx(seconds / full, rel=1e-9)
+        assert e.expected_cost != pytest.approx(head_cost(tree, counts, dataset.dim, e.projections or None))
+    for e in counted:
+        cap = 1.0 if e.searcher == "dp@1x" else 2.0
+        assert e.expected_cost <= cap * unit * (1 + 1e-6)  # each cap holds in time
+    rows = compare_runs([run.folder], seeds=1, log=None)
+    for r in rows:
+        assert r["time_vs_huffman"] == pytest.approx(r["cost_vs_huffman"], rel=1e-9)  # the axis is the time
+    report = (run.folder / "report.md").read_text()
+    assert "Costs and caps are in training time on cpu: test" in report and "## In time" in report
