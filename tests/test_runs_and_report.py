@@ -359,8 +359,14 @@ def test_a_front_search_in_measured_time(tmp_path):
     for e in counted:
         cap = 1.0 if e.searcher == "dp@1x" else 2.0
         assert e.expected_cost <= cap * unit * (1 + 1e-6)  # each cap holds in time
+    assert (run.folder / "cost_profile.json").exists()
+    # the device is calibrated again: the run's caps and report keep the profile it searched with
+    CostProfile(**{**profile.__dict__, "coefficients": (1e-6,) * len(FEATURES)}).save(path)
     rows = compare_runs([run.folder], seeds=1, log=None)
     for r in rows:
         assert r["time_vs_huffman"] == pytest.approx(r["cost_vs_huffman"], rel=1e-9)  # the axis is the time
+        tree = next(run.tree(e.key) for e in run.evaluations() if e.key == r["key"]) if r["key"] != "full" else None
+        if tree is not None:
+            assert r["time_us_per_token"] == pytest.approx(1e6 * profile.predict(tree, counts), rel=1e-9)
     report = (run.folder / "report.md").read_text()
     assert "Costs and caps are in training time on cpu: test" in report and "## In time" in report

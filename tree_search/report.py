@@ -145,11 +145,12 @@ def compare_runs(
     counts = np.asarray(dataset.counts, dtype=np.float64)
     counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
     device_type = default_device().type
-    axis = resolve_cost(env_config.cost, dim=dataset.dim, device_type=device_type)  # what the search's caps are in
+    run_spec = runs[0].cost_spec(env_config.cost)  # the profile the search used, when it kept one
+    axis = resolve_cost(run_spec, dim=dataset.dim, device_type=device_type)  # what the search's caps are in
     full_cost = full_softmax_cost(dataset, axis)
     unit = huffman_cost(dataset, axis)  # binary Huffman's cost: the unit of caps
     macs_unit = huffman_cost(dataset)
-    profile = resolve_cost(cost or env_config.cost, dim=dataset.dim, device_type=device_type)
+    profile = resolve_cost(cost or run_spec, dim=dataset.dim, device_type=device_type)
     time_unit = profile.predict(huffman(counts, 2), counts) if profile is not None else math.nan
     all_caps = [c for run in runs for c in SearchConfig.from_json(run.config).caps().values()]  # each run's own
     cap = max(all_caps) * unit if all_caps else math.inf  # the widest: "within the cap" of the table
@@ -230,7 +231,7 @@ def compare_runs(
     caps = sorted({float(c) for run in runs for c in run.config.get("cost_caps") or ()})
     cap_rows = front_verdicts(rows, caps) if caps else []
     tree_of = {e[0]: e[2] for e in entries}
-    time_lines = time_report_lines(rows, caps, profile) if profile is not None else []
+    time_lines = time_report_lines(rows, caps, profile, dataset.num_classes) if profile is not None else []
     axis_line = f"Costs and caps are in {cost_label(axis)}, in multiples of binary Huffman's."
     _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
                   cap_rows=cap_rows, head_lines=[axis_line, *head_lines, *time_lines])  # fmt: skip
@@ -274,7 +275,9 @@ def time_verdicts(rows: Sequence[dict[str, Any]], caps: Sequence[float]) -> dict
     return out
 
 
-def time_report_lines(rows: Sequence[dict[str, Any]], caps: Sequence[float], profile: CostProfile) -> list[str]:
+def time_report_lines(
+    rows: Sequence[dict[str, Any]], caps: Sequence[float], profile: CostProfile, num_classes: int
+) -> list[str]:
     """The report's section in time: per-cap verdicts and the comparison at the adaptive shapes' time."""
     found = time_verdicts(rows, caps)
     held = profile.fit.get("held_out", {})
@@ -322,6 +325,12 @@ def time_report_lines(rows: Sequence[dict[str, Any]], caps: Sequence[float], pro
         else:
             line += "; no searched tree is as good on test at any time."
         lines.append(line)
+    for name, ref in profile.fit.get("references", {}).items():
+        at = "" if profile.num_classes == num_classes else f" (calibrated at V = {profile.num_classes:,}, not this V)"
+        ratio = ref["measured"] / ref["same_shape_measured"]
+        lines.append(f"- PyTorch's `{name}` with the same cutoffs, timed beside our head when the profile was "
+                     f"made{at}: {ref['measured'] * 1e6:.2f} µs/token, {ratio:.2f}x our head on the "
+                     f"`{ref['same_shape']}` shape.")  # fmt: skip
     return lines
 
 

@@ -77,6 +77,16 @@ class Run:
         for evaluation in self.evaluations():
             self._note_best(evaluation)
 
+    COST_PROFILE = "cost_profile.json"  # the profile a ``--cost measured`` search used, kept with its results
+
+    def cost_spec(self, spec: str) -> str:
+        """``spec`` with ``measured`` pointing at this run's own copy of its profile, once it has one.
+
+        A run's caps and costs keep their meaning when the device's profile is calibrated again.
+        """
+        own = self.folder / self.COST_PROFILE
+        return f"measured:{own}" if spec.split(":")[0] == "measured" and own.exists() else spec
+
     @classmethod
     def create(cls, folder: str | os.PathLike[str], config: Mapping[str, Any], resume: bool = False) -> Run:
         """Start a run (or resume it when ``resume``), writing or checking ``config.json``.

@@ -246,6 +246,13 @@ def run_search(
     """
     run = Run.create(out, config.to_json(), resume=resume)
     dataset = load_env_dataset(config.env_config)
+    cost_model = resolve_cost(run.cost_spec(config.env_config.cost), dim=dataset.dim,
+                              device_type=default_device().type)  # fmt: skip
+    if cost_model is not None:  # the run keeps the profile it searched with: its caps keep their meaning
+        if not (run.folder / Run.COST_PROFILE).exists():
+            cost_model.save(run.folder / Run.COST_PROFILE)
+        spec = run.cost_spec(config.env_config.cost)
+        config = dataclasses.replace(config, env_config=config.env_config.with_updates(cost=spec))
     run.labels, run.counts = dataset.vocab.tokens, dataset.counts  # every tree file says which class is which token
     best: dict[str, float] = {}
 
@@ -268,7 +275,6 @@ def run_search(
 
     listeners = [run.record, progress, counters]
     searches = config.searches()
-    cost_model = resolve_cost(config.env_config.cost, dim=dataset.dim, device_type=default_device().type)
     full_cost = full_softmax_cost(dataset, cost_model)
     huffman_ratio = huffman_cost(dataset, cost_model) / full_cost
     caps = {label: cap * huffman_ratio for label, cap in config.caps().items()}  # / full softmax

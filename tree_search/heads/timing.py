@@ -42,6 +42,7 @@ from tree_search.tree import Tree
 
 __all__ = [
     "HELD_OUT_CLASSICS",
+    "REFERENCE_HEADS",
     "TimedTree",
     "calibrate",
     "calibration_trees",
@@ -62,6 +63,9 @@ HELD_OUT_CLASSICS = (
     "headtail-kmeans-16", "headtail-pca-4", "two-level",
 )  # fmt: skip
 
+# PyTorch's `AdaptiveLogSoftmaxWithLoss` with its usual cutoffs (V/25, V/5; div_value 4), timed beside our
+# head on the same shape (the held-out tree named here)
+REFERENCE_HEADS = {"torch AdaptiveLogSoftmaxWithLoss": "adaptive"}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
@@ -81,6 +85,14 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
     except OSError:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
+
+
+def _reference_head(name: str, num_classes: int, dim: int) -> torch.nn.Module:
+    from tree_search.heads.reference import AdaptiveSoftmaxHead
+
+    V = int(num_classes)
+    cutoffs = sorted({c for c in (V // 25, 5 * V // 25) if 1 <= c <= V - 1})
+    return AdaptiveSoftmaxHead(V, dim, cutoffs, div_value=4.0)
 
 
 def device_name(device: torch.device) -> str:
@@ -292,6 +304,7 @@ def calibrate(
         features[name] = layout_features(tree, counts, dim, projections, layout, batch=batch, sparse=sparse).sum(0)
     # Every tree is timed in each of `passes` rounds and keeps its fastest median: a drift of the machine's
     # speed (another process, the clock) then hits one round of one tree, not the fit.
+    references = {name: math.inf for name in REFERENCE_HEADS}
     for round_ in range(passes):
         for done, name in enumerate(names):
             if progress is not None:
@@ -302,6 +315,10 @@ def calibrate(
             seconds = time_training_step(head, h, y, repeats=repeats, precision=precision) / batch
             measured[name] = min(measured[name], seconds)
             del head
+        for name in REFERENCE_HEADS:  # PyTorch's own module, timed the same way
+            head = _reference_head(name, num_classes, dim).to(device)
+            seconds = time_training_step(head, h, y, repeats=repeats, precision=precision) / batch
+            references[name] = min(references[name], seconds)
     fit_names = list(fitting)
     coefficients = fit_coefficients(np.array([features[n] for n in fit_names]),
                                     np.array([measured[n] for n in fit_names]))  # fmt: skip
@@ -327,6 +344,9 @@ def calibrate(
         torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         fit={"fit": errors("fit"), "held_out": errors("held out"), "repeats": int(repeats), "passes": int(passes),
+             "references": {name: {"measured": seconds, "same_shape": REFERENCE_HEADS[name],
+                                   "same_shape_measured": measured[REFERENCE_HEADS[name]]}
+                            for name, seconds in references.items()},
              "trees": {t.name: {"role": t.role, "measured": t.measured, "predicted": t.predicted} for t in timed}},
         head_settings={k: int(v) for k, v in settings.items()},
     )  # fmt: skip
