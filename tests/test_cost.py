@@ -214,3 +214,5 @@ def test_cost_calibrate_command(tmp_path):
         profile.predict(builders.huffman(1.0 / np.arange(1, 301), 2), 1.0 / np.arange(1, 301)), rel=1e-9
     )
     assert "held-out trees: 31" in result.output
+    reference = profile.fit["references"]["torch AdaptiveLogSoftmaxWithLoss"]
+    assert reference["measured"] > 0 and reference["same_shape_measured"] == trees["adaptive"]["measured"]

@@ -369,4 +369,4 @@ def test_a_front_search_in_measured_time(tmp_path):
         if tree is not None:
             assert r["time_us_per_token"] == pytest.approx(1e6 * profile.predict(tree, counts), rel=1e-9)
     report = (run.folder / "report.md").read_text()
-    assert "Costs and caps are in training time on cpu: test" in report and "## In time" in report
+    assert "Costs and caps are in training time on cpu: test." in report and "## In time" in report

@@ -232,9 +232,8 @@ def compare_runs(
     cap_rows = front_verdicts(rows, caps) if caps else []
     tree_of = {e[0]: e[2] for e in entries}
     time_lines = time_report_lines(rows, caps, profile, dataset.num_classes) if profile is not None else []
-    axis_line = f"Costs and caps are in {cost_label(axis)}, in multiples of binary Huffman's."
     _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
-                  cap_rows=cap_rows, head_lines=[axis_line, *head_lines, *time_lines])  # fmt: skip
+                  cap_rows=cap_rows, head_lines=[*head_lines, *time_lines], cost_in=cost_label(axis))  # fmt: skip
     return rows
 
 
@@ -320,8 +319,8 @@ def time_report_lines(
         else:
             line += "no searched tree is that fast"
         if a["speedup"] is not None:
-            line += (f"; the fastest searched tree as good on test, `{a['matching']['name']}`, is "
-                     f"{a['speedup']:.2f}x faster.")  # fmt: skip
+            pace = f"{a['speedup']:.2f}x faster" if a["speedup"] >= 1 else f"{1 / a['speedup']:.2f}x slower"
+            line += f"; the fastest searched tree as good on test, `{a['matching']['name']}`, is {pace}."
         else:
             line += "; no searched tree is as good on test at any time."
         lines.append(line)
@@ -544,6 +543,7 @@ def _write_report(
     cap_ratio: float,
     cap_rows=(),
     head_lines: Sequence[str] = (),
+    cost_in: str = "multiply-adds",
 ) -> None:
     import matplotlib
 
@@ -622,7 +622,7 @@ def _write_report(
         f"# Comparison: {', '.join(str(r.folder) for r in runs)}",
         "",
         f"Test split, {rows[0]['seeds']} training seeds per tree, {epochs:g} epochs each; mean ± standard error. "
-        "Searches selected on the validation split only.",
+        f"Searches selected on the validation split only. Costs and caps are in {cost_in}.",
         "",
         "| tree | kind | valid NLL (search) | test NLL | ± | perplexity | cost / full | cost / Huffman | max depth |",
         "|---|---|---|---|---|---|---|---|---|",
