@@ -384,3 +384,30 @@ def test_predict_on_a_near_flat_head_falls_back_to_the_whole_distribution_and_st
     expected_scores, expected_classes = full.topk(5, dim=1)
     torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5)
     assert (classes == expected_classes).float().mean() > 0.999  # (ties of near-equal scores may swap)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("sorted_rows", [False, True])
+@pytest.mark.parametrize("width", [2, 4])
+def test_gathered_scores_match_plain_autograd(sparse, sorted_rows, width):
+    from tree_search.heads.tree_head import gathered_scores
+
+    g = torch.Generator().manual_seed(width)
+    M, d, B, P = 7, 5, 6, 40
+    weight = torch.randn(M, width * d, generator=g, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
+    nodes = torch.randint(0, M - 1, (P,), generator=g)  # node M - 1 is never touched
+    rows = torch.randint(0, B, (P,), generator=g)
+    if sorted_rows:
+        rows = rows.sort().values
+    upstream = torch.randn(P, width, generator=g, dtype=torch.float64)
+    reference = torch.einsum("pfd,pd->pf", weight[nodes].view(P, width, d), h[rows])  # independent: plain autograd
+    ref_w, ref_h = torch.autograd.grad((reference * upstream).sum(), (weight, h))
+    scores = gathered_scores(weight, h, nodes, rows, width, sparse)
+    got_w, got_h = torch.autograd.grad((scores * upstream).sum(), (weight, h))
+    assert torch.allclose(scores, reference, atol=1e-12)
+    assert torch.allclose(got_h, ref_h, atol=1e-12)
+    assert got_w.is_sparse == sparse
+    assert torch.allclose(got_w.to_dense(), ref_w, atol=1e-12)
+    if sparse:
+        assert got_w.is_coalesced() and got_w._indices().shape[1] == len(set(nodes.tolist()))
