@@ -1,18 +1,18 @@
 """Training-step time of tree heads against their multiply-adds, side by side in one run.
 
     python benchmarks/bench_head_time.py [--sizes 10000,50000] [--batch 4096] [--dim 256] [--repeats 7]
-                                         [--top-columns 1024] [--no-tune-allocator]
+                                         [--dense] [--no-input-grad] [--top-columns N] [--no-tune-allocator]
 
 For the trees of issue 27 (Huffman 2/8/32, k-means-16, head-and-tail k-means-16, Grave's
 2-cluster cutoffs, the adaptive shapes, the flat softmax as a one-node tree) on synthetic
-Zipf(1) classes: forward + backward of `TreeSoftmaxHead` (sparse gradients, as `fit` trains;
-the gradient flows into h, as when an encoder trains with the head), median of --repeats
-steps. Columns: multiply-adds per token and time, each as a ratio to binary Huffman; the
-achieved rate (3 x multiply-adds x 2 FLOP per token / time) as a share of a 4096x256x2048
-float32 matmul's rate measured in the same run. ``--no-tune-allocator`` leaves glibc's
-malloc as it is (the command line tunes it). The "before" figures of issue 27 come from
-this script run against a checkout of 157de49 with this commit's ``cost.py`` and
-``heads/timing.py`` copied in (``PYTHONPATH=...``).
+Zipf(1) classes: forward + backward of `TreeSoftmaxHead`, median of --repeats steps; sparse
+gradients (as `fit` trains) or dense (--dense, the head's default); the gradient flows into
+h (as when an encoder trains with the head) unless --no-input-grad. Columns: multiply-adds
+per token and time, each as a ratio to binary Huffman; the achieved rate (3 x multiply-adds
+x 2 FLOP per token / time) as a share of a 4096x256x2048 float32 matmul's rate measured in
+the same run. --no-tune-allocator leaves glibc's malloc as it is (the command line tunes
+it). The "before" figures of issue 27 come from this script run against a checkout of
+157de49 with this commit's ``cost.py`` and ``heads/timing.py`` copied in (PYTHONPATH=...).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--top-columns", type=int, default=None)
     parser.add_argument("--no-tune-allocator", action="store_true")
+    parser.add_argument("--dense", action="store_true", help="dense gradients (the head's default) instead of sparse")
+    parser.add_argument("--no-input-grad", action="store_true", help="no gradient into h (a frozen encoder)")
     args = parser.parse_args()
     if not args.no_tune_allocator:
         tune_allocator()
@@ -55,7 +57,8 @@ def main() -> None:
     rate = matmul_rate(args.dim)
     print(f"{torch.get_num_threads()} threads, batch {args.batch}, d = {args.dim}; "
           f"matmul rate {rate / 1e9:.0f} GFLOP/s; "
-          f"head settings {settings or 'default'}, "
+          f"head settings {settings or 'default'}, {'dense' if args.dense else 'sparse'} gradients, "
+          f"{'no gradient' if args.no_input_grad else 'gradient'} into h, "
           f"allocator {'as is' if args.no_tune_allocator else 'tuned'}")  # fmt: skip
     for V in (int(s) for s in args.sizes.split(",")):
         counts, embeddings = synthetic_classes(V)
@@ -64,10 +67,10 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         y = torch.multinomial(torch.from_numpy(counts / counts.sum()), args.batch, replacement=True,
                               generator=generator)  # fmt: skip
-        h = torch.randn(args.batch, args.dim, generator=generator).requires_grad_(True)
+        h = torch.randn(args.batch, args.dim, generator=generator).requires_grad_(not args.no_input_grad)
         rows = []
         for name, classic in trees.items():
-            head = TreeSoftmaxHead(classic.tree, args.dim, projections=classic.projections, sparse=True,
+            head = TreeSoftmaxHead(classic.tree, args.dim, projections=classic.projections, sparse=not args.dense,
                                    **settings)  # fmt: skip
             seconds = time_training_step(head, h, y, repeats=args.repeats)
             macs = head_cost(classic.tree, counts, args.dim, classic.projections)

@@ -411,3 +411,41 @@ def test_gathered_scores_match_plain_autograd(sparse, sorted_rows, width):
     assert torch.allclose(got_w.to_dense(), ref_w, atol=1e-12)
     if sparse:
         assert got_w.is_coalesced() and got_w._indices().shape[1] == len(set(nodes.tolist()))
+
+
+def test_compiled_gathered_scores_equal_eager(monkeypatch):
+    from tree_search.heads import tree_head
+
+    g = torch.Generator().manual_seed(0)
+    weight, h = torch.randn(9, 4 * 8, generator=g), torch.randn(5, 8, generator=g)
+    nodes, rows = torch.randint(0, 9, (30,), generator=g), torch.randint(0, 5, (30,), generator=g).sort().values
+    eager = tree_head._scores_of_pairs(weight, h, nodes, rows, 4)
+    monkeypatch.setenv(tree_head.COMPILE_ENV, "1")
+    monkeypatch.setattr(tree_head, "_fused", {})
+    kernel = tree_head._fused_kernel(weight, 1)
+    assert kernel is not tree_head._scores_of_pairs
+    assert torch.allclose(kernel(weight, h, nodes, rows, 4), eager, atol=1e-5)
+    assert "failed" not in tree_head._fused  # it compiled here (a C++ compiler is present)
+    monkeypatch.setenv(tree_head.COMPILE_ENV, "auto")  # small inputs stay eager
+    assert tree_head._fused_kernel(weight, 30 * 32) is tree_head._scores_of_pairs
+
+
+def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
+    from tree_search.heads import tree_head
+
+    def broken(*args, **kwargs):
+        def fail(*a):
+            raise RuntimeError("no compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(tree_head, "_fused", {})
+    monkeypatch.setenv(tree_head.COMPILE_ENV, "1")
+    tree = builders.huffman(np.arange(40, 0, -1.0), 2)
+    head = TreeSoftmaxHead(tree, 8, top_columns=0)
+    h, y = torch.randn(6, 8), torch.arange(6)
+    with pytest.warns(RuntimeWarning, match="compiling the gathered scores failed"):
+        fused = head.log_prob(h, y)
+    monkeypatch.setenv(tree_head.COMPILE_ENV, "0")
+    assert torch.allclose(fused, head.log_prob(h, y))
