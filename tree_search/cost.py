@@ -60,10 +60,12 @@ FEATURES = (
     "packed_pairs",  # visits of packed nodes: index arithmetic and a gather per (token, node) pair
     "packed_macs",  # visits x bucket width x dim of packed nodes: gathered weights, from cache when reused
     "packed_rows",  # expected distinct packed nodes a batch touches x width x dim / batch: weights read from memory
+    "packed_uncached_macs",  # packed_macs of buckets whose weights overflow the cache (their share that misses)
     "top_pairs",  # visits of nodes in the shared top block: scores picked out of the block
     "top_macs",  # columns of the shared top block x dim: a matmul over every token of the batch
     "dense_rows",  # visits of dense nodes: rows gathered into their matmul
     "dense_macs",  # visits x (fanout x dim_n + projection) of dense nodes: matmuls
+    "dense_scores",  # visits x fanout of dense nodes: score elements written, normalised and read back
     "dense_grad_params",  # parameters with dense gradients / batch: written and zeroed every step
 )
 
@@ -200,12 +202,14 @@ def layout_features(
     *,
     batch: int,
     sparse: bool,
+    cache_bytes: float = math.inf,
 ) -> np.ndarray:
     """(I, len(FEATURES)) each internal node's share of the per-token `FEATURES` of a training step.
 
     The tree-wide terms (``constant``, ``groups``) are the root's. Summed over nodes, the
     rows give the tree's features; a profile's prediction is their dot product with its
-    coefficients.
+    coefficients. A packed bucket whose float32 weights exceed ``cache_bytes`` misses the
+    cache for the overflowing share of its gathers (``packed_uncached_macs``).
     """
     inner = tree.num_internal
     fanout = tree.fanout.astype(np.float64)
@@ -224,10 +228,16 @@ def layout_features(
     out[packed, column["packed_macs"]] = visits[packed] * width[packed] * dim
     touched = -np.expm1(batch * np.log1p(-np.minimum(visits, 1 - 1e-12)))  # P(a batch visits the node)
     out[packed, column["packed_rows"]] = touched[packed] * width[packed] * dim / batch
+    for w in layout.bucket_widths:
+        members = packed & (layout.width == w)
+        table = 4.0 * members.sum() * w * dim  # the bucket's weights in bytes
+        miss = max(0.0, 1.0 - cache_bytes / table) if math.isfinite(cache_bytes) else 0.0
+        out[members, column["packed_uncached_macs"]] = miss * visits[members] * w * dim
     out[top, column["top_pairs"]] = visits[top]
     out[top, column["top_macs"]] = fanout[top] * dim
     out[dense, column["dense_rows"]] = visits[dense]
     out[dense, column["dense_macs"]] = visits[dense] * (fanout[dense] * size[dense] + projection[dense])
+    out[dense, column["dense_scores"]] = visits[dense] * fanout[dense]
     params = np.where(dense, fanout * size + projection, fanout * dim)  # top nodes: their block's columns
     with_dense_grads = dense | top | (packed if not sparse else np.zeros(inner, dtype=bool))
     params = np.where(packed, width * dim, params)
@@ -268,6 +278,7 @@ class CostProfile:
     sparse: bool  # packed nodes trained with sparse gradients (as `fit` trains)
     num_classes: int  # V of the calibration trees
     coefficients: tuple[float, ...]  # seconds per unit of each feature, in FEATURES order
+    cache_bytes: float = math.inf  # fitted: packed weights beyond this many bytes miss the cache
     torch_version: str = ""
     created: str = ""
     fit: dict[str, Any] = field(default_factory=dict)  # errors on the fitting and held-out trees
@@ -284,7 +295,7 @@ class CostProfile:
         if int(dim) != self.dim:
             raise ValueError(f"this cost profile was measured at dim {self.dim}, not {dim}: calibrate at dim {dim}")
         features = layout_features(tree, counts, dim, projections, self.layout(tree, projections),
-                                   batch=self.batch, sparse=self.sparse)  # fmt: skip
+                                   batch=self.batch, sparse=self.sparse, cache_bytes=self.cache_bytes)  # fmt: skip
         return features @ np.asarray(self.coefficients)
 
     def predict(

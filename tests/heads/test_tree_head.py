@@ -426,6 +426,11 @@ def test_compiled_gathered_scores_equal_eager(monkeypatch):
     assert kernel is not tree_head._scores_of_pairs
     assert torch.allclose(kernel(weight, h, nodes, rows, 4), eager, atol=1e-5)
     assert "failed" not in tree_head._fused  # it compiled here (a C++ compiler is present)
+    for size in range(3, 14):  # parameters of many sizes (many heads) never exhaust torch's recompile limit
+        p = nn.Parameter(torch.randn(size, 2 * 8, generator=g))
+        out = tree_head.gathered_scores(p, h, nodes % size, rows, 2)
+        assert torch.allclose(out, tree_head._scores_of_pairs(p.detach(), h, nodes % size, rows, 2), atol=1e-5)
+    assert "failed" not in tree_head._fused
     monkeypatch.setenv(tree_head.COMPILE_ENV, "auto")  # small inputs stay eager
     assert tree_head._fused_kernel(weight, 30 * 32) is tree_head._scores_of_pairs
 

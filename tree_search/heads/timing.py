@@ -43,6 +43,7 @@ from tree_search.tree import Tree
 __all__ = [
     "HELD_OUT_CLASSICS",
     "REFERENCE_HEADS",
+    "CalibrationTree",
     "TimedTree",
     "calibrate",
     "calibration_trees",
@@ -67,6 +68,7 @@ HELD_OUT_CLASSICS = (
 # head on the same shape (the held-out tree named here)
 REFERENCE_HEADS = {"torch AdaptiveLogSoftmaxWithLoss": "adaptive"}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+CACHE_SIZES = (*(float(1 << k) * 2**20 for k in range(9)), math.inf)  # 1 MB .. 256 MB, or no cache effect
 
 
 def tune_allocator(threshold: int = 1 << 30) -> bool:
@@ -108,10 +110,12 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {model}, {torch.get_num_threads()} threads"
 
 
-def synthetic_classes(num_classes: int, seed: int = 0, dim: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Zipf(1) counts and seeded class embeddings (a mixture of sqrt(V) Gaussian clusters) for timing trees."""
+def synthetic_classes(
+    num_classes: int, seed: int = 0, dim: int = 32, exponent: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Zipf counts (``1 / rank**exponent``) and seeded class embeddings (sqrt(V) Gaussian clusters) for timing."""
     rng = np.random.default_rng(seed)
-    counts = 1.0 / np.arange(1, num_classes + 1)
+    counts = 1.0 / np.arange(1, num_classes + 1) ** exponent
     centres = rng.standard_normal((max(2, int(np.sqrt(num_classes))), dim))
     embeddings = centres[rng.integers(0, centres.shape[0], num_classes)] + 0.3 * rng.standard_normal((num_classes, dim))
     return counts, embeddings.astype(np.float32)
@@ -220,38 +224,47 @@ class TimedTree:
         return (self.predicted - self.measured) / self.measured
 
 
-def calibration_trees(
-    num_classes: int, dim: int, seed: int = 0
-) -> tuple[dict[str, tuple[Tree, dict[int, int]]], dict[str, tuple[Tree, dict[int, int]]]]:
-    """``(fitting, held_out)`` trees with their projections, by name, on `synthetic_classes`.
+@dataclass(frozen=True)
+class CalibrationTree:
+    """A tree of a calibration: its role, its projections, and the synthetic classes it was built on."""
 
-    The fitting set spans fanouts 2 to V: the flat tree (one node), balanced trees,
-    Huffman trees of fanouts none of the held-out trees use, head-and-tail shapes of three
-    head sizes with unprojected, half- and eighth-size tails, and random deep trees. The
-    held-out set is `HELD_OUT_CLASSICS` plus four trees of the split grammar (a root
-    rule with completions, as ``dp`` builds them).
+    name: str
+    role: str  # "fit" or "held out"
+    tree: Tree
+    projections: dict[int, int]
+    classes: str  # "a" (Zipf 1, the held-out trees' classes) or "b" (Zipf 0.8, another seed: fitting only)
+
+
+FIT_EXPONENT = 0.8  # the Zipf exponent of the fitting set's second class distribution
+
+
+def calibration_trees(num_classes: int, dim: int, seed: int = 0) -> list[CalibrationTree]:
+    """The fitting and held-out trees of a calibration, on two sets of `synthetic_classes`.
+
+    Held out: `HELD_OUT_CLASSICS` and four trees of the split grammar (a root rule with
+    completions, as ``dp`` builds them), on classes "a" (Zipf 1). Fitting: the same
+    families built on other classes "b" (Zipf 0.8, another seed: other trees), plus on "a"
+    the flat tree (one node), balanced trees, Huffman trees of fanouts the held-out trees do
+    not use, head-and-tail shapes of three head sizes with unprojected, half- and
+    eighth-size tails, and random deep trees. No held-out tree is among the fitting trees.
     """
     V = int(num_classes)
     counts, embeddings = synthetic_classes(V, seed)
-    fitting: dict[str, tuple[Tree, dict[int, int]]] = {"flat": (builders.from_children(V, [list(range(V))]), {})}
+    counts_b, embeddings_b = synthetic_classes(V, seed + 1, exponent=FIT_EXPONENT)
+    out = [CalibrationTree("flat", "fit", builders.from_children(V, [list(range(V))]), {}, "a")]
     by_count = np.argsort(-counts, kind="stable")
     for k in (2, 4, 32, 128):
-        fitting[f"balanced-{k}"] = (builders.balanced(V, k, order=by_count), {})
+        out.append(CalibrationTree(f"balanced-{k}", "fit", builders.balanced(V, k, order=by_count), {}, "a"))
     for k in (5, 10, 24, 48, 96, 256):
-        fitting[f"huffman-{k}"] = (builders.huffman(counts, k), {})
+        out.append(CalibrationTree(f"huffman-{k}", "fit", builders.huffman(counts, k), {}, "a"))
     for head in (V // 200, V // 50, V // 10):
         cuts = [max(2, head), min(V - 1, 6 * max(2, head))]
         for divisor in (1, 2, 8):
             sizes = [dim // divisor, dim // (divisor * 4) or 1]
             tree, projections = builders.projected_cutoffs(counts, cuts, sizes, dim)
-            fitting[f"cutoffs-{cuts[0]}/{cuts[1]}-div{divisor}"] = (tree, projections)
+            out.append(CalibrationTree(f"cutoffs-{cuts[0]}/{cuts[1]}-div{divisor}", "fit", tree, projections, "a"))
     for arity in (2, 6):
-        fitting[f"random-{arity}"] = (builders.random_tree(V, seed, max_arity=arity), {})
-    held_out = {
-        name: (c.tree, c.projections)
-        for name, c in builders.classic_trees(counts, HELD_OUT_CLASSICS, embeddings=embeddings, dim=dim,
-                                              seed=seed).items()
-    }  # fmt: skip
+        out.append(CalibrationTree(f"random-{arity}", "fit", builders.random_tree(V, seed, max_arity=arity), {}, "a"))
     plans = {
         "split: headtail-kmeans-8 / huffman-4": Plan(SplitRule("kmeans", "headtail", 8), {}),
         "split: kmeans-16 / huffman-2": Plan(SplitRule("kmeans", "count", 16),
@@ -261,9 +274,13 @@ def calibration_trees(
         "split: headtail-frequency-4 / huffman-8": Plan(SplitRule("frequency", "headtail", 4),
                                                         {i: Plan(huffman_rule(8)) for i in range(1, 4)}),
     }  # fmt: skip
-    for name, plan in plans.items():
-        held_out[name] = (plan_tree(counts, embeddings, plan, seed=seed), {})
-    return fitting, held_out
+    for role, classes, (c, e) in (("fit", "b", (counts_b, embeddings_b)), ("held out", "a", (counts, embeddings))):
+        prefix = "b: " if classes == "b" else ""
+        for name, built in builders.classic_trees(c, HELD_OUT_CLASSICS, embeddings=e, dim=dim, seed=seed).items():
+            out.append(CalibrationTree(prefix + name, role, built.tree, built.projections, classes))
+        for name, plan in plans.items():
+            out.append(CalibrationTree(prefix + name, role, plan_tree(c, e, plan, seed=seed), {}, classes))
+    return out
 
 
 def calibrate(
@@ -290,42 +307,50 @@ def calibrate(
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     device = torch.device(device)
     settings = {**LAYOUT_DEFAULTS, **(head_settings or {})}
-    counts, _ = synthetic_classes(num_classes, seed)
-    fitting, held_out = calibration_trees(num_classes, dim, seed)
+    trees = calibration_trees(num_classes, dim, seed)
+    counts = {"a": synthetic_classes(num_classes, seed)[0],
+              "b": synthetic_classes(num_classes, seed + 1, exponent=FIT_EXPONENT)[0]}  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
-    y = torch.multinomial(torch.from_numpy(counts / counts.sum()), batch, replacement=True, generator=generator)
-    h = torch.randn(batch, dim, generator=generator).to(device).requires_grad_(True)
-    y = y.to(device)
-    names = [*fitting, *held_out]
-    features, measured = {}, dict.fromkeys(names, math.inf)
-    for name in names:
-        tree, projections = fitting.get(name) or held_out[name]
-        layout = head_layout(tree, projections, **settings)
-        features[name] = layout_features(tree, counts, dim, projections, layout, batch=batch, sparse=sparse).sum(0)
+    inputs = {}
+    for key, c in counts.items():  # targets drawn from each tree's own class counts
+        y = torch.multinomial(torch.from_numpy(c / c.sum()), batch, replacement=True, generator=generator)
+        h = torch.randn(batch, dim, generator=generator).to(device).requires_grad_(True)
+        inputs[key] = (h, y.to(device))
+    measured = {t.name: math.inf for t in trees}
+
+    def features_at(cache_bytes: float) -> dict[str, np.ndarray]:
+        return {t.name: layout_features(t.tree, counts[t.classes], dim, t.projections,
+                                        head_layout(t.tree, t.projections, **settings), batch=batch, sparse=sparse,
+                                        cache_bytes=cache_bytes).sum(0) for t in trees}  # fmt: skip
+
     # Every tree is timed in each of `passes` rounds and keeps its fastest median: a drift of the machine's
     # speed (another process, the clock) then hits one round of one tree, not the fit.
     references = {name: math.inf for name in REFERENCE_HEADS}
     for round_ in range(passes):
-        for done, name in enumerate(names):
+        for done, t in enumerate(trees):
             if progress is not None:
-                progress(name, round_ * len(names) + done, passes * len(names))
-            tree, projections = fitting.get(name) or held_out[name]
+                progress(t.name, round_ * len(trees) + done, passes * len(trees))
             torch.manual_seed(seed)
-            head = TreeSoftmaxHead(tree, dim, projections=projections, sparse=sparse, **settings).to(device)
-            seconds = time_training_step(head, h, y, repeats=repeats, precision=precision) / batch
-            measured[name] = min(measured[name], seconds)
+            head = TreeSoftmaxHead(t.tree, dim, projections=t.projections, sparse=sparse, **settings).to(device)
+            seconds = time_training_step(head, *inputs[t.classes], repeats=repeats, precision=precision) / batch
+            measured[t.name] = min(measured[t.name], seconds)
             del head
         for name in REFERENCE_HEADS:  # PyTorch's own module, timed the same way
             head = _reference_head(name, num_classes, dim).to(device)
-            seconds = time_training_step(head, h, y, repeats=repeats, precision=precision) / batch
+            seconds = time_training_step(head, *inputs["a"], repeats=repeats, precision=precision) / batch
             references[name] = min(references[name], seconds)
-    fit_names = list(fitting)
-    coefficients = fit_coefficients(np.array([features[n] for n in fit_names]),
-                                    np.array([measured[n] for n in fit_names]))  # fmt: skip
-    timed = [
-        TimedTree(n, "fit" if n in fitting else "held out", measured[n], float(features[n] @ coefficients))
-        for n in names
-    ]
+    fit_names = [t.name for t in trees if t.role == "fit"]
+    times = np.array([measured[n] for n in fit_names])
+    best = None
+    for cache_bytes in CACHE_SIZES:  # the cache size is fitted too: the one whose fit errs least on the fitting set
+        features = features_at(cache_bytes)
+        rows = np.array([features[n] for n in fit_names])
+        coefficients = fit_coefficients(rows, times)
+        error = float(np.mean((rows @ coefficients / times - 1) ** 2))
+        if best is None or error < best[0]:
+            best = (error, cache_bytes, features, coefficients)
+    _, cache_bytes, features, coefficients = best
+    timed = [TimedTree(t.name, t.role, measured[t.name], float(features[t.name] @ coefficients)) for t in trees]
 
     def errors(role: str) -> dict[str, float]:
         rel = np.abs([t.relative_error for t in timed if t.role == role])
@@ -341,6 +366,7 @@ def calibrate(
         sparse=bool(sparse),
         num_classes=int(num_classes),
         coefficients=tuple(float(c) for c in coefficients),
+        cache_bytes=float(cache_bytes),
         torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         fit={"fit": errors("fit"), "held_out": errors("held out"), "repeats": int(repeats), "passes": int(passes),

@@ -110,7 +110,9 @@ class _GatheredScores(torch.autograd.Function):
     def forward(ctx, weight, h, nodes, rows, width, sparse):  # noqa: D102
         dtype = torch.promote_types(weight.dtype, h.dtype)
         kernel = _fused_kernel(weight, nodes.shape[0] * weight.shape[1])
-        scores = kernel(weight.to(dtype), h.to(dtype), nodes, rows, int(width))  # (P, F)
+        # detached: plain tensors, whose sizes the compiled kernel takes as dynamic (a parameter's sizes would be
+        # static, one compilation per bucket size, and past torch's recompile limit the kernel would fail)
+        scores = kernel(weight.detach().to(dtype), h.detach().to(dtype), nodes, rows, int(width))  # (P, F)
         ctx.save_for_backward(weight, h, nodes, rows)
         ctx.width, ctx.sparse = int(width), bool(sparse)
         return scores
