@@ -390,7 +390,7 @@ def test_predict_on_a_near_flat_head_falls_back_to_the_whole_distribution_and_st
 @pytest.mark.parametrize("sorted_rows", [False, True])
 @pytest.mark.parametrize("width", [2, 4])
 def test_gathered_scores_match_plain_autograd(sparse, sorted_rows, width):
-    from tree_search.heads.tree_head import gathered_scores
+    from tree_search.heads.gathered import gathered_scores
 
     g = torch.Generator().manual_seed(width)
     M, d, B, P = 7, 5, 6, 40
@@ -414,29 +414,29 @@ def test_gathered_scores_match_plain_autograd(sparse, sorted_rows, width):
 
 
 def test_compiled_gathered_scores_equal_eager(monkeypatch):
-    from tree_search.heads import tree_head
+    from tree_search.heads import gathered
 
     g = torch.Generator().manual_seed(0)
     weight, h = torch.randn(9, 4 * 8, generator=g), torch.randn(5, 8, generator=g)
     nodes, rows = torch.randint(0, 9, (30,), generator=g), torch.randint(0, 5, (30,), generator=g).sort().values
-    eager = tree_head._scores_of_pairs(weight, h, nodes, rows, 4)
-    monkeypatch.setenv(tree_head.COMPILE_ENV, "1")
-    monkeypatch.setattr(tree_head, "_fused", {})
-    kernel = tree_head._fused_kernel(weight, 1)
-    assert kernel is not tree_head._scores_of_pairs
+    eager = gathered._scores_of_pairs(weight, h, nodes, rows, 4)
+    monkeypatch.setenv(gathered.COMPILE_ENV, "1")
+    monkeypatch.setattr(gathered, "_fused", {})
+    kernel = gathered._fused_kernel(weight, 1)
+    assert kernel is not gathered._scores_of_pairs
     assert torch.allclose(kernel(weight, h, nodes, rows, 4), eager, atol=1e-5)
-    assert "failed" not in tree_head._fused  # it compiled here (a C++ compiler is present)
+    assert "failed" not in gathered._fused  # it compiled here (a C++ compiler is present)
     for size in range(3, 14):  # parameters of many sizes (many heads) never exhaust torch's recompile limit
         p = nn.Parameter(torch.randn(size, 2 * 8, generator=g))
-        out = tree_head.gathered_scores(p, h, nodes % size, rows, 2)
-        assert torch.allclose(out, tree_head._scores_of_pairs(p.detach(), h, nodes % size, rows, 2), atol=1e-5)
-    assert "failed" not in tree_head._fused
-    monkeypatch.setenv(tree_head.COMPILE_ENV, "auto")  # small inputs stay eager
-    assert tree_head._fused_kernel(weight, 30 * 32) is tree_head._scores_of_pairs
+        out = gathered.gathered_scores(p, h, nodes % size, rows, 2)
+        assert torch.allclose(out, gathered._scores_of_pairs(p.detach(), h, nodes % size, rows, 2), atol=1e-5)
+    assert "failed" not in gathered._fused
+    monkeypatch.setenv(gathered.COMPILE_ENV, "auto")  # small inputs stay eager
+    assert gathered._fused_kernel(weight, 30 * 32) is gathered._scores_of_pairs
 
 
 def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
-    from tree_search.heads import tree_head
+    from tree_search.heads import gathered
 
     def broken(*args, **kwargs):
         def fail(*a):
@@ -445,12 +445,12 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
         return fail
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(tree_head, "_fused", {})
-    monkeypatch.setenv(tree_head.COMPILE_ENV, "1")
+    monkeypatch.setattr(gathered, "_fused", {})
+    monkeypatch.setenv(gathered.COMPILE_ENV, "1")
     tree = builders.huffman(np.arange(40, 0, -1.0), 2)
     head = TreeSoftmaxHead(tree, 8, top_columns=0)
     h, y = torch.randn(6, 8), torch.arange(6)
     with pytest.warns(RuntimeWarning, match="compiling the gathered scores failed"):
         fused = head.log_prob(h, y)
-    monkeypatch.setenv(tree_head.COMPILE_ENV, "0")
+    monkeypatch.setenv(gathered.COMPILE_ENV, "0")
     assert torch.allclose(fused, head.log_prob(h, y))

@@ -21,7 +21,6 @@ A Python loop runs over these groups only (a handful), never over samples or nod
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -31,6 +30,7 @@ from torch import nn
 
 from tree_search.cost import LAYOUT_DEFAULTS, head_layout
 from tree_search.export import load_tree
+from tree_search.heads.gathered import gathered_scores
 from tree_search.tree import Tree
 
 __all__ = ["HEAD_FILE_FORMAT", "DeviceArrays", "HeadOutput", "LevelSums", "TreeSoftmaxHead", "packed_path_pairs"]
@@ -53,111 +53,6 @@ def packed_path_pairs(
     )
     flat = start[rows] + step  # position of each (sample, step) pair in the packed paths
     return rows, nodes[flat].long(), codes[flat].long(), step
-
-
-def _scores_of_pairs(weight: torch.Tensor, h: torch.Tensor, nodes: torch.Tensor, rows: torch.Tensor,
-                     width: int) -> torch.Tensor:  # fmt: skip
-    """(P, width): each pair's gathered weight rows (width, d) times its row of ``h``."""
-    gathered = weight.index_select(0, nodes).view(nodes.shape[0], width, h.shape[1])  # (P, F, d)
-    return (gathered * h.index_select(0, rows).unsqueeze(1)).sum(-1)
-
-
-COMPILE_ENV = "TREE_SEARCH_COMPILE"  # "auto" (default), "1": always, "0": never compile the gathered scores
-FUSED_MIN_NUMBERS = 1 << 22  # "auto" fuses on CPU when the gathered weights would hold this many numbers or more
-_fused: dict[str, Any] = {}
-
-
-def _fused_kernel(weight: torch.Tensor, numbers: int):
-    """`_scores_of_pairs`, compiled by `torch.compile` into one loop that never writes the (P, F, d) gather.
-
-    On CPU it is about 10x faster than eager torch at V = 50k (1.2 ms against 11 ms for 25k pairs of
-    binary Huffman); compiling costs seconds once per process, so "auto" uses it only for big batches,
-    and only on CPU (CUDA is untested here). Should compiling fail (no C++ compiler), eager is used.
-    """
-    mode = os.environ.get(COMPILE_ENV, "auto")
-    wanted = mode == "1" or (mode == "auto" and weight.device.type == "cpu" and numbers >= FUSED_MIN_NUMBERS)
-    if not wanted or _fused.get("failed"):
-        return _scores_of_pairs
-    if "kernel" not in _fused:
-        compiled = torch.compile(_scores_of_pairs, dynamic=True, fullgraph=True)
-
-        def kernel(*args):
-            try:
-                return compiled(*args)
-            except Exception as err:  # noqa: BLE001 - any compiler failure: the eager path gives the same scores
-                if not _fused.get("failed"):
-                    warnings.warn(f"tree_search: compiling the gathered scores failed ({type(err).__name__}: "
-                                  f"{err}); using eager torch", RuntimeWarning, stacklevel=2)  # fmt: skip
-                _fused["failed"] = True
-                return _scores_of_pairs(*args)
-
-        _fused["kernel"] = kernel
-    return _fused["kernel"]
-
-
-class _GatheredScores(torch.autograd.Function):
-    """Scores ``W[node] . h[row]`` of (node, row) pairs, node rows of width F; its backward writes no (P, F, d) tensor.
-
-    Forward gathers each pair's weight rows once. Backward: the gradient of ``h`` is one
-    weighted `embedding_bag` over ``W``'s rows (bags: the pairs of each row), the gradient
-    of ``W`` one per child position over ``h``'s rows (bags: the pairs of each node), so
-    neither gathers a copy of the weights per pair; it is sparse over the touched node rows
-    (coalesced) or dense. On CPU a training step of binary Huffman is about 2x faster than
-    autograd through the gather (benchmarks/bench_head_time.py).
-    """
-
-    @staticmethod
-    def forward(ctx, weight, h, nodes, rows, width, sparse):  # noqa: D102
-        dtype = torch.promote_types(weight.dtype, h.dtype)
-        kernel = _fused_kernel(weight, nodes.shape[0] * weight.shape[1])
-        # detached: plain tensors, whose sizes the compiled kernel takes as dynamic (a parameter's sizes would be
-        # static, one compilation per bucket size, and past torch's recompile limit the kernel would fail)
-        scores = kernel(weight.detach().to(dtype), h.detach().to(dtype), nodes, rows, int(width))  # (P, F)
-        ctx.save_for_backward(weight, h, nodes, rows)
-        ctx.width, ctx.sparse = int(width), bool(sparse)
-        return scores
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        weight, h, nodes, rows = ctx.saved_tensors
-        width, d = ctx.width, h.shape[1]
-        grad = grad.contiguous()
-        grad_weight = grad_h = None
-        if ctx.needs_input_grad[1]:
-            order = None if bool((rows[1:] >= rows[:-1]).all()) else torch.argsort(rows, stable=True)
-            by_row = rows if order is None else rows[order]
-            g = grad if order is None else grad[order]
-            n = nodes if order is None else nodes[order]
-            flat = (n[:, None] * width + torch.arange(width, device=n.device)).reshape(-1)  # rows of W as (M*F, d)
-            offsets = torch.searchsorted(by_row, torch.arange(h.shape[0], device=h.device)) * width
-            grad_h = nn.functional.embedding_bag(flat, weight.view(-1, d), offsets, mode="sum",
-                                                 per_sample_weights=g.reshape(-1).to(weight.dtype))  # fmt: skip
-            grad_h = grad_h.to(h.dtype)
-        if ctx.needs_input_grad[0]:
-            order = torch.argsort(nodes, stable=True)
-            unique, counts = torch.unique_consecutive(nodes[order], return_counts=True)
-            offsets = torch.cumsum(counts, 0) - counts
-            by_node, g = rows[order], grad[order].to(h.dtype)
-            values = torch.stack([nn.functional.embedding_bag(by_node, h, offsets, mode="sum",
-                                                              per_sample_weights=g[:, f].contiguous())
-                                  for f in range(width)], 1).view(-1, width * d).to(weight.dtype)  # fmt: skip
-            if ctx.sparse:
-                grad_weight = torch.sparse_coo_tensor(unique[None], values, weight.shape, is_coalesced=True,
-                                                      check_invariants=False)  # fmt: skip
-            else:
-                grad_weight = torch.zeros_like(weight).index_copy_(0, unique, values)
-        return grad_weight, grad_h, None, None, None, None
-
-
-def gathered_scores(
-    weight: torch.Tensor, h: torch.Tensor, nodes: torch.Tensor, rows: torch.Tensor, width: int, sparse: bool = False
-) -> torch.Tensor:
-    """(P, width) scores ``weight[nodes[p]].view(width, d) @ h[rows[p]]``, differentiable in ``weight`` and ``h``.
-
-    ``weight`` (M, width * d) holds one node per row. The gradient of ``weight`` is sparse
-    (coalesced, over the touched rows) when ``sparse``, else dense.
-    """
-    return _GatheredScores.apply(weight, h, nodes.long(), rows.long(), width, sparse)
 
 
 class HeadOutput(NamedTuple):
