@@ -4,7 +4,7 @@ Two cost models share one shape, a sum over the tree's internal nodes (`docs/arc
 "The reward splits over nodes"), so caps, fronts, the dense rewards and ``dp`` can use either:
 
 - **multiply-adds** (``"macs"``, the default): node n costs ``visits(n) * fanout(n) * dim``
-  (plus its projection), as `tree_search.heads.reward.node_costs` computes;
+  (plus its projection), `node_costs` without a model;
 - **measured time** (``"measured:PROFILE"``): node n costs the seconds per token that a
   fitted `CostProfile` predicts for it under the layout `TreeSoftmaxHead` gives it
   (`head_layout`): a dense block scored by a matmul, a column of the shared top block
@@ -30,7 +30,6 @@ import numpy as np
 from tree_search.tree import Tree
 
 __all__ = [
-    "COST_MODELS",
     "FEATURES",
     "LAYOUT_DEFAULTS",
     "PROFILE_FORMAT",
@@ -43,14 +42,15 @@ __all__ = [
     "head_layout",
     "layout_features",
     "load_profile",
+    "parse_cost_spec",
     "node_costs",
     "visit_probabilities",
 ]
 
 PROFILE_FORMAT = "tree_search.cost_profile"
-COST_MODELS = ("macs", "measured")  # ``--cost``: "macs" or "measured:PROFILE"
 # `TreeSoftmaxHead`'s layout settings (`head_layout`); top levels up to 64 columns measured fastest on CPU
-# (binary Huffman at V = 10k: 27.5 ms a step against 38.9 ms with 1,024; benchmarks/bench_head_time.py)
+# (binary Huffman at V = 10k, the einsum-free head before the fused scores: 27.5 ms a step against 38.9 ms
+# with 1,024; `bench_head_time.py --top-columns N` repeats it)
 LAYOUT_DEFAULTS = {"dense_fanout": 64, "max_dense_nodes": 32, "top_columns": 64}
 
 # Per-token features of a head's training step (forward + backward), each the sum of its nodes' shares.
@@ -72,6 +72,19 @@ FEATURES = (
 
 class ProfileError(ValueError):
     """A cost profile file that cannot be used (missing, malformed, another format or version)."""
+
+
+def parse_cost_spec(spec: str) -> tuple[str, str]:
+    """``(kind, path)`` of a ``--cost`` value: ``("macs", "")``, ``("measured", "")`` or ``("measured", PATH)``.
+
+    Raises:
+        ProfileError: any other value, naming the accepted ones.
+    """
+    kind, _, path = str(spec).partition(":") if isinstance(spec, str) else ("", "", "")
+    if (kind == "macs" and not path) or kind == "measured":
+        return kind, path
+    raise ProfileError(f"--cost must be 'macs', 'measured' (this device's profile) or 'measured:PROFILE.json', "
+                       f"got {spec!r}")  # fmt: skip
 
 
 def node_costs(

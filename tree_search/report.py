@@ -470,7 +470,7 @@ def _cap_lines(cap_rows: Sequence[dict[str, Any]]) -> list[str]:
         cells += [s["name"], f"{s['test_nll']:.4f} ± {s['test_stderr']:.4f}", f"{s['cost_vs_huffman']:.2f}x"] if s \
             else ["none", "", ""]  # fmt: skip
         if "difference" in e:
-            verdict = ("searched wins" if e["difference"] > 0 else "classic wins") if e["significant"] else "tie"
+            verdict = _verdict_words(e["difference"], e["significant"])
             cells += [f"{e['difference']:+.4f}", f"{e['two_se']:.4f}", verdict]
         else:
             cells += ["", "", "nothing to compare"]

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from tree_search.cost import parse_cost_spec
 from tree_search.data.cache import atomic_write_bytes
 from tree_search.export import TreeRecord, load_tree_json, save_tree_json
 from tree_search.heads.evaluator import Evaluation
@@ -85,7 +86,7 @@ class Run:
         A run's caps and costs keep their meaning when the device's profile is calibrated again.
         """
         own = self.folder / self.COST_PROFILE
-        return f"measured:{own}" if spec.split(":")[0] == "measured" and own.exists() else spec
+        return f"measured:{own}" if parse_cost_spec(spec)[0] == "measured" and own.exists() else spec
 
     @classmethod
     def create(cls, folder: str | os.PathLike[str], config: Mapping[str, Any], resume: bool = False) -> Run:

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tree_search.agents.base import Searcher
 from tree_search.agents.baselines import BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
@@ -249,10 +247,10 @@ def run_search(
     cost_model = resolve_cost(run.cost_spec(config.env_config.cost), dim=dataset.dim,
                               device_type=default_device().type)  # fmt: skip
     if cost_model is not None:  # the run keeps the profile it searched with: its caps keep their meaning
+        own = f"measured:{run.folder / Run.COST_PROFILE}"
         if not (run.folder / Run.COST_PROFILE).exists():
             cost_model.save(run.folder / Run.COST_PROFILE)
-        spec = run.cost_spec(config.env_config.cost)
-        config = dataclasses.replace(config, env_config=config.env_config.with_updates(cost=spec))
+        config = dataclasses.replace(config, env_config=config.env_config.with_updates(cost=own))
     run.labels, run.counts = dataset.vocab.tokens, dataset.counts  # every tree file says which class is which token
     best: dict[str, float] = {}
 
@@ -302,10 +300,9 @@ def run_search(
             dataset, train, seeds, budget=total_budget, listeners=listeners, use_bank=config.node_bank
         )
     if cost_model is not None:  # the leaderboard's costs in the profile's time, as the environments' caps
-        counts = dataset.counts if np.sum(dataset.counts) > 0 else None
 
         def measured(tree: Tree, projections: Mapping[int, int] | None) -> tuple[float, float]:
-            cost = head_cost(tree, counts, dataset.dim, projections, cost_model)
+            cost = head_cost(tree, dataset.counts, dataset.dim, projections, cost_model)  # zero counts: uniform
             return cost, cost / full_cost
 
         evaluator.cost_fn = measured

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from tree_search.builders import UNKNOWN_MODES
+from tree_search.cost import parse_cost_spec
 from tree_search.data.planted import PlantedConfig
 from tree_search.heads.node_train import NodeRecipe
 
@@ -75,10 +76,10 @@ class TreeEnvConfig:
             raise bad("planted", "a PlantedConfig (or a dict of its fields in env_config)")
         if not isinstance(self.train, NodeRecipe):
             raise bad("train", "a NodeRecipe (or a dict of its fields in env_config)")
-        if not isinstance(self.cost, str) or not (
-            self.cost == "macs" or self.cost == "measured" or self.cost.startswith("measured:")
-        ):
-            raise bad("cost", "'macs', 'measured' (this device's profile) or 'measured:PROFILE.json'")
+        try:
+            parse_cost_spec(self.cost)
+        except ValueError:
+            raise bad("cost", "'macs', 'measured' (this device's profile) or 'measured:PROFILE.json'") from None
         if self.cost_mode not in COST_MODES:
             raise bad("cost_mode", f"one of {COST_MODES}")
         if self.reward_mode not in REWARD_MODES:

@@ -34,6 +34,7 @@ from tree_search.cost import (
     head_layout,
     layout_features,
     load_profile,
+    parse_cost_spec,
 )
 from tree_search.data.cache import cache_root
 from tree_search.heads.tree_head import TreeSoftmaxHead
@@ -170,11 +171,9 @@ def check_cost_spec(spec: str, device_type: str = "cpu") -> None:
     Raises:
         ProfileError: as `resolve_cost`.
     """
-    kind, _, path = str(spec).partition(":")
-    if kind == "macs" and not path:
+    kind, path = parse_cost_spec(spec)
+    if kind == "macs":
         return
-    if kind != "measured":
-        raise ProfileError(f"--cost must be 'macs', 'measured' or 'measured:PROFILE.json', got {spec!r}")
     if path:
         load_profile(path)
         return
@@ -193,11 +192,9 @@ def resolve_cost(spec: str, *, dim: int, device_type: str = "cpu") -> CostProfil
     Raises:
         ProfileError: an unknown value, a missing or unusable profile, or one measured at another dim.
     """
-    kind, _, path = str(spec).partition(":")
-    if kind == "macs" and not path:
+    kind, path = parse_cost_spec(spec)
+    if kind == "macs":
         return None
-    if kind != "measured":
-        raise ProfileError(f"--cost must be 'macs', 'measured' or 'measured:PROFILE.json', got {spec!r}")
     if not path:
         default = default_profile_path(device_type, dim)
         others = sorted(default.parent.glob(f"{device_type}-d{int(dim)}-*.json"), key=lambda p: p.stat().st_mtime)
