@@ -18,7 +18,6 @@ from tree_search.cost import (
 )
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.timing import check_cost_spec, resolve_cost
-from tree_search.report import time_verdicts
 
 COLUMN = {name: i for i, name in enumerate(FEATURES)}
 
@@ -148,37 +147,6 @@ def test_measured_without_a_profile_says_how_to_make_one(tmp_path, monkeypatch):
     assert resolve_cost("measured", dim=8) == _profile()
     with pytest.raises(ProfileError, match="no such cost profile"):
         resolve_cost("measured", dim=16)
-
-
-def _row(name, kind, time, test, valid=None, se=0.001):
-    return {
-        "name": name,
-        "kind": kind,
-        "time_vs_huffman": time,
-        "cost_vs_huffman": 1.0,
-        "test_nll": test,
-        "test_stderr": se,
-        "valid_nll": test if valid is None else valid,
-    }
-
-
-def test_time_verdicts_at_the_adaptive_softmax_time():
-    rows = [
-        _row("adaptive", "baseline", 1.0, 2.30),
-        _row("huffman-2", "baseline", 1.0, 2.60),
-        _row("dp@1x", "searched", 0.8, 2.40, valid=2.1),  # fast, worse
-        _row("dp@2x", "searched", 0.9, 2.35, valid=2.2),  # fast, worse, less good on validation
-        _row("dp@4x", "searched", 2.0, 2.25),  # slower, better
-    ]
-    found = time_verdicts(rows, [1.0])
-    (adaptive,) = found["adaptive"]
-    assert adaptive["searched"]["name"] == "dp@1x"  # chosen on validation among the trees no slower
-    assert adaptive["difference"] == pytest.approx(2.30 - 2.40)
-    assert adaptive["significant"]
-    assert adaptive["matching"]["name"] == "dp@4x"
-    assert adaptive["speedup"] == pytest.approx(0.5)  # the only searched tree as good is twice as slow
-    (cap,) = found["caps"]
-    assert cap["classic"]["name"] == "adaptive" and cap["searched"]["name"] == "dp@1x"
 
 
 def test_packed_scores_equal_an_independent_dot_product():

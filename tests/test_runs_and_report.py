@@ -10,13 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tree_search.agents import SearchConfig, run_search
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import NodeRecipe
-from tree_search.report import classic_front_at, compare_runs, front_verdicts
+from tree_search.report import compare_runs
 from tree_search.runs import Run, RunError
 
 QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
@@ -119,11 +120,18 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
     full = next(r for r in rows if r["name"] == "full softmax")
     assert full["cost_ratio"] == pytest.approx(1.0) and not full["within_cap"]
     report = (run.folder / "report.md").read_text()
-    assert "binary Huffman" in report and "2 x combined standard error" in report
+    assert "binary Huffman" in report and "95% interval [" in report
+    comparison = json.loads((run.folder / "comparison.json").read_text())
+    stored = json.loads((run.folder / "final.json").read_text())["scores"]
+    assert comparison["uncertainty"]["documents"] == rows[0]["test_documents"] > 1
+    for r in rows:  # the document sums give back each seed's test NLL, and their mean is the row's
+        per_seed = stored[r["key"]]
+        means = [sum(per_seed[s]["document_sums"]) / _test_rows(ENV) for s in ("0", "1")]
+        assert means == pytest.approx([per_seed[s]["test_nll"] for s in ("0", "1")], rel=1e-9)
+        assert r["test_nll"] == pytest.approx(np.mean(means), rel=1e-9)
     for plot in ("best_so_far.png", "loss_vs_cost.png", "depth_histogram.png"):
         assert (run.folder / plot).stat().st_size > 1000
     # best_head.pt: the best searched tree's head with the weights of its first final seed, whose test NLL it gives
-    import numpy as np
     import torch
 
     from tree_search.heads import TreeSoftmaxHead
@@ -138,7 +146,7 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
     test = split_sample(dataset, "test", None, 0, torch.device("cpu"))
     with torch.no_grad():
         nll = -head.log_prob(test.features, torch.from_numpy(test.labels)).mean().item()
-    first_seed = json.loads((run.folder / "final.json").read_text())["scores"][searched["key"]]["0"]
+    first_seed = json.loads((run.folder / "final.json").read_text())["scores"][searched["key"]]["0"]["test_nll"]
     assert nll == pytest.approx(first_seed, rel=1e-5)
     assert head.labels == list(dataset.vocab.tokens) and np.array_equal(head.counts, dataset.counts)
     # that tree is not PyTorch's adaptive shape: no head for it, and no stale one that export would take instead
@@ -149,6 +157,14 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
     monkeypatch.setattr("tree_search.report.score_test", lambda *a, **k: pytest.fail("re-trained a finalist"))
     monkeypatch.setattr("tree_search.report.trained_head", lambda *a, **k: pytest.fail("re-trained the best head"))
     assert [r["test_nll"] for r in compare_runs([run.folder], seeds=2, log=None)] == [r["test_nll"] for r in rows]
+    # ... unless the training code changed: then nothing stored is served
+    monkeypatch.setattr("tree_search.report.training_code_identity", lambda: "node-train/edited")
+    with pytest.raises(pytest.fail.Exception, match="re-trained a finalist"):
+        compare_runs([run.folder], seeds=2, log=None)
+
+
+def _test_rows(env) -> int:
+    return int(load_env_dataset(env).labels["test"].shape[0])
 
 
 def test_final_scoring_uses_seeds_the_search_never_trained_with(tmp_path, monkeypatch):
@@ -231,29 +247,6 @@ def _check_the_adaptive_head_exports_to_pytorch(out: Path, tmp_path: Path) -> No
     assert "best_head_adaptive.pt is trained for it" in refused.stderr and not (tmp_path / "no.pt").exists()
 
 
-def _row(name, kind, cost, test, stderr=0.01, valid=None):
-    return {"name": name, "kind": kind, "cost_vs_huffman": cost, "test_nll": test, "test_stderr": stderr,
-            "valid_nll": test if valid is None else valid}  # fmt: skip
-
-
-def test_the_classic_front_is_interpolated_in_log_cost():
-    rows = [_row("h2", "baseline", 1.0, 3.0), _row("k4", "baseline", 4.0, 2.0, 0.03), _row("bad", "baseline", 2.0, 3.5),
-            _row("s", "searched", 2.0, 2.4)]  # fmt: skip
-    assert classic_front_at(rows, 0.5) is None  # below the cheapest classic tree: no front
-    assert classic_front_at(rows, 1.0) == pytest.approx((3.0, 0.01))
-    assert classic_front_at(rows, 2.0) == pytest.approx((2.5, 0.02))  # halfway in log cost, not in cost (2.667)
-    assert classic_front_at(rows, 8.0) == pytest.approx((2.0, 0.03))  # beyond the front: its last value
-    caps = front_verdicts(rows, (1.0, 2.0, 4.0))
-    assert [c["classic"]["name"] for c in caps] == ["h2", "h2", "k4"]
-    assert [c["searched"] and c["searched"]["name"] for c in caps] == [None, "s", "s"]
-    assert "difference" not in caps[0]
-    assert caps[1]["difference"] == pytest.approx(0.6) and caps[1]["significant"]  # 3.0 - 2.4 > 2 * 0.014
-    assert caps[1]["front_nll"] == pytest.approx(2.5) and caps[1]["front_difference"] == pytest.approx(0.1)
-    assert caps[2]["difference"] == pytest.approx(-0.4) and caps[2]["significant"]  # k4 wins at 4x
-    close = front_verdicts([*rows[:2], _row("s", "searched", 1.0, 2.995)], (1.0,))[0]
-    assert close["difference"] == pytest.approx(0.005) and not close["significant"]
-
-
 def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
     with pytest.raises(ValueError, match="increasing"):
         SearchConfig(cost_caps=(2.0, 1.0))
@@ -298,7 +291,6 @@ def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
 
 def test_every_tree_file_of_a_run_carries_the_class_tokens_and_counts(tmp_path):
     """A searched tree is read back by token: the best tree, every tree of the run, through the CLI too."""
-    import numpy as np
 
     from tree_search.envs import load_env_dataset
     from tree_search.export import load_tree

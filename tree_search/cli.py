@@ -979,7 +979,7 @@ def data_show() -> None:
 
 
 def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
-    table = Table(title="Test split: mean over seeds ± standard error")
+    table = Table(title="Test split: mean over seeds ± standard error over test documents and seeds")
     for column in ("tree", "kind", "valid NLL", "test NLL", "±", "perplexity", "cost / full", "cost / Huffman"):
         table.add_column(column, justify="left" if column in ("tree", "kind") else "right")
     for row in rows:
@@ -996,9 +996,19 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
             f"{row['cost_vs_huffman']:.2f}",
         )
     console.print(table)
-    verdicts = json.loads((folder / "comparison.json").read_text(encoding="utf-8"))["verdicts"]
-    for line in verdicts:
+    comparison = json.loads((folder / "comparison.json").read_text(encoding="utf-8"))
+    for line in comparison["verdicts"]:
         console.print(line)
+    from tree_search.verdicts import Comparison, verdict_words
+
+    for cap in comparison.get("caps", []):  # a front search: one line per cap, classic - searched with its interval
+        if "difference" in cap:
+            low, high = cap["interval"]
+            console.print(
+                f"{cap['cap']:g}x: {cap['searched']['name']} {cap['searched']['test_nll']:.4f} against "
+                f"{cap['classic']['name']} {cap['classic']['test_nll']:.4f}: {cap['difference']:+.4f} "
+                f"[{low:+.4f}, {high:+.4f}], {verdict_words(Comparison(cap['difference'], low, high))}"
+            )
     from tree_search.report import ADAPTIVE_HEAD
 
     head, adaptive = folder / "best_head.pt", folder / ADAPTIVE_HEAD

@@ -4,8 +4,9 @@ The finalists of a run are the best tree of each searcher (by validation NLL, th
 thing searches select on), every classic baseline and the full softmax (a one-node
 tree: the same head and training recipe). Each is re-trained with ``final_seeds`` seeds
 and scored once on the test split; scores are written to ``final.json`` as each arrives,
-so an interrupted comparison resumes where it stopped. A difference is called
-significant only when it exceeds twice the combined standard error of the two means.
+so an interrupted comparison resumes where it stopped. Each score keeps the NLL summed per
+test document, so every verdict carries a paired bootstrap interval over documents and seeds
+(`tree_search.verdicts`); a difference is significant only when its 95% interval excludes 0.
 
 The report's folder also gets ``best_head.pt``: the best searched tree within the cap (by
 validation NLL) with the weights of its first final seed, whose test NLL the report shows
@@ -33,10 +34,21 @@ from tree_search.data.features import default_device
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.evaluator import Evaluation
+from tree_search.heads.node_train import training_code_identity, training_dtype
 from tree_search.heads.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
 from tree_search.heads.timing import resolve_cost
 from tree_search.heads.train import validation_nll
 from tree_search.runs import Run, RunError
+from tree_search.verdicts import (
+    Comparison,
+    FinalScores,
+    document_of_rows,
+    front_on_test,
+    front_verdicts,
+    pareto,
+    time_verdicts,
+    verdict_words,
+)
 
 __all__ = ["compare_runs", "finalists"]
 
@@ -96,12 +108,6 @@ def finalists(
     return chosen
 
 
-def _stats(values: Sequence[float]) -> tuple[float, float]:
-    mean = float(np.mean(values))
-    stderr = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.inf
-    return mean, stderr
-
-
 def compare_runs(
     folders: Sequence[str | Path],
     *,
@@ -155,8 +161,17 @@ def compare_runs(
     all_caps = [c for run in runs for c in SearchConfig.from_json(run.config).caps().values()]  # each run's own
     cap = max(all_caps) * unit if all_caps else math.inf  # the widest: "within the cap" of the table
     report_run = Run(out) if out is not None else runs[0]
-    scores: dict[str, dict[str, float]] = {}
-    setting = {"dataset": dataset.key, "train": dataclasses.asdict(train)}  # stored scores are reused only for these
+    scores: dict[str, dict[str, Any]] = {}
+    documents, documents_are = document_of_rows(dataset)
+    num_documents = int(documents.max()) + 1
+    setting = {  # stored scores and heads are reused only for these
+        "dataset": dataset.key,
+        "train": dataclasses.asdict(train),
+        "code": training_code_identity(),
+        "device": device_type,
+        "precision": str(training_dtype(train.precision, device_type)).removeprefix("torch."),
+        "scores": "test NLL summed per document/2",
+    }
     stored = report_run.read_json("final.json") or {}
     if stored.get("setting") == json.loads(json.dumps(setting)):
         scores = stored.get("scores", {})
@@ -181,19 +196,15 @@ def compare_runs(
                 log(f"final scoring {index + 1}/{len(entries)}: {name}, seed {seed + 1}/{seeds} (test split)")
             final = dataclasses.replace(train, seed=FINAL_SEED_OFFSET + seed)  # seeds no search trained with
             result = score_test(tree, dataset, final, projections=projections or None)
-            per_seed[str(seed)] = result["test_nll"]
+            sums = np.bincount(documents, weights=result["test_row_nll"], minlength=num_documents)
+            per_seed[str(seed)] = {"test_nll": result["test_nll"], "document_sums": sums.tolist()}
             report_run.write_json("final.json", {"setting": setting, "scores": scores})
-        values = [per_seed[str(s)] for s in range(seeds)]
-        mean, stderr = _stats(values)
         cost = head_cost(tree, counts, dataset.dim, projections, axis)
         rows.append(
             {
                 "name": name,
                 "kind": kind,
                 "valid_nll": valid_nll,
-                "test_nll": mean,
-                "test_stderr": stderr,
-                "perplexity": math.exp(mean),
                 "cost_ratio": cost / full_cost,
                 "cost_vs_huffman": cost / unit,
                 "macs_vs_huffman": head_cost(tree, counts, dataset.dim, projections) / macs_unit,
@@ -204,6 +215,13 @@ def compare_runs(
                 "key": key,
             }
         )
+    tokens = np.bincount(documents, minlength=num_documents).astype(np.float64)
+    test_scores = FinalScores({r["key"]: np.array([scores[r["key"]][str(s)]["document_sums"] for s in range(seeds)])
+                              for r in rows}, tokens, documents_are)  # fmt: skip
+    for r in rows:
+        r.update(test_nll=test_scores.nll(r["key"]), test_stderr=test_scores.stderr(r["key"]),
+                 test_documents=test_scores.num_documents)  # fmt: skip
+        r["perplexity"] = math.exp(r["test_nll"])
     rows.sort(key=lambda r: r["test_nll"])
     searched = [r for r in rows if r["kind"] == "searched" and r["within_cap"]]
     head_lines, tails = [], None
@@ -227,13 +245,15 @@ def compare_runs(
             )
     if tails is None:  # an earlier comparison's head for PyTorch must not outlive its tree (export would take it)
         (report_run.folder / ADAPTIVE_HEAD).unlink(missing_ok=True)
-    verdicts = _verdicts(rows)
+    verdicts = _verdicts(rows, test_scores)
     caps = sorted({float(c) for run in runs for c in run.config.get("cost_caps") or ()})
-    cap_rows = front_verdicts(rows, caps) if caps else []
+    cap_rows = front_verdicts(rows, caps, test_scores) if caps else []
     tree_of = {e[0]: e[2] for e in entries}
-    time_lines = time_report_lines(rows, caps, profile, dataset.num_classes) if profile is not None else []
+    time_lines = time_report_lines(rows, caps, profile, dataset.num_classes, test_scores) if profile is not None \
+        else []  # fmt: skip
     _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
-                  cap_rows=cap_rows, head_lines=[*head_lines, *time_lines], cost_in=cost_label(axis))  # fmt: skip
+                  cap_rows=cap_rows, head_lines=[*head_lines, *time_lines], cost_in=cost_label(axis),
+                  scores=test_scores)  # fmt: skip
     return rows
 
 
@@ -243,42 +263,11 @@ def _time_fields(profile: CostProfile, tree, counts: np.ndarray, projections, un
     return {"time_us_per_token": seconds * 1e6, "time_vs_huffman": seconds / unit}
 
 
-# PyTorch's `AdaptiveLogSoftmaxWithLoss` shapes (its usual cutoffs, and Grave et al.'s cost-optimal ones)
-ADAPTIVE_SHAPES = ("adaptive", "adaptive-50", "adaptive-10", "grave-2", "grave-3", "grave-4")
-
-
-def time_verdicts(rows: Sequence[dict[str, Any]], caps: Sequence[float]) -> dict[str, Any]:
-    """The front search's verdicts on the time axis of a cost profile (rows with ``time_vs_huffman``).
-
-    ``caps``: `front_verdicts` with each cap read in multiples of binary Huffman's predicted time.
-    ``adaptive``: for each adaptive shape among the rows, the searched tree (chosen on validation)
-    among those no slower than it, with the test NLL difference (> 0: the searched tree is
-    better) and its significance; and the speed-up of the fastest searched tree at least as
-    good on test (None when no searched tree matches it).
-    """
-    timed = [{**r, "cost_vs_huffman": r["time_vs_huffman"]} for r in rows]
-    out: dict[str, Any] = {"caps": front_verdicts(timed, caps) if caps else [], "adaptive": []}
-    searched = [r for r in rows if r["kind"] == "searched"]
-    for shape in (r for r in rows if r["name"] in ADAPTIVE_SHAPES):
-        entry: dict[str, Any] = {"shape": shape}
-        faster = [r for r in searched if r["time_vs_huffman"] <= shape["time_vs_huffman"] * (1 + 1e-9)]
-        if faster:
-            pick = min(faster, key=lambda r: r["valid_nll"])
-            diff, combined, significant = _difference(pick, shape)
-            entry.update(searched=pick, difference=diff, two_se=2 * combined, significant=significant)
-        matching = [r for r in searched if r["test_nll"] <= shape["test_nll"]]
-        fastest = min(matching, key=lambda r: r["time_vs_huffman"], default=None)
-        entry["speedup"] = shape["time_vs_huffman"] / fastest["time_vs_huffman"] if fastest else None
-        entry["matching"] = fastest
-        out["adaptive"].append(entry)
-    return out
-
-
 def time_report_lines(
-    rows: Sequence[dict[str, Any]], caps: Sequence[float], profile: CostProfile, num_classes: int
+    rows: Sequence[dict[str, Any]], caps: Sequence[float], profile: CostProfile, num_classes: int, scores: FinalScores
 ) -> list[str]:
     """The report's section in time: per-cap verdicts and the comparison at the adaptive shapes' time."""
-    found = time_verdicts(rows, caps)
+    found = time_verdicts(rows, caps, scores)
     held = profile.fit.get("held_out", {})
     error = held.get("median_abs_relative_error", math.nan)
     lines = [
@@ -304,18 +293,17 @@ def time_report_lines(
                 lines.append(f"| {c['cap']:g}x | {classic['name'] if classic else 'none fits'} | | "
                              f"{pick['name'] if pick else 'none fits'} | | | no verdict |")  # fmt: skip
                 continue
-            verdict = _verdict_words(c["difference"], c["significant"])
             lines.append(f"| {c['cap']:g}x | {classic['name']} | {classic['test_nll']:.4f} | {pick['name']} | "
-                         f"{pick['test_nll']:.4f} | {c['difference']:+.4f} ± {c['two_se']:.4f} | "
-                         f"{verdict} |")  # fmt: skip
+                         f"{pick['test_nll']:.4f} | {c['difference']:+.4f} {_interval(c['interval'])} | "
+                         f"{verdict_words(_comparison(c))} |")  # fmt: skip
     for a in found["adaptive"]:
         shape = a["shape"]
         line = (f"- At the time of `{shape['name']}` ({shape['time_vs_huffman']:.2f}x Huffman, "
                 f"test {shape['test_nll']:.4f}): ")  # fmt: skip
         if "searched" in a:
-            pick, words = a["searched"], _verdict_words(a["difference"], a["significant"])
+            pick, words = a["searched"], verdict_words(_comparison(a))
             line += (f"the searched `{pick['name']}` ({pick['time_vs_huffman']:.2f}x) scores {pick['test_nll']:.4f}, "
-                     f"{a['difference']:+.4f} ± {a['two_se']:.4f} ({words})")  # fmt: skip
+                     f"{a['difference']:+.4f} {_interval(a['interval'])} ({words})")  # fmt: skip
         else:
             line += "no searched tree is that fast"
         if a["speedup"] is not None:
@@ -333,11 +321,13 @@ def time_report_lines(
     return lines
 
 
-def _verdict_words(difference: float, significant: bool) -> str:
-    """The verdict in words: searched wins, classic wins, or a tie (within twice the combined standard error)."""
-    if not significant:
-        return "tie"
-    return "searched wins" if difference > 0 else "classic wins"
+def _comparison(entry: dict[str, Any]) -> Comparison:
+    """The `Comparison` a verdict entry (``difference``, ``interval``) was made from."""
+    return Comparison(entry["difference"], *entry["interval"])
+
+
+def _interval(interval: Sequence[float]) -> str:
+    return f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
 
 
 def write_best_head(path: Path, tree, projections, dataset, recipe, row: dict[str, Any], setting: dict[str, Any],
@@ -389,64 +379,6 @@ def _adaptive_tails(tree) -> list[int] | None:
         return None
 
 
-def _pareto(items: Sequence[Any], cost=lambda x: x[0], loss=lambda x: x[1]) -> list[Any]:
-    """The items of the Pareto front: by increasing cost, each with a lower loss than every cheaper one."""
-    front: list[Any] = []
-    for item in sorted(items, key=lambda x: (cost(x), loss(x))):
-        if not front or loss(item) < loss(front[-1]):
-            front.append(item)
-    return front
-
-
-def _test_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Report rows of the Pareto front on test (cost in multiples of binary Huffman's)."""
-    return _pareto(rows, cost=lambda r: r["cost_vs_huffman"], loss=lambda r: r["test_nll"])
-
-
-def classic_front_at(rows: Sequence[dict[str, Any]], cost: float) -> tuple[float, float] | None:
-    """The classic trees' test front, interpolated linearly in log cost at ``cost`` (x binary Huffman).
-
-    Returns ``(test NLL, standard error)`` (the error interpolated alike), or None below the cheapest
-    classic tree. Above the most expensive point of the front, the front stays at its last value.
-    """
-    classic = [r for r in rows if r["kind"] == "baseline"]
-    front = _test_front(classic)
-    if not front or cost < front[0]["cost_vs_huffman"] * (1 - 1e-9):
-        return None
-    for left, right in zip(front, front[1:], strict=False):
-        if left["cost_vs_huffman"] <= cost <= right["cost_vs_huffman"]:
-            span = math.log(right["cost_vs_huffman"]) - math.log(left["cost_vs_huffman"])
-            t = (math.log(cost) - math.log(left["cost_vs_huffman"])) / span if span > 0 else 1.0
-            return tuple(float((1 - t) * left[k] + t * right[k]) for k in ("test_nll", "test_stderr"))
-    return front[-1]["test_nll"], front[-1]["test_stderr"]
-
-
-def front_verdicts(rows: Sequence[dict[str, Any]], caps: Sequence[float]) -> list[dict[str, Any]]:
-    """Per cost cap: the best classic tree and the best searched tree costing at most the cap, on test.
-
-    The searched tree is chosen on validation (as a user would) among every searched finalist within the
-    cap; it is judged against (a) the classic tree with the lowest test NLL within the cap and (b) the
-    classic front interpolated at its own cost (`classic_front_at`). ``difference`` > 0: the searched tree
-    is better; ``significant``: the difference exceeds twice the combined standard error.
-    """
-    out = []
-    for cap in caps:
-        within = [r for r in rows if r["cost_vs_huffman"] <= cap * (1 + 1e-9)]
-        classic = min((r for r in within if r["kind"] == "baseline"), key=lambda r: r["test_nll"], default=None)
-        searched = min((r for r in within if r["kind"] == "searched"), key=lambda r: r["valid_nll"], default=None)
-        entry: dict[str, Any] = {"cap": cap, "classic": classic, "searched": searched}
-        if classic is not None and searched is not None:
-            diff, combined, significant = _difference(searched, classic)
-            entry.update(difference=diff, two_se=2 * combined, significant=significant)
-            at = classic_front_at(rows, searched["cost_vs_huffman"])
-            if at is not None:
-                front_diff = at[0] - searched["test_nll"]
-                front_se = math.sqrt(at[1] ** 2 + searched["test_stderr"] ** 2)
-                entry.update(front_nll=at[0], front_difference=front_diff, front_two_se=2 * front_se)
-        out.append(entry)
-    return out
-
-
 def _cap_lines(cap_rows: Sequence[dict[str, Any]]) -> list[str]:
     """The front search's table: one row per cap, with a verdict in words."""
     if not cap_rows:
@@ -454,12 +386,12 @@ def _cap_lines(cap_rows: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
         "## Per cost cap (multiples of binary Huffman's cost)",
         "",
-        "Test NLL ± standard error. Difference = classic − searched (> 0: the searched tree is better); "
-        "significant when it exceeds twice the combined standard error. The classic front is interpolated in "
-        "log cost at the searched tree's cost.",
+        "Test NLL ± standard error over documents and seeds. Difference = classic − searched (> 0: the searched "
+        "tree is better), with its paired 95% bootstrap interval; a win or a loss only when the interval excludes "
+        "0. The classic front is interpolated in log cost at the searched tree's cost.",
         "",
         "| cap | best classic tree ≤ cap | test NLL | cost | best searched tree ≤ cap | test NLL | cost | "
-        "difference | 2 SE | verdict | classic front at its cost | difference | 2 SE |",
+        "difference | 95% interval | verdict | classic front at its cost | difference | 95% interval |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in cap_rows:
@@ -470,12 +402,11 @@ def _cap_lines(cap_rows: Sequence[dict[str, Any]]) -> list[str]:
         cells += [s["name"], f"{s['test_nll']:.4f} ± {s['test_stderr']:.4f}", f"{s['cost_vs_huffman']:.2f}x"] if s \
             else ["none", "", ""]  # fmt: skip
         if "difference" in e:
-            verdict = _verdict_words(e["difference"], e["significant"])
-            cells += [f"{e['difference']:+.4f}", f"{e['two_se']:.4f}", verdict]
+            cells += [f"{e['difference']:+.4f}", _interval(e["interval"]), verdict_words(_comparison(e))]
         else:
             cells += ["", "", "nothing to compare"]
         if "front_nll" in e:
-            cells += [f"{e['front_nll']:.4f}", f"{e['front_difference']:+.4f}", f"{e['front_two_se']:.4f}"]
+            cells += [f"{e['front_nll']:.4f}", f"{e['front_difference']:+.4f}", _interval(e["front_interval"])]
         else:
             cells += ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -484,13 +415,7 @@ def _cap_lines(cap_rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, bool]:
-    diff = b["test_nll"] - a["test_nll"]  # > 0: a is better
-    combined = math.sqrt(a["test_stderr"] ** 2 + b["test_stderr"] ** 2)
-    return diff, combined, abs(diff) > 2 * combined
-
-
-def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
+def _verdicts(rows: list[dict[str, Any]], scores: FinalScores) -> list[str]:
     """Plain sentences: the best searched tree against Huffman and against the best classic tree under the cap."""
     searched = [r for r in rows if r["kind"] == "searched" and r["within_cap"]]
     classic = [r for r in rows if r["kind"] == "baseline" and r["within_cap"]]
@@ -508,19 +433,19 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
     ):
         if other is None:
             continue
-        diff, combined, significant = _difference(best, other)
-        if diff > 0 and significant:
+        found = scores.compare(best["key"], other["key"])
+        if found.difference > 0 and found.significant:
             verdict = "beats"
-        elif diff > 0:
+        elif found.difference > 0:
             verdict = "is ahead of, but not significantly,"
-        elif significant:
+        elif found.significant:
             verdict = "is significantly worse than"
         else:
             verdict = "does not beat"
         lines.append(
             f"The best searched tree ({best['name']}, test NLL {best['test_nll']:.4f} ± {best['test_stderr']:.4f}) "
             f"{verdict} {label} ({other['name']}, {other['test_nll']:.4f} ± {other['test_stderr']:.4f}): "
-            f"difference {diff:+.4f} nats/token, 2 x combined standard error {2 * combined:.4f}."
+            f"difference {found.difference:+.4f} nats/token, 95% interval {_interval([found.low, found.high])}."
         )
     if better:
         cheapest = min(better, key=lambda r: r["cost_ratio"])
@@ -544,6 +469,7 @@ def _write_report(
     cap_rows=(),
     head_lines: Sequence[str] = (),
     cost_in: str = "multiply-adds",
+    scores: FinalScores | None = None,
 ) -> None:
     import matplotlib
 
@@ -583,7 +509,7 @@ def _write_report(
     ]
     if searched:
         ax.scatter(*zip(*searched, strict=True), s=12, alpha=0.6, label="searched trees")
-        ax.plot(*zip(*_pareto(searched), strict=True), drawstyle="steps-post", label="searched front")
+        ax.plot(*zip(*pareto(searched), strict=True), drawstyle="steps-post", label="searched front")
     if classic:
         ax.scatter(
             [c for c, _, _ in classic], [v for _, v, _ in classic], marker="s", color="black", label="classic trees"
@@ -591,7 +517,7 @@ def _write_report(
         for c, v, name in classic:
             ax.annotate(name, (c, v), fontsize=7)
         ax.plot(
-            *zip(*_pareto([(c, v) for c, v, _ in classic]), strict=True),
+            *zip(*pareto([(c, v) for c, v, _ in classic]), strict=True),
             drawstyle="steps-post",
             color="black",
             linewidth=1,
@@ -621,8 +547,10 @@ def _write_report(
     lines = [
         f"# Comparison: {', '.join(str(r.folder) for r in runs)}",
         "",
-        f"Test split, {rows[0]['seeds']} training seeds per tree, {epochs:g} epochs each; mean ± standard error. "
-        f"Searches selected on the validation split only. Costs and caps are in {cost_in}.",
+        f"Test split, {rows[0]['seeds']} training seeds per tree, {epochs:g} epochs each; mean ± standard error "
+        f"from a paired bootstrap over {rows[0]['test_documents']:,} test {scores.documents_are if scores else ''} "
+        f"and the seeds ({scores.draws if scores else 0:,} draws). Searches selected on the validation split only. "
+        f"Costs and caps are in {cost_in}.",
         "",
         "| tree | kind | valid NLL (search) | test NLL | ± | perplexity | cost / full | cost / Huffman | max depth |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -661,7 +589,11 @@ def _write_report(
         "",
     ]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    run.write_json("comparison.json", {"rows": rows, "verdicts": verdicts, "caps": list(cap_rows)})
+    uncertainty = {"documents": scores.num_documents, "documents_are": scores.documents_are, "draws": scores.draws,
+                   "interval": "paired percentile bootstrap over test documents and final seeds, 95%"} if scores \
+        else {}  # fmt: skip
+    run.write_json("comparison.json", {"rows": rows, "verdicts": verdicts, "caps": list(cap_rows),
+                                       "uncertainty": uncertainty})  # fmt: skip
 
 
 def _plot_fronts(path: Path, rows, cap_rows) -> None:
@@ -675,7 +607,7 @@ def _plot_fronts(path: Path, rows, cap_rows) -> None:
         ax.errorbar([r["cost_vs_huffman"] for r in classic], [r["test_nll"] for r in classic],
                     yerr=[r["test_stderr"] for r in classic], fmt="s", color="black", markersize=4,
                     label="classic trees")  # fmt: skip
-        front = _test_front(classic)
+        front = front_on_test(classic)
         ax.plot([r["cost_vs_huffman"] for r in front], [r["test_nll"] for r in front], color="black", linewidth=1,
                 label="classic front (log-cost interpolation)")  # fmt: skip
         for r in front:  # names of the front only, above and right: the front falls to the right, so that is free

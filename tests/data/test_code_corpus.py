@@ -32,8 +32,19 @@ def test_corpus_from_a_folder_is_cached(code_folder):
     assert np.array_equal(train_counts, corpus.vocab.counts)  # counts come from train only
     for name in ("valid", "test"):
         assert corpus.splits[name].size > 0 and corpus.splits[name].max() < 12
+    # one document per file: each split's starts are the running sums of its files' token counts
+    from tree_search.data.code_corpus import code_tokens, file_split, stdlib_files
+
+    base, files = stdlib_files(code_folder)
+    for name in ("train", "valid", "test"):
+        mine = [f for f in files if f.name != "broken.py"
+                and file_split(str(f.relative_to(base)), 3, 0.2, 0.2) == name]  # fmt: skip
+        lengths = [len(code_tokens(f.read_bytes())) for f in mine]
+        assert corpus.documents[name].tolist() == np.cumsum([0, *lengths])[:-1].tolist()
+        assert corpus.info["documents"][name] == len(mine)
     again = load_stdlib_corpus(config, root=code_folder, processes=2)
     assert again.info["cache"] == corpus.info["cache"]
+    assert all(np.array_equal(again.documents[k], corpus.documents[k]) for k in corpus.splits)
     assert all(np.array_equal(again.splits[k], corpus.splits[k]) for k in corpus.splits)
     # a changed file changes the key
     (code_folder / "mod0.py").write_text("x = 1\n")

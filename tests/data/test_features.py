@@ -23,6 +23,14 @@ def test_features_are_cached_deterministic_and_shaped(code_folder):
         assert dataset.features[split].shape == (n, 16)
         assert np.isfinite(dataset.features[split]).all()
     assert dataset.class_embeddings.shape == (20, 16)
+    # each kept row's document: the last document start at or before its position (an independent scan)
+    for split, n in (("train", 500), ("test", min(200, len(corpus.splits["test"])))):
+        starts, rows = corpus.documents[split].tolist(), dataset.documents[split]
+        assert rows.shape == (n,) and np.all(np.diff(rows) >= 0)  # kept positions are in order
+        assert rows.max() < len(starts) and len(set(rows.tolist())) > 1
+    positions = np.sort(np.random.default_rng(SMALL.seed).choice(len(corpus.splits["train"]), 500, replace=False))
+    expected = [max(d for d, s in enumerate(corpus.documents["train"].tolist()) if s <= p) for p in positions]
+    assert dataset.documents["train"].tolist() == expected
     assert dataset.info["encoder_nll"]["valid"] < np.log(20)  # learned something beyond uniform
     again = build_features(corpus, SMALL, device="cpu")
     assert again.key == dataset.key and again.info["cache"] == dataset.info["cache"]

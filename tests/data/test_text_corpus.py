@@ -34,6 +34,9 @@ def test_one_file_is_split_by_seeded_blocks_and_counts_come_from_train(tmp_path)
     assert sum(lines.values()) == 5000 and lines["valid"] % 100 == 0 and lines["valid"] > 0
     assert np.array_equal(np.bincount(corpus.splits["train"], minlength=30), corpus.vocab.counts)
     assert len(corpus.vocab) == 30
+    # documents are the blocks of 100 lines (9 tokens each: 8 words and <eos>)
+    for name in ("train", "valid", "test"):
+        assert corpus.documents[name].tolist() == list(range(0, lines[name] * 9, 900))
     again = load_text_corpus(path, config=config)
     assert again.info["cache"] == corpus.info["cache"]
     other_seed = load_text_corpus(path, config=CorpusConfig(valid_fraction=0.1, test_fraction=0.1, seed=2))

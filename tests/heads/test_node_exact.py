@@ -161,6 +161,17 @@ def test_the_bank_trains_each_node_once_and_survives_the_process(planted, tmp_pa
     assert evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False).valid_nll == pytest.approx(first.valid_nll)
 
 
+def test_edited_training_code_never_reads_the_old_bank(planted, tmp_path, monkeypatch):
+    dataset = planted.to_dataset()
+    tree = builders.huffman(planted.counts, 2)
+    identity = node_train.training_code_identity()
+    assert identity.startswith("node-train/") and identity == node_train.training_code_identity()
+    evaluate(tree, dataset, RECIPE, device="cpu", bank_root=tmp_path)
+    monkeypatch.setattr(node_train, "training_code_identity", lambda: "node-train/edited")
+    again = evaluate(tree, dataset, RECIPE, device="cpu", bank_root=tmp_path)
+    assert again.extra["nodes_trained"] == tree.num_internal and not again.cached
+
+
 def _nested(tree, child):
     V = tree.num_classes
     if child < V:

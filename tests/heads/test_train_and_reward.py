@@ -18,7 +18,7 @@ from tree_search.heads import (
     score_test,
     validation_nll,
 )
-from tree_search.heads.reward import Result
+from tree_search.heads.reward import Result, trained_head
 from tree_search.heads.train import device_split
 
 QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patience=3, max_valid_samples=None)
@@ -84,8 +84,17 @@ def test_score_test_uses_the_test_split(planted):
     dataset = planted.to_dataset()
     recipe = dataclasses.replace(RECIPE, seed=FINAL_SEED_OFFSET)
     scores = score_test(planted.tree, dataset, recipe, device="cpu")
-    assert set(scores) == {"valid_nll", "test_nll", "test_perplexity"}
+    assert set(scores) == {"valid_nll", "test_nll", "test_perplexity", "test_row_nll"}
     assert abs(scores["test_nll"] - planted.bayes_nll["test"]) < 0.4
+    # each test row's NLL, against the same weights scored row by row by the head (another code path)
+    head = trained_head(planted.tree, dataset, recipe, device="cpu", use_bank=False)
+    features = torch.from_numpy(np.array(dataset.features["test"], dtype=np.float32))
+    labels = torch.from_numpy(np.asarray(dataset.labels["test"], dtype=np.int64))
+    with torch.no_grad():
+        expected = -head.log_prob(features, labels).double().numpy()
+    assert scores["test_row_nll"].shape == expected.shape
+    np.testing.assert_allclose(scores["test_row_nll"], expected, rtol=1e-4, atol=1e-5)
+    assert scores["test_row_nll"].mean() == pytest.approx(scores["test_nll"], rel=1e-9)
     # scramble the test labels: the test NLL must get worse and the validation NLL must not move
     labels = dict(dataset.labels)
     labels["test"] = np.random.default_rng(0).permutation(np.asarray(labels["test"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ __all__ = [
     "TokenCorpus",
     "cached_corpus",
     "corpus_from_raw_ids",
+    "document_starts",
     "load_stdlib_corpus",
 ]
 
@@ -48,11 +49,17 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class TokenCorpus:
-    """A corpus as int32 class ids per split, with the vocabulary built on train."""
+    """A corpus as int32 class ids per split, with the vocabulary built on train.
+
+    ``documents[split]`` holds the position where each document of the split starts (a
+    source file, a block of text lines): verdicts resample documents, not tokens, since
+    tokens of one document are correlated.
+    """
 
     vocab: Vocab
     splits: Mapping[str, np.ndarray]  # "train" | "valid" | "test" -> (N,) int32 ids
     info: Mapping[str, Any] = field(default_factory=dict)  # "key" (content hash), sizes, sources, cache path
+    documents: Mapping[str, np.ndarray] | None = None  # split -> (D,) int64 start positions, the first 0
 
     @property
     def key(self) -> str:
@@ -73,7 +80,10 @@ def _read_cached(folder: Path) -> TokenCorpus | None:
     if info is None:
         return None
     splits = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in SPLITS}
-    return TokenCorpus(load_vocab(folder / "vocab.json"), splits, info)
+    starts = {name: folder / f"{name}.documents.npy" for name in SPLITS}
+    documents = {n: np.load(p, allow_pickle=False) for n, p in starts.items()} if all(
+        p.exists() for p in starts.values()) else None  # fmt: skip
+    return TokenCorpus(load_vocab(folder / "vocab.json"), splits, info, documents)
 
 
 def _publish(folder: Path, corpus: TokenCorpus) -> None:
@@ -82,11 +92,17 @@ def _publish(folder: Path, corpus: TokenCorpus) -> None:
         corpus.vocab.save_json(staging / "vocab.json")
         for name, ids in corpus.splits.items():
             save_npy_atomic(staging / f"{name}.npy", np.asarray(ids, dtype=np.int32))
+        for name, starts in (corpus.documents or {}).items():
+            save_npy_atomic(staging / f"{name}.documents.npy", np.asarray(starts, dtype=np.int64))
         (staging / "info.json").write_text(json.dumps(dict(corpus.info), indent=1) + "\n", encoding="utf-8")
 
 
 def corpus_from_raw_ids(
-    table: list[str], raw: Mapping[str, np.ndarray], config: CorpusConfig, info: Mapping[str, Any]
+    table: list[str],
+    raw: Mapping[str, np.ndarray],
+    config: CorpusConfig,
+    info: Mapping[str, Any],
+    documents: Mapping[str, Sequence[int] | np.ndarray] | None = None,
 ) -> TokenCorpus:
     """Build the training vocabulary and re-map every split to its ids.
 
@@ -95,6 +111,8 @@ def corpus_from_raw_ids(
         raw: split name -> (N,) indices into ``table``.
         config: vocabulary settings (``min_count``, ``max_size``).
         info: facts about the corpus to keep (must hold ``key``); sizes are added.
+        documents: split name -> start position of each document (`TokenCorpus.documents`);
+            repeated starts (empty documents) are dropped.
     """
     for name in SPLITS:
         if raw[name].size == 0:
@@ -119,7 +137,18 @@ def corpus_from_raw_ids(
         "vocab_size": len(vocab),
         "unk_rate": {name: float(np.mean(splits[name] == unk_id)) if unk_id >= 0 else 0.0 for name in SPLITS},
     }
-    return TokenCorpus(vocab, splits, dict(info) | sizes)
+    starts = None
+    if documents is not None:
+        starts = {name: document_starts(documents[name], splits[name].size) for name in SPLITS}
+        sizes["documents"] = {name: int(starts[name].size) for name in SPLITS}
+    return TokenCorpus(vocab, splits, dict(info) | sizes, starts)
+
+
+def document_starts(starts: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
+    """(D,) int64 sorted distinct document starts within ``[0, length)``, the first one 0."""
+    starts = np.unique(np.asarray(starts, dtype=np.int64))
+    starts = starts[(starts >= 0) & (starts < length)]
+    return starts if starts.size and starts[0] == 0 else np.concatenate([[0], starts]).astype(np.int64)
 
 
 def cached_corpus(folder: Path, use_cache: bool, build: Callable[[], TokenCorpus]) -> TokenCorpus:
@@ -157,7 +186,7 @@ def load_stdlib_corpus(
     if len(files) < 3:
         raise DataError(f"{base}: found {len(files)} .py files; the code corpus needs at least 3")
     key_parts = {
-        "corpus": "python-code/1",
+        "corpus": "python-code/2",  # 2: with document starts
         "python": platform.python_version(),
         "files": _digest_files(base, files),
         "config": asdict(config),
@@ -171,9 +200,11 @@ def load_stdlib_corpus(
         relative = [str(f.relative_to(base)) for f in files]
         split_of = [file_split(r, config.seed, config.valid_fraction, config.test_fraction) for r in relative]
         raw: dict[str, np.ndarray] = {}
+        starts: dict[str, np.ndarray] = {}
         for name in SPLITS:
             parts = [a for a, s in zip(ids, split_of, strict=True) if s == name and a is not None]
             raw[name] = np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
+            starts[name] = np.cumsum([0, *(a.size for a in parts)])[:-1]  # one document per file
             if raw[name].size == 0:
                 raise DataError(f"{base}: the {name} split is empty; use more files or larger fractions")
         files_per_split = {
@@ -187,6 +218,6 @@ def load_stdlib_corpus(
             "files": files_per_split,
             "files_skipped": [r for r, e in zip(relative, errors, strict=True) if e is not None],
         }
-        return corpus_from_raw_ids(table, raw, config, info)
+        return corpus_from_raw_ids(table, raw, config, info, starts)
 
     return cached_corpus(folder, use_cache, build)

@@ -128,7 +128,8 @@ class FeatureDataset:
 
     ``features[split]`` is (N, dim) float16/float32 (memory-mapped when cached),
     ``labels[split]`` (N,) int32 class ids. ``key`` identifies the content: caches of
-    reward evaluations are keyed by it.
+    reward evaluations are keyed by it. ``documents[split]`` (N,) int32, when known, is the
+    document of each row (numbered from 0 in the split's order; see `TokenCorpus.documents`).
     """
 
     vocab: Vocab
@@ -137,6 +138,7 @@ class FeatureDataset:
     class_embeddings: np.ndarray | None
     key: str
     info: Mapping[str, Any] = field(default_factory=dict)
+    documents: Mapping[str, np.ndarray] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -248,7 +250,10 @@ def load_feature_folder(folder: Path) -> FeatureDataset | None:
     labels = {s: np.load(folder / f"{s}.labels.npy", mmap_mode="r") for s in SPLITS}
     embeddings_path = folder / "class_embeddings.npy"
     embeddings = np.load(embeddings_path) if embeddings_path.exists() else None
-    return FeatureDataset(load_vocab(folder / "vocab.json"), features, labels, embeddings, info["key"], info)
+    paths = {s: folder / f"{s}.documents.npy" for s in SPLITS}
+    documents = {s: np.load(p) for s, p in paths.items()} if all(p.exists() for p in paths.values()) else None
+    return FeatureDataset(load_vocab(folder / "vocab.json"), features, labels, embeddings, info["key"], info,
+                          documents)  # fmt: skip
 
 
 def _publish(folder: Path, dataset: FeatureDataset, extra: Mapping[str, Any]) -> None:
@@ -259,6 +264,8 @@ def _publish(folder: Path, dataset: FeatureDataset, extra: Mapping[str, Any]) ->
             save_npy_atomic(staging / f"{split}.labels.npy", dataset.labels[split])
         if dataset.class_embeddings is not None:
             save_npy_atomic(staging / "class_embeddings.npy", dataset.class_embeddings)
+        for split, documents in (dataset.documents or {}).items():
+            save_npy_atomic(staging / f"{split}.documents.npy", documents)
         for name, payload in extra.items():
             (staging / name).write_bytes(payload)
         info = dict(dataset.info) | {"key": dataset.key}
@@ -279,13 +286,16 @@ def build_features(
     Args:
         corpus: token ids per split and the training vocabulary.
         config: encoder, budget and feature caps.
-        device: where to train and extract (default: CUDA when available). The device
-            is not part of the key: CPU and CUDA features differ only by rounding.
+        device: where to train and extract (default: CUDA when available). Its type is
+            part of the key: CPU and CUDA features differ by rounding, and a cache must not
+            serve one for the other.
         use_cache: reuse and write the cache under `cache_root`.
         log: called with one line per tenth of training.
         progress: optional progress reporting.
     """
-    key = content_key({"features": "context-mlp/1", "corpus": corpus.key, "config": asdict(config)})
+    device = torch.device(device) if device is not None else default_device()
+    key = content_key({"features": "context-mlp/2", "corpus": corpus.key, "config": asdict(config),
+                       "device_type": device.type})  # fmt: skip
     folder = cache_root() / "features" / key
     if use_cache:
         cached = load_feature_folder(folder)
@@ -294,12 +304,11 @@ def build_features(
     for split in SPLITS:
         if len(corpus.splits[split]) == 0:
             raise DataError(f"the {split} split of the corpus is empty")
-    device = torch.device(device) if device is not None else default_device()
     started = time.perf_counter()
     model, train_stats = _train_encoder(corpus, config, device, log, progress)
     train_seconds = time.perf_counter() - started
     rng = np.random.default_rng(config.seed)
-    features, labels, encoder_nll = {}, {}, {}
+    features, labels, encoder_nll, documents = {}, {}, {}, {}
     dtype = np.float16 if config.storage == "float16" else np.float32
     started = time.perf_counter()
     for split in SPLITS:
@@ -309,6 +318,9 @@ def build_features(
         h, encoder_nll[split] = _extract(model, ids, positions, device)
         features[split] = h.astype(dtype)
         labels[split] = ids[positions].astype(np.int32)
+        if corpus.documents is not None:  # positions are sorted, so documents stay contiguous runs of rows
+            starts = np.asarray(corpus.documents[split], dtype=np.int64)
+            documents[split] = (np.searchsorted(starts, positions, side="right") - 1).astype(np.int32)
     extract_seconds = time.perf_counter() - started
     embeddings = model.out.weight.detach().float().cpu().numpy()
     info = {
@@ -322,7 +334,7 @@ def build_features(
         "class_embeddings": "rows of the encoder's full-softmax output layer, in the feature space",
         **train_stats,
     }
-    dataset = FeatureDataset(corpus.vocab, features, labels, embeddings, key, info)
+    dataset = FeatureDataset(corpus.vocab, features, labels, embeddings, key, info, documents or None)
     if not use_cache:
         return dataset
     buffer = io.BytesIO()

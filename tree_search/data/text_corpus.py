@@ -7,6 +7,7 @@ non-blank line ends with an ``<eos>`` token, as in the usual word-level LM setup
 Files are streamed line by line into int32 arrays of provisional ids (one table of
 distinct tokens), never held as lists of strings; the training vocabulary then re-maps them.
 
+Documents (the units verdicts resample) are blocks of `BLOCK_LINES` consecutive lines.
 Splits: with ``valid`` and ``test`` files, each file is one split. With one file, lines
 are grouped in blocks of `BLOCK_LINES` consecutive lines, and block ``b`` goes to valid
 when ``u < valid_fraction``, to test when ``u < valid_fraction + test_fraction``, else to
@@ -109,7 +110,7 @@ def load_text_corpus(
             raise DataError(f"{path}: the file is empty ({split} split)")
     key = content_key(
         {
-            "corpus": "text/1",
+            "corpus": "text/2",  # 2: with document starts
             "files": {split: _file_digest(path) for split, path in files.items()},
             "single_file": len(files) == 1,
             "block_lines": BLOCK_LINES,
@@ -117,24 +118,30 @@ def load_text_corpus(
         }
     )
 
-    def split_lines() -> Iterator[tuple[str, list[str]]]:
+    def split_lines() -> Iterator[tuple[str, int, list[str]]]:
+        """(split, block, tokens) of every line."""
         if len(files) == 3:
             for split, path in files.items():
-                for _, tokens in _lines(path):
-                    yield split, tokens
+                for number, tokens in _lines(path):
+                    yield split, number // BLOCK_LINES, tokens
         else:
             for number, tokens in _lines(files["train"]):
                 block = number // BLOCK_LINES
-                yield _block_split(block, config.seed, config.valid_fraction, config.test_fraction), tokens
+                yield _block_split(block, config.seed, config.valid_fraction, config.test_fraction), block, tokens
 
     def build() -> TokenCorpus:
         index: dict[str, int] = {}
         table: list[str] = []
         ids = {split: array("i") for split in SPLITS}
         lines = dict.fromkeys(SPLITS, 0)
+        starts: dict[str, list[int]] = {split: [] for split in SPLITS}
+        last_block = dict.fromkeys(SPLITS, -1)
         advance = progress("reading text", sum(p.stat().st_size for p in files.values())) if progress else None
-        for split, tokens in split_lines():
+        for split, block, tokens in split_lines():
             out = ids[split]
+            if block != last_block[split]:
+                starts[split].append(len(out))
+                last_block[split] = block
             for token in tokens:
                 k = index.get(token)
                 if k is None:
@@ -155,6 +162,6 @@ def load_text_corpus(
             "files": {split: str(path) for split, path in files.items()},
             "lines": lines,
         }
-        return corpus_from_raw_ids(table, raw, config, info)
+        return corpus_from_raw_ids(table, raw, config, info, starts)
 
     return cached_corpus(cache_root() / "corpora" / f"text-{key}", use_cache, build)

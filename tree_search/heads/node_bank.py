@@ -34,7 +34,8 @@ import numpy as np
 
 from tree_search.data.cache import atomic_write_bytes, cache_root, content_key
 from tree_search.data.features import FeatureDataset
-from tree_search.heads.node_train import TRAINING_CODE_VERSION, NodeOutcome, NodeRecipe, training_dtype
+from tree_search.heads import node_train
+from tree_search.heads.node_train import NodeOutcome, NodeRecipe, training_dtype
 
 __all__ = ["NodeBank", "NodeRecord"]
 
@@ -68,7 +69,7 @@ class NodeBank:
     def __init__(self, dataset: FeatureDataset, recipe: NodeRecipe, device_type: str = "cpu", root: Path | None = None):
         self.namespace = {
             "bank": BANK_VERSION,
-            "code": TRAINING_CODE_VERSION,
+            "code": node_train.training_code_identity(),
             "dataset": dataset.key,
             "recipe": recipe.key_fields(),
             "device": device_type,

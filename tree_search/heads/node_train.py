@@ -30,6 +30,8 @@ over a handful of groups and the steps, never over nodes or samples.
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import math
 import platform
 from collections import OrderedDict
@@ -45,9 +47,23 @@ from tree_search.data.features import FeatureDataset, class_embeddings
 from tree_search.tree import Tree
 
 __all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "measurement_totals", "node_keys", "node_results",
-           "split_sample", "train_nodes", "training_dtype"]  # fmt: skip
+           "split_sample", "train_nodes", "training_code_identity", "training_dtype"]  # fmt: skip
 
-TRAINING_CODE_VERSION = "node-train/4"  # bump when a change alters any node's numbers
+_TRAINING_SOURCES = ("tree_search.heads.node_train", "tree_search.tree")  # the code that decides a node's numbers
+
+
+@functools.cache
+def training_code_identity() -> str:
+    """A hash of the source of the modules that train and score nodes: caches of trained results key on it.
+
+    Derived from the code itself, so no change to training can serve results of the old code
+    (an edited comment also changes it: a recomputation, never a stale answer).
+    """
+    digest = hashlib.sha256()
+    for name in _TRAINING_SOURCES:
+        digest.update(name.encode())
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return "node-train/" + digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -306,6 +322,7 @@ class NodeOutcome:
     train_tokens: np.ndarray  # (n,) int64: sampled train tokens below the node
     weights: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)  # row -> (W, b[, P]) at the best
     split_losses: np.ndarray | None = None  # (n,) loss sums on the scored split (``score_split``), at the best
+    split_row_losses: np.ndarray | None = None  # (N,) each scored row's loss summed over the nodes asked, at the best
     flops: float = 0.0  # useful floating-point operations (2 per multiply-add) of the matmuls, padding excluded
 
     @property
@@ -459,6 +476,7 @@ def train_nodes(
         s_rows, s_child, s_ptr = _node_pairs(tree, context.scored.labels, nodes)
         context.scored_pairs = (s_ptr, s_rows, s_child)
         outcome.split_losses = np.zeros(nodes.size)
+        context.scored_row_losses = torch.zeros(context.scored.labels.size, dtype=torch.float64, device=device)
     if recipe.init == "random" or projections:
         context.child_hashes = child_set_hashes(tree)
     if recipe.init == "embeddings":
@@ -472,6 +490,8 @@ def train_nodes(
         chunk = max(1, _CHUNK_BYTES[device.type == "cpu"] // (int(b) * dataset.dim * 4))
         for lo in range(0, members.size, chunk):
             _train_group(context, members[lo : lo + chunk], int(b), int(w), int(p), int(k), outcome)
+    if score_split is not None:
+        outcome.split_row_losses = context.scored_row_losses.cpu().numpy()
     return outcome
 
 
@@ -504,6 +524,7 @@ class _Context:
     child_hashes: np.ndarray | None = None  # `child_set_hashes` of the tree (random initialisation)
     scored: _Split | None = None  # a split every node is scored on at its best measurement
     scored_pairs: tuple | None = None  # its (ptr, rows, child) per node
+    scored_row_losses: torch.Tensor | None = None  # (N,) float64: each scored row's loss, summed over the nodes
 
 
 def _stream(ptr: np.ndarray, rows: np.ndarray, child: np.ndarray, members: np.ndarray, steps: int, batch: int,
@@ -610,7 +631,7 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
         s_rows, s_child, s_mask = _padded(ptr, rows, child, members)
         single = [p[:, None] for p in chosen]
         outcome.split_losses[members] = _loss_sums(single, column_mask, c.scored.features, s_rows, s_child, [s_mask],
-                                                   device)[:, 0]  # fmt: skip
+                                                   device, row_totals=c.scored_row_losses)[:, 0]  # fmt: skip
     if c.keep_weights:
         arrays = [p.cpu().numpy() for p in chosen]  # one copy per tensor, then views per node
         for i, row in enumerate(members):
@@ -665,11 +686,14 @@ def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, sca
                        beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)  # fmt: skip
 
 
-def _loss_sums(params, column_mask, features, rows, child, masks, device, budget: int | None = None) -> np.ndarray:
+def _loss_sums(params, column_mask, features, rows, child, masks, device, budget: int | None = None,
+               row_totals: torch.Tensor | None = None) -> np.ndarray:  # fmt: skip
     """(G, K*M) cross-entropy of each node at each of its M snapshots, summed over each of K sets of its tokens.
 
     ``masks`` are K (G, L) boolean arrays over the (padded) held-out tokens ``rows``: which
     tokens each sum takes (the two halves of the validation sample, or all real tokens).
+    ``row_totals`` (one snapshot, one mask): also add each token's loss, summed over the nodes,
+    into this (N,) float64 tensor indexed by row.
 
     ``params`` hold the snapshots stacked: W (G, M, Wd, din), b (G, M, Wd)[, P (G, M, p, d)]. Work is
     chunked over nodes and tokens so that no score tensor exceeds about ``budget`` numbers (a full softmax
@@ -678,6 +702,8 @@ def _loss_sums(params, column_mask, features, rows, child, masks, device, budget
     budget = budget or (1 << 23 if device.type == "cpu" else 1 << 28)  # a GPU holds a GB of scores easily
     W, bias = params[0], params[1]
     G, M, Wd, din = W.shape
+    if row_totals is not None and (M != 1 or len(masks) != 1):
+        raise ValueError(f"row totals take one snapshot and one mask, got {M} and {len(masks)}")
     L = rows.shape[1]
     out = np.zeros((G, len(masks) * M))
     per_token = M * max(Wd, din, features.shape[1])
@@ -704,5 +730,8 @@ def _loss_sums(params, column_mask, features, rows, child, masks, device, budget
                 logp = logp.double()
                 for j, mask in enumerate(masks):
                     keep = torch.from_numpy(mask[lo:hi, start:end]).to(device)[:, :, None]
-                    out[lo:hi, j * M : (j + 1) * M] -= torch.where(keep, logp, 0.0).sum(1).cpu().numpy()
+                    kept = torch.where(keep, logp, 0.0)
+                    out[lo:hi, j * M : (j + 1) * M] -= kept.sum(1).cpu().numpy()
+                    if row_totals is not None:
+                        row_totals.index_add_(0, index, -kept.reshape(-1))
     return out

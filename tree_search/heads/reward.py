@@ -25,6 +25,7 @@ from tree_search.builders import frequency_cutoffs, huffman
 from tree_search.cost import CostProfile, head_cost, node_costs
 from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset, default_device
+from tree_search.heads import node_train
 from tree_search.heads.node_bank import NodeBank
 from tree_search.heads.node_train import (
     NodeRecipe,
@@ -165,7 +166,7 @@ _BANKS: dict[tuple, NodeBank] = {}
 def node_bank(dataset: FeatureDataset, recipe: NodeRecipe, device: torch.device, root: Path | None = None) -> NodeBank:
     """The (process-wide) bank of ``dataset`` and ``recipe`` on this device class."""
     root = Path(root) if root is not None else cache_root() / "nodes"
-    key = (dataset.key, recipe, device.type, str(root))
+    key = (dataset.key, recipe, device.type, str(root), node_train.training_code_identity())
     if key not in _BANKS:
         _BANKS[key] = NodeBank(dataset, recipe, device.type, root)
     return _BANKS[key]
@@ -422,11 +423,13 @@ def score_test(
     device: torch.device | str | None = None,
     projections: Mapping[int, int] | None = None,
     bias_free_nodes: Collection[int] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Final-report scoring: train every node with ``config`` (pass a final seed, see `FINAL_SEED_OFFSET`), score test.
 
     The nodes keep their best validation measurement; the test NLL is measured on the
-    whole test split. Searches select on validation and never call this.
+    whole test split. Searches select on validation and never call this. Returns
+    ``valid_nll``, ``test_nll``, ``test_perplexity`` and ``test_row_nll``: (N,) float64, the
+    NLL of each test row in the split's order (its mean is ``test_nll``).
     """
     device = torch.device(device) if device is not None else default_device()
     outcome = train_nodes(tree, np.arange(tree.num_internal), dataset, config, projections=projections, device=device,
@@ -434,4 +437,5 @@ def score_test(
     rows = split_sample(dataset, "valid", config.valid_tokens, config.seed, device).labels.size
     test_rows = split_sample(dataset, "test", None, config.seed, device).labels.size
     test_nll = float(outcome.split_losses.sum() / test_rows)
-    return {"valid_nll": float(outcome.best.sum() / rows), "test_nll": test_nll, "test_perplexity": math.exp(test_nll)}
+    return {"valid_nll": float(outcome.best.sum() / rows), "test_nll": test_nll, "test_perplexity": math.exp(test_nll),
+            "test_row_nll": outcome.split_row_losses}  # fmt: skip
