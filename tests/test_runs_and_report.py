@@ -206,6 +206,18 @@ def test_cli_search_and_compare_end_to_end(tmp_path):
     assert bad.returncode == 1 and "a run folder?" in bad.stderr and not (tmp_path / "none").exists()
 
 
+def test_a_run_without_the_node_bank_resumes_with_plain_resume(tmp_path):
+    out = tmp_path / "no-bank"
+    args = ["search", "--agent", "random", "--env", "cutoffs", "--dataset", "planted", "--budget", "2", "--baselines",
+            "none", "--no-node-bank", "--no-compare", "--epochs", "1", "--out", str(out)]  # fmt: skip
+    first = subprocess.run([*CLI, *args], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert json.loads((out / "config.json").read_text())["node_bank"] is False
+    resumed = subprocess.run([*CLI, "search", "--resume", str(out), "--no-compare"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+
+
 def _check_the_adaptive_head_exports_to_pytorch(out: Path, tmp_path: Path) -> None:
     """A cutoffs search's best tree has PyTorch's adaptive shape: its bias-free head exports from the run folder."""
     import torch

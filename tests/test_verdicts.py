@@ -4,12 +4,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tree_search.data.features import BLOCK_ROWS, row_documents
 from tree_search.verdicts import (
-    BLOCK_ROWS,
     Comparison,
     FinalScores,
     classic_front_at,
-    document_of_rows,
     front_verdicts,
     time_verdicts,
     verdict_words,
@@ -81,13 +80,13 @@ def test_scores_refuse_mismatched_shapes():
 
 def test_test_documents_known_or_blocks():
     labels = {"test": np.zeros(2500, dtype=np.int32)}
-    ids, about = document_of_rows(SimpleNamespace(labels=labels, documents=None))
+    ids, about = row_documents(SimpleNamespace(labels=labels, documents=None), "test")
     assert about.startswith("blocks") and ids.max() == 2 and np.bincount(ids).tolist() == [BLOCK_ROWS] * 2 + [500]
     known = np.repeat([3, 7, 8], [1000, 1000, 500]).astype(np.int32)  # documents without kept rows are skipped
-    ids, about = document_of_rows(SimpleNamespace(labels=labels, documents={"test": known}))
+    ids, about = row_documents(SimpleNamespace(labels=labels, documents={"test": known}), "test")
     assert about == "documents" and np.bincount(ids).tolist() == [1000, 1000, 500]
     with pytest.raises(ValueError, match="shape"):
-        document_of_rows(SimpleNamespace(labels=labels, documents={"test": known[:10]}))
+        row_documents(SimpleNamespace(labels=labels, documents={"test": known[:10]}), "test")
 
 
 def _row(key, kind, cost, valid=None, time=None):

@@ -1135,7 +1135,7 @@ def search(
 
     import torch
 
-    from tree_search.agents.search import SearchConfig, run_search
+    from tree_search.agents.search import EXECUTION_FIELDS, SearchConfig, run_search
     from tree_search.data.planted import PlantedConfig
     from tree_search.envs import TreeEnvConfig
     from tree_search.heads.timing import check_cost_spec
@@ -1143,19 +1143,11 @@ def search(
     from tree_search.runs import Run
 
     check_cost_spec(cost_model, "cuda" if torch.cuda.is_available() else "cpu")  # before the search, not after it
+    # how the search runs (this session's flags, also on resume): the fields `EXECUTION_FIELDS` declares
+    execution = {name: click.get_current_context().params[name] for name in EXECUTION_FIELDS}
     if resume is not None:
         folder = resume
-        config = dataclasses.replace(
-            SearchConfig.from_json(Run(folder).config),
-            eval_workers=eval_workers,
-            ray_address=ray_address,
-            cpus_per_eval=cpus_per_eval,
-            gpus_per_eval=gpus_per_eval,
-            parallel=parallel,
-            env_runners=env_runners,
-            eval_batch=eval_batch,
-            node_bank=node_bank,
-        )
+        config = dataclasses.replace(SearchConfig.from_json(Run(folder).config), **execution)
     else:
         planted = PlantedConfig(num_classes=planted_classes, dim=16, signal=3.0, num_train=8000, num_valid=2000,
                                 num_test=2000)  # fmt: skip
@@ -1184,14 +1176,7 @@ def search(
             final_epochs=final_epochs,
             storage=storage,
             study=study,
-            eval_workers=eval_workers,
-            ray_address=ray_address,
-            cpus_per_eval=cpus_per_eval,
-            gpus_per_eval=gpus_per_eval,
-            parallel=parallel,
-            env_runners=env_runners,
-            eval_batch=eval_batch,
-            node_bank=node_bank,
+            **execution,
         )
         folder = out or Path("runs") / f"{agent}-{env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if config.env_config.dataset == "builtin":

@@ -8,7 +8,8 @@ Layout of ``runs/<name>/``::
                        its leaderboard line
     best_tree.json     the best searched tree so far by validation NLL (within the cap), tokens and counts too
     tb/                TensorBoard events (search/*, tree/*, policy/*)
-    final.json         test-split scores of the finalists (`tree-search compare`)
+    selection_free.json  per searcher label, a validation NLL its own choosing did not bias (dp's, cross-fitted)
+    final.json         test-split scores of the finalists, summed per test document (`tree-search compare`)
     report.md, *.png   the comparison report and its plots
 
 Nothing computed is lost on a crash: a line is on disk before the next evaluation starts,
@@ -21,7 +22,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,9 @@ from tree_search.export import TreeRecord, load_tree_json, save_tree_json
 from tree_search.heads.evaluator import Evaluation
 from tree_search.tree import Tree
 
-__all__ = ["Run", "RunError"]
+__all__ = ["SELECTION_FREE", "Run", "RunError"]
 
-
-_EXECUTION_FIELDS = {
-    "eval_workers",
-    "ray_address",
-    "cpus_per_eval",
-    "gpus_per_eval",
-    "parallel",
-    "env_runners",
-    "eval_batch",
-}  # may differ on resume
+SELECTION_FREE = "selection_free.json"  # searcher label -> its validation NLL free of its own selection
 
 
 class RunError(ValueError):
@@ -89,8 +81,16 @@ class Run:
         return f"measured:{own}" if parse_cost_spec(spec)[0] == "measured" and own.exists() else spec
 
     @classmethod
-    def create(cls, folder: str | os.PathLike[str], config: Mapping[str, Any], resume: bool = False) -> Run:
+    def create(
+        cls,
+        folder: str | os.PathLike[str],
+        config: Mapping[str, Any],
+        resume: bool = False,
+        may_differ: Collection[str] = (),
+    ) -> Run:
         """Start a run (or resume it when ``resume``), writing or checking ``config.json``.
+
+        ``may_differ``: fields a resumed run may change (how it runs, not what it searches).
 
         Raises:
             RunError: when the folder already holds results and ``resume`` is false, or
@@ -104,7 +104,7 @@ class Run:
                 raise RunError(f"{config_path}: nothing to resume (no config.json)")
             stored = json.loads(config_path.read_text(encoding="utf-8"))
             changed = sorted(
-                k for k in set(stored) | set(plain) if k not in _EXECUTION_FIELDS and stored.get(k) != plain.get(k)
+                k for k in set(stored) | set(plain) if k not in may_differ and stored.get(k) != plain.get(k)
             )
             if changed:
                 raise RunError(f"{config_path}: the resumed run was configured differently in {changed}")

@@ -12,7 +12,8 @@ is a win or a loss only when the interval excludes 0, else a tie.
 What the interval ignores: the finite number of seeds (resampling 3 seeds underestimates
 their variance by a third), the training recipe (fixed), and that the trees were chosen on
 the validation split (which the test split does not share). Where a dataset does not know its
-documents (features given as arrays), contiguous blocks of `BLOCK_ROWS` test rows stand in.
+documents (features given as arrays), contiguous blocks of rows stand in
+(`tree_search.data.features.row_documents`).
 """
 
 from __future__ import annotations
@@ -27,40 +28,22 @@ import numpy as np
 
 __all__ = [
     "ADAPTIVE_SHAPES",
-    "BLOCK_ROWS",
     "Comparison",
     "DRAWS",
     "FinalScores",
     "classic_front_at",
     "front_verdicts",
     "pareto",
-    "document_of_rows",
     "front_on_test",
     "time_verdicts",
     "verdict_words",
 ]
 
-BLOCK_ROWS = 1_000  # test rows per stand-in document when a dataset does not know its documents
 DRAWS = 4_000  # bootstrap draws: the percentiles of a 95% interval move by about 0.1 of its half-width
 LEVEL = 0.95
 
 # PyTorch's `AdaptiveLogSoftmaxWithLoss` shapes (its usual cutoffs, and Grave et al.'s cost-optimal ones)
 ADAPTIVE_SHAPES = ("adaptive", "adaptive-50", "adaptive-10", "grave-2", "grave-3", "grave-4")
-
-
-def document_of_rows(dataset: Any) -> tuple[np.ndarray, str]:
-    """(N,) document of each test row, numbered 0..D-1 in order, and what the documents are.
-
-    The dataset's own (`FeatureDataset.documents`), else contiguous blocks of `BLOCK_ROWS` rows.
-    """
-    n = int(np.asarray(dataset.labels["test"]).shape[0])
-    known = getattr(dataset, "documents", None)
-    if known is not None and "test" in known:
-        ids = np.asarray(known["test"], dtype=np.int64)
-        if ids.shape != (n,):
-            raise ValueError(f"the dataset's test documents have shape {ids.shape}, its test labels ({n},)")
-        return np.unique(ids, return_inverse=True)[1].astype(np.int64), "documents"
-    return np.arange(n, dtype=np.int64) // BLOCK_ROWS, f"blocks of {BLOCK_ROWS:,} contiguous rows"
 
 
 @dataclass(frozen=True)

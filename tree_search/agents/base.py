@@ -61,3 +61,11 @@ class Searcher(ABC):
     @abstractmethod
     def search(self) -> Iterator[Evaluation]:
         """Yield each counted evaluation as it arrives, until `done`."""
+
+    def selection_free_nll(self) -> float | None:
+        """A validation NLL of this search's choice that its own choosing did not bias, if the searcher has one.
+
+        None (the default): the searcher's best tree is reported at its validation NLL, which
+        the choice of the best among many makes optimistic.
+        """
+        return None

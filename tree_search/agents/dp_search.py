@@ -7,9 +7,13 @@ that completes each part ``P_i`` by its own rule ``c_i`` are
 
     NLL = root(r) + sum_i L(P_i, c_i),     cost = root_cost(r) + sum_i C(P_i, c_i),
 
-and the best choice of ``c_1..c_k`` under a cap is a multiple-choice knapsack, solved by
-Lagrangian relaxation (each part independently minimises ``L + lambda C``; ``lambda`` by
-bisection). Every ``L(P_i, c)`` is measured once: the tree that completes *all* parts of
+and the best choice of ``c_1..c_k`` under a cap is a multiple-choice knapsack, solved exactly
+(`choose_completions`: dynamic programming over the Pareto front of partial choices). So dp
+is optimal over a two-level grammar: one root rule, and for each of its parts one completion
+rule applied recursively inside it (a homogeneous subtree), among the completions it measured;
+it is not optimal over deeper plans (a rule per part of a part).
+
+Every ``L(P_i, c)`` is measured once: the tree that completes *all* parts of
 ``r`` by ``c`` is evaluated (through the evaluator, so it counts against the budget like any
 searcher's tree), and its nodes' losses are read from the node bank, summed per part.
 
@@ -67,44 +71,87 @@ class _Measured:
     members: list[np.ndarray]  # the root split's parts
     root_loss: float = math.nan
     root_cost: float = math.nan
+    root_halves: np.ndarray = field(default_factory=lambda: np.full(2, math.nan))  # the root's terms per half
     loss: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (parts,) NLL share per part
     cost: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (parts,) cost share per part
+    halves: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (2, parts): `loss` per half
 
 
-def choose_completions(
-    loss: np.ndarray, cost: np.ndarray, budget: float, iterations: int = 60
-) -> tuple[np.ndarray, float, float] | None:
-    """The completion of each part minimising the summed loss with summed cost at most ``budget``.
+def choose_completions(loss: np.ndarray, cost: np.ndarray, budget: float) -> tuple[np.ndarray, float, float] | None:
+    """The completion of each part minimising the summed loss with summed cost at most ``budget``: exact.
+
+    A multiple-choice knapsack, solved by dynamic programming over the parts: after each part,
+    only the partial choices on the Pareto front of (cost, loss) are kept (a partial choice
+    that costs more and loses more than another can never complete to a better whole, since
+    the remaining parts add the same costs and losses to both), none whose cost plus the
+    cheapest completion of the remaining parts exceeds the budget, and none whose loss plus the
+    lowest loss of the remaining parts exceeds that of a good feasible choice found first
+    (`_lagrangian_choice`). Each rule only drops partial choices the optimum cannot extend, so
+    the result is exact, with no discretised cost.
 
     Args:
         loss: (options, parts) loss of each option for each part (NaN: not measured).
         cost: (options, parts) their costs (NaN: not measured).
         budget: the cost left for the parts.
-        iterations: bisection steps on the Lagrange multiplier.
 
     Returns:
         ``(choice (parts,), loss, cost)``, or None when even the cheapest choice exceeds the budget.
-        Lagrangian relaxation: exact at the ``lambda`` found, up to the duality gap of the knapsack.
     """
-    loss = np.where(np.isnan(loss), np.inf, loss)
-    cost = np.where(np.isnan(cost), np.inf, cost)
+    unmeasured = np.isnan(loss) | np.isnan(cost)
+    loss = np.where(unmeasured, np.inf, loss)
+    cost = np.where(unmeasured, np.inf, cost)
+    parts = loss.shape[1]
+    limit = budget * (1 + 1e-12)
+    # the cheapest completion of parts j.. (for pruning partial choices that cannot fit)
+    rest = np.append(np.cumsum(cost.min(0)[::-1])[::-1], 0.0)
+    if rest[0] > limit:
+        return None
+    incumbent = _lagrangian_choice(loss, cost, budget)
+    bound = loss[incumbent, np.arange(parts)].sum()
+    bound += 1e-12 * abs(bound)  # never drop the incumbent itself to rounding
+    rest_loss = np.append(np.cumsum(loss.min(0)[::-1])[::-1], 0.0)
+    front_cost, front_loss = np.zeros(1), np.zeros(1)
+    parents: list[np.ndarray] = []  # per part: (state's previous state, its option)
+    for j in range(parts):
+        options = np.flatnonzero(np.isfinite(cost[:, j]) & np.isfinite(loss[:, j]))
+        new_cost = (front_cost[:, None] + cost[options, j][None, :]).ravel()
+        new_loss = (front_loss[:, None] + loss[options, j][None, :]).ravel()
+        previous = np.repeat(np.arange(front_cost.size), options.size)
+        option = np.tile(options, front_cost.size)
+        fits = (new_cost + rest[j + 1] <= limit) & (new_loss + rest_loss[j + 1] <= bound)
+        new_cost, new_loss, previous, option = new_cost[fits], new_loss[fits], previous[fits], option[fits]
+        order = np.lexsort((new_loss, new_cost))  # by cost, then loss
+        running = np.minimum.accumulate(new_loss[order])
+        keep = order[np.concatenate([[True], new_loss[order][1:] < running[:-1]])]  # strictly better than cheaper
+        front_cost, front_loss = new_cost[keep], new_loss[keep]
+        parents.append(np.stack([previous[keep], option[keep]]))
+    state = int(np.argmin(front_loss))
+    total_loss, total_cost = float(front_loss[state]), float(front_cost[state])
+    choice = np.empty(parts, dtype=np.int64)
+    for j in range(parts - 1, -1, -1):
+        state, choice[j] = int(parents[j][0, state]), int(parents[j][1, state])
+    return choice, total_loss, total_cost
+
+
+def _lagrangian_choice(loss: np.ndarray, cost: np.ndarray, budget: float, iterations: int = 60) -> np.ndarray:
+    """A good feasible choice, fast (Lagrangian relaxation, greedy upgrades): the bound `choose_completions` prunes by.
+
+    ``loss`` and ``cost`` hold inf where unmeasured; the cheapest choice must fit the budget.
+    """
     cheapest = cost.argmin(0)
     columns = np.arange(loss.shape[1])
-    if cost[cheapest, columns].sum() > budget * (1 + 1e-12):
-        return None
 
     def pick(lam: float) -> np.ndarray:
         return np.argmin(loss + lam * cost, axis=0)
 
-    choice = pick(0.0)
+    choice = np.argmin(loss, axis=0)
     if cost[choice, columns].sum() <= budget:
-        return choice, float(loss[choice, columns].sum()), float(cost[choice, columns].sum())
+        return choice
     low, high = 0.0, 1.0
     while cost[pick(high), columns].sum() > budget:
         high *= 4
         if high > 1e30:
-            choice = cheapest
-            return choice, float(loss[choice, columns].sum()), float(cost[choice, columns].sum())
+            return cheapest
     for _ in range(iterations):
         middle = 0.5 * (low + high)
         if cost[pick(middle), columns].sum() > budget:
@@ -128,7 +175,7 @@ def choose_completions(
         o = min(uniform, key=lambda o: loss[o].sum())
         if loss[o].sum() < loss[choice, columns].sum():
             choice = np.full(loss.shape[1], o)
-    return choice, float(loss[choice, columns].sum()), float(cost[choice, columns].sum())
+    return choice
 
 
 class DPSearcher(Searcher):
@@ -184,9 +231,9 @@ class DPSearcher(Searcher):
         return self.measured[rule]
 
     def _node_values(self, tree: Tree) -> tuple[np.ndarray, np.ndarray]:
-        """(I,) each node's NLL share and cost share, from the bank (the evaluator has just trained them)."""
+        """(I, 2) each node's NLL share per validation half and (I,) its cost share, from the bank (just trained)."""
         shares, _ = node_nll_shares(tree, self.dataset, self.config.train, seeds=self.config.seeds,
-                                    device=self.device, use_bank=self.use_bank)  # fmt: skip
+                                    device=self.device, use_bank=self.use_bank, halves=True)  # fmt: skip
         return shares, node_costs(tree, self.counts, self.dim, model=self.cost_model)
 
     def _measure(self, root: SplitRule, completion: SplitRule) -> Evaluation | None:
@@ -199,30 +246,60 @@ class DPSearcher(Searcher):
         if not evaluation.ok:
             entry.loss[completion] = np.full(len(entry.parts), math.nan)
             entry.cost[completion] = np.full(len(entry.parts), math.nan)
+            entry.halves[completion] = np.full((2, len(entry.parts)), math.nan)
             return evaluation
-        loss, cost = self._node_values(tree)
+        halves, cost = self._node_values(tree)
+        loss = halves.sum(1)
         # the root's children that are internal nodes, in the order of the root split's parts (by smallest member)
         kids = [c - tree.num_classes for c in tree.children(0) if c >= tree.num_classes]
         smallest = {int(tree.min_leaf[node]): node for node in kids}
         nodes = [smallest[int(entry.members[i].min())] for i in entry.parts]
         assert all(tree.subtree_size[n] == entry.members[i].size for n, i in zip(nodes, entry.parts, strict=True))
-        entry.root_loss, entry.root_cost = float(loss[0]), float(cost[0])
+        entry.root_loss, entry.root_cost, entry.root_halves = float(loss[0]), float(cost[0]), halves[0].copy()
         entry.loss[completion] = tree.node_subtree_sums(loss)[nodes]  # each part's whole subtree
         entry.cost[completion] = tree.node_subtree_sums(cost)[nodes]
+        entry.halves[completion] = np.stack([tree.node_subtree_sums(halves[:, h])[nodes] for h in (0, 1)])
         return evaluation
 
     # ------------------------------------------------------------------ the search
-    def _knapsack(self, entry: _Measured) -> tuple[dict[int, SplitRule], float] | None:
-        """The best measured completion of each part of ``entry`` within the cap, and the tree's predicted NLL."""
+    def _knapsack(self, entry: _Measured, half: int | None = None) -> tuple[dict[int, SplitRule], float] | None:
+        """The best measured completion of each part of ``entry`` within the cap, and the tree's predicted NLL.
+
+        ``half``: choose on that validation half's terms alone (the NLL returned is then that half's term).
+        """
         if not entry.loss or math.isnan(entry.root_loss):
             return None
         options = list(entry.loss)
-        best = choose_completions(np.stack([entry.loss[o] for o in options]),
-                                  np.stack([entry.cost[o] for o in options]), self.cap - entry.root_cost)  # fmt: skip
+        loss = [entry.loss[o] if half is None else entry.halves[o][half] for o in options]
+        root = entry.root_loss if half is None else float(entry.root_halves[half])
+        best = choose_completions(np.stack(loss), np.stack([entry.cost[o] for o in options]),
+                                  self.cap - entry.root_cost)  # fmt: skip
         if best is None:
             return None
-        choice, loss, _ = best
-        return {part: options[c] for part, c in zip(entry.parts, choice, strict=True)}, entry.root_loss + loss
+        choice, total, _ = best
+        return {part: options[c] for part, c in zip(entry.parts, choice, strict=True)}, root + total
+
+    def selection_free_nll(self) -> float | None:
+        """The validation NLL of dp's choice at the cap, cross-fitted over the two validation halves.
+
+        dp's own figure is optimistic: the knapsack picks, for every part, the completion with
+        the lowest loss on the very rows it then reports. Here the whole choice (root rule and
+        completions) is made on one half's terms and scored on the other half's, both ways; the
+        two scores sum to an NLL over the whole sample that the choosing did not see. It
+        estimates the NLL of dp's procedure: its tree (chosen on both halves) can differ.
+        """
+        total = 0.0
+        for choose, score in ((0, 1), (1, 0)):
+            picks = [(entry, found) for entry in self.measured.values()
+                     if (found := self._knapsack(entry, half=choose)) is not None]  # fmt: skip
+            if not picks:
+                return None
+            entry, (completions, _) = min(picks, key=lambda pick: pick[1][1])
+            index = {part: k for k, part in enumerate(entry.parts)}
+            total += float(entry.root_halves[score]) + sum(
+                float(entry.halves[rule][score, index[part]]) for part, rule in completions.items()
+            )
+        return total
 
     def _objective(self, entry: _Measured) -> float:
         """The best NLL the measured completions of ``entry`` reach within the cap (inf: none fits)."""

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,11 @@ from tree_search.envs import ENV_IDS, TreeEnvConfig, load_env_dataset, make_env
 from tree_search.heads.evaluator import Evaluation, Evaluator, LocalEvaluator
 from tree_search.heads.reward import full_softmax_cost, huffman_cost
 from tree_search.heads.timing import resolve_cost
-from tree_search.runs import Run
+from tree_search.runs import SELECTION_FREE, Run
 from tree_search.tree import Tree
 
-__all__ = ["AGENTS", "NODE_AGENTS", "RLLIB_AGENTS", "PolicyConfig", "SearchConfig", "make_searcher", "run_search"]
+__all__ = ["AGENTS", "EXECUTION_FIELDS", "NODE_AGENTS", "RLLIB_AGENTS", "PolicyConfig", "SearchConfig", "make_searcher",
+           "run_search"]  # fmt: skip
 
 RLLIB_AGENTS = ("ppo", "appo")
 NODE_AGENTS = ("dp", "jtm")  # searchers that read trained nodes from this machine's node bank
@@ -45,6 +46,9 @@ class PolicyConfig:
     hidden: tuple[int, ...] = (64, 64)  # hidden layers of policy and value networks
 
 
+_EXECUTION = {"execution": True}
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Everything a run needs; stored in ``config.json`` and checked on resume."""
@@ -64,15 +68,19 @@ class SearchConfig:
     final_epochs: float | None = None  # training epochs of the final scoring (None: 2x the search's)
     storage: str | None = None  # Optuna storage URL (default: sqlite:///<run>/optuna.db)
     study: str | None = None  # Optuna study name (default: "<agent>-<env>"); processes sharing it cooperate
-    # --- execution (may change when a run is resumed elsewhere)
-    eval_workers: int = 0  # Ray actors training heads; 0 trains in this process
-    ray_address: str | None = None  # "auto", "ray://host:port" or None for a local Ray instance
-    cpus_per_eval: float = 1.0  # CPUs each evaluation actor holds
-    gpus_per_eval: float = 0.0  # GPU share each evaluation actor holds (e.g. 0.25: four per GPU)
-    parallel: int | None = None  # Optuna trials played at once (default: eval_workers, at least 1)
-    env_runners: int = 0  # RLlib: Ray actors sampling episodes (0: in the driver process)
-    eval_batch: int = 1  # most evaluations sent to a Ray actor in one call
-    node_bank: bool = True  # reuse trained nodes across trees and runs (False: train every node of every tree)
+    # --- execution: how the search runs, not what it searches; a resumed run may change these (`EXECUTION_FIELDS`)
+    eval_workers: int = field(default=0, metadata=_EXECUTION)  # Ray actors training heads; 0 trains in this process
+    # "auto", "ray://host:port" or None for a local Ray instance
+    ray_address: str | None = field(default=None, metadata=_EXECUTION)
+    cpus_per_eval: float = field(default=1.0, metadata=_EXECUTION)  # CPUs each evaluation actor holds
+    # GPU share each evaluation actor holds (e.g. 0.25: four per GPU)
+    gpus_per_eval: float = field(default=0.0, metadata=_EXECUTION)
+    # Optuna trials played at once (default: eval_workers, at least 1)
+    parallel: int | None = field(default=None, metadata=_EXECUTION)
+    env_runners: int = field(default=0, metadata=_EXECUTION)  # RLlib: Ray actors sampling episodes (0: the driver)
+    eval_batch: int = field(default=1, metadata=_EXECUTION)  # most evaluations sent to a Ray actor in one call
+    # reuse trained nodes across trees and runs (False: train every node of every tree; the numbers are the same)
+    node_bank: bool = field(default=True, metadata=_EXECUTION)
 
     def __post_init__(self) -> None:
         if self.agent not in AGENTS:
@@ -161,6 +169,9 @@ class SearchConfig:
         return cls(**values)
 
 
+EXECUTION_FIELDS = tuple(f.name for f in fields(SearchConfig) if f.metadata.get("execution"))
+
+
 def make_searcher(
     config: SearchConfig, evaluator: Evaluator, run: Run, dataset: FeatureDataset, label: str | None = None
 ) -> Searcher:
@@ -242,7 +253,7 @@ def run_search(
 
     Returns the `Run`. Interrupting (Ctrl-C) loses nothing: resume with ``resume=True``.
     """
-    run = Run.create(out, config.to_json(), resume=resume)
+    run = Run.create(out, config.to_json(), resume=resume, may_differ=EXECUTION_FIELDS)
     dataset = load_env_dataset(config.env_config)
     cost_model = resolve_cost(run.cost_spec(config.env_config.cost), dim=dataset.dim,
                               device_type=default_device().type)  # fmt: skip
@@ -331,6 +342,9 @@ def run_search(
             searcher = make_searcher(search, evaluator, run, dataset, label=label)
             for _ in searcher.search():
                 pass
+            estimate = searcher.selection_free_nll()
+            if estimate is not None:  # the report shows it beside the searcher's own, optimistic, figure
+                run.write_json(SELECTION_FREE, {**(run.read_json(SELECTION_FREE) or {}), label: estimate})
             if log and not evaluator.exhausted:
                 log(f"{label}: stopped with {evaluator.remaining} of its budget unused (its time ran out, or no new "
                     f"tree within the cap came in as many tries as its searcher allows)")  # fmt: skip

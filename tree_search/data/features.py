@@ -42,7 +42,10 @@ __all__ = [
     "class_embeddings",
     "default_device",
     "load_feature_folder",
+    "row_documents",
 ]
+
+BLOCK_ROWS = 1_000  # rows per stand-in document when a dataset does not know its documents
 
 
 def default_device() -> torch.device:
@@ -154,6 +157,22 @@ class FeatureDataset:
     def counts(self) -> np.ndarray:
         """(V,) training counts of the classes (what count-based builders read)."""
         return self.vocab.counts
+
+
+def row_documents(dataset: FeatureDataset, split: str) -> tuple[np.ndarray, str]:
+    """(N,) the document of each row of ``split``, numbered 0..D-1 in order, and what the documents are.
+
+    The dataset's own (`FeatureDataset.documents`; documents without rows are skipped), else
+    contiguous blocks of `BLOCK_ROWS` rows (features given as arrays know no documents).
+    """
+    n = int(np.asarray(dataset.labels[split]).shape[0])
+    known = getattr(dataset, "documents", None)
+    if known is not None and split in known:
+        ids = np.asarray(known[split], dtype=np.int64)
+        if ids.shape != (n,):
+            raise DataError(f"the dataset's {split} documents have shape {ids.shape}, its {split} labels ({n},)")
+        return np.unique(ids, return_inverse=True)[1].astype(np.int64), "documents"
+    return np.arange(n, dtype=np.int64) // BLOCK_ROWS, f"blocks of {BLOCK_ROWS:,} contiguous rows"
 
 
 _CLASS_MEANS: dict[str, np.ndarray] = {}  # dataset key -> per-class mean features (a memo)

@@ -43,27 +43,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from tree_search.data.features import FeatureDataset, class_embeddings
+from tree_search.data.features import FeatureDataset, class_embeddings, row_documents
 from tree_search.tree import Tree
 
-__all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "measurement_totals", "node_keys", "node_results",
-           "split_sample", "train_nodes", "training_code_identity", "training_dtype"]  # fmt: skip
+__all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "measurement_totals", "node_keys", "node_result_halves",
+           "node_results", "split_sample", "train_nodes", "training_code_identity", "training_dtype"]  # fmt: skip
 
 _TRAINING_SOURCES = ("tree_search.heads.node_train", "tree_search.tree")  # the code that decides a node's numbers
 
 
-@functools.cache
+def _source_identity() -> str:
+    digest = hashlib.sha256()
+    for name in _TRAINING_SOURCES:
+        digest.update(name.encode())
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return "node-train/" + digest.hexdigest()[:16]
+
+
+_IDENTITY = _source_identity()  # read when this module is imported: the code that runs, even if edited since
+
+
 def training_code_identity() -> str:
     """A hash of the source of the modules that train and score nodes: caches of trained results key on it.
 
     Derived from the code itself, so no change to training can serve results of the old code
     (an edited comment also changes it: a recomputation, never a stale answer).
     """
-    digest = hashlib.sha256()
-    for name in _TRAINING_SOURCES:
-        digest.update(name.encode())
-        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
-    return "node-train/" + digest.hexdigest()[:16]
+    return _IDENTITY
 
 
 @dataclass(frozen=True)
@@ -248,6 +254,7 @@ def _bias_free_mask(tree: Tree, bias_free_nodes: Collection[int] | None) -> np.n
 class _Split:
     features: torch.Tensor  # (N, d) on the device, float32
     labels: np.ndarray  # (N,) int64
+    documents: np.ndarray  # (N,) int64: each row's document (`row_documents`)
     _cast: dict = field(default_factory=dict, compare=False, repr=False)
 
     def features_as(self, dtype: torch.dtype) -> torch.Tensor:
@@ -281,7 +288,8 @@ def split_sample(dataset: FeatureDataset, split: str, size: int | None, seed: in
         rows = np.sort(rows)  # order is irrelevant for scoring; sorted reads the memory map in order
     features = torch.from_numpy(np.asarray(dataset.features[split][np.sort(rows)], dtype=np.float32))
     features = features[torch.from_numpy(np.argsort(np.argsort(rows)))] if split == "train" else features
-    sample = _Split(features.to(device), np.asarray(dataset.labels[split])[rows].astype(np.int64))
+    documents = row_documents(dataset, split)[0][rows]
+    sample = _Split(features.to(device), np.asarray(dataset.labels[split])[rows].astype(np.int64), documents)
     _SAMPLES[key] = sample
     while len(_SAMPLES) > 6:
         _SAMPLES.popitem(last=False)
@@ -345,10 +353,22 @@ def node_results(losses: np.ndarray) -> np.ndarray:
     the sum is not biased low by the choice (the lowest of M noisy measurements of the
     same tokens would be), and a tree's reward is still the sum of its nodes' results.
     """
+    return node_result_halves(losses).sum(1)
+
+
+def node_result_halves(losses: np.ndarray) -> np.ndarray:
+    """(n, 2) the two terms of each node's result (`node_results`): measured on half A, and on half B.
+
+    Half A's term is its loss at the measurement best on half B, and the other way round; a
+    half with no tokens below a node chooses nothing, and the other half's term then takes the
+    last measurement (the fully trained weights), so no choice is ever judged on its own tokens.
+    """
     M = losses.shape[1] // 2
     half_a, half_b = losses[:, :M], losses[:, M:]
     rows = np.arange(losses.shape[0])
-    return half_b[rows, half_a.argmin(1)] + half_a[rows, half_b.argmin(1)]
+    best_a = np.where(np.all(half_a == 0, axis=1), M - 1, half_a.argmin(1))
+    best_b = np.where(np.all(half_b == 0, axis=1), M - 1, half_b.argmin(1))
+    return np.stack([half_a[rows, best_b], half_b[rows, best_a]], axis=1)
 
 
 def step_scale(fanout: np.ndarray) -> np.ndarray:
@@ -615,8 +635,10 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
             )
     stacked = [torch.stack([snap[i] for snap in snapshots], 1) for i in range(len(params))]  # (G, M, ...)
     v_rows, v_child, v_mask = _padded(c.valid_pairs[2], c.valid_pairs[0], c.valid_pairs[1], members)
-    # the validation sample's two halves: its even and odd rows (a random sample, so both spread over the split)
-    halves = [v_mask & (v_rows % 2 == 0), v_mask & (v_rows % 2 == 1)]
+    # the validation sample's two halves: the rows of its even and of its odd documents, so that a choice made on
+    # one half is judged on documents that took no part in it (tokens of one document are correlated)
+    odd = (c.valid.documents % 2 == 1)[v_rows]
+    halves = [v_mask & ~odd, v_mask & odd]
     losses = _loss_sums(stacked, column_mask, c.valid.features, v_rows, v_child, halves, device)  # (G, 2M)
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(f"non-finite validation loss in {int((~np.isfinite(losses)).any(1).sum())} node(s)")

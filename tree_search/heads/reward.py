@@ -32,6 +32,7 @@ from tree_search.heads.node_train import (
     child_set_hashes,
     measurement_totals,
     node_keys,
+    node_result_halves,
     node_results,
     split_sample,
     train_nodes,
@@ -142,12 +143,14 @@ def node_nll_shares(
     device: torch.device,
     use_bank: bool = True,
     nodes: np.ndarray | None = None,
+    halves: bool = False,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Each node's share of the validation NLL: its cross-fitted result (`node_results`) per token, mean over seeds.
 
     `evaluate`'s arithmetic, node by node: a tree's NLL is the sum of its nodes' shares.
-    ``nodes`` restricts it to some internal nodes (as `node_losses`). Returns the shares
-    and the node counters summed over the seeds (trained now, reused from the bank).
+    ``nodes`` restricts it to some internal nodes (as `node_losses`). ``halves``: (I, 2) shares,
+    the terms measured on each validation half (`node_result_halves`), which sum to the share.
+    Returns the shares and the node counters summed over the seeds (trained now, reused from the bank).
     """
     shares, counters = [], {"nodes_trained": 0, "nodes_reused": 0}
     for seed in range(recipe.seed, recipe.seed + seeds):
@@ -155,7 +158,7 @@ def node_nll_shares(
         losses, used = node_losses(tree, dataset, seeded, projections=projections, device=device,
                                    use_bank=use_bank, nodes=nodes)  # fmt: skip
         rows = split_sample(dataset, "valid", seeded.valid_tokens, seed, device).labels.size
-        shares.append(node_results(losses) / rows)
+        shares.append((node_result_halves(losses) if halves else node_results(losses)) / rows)
         counters = {k: counters[k] + int(used[k]) for k in counters}
     return np.mean(shares, axis=0), counters
 
