@@ -11,7 +11,7 @@ from tree_search.agents.dp_search import DPSearcher, choose_completions
 from tree_search.builders import huffman
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.heads import NodeRecipe
+from tree_search.heads import NodeRecipe, evaluate
 from tree_search.heads.evaluator import LocalEvaluator
 
 QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
@@ -63,8 +63,12 @@ def test_dp_trees_are_predicted_exactly_and_beat_the_classic_trees_under_the_cap
     # the knapsack's trees were predicted from node losses of *other* trees: exact to float rounding, which
     # needs node-exact training and splits that depend on a group's content only
     assert searcher.predictions, "no knapsack tree was evaluated"
-    for predicted, evaluated in searcher.predictions:
+    for predicted, evaluated, _ in searcher.predictions:
         assert predicted == pytest.approx(evaluated, rel=1e-9, abs=1e-9)
+    # ... and against the last knapsack tree trained from scratch, without the bank (not the rows it was predicted from)
+    predicted, _, tree = searcher.predictions[-1]
+    fresh = evaluate(tree, dataset, QUICK, device="cpu", use_cache=False)
+    assert fresh.extra["nodes_reused"] == 0 and predicted == pytest.approx(fresh.valid_nll, rel=1e-6)
     counts = dataset.counts
     cap = CONFIG.cost_cap * huffman(counts, 2).expected_cost(counts, dataset.dim) / (dataset.num_classes * dataset.dim)
     best = min((e for e in found if e.cost_ratio <= cap * (1 + 1e-9)), key=lambda e: e.valid_nll)

@@ -60,7 +60,6 @@ def test_a_tree_nll_is_the_sum_of_its_node_losses_and_equals_the_head(planted, i
             direct = -head.log_prob(valid.features.float(), torch.from_numpy(valid.labels)).mean().item()
         at_best = node_train.measurement_totals(outcome.losses).min(1).sum() / valid.labels.size
         assert direct == pytest.approx(at_best, rel=1e-5), name
-        assert result.valid_nll >= at_best  # the reward is cross-fitted: never below the in-sample best
 
 
 def test_a_node_result_is_cross_fitted_over_the_two_validation_halves():
@@ -373,8 +372,12 @@ def test_bf16_training_stays_node_exact_and_close_to_fp32(wide):
     # both read bfloat16 features (the wide node also multiplies in bfloat16): close to float32, not equal
     for key in (wide_key, pair_key):
         assert not np.allclose(low[key][0][1:], full[key][0][1:], rtol=1e-6, atol=0)
-        np.testing.assert_allclose(low[key][0], full[key][0], rtol=0.02)
+        np.testing.assert_allclose(low[key][0], full[key][0], rtol=0.005)
     np.testing.assert_allclose(low[wide_key][0][0], full[wide_key][0][0], rtol=1e-9)  # the initial weights: no step
+    # the README's claim, per tree: bfloat16 moves a tree's validation NLL by at most 0.0002 nats/token
+    for tree in (a, b, builders.huffman(wide.counts, 2), builders.huffman(wide.counts, 8)):
+        nll = {p: evaluate(tree, dataset, r, device="cpu", use_cache=False).valid_nll for p, r in recipe.items()}
+        assert abs(nll["bf16"] - nll["fp32"]) <= 2e-4, nll
 
 
 def test_training_is_deterministic(planted):

@@ -212,7 +212,7 @@ class DPSearcher(Searcher):
         self.completions += [r for r in rules if r not in self.completions]
         self.measured: dict[SplitRule, _Measured] = {}
         self._splits: dict = {}  # group splits by (rule, content), shared by all trees of the search
-        self.predictions: list[tuple[float, float]] = []  # (predicted NLL, evaluated NLL) of knapsack trees
+        self.predictions: list[tuple[float, float, Tree]] = []  # (predicted NLL, evaluated NLL, tree) of knapsack trees
 
     # ------------------------------------------------------------------ building and measuring
     def _tree(self, root: SplitRule, completion: dict[int, SplitRule] | SplitRule) -> Tree:
@@ -315,7 +315,7 @@ class DPSearcher(Searcher):
         tree = self._tree(entry.rule, completions)
         evaluation = self.evaluator.evaluate(tree, searcher=self.label)
         if evaluation.ok:
-            self.predictions.append((predicted, evaluation.valid_nll))
+            self.predictions.append((predicted, evaluation.valid_nll, tree))
         return evaluation
 
     def search(self) -> Iterator[Evaluation]:
