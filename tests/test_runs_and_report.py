@@ -299,6 +299,12 @@ def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
     report = (run.folder / "report.md").read_text()
     assert "## Per cost cap" in report and "| 1x |" in report and "| 3x |" in report
     assert (run.folder / "fronts.png").stat().st_size > 1000
+    # the share of the gap from binary Huffman to the run's best model, by hand from the rows
+    huffman_nll = next(r["test_nll"] for r in rows if r["name"] == "huffman-2")
+    best_nll = min(r["test_nll"] for r in rows)
+    shares = [f"{c['cap']:g}x {(huffman_nll - c['searched']['test_nll']) / (huffman_nll - best_nll):.0%}"
+              for c in caps if c["searched"] is not None]  # fmt: skip
+    assert shares and f"that the searched tree closes: {', '.join(shares)}." in report
 
 
 def test_every_tree_file_of_a_run_carries_the_class_tokens_and_counts(tmp_path):

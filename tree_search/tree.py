@@ -420,7 +420,7 @@ class Tree:
         """Expected multiply-adds per token of a tree head of dimension ``dim``.
 
         Each node on the path scores all its children: ``sum over path of fanout * dim``
-        (see DESIGN.md, "Maths the heads share"), weighted by ``counts``.
+        (see docs/architecture.md, "Maths the heads share"), weighted by ``counts``.
         """
         return float(self._probabilities(counts) @ self.path_fanout_sum) * dim
 

@@ -28,6 +28,16 @@ def test_npz_with_and_without_optional_arrays(tmp_path):
     assert full.num_classes == 6 and full.vocab.tokens[0] == "a" and full.counts.tolist() == [6, 5, 4, 3, 2, 1]
     assert [len(full.labels[s]) for s in ("train", "valid", "test")] == [300, 50, 50]
     assert full.class_embeddings.shape == (6, 3)
+    # without documents, blocks of contiguous rows stand in; with them, each row's document (numbered in id order)
+    from tree_search.data.features import row_documents
+
+    assert full.documents is None and row_documents(full, "test")[1].startswith("blocks")
+    document = np.repeat([7, 3, 9, 5], 100)  # test rows 350-399 come from document 5
+    document[380:] = 11
+    known = load_npz_dataset(write(tmp_path / "c.npz", features=features, labels=labels, split=split,
+                                   document=document))  # fmt: skip
+    ids, about = row_documents(known, "test")
+    assert about == "documents" and ids.tolist() == [0] * 30 + [1] * 20
 
 
 @pytest.mark.parametrize(
@@ -43,6 +53,9 @@ def test_npz_with_and_without_optional_arrays(tmp_path):
         ({"features": np.zeros((10, 2)), "labels": np.arange(10), "class_counts": -np.ones(10),
           "split": np.array([0] * 6 + [1, 1, 2, 2])},
          "'class_counts'"),
+        ({"features": np.zeros((10, 2)), "labels": np.arange(10), "document": np.zeros(9, int),
+          "split": np.array([0] * 6 + [1, 1, 2, 2])},
+         "'document': expected 10 integer document ids"),
     ],
 )  # fmt: skip
 def test_bad_npz_names_the_array(tmp_path, arrays, message):

@@ -332,7 +332,7 @@ def test_a_head_from_a_tree_file_keeps_its_labels_and_projections(tmp_path):
 
 
 def test_the_readme_worked_example_trains_a_model_of_ones_own(tmp_path):
-    """README, "Use the tree in your project": a model with the head inside, trained on a tree file, saved, loaded."""
+    """docs/trees-and-formats.md, "Use the tree in your project": a model with the head, trained, saved, loaded."""
     from tree_search.export import save_tree
 
     vocab, dim = 200, 16

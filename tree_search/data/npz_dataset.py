@@ -13,6 +13,9 @@ class_names       no        (V,) strings; default ``"0".."V-1"``
 class_counts      no        (V,) non-negative counts; default: counted on train rows
 class_embeddings  no        (V, e) one vector per class, for clustering builders;
                             default: the mean train feature of each class
+document          no        (N,) integer id of the document each row comes from: the
+                            validation halves and the report's intervals resample
+                            documents. Default: blocks of 1,000 contiguous rows
 ================  ========  =========================================================
 
 V is ``len(class_names)`` when given, else ``labels.max() + 1``.
@@ -108,6 +111,13 @@ def load_npz_dataset(
         sums = np.zeros((V, features.shape[1]), dtype=np.float64)
         np.add.at(sums, train_labels, features[rows["train"]])
         embeddings = (sums / np.maximum(np.bincount(train_labels, minlength=V), 1)[:, None]).astype(np.float32)
+    documents = None
+    if "document" in arrays:
+        document = arrays["document"]
+        if document.shape != labels.shape or document.dtype.kind not in "iu":
+            raise _fail(path, "document", f"expected {labels.size} integer document ids, one per row, got "
+                                          f"{document.dtype} {document.shape}")  # fmt: skip
+        documents = {name: document[index].astype(np.int64) for name, index in rows.items()}
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return FeatureDataset(
         vocab=vocab,
@@ -116,4 +126,5 @@ def load_npz_dataset(
         class_embeddings=embeddings,
         key=f"npz-{digest}-{seed}-{valid_fraction}-{test_fraction}",
         info={"npz": str(path), "positions": {name: int(index.size) for name, index in rows.items()}},
+        documents=documents,
     )

@@ -9,7 +9,7 @@ fanout over a random order of the classes) with a score vector ``w_e`` and a bia
    ``softmax_c(w_{n,c} . h + b_{n,c})``, until a class (leaf) is reached.
 
 So ``p_true(y | h)`` is exactly the product of the per-node softmaxes along the path of
-``y``, the factorization a `Tree` head with this tree computes (see DESIGN.md, "Maths
+``y``, the factorization a `Tree` head with this tree computes (see docs/architecture.md, "Maths
 the heads share"), and the Bayes loss ``-log p_true(y | h)`` of every sample is known.
 
 Class frequencies: the target is a Zipf prior over a random class order. Biases equal

@@ -10,7 +10,7 @@ distribute evaluations.
 `DenseRewards` (``reward_mode="dense"``) pays that same reward out node by node: each
 decision that fixes a node's content is rewarded at once by minus the node's share of
 the validation NLL, and the last step gets the exact remainder, so an episode's rewards
-add up to the terminal reward (DESIGN.md, "The reward splits over nodes").
+add up to the terminal reward (docs/architecture.md, "The reward splits over nodes").
 """
 
 from __future__ import annotations

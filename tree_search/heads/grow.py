@@ -18,7 +18,7 @@ Where to attach (placement):
   ``mass(n) / fanout(n)``, is closest (in log) to the new class's count, so the new class
   joins siblings of its own frequency, about the depth a Huffman tree would give it.
 
-Initial weights of a new child (DESIGN.md's scores ``s(n, c) = w_c . P_n h + b_c``):
+Initial weights of a new child (docs/architecture.md's scores ``s(n, c) = w_c . P_n h + b_c``):
 
 - ``"sibling"``: ``w_new`` is the anchor class's row when the anchor is a sibling (placement
   by embedding: the new class starts out scoring like its nearest class), else the mean of

@@ -1,7 +1,7 @@
 """Node-exact training: every internal node of a tree is trained on its own, all nodes at once.
 
 With frozen features, a tree's held-out NLL is a sum over its internal nodes
-(DESIGN.md, "The reward splits over nodes"): ``NLL(T) = (1/N) sum_n L_n`` with ``L_n``
+(docs/architecture.md, "The reward splits over nodes"): ``NLL(T) = (1/N) sum_n L_n`` with ``L_n``
 node n's own cross-entropy summed over the held-out tokens whose class lies below it.
 Here each node's training depends only on the node's *content* (the class sets of its
 children and its projection size), never on the rest of the tree:

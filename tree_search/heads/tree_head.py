@@ -2,7 +2,7 @@
 
 For class y with path (n1, c1), ..., (nL, cL) from the root,
 ``log p(y|h) = sum_k [ s(n_k, c_k) - logsumexp_c s(n_k, c) ]`` with
-``s(n, c) = w_{n,c} . P_n h + b_{n,c}`` (DESIGN.md, "Maths the heads share").
+``s(n, c) = w_{n,c} . P_n h + b_{n,c}`` (docs/architecture.md, "Maths the heads share").
 
 Layout, chosen from the tree's shape so that both extremes are fast:
 
