@@ -50,6 +50,7 @@ from ray.rllib.utils.torch_utils import FLOAT_MIN
 from ray.tune.registry import register_env
 
 from tree_search.agents.base import EnvFactory, Searcher
+from tree_search.agents.policy import PolicyConfig
 from tree_search.agents.relay import RelayReward, RelayServer
 from tree_search.agents.seeding import nearest_legal, seed_episodes
 from tree_search.data.features import FeatureDataset
@@ -162,8 +163,6 @@ class RLlibSearcher(Searcher):
         policy, to ``demo_probability`` (see the module docstring). ``give_up_after``: iterations
         in a row without a new counted evaluation before the search stops.
         """
-        from tree_search.agents.search import PolicyConfig
-
         super().__init__(env_factory, evaluator, seconds=seconds, seed=seed)
         if agent not in ("ppo", "appo"):
             raise ValueError(f"RLlib agent must be 'ppo' or 'appo', got {agent!r}")

@@ -13,6 +13,7 @@ from typing import Any
 from tree_search.agents.base import Searcher
 from tree_search.agents.baselines import BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
+from tree_search.agents.policy import PolicyConfig
 from tree_search.builders import classic_names
 from tree_search.cost import head_cost
 from tree_search.data.features import FeatureDataset, default_device
@@ -29,21 +30,6 @@ __all__ = ["AGENTS", "EXECUTION_FIELDS", "NODE_AGENTS", "RLLIB_AGENTS", "PolicyC
 RLLIB_AGENTS = ("ppo", "appo")
 NODE_AGENTS = ("dp", "jtm")  # searchers that read trained nodes from this machine's node bank
 AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS, *NODE_AGENTS)
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """Policy-gradient settings of the RLlib searchers."""
-
-    lr: float = 3e-4  # learning rate of policy and value networks
-    entropy_coeff: float = 0.01  # entropy bonus: keeps exploring structures
-    vf_loss_coeff: float = 0.5  # weight of the value loss
-    gamma: float = 1.0  # episodes are short: no discount (the episode's return is exactly -NLL)
-    gae_lambda: float = 1.0  # PPO's GAE lambda; below 1, dense rewards (reward_mode="dense") lower the variance
-    batch_steps: int = 32  # environment steps sampled per training iteration
-    minibatch_size: int = 16  # PPO minibatch (steps)
-    num_epochs: int = 8  # PPO: SGD passes over each batch
-    hidden: tuple[int, ...] = (64, 64)  # hidden layers of policy and value networks
 
 
 _EXECUTION = {"execution": True}
