@@ -254,8 +254,8 @@ def compare_runs(
     time_lines = time_report_lines(rows, caps, profile, dataset.num_classes, test_scores) if profile is not None \
         else []  # fmt: skip
     _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
-                  cap_rows=cap_rows, head_lines=[*head_lines, *_optimism_lines(rows), *time_lines],
-                  cost_in=cost_label(axis), scores=test_scores)  # fmt: skip
+                  scores=test_scores, cap_rows=cap_rows, head_lines=[*head_lines, *_optimism_lines(rows), *time_lines],
+                  cost_in=cost_label(axis))  # fmt: skip
     return rows
 
 
@@ -521,10 +521,10 @@ def _write_report(
     tree_of,
     epochs: float,
     cap_ratio: float,
+    scores: FinalScores,
     cap_rows=(),
     head_lines: Sequence[str] = (),
     cost_in: str = "multiply-adds",
-    scores: FinalScores | None = None,
 ) -> None:
     import matplotlib
 
@@ -603,8 +603,8 @@ def _write_report(
         f"# Comparison: {', '.join(str(r.folder) for r in runs)}",
         "",
         f"Test split, {rows[0]['seeds']} training seeds per tree, {epochs:g} epochs each; mean ± standard error "
-        f"from a paired bootstrap over {rows[0]['test_documents']:,} test {scores.documents_are if scores else ''} "
-        f"and the seeds ({scores.draws if scores else 0:,} draws). Searches selected on the validation split only. "
+        f"from a paired bootstrap over {rows[0]['test_documents']:,} test {scores.documents_are} "
+        f"and the seeds ({scores.draws:,} draws). Searches selected on the validation split only. "
         f"Costs and caps are in {cost_in}.",
         "",
         "| tree | kind | valid NLL (search) | test NLL | ± | perplexity | cost / full | cost / Huffman | max depth |",
@@ -645,8 +645,7 @@ def _write_report(
     ]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
     uncertainty = {"documents": scores.num_documents, "documents_are": scores.documents_are, "draws": scores.draws,
-                   "interval": "paired percentile bootstrap over test documents and final seeds, 95%"} if scores \
-        else {}  # fmt: skip
+                   "interval": "paired percentile bootstrap over test documents and final seeds, 95%"}  # fmt: skip
     run.write_json("comparison.json", {"rows": rows, "verdicts": verdicts, "caps": list(cap_rows),
                                        "uncertainty": uncertainty})  # fmt: skip
 
