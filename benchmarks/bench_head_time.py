@@ -27,6 +27,7 @@ from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.reward import head_cost
 from tree_search.heads.timing import synthetic_classes, time_training_step, tune_allocator
 
+FULL_SOFTMAX_GIB = 8  # the flat softmax is timed only while its (batch, V) tensors fit in this much memory
 TREES = ("huffman-2", "huffman-8", "huffman-32", "kmeans-16", "headtail-kmeans-16", "grave-2", "adaptive-50",
          "adaptive", "adaptive-10")  # fmt: skip
 
@@ -63,7 +64,11 @@ def main() -> None:
     for V in (int(s) for s in args.sizes.split(",")):
         counts, embeddings = synthetic_classes(V)
         trees = builders.classic_trees(counts, TREES, embeddings=embeddings, dim=args.dim)
-        trees["full softmax"] = builders.ClassicTree("full softmax", builders.from_children(V, [list(range(V))]))
+        full_gib = 3 * 4 * args.batch * V / 2**30  # its scores, their gradient and the log-softmax, float32
+        if full_gib <= FULL_SOFTMAX_GIB:
+            trees["full softmax"] = builders.ClassicTree("full softmax", builders.from_children(V, [list(range(V))]))
+        else:
+            print(f"V = {V:,}: the full softmax is left out (its batch x V tensors take {full_gib:.0f} GiB)")
         generator = torch.Generator().manual_seed(0)
         y = torch.multinomial(torch.from_numpy(counts / counts.sum()), args.batch, replacement=True,
                               generator=generator)  # fmt: skip

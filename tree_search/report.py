@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tree_search.agents.search import SearchConfig
-from tree_search.builders import frequency_cutoffs, huffman
+from tree_search.builders import frequency_cutoffs
 from tree_search.cost import CostProfile, cost_label, head_cost
 from tree_search.data.features import default_device, row_documents
 from tree_search.envs import TreeEnvConfig, load_env_dataset
@@ -147,8 +147,7 @@ def compare_runs(
     seeds = seeds or int(config.get("final_seeds", 3))
     epochs = epochs or config.get("final_epochs") or 2 * env_config.train.epochs
     train = dataclasses.replace(env_config.train, epochs=epochs)
-    counts = np.asarray(dataset.counts, dtype=np.float64)
-    counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
+    counts = dataset.class_weights
     device_type = default_device().type
     run_spec = runs[0].cost_spec(env_config.cost)  # the profile the search used, when it kept one
     axis = resolve_cost(run_spec, dim=dataset.dim, device_type=device_type)  # what the search's caps are in
@@ -156,7 +155,7 @@ def compare_runs(
     unit = huffman_cost(dataset, axis)  # binary Huffman's cost: the unit of caps
     macs_unit = huffman_cost(dataset)
     profile = resolve_cost(cost or run_spec, dim=dataset.dim, device_type=device_type)
-    time_unit = profile.predict(huffman(counts, 2), counts) if profile is not None else math.nan
+    time_unit = huffman_cost(dataset, profile) if profile is not None else math.nan
     all_caps = [c for run in runs for c in SearchConfig.from_json(run.config).caps().values()]  # each run's own
     cap = max(all_caps) * unit if all_caps else math.inf  # the widest: "within the cap" of the table
     report_run = Run(out) if out is not None else runs[0]

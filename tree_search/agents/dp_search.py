@@ -198,8 +198,7 @@ class DPSearcher(Searcher):
         super().__init__(None, evaluator, seconds=seconds, seed=seed)
         self.dataset, self.config, self.use_bank = dataset, config, use_bank
         self.device = default_device() if device is None else torch.device(device)  # the bank is per device
-        counts = np.asarray(dataset.counts, dtype=np.float64)
-        self.counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
+        self.counts = dataset.class_weights
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
         self.dim = dataset.dim
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type)

@@ -242,8 +242,7 @@ class JTMSearcher(Searcher):
         self.dataset, self.config, self.use_bank, self.start_share = dataset, config, use_bank, start_share
         self.score_tokens = score_tokens  # train tokens whose scores re-assign the classes
         self.device = default_device() if device is None else torch.device(device)
-        counts = np.asarray(dataset.counts, dtype=np.float64)
-        self.counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
+        self.counts = dataset.class_weights
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type)
         self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model) if config.cost_mode == "cap" else math.inf

@@ -158,6 +158,12 @@ class FeatureDataset:
         """(V,) training counts of the classes (what count-based builders read)."""
         return self.vocab.counts
 
+    @property
+    def class_weights(self) -> np.ndarray:
+        """(V,) float64 class counts for building trees and costing them; all ones when no count is known."""
+        counts = np.asarray(self.counts, dtype=np.float64)
+        return counts if counts.sum() > 0 else np.ones(self.num_classes)
+
 
 def row_documents(dataset: FeatureDataset, split: str) -> tuple[np.ndarray, str]:
     """(N,) the document of each row of ``split``, numbered 0..D-1 in order, and what the documents are.

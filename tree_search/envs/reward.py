@@ -121,8 +121,7 @@ class EpisodeScorer:
         self.config = config
         self.dataset = dataset
         self.reward_fn = reward_fn if reward_fn is not None else LocalReward(dataset, config.train, config.seeds)
-        counts = np.asarray(dataset.counts, dtype=np.float64)
-        self.counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
+        self.counts = dataset.class_weights
         self.dim = dataset.dim
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type)
         self.full_cost = full_softmax_cost(dataset, self.cost_model)

@@ -121,8 +121,7 @@ def huffman_cost(dataset: FeatureDataset, model: CostProfile | None = None) -> f
 
     In multiply-adds, or in ``model``'s seconds per token (`tree_search.cost`).
     """
-    counts = np.asarray(dataset.counts, dtype=np.float64)
-    counts = counts if counts.sum() > 0 else np.ones(dataset.num_classes)
+    counts = dataset.class_weights
     return head_cost(huffman(counts, 2), counts, dataset.dim, model=model)
 
 
