@@ -44,12 +44,14 @@ import numpy as np
 import torch
 
 from tree_search.data.features import FeatureDataset, class_embeddings, row_documents
+from tree_search.heads.schedule import step_scale
 from tree_search.tree import Tree
 
 __all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "measurement_totals", "node_keys", "node_result_halves",
            "node_results", "split_sample", "train_nodes", "training_code_identity", "training_dtype"]  # fmt: skip
 
-_TRAINING_SOURCES = ("tree_search.heads.node_train", "tree_search.tree")  # the code that decides a node's numbers
+# the code that decides a node's numbers
+_TRAINING_SOURCES = ("tree_search.heads.node_train", "tree_search.heads.schedule", "tree_search.tree")
 
 
 def _source_identity() -> str:
@@ -369,11 +371,6 @@ def node_result_halves(losses: np.ndarray) -> np.ndarray:
     best_a = np.where(np.all(half_a == 0, axis=1), M - 1, half_a.argmin(1))
     best_b = np.where(np.all(half_b == 0, axis=1), M - 1, half_b.argmin(1))
     return np.stack([half_a[rows, best_b], half_b[rows, best_a]], axis=1)
-
-
-def step_scale(fanout: np.ndarray) -> np.ndarray:
-    """Learning-rate factor by fanout: 0.3 up to fanout 16, rising log-linearly to 1 at 256 and beyond."""
-    return np.clip(0.3 * (np.asarray(fanout, dtype=float) / 16.0) ** 0.434, 0.3, 1.0)
 
 
 def _pow2_ceil(x: np.ndarray, log_step: int = 1) -> np.ndarray:

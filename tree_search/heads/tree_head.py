@@ -31,6 +31,7 @@ from torch import nn
 from tree_search.cost import LAYOUT_DEFAULTS, head_layout
 from tree_search.export import load_tree
 from tree_search.heads.gathered import gathered_scores
+from tree_search.heads.schedule import step_scale
 from tree_search.tree import Tree
 
 __all__ = ["HEAD_FILE_FORMAT", "DeviceArrays", "HeadOutput", "LevelSums", "TreeSoftmaxHead", "packed_path_pairs"]
@@ -282,11 +283,10 @@ class TreeSoftmaxHead(nn.Module):
             "bias_free_nodes": sorted({int(n) for n in bias_free_nodes or ()}),
         }  # fmt: skip
 
-        def step_scale(width: np.ndarray | int) -> np.ndarray:
+        def width_scale(width: np.ndarray | int) -> np.ndarray:
             if not fanout_scaled_steps:
                 return np.ones_like(np.asarray(width), dtype=float)
-            # 0.3 up to fanout 16, rising log-linearly to 1 at fanout 256 and beyond
-            return np.clip(0.3 * (np.asarray(width, dtype=float) / 16.0) ** 0.434, 0.3, 1.0)
+            return step_scale(width)
 
         projections = dict(projections or {})
         for node, size in projections.items():
@@ -310,7 +310,7 @@ class TreeSoftmaxHead(nn.Module):
         self.dense_biases = nn.ParameterList()
         self.dense_projections = nn.ModuleList()
         self._dense_nodes = dense_nodes
-        self._dense_scale = [float(step_scale(int(fanout[n]))) for n in dense_nodes]
+        self._dense_scale = [float(width_scale(int(fanout[n]))) for n in dense_nodes]
         self._dense_biased = [not self._bias_free[n] for n in dense_nodes]
         for k, node in enumerate(dense_nodes):
             size = projections.get(node, dim)
@@ -327,7 +327,7 @@ class TreeSoftmaxHead(nn.Module):
         self.top_weight = nn.Parameter(torch.empty(int(fanout[top_nodes].sum()), dim))
         self.top_bias = nn.Parameter(torch.zeros(int(fanout[top_nodes].sum())), requires_grad=bias)
         self._top_width = int(fanout[top_nodes].max()) if self._has_top else 0
-        column_scale = np.repeat(step_scale(fanout[top_nodes]), fanout[top_nodes]).astype(np.float32)
+        column_scale = np.repeat(width_scale(fanout[top_nodes]), fanout[top_nodes]).astype(np.float32)
         self.register_buffer("_top_scale", torch.from_numpy(column_scale), persistent=False)
         # bias-free nodes of a shared block: their bias columns are multiplied by 0 in the scores
         top_free = self._bias_free[top_nodes]
@@ -341,7 +341,7 @@ class TreeSoftmaxHead(nn.Module):
         self.bucket_weights = nn.ParameterList()
         self.bucket_biases = nn.ParameterList()
         self._bucket_widths = widths
-        self._bucket_scale = [float(step_scale(w)) for w in widths]
+        self._bucket_scale = [float(width_scale(w)) for w in widths]
         masks, keeps = [], []
         self._bucket_bias_masked = []
         for b, width in enumerate(widths):
