@@ -121,12 +121,10 @@ def test_the_selection_free_figure_against_brute_force_when_the_halves_disagree(
     searcher.measured = {}
     for fanout in (2, 3):
         root = SplitRule("pca", "count", fanout)
-        entry = _Measured(root, list(range(fanout)), [np.arange(2)] * fanout, root_loss=0.0, root_cost=1.0)
+        entry = _Measured(root, list(range(fanout)), [np.arange(2)] * fanout, root_cost=1.0)
         entry.root_halves = rng.uniform(0.2, 0.4, size=2)
-        entry.root_loss = float(entry.root_halves.sum())
         for rule in completions:
             entry.halves[rule] = rng.uniform(0.0, 0.3, size=(2, fanout))  # the halves disagree on what is best
-            entry.loss[rule] = entry.halves[rule].sum(0)
             entry.cost[rule] = np.ones(fanout)
         searcher.measured[root] = entry
     expected = 0.0

@@ -69,12 +69,10 @@ class _Measured:
     rule: SplitRule
     parts: list[int]  # indices (into the root split's parts) of the parts with more than one class
     members: list[np.ndarray]  # the root split's parts
-    root_loss: float = math.nan
     root_cost: float = math.nan
-    root_halves: np.ndarray = field(default_factory=lambda: np.full(2, math.nan))  # the root's terms per half
-    loss: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (parts,) NLL share per part
+    root_halves: np.ndarray = field(default_factory=lambda: np.full(2, math.nan))  # the root's NLL share per half
     cost: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (parts,) cost share per part
-    halves: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (2, parts): `loss` per half
+    halves: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (2, parts) NLL share per half
 
 
 def choose_completions(loss: np.ndarray, cost: np.ndarray, budget: float) -> tuple[np.ndarray, float, float] | None:
@@ -238,26 +236,23 @@ class DPSearcher(Searcher):
     def _measure(self, root: SplitRule, completion: SplitRule) -> Evaluation | None:
         """Evaluate the tree completing every part of ``root`` by ``completion``; record its per-part values."""
         entry = self._parts(root)
-        if completion in entry.loss:
+        if completion in entry.halves:
             return None
         tree = self._tree(root, completion)
         evaluation = self.evaluator.evaluate(tree, searcher=self.label)
         if not evaluation.ok:
-            entry.loss[completion] = np.full(len(entry.parts), math.nan)
             entry.cost[completion] = np.full(len(entry.parts), math.nan)
             entry.halves[completion] = np.full((2, len(entry.parts)), math.nan)
             return evaluation
         halves, cost = self._node_values(tree)
-        loss = halves.sum(1)
         # the root's children that are internal nodes, in the order of the root split's parts (by smallest member)
         kids = [c - tree.num_classes for c in tree.children(0) if c >= tree.num_classes]
         smallest = {int(tree.min_leaf[node]): node for node in kids}
         nodes = [smallest[int(entry.members[i].min())] for i in entry.parts]
         assert all(tree.subtree_size[n] == entry.members[i].size for n, i in zip(nodes, entry.parts, strict=True))
-        entry.root_loss, entry.root_cost, entry.root_halves = float(loss[0]), float(cost[0]), halves[0].copy()
-        entry.loss[completion] = tree.node_subtree_sums(loss)[nodes]  # each part's whole subtree
+        entry.root_cost, entry.root_halves = float(cost[0]), halves[0].copy()
         entry.cost[completion] = tree.node_subtree_sums(cost)[nodes]
-        entry.halves[completion] = np.stack([tree.node_subtree_sums(halves[:, h])[nodes] for h in (0, 1)])
+        entry.halves[completion] = np.stack([tree.node_subtree_sums(halves[:, h])[nodes] for h in (0, 1)])  # subtrees
         return evaluation
 
     # ------------------------------------------------------------------ the search
@@ -266,11 +261,11 @@ class DPSearcher(Searcher):
 
         ``half``: choose on that validation half's terms alone (the NLL returned is then that half's term).
         """
-        if not entry.loss or math.isnan(entry.root_loss):
+        if not entry.halves or np.isnan(entry.root_halves).any():
             return None
-        options = list(entry.loss)
-        loss = [entry.loss[o] if half is None else entry.halves[o][half] for o in options]
-        root = entry.root_loss if half is None else float(entry.root_halves[half])
+        options = list(entry.halves)
+        loss = [entry.halves[o].sum(0) if half is None else entry.halves[o][half] for o in options]
+        root = float(entry.root_halves.sum() if half is None else entry.root_halves[half])
         best = choose_completions(np.stack(loss), np.stack([entry.cost[o] for o in options]),
                                   self.cap - entry.root_cost)  # fmt: skip
         if best is None:
@@ -339,7 +334,7 @@ class DPSearcher(Searcher):
                     yield evaluation
             while not self.done:
                 ranked = sorted(feasible, key=lambda r: self._objective(self.measured[r]))
-                pending = [(r, c) for r in ranked for c in self.completions if c not in self.measured[r].loss]
+                pending = [(r, c) for r in ranked for c in self.completions if c not in self.measured[r].halves]
                 if not pending:
                     break
                 root = pending[0][0]
