@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tree_search.builders import huffman
+from tree_search.builders import ADAPTIVE_SHAPES, classic_trees, huffman
 from tree_search.data.features import class_embeddings
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import SearchStopped, TreeEnvConfig, make_env
@@ -15,7 +15,10 @@ from tree_search.split_grammar import (
     huffman_rule,
     normalise_embeddings,
     partition_group,
+    plan_head,
     plan_tree,
+    projected_flat,
+    rank_cutoffs,
     split_rules,
 )
 
@@ -96,3 +99,52 @@ def test_plans_mix_rules_and_huffman_completions():
     nodes0 = np.flatnonzero((inside > 0) & (tree.subtree_size == inside))  # nodes entirely within part 0
     assert nodes0.size == sub.num_internal  # binary Huffman over part 0: one node per merge
     assert np.all(tree.fanout[nodes0] == 2)
+
+
+def _by_content(tree, projections):
+    """Projections keyed by the projected node's (smallest class, number of classes): independent of node numbering."""
+    return {(int(tree.min_leaf[n]), int(tree.subtree_size[n])): int(p) for n, p in projections.items()}
+
+
+@pytest.mark.parametrize("name", ADAPTIVE_SHAPES)
+def test_cutoffs_and_projected_flat_tails_build_every_adaptive_softmax_shape(name):
+    rng = np.random.default_rng(2)
+    V, dim = 3000, 64
+    counts = rng.zipf(1.2, V).astype(float)
+    embeddings = rng.normal(size=(V, 4))
+    shape = classic_trees(counts, [name], embeddings=embeddings, dim=dim)[name]
+    cuts = shape.params["cutoffs"]
+    # PyTorch's rule: tail cluster i projected to dim // 4**(i+1) dims
+    plan = Plan(rank_cutoffs(cuts), {i: Plan(projected_flat(max(1, dim // 4 ** (i + 1)))) for i in range(len(cuts))})
+    tree, projections = plan_head(counts, normalise_embeddings(embeddings), plan)
+    assert tree.canonical_hash == shape.tree.canonical_hash
+    assert projections and _by_content(tree, projections) == _by_content(shape.tree, shape.projections)
+    # the head: the cuts[0] most frequent classes are the root's leaves
+    ranked = np.lexsort((np.arange(V), -counts))
+    root_leaves = [c for c in tree.children(0) if c < V]
+    assert sorted(root_leaves) == sorted(ranked[: cuts[0]].tolist())
+
+
+def test_cutoffs_past_a_group_s_size_are_dropped_and_projected_flat_nodes_keep_their_projection():
+    rng = np.random.default_rng(3)
+    counts = rng.zipf(1.3, 40).astype(float)
+    embeddings = normalise_embeddings(rng.normal(size=(40, 3)))
+    members = np.arange(10, 30)
+    leaves, parts = partition_group(members, rank_cutoffs((3, 8, 25)), counts, embeddings)
+    ranked = members[np.lexsort((members, -counts[members]))]
+    assert leaves.tolist() == ranked[:3].tolist()
+    assert [p.tolist() for p in parts] == [ranked[3:8].tolist(), ranked[8:].tolist()]  # rank 25 > 20 members: gone
+    leaves, parts = partition_group(members, rank_cutoffs((25,)), counts, embeddings)
+    assert leaves.tolist() == members.tolist() and parts == []  # smaller than the head: flat
+    # a part planned as projected flat is one node with that projection; the others inherit the cutoffs and split on
+    plan = Plan(rank_cutoffs((4, 12)), {1: Plan(projected_flat(2))})
+    tree, projections = plan_head(counts, embeddings, plan)
+    ranked = np.lexsort((np.arange(40), -counts))
+    assert _by_content(tree, projections) == {(int(ranked[12:].min()), 28): 2}
+    (node,) = projections
+    assert sorted(tree.children(node)) == sorted(ranked[12:].tolist())
+    assert plan_tree(counts, embeddings, plan).canonical_hash == tree.canonical_hash
+    with pytest.raises(ValueError, match="increasing distinct ranks"):
+        rank_cutoffs((5, 5))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        projected_flat(0)

@@ -28,6 +28,7 @@ import numpy as np
 from tree_search.tree import Tree, TreeError
 
 __all__ = [
+    "ADAPTIVE_SHAPES",
     "CLASSIC_NAMES",
     "CLASSIC_SETS",
     "ClassicTree",
@@ -387,6 +388,9 @@ CLASSIC_SETS: dict[str, tuple[str, ...]] = {
         "two-level",
     ),  # fmt: skip
 }
+# PyTorch's `AdaptiveLogSoftmaxWithLoss` shapes (its usual cutoffs, and Grave et al.'s cost-optimal ones): the
+# report compares the searched trees with them at equal time, and dp's grammar can build each of them
+ADAPTIVE_SHAPES = ("adaptive", "adaptive-50", "adaptive-10", "grave-2", "grave-3", "grave-4")
 CLASSIC_NAMES = (
     "huffman-K, balanced-K, pca-K, kmeans-K (fanout K >= 2), cutoffs (head and first tail at 90% and 99% of "
     "the mass), cutoffs-P (head at P% of the mass), adaptive (PyTorch's cutoffs V/25, V/5 and div_value 4), "

@@ -5,8 +5,10 @@ searcher (`tree_search.agents.dp_search`) share. A *rule* orders a group's class
 descending frequency, along the top principal direction of the class embeddings, or by
 balanced k-means clusters) and cuts the order into parts (equal counts, equal token mass,
 or head-and-tail as in adaptive softmax: the most frequent classes as leaves, the tail cut
-in frequency order by mass or clustered by k-means or PCA), or makes every member a leaf
-("flat"). A *plan*
+in frequency order by mass or clustered by k-means or PCA; or cut at given frequency ranks,
+as the adaptive softmax's cutoffs are), or makes every member a leaf ("flat"), optionally
+behind a projection of the features to fewer dimensions (the adaptive softmax's tail
+clusters). A *plan*
 is a rule for a group plus, optionally, plans for some of its parts; a part without a plan
 inherits its parent's rule, recursively, until groups of at most ``leaf_size`` classes (or
 at most the rule's fanout) become flat nodes. A Huffman rule (`huffman_rule`) completes a
@@ -42,7 +44,10 @@ __all__ = [
     "huffman_rule",
     "normalise_embeddings",
     "partition_group",
+    "plan_head",
     "plan_tree",
+    "projected_flat",
+    "rank_cutoffs",
     "split_group",
     "split_rules",
 ]
@@ -56,8 +61,10 @@ class SplitRule:
     """How one group is split: an ordering of its classes, a cut rule and a fanout (or flat)."""
 
     order: str  # "frequency", "pca", "kmeans" (or "flat")
-    cut: str  # "count", "mass", "headtail" (or "flat")
-    fanout: int  # parts (head-and-tail: tail clusters + 1); 0 for flat
+    cut: str  # "count", "mass", "headtail", "cutoffs", "huffman" (or "flat")
+    fanout: int  # parts (head-and-tail and cutoffs: tail clusters + 1); 0 for flat
+    projection: int = 0  # flat: the node scores its members on the features projected to this many dims (0: none)
+    cuts: tuple[int, ...] = ()  # cutoffs: frequency ranks where the group is cut (the first ends the head)
 
     @property
     def flat(self) -> bool:
@@ -66,7 +73,9 @@ class SplitRule:
 
     def __str__(self) -> str:
         if self.flat:
-            return "flat"
+            return f"flat, projected to {self.projection} dims" if self.projection else "flat"
+        if self.cut == "cutoffs":
+            return f"head of {self.cuts[0]} + tail clusters cut at ranks {', '.join(map(str, self.cuts[1:])) or '-'}"
         if self.cut == "huffman":
             return f"{self.fanout}-ary Huffman subtree"
         if self.cut == "headtail":
@@ -87,6 +96,25 @@ def split_rules(fanouts: tuple[int, ...]) -> tuple[SplitRule, ...]:
 def huffman_rule(fanout: int) -> SplitRule:
     """The rule that completes a group with its k-ary Huffman tree."""
     return SplitRule("frequency", "huffman", int(fanout))
+
+
+def projected_flat(size: int) -> SplitRule:
+    """The rule that makes a group one flat node scoring its members on the features projected to ``size`` dims."""
+    if int(size) < 1:
+        raise ValueError(f"a projected flat node needs a projection of at least 1 dimension, got {size}")
+    return SplitRule("flat", "flat", 0, projection=int(size))
+
+
+def rank_cutoffs(cuts: tuple[int, ...] | list[int]) -> SplitRule:
+    """The rule that cuts a group in frequency order at ranks ``cuts``: a head of ``cuts[0]`` leaves, then tail parts.
+
+    At the root with the cutoffs of an adaptive softmax (`tree_search.builders.frequency_cutoffs`),
+    and projected flat completions of its tail parts, this is the adaptive softmax's tree.
+    """
+    cuts = tuple(int(c) for c in cuts)
+    if not cuts or any(c < 1 for c in cuts) or list(cuts) != sorted(set(cuts)):
+        raise ValueError(f"cutoffs must be increasing distinct ranks >= 1, got {list(cuts)}")
+    return SplitRule("frequency", "cutoffs", len(cuts) + 1, cuts=cuts)
 
 
 def normalise_embeddings(embeddings: np.ndarray) -> np.ndarray:
@@ -139,9 +167,15 @@ def partition_group(
     """
     members = np.sort(np.asarray(members, dtype=np.int64))  # content only: the order members come in is ignored
     size = members.size
-    if rule.flat or size <= rule.fanout:
+    if rule.flat or (size <= rule.fanout and rule.cut != "cutoffs"):
         return members, []
     weights = counts[members]
+    if rule.cut == "cutoffs":  # ranks past the group's size are dropped: a group smaller than the head is flat
+        cuts = [c for c in rule.cuts if c < size]
+        if not cuts:
+            return members, []
+        ordered = members[np.lexsort((members, -weights))]
+        return ordered[: cuts[0]], np.split(ordered[cuts[0] :], np.array(cuts[1:], dtype=np.int64) - cuts[0])
     if rule.order == "frequency" or rule.cut == "headtail":  # head-and-tail: the head is always by frequency
         ordered = members[np.lexsort((members, -weights))]
     else:
@@ -204,12 +238,27 @@ def plan_tree(
     head_max: int = 256,
     cache: dict | None = None,
 ) -> Tree:
-    """The tree of a plan for the root group (all classes).
+    """The tree of a plan for the root group (all classes): `plan_head` without its projections."""
+    return plan_head(counts, embeddings, plan, seed=seed, leaf_size=leaf_size, head_max=head_max, cache=cache)[0]
+
+
+def plan_head(
+    counts: np.ndarray,
+    embeddings: np.ndarray,
+    plan: Plan,
+    *,
+    seed: int = 0,
+    leaf_size: int = 8,
+    head_max: int = 256,
+    cache: dict | None = None,
+) -> tuple[Tree, dict[int, int]]:
+    """The tree of a plan for the root group (all classes), and ``{internal node: projected dim}`` of its head.
 
     Part ``i`` of a split is the i-th part `partition_group` returns (parts of one class
     become leaves of the node and keep their index). A part with a plan splits by it; a
     part without one inherits its parent's rule, until groups of at most ``max(leaf_size,
-    rule.fanout)`` classes become flat nodes.
+    rule.fanout)`` classes become flat nodes. A group planned as a projected flat node
+    (`projected_flat`) is one node whose projection the second value names.
 
     ``cache`` (a dict the caller keeps for one dataset and seed) remembers each group's
     split by (rule, content): trees that share groups (a search's trees do) split them once.
@@ -217,6 +266,7 @@ def plan_tree(
     counts = np.asarray(counts, dtype=np.float64)
     V = counts.size
     children: list[list[int]] = []
+    projected: list[tuple[int, int, int]] = []  # (smallest member, members, projected dim) of projected flat nodes
     stack: list[tuple[int, np.ndarray, SplitRule, Plan | None]] = [(-1, np.arange(V), plan.rule, plan)]
     while stack:
         parent, members, rule, own = stack.pop()
@@ -235,6 +285,8 @@ def plan_tree(
             continue
         if own is None and members.size <= max(leaf_size, rule.fanout):
             rule = FLAT
+        if rule.flat and rule.projection:
+            projected.append((int(members.min()), int(members.size), rule.projection))
         leaves, parts = split_group(members, rule, counts, embeddings, seed=seed, head_max=head_max, cache=cache)
         children[node].extend(int(y) for y in leaves)
         for index in reversed(range(len(parts))):  # popped in order: the children keep the parts' order
@@ -245,4 +297,9 @@ def plan_tree(
             stack.append((node, part, sub.rule if sub is not None else rule, sub))
         singles = [int(p[0]) for p in parts if p.size == 1]
         children[node].extend(singles)
-    return from_children(V, children)
+    tree = from_children(V, children)
+    if not projected:
+        return tree, {}
+    # nodes are renumbered: find each projected one by its content (smallest member and size identify a subtree)
+    by_content = {(int(tree.min_leaf[n]), int(tree.subtree_size[n])): n for n in range(tree.num_internal)}
+    return tree, {by_content[smallest, size]: dim for smallest, size, dim in projected}

@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from tree_search.builders import ADAPTIVE_SHAPES
+
 __all__ = [
-    "ADAPTIVE_SHAPES",
     "Comparison",
     "DRAWS",
     "FinalScores",
@@ -41,9 +42,6 @@ __all__ = [
 
 DRAWS = 4_000  # bootstrap draws: the percentiles of a 95% interval move by about 0.1 of its half-width
 LEVEL = 0.95
-
-# PyTorch's `AdaptiveLogSoftmaxWithLoss` shapes (its usual cutoffs, and Grave et al.'s cost-optimal ones)
-ADAPTIVE_SHAPES = ("adaptive", "adaptive-50", "adaptive-10", "grave-2", "grave-3", "grave-4")
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,8 @@ def test_the_selection_free_figure_chooses_on_one_half_and_scores_the_other():
         picks = [(rule, pick) for rule, entry in searcher.measured.items()
                  if (pick := searcher._knapsack(entry, half=choose)) is not None]  # fmt: skip
         rule, (completions, on_choose) = min(picks, key=lambda p: p[1][1])
-        tree = searcher._tree(rule, completions)
-        halves, _ = node_nll_shares(tree, dataset, QUICK, device=searcher.device, halves=True)
+        tree, projections = searcher._tree(rule, completions)
+        halves, _ = node_nll_shares(tree, dataset, QUICK, projections=projections, device=searcher.device, halves=True)
         assert halves[:, choose].sum() == pytest.approx(on_choose, rel=1e-9)
         expected += halves[:, score].sum()
         # the choice on one half ignores the other: scrambling the other half's terms changes nothing
@@ -145,3 +145,47 @@ def test_the_selection_free_figure_against_brute_force_when_the_halves_disagree(
     )  # fmt: skip
     assert searcher.selection_free_nll() == pytest.approx(expected, rel=1e-12)
     assert expected > in_sample + 1e-3  # the halves disagree here: the honest figure is worse than the in-sample one
+
+
+def test_dp_reaches_the_adaptive_softmax_s_tree_and_predicts_projected_nodes_exactly():
+    import dataclasses
+
+    from tree_search.builders import classic_trees
+    from tree_search.cost import head_cost
+    from tree_search.split_grammar import rank_cutoffs
+
+    dataset = load_env_dataset(CONFIG)
+    counts, dim = dataset.class_weights, dataset.dim
+    adaptive = classic_trees(counts, ["adaptive-10"], dim=dim)["adaptive-10"]
+    unit = huffman(counts, 2)
+    ratio = head_cost(adaptive.tree, counts, dim, adaptive.projections) / head_cost(unit, counts, dim)
+    config = dataclasses.replace(CONFIG, cost_cap=1.05 * ratio)  # the adaptive tree fits, with little to spare
+    evaluator = LocalEvaluator(dataset, QUICK, budget=8)
+    searcher = DPSearcher(evaluator, dataset, config, device="cpu")
+    root = rank_cutoffs(adaptive.params["cutoffs"])
+    assert root in searcher.root_rules
+    searcher.root_rules = [root]  # this test is about the cutoffs root alone
+    found = list(searcher.search())
+    # its first measurement is PyTorch's adaptive softmax itself (tails projected to dim/4 and dim/16)
+    first = found[0]
+    assert first.key.split("+")[0] == adaptive.tree.canonical_hash
+    tree, projections = searcher._tree(root, searcher._adaptive_completion(root))
+    assert {(int(tree.min_leaf[n]), int(tree.subtree_size[n])): p for n, p in first.projections.items()} == {
+        (int(adaptive.tree.min_leaf[n]), int(adaptive.tree.subtree_size[n])): p for n, p in adaptive.projections.items()
+    }
+    # knapsack trees with projected nodes are predicted exactly from other trees' nodes ...
+    assert searcher.predictions
+    for predicted, evaluated, _ in searcher.predictions:
+        assert predicted == pytest.approx(evaluated, rel=1e-9, abs=1e-9)
+    # ... and dp's best within the cap is at least as good as the adaptive tree on validation
+    cap = searcher.cap * (1 + 1e-9)
+    best = min((e for e in found if e.ok and e.expected_cost <= cap), key=lambda e: e.valid_nll)
+    assert first.expected_cost <= cap and best.valid_nll <= first.valid_nll + 1e-12
+    assert len(found) > 2 and any(e.projections and e.key != first.key for e in found)  # it went beyond that tree
+    # every completion dp left unmeasured fits no part: with the others at their cheapest, over the cap
+    entry = searcher.measured[root]
+    cheapest = np.nanmin(np.stack(list(entry.cost.values())), axis=0)
+    for rule in entry.tried - set(entry.halves):
+        costs = searcher._part_costs(root, rule)
+        for k in range(len(entry.parts)):
+            assert entry.root_cost + costs[k] + cheapest.sum() - cheapest[k] > searcher.cap, (rule, k)

@@ -20,13 +20,20 @@ searcher's tree), and its nodes' losses are read from the node bank, summed per 
 The search, within its budget:
 
 1. root rules whose cheapest completion fits under the cap (costs need no training),
-   costliest first, each measured by its homogeneous tree when that fits the cap, else
+   costliest first, each measured by its homogeneous tree when that fits the cap (for the
+   adaptive softmax's cutoffs, PyTorch's tree: tail i projected to ``d / 4**(i+1)``), else
    completed by 3-ary Huffman subtrees, the cheapest completion (at most half the budget);
 2. root rules in order of their best measured objective at the cap, each completion rule
-   measured in turn (Huffman of fanouts 2-4, k-means of fanouts 2-16, head-and-tail, ...);
+   measured in turn (Huffman of fanouts 2-4, k-means of fanouts 2-16, head-and-tail, ...,
+   flat nodes projected to d/16 or d/4 or not projected; for a root cut in frequency order
+   the flat nodes right after Huffman), except those that fit no part under the cap;
 3. after each root rule is complete, the knapsack's tree for the cap is evaluated (its
    nodes are all in the bank, so it trains nothing; the prediction is checked against the
    evaluation).
+
+The root rules are the split environment's (k-means, PCA, head-and-tail) plus the root
+splits of the adaptive softmax shapes users know (`ADAPTIVE_SHAPES`: PyTorch's usual cutoffs
+and Grave et al.'s), so the search space holds those trees and their variants.
 
 Costs are computed from the trees alone (no training), so a completion measured for one
 cap serves every cap, and a front search (several caps) pays for each tree once.
@@ -42,6 +49,7 @@ import numpy as np
 import torch
 
 from tree_search.agents.base import Searcher
+from tree_search.builders import ADAPTIVE_SHAPES, classic_trees
 from tree_search.cost import head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
@@ -49,11 +57,14 @@ from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator
 from tree_search.heads.reward import huffman_cost, node_nll_shares
 from tree_search.heads.timing import resolve_cost
 from tree_search.split_grammar import (
+    FLAT,
     Plan,
     SplitRule,
     huffman_rule,
     normalise_embeddings,
-    plan_tree,
+    plan_head,
+    projected_flat,
+    rank_cutoffs,
     split_group,
     split_rules,
 )
@@ -73,6 +84,7 @@ class _Measured:
     root_halves: np.ndarray = field(default_factory=lambda: np.full(2, math.nan))  # the root's NLL share per half
     cost: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (parts,) cost share per part
     halves: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (2, parts) NLL share per half
+    tried: set[SplitRule] = field(default_factory=set)  # completions measured on every part, or found unable to fit
 
 
 def choose_completions(loss: np.ndarray, cost: np.ndarray, budget: float) -> tuple[np.ndarray, float, float] | None:
@@ -202,22 +214,44 @@ class DPSearcher(Searcher):
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type)
         self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model)
         rules = [r for r in split_rules(config.fanouts) if not r.flat]
-        self.root_rules = [r for r in rules if r.order in ("kmeans", "pca") or r.cut == "headtail"]
+        # the adaptive softmax's root splits (its cutoffs and Grave et al.'s): with projected flat tails, its own trees
+        adaptive = classic_trees(self.counts, ADAPTIVE_SHAPES, dim=self.dim)
+        cutoffs = list(dict.fromkeys(rank_cutoffs(shape.params["cutoffs"]) for shape in adaptive.values()))
+        self.root_rules = [r for r in rules if r.order in ("kmeans", "pca") or r.cut == "headtail"] + cutoffs
         # completions in order of promise: the cheapest (Huffman), then clusters of growing fanout, then the rest
         clusters = sorted((r for r in rules if r.order in ("kmeans", "pca")), key=lambda r: (r.fanout, r.order, r.cut))
-        self.completions = [huffman_rule(k) for k in (2, 3, 4)] + clusters
-        self.completions += [r for r in rules if r not in self.completions]
+        huffmans = [huffman_rule(k) for k in (2, 3, 4)]
+        # flat nodes, projected as the adaptive softmax's tail clusters are (PyTorch's div_value 4), and not
+        self.flats = list(dict.fromkeys([projected_flat(max(1, self.dim // 16)), projected_flat(max(1, self.dim // 4)),
+                                         FLAT]))  # fmt: skip
+        self.completions = huffmans + clusters + [r for r in rules if r not in clusters] + self.flats
         self.measured: dict[SplitRule, _Measured] = {}
         self._splits: dict = {}  # group splits by (rule, content), shared by all trees of the search
         self.predictions: list[tuple[float, float, Tree]] = []  # (predicted NLL, evaluated NLL, tree) of knapsack trees
 
+    def _completion_order(self, root: SplitRule) -> list[SplitRule]:
+        """The completions of ``root``'s parts in order of promise.
+
+        The parts of a cut in frequency order are runs of ever rarer classes, which the adaptive
+        softmax scores by one (projected) flat node each: there the flat nodes come right after Huffman.
+        """
+        if root.cut in ("cutoffs", "headtail"):
+            return self.completions[:3] + self.flats + [c for c in self.completions[3:] if c not in self.flats]
+        return self.completions
+
     # ------------------------------------------------------------------ building and measuring
-    def _tree(self, root: SplitRule, completion: dict[int, SplitRule] | SplitRule) -> Tree:
+    def _tree(self, root: SplitRule, completion: dict[int, SplitRule] | SplitRule) -> tuple[Tree, dict[int, int]]:
+        """The tree (and its projections) completing each part of ``root`` by its rule (one rule: every part)."""
         parts = self._parts(root).parts
         chosen = completion if isinstance(completion, dict) else dict.fromkeys(parts, completion)
         plan = Plan(root, {i: Plan(rule) for i, rule in chosen.items()})
-        return plan_tree(self.counts, self.embeddings, plan, seed=self.config.seed, cache=self._splits,
+        return plan_head(self.counts, self.embeddings, plan, seed=self.config.seed, cache=self._splits,
                          leaf_size=self.config.split_leaf_size, head_max=self.config.split_head_max)  # fmt: skip
+
+    def _cost(self, root: SplitRule, completion: dict[int, SplitRule] | SplitRule) -> float:
+        """The whole tree's cost (no training)."""
+        tree, projections = self._tree(root, completion)
+        return head_cost(tree, self.counts, self.dim, projections, self.cost_model)
 
     def _parts(self, rule: SplitRule) -> _Measured:
         if rule not in self.measured:
@@ -227,33 +261,71 @@ class DPSearcher(Searcher):
             self.measured[rule] = _Measured(rule, [i for i, p in enumerate(parts) if p.size > 1], parts)
         return self.measured[rule]
 
-    def _node_values(self, tree: Tree) -> tuple[np.ndarray, np.ndarray]:
-        """(I, 2) each node's NLL share per validation half and (I,) its cost share, from the bank (just trained)."""
-        shares, _ = node_nll_shares(tree, self.dataset, self.config.train, seeds=self.config.seeds,
-                                    device=self.device, use_bank=self.use_bank, halves=True)  # fmt: skip
-        return shares, node_costs(tree, self.counts, self.dim, model=self.cost_model)
-
-    def _measure(self, root: SplitRule, completion: SplitRule) -> Evaluation | None:
-        """Evaluate the tree completing every part of ``root`` by ``completion``; record its per-part values."""
-        entry = self._parts(root)
-        if completion in entry.halves:
-            return None
-        tree = self._tree(root, completion)
-        evaluation = self.evaluator.evaluate(tree, searcher=self.label)
-        if not evaluation.ok:
-            entry.cost[completion] = np.full(len(entry.parts), math.nan)
-            entry.halves[completion] = np.full((2, len(entry.parts)), math.nan)
-            return evaluation
-        halves, cost = self._node_values(tree)
-        # the root's children that are internal nodes, in the order of the root split's parts (by smallest member)
+    def _part_nodes(self, entry: _Measured, tree: Tree) -> list[int]:
+        """The root's children that are internal nodes, in the order of ``entry.parts`` (matched by smallest member)."""
         kids = [c - tree.num_classes for c in tree.children(0) if c >= tree.num_classes]
         smallest = {int(tree.min_leaf[node]): node for node in kids}
         nodes = [smallest[int(entry.members[i].min())] for i in entry.parts]
         assert all(tree.subtree_size[n] == entry.members[i].size for n, i in zip(nodes, entry.parts, strict=True))
+        return nodes
+
+    def _part_costs(self, root: SplitRule, completion: SplitRule) -> np.ndarray:
+        """(parts,) the cost of each part's subtree when completed by ``completion`` (no training), remembered."""
+        entry = self._parts(root)
+        known = entry.cost.get(completion)
+        if known is None or np.isnan(known).any():
+            tree, projections = self._tree(root, completion)
+            cost = node_costs(tree, self.counts, self.dim, projections, model=self.cost_model)
+            entry.root_cost = float(cost[0])
+            entry.cost[completion] = tree.node_subtree_sums(cost)[self._part_nodes(entry, tree)]
+        return entry.cost[completion]
+
+    def _may_fit(self, root: SplitRule, completion: SplitRule) -> bool:
+        """Whether some part completed by ``completion``, the others by their cheapest known completion, fits the cap.
+
+        A completion that fits no part never enters the knapsack's choice: measuring it would spend budget for nothing.
+        """
+        costs = self._part_costs(root, completion)
+        cheapest = np.nanmin(np.stack(list(self._parts(root).cost.values())), axis=0)
+        slack = self.cap * (1 + 1e-12) - self._parts(root).root_cost - cheapest.sum()
+        return bool(np.any(costs - cheapest <= slack))
+
+    def _node_values(self, tree: Tree, projections: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(I, 2) each node's NLL share per validation half and (I,) its cost share, from the bank (just trained)."""
+        shares, _ = node_nll_shares(tree, self.dataset, self.config.train, seeds=self.config.seeds,
+                                    projections=projections, device=self.device, use_bank=self.use_bank,
+                                    halves=True)  # fmt: skip
+        return shares, node_costs(tree, self.counts, self.dim, projections, model=self.cost_model)
+
+    def _measure(self, root: SplitRule, completion: dict[int, SplitRule] | SplitRule) -> Evaluation | None:
+        """Evaluate the tree completing the parts of ``root`` by ``completion``; record each part's values.
+
+        ``completion``: one rule for every part (then remembered as tried, measured or not), or a rule per part.
+        """
+        entry = self._parts(root)
+        if isinstance(completion, SplitRule):
+            if completion in entry.tried:
+                return None
+            entry.tried.add(completion)
+        chosen = completion if isinstance(completion, dict) else dict.fromkeys(entry.parts, completion)
+        tree, projections = self._tree(root, chosen)
+        evaluation = self.evaluator.evaluate(tree, projections, searcher=self.label)
+        if not evaluation.ok:
+            return evaluation
+        halves, cost = self._node_values(tree, projections)
+        nodes = self._part_nodes(entry, tree)
         entry.root_cost, entry.root_halves = float(cost[0]), halves[0].copy()
-        entry.cost[completion] = tree.node_subtree_sums(cost)[nodes]
-        entry.halves[completion] = np.stack([tree.node_subtree_sums(halves[:, h])[nodes] for h in (0, 1)])  # subtrees
+        part_cost = tree.node_subtree_sums(cost)[nodes]
+        part_halves = np.stack([tree.node_subtree_sums(halves[:, h])[nodes] for h in (0, 1)])  # subtrees
+        for k, part in enumerate(entry.parts):
+            rule = chosen[part]
+            entry.cost.setdefault(rule, np.full(len(entry.parts), math.nan))[k] = part_cost[k]
+            entry.halves.setdefault(rule, np.full((2, len(entry.parts)), math.nan))[:, k] = part_halves[:, k]
         return evaluation
+
+    def _adaptive_completion(self, root: SplitRule) -> dict[int, SplitRule]:
+        """The adaptive softmax's tails: part i of a cutoffs split projected to ``dim // 4**(i + 1)`` dims (PyTorch)."""
+        return {i: projected_flat(max(1, self.dim // 4 ** (i + 1))) for i in self._parts(root).parts}
 
     # ------------------------------------------------------------------ the search
     def _knapsack(self, entry: _Measured, half: int | None = None) -> tuple[dict[int, SplitRule], float] | None:
@@ -306,48 +378,58 @@ class DPSearcher(Searcher):
         if best is None:
             return None
         completions, predicted = best
-        tree = self._tree(entry.rule, completions)
-        evaluation = self.evaluator.evaluate(tree, searcher=self.label)
+        tree, projections = self._tree(entry.rule, completions)
+        evaluation = self.evaluator.evaluate(tree, projections, searcher=self.label)
         if evaluation.ok:
             self.predictions.append((predicted, evaluation.valid_nll, tree))
         return evaluation
+
+    def _combined(self, root: SplitRule) -> Iterator[Evaluation]:
+        evaluation = self._combine(self.measured[root])
+        if evaluation is not None and evaluation.counted:
+            yield evaluation
 
     def search(self) -> Iterator[Evaluation]:
         """Measure, combine, and yield each counted evaluation, until the budget is used."""
         try:
             # Costs need no training: root rules whose cheapest completion (3-ary Huffman) is over the cap are out.
             cheap = huffman_rule(3)
-            cheapest = {r: head_cost(self._tree(r, cheap), self.counts, self.dim, model=self.cost_model)
-                        for r in self.root_rules}  # fmt: skip
+            cheapest = {r: self._cost(r, cheap) for r in self.root_rules}
             # the costliest first: a wider root split buys more loss for its cost
             feasible = sorted((r for r in self.root_rules if cheapest[r] <= self.cap), key=lambda r: -cheapest[r])
             # At most half the budget ranks root rules, each by its homogeneous tree when that fits the cap (a classic
-            # candidate itself), else completed by 3-ary Huffman; the rest of the budget completes the best of them.
+            # candidate itself; for the adaptive softmax's cutoffs, its own tree), else completed by 3-ary Huffman;
+            # the rest of the budget completes the best of them.
             left = self.evaluator.remaining
             feasible = feasible[: max(2, left // 2)] if left is not None else feasible
             for root in feasible:
                 if self.done:
                     return
-                fits = head_cost(self._tree(root, root), self.counts, self.dim, model=self.cost_model) <= self.cap
-                evaluation = self._measure(root, root if fits else cheap)
+                first = self._adaptive_completion(root) if root.cut == "cutoffs" else root
+                evaluation = self._measure(root, first if self._cost(root, first) <= self.cap else cheap)
                 if evaluation is not None and evaluation.counted:
                     yield evaluation
             while not self.done:
                 ranked = sorted(feasible, key=lambda r: self._objective(self.measured[r]))
-                pending = [(r, c) for r in ranked for c in self.completions if c not in self.measured[r].halves]
+                pending = [(r, c) for r in ranked for c in self._completion_order(r) if c not in self.measured[r].tried]
                 if not pending:
                     break
                 root = pending[0][0]
                 todo = [c for r, c in pending if r == root]
-                for number, completion in enumerate(todo, start=1):
+                measured = 0
+                for completion in todo:
                     if self.done:
                         return
+                    if not self._may_fit(root, completion):
+                        self.measured[root].tried.add(completion)
+                        continue
                     evaluation = self._measure(root, completion)
+                    measured += 1
                     if evaluation is not None and evaluation.counted:
                         yield evaluation
-                    if (number % 4 == 0 or number == len(todo)) and not self.done:  # the best tree known so far
-                        evaluation = self._combine(self.measured[root])
-                        if evaluation is not None and evaluation.counted:
-                            yield evaluation
+                    if measured % 4 == 0 and not self.done:  # the best tree known so far
+                        yield from self._combined(root)
+                if measured % 4 and not self.done:
+                    yield from self._combined(root)
         except BudgetExhausted:
             return
