@@ -184,3 +184,22 @@ def test_cost_calibrate_command(tmp_path):
     assert "held-out trees: 31" in result.output
     reference = profile.fit["references"]["torch AdaptiveLogSoftmaxWithLoss"]
     assert reference["measured"] > 0 and reference["same_shape_measured"] == trees["adaptive"]["measured"]
+
+
+def test_time_decoding_times_exact_top_k_per_query_at_a_batch_and_one_at_a_time():
+    import time as clock
+
+    from tree_search.heads.timing import time_decoding
+
+    calls = []
+
+    class SlowHead:  # predict takes at least 3 ms per call, whatever the batch
+        def predict(self, h, k):
+            calls.append((h.shape[0], k))
+            clock.sleep(0.003)
+
+    queries = torch.zeros(300, 4)
+    found = time_decoding(SlowHead(), queries, k=5, batch=100, repeats=3, single=4)
+    assert calls == [(100, 5)] * 4 + [(1, 5)] * 4  # one warm-up, three timed batches, four single queries
+    assert found["batch"] >= 0.003 / 100 and found["single"] >= 0.003
+    assert found["batch"] < found["single"]  # per query: the batch's time is shared by its 100 queries

@@ -380,3 +380,10 @@ def test_a_front_search_in_measured_time(tmp_path):
             assert r["time_us_per_token"] == pytest.approx(1e6 * profile.predict(tree, counts), rel=1e-9)
     report = (run.folder / "report.md").read_text()
     assert "Costs and caps are in training time on cpu: test." in report and "## In time" in report
+    # decoding is measured on each tree's head, in multiples of binary Huffman's, with its own caps
+    unit_row = next(r for r in rows if r["name"] == "huffman-2")
+    assert unit_row["decode_vs_huffman"] == 1.0
+    for r in rows:
+        assert r["decode_us_per_query"] > 0 and r["decode_latency_ms"] > 0
+        assert r["decode_vs_huffman"] == pytest.approx(r["decode_us_per_query"] / unit_row["decode_us_per_query"])
+    assert "### Decoding time" in report and "classic trees' decoding front" in report and "| full softmax |" in report

@@ -154,3 +154,33 @@ def test_time_verdicts_at_the_adaptive_softmax_time():
     assert adaptive["speedup"] == pytest.approx(0.5)  # the only searched tree as good is twice as slow
     (cap,) = found["caps"]
     assert cap["classic"]["name"] == "adaptive" and cap["searched"]["name"] == "dp@1x"
+
+
+def test_time_verdicts_on_the_decoding_axis_read_that_axis_alone():
+    scores = _scores({"adaptive": 2.30, "huffman-2": 2.60, "dp@1x": 2.40, "dp@4x": 2.25})
+    rows = _with_nll([
+        _row("adaptive", "baseline", 1.0, time=1.0),
+        _row("huffman-2", "baseline", 1.0, time=1.0),
+        _row("dp@1x", "searched", 1.0, valid=2.1, time=0.8),
+        _row("dp@4x", "searched", 1.0, valid=2.3, time=2.0),
+    ], scores)  # fmt: skip
+    decode = {"adaptive": 3.0, "huffman-2": 1.0, "dp@1x": 5.0, "dp@4x": 2.5}  # dp@1x trains fast, decodes slowly
+    for r in rows:
+        r["decode_vs_huffman"] = decode[r["name"]]
+    found = time_verdicts(rows, [2.0, 3.0], scores, field="decode_vs_huffman")
+    (adaptive,) = found["adaptive"]
+    assert adaptive["searched"]["name"] == "dp@4x"  # the only searched tree that decodes as fast
+    assert adaptive["difference"] == pytest.approx(2.30 - 2.25) and adaptive["significant"]
+    assert adaptive["speedup"] == pytest.approx(3.0 / 2.5)
+    low, high = found["caps"]
+    assert low["classic"]["name"] == "huffman-2" and low["searched"] is None  # at 2x only Huffman decodes in time
+    assert high["classic"]["name"] == "adaptive" and high["searched"]["name"] == "dp@4x"
+    # each searched tree against the classic decoding front at its own time: huffman-2 (1.0) to adaptive (3.0)
+    # interpolated in log time; dp@4x at 2.5 mixes them with weight log(2.5) / log(3) on adaptive
+    by_name = {f["searched"]["name"]: f for f in found["front"]}
+    t = math.log(2.5) / math.log(3.0)
+    assert by_name["dp@4x"]["front_nll"] == pytest.approx((1 - t) * 2.60 + t * 2.30, rel=1e-6)
+    assert by_name["dp@4x"]["difference"] == pytest.approx((1 - t) * 2.60 + t * 2.30 - 2.25, rel=1e-6)
+    assert by_name["dp@1x"]["front_nll"] == pytest.approx(2.30, rel=1e-6)  # beyond the front's end: its last value
+    trained = time_verdicts(rows, [2.0], scores)  # the training axis is untouched by the decoding field
+    assert trained["adaptive"][0]["searched"]["name"] == "dp@1x"

@@ -28,15 +28,15 @@ from typing import Any
 import numpy as np
 
 from tree_search.agents.search import SearchConfig
-from tree_search.builders import frequency_cutoffs
+from tree_search.builders import frequency_cutoffs, huffman
 from tree_search.cost import CostProfile, cost_label, head_cost
 from tree_search.data.features import default_device, row_documents
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.evaluator import Evaluation
-from tree_search.heads.node_train import training_code_identity, training_dtype
+from tree_search.heads.node_train import split_sample, training_code_identity, training_dtype
 from tree_search.heads.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
-from tree_search.heads.timing import resolve_cost
+from tree_search.heads.timing import resolve_cost, time_decoding
 from tree_search.heads.train import validation_nll
 from tree_search.runs import SELECTION_FREE, Run, RunError
 from tree_search.verdicts import (
@@ -246,6 +246,8 @@ def compare_runs(
             )
     if tails is None:  # an earlier comparison's head for PyTorch must not outlive its tree (export would take it)
         (report_run.folder / ADAPTIVE_HEAD).unlink(missing_ok=True)
+    if profile is not None:  # the time section: decoding is measured on this machine, not predicted
+        _measure_decoding(rows, entries, dataset, env_config.train, log)
     verdicts = _verdicts(rows, test_scores)
     caps = sorted({float(c) for run in runs for c in run.config.get("cost_caps") or ()})
     cap_rows = front_verdicts(rows, caps, test_scores) if caps else []
@@ -258,6 +260,37 @@ def compare_runs(
     return rows
 
 
+DECODE_K = 5  # the report's decoding: exact top-5
+DECODE_BATCH = 256
+
+
+def _measure_decoding(rows: list[dict[str, Any]], entries: Sequence[tuple], dataset, recipe, log) -> None:
+    """Add each row's measured exact top-5 decoding time (µs per query at batch 256, ms at batch 1).
+
+    Heads hold the search recipe's node weights (the node bank's: nothing is trained again
+    for a tree the search evaluated); queries are the validation split's first 256 rows.
+    Binary Huffman's head is the unit (``decode_vs_huffman``), timed here when no row has it.
+    """
+    device = default_device()
+    queries = split_sample(dataset, "valid", 4 * DECODE_BATCH, 0, device).features.float()[:DECODE_BATCH]
+    trees = {e[5]: (e[0], e[2], e[3]) for e in entries}
+    unit_key = next((r["key"] for r in rows if r["name"] == "huffman-2"), None)
+    jobs = [(r["key"], *trees[r["key"]]) for r in rows]
+    if unit_key is None:
+        jobs.append((None, "huffman-2", huffman(dataset.class_weights, 2), {}))
+    measured = {}
+    for index, (key, name, tree, projections) in enumerate(jobs, start=1):
+        if log:
+            log(f"decoding time {index}/{len(jobs)}: {name} (exact top-{DECODE_K})")
+        head = trained_head(tree, dataset, recipe, projections=projections or None, device=device).eval()
+        measured[key] = time_decoding(head, queries, k=DECODE_K, batch=DECODE_BATCH, repeats=15)
+    unit = measured[unit_key]["batch"]
+    for r in rows:
+        seconds = measured[r["key"]]
+        r.update(decode_us_per_query=seconds["batch"] * 1e6, decode_latency_ms=seconds["single"] * 1e3,
+                 decode_vs_huffman=seconds["batch"] / unit)  # fmt: skip
+
+
 def _time_fields(profile: CostProfile, tree, counts: np.ndarray, projections, unit: float) -> dict[str, float]:
     """A report row's predicted training time: microseconds per token and multiples of binary Huffman's."""
     seconds = profile.predict(tree, counts, projections=projections or None)
@@ -267,8 +300,10 @@ def _time_fields(profile: CostProfile, tree, counts: np.ndarray, projections, un
 def time_report_lines(
     rows: Sequence[dict[str, Any]], caps: Sequence[float], profile: CostProfile, num_classes: int, scores: FinalScores
 ) -> list[str]:
-    """The report's section in time: per-cap verdicts and the comparison at the adaptive shapes' time."""
-    found = time_verdicts(rows, caps, scores)
+    """The report's section in time: per-cap verdicts and the comparison at the adaptive shapes' time.
+
+    In training time (the profile's prediction) and, when the rows have it, in decoding time (measured).
+    """
     held = profile.fit.get("held_out", {})
     error = held.get("median_abs_relative_error", math.nan)
     lines = [
@@ -285,9 +320,54 @@ def time_report_lines(
     for r in sorted(rows, key=lambda r: r["time_vs_huffman"]):
         lines.append(f"| {r['name']} | {r['time_us_per_token']:.2f} | {r['time_vs_huffman']:.2f} | "
                      f"{r['macs_vs_huffman']:.2f} | {r['test_nll']:.4f} |")  # fmt: skip
+    lines += _axis_lines(time_verdicts(rows, caps, scores), "time_vs_huffman", "time cap", "time")
+    for name, ref in profile.fit.get("references", {}).items():
+        at = "" if profile.num_classes == num_classes else f" (calibrated at V = {profile.num_classes:,}, not this V)"
+        ratio = ref["measured"] / ref["same_shape_measured"]
+        lines.append(f"- PyTorch's `{name}` with the same cutoffs, timed beside our head when the profile was "
+                     f"made{at}: {ref['measured'] * 1e6:.2f} µs/token, {ratio:.2f}x our head on the "
+                     f"`{ref['same_shape']}` shape.")  # fmt: skip
+    if rows and "decode_vs_huffman" in rows[0]:
+        lines += [
+            "",
+            "### Decoding time",
+            "",
+            f"Exact top-{DECODE_K} (`TreeSoftmaxHead.predict`) measured on this machine for each tree's head with "
+            f"the search recipe's weights, on {DECODE_BATCH} validation queries at once (µs per query) and one "
+            "query at a time (ms); times in multiples of binary Huffman's at batch "
+            f"{DECODE_BATCH}. A tree that trains fast may decode slowly: the two fronts differ.",
+            "",
+            "| tree | µs / query | ms / query, batch 1 | decoding / Huffman | training / Huffman | test NLL |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sorted(rows, key=lambda r: r["decode_vs_huffman"]):
+            lines.append(f"| {r['name']} | {r['decode_us_per_query']:.1f} | {r['decode_latency_ms']:.2f} | "
+                         f"{r['decode_vs_huffman']:.2f} | {r['time_vs_huffman']:.2f} | "
+                         f"{r['test_nll']:.4f} |")  # fmt: skip
+        found = time_verdicts(rows, caps, scores, field="decode_vs_huffman")
+        lines += ["", "Each searched tree against the classic trees' decoding front (test NLL against decoding time, "
+                  "interpolated in log time at the searched tree's time):", "",
+                  "| searched tree | decoding / Huffman | test NLL | classic front there | difference | verdict |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for f in found["front"]:
+            r = f["searched"]
+            if f["front_nll"] is None:
+                lines.append(f"| {r['name']} | {r['decode_vs_huffman']:.2f} | {r['test_nll']:.4f} | "
+                             "faster than every classic tree | | no verdict |")  # fmt: skip
+                continue
+            words = verdict_words(_comparison(f))
+            lines.append(f"| {r['name']} | {r['decode_vs_huffman']:.2f} | {r['test_nll']:.4f} | {f['front_nll']:.4f} | "
+                         f"{f['difference']:+.4f} {_interval(f['interval'])} | {words} |")  # fmt: skip
+        lines += _axis_lines({**found, "caps": []}, "decode_vs_huffman", "", "decoding time")
+    return lines
+
+
+def _axis_lines(found: dict[str, Any], field: str, cap_word: str, time_word: str) -> list[str]:
+    """`time_verdicts` in words: a table of per-cap verdicts and one line per adaptive shape."""
+    lines = []
     if found["caps"]:
-        lines += ["", "| time cap | best classic tree | test NLL | best searched | test NLL | difference | verdict |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        header = f"| {cap_word} | best classic tree | test NLL | best searched | test NLL | difference | verdict |"
+        lines += ["", header, "|---|---|---|---|---|---|---|"]
         for c in found["caps"]:
             classic, pick = c["classic"], c["searched"]
             if classic is None or pick is None:
@@ -297,13 +377,14 @@ def time_report_lines(
             lines.append(f"| {c['cap']:g}x | {classic['name']} | {classic['test_nll']:.4f} | {pick['name']} | "
                          f"{pick['test_nll']:.4f} | {c['difference']:+.4f} {_interval(c['interval'])} | "
                          f"{verdict_words(_comparison(c))} |")  # fmt: skip
+    lines.append("")
     for a in found["adaptive"]:
         shape = a["shape"]
-        line = (f"- At the time of `{shape['name']}` ({shape['time_vs_huffman']:.2f}x Huffman, "
+        line = (f"- At the {time_word} of `{shape['name']}` ({shape[field]:.2f}x Huffman, "
                 f"test {shape['test_nll']:.4f}): ")  # fmt: skip
         if "searched" in a:
             pick, words = a["searched"], verdict_words(_comparison(a))
-            line += (f"the searched `{pick['name']}` ({pick['time_vs_huffman']:.2f}x) scores {pick['test_nll']:.4f}, "
+            line += (f"the searched `{pick['name']}` ({pick[field]:.2f}x) scores {pick['test_nll']:.4f}, "
                      f"{a['difference']:+.4f} {_interval(a['interval'])} ({words})")  # fmt: skip
         else:
             line += "no searched tree is that fast"
@@ -313,12 +394,6 @@ def time_report_lines(
         else:
             line += "; no searched tree is as good on test at any time."
         lines.append(line)
-    for name, ref in profile.fit.get("references", {}).items():
-        at = "" if profile.num_classes == num_classes else f" (calibrated at V = {profile.num_classes:,}, not this V)"
-        ratio = ref["measured"] / ref["same_shape_measured"]
-        lines.append(f"- PyTorch's `{name}` with the same cutoffs, timed beside our head when the profile was "
-                     f"made{at}: {ref['measured'] * 1e6:.2f} µs/token, {ratio:.2f}x our head on the "
-                     f"`{ref['same_shape']}` shape.")  # fmt: skip
     return lines
 
 

@@ -223,27 +223,40 @@ def front_verdicts(rows: Sequence[dict[str, Any]], caps: Sequence[float], scores
     return out
 
 
-def time_verdicts(rows: Sequence[dict[str, Any]], caps: Sequence[float], scores: FinalScores) -> dict[str, Any]:
-    """The front search's verdicts on the time axis of a cost profile (rows with ``time_vs_huffman``).
+def time_verdicts(
+    rows: Sequence[dict[str, Any]], caps: Sequence[float], scores: FinalScores, field: str = "time_vs_huffman"
+) -> dict[str, Any]:
+    """The front search's verdicts on a time axis: rows' ``field``, multiples of binary Huffman's time.
 
-    ``caps``: `front_verdicts` with each cap read in multiples of binary Huffman's predicted time.
+    ``field``: ``time_vs_huffman`` (training time, a cost profile's prediction) or
+    ``decode_vs_huffman`` (decoding time, measured).
+    ``caps``: `front_verdicts` with each cap read in multiples of binary Huffman's time.
+    ``front``: each searched tree against the classic front interpolated at its own time
+    (`classic_front_at`; None below the fastest classic tree), the difference (> 0: the
+    searched tree is better) and its interval.
     ``adaptive``: for each adaptive shape among the rows, the searched tree (chosen on validation)
     among those no slower than it, with the test NLL difference (> 0: the searched tree is
     better) and its interval; and the speed-up of the fastest searched tree at least as
     good on test (None when no searched tree matches it).
     """
-    timed = [{**r, "cost_vs_huffman": r["time_vs_huffman"]} for r in rows]
-    out: dict[str, Any] = {"caps": front_verdicts(timed, caps, scores) if caps else [], "adaptive": []}
+    timed = [{**r, "cost_vs_huffman": r[field]} for r in rows]
+    out: dict[str, Any] = {"caps": front_verdicts(timed, caps, scores) if caps else [], "front": [], "adaptive": []}
     searched = [r for r in rows if r["kind"] == "searched"]
+    for row in sorted(searched, key=lambda r: r[field]):
+        at = classic_front_at(timed, row[field])
+        entry = {"searched": row, "front_nll": None if at is None else at[0]}
+        if at is not None:
+            entry.update(scores.compare(row["key"], at[1]).to_json())
+        out["front"].append(entry)
     for shape in (r for r in rows if r["name"] in ADAPTIVE_SHAPES):
         entry: dict[str, Any] = {"shape": shape}
-        faster = [r for r in searched if r["time_vs_huffman"] <= shape["time_vs_huffman"] * (1 + 1e-9)]
+        faster = [r for r in searched if r[field] <= shape[field] * (1 + 1e-9)]
         if faster:
             pick = min(faster, key=lambda r: r["valid_nll"])
             entry.update(searched=pick, **scores.compare(pick["key"], shape["key"]).to_json())
         matching = [r for r in searched if r["test_nll"] <= shape["test_nll"]]
-        fastest = min(matching, key=lambda r: r["time_vs_huffman"], default=None)
-        entry["speedup"] = shape["time_vs_huffman"] / fastest["time_vs_huffman"] if fastest else None
+        fastest = min(matching, key=lambda r: r[field], default=None)
+        entry["speedup"] = shape[field] / fastest[field] if fastest else None
         entry["matching"] = fastest
         out["adaptive"].append(entry)
     return out

@@ -53,6 +53,7 @@ __all__ = [
     "device_name",
     "resolve_cost",
     "synthetic_classes",
+    "time_decoding",
     "time_training_step",
     "tune_allocator",
 ]
@@ -155,6 +156,32 @@ def time_training_step(
         step()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def time_decoding(
+    head: TreeSoftmaxHead, queries: torch.Tensor, *, k: int = 5, batch: int = 256, repeats: int = 5, single: int = 16
+) -> dict[str, float]:
+    """Seconds per query of ``head.predict(h, k)`` (exact top-k), measured on ``queries`` (N, d).
+
+    Returns ``{"batch": ...}``: the median over ``repeats`` calls on ``batch`` queries at once,
+    per query (throughput), and ``{"single": ...}``: the median over ``single`` calls on one
+    query each (latency). One warm-up call first. The time depends on the head's weights (a
+    node is scored only while it can still hold a top-k class), so time trained heads.
+    """
+    h = queries[:batch]
+
+    def timed(x: torch.Tensor) -> float:
+        start = time.perf_counter()
+        head.predict(x, k)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        timed(h)
+        per_batch = float(np.median([timed(h) for _ in range(repeats)])) / h.shape[0]
+        per_query = float(np.median([timed(queries[i : i + 1]) for i in range(min(single, queries.shape[0]))]))
+    return {"batch": per_batch, "single": per_query}
 
 
 def default_profile_path(device_type: str, dim: int, batch: int = 4096, precision: str = "fp32") -> Path:
