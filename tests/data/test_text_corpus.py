@@ -43,6 +43,33 @@ def test_one_file_is_split_by_seeded_blocks_and_counts_come_from_train(tmp_path)
     assert other_seed.info["lines"] != lines
 
 
+def test_form_feed_lines_mark_documents_which_are_split_and_resampled_whole(tmp_path):
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(1, 260, size=60)  # documents of 1 to 259 lines: not multiples of the 100-line blocks
+    # document i's lines read "a{i // 8} b{i % 8} x": words every split's vocabulary has (train's counts)
+    text = "\f\n".join("".join(f"a{i // 8} b{i % 8} x\n" for _ in range(n)) for i, n in enumerate(lengths))
+    path = tmp_path / "docs.txt"
+    path.write_text(text, encoding="utf-8")
+    corpus = load_text_corpus(path, config=CorpusConfig(max_size=100, valid_fraction=0.2, test_fraction=0.2, seed=3))
+    tokens = corpus.vocab.tokens
+    assert corpus.info["document_units"] == "form feed lines"
+    seen = []
+    for name in ("train", "valid", "test"):
+        ids, starts = corpus.splits[name], corpus.documents[name]
+        for lo, hi in zip(starts, [*starts[1:], ids.size], strict=True):
+            words = sorted({tokens[k] for k in ids[lo:hi]} - {"x", EOS})
+            assert len(words) == 2, (name, words)  # a document of the split is one source document ...
+            i = 8 * int(words[0][1:]) + int(words[1][1:])
+            assert hi - lo == 4 * lengths[i]  # ... whole: every line of it (3 words and <eos> per line)
+            seen.append(i)
+    assert sorted(seen) == list(range(lengths.size))  # each source document in exactly one split, once
+    # the same lines without marks keep the 100-line blocks (and their own cache key)
+    plain = tmp_path / "plain.txt"
+    plain.write_text(text.replace("\f\n", ""), encoding="utf-8")
+    blocks = load_text_corpus(plain, config=CorpusConfig(max_size=100, valid_fraction=0.2, test_fraction=0.2, seed=3))
+    assert blocks.info["document_units"] == "blocks of 100 lines" and blocks.info["key"] != corpus.info["key"]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -7,11 +7,13 @@ non-blank line ends with an ``<eos>`` token, as in the usual word-level LM setup
 Files are streamed line by line into int32 arrays of provisional ids (one table of
 distinct tokens), never held as lists of strings; the training vocabulary then re-maps them.
 
-Documents (the units verdicts resample) are blocks of `BLOCK_LINES` consecutive lines.
-Splits: with ``valid`` and ``test`` files, each file is one split. With one file, lines
-are grouped in blocks of `BLOCK_LINES` consecutive lines, and block ``b`` goes to valid
-when ``u < valid_fraction``, to test when ``u < valid_fraction + test_fraction``, else to
-train, where ``u`` is the SHA-256 of ``"{seed}:{b}"`` read as a number in [0, 1).
+Documents (the units verdicts resample, and the units a single file is split by): in a file
+that marks them, the lines between two `DOCUMENT_MARK` lines (a line holding only a form
+feed, U+000C); otherwise blocks of `BLOCK_LINES` consecutive lines.
+Splits: with ``valid`` and ``test`` files, each file is one split. With one file, document
+(or block) ``b`` goes to valid when ``u < valid_fraction``, to test when ``u <
+valid_fraction + test_fraction``, else to train, where ``u`` is the SHA-256 of
+``"{seed}:{b}"`` read as a number in [0, 1).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from tree_search.data.code_corpus import SPLITS
 from tree_search.data.corpus import CorpusConfig, ProgressFactory, TokenCorpus, cached_corpus, corpus_from_raw_ids
 from tree_search.data.vocab import DataError
 
-__all__ = ["BLOCK_LINES", "EOS", "load_text_corpus"]
+__all__ = ["BLOCK_LINES", "DOCUMENT_MARK", "EOS", "load_text_corpus"]
 
 EOS = "<eos>"
 BLOCK_LINES = 100
+DOCUMENT_MARK = b"\f"  # a line holding only this starts a new document
 
 
 def _block_split(block: int, seed: int, valid_fraction: float, test_fraction: float) -> str:
@@ -44,9 +47,12 @@ def _block_split(block: int, seed: int, valid_fraction: float, test_fraction: fl
     return "train"
 
 
-def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line index, tokens + <eos>) for each non-blank line; errors name file, line and byte."""
-    offset = 0
+def _lines(path: Path, marked: bool = False) -> Iterator[tuple[int, list[str]]]:
+    """(unit, tokens + <eos>) for each non-blank line; errors name file, line and byte.
+
+    The unit is the line's document (``marked``: counted by `DOCUMENT_MARK` lines) or its block of `BLOCK_LINES`.
+    """
+    offset, document = 0, 0
     try:
         handle = open(path, "rb")
     except OSError as err:
@@ -60,21 +66,29 @@ def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:
                     f"{path}: not UTF-8 text: line {number + 1}, byte offset {offset + err.start} ({err.reason})"
                 ) from None
             offset += len(raw)
+            if marked and raw.rstrip(b"\r\n") == DOCUMENT_MARK:
+                document += 1
+                continue
             tokens = text.split()
             if tokens:
                 tokens.append(EOS)
-                yield number, tokens
+                yield (document if marked else number // BLOCK_LINES), tokens
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
+def _file_digest(path: Path) -> tuple[str, bool]:
+    """The file's SHA-256, and whether it marks documents (has a `DOCUMENT_MARK` line)."""
+    digest, marked, tail = hashlib.sha256(), False, b"\n"
     try:
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
+                if not marked:  # a mark line: a form feed between line ends (the chunk's edge included)
+                    joined = tail + chunk
+                    marked = any(m in joined for m in (b"\n\f\n", b"\n\f\r\n"))
+                    tail = chunk[-2:]
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
-    return digest.hexdigest()
+    return digest.hexdigest(), marked
 
 
 def load_text_corpus(
@@ -108,26 +122,28 @@ def load_text_corpus(
             raise DataError(f"{path}: no such file ({split} split)")
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty ({split} split)")
-    key = content_key(
-        {
-            "corpus": "text/2",  # 2: with document starts
-            "files": {split: _file_digest(path) for split, path in files.items()},
-            "single_file": len(files) == 1,
-            "block_lines": BLOCK_LINES,
-            "config": config.__dict__,
-        }
-    )
+    digests = {split: _file_digest(path) for split, path in files.items()}
+    marked = {split: found for split, (_, found) in digests.items()}
+    key = {
+        "corpus": "text/2",  # 2: with document starts
+        "files": {split: digest for split, (digest, _) in digests.items()},
+        "single_file": len(files) == 1,
+        "block_lines": BLOCK_LINES,
+        "config": config.__dict__,
+    }
+    if any(marked.values()):  # (files without marks keep their keys: their caches stay valid)
+        key["documents"] = "form feed lines"
+    key = content_key(key)
 
     def split_lines() -> Iterator[tuple[str, int, list[str]]]:
-        """(split, block, tokens) of every line."""
+        """(split, document or block, tokens) of every line."""
         if len(files) == 3:
             for split, path in files.items():
-                for number, tokens in _lines(path):
-                    yield split, number // BLOCK_LINES, tokens
+                for unit, tokens in _lines(path, marked[split]):
+                    yield split, unit, tokens
         else:
-            for number, tokens in _lines(files["train"]):
-                block = number // BLOCK_LINES
-                yield _block_split(block, config.seed, config.valid_fraction, config.test_fraction), block, tokens
+            for unit, tokens in _lines(files["train"], marked["train"]):
+                yield _block_split(unit, config.seed, config.valid_fraction, config.test_fraction), unit, tokens
 
     def build() -> TokenCorpus:
         index: dict[str, int] = {}
@@ -161,6 +177,7 @@ def load_text_corpus(
             "corpus": "text",
             "files": {split: str(path) for split, path in files.items()},
             "lines": lines,
+            "document_units": "form feed lines" if any(marked.values()) else f"blocks of {BLOCK_LINES} lines",
         }
         return corpus_from_raw_ids(table, raw, config, info, starts)
 
