@@ -387,3 +387,22 @@ def test_a_front_search_in_measured_time(tmp_path):
         assert r["decode_us_per_query"] > 0 and r["decode_latency_ms"] > 0
         assert r["decode_vs_huffman"] == pytest.approx(r["decode_us_per_query"] / unit_row["decode_us_per_query"])
     assert "### Decoding time" in report and "classic trees' decoding front" in report and "| full softmax |" in report
+
+
+def test_the_report_measures_the_gap_against_the_converged_reference_once_it_is_cached(tmp_path):
+    from tree_search.heads.converged import train_reference
+
+    config = SearchConfig(agent="dp", budget=2, cost_caps=(1.5,), env_config=ENV, baselines="huffman-2,huffman-4")
+    run = run_search(config, tmp_path / "run", log=None)
+    rows = compare_runs([run.folder], seeds=2, log=None)
+    assert all(r["key"] != "converged" for r in rows)
+    assert "`tree-search reference` trains the converged one" in (run.folder / "report.md").read_text()
+    reference = train_reference(load_env_dataset(ENV))
+    rows = compare_runs([run.folder], seeds=2, log=None)
+    converged = next(r for r in rows if r["key"] == "converged")
+    assert converged["name"] == "full softmax (converged)" and converged["kind"] == "reference"
+    assert converged["test_nll"] == pytest.approx(reference.test_row_nll.mean(), rel=1e-9)
+    full = next(r for r in rows if r["key"] == "full")
+    assert converged["test_nll"] < full["test_nll"]  # the report's one-node full softmax is under-trained here
+    report = (run.folder / "report.md").read_text()
+    assert f"scores {converged['test_nll']:.4f} on test" in report and "full softmax (converged)" in report

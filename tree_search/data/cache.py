@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -14,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "cache_root", "content_key", "publish_folder", "read_info", "save_npy_atomic"]
+__all__ = [
+    "atomic_write_bytes",
+    "cache_root",
+    "content_key",
+    "publish_folder",
+    "read_info",
+    "save_npy_atomic",
+    "source_identity",
+]
 
 
 def cache_root() -> Path:
@@ -30,6 +39,19 @@ def content_key(parts: Mapping[str, Any]) -> str:
     """A short stable hash of a JSON-serialisable description (config, file digests, ...)."""
     text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def source_identity(modules: tuple[str, ...]) -> str:
+    """A short hash of the source files of ``modules`` (dotted names) as they are on disk now.
+
+    Caches of computed results key on the code that computed them, so that no edit of that
+    code can serve an old result (an edited comment too: a recomputation, never a stale answer).
+    """
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(name.encode())
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

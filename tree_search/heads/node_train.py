@@ -30,8 +30,6 @@ over a handful of groups and the steps, never over nodes or samples.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import math
 import platform
 from collections import OrderedDict
@@ -43,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tree_search.data.cache import source_identity
 from tree_search.data.features import FeatureDataset, class_embeddings, row_documents
 from tree_search.heads.schedule import step_scale
 from tree_search.tree import Tree
@@ -54,15 +53,7 @@ __all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "measurement_totals"
 _TRAINING_SOURCES = ("tree_search.heads.node_train", "tree_search.heads.schedule", "tree_search.tree")
 
 
-def _source_identity() -> str:
-    digest = hashlib.sha256()
-    for name in _TRAINING_SOURCES:
-        digest.update(name.encode())
-        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
-    return "node-train/" + digest.hexdigest()[:16]
-
-
-_IDENTITY = _source_identity()  # read when this module is imported: the code that runs, even if edited since
+_IDENTITY = "node-train/" + source_identity(_TRAINING_SOURCES)  # read at import: the code that runs, even if edited
 
 
 def training_code_identity() -> str:
