@@ -336,7 +336,7 @@ def test_grave_cutoffs_are_the_least_cost_cutoffs_by_brute_force(seed):
     """Grave et al.'s dynamic program against every choice of cutoffs (clusters of 2+ classes), same cost function."""
     from itertools import combinations
 
-    from tree_search.builders import _projected_cutoffs, grave_cutoffs
+    from tree_search.builders import grave_cutoffs, projected_cutoffs
     from tree_search.heads.reward import head_cost
 
     counts = np.sort(np.random.default_rng(seed).zipf(1.3, 40).astype(float))[::-1]
@@ -345,7 +345,8 @@ def test_grave_cutoffs_are_the_least_cost_cutoffs_by_brute_force(seed):
         for cuts in combinations(range(1, 40), clusters):
             bounds = [*cuts, 40]
             if all(bounds[i + 1] - bounds[i] >= 2 for i in range(clusters)):
-                tree, projections = _projected_cutoffs(counts, list(cuts), 16, 4.0)
+                sizes = [max(1, 16 // 4 ** (i + 1)) for i in range(clusters)]  # PyTorch's div_value 4
+                tree, projections = projected_cutoffs(counts, list(cuts), sizes, 16)
                 costs[cuts] = head_cost(tree, counts, 16, projections)
         found = grave_cutoffs(counts, 16, clusters, candidates=1000)
         assert costs[tuple(found)] == pytest.approx(min(costs.values()), rel=1e-12)
