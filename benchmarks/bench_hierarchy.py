@@ -39,9 +39,9 @@ from tree_search.builders import classic_trees
 from tree_search.data import prepare_dataset
 from tree_search.data.features import class_embeddings
 from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit, validation_nll
-from tree_search.heads.early import DEFAULT_RATIOS, coverage_sweep
-from tree_search.heads.explain import explain
-from tree_search.heads.levels import LevelWeightedHead, LevelWeights, level_accuracy
+from tree_search.hierarchy.early import DEFAULT_RATIOS, coverage_sweep
+from tree_search.hierarchy.explain import explain
+from tree_search.hierarchy.levels import LevelWeightedHead, LevelWeights, level_accuracy
 
 
 class Adapted(nn.Module):

@@ -7,16 +7,16 @@ On the cached features of the built-in corpus (`prepare_dataset()` with defaults
 d=256), one CPU thread, random training rows subsampled so that the whole script stays
 near ten minutes:
 
-1. **Distillation** (`tree_search.heads.distill`): for binary Huffman, k-means (fanout 16)
+1. **Distillation** (`tree_search.hierarchy.distill`): for binary Huffman, k-means (fanout 16)
    and a searched tree (the best tree of a run under runs/ made on this dataset, else the
    classic headtail-kmeans-16), a head trained on hard labels and one distilled from the
    encoder's own full-softmax output layer (the flat teacher), same rows, steps and seed;
    test NLL and the share of the hard tree's gap to the teacher that the student closes.
-2. **Smoothing** (`tree_search.heads.smoothing`): none / uniform / hierarchical label
+2. **Smoothing** (`tree_search.hierarchy.smoothing`): none / uniform / hierarchical label
    smoothing for Huffman, k-means and the full softmax (its hierarchy: the k-means tree);
    tree heads use the sampled estimate (`--samples` classes per row), the full softmax the
    exact targets; test NLL and top-1.
-3. **Calibration** (`tree_search.heads.calibration`): the heads trained on hard labels in 1
+3. **Calibration** (`tree_search.hierarchy.calibration`): the heads trained on hard labels in 1
    (and the unsmoothed full softmax of 2): test ECE (15 bins), NLL and top-1 before and
    after temperature scaling fitted on validation rows (single, and per depth for trees);
    reliability diagrams as PNGs under --out.
@@ -42,9 +42,9 @@ from tree_search.data import FeatureDataset, prepare_dataset
 from tree_search.data.features import class_embeddings
 from tree_search.export import load_tree
 from tree_search.heads import FullSoftmaxHead, TrainConfig, TreeSoftmaxHead, fit, validation_nll
-from tree_search.heads.calibration import fit_temperature, plot_reliability, reliability, scaled_head, top1
-from tree_search.heads.distill import DistillConfig, DistilledHead, flat_teacher, gap_closed, teacher_for
-from tree_search.heads.smoothing import SmoothedHead, SmoothingConfig
+from tree_search.hierarchy.calibration import fit_temperature, plot_reliability, reliability, scaled_head, top1
+from tree_search.hierarchy.distill import DistillConfig, DistilledHead, flat_teacher, gap_closed, teacher_for
+from tree_search.hierarchy.smoothing import SmoothedHead, SmoothingConfig
 
 
 def subsample(dataset: FeatureDataset, rows: int, seed: int, valid: np.ndarray) -> FeatureDataset:

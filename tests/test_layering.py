@@ -87,3 +87,16 @@ def test_no_module_of_the_package_imports_itself_back():
 
 def _is_package(name: str) -> bool:
     return (ROOT.parent / Path(*name.split(".")) / "__init__.py").exists()
+
+
+def test_the_names_that_moved_to_hierarchy_still_import_from_heads():
+    import pytest
+
+    import tree_search.heads as heads
+    import tree_search.hierarchy as hierarchy
+
+    assert len(hierarchy.__all__) == 40
+    for name in hierarchy.__all__:
+        assert getattr(heads, name) is getattr(hierarchy, name), name
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        heads.no_such_name  # noqa: B018

@@ -630,7 +630,7 @@ def explain(source: Path, class_query: str | None, split: str, rows: int, path_k
     head file (.pt). With --class, only rows of that true class, and where the true path
     left the predicted one.
     """
-    from tree_search.heads.explain import explain as explain_paths
+    from tree_search.hierarchy.explain import explain as explain_paths
 
     if rows < 1:
         raise click.BadParameter("must be >= 1", param_hint="--rows")
@@ -673,7 +673,7 @@ def early(source: Path, costs: str, split: str, rows: int, dataset: str | None, 
     A larger ratio makes wrong answers costlier than coarse ones: the descent stops at a
     coarser node more often (less coverage) and its answers hold the true class more often.
     """
-    from tree_search.heads.early import coverage_sweep
+    from tree_search.hierarchy.early import coverage_sweep
 
     ratios = _float_list(costs, "--costs")
     if not ratios or any(not math.isfinite(r) or r < 0 for r in ratios):
@@ -716,7 +716,7 @@ def grow(head_file: Path, target: Path, additions: tuple[str, ...], prior: float
     log-probabilities change only below the node that took a new child.
     """
     from tree_search.heads import TreeSoftmaxHead
-    from tree_search.heads.grow import grow_head, place_by_frequency
+    from tree_search.hierarchy.grow import grow_head, place_by_frequency
 
     head = TreeSoftmaxHead.load(head_file)
     labels = list(head.labels) if head.labels is not None else None
@@ -787,8 +787,8 @@ def calibrate(source: Path, dataset: str | None, per_depth: bool, valid_rows: in
     written by TreeSoftmaxHead.save. Both splits are seeded random samples of rows (a split's
     rows come file by file, so its first rows would be a few files).
     """
-    from tree_search.heads.calibration import fit_temperature, plot_reliability, reliability, scaled_head, top1
     from tree_search.heads.train import validation_nll
+    from tree_search.hierarchy.calibration import fit_temperature, plot_reliability, reliability, scaled_head, top1
 
     if valid_rows < 1 or test_rows < 1 or bins < 1:
         raise click.BadParameter("--valid-rows, --test-rows and --bins must be >= 1")

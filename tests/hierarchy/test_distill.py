@@ -7,7 +7,7 @@ from tree_search import builders
 from tree_search.data import FeatureDataset, make_planted
 from tree_search.data.cache import cache_root
 from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit
-from tree_search.heads.distill import (
+from tree_search.hierarchy.distill import (
     DistillConfig,
     DistilledHead,
     FlatTeacher,

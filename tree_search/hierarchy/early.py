@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tree_search.heads.levels import Descent, _check_inputs, class_vertices, greedy_descent
 from tree_search.heads.tree_head import TreeSoftmaxHead
+from tree_search.hierarchy.levels import Descent, check_head_inputs, class_vertices, greedy_descent
 from tree_search.tree import Tree
 
 __all__ = ["CoverageRow", "CoverageSweep", "answer_contains", "bayes_thresholds", "coverage_sweep", "early_answer"]
@@ -196,7 +196,7 @@ def coverage_sweep(
         >>> [row.coverage for row in sweep.rows]
         [1.0, 0.0]
     """
-    _check_inputs(head, h, y)
+    check_head_inputs(head, h, y)
     if bool((y == head.ignore_index).any()):
         raise ValueError("y holds ignore_index targets; drop them before coverage_sweep")
     if h.shape[0] == 0:

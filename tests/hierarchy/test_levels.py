@@ -8,7 +8,7 @@ from torch import nn
 from tree_search import builders
 from tree_search.data import PlantedConfig, make_planted
 from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit
-from tree_search.heads.levels import (
+from tree_search.hierarchy.levels import (
     LevelWeightedHead,
     LevelWeights,
     class_vertices,
@@ -226,5 +226,5 @@ def test_docstring_examples_run(module):
     import doctest
     import importlib
 
-    failures, tried = doctest.testmod(importlib.import_module(f"tree_search.heads.{module}"))
+    failures, tried = doctest.testmod(importlib.import_module(f"tree_search.hierarchy.{module}"))
     assert tried > 0 and failures == 0

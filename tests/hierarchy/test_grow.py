@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tree_search import builders
-from tree_search.heads.grow import (
+from tree_search.heads.tree_head import TreeSoftmaxHead
+from tree_search.hierarchy.grow import (
     grow_by_embedding,
     grow_by_frequency,
     grow_head,
@@ -17,7 +18,6 @@ from tree_search.heads.grow import (
     nearest_classes,
     place_by_frequency,
 )
-from tree_search.heads.tree_head import TreeSoftmaxHead
 
 torch.set_num_threads(1)
 DIM = 6

@@ -100,7 +100,10 @@ class LevelWeights:
         return weights
 
 
-def _check_inputs(head: TreeSoftmaxHead, h: torch.Tensor, y: torch.Tensor | None = None, finite: bool = True) -> None:
+def check_head_inputs(
+    head: TreeSoftmaxHead, h: torch.Tensor, y: torch.Tensor | None = None, finite: bool = True
+) -> None:
+    """Clear errors for a head that is not a `TreeSoftmaxHead`, or features and labels that do not fit it."""
     if not isinstance(head, TreeSoftmaxHead):
         raise TypeError(f"expected a TreeSoftmaxHead, got {type(head).__name__}")
     if h.ndim != 2 or h.shape[1] != head.dim:
@@ -141,7 +144,7 @@ def level_loss(
         >>> bool(level_loss(head, h, y, LevelWeights()) == head(h, y).loss)  # all weights 1: the NLL
         True
     """
-    _check_inputs(head, h, y, finite=False)
+    check_head_inputs(head, h, y, finite=False)
     reduction = head.reduction if reduction is None else reduction
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -200,7 +203,7 @@ class LevelWeightedHead(nn.Module):
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> HeadOutput:
         """``(output, loss)``: the targets' exact log-probabilities and the level-weighted loss."""
-        _check_inputs(self.head, h, y, finite=False)
+        check_head_inputs(self.head, h, y, finite=False)
         output, weighted, keep = _level_terms(self.head, h, y, self.node_weight)
         if self.head.reduction == "none":
             return HeadOutput(output, -weighted)
@@ -259,7 +262,7 @@ def greedy_descent(head: TreeSoftmaxHead, h: torch.Tensor, thresholds: torch.Ten
         >>> d.answer.shape, d.nodes.shape
         (torch.Size([2]), torch.Size([2, 2]))
     """
-    _check_inputs(head, h)
+    check_head_inputs(head, h)
     tree, device = head.tree, h.device
     V, B, D = tree.num_classes, h.shape[0], tree.max_depth
     thr = None
@@ -357,7 +360,7 @@ def level_accuracy(head: TreeSoftmaxHead, h: torch.Tensor, y: torch.Tensor, chun
         >>> acc.depth.tolist(), acc.inputs.tolist()
         ([1, 2], [6, 4])
     """
-    _check_inputs(head, h, y)
+    check_head_inputs(head, h, y)
     if bool((y == head.ignore_index).any()):
         raise ValueError("y holds ignore_index targets; drop them before level_accuracy")
     tree, V, D = head.tree, head.num_classes, head.tree.max_depth

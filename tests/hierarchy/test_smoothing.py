@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from tree_search import builders
 from tree_search.heads import FullSoftmaxHead, TreeSoftmaxHead
-from tree_search.heads.smoothing import (
+from tree_search.hierarchy.smoothing import (
     LabelSmoother,
     SmoothedHead,
     SmoothingConfig,

@@ -3,8 +3,8 @@ import pytest
 import torch
 from random_heads import SHAPES, make_head
 
-from tree_search.heads.explain import describe, explain
-from tree_search.heads.levels import greedy_descent
+from tree_search.hierarchy.explain import describe, explain
+from tree_search.hierarchy.levels import greedy_descent
 from tree_search.tree import Tree
 
 torch.set_num_threads(1)

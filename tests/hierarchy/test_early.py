@@ -5,8 +5,8 @@ from random_heads import SHAPES, make_head
 
 from tree_search import builders
 from tree_search.heads import TreeSoftmaxHead
-from tree_search.heads.early import answer_contains, bayes_thresholds, coverage_sweep, early_answer
-from tree_search.heads.levels import greedy_descent
+from tree_search.hierarchy.early import answer_contains, bayes_thresholds, coverage_sweep, early_answer
+from tree_search.hierarchy.levels import greedy_descent
 from tree_search.tree import Tree
 
 torch.set_num_threads(1)

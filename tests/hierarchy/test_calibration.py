@@ -4,7 +4,7 @@ import torch
 
 from tree_search import builders
 from tree_search.heads import FullSoftmaxHead, TreeSoftmaxHead
-from tree_search.heads.calibration import (
+from tree_search.hierarchy.calibration import (
     calibration_report,
     expected_calibration_error,
     fit_temperature,

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tree_search.heads.levels import _check_inputs, class_vertices, greedy_descent
 from tree_search.heads.tree_head import TreeSoftmaxHead
+from tree_search.hierarchy.levels import check_head_inputs, class_vertices, greedy_descent
 from tree_search.tree import Tree
 
 __all__ = ["Explanation", "NodeStats", "describe", "explain"]
@@ -251,7 +251,7 @@ def explain(
         (0, (8,))
         >>> print(audit.table(rows=0, top=2))  # doctest: +SKIP
     """
-    _check_inputs(head, h, y)
+    check_head_inputs(head, h, y)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if y is not None and bool((y == head.ignore_index).any()):
