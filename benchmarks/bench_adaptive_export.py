@@ -21,10 +21,10 @@ import torch
 from tree_search.builders import classic_trees
 from tree_search.data import prepare_dataset
 from tree_search.data.features import class_embeddings
-from tree_search.heads import NodeRecipe, trained_head
-from tree_search.heads.node_train import split_sample
-from tree_search.heads.reward import FINAL_SEED_OFFSET, score_test
 from tree_search.interop import adaptive_tail_nodes, to_torch_adaptive
+from tree_search.reward import NodeRecipe, trained_head
+from tree_search.reward.node_train import split_sample
+from tree_search.reward.reward import FINAL_SEED_OFFSET, score_test
 
 
 def main() -> None:

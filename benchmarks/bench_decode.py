@@ -65,9 +65,10 @@ from tree_search.builders import ClassicTree, classic_trees, frequency_cutoffs
 from tree_search.data import prepare_dataset
 from tree_search.data.features import class_embeddings
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.heads import NodeRecipe, TreeSoftmaxHead, trained_head
-from tree_search.heads.node_train import _subtree_embedding_sums, _warm_start, split_sample  # the warm start
+from tree_search.heads import TreeSoftmaxHead
 from tree_search.interop import TorchAdaptive, adaptive_tail_nodes, to_torch_adaptive
+from tree_search.reward import NodeRecipe, trained_head
+from tree_search.reward.node_train import _subtree_embedding_sums, _warm_start, split_sample  # the warm start
 
 TREES = ("huffman-2", "huffman-16", "kmeans-16", "headtail-kmeans-16", "adaptive")
 SYNTHETIC_TREES = ("huffman-2", "huffman-16", "kmeans-16", "adaptive")

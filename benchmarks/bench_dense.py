@@ -35,8 +35,8 @@ import numpy as np
 from tree_search.agents import OptunaSearcher, PolicyConfig, SearchConfig, run_search
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
-from tree_search.heads import NodeRecipe
-from tree_search.heads.evaluator import LocalEvaluator
+from tree_search.reward import NodeRecipe
+from tree_search.reward.evaluator import LocalEvaluator
 from tree_search.runs import Run
 
 AGENTS = {

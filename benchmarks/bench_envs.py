@@ -19,7 +19,7 @@ import numpy as np
 
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import ENV_IDS, TreeEnvConfig, load_env_dataset, make_env
-from tree_search.heads.reward import Result
+from tree_search.reward.reward import Result
 
 
 def instant_reward(tree, projections=None) -> Result:

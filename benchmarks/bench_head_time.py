@@ -24,8 +24,8 @@ import torch
 
 from tree_search import builders
 from tree_search.heads import TreeSoftmaxHead
-from tree_search.heads.reward import head_cost
 from tree_search.heads.timing import synthetic_classes, time_training_step, tune_allocator
+from tree_search.reward.reward import head_cost
 
 FULL_SOFTMAX_GIB = 8  # the flat softmax is timed only while its (batch, V) tensors fit in this much memory
 TREES = ("huffman-2", "huffman-8", "huffman-32", "kmeans-16", "headtail-kmeans-16", "grave-2", "adaptive-50",

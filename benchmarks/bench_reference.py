@@ -1,7 +1,7 @@
 """How far the report's full-softmax reference is from the converged full softmax.
 
 The report scores the full softmax as a one-node tree under the final node recipe (the same
-budget as every tree). `tree_search.heads.converged.train_reference` (``tree-search
+budget as every tree). `tree_search.reward.converged.train_reference` (``tree-search
 reference``) trains the same model to convergence instead (`heads.train.fit` on every train
 row: Adam, cosine schedule, early stopping on validation) and caches it for the reports.
 This prints both, timed side by side in one run (the converged one is trained again unless
@@ -22,9 +22,9 @@ import numpy as np
 
 from tree_search.builders import frequency_cutoffs
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.heads.converged import ReferenceRecipe, train_reference
-from tree_search.heads.reward import FINAL_SEED_OFFSET, score_test
 from tree_search.heads.timing import tune_allocator
+from tree_search.reward.converged import ReferenceRecipe, train_reference
+from tree_search.reward.reward import FINAL_SEED_OFFSET, score_test
 
 
 def main() -> None:

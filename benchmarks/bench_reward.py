@@ -40,8 +40,9 @@ from tree_search.builders import classic_trees
 from tree_search.data import prepare_dataset
 from tree_search.data.features import class_embeddings
 from tree_search.envs import SearchStopped, TreeEnvConfig
-from tree_search.heads import NodeRecipe, TrainConfig, TreeSoftmaxHead, evaluate, fit, validation_nll
-from tree_search.heads.node_train import split_sample, training_dtype
+from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit, validation_nll
+from tree_search.reward import NodeRecipe, evaluate
+from tree_search.reward.node_train import split_sample, training_dtype
 
 CLASSIC = ("huffman-2", "huffman-3", "huffman-4", "huffman-8", "huffman-16", "balanced-2", "balanced-16", "pca-2",
            "kmeans-2", "kmeans-4", "kmeans-16", "two-level", "random", "adaptive", "cutoffs")  # fmt: skip

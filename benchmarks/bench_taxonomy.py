@@ -38,8 +38,8 @@ from tree_search import builders
 from tree_search.data import prepare_dataset
 from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.export import save_tree
-from tree_search.heads import NodeRecipe, evaluate
-from tree_search.heads.reward import head_cost
+from tree_search.reward import NodeRecipe, evaluate
+from tree_search.reward.reward import head_cost
 
 KEYWORD_ROLES = {
     "Flow": "if elif else for while break continue return yield try except finally raise with pass assert del",

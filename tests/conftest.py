@@ -28,7 +28,7 @@ def ray_session():
     """One local Ray instance shared by every test that needs it (starting Ray takes seconds)."""
     import ray
 
-    from tree_search.heads.ray_evaluator import ensure_ray
+    from tree_search.distributed.ray_evaluator import ensure_ray
 
     ensure_ray()
     yield

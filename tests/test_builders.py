@@ -337,7 +337,7 @@ def test_grave_cutoffs_are_the_least_cost_cutoffs_by_brute_force(seed):
     from itertools import combinations
 
     from tree_search.builders import grave_cutoffs, projected_cutoffs
-    from tree_search.heads.reward import head_cost
+    from tree_search.reward.reward import head_cost
 
     counts = np.sort(np.random.default_rng(seed).zipf(1.3, 40).astype(float))[::-1]
     for clusters in (1, 2, 3):

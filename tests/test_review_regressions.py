@@ -18,7 +18,7 @@ from tree_search.data import (
     read_counts_tsv,
 )
 from tree_search.export import TreeFileError, TreeRecord, load_codes_npz, save_codes_npz, save_tree_json
-from tree_search.heads import NodeRecipe, evaluate
+from tree_search.reward import NodeRecipe, evaluate
 from tree_search.tree import Tree, TreeError
 
 

@@ -16,8 +16,8 @@ import pytest
 from tree_search.agents import SearchConfig, run_search
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.heads import NodeRecipe
 from tree_search.report import compare_runs
+from tree_search.reward import NodeRecipe
 from tree_search.runs import Run, RunError
 
 QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
@@ -135,8 +135,8 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
     import torch
 
     from tree_search.heads import TreeSoftmaxHead
-    from tree_search.heads.node_train import split_sample
     from tree_search.interop import adaptive_tail_nodes
+    from tree_search.reward.node_train import split_sample
 
     assert torch.load(run.folder / "best_head.pt", weights_only=True)["format"] == "tree_search.head"
     head = TreeSoftmaxHead.load(run.folder / "best_head.pt")
@@ -169,7 +169,7 @@ def _test_rows(env) -> int:
 
 def test_final_scoring_uses_seeds_the_search_never_trained_with(tmp_path, monkeypatch):
     import tree_search.report as report
-    from tree_search.heads import FINAL_SEED_OFFSET, evaluate
+    from tree_search.reward import FINAL_SEED_OFFSET, evaluate
 
     env = dataclasses.replace(ENV, seeds=2)  # the search itself trains with seeds 0 and 1
     searched_seeds, final_seeds = set(), []
@@ -183,7 +183,7 @@ def test_final_scoring_uses_seeds_the_search_never_trained_with(tmp_path, monkey
         final_seeds.append(config.seed)
         return real_score(tree, dataset, config, **kwargs)
 
-    monkeypatch.setattr("tree_search.heads.evaluator.evaluate", spy_evaluate)
+    monkeypatch.setattr("tree_search.reward.evaluator.evaluate", spy_evaluate)
     monkeypatch.setattr(report, "score_test", spy_score)
     run = run_search(SearchConfig(agent="tpe", budget=2, env_config=env, baselines="none"), tmp_path / "run", log=None)
     compare_runs([run.folder], seeds=3, log=None)
@@ -224,8 +224,8 @@ def _check_the_adaptive_head_exports_to_pytorch(out: Path, tmp_path: Path) -> No
 
     from tree_search.export import load_tree
     from tree_search.heads import TreeSoftmaxHead
-    from tree_search.heads.node_train import split_sample
     from tree_search.interop import adaptive_tail_nodes, load_torch_adaptive
+    from tree_search.reward.node_train import split_sample
 
     head = TreeSoftmaxHead.load(out / "best_head_adaptive.pt")
     biased = TreeSoftmaxHead.load(out / "best_head.pt")
@@ -390,7 +390,7 @@ def test_a_front_search_in_measured_time(tmp_path):
 
 
 def test_the_report_measures_the_gap_against_the_converged_reference_once_it_is_cached(tmp_path):
-    from tree_search.heads.converged import train_reference
+    from tree_search.reward.converged import train_reference
 
     config = SearchConfig(agent="dp", budget=2, cost_caps=(1.5,), env_config=ENV, baselines="huffman-2,huffman-4")
     run = run_search(config, tmp_path / "run", log=None)

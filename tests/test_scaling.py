@@ -20,7 +20,7 @@ import pytest
 from tree_search.agents import OptunaSearcher
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
-from tree_search.heads import NodeRecipe
+from tree_search.reward import NodeRecipe
 from tree_search.runs import Run
 
 QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
@@ -111,7 +111,7 @@ def test_search_on_a_two_node_ray_cluster_by_address(tmp_path):
 def test_a_killed_evaluation_actor_is_replaced_and_every_evaluation_is_accounted_for(ray_session):
     import ray
 
-    from tree_search.heads.ray_evaluator import RayEvaluator
+    from tree_search.distributed.ray_evaluator import RayEvaluator
 
     dataset = load_env_dataset(CONFIG)
     killed = threading.Event()
@@ -136,7 +136,7 @@ def test_a_killed_evaluation_actor_is_replaced_and_every_evaluation_is_accounted
 
 def test_a_bug_in_an_evaluation_raises_in_the_driver_and_keeps_the_actor(ray_session):
     from tree_search.builders import huffman
-    from tree_search.heads.ray_evaluator import RayEvaluator
+    from tree_search.distributed.ray_evaluator import RayEvaluator
 
     dataset = load_env_dataset(CONFIG)
     evaluator = RayEvaluator(dataset, QUICK, workers=1, budget=1)
@@ -249,7 +249,7 @@ def test_two_optuna_workers_share_one_postgresql_study(tmp_path):
 
 def test_ray_pool_trains_a_tree_proposed_twice_at_once_only_once(ray_session):
     from tree_search.builders import huffman
-    from tree_search.heads.ray_evaluator import RayEvaluator
+    from tree_search.distributed.ray_evaluator import RayEvaluator
 
     dataset = load_env_dataset(CONFIG)
     evaluator = RayEvaluator(dataset, QUICK, budget=1, workers=2)
@@ -281,7 +281,7 @@ def test_optuna_storage_urls(tmp_path):
 def test_ppo_samples_in_remote_env_runners_that_score_through_the_driver(ray_session, tmp_path):
     from tree_search.agents.rllib_search import RLlibSearcher
     from tree_search.agents.search import PolicyConfig
-    from tree_search.heads.ray_evaluator import RayEvaluator
+    from tree_search.distributed.ray_evaluator import RayEvaluator
 
     dataset = load_env_dataset(CONFIG)
     run = Run.create(tmp_path / "run", {})
@@ -315,7 +315,7 @@ def test_ppo_samples_in_remote_env_runners_that_score_through_the_driver(ray_ses
 
 def test_training_callbacks_run_in_the_driver_for_ray_actors(ray_session):
     from tree_search.builders import huffman
-    from tree_search.heads.ray_evaluator import RayEvaluator
+    from tree_search.distributed.ray_evaluator import RayEvaluator
 
     dataset = load_env_dataset(CONFIG)
     evaluator = RayEvaluator(dataset, QUICK, workers=1)
@@ -341,7 +341,7 @@ def test_training_callbacks_run_in_the_driver_for_ray_actors(ray_session):
 
 
 def test_optuna_prunes_trials_evaluated_on_ray_actors(ray_session):
-    from tree_search.heads.ray_evaluator import RayEvaluator
+    from tree_search.distributed.ray_evaluator import RayEvaluator
 
     dataset = load_env_dataset(CONFIG)
     evaluator = RayEvaluator(dataset, QUICK, budget=10, workers=2)
@@ -355,7 +355,7 @@ def test_optuna_prunes_trials_evaluated_on_ray_actors(ray_session):
 
 def test_batched_evaluations_share_actor_calls_and_fail_alone(ray_session):
     from tree_search.agents.baselines import dataset_classics
-    from tree_search.heads.ray_evaluator import RayEvaluator
+    from tree_search.distributed.ray_evaluator import RayEvaluator
 
     dataset = load_env_dataset(CONFIG)
     names = ("huffman-2", "huffman-3", "huffman-4", "balanced-2", "balanced-4")
@@ -380,7 +380,7 @@ def test_batched_evaluations_share_actor_calls_and_fail_alone(ray_session):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_closing_the_pool_releases_every_thread_waiting_for_an_actor(ray_session, batch):
     from tree_search.builders import huffman
-    from tree_search.heads.ray_evaluator import EvaluatorClosed, RayEvaluator
+    from tree_search.distributed.ray_evaluator import EvaluatorClosed, RayEvaluator
 
     dataset = load_env_dataset(CONFIG)
     evaluator = RayEvaluator(dataset, QUICK, workers=1, batch=batch)

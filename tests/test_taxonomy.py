@@ -319,7 +319,7 @@ def planted_env_setup(tmp_path_factory):
     """A planted task (classes "0".."V-1") and a taxonomy file written from its oracle tree."""
     from tree_search.data.planted import PlantedConfig, make_planted
     from tree_search.envs import TreeEnvConfig
-    from tree_search.heads import NodeRecipe
+    from tree_search.reward import NodeRecipe
 
     planted = PlantedConfig(num_classes=300, dim=8, num_train=3_000, num_valid=500, num_test=500)
     oracle = make_planted(planted).tree
@@ -338,7 +338,7 @@ class _FakeReward:
         self.trees = []
 
     def __call__(self, tree, projections=None):
-        from tree_search.heads.reward import Result
+        from tree_search.reward.reward import Result
 
         self.trees.append(tree)
         nll = 3.0 + 0.01 * tree.max_depth

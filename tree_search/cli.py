@@ -47,10 +47,10 @@ from tree_search.data.features import class_embeddings
 from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.envs.config import REWARD_MODES
 from tree_search.export import TreeFileError, TreeRecord, load_tree, save_tree
-from tree_search.heads import NodeRecipe
-from tree_search.heads import evaluate as evaluate_tree
-from tree_search.heads.converged import ReferenceRecipe
-from tree_search.heads.reward import head_cost
+from tree_search.reward import NodeRecipe
+from tree_search.reward import evaluate as evaluate_tree
+from tree_search.reward.converged import ReferenceRecipe
+from tree_search.reward.reward import head_cost
 from tree_search.tree import TreeError
 
 __all__ = ["main"]
@@ -1241,8 +1241,8 @@ def reference(dataset: str, epochs: float) -> None:
     import dataclasses
 
     from tree_search.envs import TreeEnvConfig, load_env_dataset
-    from tree_search.heads.converged import train_reference
     from tree_search.heads.timing import tune_allocator
+    from tree_search.reward.converged import train_reference
 
     tune_allocator()
     data = load_env_dataset(TreeEnvConfig(dataset=dataset))

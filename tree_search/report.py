@@ -33,12 +33,12 @@ from tree_search.cost import CostProfile, cost_label, head_cost
 from tree_search.data.features import default_device, row_documents
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
-from tree_search.heads.converged import cached_reference
-from tree_search.heads.evaluator import Evaluation
-from tree_search.heads.node_train import split_sample, training_code_identity, training_dtype
-from tree_search.heads.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
 from tree_search.heads.timing import resolve_cost, time_decoding
 from tree_search.heads.train import validation_nll
+from tree_search.reward.converged import cached_reference
+from tree_search.reward.evaluator import Evaluation
+from tree_search.reward.node_train import split_sample, training_code_identity, training_dtype
+from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
 from tree_search.runs import SELECTION_FREE, Run, RunError
 from tree_search.verdicts import (
     Comparison,
@@ -53,7 +53,7 @@ from tree_search.verdicts import (
 __all__ = ["compare_runs", "finalists"]
 
 FULL = "full softmax"
-CONVERGED = "full softmax (converged)"  # `heads.converged`: trained to early stopping once per dataset, when cached
+CONVERGED = "full softmax (converged)"  # `reward.converged`: trained to early stopping once per dataset, when cached
 ADAPTIVE_HEAD = "best_head_adaptive.pt"  # the best head trained for torch.nn.AdaptiveLogSoftmaxWithLoss
 
 
@@ -481,7 +481,7 @@ def _test_nll(head: TreeSoftmaxHead, dataset, seed: int) -> float:
     """The head's mean NLL over the whole test split (the rows `score_test` scores)."""
     import torch
 
-    from tree_search.heads.node_train import split_sample
+    from tree_search.reward.node_train import split_sample
 
     device = next(head.parameters()).device
     test = split_sample(dataset, "test", None, seed, device)

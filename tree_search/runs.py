@@ -31,7 +31,7 @@ import numpy as np
 from tree_search.cost import parse_cost_spec
 from tree_search.data.cache import atomic_write_bytes
 from tree_search.export import TreeRecord, load_tree_json, save_tree_json
-from tree_search.heads.evaluator import Evaluation
+from tree_search.reward.evaluator import Evaluation
 from tree_search.tree import Tree
 
 __all__ = ["SELECTION_FREE", "Run", "RunError"]

@@ -11,8 +11,8 @@ from tree_search.agents.dp_search import DPSearcher, choose_completions
 from tree_search.builders import huffman
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.heads import NodeRecipe, evaluate
-from tree_search.heads.evaluator import LocalEvaluator
+from tree_search.reward import NodeRecipe, evaluate
+from tree_search.reward.evaluator import LocalEvaluator
 
 QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
 PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
@@ -78,7 +78,7 @@ def test_dp_trees_are_predicted_exactly_and_beat_the_classic_trees_under_the_cap
 
 
 def test_the_selection_free_figure_chooses_on_one_half_and_scores_the_other():
-    from tree_search.heads.reward import node_nll_shares
+    from tree_search.reward.reward import node_nll_shares
 
     dataset = load_env_dataset(CONFIG)
     searcher = DPSearcher(LocalEvaluator(dataset, QUICK, budget=12), dataset, CONFIG, device="cpu")

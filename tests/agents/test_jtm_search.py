@@ -12,10 +12,10 @@ from tree_search.agents.jtm_search import JTMSearcher, _assign, reassign, slot_c
 from tree_search.builders import huffman
 from tree_search.data.planted import PlantedConfig, make_planted
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.heads import NodeRecipe
-from tree_search.heads.evaluator import LocalEvaluator
-from tree_search.heads.node_train import split_sample
-from tree_search.heads.reward import huffman_cost, node_weights
+from tree_search.reward import NodeRecipe
+from tree_search.reward.evaluator import LocalEvaluator
+from tree_search.reward.node_train import split_sample
+from tree_search.reward.reward import huffman_cost, node_weights
 from tree_search.tree import Tree
 
 QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)

@@ -11,8 +11,8 @@ from tree_search.agents.dp_search import DPSearcher
 from tree_search.agents.seeding import homogeneous_episodes
 from tree_search.data.planted import PlantedConfig, make_planted
 from tree_search.envs import SearchStopped, TreeEnvConfig, load_env_dataset, make_env
-from tree_search.heads import NodeRecipe
-from tree_search.heads.evaluator import BudgetExhausted, LocalEvaluator
+from tree_search.reward import NodeRecipe
+from tree_search.reward.evaluator import BudgetExhausted, LocalEvaluator
 
 QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
 PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)

@@ -15,8 +15,8 @@ from test_envs import CONFIG, PLANTED, FakeReward, StoppedReward
 from tree_search.envs import ENV_IDS, NodeContent, TreeEnvConfig, make_env, node_tree
 from tree_search.envs.cutoffs import adaptive_softmax_actions
 from tree_search.envs.split import SplitRule
-from tree_search.heads.node_train import node_keys, node_results, split_sample
-from tree_search.heads.reward import head_cost, node_losses
+from tree_search.reward.node_train import node_keys, node_results, split_sample
+from tree_search.reward.reward import head_cost, node_losses
 
 CPU = torch.device("cpu")
 

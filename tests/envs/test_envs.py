@@ -14,8 +14,8 @@ from tree_search.data.planted import PlantedConfig
 from tree_search.envs import ENV_IDS, LocalReward, TreeEnvConfig, load_env_dataset, make_env
 from tree_search.envs.cutoffs import adaptive_softmax_actions
 from tree_search.envs.split import SplitRule
-from tree_search.heads import NodeRecipe
-from tree_search.heads.reward import Result, head_cost
+from tree_search.reward import NodeRecipe
+from tree_search.reward.reward import Result, head_cost
 
 PLANTED = PlantedConfig(num_classes=300, dim=16, num_train=20_000, num_valid=2_000, num_test=2_000)
 CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=NodeRecipe(steps=8, measurements=1))

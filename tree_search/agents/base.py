@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from tree_search.envs.base import TreeEnv
 from tree_search.envs.reward import RewardFunction
-from tree_search.heads.evaluator import Evaluation, Evaluator
+from tree_search.reward.evaluator import Evaluation, Evaluator
 
 __all__ = ["EnvFactory", "Searcher"]
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from tree_search.agents.base import Searcher
 from tree_search.builders import ClassicTree, classic_trees
 from tree_search.data.features import FeatureDataset, class_embeddings
-from tree_search.heads.evaluator import Evaluation, Evaluator
+from tree_search.reward.evaluator import Evaluation, Evaluator
 
 __all__ = ["BaselineSearcher", "dataset_classics"]
 

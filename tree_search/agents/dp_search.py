@@ -53,9 +53,9 @@ from tree_search.builders import ADAPTIVE_SHAPES, classic_trees
 from tree_search.cost import head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
-from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator
-from tree_search.heads.reward import huffman_cost, node_nll_shares
 from tree_search.heads.timing import resolve_cost
+from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator
+from tree_search.reward.reward import huffman_cost, node_nll_shares
 from tree_search.split_grammar import (
     FLAT,
     Plan,

@@ -5,7 +5,7 @@ two steps: train the node classifiers on the current tree, then re-assign every 
 leaf of the same, fixed tree shape by what the trained classifiers say, keeping the tree
 balanced, top-down one level at a time. Here:
 
-* the classifiers are the reward's own trained nodes (`tree_search.heads.reward.node_weights`,
+* the classifiers are the reward's own trained nodes (`tree_search.reward.reward.node_weights`,
   from the node bank), and the gains are measured on the reward's train sample, so
   selection stays on the validation split;
 * at an internal node ``n`` with classes ``S_n`` (after the levels above were re-assigned),
@@ -37,10 +37,10 @@ from tree_search.agents.base import Searcher
 from tree_search.cost import head_cost
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
-from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator
-from tree_search.heads.node_train import split_sample
-from tree_search.heads.reward import huffman_cost, node_weights
 from tree_search.heads.timing import resolve_cost
+from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator
+from tree_search.reward.node_train import split_sample
+from tree_search.reward.reward import huffman_cost, node_weights
 from tree_search.split_grammar import Plan, normalise_embeddings, plan_tree, split_rules
 from tree_search.tree import Tree
 

@@ -31,8 +31,8 @@ import sqlalchemy.exc
 
 from tree_search.agents.base import EnvFactory, Searcher
 from tree_search.agents.seeding import nearest_legal, seed_episodes
-from tree_search.heads.evaluator import Evaluation, Evaluator
 from tree_search.heads.train import EvalPoint
+from tree_search.reward.evaluator import Evaluation, Evaluator
 
 __all__ = ["OPTUNA_SAMPLERS", "OptunaSearcher", "open_storage"]
 

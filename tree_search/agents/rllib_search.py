@@ -54,10 +54,10 @@ from tree_search.agents.policy import PolicyConfig
 from tree_search.agents.relay import RelayReward, RelayServer
 from tree_search.agents.seeding import nearest_legal, seed_episodes
 from tree_search.data.features import FeatureDataset
+from tree_search.distributed.ray_evaluator import ensure_ray
 from tree_search.envs import SearchStopped, make_env
-from tree_search.heads.evaluator import BudgetExhausted, Evaluation, Evaluator, evaluation_key, failed_result
-from tree_search.heads.ray_evaluator import ensure_ray
-from tree_search.heads.reward import Result
+from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator, evaluation_key, failed_result
+from tree_search.reward.reward import Result
 from tree_search.tree import Tree
 
 __all__ = ["MaskedAPPOTorchRLModule", "MaskedPPOTorchRLModule", "RLlibSearcher"]

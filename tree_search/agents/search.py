@@ -18,9 +18,9 @@ from tree_search.builders import classic_names
 from tree_search.cost import head_cost
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.envs import ENV_IDS, TreeEnvConfig, load_env_dataset, make_env
-from tree_search.heads.evaluator import Evaluation, Evaluator, LocalEvaluator
-from tree_search.heads.reward import full_softmax_cost, huffman_cost
 from tree_search.heads.timing import resolve_cost
+from tree_search.reward.evaluator import Evaluation, Evaluator, LocalEvaluator
+from tree_search.reward.reward import full_softmax_cost, huffman_cost
 from tree_search.runs import SELECTION_FREE, Run
 from tree_search.tree import Tree
 
@@ -277,7 +277,7 @@ def run_search(
     total_budget = config.budget * len(searches)
     train, seeds = config.env_config.train, config.env_config.seeds
     if config.uses_ray:
-        from tree_search.heads.ray_evaluator import RayEvaluator
+        from tree_search.distributed.ray_evaluator import RayEvaluator
 
         evaluator = RayEvaluator(
             dataset,

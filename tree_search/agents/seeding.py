@@ -18,7 +18,7 @@ import numpy as np
 
 from tree_search.agents.base import EnvFactory
 from tree_search.envs import SearchStopped
-from tree_search.heads.evaluator import Evaluator
+from tree_search.reward.evaluator import Evaluator
 from tree_search.tree import Tree
 
 __all__ = ["SeedEpisode", "homogeneous_episodes", "nearest_legal", "seed_episodes"]

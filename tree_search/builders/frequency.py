@@ -129,7 +129,7 @@ def grave_cutoffs(
     "Efficient softmax approximation for GPUs" chooses the adaptive softmax's cutoffs for a
     given number of clusters by dynamic programming over the frequency-ranked classes, to
     minimise the cost of a forward pass (theirs: a GPU time model; here the multiply-adds
-    per token the reward charges, `heads.reward.head_cost`): the head costs ``dim * (head +
+    per token the reward charges, `reward.reward.head_cost`): the head costs ``dim * (head +
     clusters)`` for every token; tail cluster i (projected to ``d_i = dim // div_value**(i+1)``)
     costs its mass times ``d_i * (dim + size_i)``; a cluster holds at least 2 classes (one
     class would be a leaf of the root). Cluster boundaries are chosen among ``candidates``

@@ -12,7 +12,7 @@ import torch
 from tree_search.builders import UNKNOWN_MODES
 from tree_search.cost import parse_cost_spec
 from tree_search.data.planted import PlantedConfig
-from tree_search.heads.node_train import NodeRecipe
+from tree_search.reward.node_train import NodeRecipe
 
 __all__ = ["COST_MODES", "REWARD_MODES", "TreeEnvConfig"]
 

@@ -32,8 +32,9 @@ from tree_search.data.planted import PlantedConfig, make_planted
 from tree_search.data.prepare import prepare_dataset
 from tree_search.data.vocab import DataError
 from tree_search.envs.config import TreeEnvConfig
-from tree_search.heads.node_train import NodeRecipe
-from tree_search.heads.reward import (
+from tree_search.heads.timing import resolve_cost
+from tree_search.reward.node_train import NodeRecipe
+from tree_search.reward.reward import (
     Result,
     evaluate,
     full_softmax_cost,
@@ -41,7 +42,6 @@ from tree_search.heads.reward import (
     node_nll_shares,
     training_failure,
 )
-from tree_search.heads.timing import resolve_cost
 from tree_search.tree import Tree
 
 __all__ = [

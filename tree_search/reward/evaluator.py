@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from tree_search.data.features import FeatureDataset, default_device
-from tree_search.heads.node_train import NodeRecipe
-from tree_search.heads.reward import Result, evaluate
 from tree_search.heads.train import Callback
+from tree_search.reward.node_train import NodeRecipe
+from tree_search.reward.reward import Result, evaluate
 from tree_search.tree import Tree
 
 __all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "LocalEvaluator", "evaluation_key", "failed_result"]

@@ -35,11 +35,11 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
 from tree_search.data.features import FeatureDataset
-from tree_search.heads.evaluator import Evaluation, Evaluator, Listener, evaluation_key, failed_result
-from tree_search.heads.node_train import NodeRecipe
-from tree_search.heads.ray_channel import start_channel
-from tree_search.heads.reward import Result
+from tree_search.distributed.ray_channel import start_channel
 from tree_search.heads.train import Callback, EvalPoint
+from tree_search.reward.evaluator import Evaluation, Evaluator, Listener, evaluation_key, failed_result
+from tree_search.reward.node_train import NodeRecipe
+from tree_search.reward.reward import Result
 from tree_search.tree import Tree
 
 __all__ = ["EvaluationWorker", "EvaluatorClosed", "RayEvaluator", "ensure_ray"]
@@ -92,7 +92,7 @@ class EvaluationWorker:
         ``reporter`` (a report channel and a request id): each validation measurement is
         sent to the driver, whose answer decides whether training stops.
         """
-        from tree_search.heads.reward import evaluate
+        from tree_search.reward.reward import evaluate
 
         callbacks = ()
         if reporter is not None:
@@ -168,7 +168,7 @@ class RayEvaluator(Evaluator):
             )
         ensure_ray(address)
         self.train, self.seeds, self.max_retries, self.batch = train, seeds, max_retries, batch
-        self.use_bank = use_bank  # the actors share this machine's node bank (see `tree_search.heads.node_bank`)
+        self.use_bank = use_bank  # the actors share this machine's node bank (see `tree_search.reward.node_bank`)
         self.gpus_per_evaluation = gpus_per_eval
         self._actor_class = ray.remote(num_cpus=cpus_per_eval, num_gpus=gpus_per_eval, max_restarts=0)(EvaluationWorker)
         self._threads = max(1, int(cpus_per_eval))

@@ -21,7 +21,7 @@ children and its projection size), never on the rest of the tree:
   would make the result optimistic, the more so the more small nodes a tree has.
 
 So a node gives the same numbers in every tree that contains it, which is what lets the
-`tree_search.heads.node_bank.NodeBank` store it once. Nodes are batched: those with
+`tree_search.reward.node_bank.NodeBank` store it once. Nodes are batched: those with
 the same (batch size, fanout rounded up to a power of two, projection size) form one
 group whose every step is two batched matmuls (`torch.bmm`), so a Python loop runs
 over a handful of groups and the steps, never over nodes or samples.
@@ -50,7 +50,7 @@ __all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "measurement_totals"
            "node_results", "split_sample", "train_nodes", "training_code_identity", "training_dtype"]  # fmt: skip
 
 # the code that decides a node's numbers
-_TRAINING_SOURCES = ("tree_search.heads.node_train", "tree_search.heads.schedule", "tree_search.tree")
+_TRAINING_SOURCES = ("tree_search.reward.node_train", "tree_search.heads.schedule", "tree_search.tree")
 
 
 _IDENTITY = "node-train/" + source_identity(_TRAINING_SOURCES)  # read at import: the code that runs, even if edited

@@ -1,6 +1,6 @@
 """`NodeBank`: a persistent, content-keyed store of trained nodes, shared by every evaluator.
 
-A node's result under the node-exact recipe (`tree_search.heads.node_train`) depends
+A node's result under the node-exact recipe (`tree_search.reward.node_train`) depends
 only on its content key, the dataset, the recipe (seed included), the training code's
 version, the device class and the precision of its products (`training_dtype`), so it
 is stored once and reused by every tree that contains the node, in this run and later
@@ -34,8 +34,8 @@ import numpy as np
 
 from tree_search.data.cache import atomic_write_bytes, cache_root, content_key
 from tree_search.data.features import FeatureDataset
-from tree_search.heads import node_train
-from tree_search.heads.node_train import NodeOutcome, NodeRecipe, training_dtype
+from tree_search.reward import node_train
+from tree_search.reward.node_train import NodeOutcome, NodeRecipe, training_dtype
 
 __all__ = ["NodeBank", "NodeRecord"]
 

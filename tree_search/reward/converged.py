@@ -25,12 +25,12 @@ import torch
 from tree_search.data.cache import cache_root, content_key, publish_folder, read_info, source_identity
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.heads.reference import FullSoftmaxHead
-from tree_search.heads.reward import FINAL_SEED_OFFSET
 from tree_search.heads.train import TrainConfig, fit
+from tree_search.reward.reward import FINAL_SEED_OFFSET
 
 __all__ = ["ConvergedReference", "ReferenceRecipe", "cached_reference", "train_reference"]
 
-_SOURCES = ("tree_search.heads.converged", "tree_search.heads.reference", "tree_search.heads.train")
+_SOURCES = ("tree_search.reward.converged", "tree_search.heads.reference", "tree_search.heads.train")
 
 
 @dataclass(frozen=True)

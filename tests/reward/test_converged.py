@@ -8,9 +8,9 @@ import torch
 
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.heads.converged import ReferenceRecipe, cached_reference, train_reference
 from tree_search.heads.reference import FullSoftmaxHead
 from tree_search.heads.train import fit
+from tree_search.reward.converged import ReferenceRecipe, cached_reference, train_reference
 
 PLANTED = PlantedConfig(num_classes=40, dim=8, signal=3.0, num_train=3000, num_valid=800, num_test=900)
 
@@ -42,7 +42,7 @@ def test_the_reference_is_trained_to_early_stopping_scored_per_row_and_cached_by
     assert found.valid_nll == pytest.approx(valid, rel=1e-5) == pytest.approx(result.best_valid_nll, rel=1e-5)
     assert found.epochs == pytest.approx(min(result.history, key=lambda p: p.valid_nll).epoch)
     # cached: served without training, the same numbers; another recipe or device is not served
-    monkeypatch.setattr("tree_search.heads.converged.fit", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr("tree_search.reward.converged.fit", lambda *a, **k: pytest.fail("trained again"))
     again = train_reference(dataset, recipe, device="cpu")
     assert np.array_equal(again.test_row_nll, found.test_row_nll) and again.valid_nll == found.valid_nll
     other = ReferenceRecipe(epochs=4.0, min_steps=20, batch_size=256, patience=2)

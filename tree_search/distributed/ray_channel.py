@@ -1,7 +1,7 @@
 """`RequestChannel`: the one way a Ray process asks the driver something and waits for the answer.
 
 Two places need it: evaluation actors send each training measurement to the driver, whose
-pruner answers whether to stop (`tree_search.heads.ray_evaluator`), and environments in
+pruner answers whether to stop (`tree_search.distributed.ray_evaluator`), and environments in
 remote RLlib env runners send finished trees to the driver's `Evaluator`
 (`tree_search.agents.relay`). Both use this small asynchronous actor: a client calls
 ``ask(request, topic)`` and waits; the driver ``take``s the requests of a topic (or of

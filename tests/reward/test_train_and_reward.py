@@ -8,18 +8,10 @@ import torch
 
 from tree_search import builders
 from tree_search.data import make_planted
-from tree_search.heads import (
-    FINAL_SEED_OFFSET,
-    NodeRecipe,
-    TrainConfig,
-    TreeSoftmaxHead,
-    evaluate,
-    fit,
-    score_test,
-    validation_nll,
-)
-from tree_search.heads.reward import Result, trained_head
+from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit, validation_nll
 from tree_search.heads.train import device_split
+from tree_search.reward import FINAL_SEED_OFFSET, NodeRecipe, evaluate, score_test
+from tree_search.reward.reward import Result, trained_head
 
 QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patience=3, max_valid_samples=None)
 RECIPE = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)

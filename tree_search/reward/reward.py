@@ -1,6 +1,6 @@
 """The reward: the validation loss of a head trained on a tree, assembled node by node from the node bank.
 
-`evaluate` is what every searcher calls. It trains (`tree_search.heads.node_train`)
+`evaluate` is what every searcher calls. It trains (`tree_search.reward.node_train`)
 only the tree's internal nodes that the `NodeBank` lacks, all of them in one batched
 pass, stores them, and sums: ``NLL(T) = (1/N) sum_n L_n`` over the tree's nodes, on a
 seeded random sample of the validation split. A genuine training failure (non-finite
@@ -25,9 +25,11 @@ from tree_search.builders import frequency_cutoffs, huffman
 from tree_search.cost import CostProfile, head_cost, node_costs
 from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset, default_device
-from tree_search.heads import node_train
-from tree_search.heads.node_bank import NodeBank
-from tree_search.heads.node_train import (
+from tree_search.heads.train import Callback, EvalPoint
+from tree_search.heads.tree_head import TreeSoftmaxHead
+from tree_search.reward import node_train
+from tree_search.reward.node_bank import NodeBank
+from tree_search.reward.node_train import (
     NodeRecipe,
     child_set_hashes,
     measurement_totals,
@@ -37,8 +39,6 @@ from tree_search.heads.node_train import (
     split_sample,
     train_nodes,
 )
-from tree_search.heads.train import Callback, EvalPoint
-from tree_search.heads.tree_head import TreeSoftmaxHead
 from tree_search.tree import Tree
 
 __all__ = [

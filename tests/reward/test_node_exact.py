@@ -15,8 +15,8 @@ import torch
 from tree_search import builders
 from tree_search.data import make_planted
 from tree_search.data.features import class_embeddings
-from tree_search.heads import NodeBank, NodeRecipe, evaluate, node_keys, node_train, train_nodes, trained_head
-from tree_search.heads.node_train import split_sample
+from tree_search.reward import NodeBank, NodeRecipe, evaluate, node_keys, node_train, train_nodes, trained_head
+from tree_search.reward.node_train import split_sample
 from tree_search.tree import Tree
 
 RECIPE = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
@@ -267,7 +267,7 @@ def test_the_validation_sample_spreads_over_the_whole_split(planted):
 
 
 def test_a_bug_raises_and_only_training_failures_become_results(planted, monkeypatch):
-    import tree_search.heads.reward as reward
+    import tree_search.reward.reward as reward
 
     dataset = planted.to_dataset()
     tree = builders.huffman(planted.counts, 2)
@@ -400,7 +400,7 @@ def test_node_training_on_cuda_matches_the_cpu(planted, tmp_path):
 
 
 def test_the_bank_keeps_trained_weights_and_builds_the_head_from_them(planted, tmp_path, monkeypatch):
-    import tree_search.heads.reward as reward
+    import tree_search.reward.reward as reward
 
     dataset = planted.to_dataset()
     tree, projections = _shapes(planted)["adaptive"]
@@ -431,8 +431,8 @@ def test_the_bank_keeps_trained_weights_and_builds_the_head_from_them(planted, t
 
 def test_bias_free_nodes_train_without_biases_under_their_own_keys_and_export_to_pytorch(planted, tmp_path):
     """Tails trained bias-free (for torch.nn.AdaptiveLogSoftmaxWithLoss): exactly zero biases, own bank keys."""
-    from tree_search.heads.reward import score_test
     from tree_search.interop import adaptive_tail_nodes, to_torch_adaptive
+    from tree_search.reward.reward import score_test
 
     dataset = planted.to_dataset()
     tree, projections = _shapes(planted)["adaptive"]
