@@ -1233,7 +1233,7 @@ def _stop_search(signum: int, frame: Any) -> None:
     type=float,
     default=ReferenceRecipe.epochs,
     show_default=True,
-    help="At most this many passes over the train split (early stopping on validation ends it sooner).",
+    help="Passes over the train split: the length of the cosine schedule (the best validation measurement is kept).",
 )
 @_friendly_errors
 def reference(dataset: str, epochs: float) -> None:
