@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 from tree_search.envs.base import TreeEnv
-from tree_search.envs.reward import RewardFunction
+from tree_search.envs.scoring import RewardFunction
 from tree_search.reward.evaluator import Evaluation, Evaluator
 
 __all__ = ["EnvFactory", "Searcher"]

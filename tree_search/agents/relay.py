@@ -34,7 +34,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from tree_search.data.features import FeatureDataset
 from tree_search.distributed.ray_channel import start_channel
-from tree_search.envs.reward import SearchStopped
+from tree_search.envs.scoring import SearchStopped
 from tree_search.reward.reward import Result
 from tree_search.tree import Tree
 

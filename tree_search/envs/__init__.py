@@ -14,7 +14,7 @@ from typing import Any
 import gymnasium as gym
 
 from tree_search.envs.config import REWARD_MODES, TreeEnvConfig
-from tree_search.envs.reward import (
+from tree_search.envs.scoring import (
     DenseRewards,
     EpisodeScorer,
     LocalReward,

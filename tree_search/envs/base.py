@@ -18,7 +18,7 @@ from gymnasium import spaces
 
 from tree_search.data.features import FeatureDataset
 from tree_search.envs.config import TreeEnvConfig
-from tree_search.envs.reward import (
+from tree_search.envs.scoring import (
     DenseRewards,
     EpisodeScorer,
     NodeContent,

@@ -6,7 +6,7 @@ import numpy as np
 
 from tree_search.builders import projected_cutoffs
 from tree_search.envs.base import TreeEnv
-from tree_search.envs.reward import NodeContent
+from tree_search.envs.scoring import NodeContent
 from tree_search.tree import Tree
 
 __all__ = ["CUTOFF_FRACTIONS", "CutoffsEnv", "adaptive_softmax_actions"]

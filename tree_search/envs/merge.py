@@ -9,7 +9,7 @@ import numpy as np
 
 from tree_search.builders import from_merges, huffman
 from tree_search.envs.base import TreeEnv
-from tree_search.envs.reward import NodeContent
+from tree_search.envs.scoring import NodeContent
 from tree_search.tree import Tree
 
 __all__ = ["MergeEnv"]

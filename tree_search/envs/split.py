@@ -9,7 +9,7 @@ import numpy as np
 
 from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.envs.base import TreeEnv
-from tree_search.envs.reward import NodeContent
+from tree_search.envs.scoring import NodeContent
 from tree_search.split_grammar import FLAT, ORDERS, SplitRule, partition_group, split_rules
 from tree_search.tree import Tree
 

@@ -3,7 +3,7 @@
 `EpisodeScorer` turns a finished tree into a reward: it applies the cost rule of the
 `TreeEnvConfig` and, when the tree is within the rules, asks a `RewardFunction` for the
 validation loss. The default `LocalReward` trains the head in this process through
-`tree_search.heads.evaluate` (cached by canonical tree hash, in memory and on disk);
+`tree_search.reward.evaluate` (cached by canonical tree hash, in memory and on disk);
 searchers pass their own `RewardFunction` (an `Evaluator`) to share, deduplicate and
 distribute evaluations.
 
