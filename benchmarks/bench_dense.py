@@ -37,7 +37,7 @@ from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
 from tree_search.reward import NodeRecipe
 from tree_search.reward.evaluator import LocalEvaluator
-from tree_search.runs import Run
+from tree_search.search.runs import Run
 
 AGENTS = {
     "ppo-terminal": ("ppo", "terminal"),

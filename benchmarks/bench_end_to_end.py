@@ -14,7 +14,7 @@ each on the same test positions (a seeded sample of the corpus's test split) and
 - the Spearman rank correlation between the two over all finalists;
 - for each cap of the report, the searched tree against the best classic tree within the
   cap, end to end: the difference with its paired 95% bootstrap interval over test documents
-  and seeds (`tree_search.verdicts.FinalScores`), and whether the verdict keeps its sign.
+  and seeds (`tree_search.search.verdicts.FinalScores`), and whether the verdict keeps its sign.
 
     python benchmarks/bench_end_to_end.py RUN_FOLDER [--seeds 3] [--steps STEPS] [--positions 50000]
 
@@ -40,8 +40,8 @@ from tree_search.data.corpus import TokenCorpus, cached_corpus
 from tree_search.data.features import ContextEncoder, EncoderConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
-from tree_search.runs import Run
-from tree_search.verdicts import FinalScores, verdict_words
+from tree_search.search.runs import Run
+from tree_search.search.verdicts import FinalScores, verdict_words
 
 
 def _corpus(dataset) -> TokenCorpus:

@@ -30,13 +30,13 @@ import time
 import ray
 
 from tree_search.agents.baselines import dataset_classics
-from tree_search.agents.search import SearchConfig, run_search
 from tree_search.builders import random_tree
 from tree_search.data.planted import PlantedConfig
 from tree_search.distributed.ray_evaluator import RayEvaluator, ensure_ray
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads.train import TrainConfig
 from tree_search.reward.evaluator import LocalEvaluator
+from tree_search.search import SearchConfig, run_search
 
 TREES = ("huffman-2", "huffman-3", "huffman-4", "huffman-8", "balanced-2", "balanced-3", "balanced-4", "balanced-8")
 

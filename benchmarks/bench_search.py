@@ -37,9 +37,9 @@ import numpy as np
 
 from tree_search.agents import SearchConfig, run_search
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.report import compare_runs
 from tree_search.reward.reward import FINAL_SEED_OFFSET, huffman_cost, score_test
-from tree_search.runs import Run
+from tree_search.search.report import compare_runs
+from tree_search.search.runs import Run
 
 
 def _test_score(tree, projections, dataset, train, seeds: int, cache: dict, key: str) -> tuple[float, float]:

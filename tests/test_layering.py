@@ -15,13 +15,22 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict[str, set[str]]:
+def _nodes(tree: ast.AST, skip_aliases: bool):
+    """Every node of ``tree``; without the bodies of module ``__getattr__`` functions when ``skip_aliases``."""
+    for node in ast.iter_child_nodes(tree):
+        if skip_aliases and isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            continue  # a lazy alias for names that moved up a layer (issue 23), imported only when asked for
+        yield node
+        yield from _nodes(node, skip_aliases)
+
+
+def import_graph(skip_aliases: bool = False) -> dict[str, set[str]]:
     """Module -> the package's modules it imports (anywhere in it: module level or inside functions)."""
     modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _nodes(ast.parse(path.read_text(encoding="utf-8")), skip_aliases):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -83,6 +92,36 @@ def test_no_module_of_the_package_imports_itself_back():
     # the cycles that matter are between modules
     modules = {k: {t for t in v if not _is_package(t)} for k, v in graph.items() if not _is_package(k)}
     assert cycles(modules) == []
+
+
+# The layers, lowest first (docs/architecture.md, "Layout"): a module imports only from its own layer's rooms or lower.
+LAYERS = (
+    ("tree",),
+    ("cost", "builders", "export"),
+    ("split_grammar", "data"),
+    ("heads",),
+    ("reward", "hierarchy", "interop"),
+    ("distributed", "envs"),
+    ("agents",),
+    ("search",),
+    ("cli",),
+)
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_imports_point_down_the_layers():
+    level = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
+    rooms = {_room(m) for m in import_graph()} - {""}
+    assert rooms == set(level), f"rooms without a layer: {sorted(rooms - set(level))}"
+    upward = sorted(f"{a} -> {b}" for a, targets in import_graph(skip_aliases=True).items() for b in targets
+                    if _room(a) and _room(b) and level[_room(b)] > level[_room(a)])  # fmt: skip
+    assert upward == []
+    # the reader sees an upward import: agents' alias for the names that moved to search/ is one
+    assert "tree_search.search" in import_graph()["tree_search.agents"]
 
 
 def _is_package(name: str) -> bool:

@@ -21,7 +21,7 @@ from tree_search.agents import OptunaSearcher
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
 from tree_search.reward import NodeRecipe
-from tree_search.runs import Run
+from tree_search.search.runs import Run
 
 QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
 PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
@@ -279,8 +279,8 @@ def test_optuna_storage_urls(tmp_path):
 
 
 def test_ppo_samples_in_remote_env_runners_that_score_through_the_driver(ray_session, tmp_path):
+    from tree_search.agents.policy import PolicyConfig
     from tree_search.agents.rllib_search import RLlibSearcher
-    from tree_search.agents.search import PolicyConfig
     from tree_search.distributed.ray_evaluator import RayEvaluator
 
     dataset = load_env_dataset(CONFIG)

@@ -31,7 +31,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tree_search import builders
-from tree_search.agents.search import AGENTS
 from tree_search.data import (
     CorpusConfig,
     DataError,
@@ -51,6 +50,7 @@ from tree_search.reward import NodeRecipe
 from tree_search.reward import evaluate as evaluate_tree
 from tree_search.reward.converged import ReferenceRecipe
 from tree_search.reward.reward import head_cost
+from tree_search.search.config import AGENTS
 from tree_search.tree import TreeError
 
 __all__ = ["main"]
@@ -523,7 +523,7 @@ def _export_torch_adaptive(source: Path, target: Path) -> None:
 
     from tree_search.heads import TreeSoftmaxHead
     from tree_search.interop import save_torch_adaptive
-    from tree_search.report import ADAPTIVE_HEAD
+    from tree_search.search.report import ADAPTIVE_HEAD
 
     if source.is_dir():  # a run folder: the head trained for PyTorch, else the best head (refused if it has biases)
         found = [source / name for name in (ADAPTIVE_HEAD, "best_head.pt") if (source / name).exists()]
@@ -1000,7 +1000,7 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
     comparison = json.loads((folder / "comparison.json").read_text(encoding="utf-8"))
     for line in comparison["verdicts"]:
         console.print(line)
-    from tree_search.verdicts import Comparison, verdict_words
+    from tree_search.search.verdicts import Comparison, verdict_words
 
     for cap in comparison.get("caps", []):  # a front search: one line per cap, classic - searched with its interval
         if "difference" in cap:
@@ -1010,7 +1010,7 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
                 f"{cap['classic']['name']} {cap['classic']['test_nll']:.4f}: {cap['difference']:+.4f} "
                 f"[{low:+.4f}, {high:+.4f}], {verdict_words(Comparison(cap['difference'], low, high))}"
             )
-    from tree_search.report import ADAPTIVE_HEAD
+    from tree_search.search.report import ADAPTIVE_HEAD
 
     head, adaptive = folder / "best_head.pt", folder / ADAPTIVE_HEAD
     console.print(
@@ -1136,12 +1136,13 @@ def search(
 
     import torch
 
-    from tree_search.agents.search import EXECUTION_FIELDS, SearchConfig, run_search
     from tree_search.data.planted import PlantedConfig
     from tree_search.envs import TreeEnvConfig
     from tree_search.heads.timing import check_cost_spec
-    from tree_search.report import compare_runs
-    from tree_search.runs import Run
+    from tree_search.search.config import EXECUTION_FIELDS, SearchConfig
+    from tree_search.search.report import compare_runs
+    from tree_search.search.run import run_search
+    from tree_search.search.runs import Run
 
     check_cost_spec(cost_model, "cuda" if torch.cuda.is_available() else "cpu")  # before the search, not after it
     # how the search runs (this session's flags, also on resume): the fields `EXECUTION_FIELDS` declares
@@ -1263,7 +1264,7 @@ def reference(dataset: str, epochs: float) -> None:
 def compare_command(runs: tuple[Path, ...], seeds: int | None, epochs: float | None, out: Path | None,
                     cost_model: str | None) -> None:  # fmt: skip
     """Score the best trees of RUNS and every baseline on the test split; print the table, write the report."""
-    from tree_search.report import compare_runs
+    from tree_search.search.report import compare_runs
 
     rows = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, cost=cost_model, log=console.print)
     _print_comparison(rows, out or runs[0])

@@ -1,24 +1,30 @@
-"""Searchers over trees with one interface: RLlib policy gradients, Optuna samplers, classic baselines.
+"""Searchers over trees with one interface: RLlib policy gradients, Optuna samplers, dp, JTM, classic baselines.
 
-`run_search` runs the baselines and one searcher into a run folder; the RLlib searchers
-import Ray only when used (``tree_search.agents.rllib_search``).
+The RLlib searchers import Ray only when used (``tree_search.agents.rllib_search``). Running a
+search into a run folder is `tree_search.search` (`run_search`, `SearchConfig`); those names
+still import from here through a lazy alias, for code written before they moved.
 """
 
 from tree_search.agents.base import EnvFactory, Searcher
 from tree_search.agents.baselines import BaselineSearcher, dataset_classics
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
-from tree_search.agents.search import AGENTS, PolicyConfig, SearchConfig, make_searcher, run_search
+from tree_search.agents.policy import PolicyConfig
 
 __all__ = [
-    "AGENTS",
     "OPTUNA_SAMPLERS",
     "BaselineSearcher",
     "EnvFactory",
     "OptunaSearcher",
     "PolicyConfig",
-    "SearchConfig",
     "Searcher",
     "dataset_classics",
-    "make_searcher",
-    "run_search",
 ]
+
+
+def __getattr__(name: str):
+    """A name that moved to `tree_search.search` (issue 23), imported on first use (no import cycle)."""
+    import tree_search.search as search
+
+    if name in search.__all__:
+        return getattr(search, name)
+    raise AttributeError(f"module 'tree_search.agents' has no attribute {name!r}")

@@ -16,9 +16,9 @@ import pytest
 from tree_search.agents import SearchConfig, run_search
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.report import compare_runs
 from tree_search.reward import NodeRecipe
-from tree_search.runs import Run, RunError
+from tree_search.search.report import compare_runs
+from tree_search.search.runs import Run, RunError
 
 QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
 PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
@@ -154,11 +154,13 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
         adaptive_tail_nodes(head.tree)
     assert not (run.folder / "best_head_adaptive.pt").exists()
     # Scores are kept in final.json: comparing again trains nothing (the best head is not written again either).
-    monkeypatch.setattr("tree_search.report.score_test", lambda *a, **k: pytest.fail("re-trained a finalist"))
-    monkeypatch.setattr("tree_search.report.trained_head", lambda *a, **k: pytest.fail("re-trained the best head"))
+    monkeypatch.setattr("tree_search.search.report.score_test", lambda *a, **k: pytest.fail("re-trained a finalist"))
+    monkeypatch.setattr(
+        "tree_search.search.report.trained_head", lambda *a, **k: pytest.fail("re-trained the best head")
+    )
     assert [r["test_nll"] for r in compare_runs([run.folder], seeds=2, log=None)] == [r["test_nll"] for r in rows]
     # ... unless the training code changed: then nothing stored is served
-    monkeypatch.setattr("tree_search.report.training_code_identity", lambda: "node-train/edited")
+    monkeypatch.setattr("tree_search.search.report.training_code_identity", lambda: "node-train/edited")
     with pytest.raises(pytest.fail.Exception, match="re-trained a finalist"):
         compare_runs([run.folder], seeds=2, log=None)
 
@@ -168,7 +170,7 @@ def _test_rows(env) -> int:
 
 
 def test_final_scoring_uses_seeds_the_search_never_trained_with(tmp_path, monkeypatch):
-    import tree_search.report as report
+    import tree_search.search.report as report
     from tree_search.reward import FINAL_SEED_OFFSET, evaluate
 
     env = dataclasses.replace(ENV, seeds=2)  # the search itself trains with seeds 0 and 1

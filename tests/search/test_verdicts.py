@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tree_search.data.features import BLOCK_ROWS, row_documents
-from tree_search.verdicts import (
+from tree_search.search.verdicts import (
     Comparison,
     FinalScores,
     classic_front_at,

@@ -6,156 +6,22 @@ import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 from tree_search.agents.base import Searcher
 from tree_search.agents.baselines import BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
-from tree_search.agents.policy import PolicyConfig
-from tree_search.builders import classic_names
 from tree_search.cost import head_cost
 from tree_search.data.features import FeatureDataset, default_device
-from tree_search.envs import ENV_IDS, TreeEnvConfig, load_env_dataset, make_env
+from tree_search.envs import load_env_dataset, make_env
 from tree_search.heads.timing import resolve_cost
 from tree_search.reward.evaluator import Evaluation, Evaluator, LocalEvaluator
 from tree_search.reward.reward import full_softmax_cost, huffman_cost
-from tree_search.runs import SELECTION_FREE, Run
+from tree_search.search.config import EXECUTION_FIELDS, SearchConfig
+from tree_search.search.runs import SELECTION_FREE, Run
 from tree_search.tree import Tree
 
-__all__ = ["AGENTS", "EXECUTION_FIELDS", "NODE_AGENTS", "RLLIB_AGENTS", "PolicyConfig", "SearchConfig", "make_searcher",
-           "run_search"]  # fmt: skip
-
-RLLIB_AGENTS = ("ppo", "appo")
-NODE_AGENTS = ("dp", "jtm")  # searchers that read trained nodes from this machine's node bank
-AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS, *NODE_AGENTS)
-
-
-_EXECUTION = {"execution": True}
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Everything a run needs; stored in ``config.json`` and checked on resume."""
-
-    agent: str = "tpe"  # one of AGENTS
-    env: str = "split"  # "split", "merge" or "cutoffs"
-    budget: int = 20  # counted evaluations of the searcher, per cost cap (baselines are extra)
-    cost_caps: tuple[float, ...] = ()  # front search: one search per cap (multiples of binary Huffman's cost)
-    seconds: float | None = None  # optional wall-clock limit of the search
-    env_config: TreeEnvConfig = field(default_factory=TreeEnvConfig)
-    baselines: str = "core"  # a set of builders.CLASSIC_SETS ("core", "all", "front"), comma-separated names, or "none"
-    seed: int = 0  # sampler / policy seed
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    seed_classics: bool = True  # Optuna and RLlib: a new search starts from the homogeneous (classic) trees
-    prune: bool = False  # Optuna: median pruner on the measurements (saves no time with the node bank)
-    final_seeds: int = 3  # seeds of the final test-split scoring
-    final_epochs: float | None = None  # training epochs of the final scoring (None: 2x the search's)
-    storage: str | None = None  # Optuna storage URL (default: sqlite:///<run>/optuna.db)
-    study: str | None = None  # Optuna study name (default: "<agent>-<env>"); processes sharing it cooperate
-    # --- execution: how the search runs, not what it searches; a resumed run may change these (`EXECUTION_FIELDS`)
-    eval_workers: int = field(default=0, metadata=_EXECUTION)  # Ray actors training heads; 0 trains in this process
-    # "auto", "ray://host:port" or None for a local Ray instance
-    ray_address: str | None = field(default=None, metadata=_EXECUTION)
-    cpus_per_eval: float = field(default=1.0, metadata=_EXECUTION)  # CPUs each evaluation actor holds
-    # GPU share each evaluation actor holds (e.g. 0.25: four per GPU)
-    gpus_per_eval: float = field(default=0.0, metadata=_EXECUTION)
-    # Optuna trials played at once (default: eval_workers, at least 1)
-    parallel: int | None = field(default=None, metadata=_EXECUTION)
-    env_runners: int = field(default=0, metadata=_EXECUTION)  # RLlib: Ray actors sampling episodes (0: the driver)
-    eval_batch: int = field(default=1, metadata=_EXECUTION)  # most evaluations sent to a Ray actor in one call
-    # reuse trained nodes across trees and runs (False: train every node of every tree; the numbers are the same)
-    node_bank: bool = field(default=True, metadata=_EXECUTION)
-
-    def __post_init__(self) -> None:
-        if self.agent not in AGENTS:
-            raise ValueError(f"SearchConfig.agent must be one of {AGENTS}, got {self.agent!r}")
-        if self.env not in ("split", "merge", "cutoffs"):
-            raise ValueError(f"SearchConfig.env must be 'split', 'merge' or 'cutoffs', got {self.env!r}")
-        if self.baselines != "none":
-            try:
-                classic_names(self.baselines)
-            except ValueError as err:
-                raise ValueError(f"SearchConfig.baselines: {err} (or 'none')") from None
-        caps = self.cost_caps
-        if not isinstance(caps, tuple) or any(
-            isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf for c in caps
-        ):
-            raise ValueError(f"SearchConfig.cost_caps must be a tuple of finite numbers > 0, got {caps!r}")
-        if list(caps) != sorted(set(caps)) or len({f"{c:g}" for c in caps}) != len(caps):
-            raise ValueError(f"SearchConfig.cost_caps must be increasing and distinct (as %g), got {list(caps)}")
-        if caps and self.env_config.cost_mode != "cap":
-            raise ValueError("SearchConfig.cost_caps needs the env's cost_mode 'cap'")
-        if self.budget < 1 or self.final_seeds < 1:
-            raise ValueError("SearchConfig needs budget >= 1 and final_seeds >= 1")
-        if self.eval_workers < 0 or self.env_runners < 0 or (self.parallel is not None and self.parallel < 1):
-            raise ValueError("SearchConfig needs eval_workers >= 0, env_runners >= 0 and parallel >= 1")
-        if self.eval_batch < 1:
-            raise ValueError(f"SearchConfig.eval_batch must be >= 1, got {self.eval_batch}")
-        if self.env_runners > 0 and self.agent not in RLLIB_AGENTS:
-            raise ValueError(f"SearchConfig.env_runners is for the RLlib agents {RLLIB_AGENTS}, not {self.agent!r}")
-        if self.agent in NODE_AGENTS:  # checked here, before a run folder is made and its baselines trained
-            name = self.agent
-            if self.env != "split":
-                raise ValueError(f"the {name} agent searches the split grammar: use env 'split', not {self.env!r}")
-            if self.env_config.cost_mode != "cap":
-                raise ValueError(f"the {name} agent searches under a cost cap: use cost_mode 'cap' (and --cost-caps)")
-            if self.uses_ray or not self.node_bank:
-                raise ValueError(f"the {name} agent reads trained nodes from this machine's node bank: run it without "
-                                 "Ray options and with the node bank on")  # fmt: skip
-
-    @property
-    def uses_ray(self) -> bool:
-        """Whether evaluations run on Ray actors."""
-        return self.eval_workers > 0 or self.env_runners > 0 or self.ray_address is not None
-
-    def searches(self) -> list[tuple[str, SearchConfig]]:
-        """``[(label, config)]``: one search per cost cap (the label names the cap), or the one search."""
-        if not self.cost_caps:
-            return [(self.agent, self)]
-        return [(f"{self.agent}@{cap:g}x", dataclasses.replace(self, env_config=self.env_config.with_updates(
-            cost_cap=float(cap)), cost_caps=())) for cap in self.cost_caps]  # fmt: skip
-
-    def caps(self) -> dict[str, float]:
-        """``{label: cost cap in multiples of binary Huffman's cost}`` of its searches (none in the tradeoff mode)."""
-        return {label: s.env_config.cost_cap for label, s in self.searches() if s.env_config.cost_mode == "cap"}
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain dict for ``config.json``."""
-        out = dataclasses.asdict(self)
-        out["env_id"] = ENV_IDS[self.env]  # the environment's version: its actions mean what they meant
-        out["env_config"] = self.env_config.to_env_config()
-        out["policy"]["hidden"] = list(self.policy.hidden)
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SearchConfig:
-        """Inverse of `to_json` (what ``--resume`` reads from ``config.json``)."""
-        values = dict(data)
-        env = values.get("env", "split")
-        # runs written before ids were stored used the v0 environments; Split-v1 changed the split actions
-        stored = values.pop("env_id", ENV_IDS[env] if env != "split" else "TreeSearch/Split-v0")
-        if env in ENV_IDS and stored != ENV_IDS[env]:
-            raise ValueError(
-                f"this run searched {stored}, whose actions differ from today's {ENV_IDS[env]}: its Optuna "
-                "trials and RLlib checkpoints cannot continue; start a new run"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown SearchConfig field(s) {unknown}; known fields: {sorted(known)}")
-        values["env_config"] = TreeEnvConfig.from_env_config(values.get("env_config", {}))
-        values["cost_caps"] = tuple(values.get("cost_caps", ()))
-        policy = dict(values.get("policy", {}))
-        policy.pop("env_runners", None)  # runs written before it became the execution field `env_runners`
-        if "hidden" in policy:
-            policy["hidden"] = tuple(policy["hidden"])
-        values["policy"] = PolicyConfig(**policy)
-        return cls(**values)
-
-
-EXECUTION_FIELDS = tuple(f.name for f in fields(SearchConfig) if f.metadata.get("execution"))
+__all__ = ["make_searcher", "run_search"]
 
 
 def make_searcher(

@@ -6,7 +6,7 @@ tree: the same head and training recipe). Each is re-trained with ``final_seeds`
 and scored once on the test split; scores are written to ``final.json`` as each arrives,
 so an interrupted comparison resumes where it stopped. Each score keeps the NLL summed per
 test document, so every verdict carries a paired bootstrap interval over documents and seeds
-(`tree_search.verdicts`); a difference is significant only when its 95% interval excludes 0.
+(`tree_search.search.verdicts`); a difference is significant only when its 95% interval excludes 0.
 
 The report's folder also gets ``best_head.pt``: the best searched tree within the cap (by
 validation NLL) with the weights of its first final seed, whose test NLL the report shows
@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from tree_search.agents.search import SearchConfig
 from tree_search.builders import frequency_cutoffs, huffman
 from tree_search.cost import CostProfile, cost_label, head_cost
 from tree_search.data.features import default_device, row_documents
@@ -39,8 +38,9 @@ from tree_search.reward.converged import cached_reference
 from tree_search.reward.evaluator import Evaluation
 from tree_search.reward.node_train import split_sample, training_code_identity, training_dtype
 from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
-from tree_search.runs import SELECTION_FREE, Run, RunError
-from tree_search.verdicts import (
+from tree_search.search.config import SearchConfig
+from tree_search.search.runs import SELECTION_FREE, Run, RunError
+from tree_search.search.verdicts import (
     Comparison,
     FinalScores,
     front_on_test,
