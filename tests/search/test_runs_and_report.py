@@ -382,6 +382,8 @@ def test_a_front_search_in_measured_time(tmp_path):
             assert r["time_us_per_token"] == pytest.approx(1e6 * profile.predict(tree, counts), rel=1e-9)
     report = (run.folder / "report.md").read_text()
     assert "Costs and caps are in training time on cpu: test." in report and "## In time" in report
+    per_thousand = unit * 1000 * 1000  # the profile's seconds per token for Huffman: seconds per 1,000 tokens, in ms
+    assert f"the time caps are 1x = {per_thousand:.2f} ms, 2x = {2 * per_thousand:.2f} ms per 1,000 tokens" in report
     # decoding is measured on each tree's head, in multiples of binary Huffman's, with its own caps
     unit_row = next(r for r in rows if r["name"] == "huffman-2")
     assert unit_row["decode_vs_huffman"] == 1.0

@@ -329,6 +329,11 @@ def time_report_lines(
     for r in sorted(rows, key=lambda r: r["time_vs_huffman"]):
         lines.append(f"| {r['name']} | {r['time_us_per_token']:.2f} | {r['time_vs_huffman']:.2f} | "
                      f"{r['macs_vs_huffman']:.2f} | {r['test_nll']:.4f} |")  # fmt: skip
+    unit = next((r for r in rows if r["name"] == "huffman-2"), None)
+    if unit is not None and caps:
+        per_thousand = unit["time_us_per_token"] / unit["time_vs_huffman"]  # µs per token = ms per 1,000 tokens
+        lines += ["", f"Binary Huffman trains in {per_thousand:.2f} ms per 1,000 tokens here, so the time caps are "
+                  + ", ".join(f"{c:g}x = {c * per_thousand:.2f} ms" for c in caps) + " per 1,000 tokens."]  # fmt: skip
     lines += _axis_lines(time_verdicts(rows, caps, scores), "time_vs_huffman", "time cap", "time")
     for name, ref in profile.fit.get("references", {}).items():
         at = "" if profile.num_classes == num_classes else f" (calibrated at V = {profile.num_classes:,}, not this V)"
