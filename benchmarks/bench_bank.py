@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tree_search.agents import SearchConfig, run_search
 from tree_search.data.cache import cache_root
 from tree_search.envs import TreeEnvConfig
+from tree_search.search import SearchConfig, run_search
 
 
 def main() -> None:

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tree_search.agents import OptunaSearcher, PolicyConfig, SearchConfig, run_search
+from tree_search.agents import OptunaSearcher, PolicyConfig
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
 from tree_search.reward import NodeRecipe
 from tree_search.reward.evaluator import LocalEvaluator
+from tree_search.search import SearchConfig, run_search
 from tree_search.search.runs import Run
 
 AGENTS = {

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tree_search.agents import SearchConfig, run_search
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.reward.reward import FINAL_SEED_OFFSET, huffman_cost, score_test
+from tree_search.search import SearchConfig, run_search
 from tree_search.search.report import compare_runs
 from tree_search.search.runs import Run
 

@@ -8,7 +8,7 @@ form (builtins, dunders, private, UPPER_CASE constants, CamelCase classes, snake
 letter). It is written as a ``child<TAB>parent`` file and read back with
 `tree_search.data.taxonomy.taxonomy_tree`, so the file path is exercised too.
 
-Trees compared (all with `tree_search.heads.evaluate`, the node recipe, one seed):
+Trees compared (all with `tree_search.reward.evaluate`, the node recipe, one seed):
 
 - the classic ``huffman-2``, ``huffman-4``, ``huffman-16`` and ``adaptive``;
 - ``taxonomy``: the taxonomy as given (every category a flat node over its members);

@@ -15,22 +15,13 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _nodes(tree: ast.AST, skip_aliases: bool):
-    """Every node of ``tree``; without the bodies of module ``__getattr__`` functions when ``skip_aliases``."""
-    for node in ast.iter_child_nodes(tree):
-        if skip_aliases and isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
-            continue  # a lazy alias for names that moved up a layer (issue 23), imported only when asked for
-        yield node
-        yield from _nodes(node, skip_aliases)
-
-
-def import_graph(skip_aliases: bool = False) -> dict[str, set[str]]:
+def import_graph() -> dict[str, set[str]]:
     """Module -> the package's modules it imports (anywhere in it: module level or inside functions)."""
     modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in _nodes(ast.parse(path.read_text(encoding="utf-8")), skip_aliases):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -94,7 +85,7 @@ def test_no_module_of_the_package_imports_itself_back():
     assert cycles(modules) == []
 
 
-# The layers, lowest first (docs/architecture.md, "Layout"): a module imports only from its own layer's rooms or lower.
+# The layers, lowest first (docs/architecture.md, "Who imports whom"): a module imports only from its layer or lower.
 LAYERS = (
     ("tree",),
     ("cost", "builders", "export"),
@@ -117,25 +108,22 @@ def test_imports_point_down_the_layers():
     level = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
     rooms = {_room(m) for m in import_graph()} - {""}
     assert rooms == set(level), f"rooms without a layer: {sorted(rooms - set(level))}"
-    upward = sorted(f"{a} -> {b}" for a, targets in import_graph(skip_aliases=True).items() for b in targets
+    upward = sorted(f"{a} -> {b}" for a, targets in import_graph().items() for b in targets
                     if _room(a) and _room(b) and level[_room(b)] > level[_room(a)])  # fmt: skip
     assert upward == []
-    # the reader sees an upward import: agents' alias for the names that moved to search/ is one
-    assert "tree_search.search" in import_graph()["tree_search.agents"]
+    assert "tree_search.heads.tree_head" in import_graph()["tree_search.reward.reward"]  # the reader sees imports
 
 
 def _is_package(name: str) -> bool:
     return (ROOT.parent / Path(*name.split(".")) / "__init__.py").exists()
 
 
-def test_the_names_that_moved_to_hierarchy_still_import_from_heads():
+def test_a_name_that_moved_out_of_heads_says_where_it_went():
     import pytest
 
     import tree_search.heads as heads
-    import tree_search.hierarchy as hierarchy
 
-    assert len(hierarchy.__all__) == 40
-    for name in hierarchy.__all__:
-        assert getattr(heads, name) is getattr(hierarchy, name), name
-    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        heads.no_such_name  # noqa: B018
+    with pytest.raises(AttributeError, match="tree_search.reward and the uses of a trained head"):
+        heads.evaluate  # noqa: B018
+    with pytest.raises(AttributeError, match="are tree_search.hierarchy"):
+        heads.early_answer  # noqa: B018

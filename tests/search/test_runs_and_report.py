@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tree_search.agents import SearchConfig, run_search
 from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.reward import NodeRecipe
+from tree_search.search import SearchConfig, run_search
 from tree_search.search.report import compare_runs
 from tree_search.search.runs import Run, RunError
 

@@ -2,7 +2,7 @@
 
 The dataset is put into Ray's object store once; each actor (``cpus_per_eval`` CPUs and
 ``gpus_per_eval`` of a GPU, so several evaluations can share one GPU) maps it and trains
-heads with `tree_search.heads.evaluate`. Searchers do not change: `evaluate` blocks the
+heads with `tree_search.reward.evaluate`. Searchers do not change: `evaluate` blocks the
 calling thread only, so a searcher that runs several threads (Optuna with ``parallel``)
 keeps every actor busy. Deduplication and the budget are enforced across threads: a tree
 is never trained twice, even when two threads propose it at once, and evaluations in
@@ -87,7 +87,7 @@ class EvaluationWorker:
         reporter: tuple[Any, int] | None = None,
         use_bank: bool = True,
     ) -> dict[str, Any]:
-        """`tree_search.heads.evaluate` on this actor's device; the `Result` as JSON.
+        """`tree_search.reward.evaluate` on this actor's device; the `Result` as JSON.
 
         ``reporter`` (a report channel and a request id): each validation measurement is
         sent to the driver, whose answer decides whether training stops.

@@ -100,7 +100,7 @@ def load_env_dataset(config: TreeEnvConfig) -> FeatureDataset:
 
 @dataclass(frozen=True)
 class LocalReward:
-    """`RewardFunction` that trains heads in this process with `tree_search.heads.evaluate`."""
+    """`RewardFunction` that trains heads in this process with `tree_search.reward.evaluate`."""
 
     dataset: FeatureDataset
     train: NodeRecipe = NodeRecipe()

@@ -2,8 +2,8 @@
 
 The node-exact reward (node training, the node bank, `evaluate`, the `Evaluator`) is
 `tree_search.reward`, the uses of a trained head (levels, explain, early, distill,
-smoothing, calibration, grow) are `tree_search.hierarchy`; their names still import from
-here through a lazy alias (for code written before the move), so this package imports neither.
+smoothing, calibration, grow) are `tree_search.hierarchy`; both import this package, never
+the other way round. Asking this package for one of their names says where it went.
 """
 
 from tree_search.heads.reference import AdaptiveSoftmaxHead, FullSoftmaxHead
@@ -22,15 +22,11 @@ __all__ = [
     "validation_nll",
 ]
 
-_MOVED = ("tree_search.reward", "tree_search.hierarchy")  # where the names of earlier versions of this package went
-
 
 def __getattr__(name: str):
-    """A name that moved to `tree_search.reward` or `tree_search.hierarchy` (issue 23), imported on first use."""
-    import importlib
-
-    for package in _MOVED:
-        module = importlib.import_module(package)
-        if name in module.__all__:
-            return getattr(module, name)
-    raise AttributeError(f"module 'tree_search.heads' has no attribute {name!r}")
+    """An error that says where the names of earlier versions of this package went (issue 23)."""
+    raise AttributeError(
+        f"module 'tree_search.heads' has no attribute {name!r}: the node-exact reward (NodeRecipe, evaluate, "
+        "trained_head, ...) is tree_search.reward and the uses of a trained head (levels, explain, early, "
+        "distill, smoothing, calibration, grow) are tree_search.hierarchy"
+    )

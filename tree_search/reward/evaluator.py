@@ -316,7 +316,7 @@ def failed_result(tree: Tree, error: str | None) -> Result:
 
 
 class LocalEvaluator(Evaluator):
-    """Scores trees in this process with `tree_search.heads.evaluate` (through the node bank)."""
+    """Scores trees in this process with `tree_search.reward.evaluate` (through the node bank)."""
 
     thread_safe = False  # correct from several threads, but torch already uses the cores: searchers go serially
 

@@ -10,7 +10,7 @@ On disk: one folder per namespace (dataset, recipe, code version, device class, 
 ``<cache>/nodes/``, holding ``namespace.json`` and append-only *segments*, one ``.npz``
 per batch of newly trained nodes (keys, per-measurement validation loss sums, token
 counts, and each node's weights at its best measurement when the training kept them:
-`tree_search.heads.trained_head` does, so a head is assembled from stored nodes). A
+`tree_search.reward.trained_head` does, so a head is assembled from stored nodes). A
 segment is written to a temporary file and renamed into place, so a reader never sees a
 partial one, and concurrent writers (Ray actors, several searches) never touch each
 other's files. Readers load segments they have not seen yet when a lookup misses.
