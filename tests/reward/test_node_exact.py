@@ -214,7 +214,7 @@ def test_a_half_written_bank_entry_is_never_read(planted, tmp_path):
         import numpy as np
         from tree_search import builders
         from tree_search.data import make_planted
-        from tree_search.heads import NodeRecipe, evaluate
+        from tree_search.reward import NodeRecipe, evaluate
         planted = make_planted(num_classes=64, dim=16, fanout=4, signal=3.0, num_train=6000, num_valid=1500,
                                num_test=1500, seed=0)
         real_fsync = os.fsync
