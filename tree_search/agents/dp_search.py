@@ -220,11 +220,11 @@ class DPSearcher(Searcher):
         self.root_rules = [r for r in rules if r.order in ("kmeans", "pca") or r.cut == "headtail"] + cutoffs
         # completions in order of promise: the cheapest (Huffman), then clusters of growing fanout, then the rest
         clusters = sorted((r for r in rules if r.order in ("kmeans", "pca")), key=lambda r: (r.fanout, r.order, r.cut))
-        huffmans = [huffman_rule(k) for k in (2, 3, 4)]
+        self.huffmans = [huffman_rule(k) for k in (2, 3, 4)]
         # flat nodes, projected as the adaptive softmax's tail clusters are (PyTorch's div_value 4), and not
         self.flats = list(dict.fromkeys([projected_flat(max(1, self.dim // 16)), projected_flat(max(1, self.dim // 4)),
                                          FLAT]))  # fmt: skip
-        self.completions = huffmans + clusters + [r for r in rules if r not in clusters] + self.flats
+        self.completions = self.huffmans + clusters + [r for r in rules if r not in clusters] + self.flats
         self.measured: dict[SplitRule, _Measured] = {}
         self._splits: dict = {}  # group splits by (rule, content), shared by all trees of the search
         self.predictions: list[tuple[float, float, Tree]] = []  # (predicted NLL, evaluated NLL, tree) of knapsack trees
@@ -236,7 +236,8 @@ class DPSearcher(Searcher):
         softmax scores by one (projected) flat node each: there the flat nodes come right after Huffman.
         """
         if root.cut in ("cutoffs", "headtail"):
-            return self.completions[:3] + self.flats + [c for c in self.completions[3:] if c not in self.flats]
+            first = self.huffmans + self.flats
+            return first + [c for c in self.completions if c not in first]
         return self.completions
 
     # ------------------------------------------------------------------ building and measuring
@@ -285,9 +286,9 @@ class DPSearcher(Searcher):
 
         A completion that fits no part never enters the knapsack's choice: measuring it would spend budget for nothing.
         """
-        costs = self._part_costs(root, completion)
-        cheapest = np.nanmin(np.stack(list(self._parts(root).cost.values())), axis=0)
-        slack = self.cap * (1 + 1e-12) - self._parts(root).root_cost - cheapest.sum()
+        costs, entry = self._part_costs(root, completion), self._parts(root)
+        cheapest = np.nanmin(np.stack(list(entry.cost.values())), axis=0)
+        slack = self.cap * (1 + 1e-12) - entry.root_cost - cheapest.sum()
         return bool(np.any(costs - cheapest <= slack))
 
     def _node_values(self, tree: Tree, projections: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
