@@ -10,7 +10,11 @@ and writes report.md with the plots.
 
 With ``--cost-caps 1,1.5,2,4`` every searcher runs one search per cap (each with the
 budget), and an equal-budget table prints, per cap, each searcher's best validation NLL
-within the cap beside the best classic tree's; ``--no-test`` skips the test scoring.
+within the cap beside the best classic tree's; ``--no-test`` skips the test scoring. Each
+cap's search pays for every tree it asks for (``SearchConfig.share_caps=False``: only the
+baselines are free), and node trainings of dense rewards outside evaluations are charged to
+the budget (`Evaluator.charge_nodes`); ``--share-caps`` lets a cap reuse the others' trees
+for free, as the product's front search does.
 
     python benchmarks/bench_search.py --budget 25 --agents random tpe ppo dp --cost-caps 1,1.5,2,4 --no-test
 
@@ -66,7 +70,8 @@ def equal_budget_table(folders: list[Path], agents: list[str], test_seeds: int =
     within = lambda e, cap: e.ok and e.cost_ratio <= cap * unit * (1 + 1e-9)  # noqa: E731
     classic = [e for e in runs[0].evaluations() if e.searcher.startswith("baseline:")]
     print(f"\nequal budget ({config.budget} evaluations per cap), best validation NLL within each cap:")
-    print(f"{'cap':>6s} {'classic':>22s} " + " ".join(f"{a:>10s}" for a in agents))
+    print("(ch.: evaluations charged for dense rewards' node trainings outside evaluations)")
+    print(f"{'cap':>6s} {'classic':>22s} " + " ".join(f"{a:>17s}" for a in agents))
     for cap in sorted(set(caps.values())):
         fits = [e for e in classic if within(e, cap)]
         best = min(fits, key=lambda e: e.valid_nll) if fits else None
@@ -75,7 +80,9 @@ def equal_budget_table(folders: list[Path], agents: list[str], test_seeds: int =
         for agent, run in zip(agents, runs, strict=True):
             label = f"{agent.split('-')[0]}@{cap:g}x"  # "ppo-dense" searches as "ppo"
             found = [e.valid_nll for e in run.evaluations() if e.counted and e.searcher == label and within(e, cap)]
-            line += f" {min(found):10.4f}" if found else f" {'-':>10s}"
+            charged = (run.read_json(Run.CHARGES) or {}).get(label, 0.0)
+            cell = (f"{min(found):.4f}" if found else "-") + (f" ({charged:.1f} ch.)" if charged else "")
+            line += f" {cell:>17s}"
         print(line, flush=True)
     if not test_seeds:
         return
@@ -120,6 +127,9 @@ def main() -> None:
     parser.add_argument("--baselines", default="all", help="classic set: core, all, front")
     parser.add_argument("--no-test", action="store_true", help="skip the final test scoring (compare_runs)")
     parser.add_argument(
+        "--share-caps", action="store_true", help="a tree evaluated under one cap is free for the others (not equal)"
+    )
+    parser.add_argument(
         "--equal-test-seeds",
         type=int,
         default=0,
@@ -141,7 +151,7 @@ def main() -> None:
         caps = tuple(float(c) for c in args.cost_caps.split(",") if c)
         config = SearchConfig(
             agent=agent, env=args.env, budget=args.budget, baselines=args.baselines, cost_caps=caps,
-            env_config=TreeEnvConfig(reward_mode=mode or "terminal"),
+            env_config=TreeEnvConfig(reward_mode=mode or "terminal"), share_caps=args.share_caps,
         )  # fmt: skip
         started = time.perf_counter()
         run = run_search(config, folder, resume=args.resume or (folder / "config.json").exists(), log=print)

@@ -1058,6 +1058,13 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
     help="Front search: one search per cap, e.g. 1,1.5,2,4 (multiples of binary Huffman's cost), each with "
     "--budget evaluations, sharing the node bank; the report compares each cap with the classic trees.",
 )
+@click.option(
+    "--share-caps/--separate-caps",
+    default=True,
+    show_default=True,
+    help="Front search: a tree evaluated under one cap is free for the others; --separate-caps makes each cap's "
+    "search pay for every tree it asks for (searchers compared at equal budgets).",
+)
 @click.option("--cost-weight", default=1.0, show_default=True, help="lambda of the tradeoff mode.")
 @click.option("--max-steps", default=16, show_default=True, help="Decisions per episode.")
 @click.option(
@@ -1105,6 +1112,7 @@ def search(
     reward_mode: str,
     seed_classics: bool,
     cost_caps: str | None,
+    share_caps: bool,
     cost_weight: float,
     max_steps: int,
     baselines: str,
@@ -1169,6 +1177,7 @@ def search(
             env=env_name,
             budget=budget,
             cost_caps=_float_list(cost_caps, "--cost-caps"),
+            share_caps=share_caps,
             seed_classics=seed_classics,
             seconds=seconds,
             env_config=env_config,

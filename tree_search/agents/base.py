@@ -11,15 +11,39 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from tree_search.envs.base import TreeEnv
 from tree_search.envs.scoring import RewardFunction
 from tree_search.reward.evaluator import Evaluation, Evaluator
+from tree_search.reward.reward import Result
+from tree_search.tree import Tree
 
-__all__ = ["EnvFactory", "Searcher"]
+__all__ = ["EnvFactory", "Searcher", "SearcherReward"]
 
 EnvFactory = Callable[[RewardFunction], TreeEnv]  # builds an environment that scores trees with the given function
+
+
+@dataclass(frozen=True)
+class SearcherReward:
+    """The `RewardFunction` a searcher gives its environments: ``score``, with dense rewards' nodes charged to it.
+
+    Node trainings that an environment's dense rewards paid for outside an evaluation count
+    against the searcher's budget (`Evaluator.charge_nodes`, under ``label``).
+    """
+
+    score: Callable[[Tree, Mapping[int, int] | None], Result]
+    evaluator: Evaluator
+    label: str
+
+    def __call__(self, tree: Tree, projections: Mapping[int, int] | None = None) -> Result:
+        """``score(tree, projections)``."""
+        return self.score(tree, projections)
+
+    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_trained: int) -> None:
+        """Charge ``nodes_trained`` node trainings for ``tree`` to ``label``'s budget."""
+        self.evaluator.charge_nodes(tree, projections, nodes_trained, searcher=self.label)
 
 
 class Searcher(ABC):

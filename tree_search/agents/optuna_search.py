@@ -29,7 +29,7 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 
-from tree_search.agents.base import EnvFactory, Searcher
+from tree_search.agents.base import EnvFactory, Searcher, SearcherReward
 from tree_search.agents.seeding import nearest_legal, seed_episodes
 from tree_search.heads.train import EvalPoint
 from tree_search.reward.evaluator import Evaluation, Evaluator
@@ -192,7 +192,7 @@ class _TrialWorker:
         self.searcher, self.study = searcher, study
         self.trial: optuna.Trial | None = None
         self.last: Evaluation | None = None
-        self.env = searcher.env_factory(self.reward)
+        self.env = searcher.env_factory(SearcherReward(self.reward, searcher.evaluator, searcher.label))
 
     def reward(self, tree, projections=None):
         """The environment's reward function: evaluate through the evaluator, reporting to the pruner."""

@@ -57,9 +57,14 @@ class RelayServer:
         dataset: FeatureDataset,
         *,
         threads: int = 1,
+        charge_fn: Callable[[Tree, Mapping[int, int] | None, int], None] | None = None,
     ) -> None:
-        """Start the relay actor (a named Ray actor holding no CPU) and the thread that serves it."""
-        self.reward_fn = reward_fn
+        """Start the relay actor (a named Ray actor holding no CPU) and the thread that serves it.
+
+        ``charge_fn(tree, projections, nodes_trained)`` answers a remote environment's
+        `RelayReward.charge_nodes` (None: charges are ignored).
+        """
+        self.reward_fn, self.charge_fn = reward_fn, charge_fn
         self.name = f"relay-{uuid.uuid4().hex}"
         self.served = 0  # requests answered
         self.stopped = 0  # of which answered "stopped" (their episodes were truncated)
@@ -94,11 +99,16 @@ class RelayServer:
         if self._stopped:  # taken just before `stop`: its environment was released already
             return
         with self._lock:
-            self.served += 1
+            self.served += int("charge" not in request)
             self.clients.add(str(request.get("client")))
         try:
-            result = self.reward_fn(request["tree"], request.get("projections"))
-            response = {"result": result.to_json()}
+            if "charge" in request:
+                if self.charge_fn is not None:
+                    self.charge_fn(request["tree"], request.get("projections"), int(request["charge"]))
+                response = {"charged": True}
+            else:
+                result = self.reward_fn(request["tree"], request.get("projections"))
+                response = {"result": result.to_json()}
         except SearchStopped as stopped:
             with self._lock:
                 self.stopped += 1
@@ -158,6 +168,16 @@ class RelayReward:
         if "stopped" in response:
             raise SearchStopped(response["stopped"])
         return Result.from_json(response["result"])
+
+    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_trained: int) -> None:
+        """Tell the driver that this environment's dense rewards trained ``nodes_trained`` nodes of ``tree``."""
+        request = {
+            "tree": tree,
+            "projections": {int(k): int(v) for k, v in (projections or {}).items()} or None,
+            "charge": int(nodes_trained),
+            "client": f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}",
+        }
+        ray.get(_relay_actor(self.name, self.namespace).ask.remote(request))  # "stopped" too: nothing to charge
 
     def dataset(self) -> FeatureDataset:
         """The run's dataset, from the object store (fetched once per process)."""

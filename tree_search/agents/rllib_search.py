@@ -49,7 +49,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.torch_utils import FLOAT_MIN
 from ray.tune.registry import register_env
 
-from tree_search.agents.base import EnvFactory, Searcher
+from tree_search.agents.base import EnvFactory, Searcher, SearcherReward
 from tree_search.agents.policy import PolicyConfig
 from tree_search.agents.relay import RelayReward, RelayServer
 from tree_search.agents.seeding import nearest_legal, seed_episodes
@@ -183,13 +183,13 @@ class RLlibSearcher(Searcher):
         self.relay: RelayServer | None = None  # the last search's relay (its `served` and `clients` stay readable)
 
     def _reward(self, tree: Tree, projections=None):
-        if self.done and evaluation_key(tree, projections) not in self.evaluator.known:
+        if self.done and not self.evaluator.knows(evaluation_key(tree, projections)):
             raise _BudgetReached
         return self.evaluator.reward(tree, projections, searcher=self.label)[0]
 
     def _remote_reward(self, tree: Tree, projections=None) -> Result:
         """The relay's answer to a remote environment; `SearchStopped` rather than a made-up failure."""
-        if self.done and evaluation_key(tree, projections) not in self.evaluator.known:
+        if self.done and not self.evaluator.knows(evaluation_key(tree, projections)):
             raise SearchStopped("the search's evaluation budget or time is used up")
         try:  # two runners can race for the last evaluation of the budget: the loser stops
             evaluation = self.evaluator.evaluate(tree, projections, searcher=self.label)
@@ -200,7 +200,7 @@ class RLlibSearcher(Searcher):
     def _play_seeds(self) -> list[tuple[list[tuple[Any, Any, int]], float]]:
         """Play the seed episodes through the evaluator: each finished one's ``([(obs, mask, action)], return)``."""
         trained, free = seed_episodes(self.env_factory, self.evaluator, self.seed)
-        env, played = self.env_factory(self._reward), []
+        env, played = self.env_factory(SearcherReward(self._reward, self.evaluator, self.label)), []
         for episode in trained + [e for e in free if e.within_cap]:  # over-cap ones teach nothing
             observation, _ = env.reset(seed=self.seed)
             steps, total, done, truncated = [], 0.0, False, False
@@ -297,12 +297,13 @@ class RLlibSearcher(Searcher):
         arrived: queue.SimpleQueue[Evaluation] = queue.SimpleQueue()  # listeners may run on relay threads
         listener = lambda evaluation, tree: arrived.put(evaluation) if evaluation.counted else None  # noqa: E731
         self.evaluator.listeners.append(listener)
-        _FACTORIES[key] = lambda: self.env_factory(self._reward)
+        _FACTORIES[key] = lambda: self.env_factory(SearcherReward(self._reward, self.evaluator, self.label))
         register_env(_ENV_NAME, make_rllib_env)
         relay = None
         if self.env_runners > 0:
             threads = self.env_runners if self.evaluator.thread_safe else 1
-            relay = self.relay = RelayServer(self._remote_reward, self.dataset, threads=threads)
+            charge = SearcherReward(self._remote_reward, self.evaluator, self.label).charge_nodes
+            relay = self.relay = RelayServer(self._remote_reward, self.dataset, threads=threads, charge_fn=charge)
         algo = None
         checkpoint = None if self.run is None else self.run.folder / "checkpoints" / self.label
 

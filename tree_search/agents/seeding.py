@@ -84,9 +84,9 @@ def seed_episodes(
     reward is read back) and those over the cap (penalised without training).
     """
     episodes = homogeneous_episodes(env_factory, seed)
-    new = [e for e in episodes if e.within_cap and e.tree.canonical_hash not in evaluator.known]
+    new = [e for e in episodes if e.within_cap and not evaluator.knows(e.tree.canonical_hash)]
     new.sort(key=lambda e: -e.cost)
     left = evaluator.remaining
     chosen = new[: max(1, left // 2)] if left is not None else new
-    free = [e for e in episodes if not e.within_cap or e.tree.canonical_hash in evaluator.known]
+    free = [e for e in episodes if not e.within_cap or evaluator.knows(e.tree.canonical_hash)]
     return chosen, free

@@ -45,6 +45,7 @@ from tree_search.reward.reward import (
 from tree_search.tree import Tree
 
 __all__ = [
+    "ChargesNodes",
     "DenseRewards",
     "EpisodeScorer",
     "LocalReward",
@@ -70,6 +71,14 @@ class RewardFunction(Protocol):
 
     def __call__(self, tree: Tree, projections: Mapping[int, int] | None = None) -> Result:
         """Evaluate ``tree`` (with optional per-node projections) on the validation split."""
+        ...
+
+
+class ChargesNodes(Protocol):
+    """A `RewardFunction` that also counts node trainings outside evaluations against a budget (optional)."""
+
+    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_trained: int) -> None:
+        """``nodes_trained`` nodes of ``tree`` were trained for dense rewards (see `Evaluator.charge_nodes`)."""
         ...
 
 
@@ -132,6 +141,12 @@ class EpisodeScorer:
     def cost(self, tree: Tree, projections: Mapping[int, int] | None = None) -> float:
         """Cost per token of the head on ``tree``: multiply-adds, or the profile's seconds (``config.cost``)."""
         return head_cost(tree, self.counts, self.dim, projections, self.cost_model)
+
+    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_trained: int) -> None:
+        """Tell the reward function (when it keeps a budget, `ChargesNodes`) of node trainings for dense rewards."""
+        charge = getattr(self.reward_fn, "charge_nodes", None)
+        if charge is not None and nodes_trained > 0:
+            charge(tree, projections or None, nodes_trained)
 
     def score(self, tree: Tree, projections: Mapping[int, int] | None = None) -> tuple[float, dict[str, Any]]:
         """The terminal reward of ``tree`` and the ``info`` entries that explain it."""

@@ -3,7 +3,11 @@
 Life cycle: ``submit(tree)`` returns a ticket; ``collect()`` returns the `Evaluation` of
 every ticket that finished since the last call. A tree whose canonical hash (with its
 projections) was evaluated before, in this run or in the run being resumed, is answered
-from memory and does not count against the budget. `LocalEvaluator` trains in this
+from memory and does not count against the budget; with `Evaluator.scope` set (a front
+search at equal budgets, ``SearchConfig.share_caps=False``), only trees that the scope's own
+searcher or the baselines evaluated are free, and any other known tree is answered from
+memory but counted. Node trainings a searcher pays for outside evaluations (dense rewards)
+count too, in evaluation-equivalents (`Evaluator.charge_nodes`). `LocalEvaluator` trains in this
 process, one tree at a time; a pool of Ray actors can implement the same interface
 without the searchers noticing. An `Evaluator` is also a `RewardFunction`
 (``evaluator(tree, projections) -> Result``), which is how environments call it.
@@ -16,6 +20,7 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -114,6 +119,13 @@ class Evaluator(ABC):
         self.listeners = list(listeners)
         self.known: dict[str, Evaluation] = {}
         self.used = 0  # counted evaluations so far (including a resumed run's)
+        # evaluation-equivalents of node trainings outside evaluations, by searcher label (`charge_nodes`)
+        self.charged: dict[str, float] = {}
+        self.on_charge: Callable[[dict[str, float]], None] | None = None  # told every new charge (to keep it)
+        # None: every known tree is free; a searcher label: only trees it or the baselines evaluated are
+        self.scope: str | None = None
+        self._counted_keys: defaultdict[str, set[str]] = defaultdict(set)  # searcher label -> keys it was charged
+        self._free_keys: set[str] = set()  # keys evaluated without counting (the baselines)
         self.started = time.perf_counter()
         self._next_index = 0
         self.counters = {"done": 0, "failed": 0, "retried": 0, "cached": 0, "worker_seconds": 0.0,
@@ -144,10 +156,38 @@ class Evaluator(ABC):
 
     @property
     def remaining(self) -> int | None:
-        """Evaluations left in the budget, counting those in flight (None: unlimited)."""
+        """Whole evaluations left in the budget, counting those in flight and the charges (None: unlimited)."""
         if self.budget is None:
             return None
-        return max(0, self.budget - self.used - self._in_flight_counted)
+        left = self.budget - self.used - self._in_flight_counted - math.fsum(self.charged.values())
+        return max(0, math.floor(left + 1e-9))
+
+    def knows(self, key: str) -> bool:
+        """Whether the tree of ``key`` is answered from memory without counting (see `scope`)."""
+        if key not in self.known:
+            return False
+        return self.scope is None or key in self._free_keys or key in self._counted_keys[self.scope]
+
+    def charge_nodes(
+        self, tree: Tree, projections: Mapping[int, int] | None, nodes_trained: int, *, searcher: str = ""
+    ) -> float:
+        """Count node trainings done for ``tree`` outside an evaluation (dense rewards) against the budget.
+
+        A tree's evaluation trains its internal nodes, so ``nodes_trained`` of them cost
+        ``nodes_trained / tree.num_internal`` of an evaluation (at most 1). Nothing is charged
+        when ``searcher`` has a counted evaluation of the tree: that evaluation paid for its
+        nodes. Returns the charge.
+        """
+        label = searcher or self.default_searcher
+        key = evaluation_key(tree, projections)
+        with self._lock:
+            if nodes_trained <= 0 or key in self._counted_keys[label]:
+                return 0.0
+            charge = min(1.0, nodes_trained / max(1, tree.num_internal))
+            self.charged[label] = self.charged.get(label, 0.0) + charge
+            if self.on_charge is not None:  # under the lock: the last write holds every charge
+                self.on_charge(dict(self.charged))
+        return charge
 
     @property
     def exhausted(self) -> bool:
@@ -159,6 +199,7 @@ class Evaluator(ABC):
         for evaluation in evaluations:
             if evaluation.error is None:  # failures are retried when proposed again, as within a session
                 self.known.setdefault(evaluation.key, evaluation)
+            self._remember(evaluation)
             self.used += int(evaluation.counted)
             self._next_index = max(self._next_index, evaluation.index + 1)
 
@@ -168,9 +209,16 @@ class Evaluator(ABC):
     ) -> tuple[Result, float | None]:
         """Score one new tree: its `Result`, and the worker seconds it took (None: the time waited for it)."""
 
+    def _remember(self, evaluation: Evaluation) -> None:
+        """Note who paid for ``evaluation`` (`knows`, `charge_nodes`)."""
+        if evaluation.counted:
+            self._counted_keys[evaluation.searcher].add(evaluation.key)
+        elif evaluation.error is None:
+            self._free_keys.add(evaluation.key)
+
     def _check_budget(self, key: str, counted: bool) -> None:
         """Raise `BudgetExhausted` when a counted, new tree would exceed the budget."""
-        if counted and self.exhausted and key not in self.known and key not in self._in_flight:
+        if counted and self.exhausted and not self.knows(key) and key not in self._in_flight:
             raise BudgetExhausted(f"the budget of {self.budget} evaluations is used up")
 
     def evaluate(
@@ -190,10 +238,15 @@ class Evaluator(ABC):
         key = evaluation_key(tree, projections)
         while True:
             with self._lock:
-                if key in self.known:
+                if self.knows(key):
                     self.counters["cached"] += 1
                     known = self.known[key]
                     return replace(known, searcher=searcher or known.searcher, counted=False)
+                if key in self.known:  # known outside the scope: answered from memory, counted in it
+                    self._check_budget(key, counted)
+                    self.counters["cached"] += 1
+                    known = self.known[key]
+                    return self._record(key, Result.from_json(known.result), tree, searcher, counted, projections)
                 pending = self._in_flight.get(key)
                 if pending is None:
                     self._check_budget(key, counted)
@@ -302,6 +355,7 @@ class Evaluator(ABC):
         )
         self._next_index += 1
         self.used += int(counted)
+        self._remember(evaluation)
         if evaluation.error is None:  # failures may be transient: retried if proposed again; pruned ones are not
             self.known[key] = evaluation
         for listener in self.listeners:

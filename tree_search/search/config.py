@@ -41,6 +41,9 @@ class SearchConfig:
     final_epochs: float | None = None  # training epochs of the final scoring (None: 2x the search's)
     storage: str | None = None  # Optuna storage URL (default: sqlite:///<run>/optuna.db)
     study: str | None = None  # Optuna study name (default: "<agent>-<env>"); processes sharing it cooperate
+    # front search: a tree evaluated under one cap is free for the others; False: every cap's searcher pays for
+    # each tree it asks for (only the baselines are free), for comparisons of searchers at equal budgets
+    share_caps: bool = True
     # --- execution: how the search runs, not what it searches; a resumed run may change these (`EXECUTION_FIELDS`)
     eval_workers: int = field(default=0, metadata=_EXECUTION)  # Ray actors training heads; 0 trains in this process
     # "auto", "ray://host:port" or None for a local Ray instance

@@ -171,6 +171,8 @@ def run_search(
         evaluator.cost_fn = measured
     previous = run.evaluations()
     evaluator.preload(previous)
+    evaluator.charged = {str(k): float(v) for k, v in (run.read_json(Run.CHARGES) or {}).items()}
+    evaluator.on_charge = lambda charged: run.write_json(Run.CHARGES, charged)
     if previous and log:
         log(
             f"resuming {run.folder}: {len(previous)} evaluations on disk, "
@@ -183,9 +185,12 @@ def run_search(
                 pass
         done_before = Counter(e.searcher for e in previous if e.counted)
         for number, (label, search) in enumerate(searches, start=1):
-            # Each cap's search has its own budget (what a resumed run's cap has used counts); the evaluator, its
-            # cache and the node bank are shared, so a tree found under one cap is free for the others.
-            evaluator.budget = evaluator.used + max(0, config.budget - done_before[label])
+            # Each cap's search has its own budget (what a resumed run's cap has used and been charged counts). The
+            # evaluator and the node bank are shared: a tree found under one cap is free for the others, unless
+            # the caps are kept apart (`SearchConfig.share_caps`), when only the baselines are.
+            evaluator.scope = None if config.share_caps else label
+            left = config.budget - done_before[label] - evaluator.charged.get(label, 0.0)
+            evaluator.budget = evaluator.used + math.fsum(evaluator.charged.values()) + max(0.0, left)
             if evaluator.exhausted:
                 continue
             if log and len(searches) > 1:
@@ -197,6 +202,9 @@ def run_search(
             estimate = searcher.selection_free_nll()
             if estimate is not None:  # the report shows it beside the searcher's own, optimistic, figure
                 run.write_json(SELECTION_FREE, {**(run.read_json(SELECTION_FREE) or {}), label: estimate})
+            if log and evaluator.charged.get(label):
+                log(f"{label}: node trainings outside evaluations (dense rewards) were charged "
+                    f"{evaluator.charged[label]:.2f} evaluations of its budget")  # fmt: skip
             if log and not evaluator.exhausted:
                 log(f"{label}: stopped with {evaluator.remaining} of its budget unused (its time ran out, or no new "
                     f"tree within the cap came in as many tries as its searcher allows)")  # fmt: skip
