@@ -125,15 +125,22 @@ def test_a_search_of_32_trees_closes_half_the_gap_between_huffman_and_the_oracle
 
 
 def test_tpe_beats_random_search_at_equal_budget(wide):
-    """On this task random search also closes most of the gap (65-75% over seeds 0-2); TPE does better."""
+    """On this task random search also closes most of the gap (65-75%); TPE does better, on every seed.
+
+    Measured over seeds 0-4: TPE ahead by 0.034, 0.077, 0.009, 0.076 and 0.062 nats. Were the two
+    alike, TPE would lead on all three seeds here one time in eight, and by 0.02 on average rarely.
+    """
     dataset = wide[0]
-    found = {}
-    for agent in ("tpe", "random"):
-        evaluator = LocalEvaluator(dataset, QUICK, budget=32)
-        searcher = OptunaSearcher(agent, CheckedEnvFactory(dataset, WIDE_CONFIG), evaluator, seed=0,
-                                  seed_classics=False)  # fmt: skip
-        found[agent] = min(e.valid_nll for e in searcher.search())
-    assert found["tpe"] < found["random"] - 0.01, found
+    lead = []
+    for seed in range(3):
+        found = {}
+        for agent in ("tpe", "random"):
+            evaluator = LocalEvaluator(dataset, QUICK, budget=32)
+            searcher = OptunaSearcher(agent, CheckedEnvFactory(dataset, WIDE_CONFIG), evaluator, seed=seed,
+                                      seed_classics=False)  # fmt: skip
+            found[agent] = min(e.valid_nll for e in searcher.search())
+        lead.append(found["random"] - found["tpe"])
+    assert min(lead) > 0 and sum(lead) / len(lead) > 0.02, lead
 
 
 def test_evaluator_deduplicates_and_enforces_the_budget(dataset):
