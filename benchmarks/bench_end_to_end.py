@@ -18,13 +18,21 @@ each on the same test positions (a seeded sample of the corpus's test split) and
 
     python benchmarks/bench_end_to_end.py RUN_FOLDER [--seeds 3] [--steps STEPS] [--positions 50000]
 
-It writes ``end_to_end.json`` into the run folder. Timings are of this machine, 2 threads
+It writes ``end_to_end.json`` into the run folder.
+
+``--warm STEPS`` asks whether a cheaper final scoring predicts the end-to-end result: each
+finalist starts from the run's own encoder (the one that made the frozen features) and its
+head from the trained nodes (the search's recipe, through the node bank), and both are
+trained together for STEPS steps at ``--warm-lr`` times the encoder's learning rate. It
+writes ``end_to_end_warmSTEPS.json`` and, when ``end_to_end.json`` exists, compares its
+verdicts and order with the from-scratch ones. Timings are of this machine, 2 threads
 by default. The run's corpus must still be in the cache (``data prepare`` made it).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -36,12 +44,14 @@ import torch
 from scipy.stats import spearmanr
 
 from tree_search.builders import frequency_cutoffs
+from tree_search.data.cache import cache_root
 from tree_search.data.corpus import TokenCorpus, cached_corpus
 from tree_search.data.features import ContextEncoder, EncoderConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
+from tree_search.reward import trained_head
 from tree_search.search.runs import Run
-from tree_search.search.verdicts import FinalScores, verdict_words
+from tree_search.search.verdicts import Comparison, FinalScores, verdict_words
 
 
 def _corpus(dataset) -> TokenCorpus:
@@ -58,15 +68,21 @@ def _windows(ids: torch.Tensor, context: int, pad: int) -> tuple[torch.Tensor, t
 
 
 def train_and_score(tree, projections, corpus: TokenCorpus, config: EncoderConfig, seed: int, test: np.ndarray,
-                    steps: int) -> tuple[np.ndarray, float]:  # fmt: skip
-    """Train encoder + head from scratch; return the test positions' NLL (N,) and the median seconds per step."""
+                    steps: int, start: tuple[dict, TreeSoftmaxHead] | None = None,
+                    lr_scale: float = 1.0) -> tuple[np.ndarray, float]:  # fmt: skip
+    """Train encoder + head (from scratch, or from ``start``: encoder weights and a head); return the test positions'
+    NLL (N,) and the median seconds per step."""
     V = len(corpus.vocab)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     encoder = ContextEncoder(V, config)
-    head = TreeSoftmaxHead(tree, config.dim, projections=projections or None)
+    if start is None:
+        head = TreeSoftmaxHead(tree, config.dim, projections=projections or None)
+    else:
+        encoder.load_state_dict(start[0])
+        head = copy.deepcopy(start[1]).train()
     params = [*encoder.embed.parameters(), *encoder.mlp.parameters(), *head.parameters()]  # not the encoder's `out`
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr * lr_scale, weight_decay=config.weight_decay)
     warmup = max(1, steps // 20)
 
     def schedule(step: int) -> float:  # the encoder's own (`features._train_encoder`)
@@ -110,6 +126,35 @@ def _chosen(comparison: dict, count: int) -> list[dict]:
     return (first + rest)[: max(count, len(first))]
 
 
+def _against_scratch(folder: Path, table: list[dict], caps: list[dict]) -> dict | None:
+    """How a warm-started scoring agrees with the from-scratch one (``end_to_end.json``): order and verdicts."""
+    path = folder / "end_to_end.json"
+    if not path.exists():
+        print("no end_to_end.json in the run: nothing to compare the warm start with")
+        return None
+    scratch = json.loads(path.read_text())
+    e2e = {t["name"]: t["end_to_end_test_nll"] for t in scratch["trees"]}
+    shared = [t for t in table if t["name"] in e2e]
+    rho = float(spearmanr([t["end_to_end_test_nll"] for t in shared], [e2e[t["name"]] for t in shared])[0])
+    frozen = float(spearmanr([t["frozen_test_nll"] for t in shared], [e2e[t["name"]] for t in shared])[0])
+    print(f"\nagainst the from-scratch end-to-end NLL over {len(shared)} trees: Spearman {rho:.3f} "
+          f"(frozen features: {frozen:.3f})")  # fmt: skip
+    words = lambda found: verdict_words(Comparison(found["difference"], *found["interval"]))  # noqa: E731
+    agree = []
+    for cap in caps:
+        other = next((c for c in scratch["caps"] if c["cap"] == cap["cap"]), None)
+        if other is None:
+            continue
+        same = words(cap) == words(other)
+        agree.append({"cap": cap["cap"], "warm": words(cap), "scratch": words(other), "frozen_difference":
+                      cap["frozen_difference"], "warm_difference": cap["difference"],
+                      "scratch_difference": other["difference"], "same_verdict": same})  # fmt: skip
+        print(f"{cap['cap']:g}x: warm {cap['difference']:+.4f} ({words(cap)}), from scratch "
+              f"{other['difference']:+.4f} ({words(other)}), frozen {cap['frozen_difference']:+.4f}: "
+              f"{'same verdict' if same else 'different verdict'}")  # fmt: skip
+    return {"spearman_warm_vs_scratch": rho, "spearman_frozen_vs_scratch": frozen, "caps": agree}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path)
@@ -117,6 +162,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the encoder's own (the run's features)")
     parser.add_argument("--positions", type=int, default=50_000, help="test positions scored (a seeded sample)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warm", type=int, default=0,
+                        help="STEPS: start from the run's encoder and each tree's trained nodes, train both together "
+                             "for STEPS steps (0: from scratch)")  # fmt: skip
+    parser.add_argument("--warm-lr", type=float, default=0.3, help="--warm: times the encoder's learning rate")
     parser.add_argument("--trees", type=int, default=12,
                         help="how many finalists: the searched tree and the best classic tree of each cap, the "
                              "adaptive shapes, binary Huffman and the full softmax first, then the other classic "
@@ -128,7 +177,11 @@ def main() -> None:
     dataset = load_env_dataset(TreeEnvConfig.from_env_config(run.config["env_config"]))
     corpus = _corpus(dataset)
     config = EncoderConfig(**dataset.info["encoder"])
-    steps = args.steps or config.steps
+    steps = args.warm or args.steps or config.steps
+    warm_encoder = None
+    if args.warm:
+        warm_encoder = torch.load(cache_root() / "features" / dataset.key / "encoder.pt", map_location="cpu")
+        recipe = TreeEnvConfig.from_env_config(run.config["env_config"]).train
     n = len(corpus.splits["test"])
     test = np.sort(np.random.default_rng(0).choice(n, size=min(args.positions, n), replace=False))
     documents = np.searchsorted(np.asarray(corpus.documents["test"]), test, side="right") - 1
@@ -142,8 +195,12 @@ def main() -> None:
         else:
             tree, projected = run.tree(row["key"]), projections.get(row["key"], {})
         per_seed, seconds = [], []
+        start = None
+        if warm_encoder is not None:
+            head = trained_head(tree, dataset, recipe, projections=projected or None, device="cpu")
+            start = (warm_encoder, head)
         for seed in range(args.seeds):
-            nll, per_step = train_and_score(tree, projected, corpus, config, seed, test, steps)
+            nll, per_step = train_and_score(tree, projected, corpus, config, seed, test, steps, start, args.warm_lr)
             per_seed.append(nll)
             seconds.append(per_step)
             elapsed = time.perf_counter() - started
@@ -181,10 +238,20 @@ def main() -> None:
         print(f"{cap['cap']:g}x: {searched['name']} against {classic['name']}: frozen {cap['difference']:+.4f} "
               f"({frozen}), end to end {found.difference:+.4f} [{found.low:+.4f}, {found.high:+.4f}] "
               f"({verdict_words(found)}); sign {'kept' if kept else 'flipped'}")  # fmt: skip
-    out = args.run / "end_to_end.json"
-    out.write_text(json.dumps({"steps": steps, "seeds": args.seeds, "positions": int(test.size),
-                               "documents": scores.num_documents, "spearman": rho, "trees": table, "caps": caps,
-                               "seconds": round(time.perf_counter() - started, 1)}, indent=1))  # fmt: skip
+    summary = {
+        "steps": steps,
+        "seeds": args.seeds,
+        "positions": int(test.size),
+        "documents": scores.num_documents,
+        "spearman": rho,
+        "trees": table,
+        "caps": caps,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if args.warm:
+        summary.update(warm=args.warm, warm_lr=args.warm_lr, against_scratch=_against_scratch(args.run, table, caps))
+    out = args.run / (f"end_to_end_warm{args.warm}.json" if args.warm else "end_to_end.json")
+    out.write_text(json.dumps(summary, indent=1))
     print(f"\n{out} ({(time.perf_counter() - started) / 60:.1f} min)")
 
 
