@@ -1022,6 +1022,56 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
 
 
 @main.command()
+@click.argument("root", type=click.Path(path_type=Path, file_okay=False), default="runs")
+@_friendly_errors
+def runs(root: Path) -> None:
+    """List the runs under ROOT (default: runs/), newest first, with how far each got and its verdicts."""
+    from tree_search.search.runs import find_runs
+
+    found = find_runs(root)
+    if not found:
+        console.print(f"no runs under {root} (a run folder holds config.json; start one with tree-search search)")
+        return
+    table = Table(title=f"Runs under {root}, newest first")
+    for column in ("run", "status", "agent", "dataset", "evaluated", "best valid", "caps: verdict on test", "last"):
+        table.add_column(column, justify="right" if column in ("evaluated", "best valid") else "left",
+                         no_wrap=column != "caps: verdict on test")  # fmt: skip
+    short = {"searched wins": "win", "classic wins": "loss", "tie": "tie"}
+    for summary in found:
+        if summary.verdicts:
+            caps = ", ".join(f"{v.cap:g}x {short.get(v.verdict, v.verdict)}" for v in summary.verdicts)
+        else:
+            caps = ", ".join(f"{c:g}" for c in summary.caps) + "x"
+        table.add_row(
+            str(summary.folder.relative_to(root) if summary.folder.is_relative_to(root) else summary.folder),
+            summary.status,
+            summary.agent,
+            summary.dataset[:16],
+            f"{summary.evaluated}/{summary.budget}",
+            "" if math.isinf(summary.best_valid_nll) else f"{summary.best_valid_nll:.4f}",
+            caps,
+            time.strftime("%m-%d %H:%M", time.localtime(summary.modified)),
+        )
+    console.print(table)
+    console.print("finished: tree-search report RUN prints its tables; searched: tree-search compare RUN scores it on "
+                  "test; unfinished (stopped, or still running): tree-search search --resume RUN; empty: a start "
+                  "that failed")  # fmt: skip
+
+
+@main.command()
+@click.argument("run_folder", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@_friendly_errors
+def report(run_folder: Path) -> None:
+    """Print a finished run's test-split tables and verdicts again, from its comparison.json (no recomputation)."""
+    comparison = run_folder / "comparison.json"
+    if not comparison.exists():
+        raise click.ClickException(
+            f"{comparison}: missing; score the run on test first: tree-search compare {run_folder}"
+        )
+    _print_comparison(json.loads(comparison.read_text(encoding="utf-8"))["rows"], run_folder)
+
+
+@main.command()
 @click.option("--agent", type=click.Choice(AGENTS), default="tpe", show_default=True,
               help="The searcher: RLlib ppo/appo, Optuna samplers, or dp (split env only).")  # fmt: skip
 @click.option("--env", "env_name", type=click.Choice(["split", "merge", "cutoffs"]), default="split",

@@ -23,6 +23,7 @@ import math
 import os
 import warnings
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,10 @@ from tree_search.cost import parse_cost_spec
 from tree_search.data.cache import atomic_write_bytes
 from tree_search.export import TreeRecord, load_tree_json, save_tree_json
 from tree_search.reward.evaluator import Evaluation
+from tree_search.search.verdicts import Comparison, verdict_words
 from tree_search.tree import Tree
 
-__all__ = ["SELECTION_FREE", "Run", "RunError"]
+__all__ = ["SELECTION_FREE", "Run", "RunError", "RunSummary", "find_runs", "summarize_run"]
 
 SELECTION_FREE = "selection_free.json"  # searcher label -> its validation NLL free of its own selection
 
@@ -235,3 +237,101 @@ class Run:
         path = self.folder / name
         atomic_write_bytes(path, json.dumps(data, indent=2).encode())
         return path
+
+
+@dataclass(frozen=True)
+class CapVerdict:
+    """One cap of a finished front search: the searched tree, its test NLL and the verdict against the classic trees."""
+
+    cap: float
+    searched: str
+    test_nll: float
+    difference: float  # classic - searched on test (> 0: the searched tree is better)
+    verdict: str  # "searched wins", "classic wins" or "tie" (`verdict_words`)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run folder searched and how far it got (one line of `tree-search runs`)."""
+
+    folder: Path
+    status: str  # "finished", "searched", "unfinished", "empty" (see `summarize_run`)
+    agent: str
+    dataset: str
+    caps: tuple[float, ...]
+    budget: int  # counted evaluations the configuration allows, over all caps
+    evaluated: int  # counted evaluations on disk
+    best_valid_nll: float  # the lowest of its counted evaluations (inf: none)
+    verdicts: tuple[CapVerdict, ...]  # per cap, once the run is compared
+    modified: float  # the last write to the run, seconds since the epoch
+
+
+def summarize_run(folder: str | os.PathLike[str]) -> RunSummary:
+    """Read a run folder without computing anything.
+
+    Status: "finished" (its finalists are scored on test: ``comparison.json``), "searched"
+    (its budget is used, not yet compared: ``tree-search compare RUN``), "unfinished"
+    (interrupted, out of time, or still running: ``tree-search search --resume RUN``), "empty"
+    (nothing evaluated: a start that failed).
+
+    Raises:
+        RunError: when ``folder`` has no readable ``config.json`` or leaderboard.
+    """
+    run = Run(folder)
+    try:
+        config = run.config
+    except json.JSONDecodeError as err:
+        raise RunError(f"{run.folder / 'config.json'}: not JSON ({err})") from None
+    env = config.get("env_config", {})
+    caps = tuple(float(c) for c in config.get("cost_caps") or ()) or (float(env.get("cost_cap", math.nan)),)
+    budget = int(config.get("budget", 0)) * len(caps)
+    rows = run.evaluations()
+    counted = [e for e in rows if e.counted]
+    best = min((e.valid_nll for e in counted if e.ok), default=math.inf)
+    comparison = run.read_json("comparison.json")
+    verdicts = []
+    for cap in (comparison or {}).get("caps", []):
+        if "difference" not in cap or not cap.get("searched"):
+            continue
+        if "interval" in cap:
+            words = verdict_words(Comparison(cap["difference"], *cap["interval"]))
+        else:  # a report written before the paired intervals: its own significance flag
+            words = ("searched wins" if cap["difference"] > 0 else "classic wins") if cap.get("significant") else "tie"
+        searched = cap["searched"]
+        verdicts.append(CapVerdict(float(cap["cap"]), searched["name"], float(searched["test_nll"]),
+                                   float(cap["difference"]), words))  # fmt: skip
+    if comparison is not None:
+        status = "finished"
+    elif not rows:
+        status = "empty"
+    else:
+        status = "searched" if len(counted) >= budget else "unfinished"
+    files = [run.folder / name for name in ("config.json", "leaderboard.jsonl", "comparison.json")]
+    dataset = str(env.get("dataset", "?"))
+    return RunSummary(
+        folder=run.folder,
+        status=status,
+        agent=str(config.get("agent", "?")),
+        dataset=dataset if dataset in ("builtin", "planted") else Path(dataset).name,
+        caps=caps,
+        budget=budget,
+        evaluated=len(counted),
+        best_valid_nll=best,
+        verdicts=tuple(verdicts),
+        modified=max(f.stat().st_mtime for f in files if f.exists()),
+    )
+
+
+def find_runs(root: str | os.PathLike[str] = "runs") -> list[RunSummary]:
+    """Every run folder (one holding ``config.json``) at most two levels below ``root``, newest first.
+
+    Folders that cannot be read are skipped with a warning naming the file.
+    """
+    root = Path(root)
+    found = []
+    for config in sorted([*root.glob("config.json"), *root.glob("*/config.json"), *root.glob("*/*/config.json")]):
+        try:
+            found.append(summarize_run(config.parent))
+        except RunError as err:
+            warnings.warn(str(err), stacklevel=2)
+    return sorted(found, key=lambda summary: -summary.modified)

@@ -1,0 +1,76 @@
+"""`tree-search runs` and `tree-search report`: past runs found, read without computing, their status right."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from tree_search.cli import main
+from tree_search.data.planted import PlantedConfig
+from tree_search.envs import TreeEnvConfig
+from tree_search.reward import NodeRecipe
+from tree_search.search import SearchConfig, run_search
+from tree_search.search.report import compare_runs
+from tree_search.search.runs import find_runs, summarize_run
+
+QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
+PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
+ENV = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8)
+
+
+def test_runs_lists_every_run_with_its_status_and_report_prints_a_finished_one_again(tmp_path):
+    root = tmp_path / "runs"
+    config = SearchConfig(agent="dp", budget=3, cost_caps=(1.5, 2.0), env_config=ENV, baselines="huffman-2,huffman-4")
+    finished = run_search(config, root / "finished", log=None)
+    compare_runs([finished.folder], seeds=2, log=None)
+    shutil.copytree(finished.folder, root / "nested" / "searched")
+    (root / "nested" / "searched" / "comparison.json").unlink()
+    shutil.copytree(finished.folder, root / "cut")
+    (root / "cut" / "comparison.json").unlink()
+    board = root / "cut" / "leaderboard.jsonl"
+    rows = board.read_text().splitlines(keepends=True)
+    board.write_text("".join(rows[:-2]))  # an interrupted run: two counted evaluations short
+    (root / "failed").mkdir()
+    shutil.copy(finished.folder / "config.json", root / "failed" / "config.json")  # a start that failed
+    (root / "broken").mkdir()
+    (root / "broken" / "config.json").write_text("{not json")
+
+    comparison = json.loads((finished.folder / "comparison.json").read_text())
+    summary = summarize_run(finished.folder)
+    assert summary.status == "finished" and summary.agent == "dp" and summary.caps == (1.5, 2.0)
+    assert summary.budget == 6 and summary.evaluated == 6
+    assert [(v.cap, v.searched, v.difference) for v in summary.verdicts] == [
+        (c["cap"], c["searched"]["name"], c["difference"]) for c in comparison["caps"]
+    ]
+    counted = [json.loads(line) for line in rows if json.loads(line)["counted"]]
+    assert summary.best_valid_nll == min(r["valid_nll"] for r in counted)
+    assert summarize_run(root / "nested" / "searched").status == "searched"
+    cut = summarize_run(root / "cut")
+    assert cut.status == "unfinished" and cut.evaluated == 4 and not cut.verdicts
+    assert summarize_run(root / "failed").status == "empty"
+    with pytest.warns(UserWarning, match="broken/config.json: not JSON"):
+        found = {s.folder.name: s.status for s in find_runs(root)}
+    assert found == {"finished": "finished", "searched": "searched", "cut": "unfinished", "failed": "empty"}
+
+    result = CliRunner().invoke(main, ["runs", str(root)], catch_exceptions=False, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for name, status in found.items():
+        line = next(line for line in result.output.splitlines() if f" {name} " in line or f"/{name} " in line)
+        assert status in line, (name, line)
+    words = {"searched wins": "win", "classic wins": "loss", "tie": "tie"}
+    assert ", ".join(f"{v.cap:g}x {words[v.verdict]}" for v in summary.verdicts) in result.output
+    result = CliRunner().invoke(main, ["runs", str(tmp_path / "none")], catch_exceptions=False)
+    assert result.exit_code == 0 and "no runs under" in result.output
+
+    result = CliRunner().invoke(main, ["report", str(finished.folder)], catch_exceptions=False, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())  # the console wraps long lines
+    for cap in comparison["caps"]:
+        assert f"{cap['cap']:g}x: {cap['searched']['name']} {cap['searched']['test_nll']:.4f}" in printed
+    for line in comparison["verdicts"]:
+        assert line in printed
+    result = CliRunner().invoke(main, ["report", str(root / "cut")], catch_exceptions=False)
+    assert result.exit_code != 0 and "tree-search compare" in result.output
