@@ -128,7 +128,7 @@ def test_data_prepare_and_show_on_small_inputs(tmp_path):
 
 def test_baseline_evaluate_trains_a_head_per_tree(tmp_path, monkeypatch):
     """The --evaluate path, on a small planted dataset standing in for the built-in corpus's features."""
-    from tree_search import cli
+    from tree_search.cli import tree_commands as cli
     from tree_search.data import make_planted
 
     planted = make_planted(num_classes=40, dim=8, num_train=3000, num_valid=500, num_test=500, seed=1)
@@ -158,7 +158,7 @@ def test_a_stop_signal_leaves_even_when_the_clean_up_hangs():
 
     code = (
         "import os, signal, time\n"
-        "import tree_search.cli as cli\n"
+        "import tree_search.cli.search_commands as cli\n"
         "cli.STOP_GRACE_SECONDS = 0.5\n"
         "signal.signal(signal.SIGTERM, cli._stop_search)\n"
         "try:\n"

@@ -1,0 +1,193 @@
+"""Commands on data and devices: ``data prepare``, ``data show``, ``cost calibrate``, ``reference``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from tree_search.cli.app import console, friendly_errors, main, progress_bars
+from tree_search.data import CorpusConfig, EncoderConfig, cached_datasets, prepare_dataset
+from tree_search.reward.converged import ReferenceRecipe
+
+
+@main.group()
+def cost() -> None:
+    """Measure what tree heads cost in time on this device (the profile ``--cost measured`` reads)."""
+
+
+@cost.command(name="calibrate")
+@click.option("--dim", default=256, show_default=True, help="Input dimension of the heads (the data's).")
+@click.option("--batch", default=4096, show_default=True, help="Tokens per training step.")
+@click.option("--classes", "num_classes", default=10_000, show_default=True, help="V of the timed trees.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--repeats", default=7, show_default=True, help="Timed steps per tree (the median counts).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Profile file (default: this device's profile in the cache, which --cost measured reads).",
+)
+@friendly_errors
+def cost_calibrate(dim: int, batch: int, num_classes: int, precision: str, device: str | None, repeats: int,
+                   out: Path | None) -> None:  # fmt: skip
+    """Time the training step of tree heads on this device and fit its cost profile.
+
+    Forward + backward (the gradient flows into the input, as when an encoder trains with the
+    head) of about 50 heads: a fitting set and a held-out set (the classic front and trees of
+    the split grammar) the fit never sees. Prints each tree's measured and predicted time.
+    """
+    import torch
+
+    from tree_search.heads.timing import calibrate, default_profile_path
+
+    if min(dim, batch, num_classes - 1, repeats) < 1:
+        raise click.ClickException("--dim, --batch and --repeats must be >= 1 and --classes >= 2")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with progress_bars() as start:
+        advance: list[Callable[[int], None]] = []
+
+        def progress(name: str, done: int, total: int) -> None:
+            if not advance:
+                advance.append(start(f"timing heads on {device}", total))
+            advance[0](1 if done else 0)
+
+        profile, timed = calibrate(num_classes=num_classes, dim=dim, batch=batch, precision=precision, device=device,
+                                   repeats=repeats, progress=progress)  # fmt: skip
+    target = out or default_profile_path(device.type, dim, batch, precision)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(target)
+    table = Table(title=f"{profile.device}: training step, V = {num_classes:,}, d = {dim}, batch {batch}, {precision}")
+    for column in ("tree", "set", "measured µs/token", "predicted", "error"):
+        table.add_column(column, justify="left" if column in ("tree", "set") else "right")
+    for t in timed:
+        table.add_row(t.name, t.role, f"{t.measured * 1e6:.3f}", f"{t.predicted * 1e6:.3f}", f"{t.relative_error:+.1%}")
+    console.print(table)
+    for role, key in (("fitting", "fit"), ("held-out", "held_out")):
+        e = profile.fit[key]
+        console.print(f"{role} trees: {e['trees']}, median |error| {e['median_abs_relative_error']:.1%}, "
+                      f"largest {e['max_abs_relative_error']:.1%}")  # fmt: skip
+    console.print(f"profile written to {target}")
+
+
+@main.group()
+def data() -> None:
+    """Prepare and list the datasets that reward evaluations train heads on."""
+
+
+@data.command()
+@click.option(
+    "--corpus",
+    type=click.Choice(["stdlib"]),
+    default="stdlib",
+    show_default=True,
+    help="The built-in corpus (used when no --text/--npz is given).",
+)
+@click.option(
+    "--text",
+    "text",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Plain-text corpus: one file (split by lines), or three: --text TRAIN --text VALID --text TEST.",
+)
+@click.option("--npz", type=click.Path(path_type=Path, dir_okay=False), help="Pre-computed features and labels.")
+@click.option("--max-size", default=10_000, show_default=True, help="Vocabulary cap, <unk> included.")
+@click.option("--min-count", default=1, show_default=True, help="Rarer tokens fold into <unk>.")
+@click.option("--dim", default=EncoderConfig.dim, show_default=True, help="Feature dimension.")
+@click.option("--context", default=EncoderConfig.context, show_default=True, help="Previous tokens the encoder reads.")
+@click.option("--steps", default=EncoderConfig.steps, show_default=True, help="Encoder training steps.")
+@click.option(
+    "--max-train-tokens",
+    default=EncoderConfig.max_train_tokens,
+    show_default=True,
+    help="Train positions with stored features.",
+)
+@click.option(
+    "--max-eval-tokens",
+    default=EncoderConfig.max_eval_tokens,
+    show_default=True,
+    help="Valid and test positions with stored features, each.",
+)
+@click.option("--seed", default=0, show_default=True, help="Splits, encoder and kept positions.")
+@click.option("--device", default=None, help="torch device for the encoder (default: cuda if available).")
+@friendly_errors
+def prepare(corpus: str, text: tuple[Path, ...], npz: Path | None, max_size: int, min_count: int, dim: int,
+            context: int, steps: int, max_train_tokens: int, max_eval_tokens: int, seed: int,
+            device: str | None) -> None:  # fmt: skip
+    """Tokenize a corpus, train the context encoder and cache its frozen features."""
+    del corpus  # one built-in corpus so far; the option documents the default
+    corpus_config = CorpusConfig(max_size=max_size, min_count=min_count, seed=seed)
+    encoder_config = EncoderConfig(dim=dim, context=context, steps=steps, max_train_tokens=max_train_tokens,
+                                   max_eval_tokens=max_eval_tokens, seed=seed)  # fmt: skip
+    started = time.perf_counter()
+    with progress_bars() as progress:
+        dataset = prepare_dataset(text=text, npz=npz, corpus_config=corpus_config, encoder_config=encoder_config,
+                                  device=device, log=console.print, progress=progress)  # fmt: skip
+    info = dataset.info
+    corpus_info = info.get("corpus", {})
+    source = corpus_info.get("corpus", "npz")
+    if source == "python-stdlib":
+        source = f"Python {corpus_info['python']} standard library ({corpus_info['root']})"
+    console.print(f"[bold]dataset[/] {source}")
+    console.print(f"  classes {dataset.num_classes:,} (vocabulary from the train split), feature dim {dataset.dim}")
+    if "tokens" in corpus_info:
+        tokens, unk = corpus_info["tokens"], corpus_info["unk_rate"]
+        for split in ("train", "valid", "test"):
+            console.print(f"  {split:<5} {tokens[split]:>11,} tokens, <unk> {100 * unk[split]:5.2f}%, "
+                          f"{info['positions'][split]:>9,} positions with features")  # fmt: skip
+        console.print(f"  context encoder: valid NLL {info['encoder_nll']['valid']:.3f} nats/token "
+                      f"(trained {info['encoder_train_seconds']:.0f} s on {info['device']})")  # fmt: skip
+    else:
+        console.print("  rows " + ", ".join(f"{k} {v:,}" for k, v in info["positions"].items()))
+    console.print(f"  cache: {info.get('cache', 'not cached (npz is read in place)')}")
+    console.print(f"  done in {time.perf_counter() - started:.1f} s")
+
+
+@data.command(name="show")
+def data_show() -> None:
+    """List the cached datasets."""
+    rows = cached_datasets()
+    if not rows:
+        console.print("no cached datasets yet: run 'tree-search data prepare'")
+        return
+    table = Table(title="cached datasets")
+    for column in ("corpus", "classes", "dim", "train", "valid", "test", "MiB", "folder"):
+        table.add_column(column, justify="left" if column in ("corpus", "folder") else "right")
+    for row in rows:
+        p = row["positions"]
+        sizes = [f"{p.get(split, 0):,}" for split in ("train", "valid", "test")]
+        table.add_row(
+            row["corpus"], f"{row['classes']:,}", str(row["dim"]), *sizes, str(row["megabytes"]), row["folder"]
+        )
+    console.print(table)
+
+
+@main.command()
+@click.option("--dataset", default="builtin", show_default=True,
+              help="'builtin' (code corpus), an .npz file or a prepared feature folder.")  # fmt: skip
+@click.option(
+    "--epochs",
+    type=float,
+    default=ReferenceRecipe.epochs,
+    show_default=True,
+    help="Passes over the train split: the length of the cosine schedule (the best validation measurement is kept).",
+)
+@friendly_errors
+def reference(dataset: str, epochs: float) -> None:
+    """Train the converged full softmax of a dataset once and cache it: reports measure gaps against it."""
+    import dataclasses
+
+    from tree_search.envs import TreeEnvConfig, load_env_dataset
+    from tree_search.heads.timing import tune_allocator
+    from tree_search.reward.converged import train_reference
+
+    tune_allocator()
+    data = load_env_dataset(TreeEnvConfig(dataset=dataset))
+    found = train_reference(data, dataclasses.replace(ReferenceRecipe(), epochs=epochs), log=console.print)
+    console.print(f"converged full softmax of {dataset} (V = {data.num_classes:,}): valid NLL {found.valid_nll:.4f}, "
+                  f"test NLL {found.test_nll:.4f}, best at epoch {found.epochs:.2f}, {found.seconds:.0f} s; "
+                  "reports of runs on this dataset now measure gaps against it")  # fmt: skip

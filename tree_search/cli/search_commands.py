@@ -1,0 +1,344 @@
+"""Commands on searches: ``search``, ``compare``, ``runs``, ``report``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from tree_search.cli.app import COST_HELP, console, float_list, friendly_errors, main, progress_bars
+from tree_search.data import prepare_dataset
+from tree_search.envs.config import REWARD_MODES
+from tree_search.reward import NodeRecipe
+from tree_search.search.config import AGENTS
+
+
+def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
+    table = Table(title="Test split: mean over seeds ± standard error over test documents and seeds")
+    for column in ("tree", "kind", "valid NLL", "test NLL", "±", "perplexity", "cost / full", "cost / Huffman"):
+        table.add_column(column, justify="left" if column in ("tree", "kind") else "right")
+    for row in rows:
+        valid = "" if math.isnan(row["valid_nll"]) else f"{row['valid_nll']:.4f}"
+        kind = row["kind"] + ("" if row["within_cap"] else " (over cap)")
+        table.add_row(
+            row["name"],
+            kind,
+            valid,
+            f"{row['test_nll']:.4f}",
+            f"{row['test_stderr']:.4f}",
+            f"{row['perplexity']:.2f}",
+            f"{row['cost_ratio']:.3%}",
+            f"{row['cost_vs_huffman']:.2f}",
+        )
+    console.print(table)
+    comparison = json.loads((folder / "comparison.json").read_text(encoding="utf-8"))
+    for line in comparison["verdicts"]:
+        console.print(line)
+    from tree_search.search.verdicts import Comparison, verdict_words
+
+    for cap in comparison.get("caps", []):  # a front search: one line per cap, classic - searched with its interval
+        if "difference" in cap:
+            low, high = cap["interval"]
+            console.print(
+                f"{cap['cap']:g}x: {cap['searched']['name']} {cap['searched']['test_nll']:.4f} against "
+                f"{cap['classic']['name']} {cap['classic']['test_nll']:.4f}: {cap['difference']:+.4f} "
+                f"[{low:+.4f}, {high:+.4f}], {verdict_words(Comparison(cap['difference'], low, high))}"
+            )
+    from tree_search.search.report import ADAPTIVE_HEAD
+
+    head, adaptive = folder / "best_head.pt", folder / ADAPTIVE_HEAD
+    console.print(
+        f"report: {folder / 'report.md'} (plots beside it); best tree: {folder / 'best_tree.json'}"
+        + (f"; its trained head: {head}" if head.exists() else "")
+        + (f" (for torch.nn.AdaptiveLogSoftmaxWithLoss: {adaptive})" if adaptive.exists() else "")
+        + f"; TensorBoard: tensorboard --logdir {folder / 'tb'}"
+    )
+
+
+@main.command()
+@click.argument("root", type=click.Path(path_type=Path, file_okay=False), default="runs")
+@friendly_errors
+def runs(root: Path) -> None:
+    """List the runs under ROOT (default: runs/), newest first, with how far each got and its verdicts."""
+    from tree_search.search.runs import find_runs
+
+    found = find_runs(root)
+    if not found:
+        console.print(f"no runs under {root} (a run folder holds config.json; start one with tree-search search)")
+        return
+    table = Table(title=f"Runs under {root}, newest first")
+    for column in ("run", "status", "agent", "dataset", "evaluated", "best valid", "caps: verdict on test", "last"):
+        table.add_column(column, justify="right" if column in ("evaluated", "best valid") else "left",
+                         no_wrap=column != "caps: verdict on test")  # fmt: skip
+    short = {"searched wins": "win", "classic wins": "loss", "tie": "tie"}
+    for summary in found:
+        if summary.verdicts:
+            caps = ", ".join(f"{v.cap:g}x {short.get(v.verdict, v.verdict)}" for v in summary.verdicts)
+        else:
+            caps = ", ".join(f"{c:g}" for c in summary.caps) + "x"
+        table.add_row(
+            str(summary.folder.relative_to(root) if summary.folder.is_relative_to(root) else summary.folder),
+            summary.status,
+            summary.agent,
+            summary.dataset[:16],
+            f"{summary.evaluated}/{summary.budget}",
+            "" if math.isinf(summary.best_valid_nll) else f"{summary.best_valid_nll:.4f}",
+            caps,
+            time.strftime("%m-%d %H:%M", time.localtime(summary.modified)),
+        )
+    console.print(table)
+    console.print("finished: tree-search report RUN prints its tables; searched: tree-search compare RUN scores it on "
+                  "test; unfinished (stopped, or still running): tree-search search --resume RUN; empty: a start "
+                  "that failed")  # fmt: skip
+
+
+@main.command()
+@click.argument("run_folder", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@friendly_errors
+def report(run_folder: Path) -> None:
+    """Print a finished run's test-split tables and verdicts again, from its comparison.json (no recomputation)."""
+    comparison = run_folder / "comparison.json"
+    if not comparison.exists():
+        raise click.ClickException(
+            f"{comparison}: missing; score the run on test first: tree-search compare {run_folder}"
+        )
+    _print_comparison(json.loads(comparison.read_text(encoding="utf-8"))["rows"], run_folder)
+
+
+@main.command()
+@click.option("--agent", type=click.Choice(AGENTS), default="tpe", show_default=True,
+              help="The searcher: RLlib ppo/appo, Optuna samplers, or dp (split env only).")  # fmt: skip
+@click.option("--env", "env_name", type=click.Choice(["split", "merge", "cutoffs"]), default="split",
+              show_default=True, help="The environment trees are built in.")  # fmt: skip
+@click.option("--budget", default=20, show_default=True, help="Tree evaluations of the searcher (baselines extra).")
+@click.option("--seconds", type=float, default=None, help="Optional wall-clock limit of the search.")
+@click.option("--dataset", default="builtin", show_default=True,
+              help="'builtin' (code corpus), 'planted', an .npz file or a prepared feature folder.")  # fmt: skip
+@click.option("--planted-classes", default=64, show_default=True, help="V of the planted-hierarchy data.")
+@click.option(
+    "--epochs",
+    default=NodeRecipe.epochs,
+    show_default=True,
+    help="Passes over each node's sampled tokens per evaluation.",
+)
+@click.option("--cost-mode", type=click.Choice(["cap", "tradeoff"]), default="cap", show_default=True)
+@click.option("--cost-cap", default=2.0, show_default=True, help="Cap on cost, in multiples of binary Huffman's.")
+@click.option(
+    "--reward-mode",
+    type=click.Choice(REWARD_MODES),
+    default="terminal",
+    show_default=True,
+    help="RLlib agents: the reward at the end only, or each decision paid its node's share of the loss "
+    "(the episode's sum is the same).",
+)
+@click.option(
+    "--seed-classics/--no-seed-classics",
+    default=True,
+    show_default=True,
+    help="Optuna: start from the homogeneous (classic) trees the environment can express.",
+)
+@click.option(
+    "--cost-caps",
+    help="Front search: one search per cap, e.g. 1,1.5,2,4 (multiples of binary Huffman's cost), each with "
+    "--budget evaluations, sharing the node bank; the report compares each cap with the classic trees.",
+)
+@click.option(
+    "--share-caps/--separate-caps",
+    default=True,
+    show_default=True,
+    help="Front search: a tree evaluated under one cap is free for the others; --separate-caps makes each cap's "
+    "search pay for every tree it asks for (searchers compared at equal budgets).",
+)
+@click.option("--cost-weight", default=1.0, show_default=True, help="lambda of the tradeoff mode.")
+@click.option("--max-steps", default=16, show_default=True, help="Decisions per episode.")
+@click.option(
+    "--baselines",
+    default="core",
+    show_default=True,
+    help="Classic trees to compare with: a set (core, all, front), comma-separated names (see 'baseline "
+    "--trees'), or none.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler or policy.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Run folder (default: runs/AGENT-ENV-TIME).")  # fmt: skip
+@click.option("--resume", "resume", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Continue the run in this folder with its stored configuration.")  # fmt: skip
+@click.option("--compare/--no-compare", default=True, show_default=True, help="Score finalists on test at the end.")
+@click.option("--final-seeds", default=3, show_default=True, help="Seeds of the final test scoring.")
+@click.option("--final-epochs", type=float, default=None, help="Epochs of the final scoring (default: 2x --epochs).")
+@click.option("--eval-workers", default=0, show_default=True,
+              help="Ray actors that train heads (0: in this process).")  # fmt: skip
+@click.option("--ray-address", default=None, help="Ray cluster: 'auto', 'ray://host:10001' (default: a local Ray).")
+@click.option("--cpus-per-eval", default=1.0, show_default=True, help="CPUs each evaluation actor holds.")
+@click.option("--gpus-per-eval", default=0.0, show_default=True, help="GPU share of each actor (0.25: four per GPU).")
+@click.option("--parallel", type=int, default=None, help="Optuna trials at once (default: --eval-workers).")
+@click.option("--env-runners", default=0, show_default=True,
+              help="PPO/APPO: Ray actors sampling episodes at once on the cluster (0: in this process).")  # fmt: skip
+@click.option("--node-bank/--no-node-bank", default=True, show_default=True,
+              help="Reuse trained nodes across trees and runs (same results, less time).")  # fmt: skip
+@click.option("--eval-batch", default=1, show_default=True,
+              help="Most evaluations (without pruning) sent to a Ray actor in one call.")  # fmt: skip
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///RUN/optuna.db).")
+@click.option("--study", default=None, help="Optuna study name; processes sharing storage and name cooperate.")
+@click.option("--cost", "cost_model", default="macs", show_default=True,
+              help="What costs and caps are in: " + COST_HELP)  # fmt: skip
+@friendly_errors
+def search(
+    agent: str,
+    env_name: str,
+    budget: int,
+    seconds: float | None,
+    dataset: str,
+    planted_classes: int,
+    epochs: float,
+    cost_mode: str,
+    cost_cap: float,
+    reward_mode: str,
+    seed_classics: bool,
+    cost_caps: str | None,
+    share_caps: bool,
+    cost_weight: float,
+    max_steps: int,
+    baselines: str,
+    seed: int,
+    out: Path | None,
+    resume: Path | None,
+    compare: bool,
+    final_seeds: int,
+    final_epochs: float | None,
+    eval_workers: int,
+    ray_address: str | None,
+    cpus_per_eval: float,
+    gpus_per_eval: float,
+    parallel: int | None,
+    env_runners: int,
+    eval_batch: int,
+    node_bank: bool,
+    storage: str | None,
+    study: str | None,
+    cost_model: str,
+) -> None:
+    """Search for a better tree; results are written to the run folder as they arrive.
+
+    Ctrl-C or SIGTERM stops cleanly; `--resume RUN` continues with no lost and no repeated
+    evaluations (execution flags such as --eval-workers apply to the resumed session).
+    """
+    import dataclasses
+    import signal
+
+    import torch
+
+    from tree_search.data.planted import PlantedConfig
+    from tree_search.envs import TreeEnvConfig
+    from tree_search.heads.timing import check_cost_spec
+    from tree_search.search.config import EXECUTION_FIELDS, SearchConfig
+    from tree_search.search.report import compare_runs
+    from tree_search.search.run import run_search
+    from tree_search.search.runs import Run
+
+    check_cost_spec(cost_model, "cuda" if torch.cuda.is_available() else "cpu")  # before the search, not after it
+    # how the search runs (this session's flags, also on resume): the fields `EXECUTION_FIELDS` declares
+    execution = {name: click.get_current_context().params[name] for name in EXECUTION_FIELDS}
+    if resume is not None:
+        folder = resume
+        config = dataclasses.replace(SearchConfig.from_json(Run(folder).config), **execution)
+    else:
+        planted = PlantedConfig(num_classes=planted_classes, dim=16, signal=3.0, num_train=8000, num_valid=2000,
+                                num_test=2000)  # fmt: skip
+        env_config = TreeEnvConfig(
+            dataset=dataset,
+            planted=planted,
+            train=NodeRecipe(epochs=epochs),
+            cost_mode=cost_mode,
+            cost_cap=cost_cap,
+            cost=cost_model,
+            cost_weight=cost_weight,
+            max_steps=max_steps,
+            reward_mode=reward_mode,
+        )
+        config = SearchConfig(
+            agent=agent,
+            env=env_name,
+            budget=budget,
+            cost_caps=float_list(cost_caps, "--cost-caps"),
+            share_caps=share_caps,
+            seed_classics=seed_classics,
+            seconds=seconds,
+            env_config=env_config,
+            baselines=baselines,
+            seed=seed,
+            final_seeds=final_seeds,
+            final_epochs=final_epochs,
+            storage=storage,
+            study=study,
+            **execution,
+        )
+        folder = out or Path("runs") / f"{agent}-{env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if config.env_config.dataset == "builtin":
+        with progress_bars() as progress:
+            prepare_dataset(log=console.print, progress=progress)  # cached after the first run
+    console.print(f"run folder: {folder}")
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a parent's "ignore Ctrl-C" is respected
+        signal.signal(signal.SIGINT, _stop_search)
+    signal.signal(signal.SIGTERM, _stop_search)  # a scheduler's SIGTERM stops as cleanly as Ctrl-C
+    try:
+        run_search(config, folder, resume=resume is not None, log=console.print)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: every finished evaluation is in {folder}; continue with "
+                      f"tree-search search --resume {folder}")  # fmt: skip
+        raise SystemExit(130) from None
+    if compare:
+        rows = compare_runs([folder], log=console.print)
+        _print_comparison(rows, folder)
+
+
+STOP_GRACE_SECONDS = 30.0
+_stopping = threading.Event()
+
+
+def _stop_search(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM: stop the search cleanly, but surely.
+
+    Every finished evaluation is already on disk (each is flushed and fsynced as it
+    arrives), so the clean-up only tidies up. Should it hang anyway (a lock held by the
+    interrupted code, a stuck worker), the process leaves after ``STOP_GRACE_SECONDS``;
+    a second signal leaves at once.
+    """
+    if _stopping.is_set():
+        os._exit(130)
+    _stopping.set()
+
+    def leave_after_grace() -> None:
+        time.sleep(STOP_GRACE_SECONDS)
+        print(f"clean-up did not finish in {STOP_GRACE_SECONDS:g} s: leaving (finished evaluations are on disk)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(130)
+
+    threading.Thread(target=leave_after_grace, name="stop-grace", daemon=True).start()
+    raise KeyboardInterrupt
+
+
+@main.command(name="compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--seeds", type=int, default=None, help="Training seeds per finalist (default: the run's).")
+@click.option("--epochs", type=float, default=None, help="Training epochs of the final scoring.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where the report goes (default: the first run's folder).")  # fmt: skip
+@click.option("--cost", "cost_model", default=None, help="Default: the run's own. " + COST_HELP)
+@friendly_errors
+def compare_command(runs: tuple[Path, ...], seeds: int | None, epochs: float | None, out: Path | None,
+                    cost_model: str | None) -> None:  # fmt: skip
+    """Score the best trees of RUNS and every baseline on the test split; print the table, write the report."""
+    from tree_search.search.report import compare_runs
+
+    rows = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, cost=cost_model, log=console.print)
+    _print_comparison(rows, out or runs[0])

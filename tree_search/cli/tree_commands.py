@@ -1,0 +1,416 @@
+"""Commands on trees: ``baseline``, ``show``, ``export``."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.table import Table
+
+from tree_search import builders
+from tree_search.cli.app import class_id, console, friendly_errors, int_list, is_number, main, progress_bars, read_vocab
+from tree_search.data import CorpusConfig, prepare_dataset
+from tree_search.data.features import class_embeddings
+from tree_search.data.taxonomy import taxonomy_tree
+from tree_search.export import TreeRecord, load_tree, save_tree
+from tree_search.reward import NodeRecipe
+from tree_search.reward import evaluate as evaluate_tree
+from tree_search.reward.reward import head_cost
+
+
+@main.command()
+@click.option(
+    "--counts",
+    "counts_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Class counts: a 'token<TAB>count' file, or a Vocab JSON. Default: the built-in corpus.",
+)
+@click.option(
+    "--max-size", default=10_000, show_default=True, help="Vocabulary cap of the built-in corpus (<unk> included)."
+)
+@click.option(
+    "--arity",
+    "arities",
+    multiple=True,
+    type=int,
+    default=(4, 16),
+    show_default=True,
+    help="Fanouts of the n-ary Huffman and balanced trees (repeat the flag).",
+)
+@click.option(
+    "--trees",
+    "tree_names",
+    help="Classic trees to build: a set (core, all, front) or comma-separated names such as "
+    "huffman-8,kmeans-16,adaptive-50 (default: Huffman and balanced of fanout 2 and each --arity, frequency "
+    "cutoffs, and with --evaluate pca-2, kmeans-4, kmeans-16 and adaptive).",
+)
+@click.option(
+    "--cutoffs", help="Frequency-rank cutoffs of the adaptive shape, e.g. 2000,10000. Default: 90%/99% of the mass."
+)
+@click.option("--dim", default=256, show_default=True, help="Hidden size used for the cost per token.")
+@click.option(
+    "--out", type=click.Path(path_type=Path, file_okay=False), help="Write each tree and a summary to this folder."
+)
+@click.option("--codes/--no-codes", default=False, help="Also write word2vec-style NAME.codes.npz files.")
+@click.option(
+    "--evaluate/--no-evaluate",
+    default=False,
+    help="Train a head on every tree (built-in corpus features) and report validation loss; adds "
+    "trees clustered from the class embeddings.",
+)
+@click.option(
+    "--epochs",
+    default=NodeRecipe.epochs,
+    show_default=True,
+    help="Passes over each node's sampled tokens (reward fidelity).",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the head training.")
+@click.option("--device", default=None, help="torch device for head training (default: cuda if available).")
+@click.option(
+    "--taxonomy",
+    "taxonomy_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A taxonomy of the classes (child<TAB>parent lines in a .tsv, or {child: parent} in a .json): "
+    "its tree joins the table as 'taxonomy', with its categories as node names in the written tree file.",
+)
+@click.option(
+    "--unknown",
+    type=click.Choice(["catch-all", "frequency", "error"]),
+    default="catch-all",
+    show_default=True,
+    help="With --taxonomy, classes it does not list: one catch-all node under the root, or placed by frequency "
+    "(Huffman-merged with the taxonomy's top categories), or an error.",
+)
+@friendly_errors
+def baseline(
+    counts_file: Path | None,
+    max_size: int,
+    arities: tuple[int, ...],
+    tree_names: str | None,
+    cutoffs: str | None,
+    dim: int,
+    out: Path | None,
+    codes: bool,
+    evaluate: bool,
+    epochs: float,
+    seed: int,
+    device: str | None,
+    taxonomy_file: Path | None,
+    unknown: str,
+) -> None:
+    """Build the classic trees (Huffman, balanced, frequency cutoffs) and compare them.
+
+    With --evaluate, a head is trained on each tree and scored on the validation split.
+    With --taxonomy, the tree of a taxonomy file over the vocabulary's tokens joins them.
+    """
+    if evaluate and counts_file is not None:
+        raise click.UsageError("--evaluate trains heads on the built-in corpus's features; drop --counts")
+    if evaluate and click.get_current_context().get_parameter_source("dim") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--dim is the features' dimension under --evaluate; set it with 'data prepare --dim'")
+    dataset = None
+    if evaluate:
+        with progress_bars() as progress:
+            dataset = prepare_dataset(corpus_config=CorpusConfig(max_size=max_size), log=console.print,
+                                      progress=progress)  # fmt: skip
+        vocab, dim = dataset.vocab, dataset.dim
+        source = f"built-in corpus: Python {dataset.info['corpus']['python']} standard library features"
+    else:
+        vocab, source = read_vocab(counts_file, max_size)
+    counts = vocab.counts
+    console.print(f"[bold]{len(vocab):,} classes[/] from {source}")
+    started = time.perf_counter()
+    for arity in arities:
+        if isinstance(arity, bool) or arity < 2:
+            raise ValueError(f"arity must be an integer >= 2, got {arity}")
+    if tree_names is None:
+        tree_names = ",".join(dict.fromkeys(["huffman-2", *(f"huffman-{k}" for k in arities), "balanced-2",
+                                             *(f"balanced-{k}" for k in arities), "cutoffs"]))  # fmt: skip
+        if dataset is not None:
+            tree_names += ",pca-2,kmeans-4,kmeans-16,adaptive"
+    embeddings = class_embeddings(dataset) if dataset is not None else None
+    try:
+        trees = builders.classic_trees(counts, tree_names, embeddings=embeddings, dim=dim, seed=seed,
+                                       cutoffs=int_list(cutoffs))  # fmt: skip
+    except ValueError as err:
+        hint = (
+            "; add --evaluate (clustered trees need the class embeddings of the features)"
+            if "needs" in str(err)
+            else ""
+        )
+        raise click.UsageError(f"{err}{hint}") from None
+    node_names: dict[str, tuple[str | None, ...]] = {}
+    if taxonomy_file is not None:
+        taxonomy, node_names["taxonomy"] = taxonomy_tree(taxonomy_file, vocab.tokens, counts, unknown=unknown)
+        trees["taxonomy"] = builders.ClassicTree("taxonomy", taxonomy, builder="from_taxonomy",
+                                                 params={"file": str(taxonomy_file), "unknown": unknown})  # fmt: skip
+    build_seconds = time.perf_counter() - started
+    rows = []
+    for name, classic in trees.items():
+        cost = head_cost(classic.tree, counts, dim, classic.projections)  # the adaptive shapes' projections count
+        rows.append({"tree": name, **classic.tree.summary(counts, dim), "expected_cost": cost,
+                     "cost_ratio": cost / (len(vocab) * dim), "hash": classic.tree.canonical_hash[:12]})  # fmt: skip
+    if dataset is not None:
+        config = NodeRecipe(epochs=epochs, seed=seed)
+        for k, row in enumerate(rows, start=1):
+            classic = trees[row["tree"]]
+            result = evaluate_tree(classic.tree, dataset, config, device=device, projections=classic.projections,
+                                   top_k_samples=5_000)  # fmt: skip
+            row.update(valid_nll=result.valid_nll, perplexity=result.perplexity, top1=result.top1,
+                       train_seconds=result.train_seconds, error=result.error)  # fmt: skip
+            status = f"valid NLL {result.valid_nll:.4f}" if result.ok else f"FAILED: {result.error}"
+            console.print(f"[{k}/{len(rows)}] {row['tree']}: {status} ({result.train_seconds:.1f} s"
+                          f"{', cached' if result.cached else ''})")  # fmt: skip
+    table = Table(title=f"Classic trees (expectations under the class counts, d={dim})")
+    columns = ["tree", "max fanout", "internal nodes", "max depth", "mean depth", "cost/token", "of full softmax"]
+    if dataset is not None:
+        columns = [
+            "tree",
+            "fanout",
+            "nodes",
+            "depth",
+            "mean depth",
+            "cost/token",
+            "of full",
+            "valid NLL",
+            "ppl",
+            "top-1",
+        ]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "tree" else "right", no_wrap=True)
+    for row in rows:
+        cells = [
+            row["tree"],
+            str(row["max_fanout"]),
+            f"{row['num_internal']:,}",
+            str(row["max_depth"]),
+            f"{row['expected_depth']:.3f}",
+            f"{row['expected_cost']:,.0f}",
+            f"{100 * row['cost_ratio']:.3g}%",
+        ]
+        if dataset is not None:
+            cells += [f"{row['valid_nll']:.4f}", f"{row['perplexity']:.2f}", f"{row['top1']:.3f}"]
+        table.add_row(*cells)
+    console.print(table)
+    console.print(
+        f"full softmax: {len(vocab) * dim:,} multiply-adds per token; built {len(trees)} trees in {build_seconds:.2f} s"
+    )
+    if dataset is not None:
+        scored = [r for r in rows if r["error"] is None]
+        huff = next(r for r in rows if r["tree"] == "huffman-2")
+        if not scored:
+            console.print(f"[bold red]all {len(rows)} trees failed to train[/]; see the errors above")
+        else:
+            best = min(scored, key=lambda r: r["valid_nll"])
+            margin = huff["valid_nll"] - best["valid_nll"]
+            versus = (
+                f"{abs(margin):.4f} nats/token {'below' if margin >= 0 else 'above'} huffman-2, at "
+                f"{100 * best['cost_ratio']:.3g}% of the full softmax's cost against {100 * huff['cost_ratio']:.3g}%"
+                if huff["error"] is None
+                else "huffman-2 failed to train"
+            )
+            console.print(
+                f"lowest validation loss: {best['tree']} at {best['valid_nll']:.4f} nats/token ({versus}); "
+                f"validation sample, one seed, the node recipe with {epochs:g} pass(es) over each node's tokens"
+            )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        labels = list(vocab.tokens)
+        for row in rows:
+            classic = trees[row["tree"]]
+            tree, built_by = classic.tree, {"builder": classic.builder, "params": classic.params}
+            if classic.projections:
+                built_by["projections"] = {str(n): d for n, d in classic.projections.items()}
+            metrics = {k: float(v) for k, v in row.items() if is_number(v) and math.isfinite(v)}
+            record = TreeRecord(tree, labels=labels, counts=counts, built_by=built_by, metrics=metrics,
+                                node_names=node_names.get(row["tree"]))  # fmt: skip
+            name = row["tree"]
+            save_tree(out / f"{name}.tree.json", record)
+            if codes:
+                save_tree(out / f"{name}.codes.npz", record)
+        vocab.save_json(out / "vocab.json")
+        clean = [{k: (v if not is_number(v) or math.isfinite(v) else None) for k, v in r.items()} for r in rows]
+        summary = {"source": source, "dim": dim, "trees": clean}
+        (out / "baselines.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+        console.print(f"wrote {len(trees)} trees, vocab.json and baselines.json to {out}/")
+
+
+@main.command()
+@click.argument("tree_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    help="Print the path of this class: a token, else an id (ID or #ID, for ids that are also tokens); repeatable.",
+)
+@click.option("--dim", default=256, show_default=True, help="Hidden size used for the cost per token.")
+@friendly_errors
+def show(tree_file: Path, classes: tuple[str, ...], dim: int) -> None:
+    """Summarise a tree file (tree.json or codes.npz) and print the paths of classes."""
+    record = load_tree(tree_file)
+    tree = record.tree
+    weighted = record.counts is not None and float(np.sum(record.counts)) > 0
+    counts = record.counts if weighted else None
+    stats = tree.summary(counts, dim)
+    console.print(f"[bold]{tree_file}[/]")
+    console.print(
+        f"  classes {tree.num_classes:,}, internal nodes {tree.num_internal:,}, "
+        f"max fanout {stats['max_fanout']}, max depth {stats['max_depth']}"
+    )
+    console.print(
+        f"  expected depth {stats['expected_depth']:.3f}, expected cost {stats['expected_cost']:,.0f} "
+        f"multiply-adds/token (d={dim}), {100 * stats['cost_ratio']:.3g}% of full softmax "
+        f"({'under the class counts' if weighted else 'uniform over classes: the file has no counts'})"
+    )
+    console.print(f"  canonical hash {tree.canonical_hash}")
+    if record.built_by:
+        console.print(f"  built by {json.dumps(dict(record.built_by))}")
+    if record.metrics:
+        console.print("  metrics " + ", ".join(f"{k}={v:.6g}" for k, v in record.metrics.items()))
+    if record.node_names is not None:
+        named = [(u, name) for u, name in enumerate(record.node_names) if name is not None]
+        console.print(f"  node names: {len(named):,} of {tree.num_internal:,} internal nodes are named")
+        names_table = Table(title="named nodes (shallowest first)")
+        for column in ("node", "name", "depth", "fanout", "classes"):
+            names_table.add_column(column, justify="left" if column == "name" else "right")
+        for u, name in sorted(named, key=lambda item: (tree.node_depth[item[0]], item[0]))[:30]:
+            names_table.add_row(str(u), name, str(tree.node_depth[u]), str(tree.fanout[u]),
+                                f"{tree.subtree_size[u]:,}")  # fmt: skip
+        console.print(names_table)
+        if len(named) > 30:
+            console.print(f"  ... {len(named) - 30:,} more named nodes")
+    histogram = tree.depth_histogram()
+    table = Table(title="classes per depth")
+    table.add_column("depth", justify="right")
+    table.add_column("classes", justify="right")
+    table.add_column("")
+    peak = int(histogram.max())
+    for depth, number in enumerate(histogram.tolist()):
+        if number:
+            table.add_row(str(depth), f"{number:,}", "█" * max(1, round(40 * number / peak)))
+    console.print(table)
+    for query in classes:
+        label = class_id(record.labels, record.tree.num_classes, query,
+                          f"class {query!r} is neither a label in the file nor a class id")  # fmt: skip
+        steps = tree.path(label)
+        console.print(f"class {label} ({record.label(label)!r}), depth {len(steps)}:")
+        for node, index in steps:
+            name = record.node_names[node] if record.node_names is not None else None
+            console.print(f"  node {node:>7} (fanout {tree.fanout[node]}) -> child {index}"
+                          + (f"  [{name}]" if name is not None else ""))  # fmt: skip
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["file", "gensim", "pecos", "torch-adaptive"]),
+    default="file",
+    show_default=True,
+    help="file: tree.json (.json) or codes (.npz) by TARGET's suffix; gensim: into a saved Word2Vec model; "
+    "pecos: a ClusterChain folder; torch-adaptive: a trained head (SOURCE: best_head.pt) as "
+    "torch.nn.AdaptiveLogSoftmaxWithLoss (TARGET: .pt).",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="--to gensim: a saved gensim Word2Vec(hs=1, negative=0) with its vocabulary built.",
+)
+@click.option("--binarize", is_flag=True, help="--to gensim: split n-ary nodes into binary ones (changes the model).")
+@friendly_errors
+def export(source: Path, target: Path, to: str, model_path: Path | None, binarize: bool) -> None:  # fmt: skip
+    """Convert a tree between tree.json (.json) and word2vec-style codes (.npz), or into gensim, PECOS or PyTorch.
+
+    With ``--to gensim`` TARGET is the gensim model written with the tree's codes and
+    points (train it with gensim afterwards; its ``score()`` then uses the tree). With
+    ``--to pecos`` TARGET is a folder holding the tree as PECOS's cluster chain
+    (``ClusterChain.load(TARGET)``, then ``XLinearModel.train(X, Y, C=chain)``). With
+    ``--to torch-adaptive`` SOURCE is a trained head of the adaptive shape whose tail
+    clusters have no biases (a run's ``best_head_adaptive.pt``, or ``TreeSoftmaxHead.save``)
+    and TARGET a ``.pt`` file holding it as ``torch.nn.AdaptiveLogSoftmaxWithLoss`` (its
+    ``state_dict``, cutoffs, ``div_value`` and the class permutation;
+    ``tree_search.interop.load_torch_adaptive`` reads it). SOURCE may be a run folder: its
+    ``best_tree.json``, or for ``--to torch-adaptive`` its ``best_head_adaptive.pt``.
+    """
+    if to == "torch-adaptive":
+        _export_torch_adaptive(source, target)
+        return
+    if source.is_dir():
+        if not (source / "best_tree.json").exists():
+            raise click.UsageError(f"{source} is a folder without best_tree.json: pass a tree file or a run folder")
+        source = source / "best_tree.json"
+    record = load_tree(source)
+    if to == "pecos":
+        try:
+            from tree_search.interop import save_pecos_chain
+
+            chain = save_pecos_chain(record.tree, target)
+        except ImportError:
+            raise click.UsageError("--to pecos needs SciPy: pip install scipy") from None
+        console.print(f"wrote {target}/: PECOS cluster chain of {len(chain)} levels over "
+                      f"{record.tree.num_classes:,} classes (every class at depth {len(chain)})")  # fmt: skip
+        return
+    if to == "gensim":
+        if model_path is None:
+            raise click.UsageError("--to gensim needs --model, a saved Word2Vec(hs=1, negative=0) model")
+        try:
+            from gensim.models import Word2Vec
+        except ImportError:
+            raise click.UsageError("--to gensim needs gensim: pip install gensim") from None
+        from tree_search.interop import to_gensim
+
+        model = Word2Vec.load(str(model_path))
+        info = to_gensim(model, record, binarize=binarize)
+        model.save(str(target))
+        note = " (binarised: a different model from the n-ary tree)" if info["binarized"] else ""
+        console.print(f"wrote {target}: gensim model with the tree's paths for {info['words']:,} words, "
+                      f"{info['internal_nodes']:,} internal nodes, max depth {info['max_depth']}{note}")  # fmt: skip
+        return
+    save_tree(target, record)
+    back = load_tree(target).tree
+    if back != record.tree:  # the formats are exact; anything else is a bug worth a loud error
+        raise RuntimeError(f"{target}: the written tree does not read back identical")
+    console.print(f"wrote {target} ({record.tree.num_classes:,} classes, hash {record.tree.canonical_hash[:12]})")
+
+
+def _export_torch_adaptive(source: Path, target: Path) -> None:
+    """``export --to torch-adaptive``: a head file into a `torch.nn.AdaptiveLogSoftmaxWithLoss` file."""
+    import pickle
+
+    from tree_search.heads import TreeSoftmaxHead
+    from tree_search.interop import save_torch_adaptive
+    from tree_search.search.report import ADAPTIVE_HEAD
+
+    if source.is_dir():  # a run folder: the head trained for PyTorch, else the best head (refused if it has biases)
+        found = [source / name for name in (ADAPTIVE_HEAD, "best_head.pt") if (source / name).exists()]
+        if not found:
+            raise click.UsageError(f"{source}: no {ADAPTIVE_HEAD} or best_head.pt in this folder (a search writes them "
+                                   "when it compares finalists: tree-search compare)")  # fmt: skip
+        source = found[0]
+    if source.suffix in (".json", ".npz"):
+        raise click.UsageError(
+            "--to torch-adaptive exports a trained head: SOURCE must be a head file (a run's best_head_adaptive.pt, or "
+            "one written by TreeSoftmaxHead.save) or a run folder, not a tree file"
+        )
+    try:
+        head = TreeSoftmaxHead.load(source)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # what torch.load raises on other files
+        raise click.ClickException(f"{source}: not a head file ({type(error).__name__} from torch.load)") from None
+    try:
+        exported = save_torch_adaptive(head, target)
+    except ValueError as error:
+        sibling = source.parent / ADAPTIVE_HEAD
+        hint = f" This run's {sibling} is trained for it: export that file." if sibling.exists() else ""
+        raise click.ClickException(f"{source}: {error}.{hint}") from None
+    sizes = ", ".join(map(str, exported.tail_dims))
+    how = f"div_value {exported.div_value:g}" if exported.div_value is not None else "no div_value fits: resized tails"
+    console.print(f"wrote {target}: torch.nn.AdaptiveLogSoftmaxWithLoss over {head.num_classes:,} classes, "
+                  f"cutoffs {exported.cutoffs}, tail sizes [{sizes}] ({how}), head_bias "
+                  f"{exported.module.head_bias}; PyTorch's class = permutation\\[class] "
+                  "(tree_search.interop.load_torch_adaptive reads it)")  # fmt: skip
