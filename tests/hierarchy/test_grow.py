@@ -9,15 +9,9 @@ import pytest
 import torch
 
 from tree_search import builders
+from tree_search.builders import grow_tree, nearest_classes, place_by_frequency
 from tree_search.heads.tree_head import TreeSoftmaxHead
-from tree_search.hierarchy.grow import (
-    grow_by_embedding,
-    grow_by_frequency,
-    grow_head,
-    grow_tree,
-    nearest_classes,
-    place_by_frequency,
-)
+from tree_search.hierarchy.grow import grow_by_embedding, grow_by_frequency, grow_head
 
 torch.set_num_threads(1)
 DIM = 6

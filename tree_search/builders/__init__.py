@@ -11,6 +11,7 @@ Every builder takes plain arrays and returns a validated `Tree`; none does I/O.
 - `from_merges`: bottom-up construction from a sequence of merges (word2vec's numbering).
 - `from_nested`, `from_children`, `from_parents`: from hand-written descriptions.
 - `from_taxonomy`, `from_categories`: from a parent relation or class categories, with node names.
+- `grow_tree`: new classes added to a tree (`nearest_classes`, `place_by_frequency`: where).
 """
 
 from tree_search.builders.classics import (
@@ -24,6 +25,7 @@ from tree_search.builders.classics import (
 )
 from tree_search.builders.cluster import cluster_tree, order_group
 from tree_search.builders.frequency import cutoffs_by_mass, frequency_cutoffs, grave_cutoffs, huffman, projected_cutoffs
+from tree_search.builders.grow import ATTACH_MODES, grow_tree, nearest_classes, place_by_frequency
 from tree_search.builders.structure import (
     balanced,
     binarized,
@@ -37,6 +39,7 @@ from tree_search.builders.taxonomy import UNKNOWN_MODES, TaxonomyError, from_cat
 
 __all__ = [
     "ADAPTIVE_SHAPES",
+    "ATTACH_MODES",
     "CLASSIC_NAMES",
     "CLASSIC_SETS",
     "ClassicTree",
@@ -57,6 +60,9 @@ __all__ = [
     "from_nested",
     "from_parents",
     "from_taxonomy",
+    "grow_tree",
+    "nearest_classes",
+    "place_by_frequency",
     "huffman",
     "order_group",
     "projected_cutoffs",

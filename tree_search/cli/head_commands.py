@@ -175,8 +175,9 @@ def grow(head_file: Path, target: Path, additions: tuple[str, ...], prior: float
     New classes get the next ids; every other node keeps its weights, so the other classes'
     log-probabilities change only below the node that took a new child.
     """
+    from tree_search.builders import place_by_frequency
     from tree_search.heads import TreeSoftmaxHead
-    from tree_search.hierarchy.grow import grow_head, place_by_frequency
+    from tree_search.hierarchy.grow import grow_head
 
     head = TreeSoftmaxHead.load(head_file)
     labels = list(head.labels) if head.labels is not None else None

@@ -28,7 +28,7 @@ from tree_search.hierarchy.distill import (
 )
 from tree_search.hierarchy.early import CoverageSweep, answer_contains, bayes_thresholds, coverage_sweep, early_answer
 from tree_search.hierarchy.explain import Explanation, explain
-from tree_search.hierarchy.grow import GrowResult, grow_by_embedding, grow_by_frequency, grow_head, grow_tree
+from tree_search.hierarchy.grow import GrowResult, grow_by_embedding, grow_by_frequency, grow_head
 from tree_search.hierarchy.levels import (
     Descent,
     LevelAccuracy,
@@ -77,7 +77,6 @@ __all__ = [
     "grow_by_embedding",
     "grow_by_frequency",
     "grow_head",
-    "grow_tree",
     "level_accuracy",
     "level_loss",
     "plot_reliability",

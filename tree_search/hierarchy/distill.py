@@ -55,9 +55,10 @@ from torch import nn
 
 from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset
+from tree_search.heads.paths import DeviceArrays, packed_path_pairs
 from tree_search.heads.reference import FullSoftmaxHead
 from tree_search.heads.train import TrainConfig, fit
-from tree_search.heads.tree_head import DeviceArrays, HeadOutput, TreeSoftmaxHead, packed_path_pairs
+from tree_search.heads.tree_head import HeadOutput, TreeSoftmaxHead
 from tree_search.tree import Tree
 
 __all__ = [

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tree_search.heads.tree_head import DeviceArrays, HeadOutput, LevelSums
+from tree_search.heads.paths import DeviceArrays, LevelSums
+from tree_search.heads.tree_head import HeadOutput
 from tree_search.tree import Tree
 
 __all__ = [
