@@ -16,9 +16,9 @@ from rich.table import Table
 
 from tree_search.cli.app import COST_HELP, console, float_list, friendly_errors, main, progress_bars
 from tree_search.data import prepare_dataset
-from tree_search.envs.config import REWARD_MODES
+from tree_search.envs.config import REWARD_MODES, TreeEnvConfig
 from tree_search.reward import NodeRecipe
-from tree_search.search.config import AGENTS
+from tree_search.search.config import AGENTS, SearchConfig
 
 
 def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
@@ -114,13 +114,18 @@ def report(run_folder: Path) -> None:
 
 
 @main.command()
-@click.option("--agent", type=click.Choice(AGENTS), default="tpe", show_default=True,
+@click.option("--agent", type=click.Choice(AGENTS), default=SearchConfig.agent, show_default=True,
               help="The searcher: RLlib ppo/appo, Optuna samplers, or dp (split env only).")  # fmt: skip
-@click.option("--env", "env_name", type=click.Choice(["split", "merge", "cutoffs"]), default="split",
+@click.option("--env", "env_name", type=click.Choice(["split", "merge", "cutoffs"]), default=SearchConfig.env,
               show_default=True, help="The environment trees are built in.")  # fmt: skip
-@click.option("--budget", default=20, show_default=True, help="Tree evaluations of the searcher (baselines extra).")
-@click.option("--seconds", type=float, default=None, help="Optional wall-clock limit of the search.")
-@click.option("--dataset", default="builtin", show_default=True,
+@click.option(
+    "--budget",
+    default=SearchConfig.budget,
+    show_default=True,
+    help="Tree evaluations of the searcher (baselines extra).",
+)
+@click.option("--seconds", type=float, default=SearchConfig.seconds, help="Optional wall-clock limit of the search.")
+@click.option("--dataset", default=TreeEnvConfig.dataset, show_default=True,
               help="'builtin' (code corpus), 'planted', an .npz file or a prepared feature folder.")  # fmt: skip
 @click.option("--planted-classes", default=64, show_default=True, help="V of the planted-hierarchy data.")
 @click.option(
@@ -129,19 +134,24 @@ def report(run_folder: Path) -> None:
     show_default=True,
     help="Passes over each node's sampled tokens per evaluation.",
 )
-@click.option("--cost-mode", type=click.Choice(["cap", "tradeoff"]), default="cap", show_default=True)
-@click.option("--cost-cap", default=2.0, show_default=True, help="Cap on cost, in multiples of binary Huffman's.")
+@click.option("--cost-mode", type=click.Choice(["cap", "tradeoff"]), default=TreeEnvConfig.cost_mode, show_default=True)
+@click.option(
+    "--cost-cap",
+    default=TreeEnvConfig.cost_cap,
+    show_default=True,
+    help="Cap on cost, in multiples of binary Huffman's.",
+)
 @click.option(
     "--reward-mode",
     type=click.Choice(REWARD_MODES),
-    default="terminal",
+    default=TreeEnvConfig.reward_mode,
     show_default=True,
     help="RLlib agents: the reward at the end only, or each decision paid its node's share of the loss "
     "(the episode's sum is the same).",
 )
 @click.option(
     "--seed-classics/--no-seed-classics",
-    default=True,
+    default=SearchConfig.seed_classics,
     show_default=True,
     help="Optuna: start from the homogeneous (classic) trees the environment can express.",
 )
@@ -152,13 +162,15 @@ def report(run_folder: Path) -> None:
 )
 @click.option(
     "--share-caps/--separate-caps",
-    default=True,
+    default=SearchConfig.share_caps,
     show_default=True,
     help="Front search: a tree evaluated under one cap is free for the others; --separate-caps makes each cap's "
     "search pay for every tree it asks for (searchers compared at equal budgets).",
 )
-@click.option("--cost-weight", default=1.0, show_default=True, help="lambda of the tradeoff mode.")
-@click.option("--max-steps", default=16, show_default=True, help="Decisions per episode.")
+@click.option(
+    "--cost-weight", default=TreeEnvConfig.cost_weight, show_default=True, help="lambda of the tradeoff mode."
+)
+@click.option("--max-steps", default=TreeEnvConfig.max_steps, show_default=True, help="Decisions per episode.")
 @click.option(
     "--baselines",
     default="core",
@@ -166,29 +178,51 @@ def report(run_folder: Path) -> None:
     help="Classic trees to compare with: a set (core, all, front), comma-separated names (see 'baseline "
     "--trees'), or none.",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the sampler or policy.")
+@click.option("--seed", default=SearchConfig.seed, show_default=True, help="Seed of the sampler or policy.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Run folder (default: runs/AGENT-ENV-TIME).")  # fmt: skip
 @click.option("--resume", "resume", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Continue the run in this folder with its stored configuration.")  # fmt: skip
 @click.option("--compare/--no-compare", default=True, show_default=True, help="Score finalists on test at the end.")
-@click.option("--final-seeds", default=3, show_default=True, help="Seeds of the final test scoring.")
-@click.option("--final-epochs", type=float, default=None, help="Epochs of the final scoring (default: 2x --epochs).")
-@click.option("--eval-workers", default=0, show_default=True,
+@click.option(
+    "--final-seeds", default=SearchConfig.final_seeds, show_default=True, help="Seeds of the final test scoring."
+)
+@click.option(
+    "--final-epochs",
+    type=float,
+    default=SearchConfig.final_epochs,
+    help="Epochs of the final scoring (default: 2x --epochs).",
+)
+@click.option("--eval-workers", default=SearchConfig.eval_workers, show_default=True,
               help="Ray actors that train heads (0: in this process).")  # fmt: skip
-@click.option("--ray-address", default=None, help="Ray cluster: 'auto', 'ray://host:10001' (default: a local Ray).")
-@click.option("--cpus-per-eval", default=1.0, show_default=True, help="CPUs each evaluation actor holds.")
-@click.option("--gpus-per-eval", default=0.0, show_default=True, help="GPU share of each actor (0.25: four per GPU).")
-@click.option("--parallel", type=int, default=None, help="Optuna trials at once (default: --eval-workers).")
-@click.option("--env-runners", default=0, show_default=True,
+@click.option(
+    "--ray-address",
+    default=SearchConfig.ray_address,
+    help="Ray cluster: 'auto', 'ray://host:10001' (default: a local Ray).",
+)
+@click.option(
+    "--cpus-per-eval", default=SearchConfig.cpus_per_eval, show_default=True, help="CPUs each evaluation actor holds."
+)
+@click.option(
+    "--gpus-per-eval",
+    default=SearchConfig.gpus_per_eval,
+    show_default=True,
+    help="GPU share of each actor (0.25: four per GPU).",
+)
+@click.option(
+    "--parallel", type=int, default=SearchConfig.parallel, help="Optuna trials at once (default: --eval-workers)."
+)
+@click.option("--env-runners", default=SearchConfig.env_runners, show_default=True,
               help="PPO/APPO: Ray actors sampling episodes at once on the cluster (0: in this process).")  # fmt: skip
-@click.option("--node-bank/--no-node-bank", default=True, show_default=True,
+@click.option("--node-bank/--no-node-bank", default=SearchConfig.node_bank, show_default=True,
               help="Reuse trained nodes across trees and runs (same results, less time).")  # fmt: skip
-@click.option("--eval-batch", default=1, show_default=True,
+@click.option("--eval-batch", default=SearchConfig.eval_batch, show_default=True,
               help="Most evaluations (without pruning) sent to a Ray actor in one call.")  # fmt: skip
-@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///RUN/optuna.db).")
-@click.option("--study", default=None, help="Optuna study name; processes sharing storage and name cooperate.")
-@click.option("--cost", "cost_model", default="macs", show_default=True,
+@click.option("--storage", default=SearchConfig.storage, help="Optuna storage URL (default: sqlite:///RUN/optuna.db).")
+@click.option(
+    "--study", default=SearchConfig.study, help="Optuna study name; processes sharing storage and name cooperate."
+)
+@click.option("--cost", "cost_model", default=TreeEnvConfig.cost, show_default=True,
               help="What costs and caps are in: " + COST_HELP)  # fmt: skip
 @friendly_errors
 def search(
@@ -237,9 +271,8 @@ def search(
     import torch
 
     from tree_search.data.planted import PlantedConfig
-    from tree_search.envs import TreeEnvConfig
     from tree_search.heads.timing import check_cost_spec
-    from tree_search.search.config import EXECUTION_FIELDS, SearchConfig
+    from tree_search.search.config import EXECUTION_FIELDS
     from tree_search.search.report import compare_runs
     from tree_search.search.run import run_search
     from tree_search.search.runs import Run
