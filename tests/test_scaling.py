@@ -16,15 +16,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+from quick_settings import PLANTED, QUICK
 
 from tree_search.agents import OptunaSearcher
-from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
-from tree_search.reward import NodeRecipe
 from tree_search.search.runs import Run
 
-QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
-PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
 CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8)
 CLI = [sys.executable, "-c", "from tree_search.cli import main; main()"]
 SEARCH = ["search", "--dataset", "planted", "--baselines", "none", "--no-compare", "--epochs", "2"]

@@ -6,16 +6,14 @@ import itertools
 
 import numpy as np
 import pytest
+from quick_settings import PLANTED, QUICK
 
 from tree_search.agents.dp_search import DPSearcher, choose_completions
 from tree_search.builders import huffman
-from tree_search.data.planted import PlantedConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.reward import NodeRecipe, evaluate
+from tree_search.reward import evaluate
 from tree_search.reward.evaluator import LocalEvaluator
 
-QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
-PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
 CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8, cost_cap=1.5)
 
 

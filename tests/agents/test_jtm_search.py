@@ -7,19 +7,17 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from quick_settings import PLANTED, QUICK
 
 from tree_search.agents.jtm_search import JTMSearcher, _assign, reassign, slot_costs
 from tree_search.builders import huffman
-from tree_search.data.planted import PlantedConfig, make_planted
+from tree_search.data.planted import make_planted
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.reward import NodeRecipe
 from tree_search.reward.evaluator import LocalEvaluator
 from tree_search.reward.node_train import split_sample
 from tree_search.reward.reward import huffman_cost, node_weights
 from tree_search.tree import Tree
 
-QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
-PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
 CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, cost_cap=2.0)
 
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 import math
 
 import pytest
+from quick_settings import PLANTED, QUICK
 
 from tree_search.agents import BaselineSearcher, OptunaSearcher, PolicyConfig, dataset_classics
 from tree_search.agents.dp_search import DPSearcher
 from tree_search.agents.seeding import homogeneous_episodes
 from tree_search.data.planted import PlantedConfig, make_planted
 from tree_search.envs import SearchStopped, TreeEnvConfig, load_env_dataset, make_env
-from tree_search.reward import NodeRecipe
 from tree_search.reward.evaluator import BudgetExhausted, LocalEvaluator
 
-QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
-PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
 CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK)
 AGENTS = ["tpe", "cmaes", "random", "nsga2", "ppo", "appo"]
 

@@ -8,20 +8,17 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import quick_settings
 
 from tree_search import builders
 from tree_search.agents.base import SearcherReward
-from tree_search.data.planted import PlantedConfig
-from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
-from tree_search.reward import NodeRecipe
+from tree_search.envs import load_env_dataset, make_env
 from tree_search.reward.evaluator import BudgetExhausted, LocalEvaluator
 from tree_search.search import SearchConfig, run_search
 from tree_search.search.runs import Run
 
-# a seed of its own: no other test has put these nodes in the bank
-QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2, seed=917)
-PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
-ENV = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8)
+QUICK = replace(quick_settings.QUICK, seed=917)  # a seed of its own: no other test has put these nodes in the bank
+ENV = quick_settings.ENV.with_updates(train=QUICK)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from quick_settings import QUICK as RECIPE
 
 from tree_search import builders
 from tree_search.data import make_planted
@@ -18,8 +19,6 @@ from tree_search.data.features import class_embeddings
 from tree_search.reward import NodeBank, NodeRecipe, evaluate, node_keys, node_train, train_nodes, trained_head
 from tree_search.reward.node_train import split_sample
 from tree_search.tree import Tree
-
-RECIPE = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from quick_settings import QUICK
 
 from tree_search import builders
 from tree_search.data import make_planted
 from tree_search.data.features import BLOCK_ROWS
 from tree_search.heads.schedule import step_scale
-from tree_search.reward import NodeRecipe, evaluate, score_test
+from tree_search.reward import evaluate, score_test
 
-RECIPE = NodeRecipe(
-    train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2, precision="fp32"
-)
+RECIPE = dataclasses.replace(QUICK, precision="fp32")
 
 
 @pytest.fixture(scope="module")

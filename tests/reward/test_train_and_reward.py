@@ -5,16 +5,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from quick_settings import QUICK as RECIPE
 
 from tree_search import builders
 from tree_search.data import make_planted
 from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit, validation_nll
 from tree_search.heads.train import device_split
-from tree_search.reward import FINAL_SEED_OFFSET, NodeRecipe, evaluate, score_test
+from tree_search.reward import FINAL_SEED_OFFSET, evaluate, score_test
 from tree_search.reward.reward import Result, trained_head
 
 QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patience=3, max_valid_samples=None)
-RECIPE = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,12 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from quick_settings import ENV
 
 from tree_search.cli import main
-from tree_search.data.planted import PlantedConfig
-from tree_search.envs import TreeEnvConfig
-from tree_search.reward import NodeRecipe
 from tree_search.search import SearchConfig, run_search
 from tree_search.search.report import compare_runs
 from tree_search.search.runs import find_runs, summarize_run
-
-QUICK = NodeRecipe(train_tokens=None, valid_tokens=None, steps=16, batch_size=128, lr=0.05, measurements=2)
-PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
-ENV = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8)
 
 
 def test_runs_lists_every_run_with_its_status_and_report_prints_a_finished_one_again(tmp_path):
