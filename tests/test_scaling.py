@@ -310,6 +310,35 @@ def test_ppo_samples_in_remote_env_runners_that_score_through_the_driver(ray_ses
     assert searcher.relay.served >= 6
 
 
+def test_a_remote_environment_s_dense_node_trainings_reach_the_driver_s_budget(ray_session):
+    """`RelayReward.charge_nodes` in another process: the driver's evaluator is charged, under the searcher's label."""
+    import ray
+
+    from tree_search.agents.base import SearcherReward
+    from tree_search.agents.relay import RelayReward, RelayServer
+    from tree_search.builders import huffman
+    from tree_search.reward.evaluator import LocalEvaluator
+
+    dataset = load_env_dataset(CONFIG)
+    evaluator = LocalEvaluator(dataset, QUICK, budget=5)
+    relay = RelayServer(lambda tree, projections=None: evaluator.reward(tree, projections)[0], dataset,
+                        charge_fn=SearcherReward(None, evaluator, "ppo@2x").charge_nodes)  # fmt: skip
+    tree = huffman(dataset.counts, 4)
+
+    @ray.remote
+    def remote_episode(name):
+        RelayReward(name).charge_nodes(tree, None, 7)
+        return os.getpid()
+
+    try:
+        assert ray.get(remote_episode.remote(relay.name)) != os.getpid()
+    finally:
+        relay.close()
+    assert evaluator.charged == {"ppo@2x": pytest.approx(7 / tree.num_internal)}
+    assert relay.served == 0  # a charge is not a reward served
+    assert evaluator.remaining == 4
+
+
 def test_training_callbacks_run_in_the_driver_for_ray_actors(ray_session):
     from tree_search.builders import huffman
     from tree_search.distributed.ray_evaluator import RayEvaluator
