@@ -12,8 +12,8 @@ With ``--cost-caps 1,1.5,2,4`` every searcher runs one search per cap (each with
 budget), and an equal-budget table prints, per cap, each searcher's best validation NLL
 within the cap beside the best classic tree's; ``--no-test`` skips the test scoring. Each
 cap's search pays for every tree it asks for (``SearchConfig.share_caps=False``: only the
-baselines are free), and node trainings of dense rewards outside evaluations are charged to
-the budget (`Evaluator.charge_nodes`); ``--share-caps`` lets a cap reuse the others' trees
+baselines are free), and node losses that dense rewards reveal outside evaluations are charged
+to the budget (`Evaluator.charge_nodes`); ``--share-caps`` lets a cap reuse the others' trees
 for free, as the product's front search does.
 
     python benchmarks/bench_search.py --budget 25 --agents random tpe ppo dp --cost-caps 1,1.5,2,4 --no-test
@@ -70,7 +70,7 @@ def equal_budget_table(folders: list[Path], agents: list[str], test_seeds: int =
     within = lambda e, cap: e.ok and e.cost_ratio <= cap * unit * (1 + 1e-9)  # noqa: E731
     classic = [e for e in runs[0].evaluations() if e.searcher.startswith("baseline:")]
     print(f"\nequal budget ({config.budget} evaluations per cap), best validation NLL within each cap:")
-    print("(ch.: evaluations charged for dense rewards' node trainings outside evaluations)")
+    print("(ch.: evaluations charged for node losses dense rewards revealed outside evaluations)")
     print(f"{'cap':>6s} {'classic':>22s} " + " ".join(f"{a:>17s}" for a in agents))
     for cap in sorted(set(caps.values())):
         fits = [e for e in classic if within(e, cap)]
@@ -80,7 +80,7 @@ def equal_budget_table(folders: list[Path], agents: list[str], test_seeds: int =
         for agent, run in zip(agents, runs, strict=True):
             label = f"{agent.split('-')[0]}@{cap:g}x"  # "ppo-dense" searches as "ppo"
             found = [e.valid_nll for e in run.evaluations() if e.counted and e.searcher == label and within(e, cap)]
-            charged = (run.read_json(Run.CHARGES) or {}).get(label, 0.0)
+            charged = (run.read_json(Run.CHARGES) or {}).get(label, {}).get("charged", 0.0)
             cell = (f"{min(found):.4f}" if found else "-") + (f" ({charged:.1f} ch.)" if charged else "")
             line += f" {cell:>17s}"
         print(line, flush=True)

@@ -1,4 +1,4 @@
-"""Equal budgets: caps kept apart pay for every tree they ask for; dense rewards' node trainings are charged."""
+"""Equal budgets: caps kept apart pay for every tree they ask for; node losses dense rewards reveal are charged."""
 
 from __future__ import annotations
 
@@ -52,20 +52,29 @@ def test_a_scope_pays_for_trees_other_scopes_evaluated_without_training_them_aga
     assert not evaluator.evaluate(quaternary, searcher="tpe@4x").counted
 
 
-def test_node_trainings_outside_evaluations_are_charged_in_evaluation_equivalents(dataset):
+def test_node_losses_revealed_outside_evaluations_are_charged_in_evaluation_equivalents(dataset):
     quaternary, octal = builders.huffman(dataset.counts, 4), builders.huffman(dataset.counts, 8)
     evaluator = LocalEvaluator(dataset, QUICK, budget=3)
     seen = []
     evaluator.on_charge = seen.append
     assert evaluator.charge_nodes(quaternary, None, 5, searcher="ppo") == pytest.approx(5 / quaternary.num_internal)
     assert quaternary.num_internal == 21 and evaluator.remaining == 2  # 3 - 5/21: two whole evaluations left
+    assert evaluator.charge_nodes(quaternary, None, 21, searcher="ppo") == 0.0  # charged for this tree already
     assert evaluator.charge_nodes(octal, None, 10 * octal.num_internal, searcher="ppo") == 1.0  # at most a tree
-    assert evaluator.remaining == 1 and seen[-1] == {"ppo": pytest.approx(1 + 5 / 21)}
-    evaluator.evaluate(octal, searcher="ppo")
-    assert evaluator.charge_nodes(octal, None, 3, searcher="ppo") == 0.0  # its counted evaluation paid for them
-    assert evaluator.charge_nodes(octal, None, 3, searcher="tpe") == pytest.approx(3 / octal.num_internal)
-    assert evaluator.charge_nodes(quaternary, None, 0, searcher="ppo") == 0.0
+    assert evaluator.remaining == 1
+    assert seen[-1] == {
+        "ppo": {
+            "charged": pytest.approx(1 + 5 / 21),
+            "trees": sorted([quaternary.canonical_hash, octal.canonical_hash]),
+        }
+    }
+    evaluator.evaluate(octal, searcher="tpe")
+    assert evaluator.charge_nodes(octal, None, 3, searcher="tpe") == 0.0  # its counted evaluation paid for them
+    assert evaluator.charge_nodes(octal, None, 0, searcher="jtm") == 0.0
     assert evaluator.remaining == 0 and evaluator.exhausted
+    resumed = LocalEvaluator(dataset, QUICK, budget=3)  # a resumed run reads the charges back
+    resumed.restore_charges(json.loads(json.dumps(evaluator.charges())))
+    assert resumed.charged == evaluator.charged and resumed.charge_nodes(quaternary, None, 9, searcher="ppo") == 0.0
 
 
 def _episode(env):
@@ -77,7 +86,7 @@ def _episode(env):
             return info
 
 
-def test_dense_episodes_charge_the_nodes_they_trained_unless_their_evaluation_paid(dataset):
+def test_dense_episodes_charge_the_node_losses_they_revealed_unless_their_evaluation_paid(dataset):
     evaluator = LocalEvaluator(dataset, QUICK, budget=10)
     reward = SearcherReward(lambda tree, projections=None: evaluator.reward(tree, projections, searcher="ppo")[0],
                             evaluator, "ppo")  # fmt: skip
@@ -86,12 +95,16 @@ def test_dense_episodes_charge_the_nodes_they_trained_unless_their_evaluation_pa
     # rewards trained nodes
     over = make_env({**dense, "cost_cap": 0.5}, dataset=dataset, reward_fn=reward)
     info = _episode(over)
-    trained = info["dense_node_queries"]["trained"]
-    assert info["over_cap"] and trained > 0 and evaluator.used == 0
-    assert evaluator.charged == {"ppo": pytest.approx(trained / info["tree"].num_internal)}
+    revealed = sum(info["dense_node_queries"].values())
+    assert info["over_cap"] and revealed > 0 and evaluator.used == 0
+    assert evaluator.charged == {"ppo": pytest.approx(revealed / info["tree"].num_internal)}
     charged = evaluator.charged["ppo"]
-    # the same episode again: every node comes from the bank, nothing is trained, nothing charged
+    # the same episode again: nothing new is revealed (and the bank trains nothing), nothing charged
     assert _episode(over)["dense_node_queries"]["trained"] == 0 and evaluator.charged["ppo"] == charged
+    # another searcher's identical episode pays for what it is shown, though the bank trains nothing for it
+    other = SearcherReward(reward.score, evaluator, "ppo@2x")
+    info = _episode(make_env({**dense, "cost_cap": 0.5}, dataset=dataset, reward_fn=other))
+    assert info["dense_node_queries"]["trained"] == 0 and evaluator.charged["ppo@2x"] == charged
     # within the cap: the counted evaluation pays for the nodes its dense rewards trained
     within = make_env({**dense, "split_min_group": 4}, dataset=dataset, reward_fn=reward)
     info = _episode(within)
@@ -121,13 +134,13 @@ def test_a_front_search_with_caps_apart_pays_for_each_tree_per_cap_and_resumes(t
     lines = board.read_text().splitlines(keepends=True)
     assert json.loads(lines[-1])["searcher"] == "dp@2x"
     board.write_text("".join(lines[:-3]))
-    (run.folder / Run.CHARGES).write_text(json.dumps({"dp@2x": 2.5}))
+    (run.folder / Run.CHARGES).write_text(json.dumps({"dp@2x": {"charged": 2.5, "trees": []}}))
     resumed = Counter(e.searcher for e in run_search(config, tmp_path / "run", resume=True, log=None).evaluations()
                       if e.counted)  # fmt: skip
     assert resumed["dp@2x"] == 9  # 12 - 9 - 2.5 leaves no whole evaluation (without the charge: three)
-    (run.folder / Run.CHARGES).write_text(json.dumps({"dp@2x": 1.5}))
+    (run.folder / Run.CHARGES).write_text(json.dumps({"dp@2x": {"charged": 1.5, "trees": []}}))
     resumed = Counter(e.searcher for e in run_search(config, tmp_path / "run", resume=True, log=None).evaluations()
                       if e.counted)  # fmt: skip
-    assert resumed["dp@2x"] == 10 and json.loads((run.folder / Run.CHARGES).read_text()) == {"dp@2x": 1.5}
+    assert resumed["dp@2x"] == 10 and json.loads((run.folder / Run.CHARGES).read_text())["dp@2x"]["charged"] == 1.5
     loaded = SearchConfig.from_json(json.loads((run.folder / "config.json").read_text()))
     assert loaded.share_caps is share_caps and replace(loaded, share_caps=not share_caps) != loaded

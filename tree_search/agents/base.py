@@ -29,7 +29,7 @@ EnvFactory = Callable[[RewardFunction], TreeEnv]  # builds an environment that s
 class SearcherReward:
     """The `RewardFunction` a searcher gives its environments: ``score``, with dense rewards' nodes charged to it.
 
-    Node trainings that an environment's dense rewards paid for outside an evaluation count
+    Node losses that an environment's dense rewards revealed outside an evaluation count
     against the searcher's budget (`Evaluator.charge_nodes`, under ``label``).
     """
 
@@ -41,9 +41,9 @@ class SearcherReward:
         """``score(tree, projections)``."""
         return self.score(tree, projections)
 
-    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_trained: int) -> None:
-        """Charge ``nodes_trained`` node trainings for ``tree`` to ``label``'s budget."""
-        self.evaluator.charge_nodes(tree, projections, nodes_trained, searcher=self.label)
+    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_revealed: int) -> None:
+        """Charge ``nodes_revealed`` node losses of ``tree`` to ``label``'s budget."""
+        self.evaluator.charge_nodes(tree, projections, nodes_revealed, searcher=self.label)
 
 
 class Searcher(ABC):

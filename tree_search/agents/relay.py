@@ -61,7 +61,7 @@ class RelayServer:
     ) -> None:
         """Start the relay actor (a named Ray actor holding no CPU) and the thread that serves it.
 
-        ``charge_fn(tree, projections, nodes_trained)`` answers a remote environment's
+        ``charge_fn(tree, projections, nodes_revealed)`` answers a remote environment's
         `RelayReward.charge_nodes` (None: charges are ignored).
         """
         self.reward_fn, self.charge_fn = reward_fn, charge_fn
@@ -169,12 +169,12 @@ class RelayReward:
             raise SearchStopped(response["stopped"])
         return Result.from_json(response["result"])
 
-    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_trained: int) -> None:
-        """Tell the driver that this environment's dense rewards trained ``nodes_trained`` nodes of ``tree``."""
+    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_revealed: int) -> None:
+        """Tell the driver that this environment's dense rewards revealed ``nodes_revealed`` node losses of ``tree``."""
         request = {
             "tree": tree,
             "projections": {int(k): int(v) for k, v in (projections or {}).items()} or None,
-            "charge": int(nodes_trained),
+            "charge": int(nodes_revealed),
             "client": f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}",
         }
         ray.get(_relay_actor(self.name, self.namespace).ask.remote(request))  # "stopped" too: nothing to charge

@@ -214,9 +214,9 @@ class TreeEnv(gym.Env):
                 if not truncated:
                     info["terminal_reward"] = reward
                     reward = self.dense.remainder(reward)
-                    # nodes trained for this episode's rewards count against the search's budget (unless the
-                    # tree's counted evaluation paid for them)
-                    self.scorer.charge_nodes(tree, projections, self.dense.queries()["trained"])
+                    # the node losses this episode's rewards revealed count against the search's budget (unless
+                    # the tree's counted evaluation paid for them)
+                    self.scorer.charge_nodes(tree, projections, sum(self.dense.queries().values()))
                 info.update(node_reward=None, dense_node_queries=self.dense.queries())
             self.last_tree = tree
             # After the end no action is legal; the mask is all ones so learners never see an empty mask.

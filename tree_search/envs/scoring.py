@@ -75,10 +75,10 @@ class RewardFunction(Protocol):
 
 
 class ChargesNodes(Protocol):
-    """A `RewardFunction` that also counts node trainings outside evaluations against a budget (optional)."""
+    """A `RewardFunction` that also counts node losses revealed outside evaluations against a budget (optional)."""
 
-    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_trained: int) -> None:
-        """``nodes_trained`` nodes of ``tree`` were trained for dense rewards (see `Evaluator.charge_nodes`)."""
+    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_revealed: int) -> None:
+        """Dense rewards revealed the losses of ``nodes_revealed`` nodes of ``tree`` (see `Evaluator.charge_nodes`)."""
         ...
 
 
@@ -142,11 +142,11 @@ class EpisodeScorer:
         """Cost per token of the head on ``tree``: multiply-adds, or the profile's seconds (``config.cost``)."""
         return head_cost(tree, self.counts, self.dim, projections, self.cost_model)
 
-    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_trained: int) -> None:
-        """Tell the reward function (when it keeps a budget, `ChargesNodes`) of node trainings for dense rewards."""
+    def charge_nodes(self, tree: Tree, projections: Mapping[int, int] | None, nodes_revealed: int) -> None:
+        """Tell the reward function (when it keeps a budget, `ChargesNodes`) of node losses dense rewards revealed."""
         charge = getattr(self.reward_fn, "charge_nodes", None)
-        if charge is not None and nodes_trained > 0:
-            charge(tree, projections or None, nodes_trained)
+        if charge is not None and nodes_revealed > 0:
+            charge(tree, projections or None, nodes_revealed)
 
     def score(self, tree: Tree, projections: Mapping[int, int] | None = None) -> tuple[float, dict[str, Any]]:
         """The terminal reward of ``tree`` and the ``info`` entries that explain it."""

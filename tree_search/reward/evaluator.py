@@ -6,8 +6,8 @@ projections) was evaluated before, in this run or in the run being resumed, is a
 from memory and does not count against the budget; with `Evaluator.scope` set (a front
 search at equal budgets, ``SearchConfig.share_caps=False``), only trees that the scope's own
 searcher or the baselines evaluated are free, and any other known tree is answered from
-memory but counted. Node trainings a searcher pays for outside evaluations (dense rewards)
-count too, in evaluation-equivalents (`Evaluator.charge_nodes`). `LocalEvaluator` trains in this
+memory but counted. Node losses a searcher's dense rewards reveal outside evaluations count
+too, in evaluation-equivalents (`Evaluator.charge_nodes`). `LocalEvaluator` trains in this
 process, one tree at a time; a pool of Ray actors can implement the same interface
 without the searchers noticing. An `Evaluator` is also a `RewardFunction`
 (``evaluator(tree, projections) -> Result``), which is how environments call it.
@@ -119,9 +119,10 @@ class Evaluator(ABC):
         self.listeners = list(listeners)
         self.known: dict[str, Evaluation] = {}
         self.used = 0  # counted evaluations so far (including a resumed run's)
-        # evaluation-equivalents of node trainings outside evaluations, by searcher label (`charge_nodes`)
+        # evaluation-equivalents of node losses revealed outside evaluations, by searcher label (`charge_nodes`)
         self.charged: dict[str, float] = {}
-        self.on_charge: Callable[[dict[str, float]], None] | None = None  # told every new charge (to keep it)
+        self._charged_keys: defaultdict[str, set[str]] = defaultdict(set)  # searcher label -> trees it was charged
+        self.on_charge: Callable[[dict[str, Any]], None] | None = None  # told `charges()` at every new charge
         # None: every known tree is free; a searcher label: only trees it or the baselines evaluated are
         self.scope: str | None = None
         self._counted_keys: defaultdict[str, set[str]] = defaultdict(set)  # searcher label -> keys it was charged
@@ -169,25 +170,39 @@ class Evaluator(ABC):
         return self.scope is None or key in self._free_keys or key in self._counted_keys[self.scope]
 
     def charge_nodes(
-        self, tree: Tree, projections: Mapping[int, int] | None, nodes_trained: int, *, searcher: str = ""
+        self, tree: Tree, projections: Mapping[int, int] | None, nodes_revealed: int, *, searcher: str = ""
     ) -> float:
-        """Count node trainings done for ``tree`` outside an evaluation (dense rewards) against the budget.
+        """Count node losses of ``tree`` revealed outside an evaluation (dense rewards) against the budget.
 
-        A tree's evaluation trains its internal nodes, so ``nodes_trained`` of them cost
-        ``nodes_trained / tree.num_internal`` of an evaluation (at most 1). Nothing is charged
-        when ``searcher`` has a counted evaluation of the tree: that evaluation paid for its
-        nodes. Returns the charge.
+        An evaluation reveals the losses of all of a tree's internal nodes, so ``nodes_revealed``
+        of them cost ``nodes_revealed / tree.num_internal`` of an evaluation (at most 1), whether
+        the node bank had them or trained them then: the accounting does not depend on what
+        other searches left in the bank. Nothing is charged when ``searcher`` has a counted
+        evaluation of the tree (it paid for every node) or was charged for the tree before.
+        Returns the charge.
         """
         label = searcher or self.default_searcher
         key = evaluation_key(tree, projections)
         with self._lock:
-            if nodes_trained <= 0 or key in self._counted_keys[label]:
+            if nodes_revealed <= 0 or key in self._counted_keys[label] or key in self._charged_keys[label]:
                 return 0.0
-            charge = min(1.0, nodes_trained / max(1, tree.num_internal))
+            charge = min(1.0, nodes_revealed / max(1, tree.num_internal))
             self.charged[label] = self.charged.get(label, 0.0) + charge
+            self._charged_keys[label].add(key)
             if self.on_charge is not None:  # under the lock: the last write holds every charge
-                self.on_charge(dict(self.charged))
+                self.on_charge(self.charges())
         return charge
+
+    def charges(self) -> dict[str, Any]:
+        """The charges as JSON (`restore_charges` reads it back): per label, the total and the trees charged."""
+        return {label: {"charged": total, "trees": sorted(self._charged_keys[label])}
+                for label, total in self.charged.items()}  # fmt: skip
+
+    def restore_charges(self, data: Mapping[str, Any] | None) -> None:
+        """Know the charges of a run being resumed (`charges`' JSON)."""
+        for label, entry in (data or {}).items():
+            self.charged[str(label)] = float(entry["charged"])
+            self._charged_keys[str(label)] = set(entry["trees"])
 
     @property
     def exhausted(self) -> bool:

@@ -171,8 +171,8 @@ def run_search(
         evaluator.cost_fn = measured
     previous = run.evaluations()
     evaluator.preload(previous)
-    evaluator.charged = {str(k): float(v) for k, v in (run.read_json(Run.CHARGES) or {}).items()}
-    evaluator.on_charge = lambda charged: run.write_json(Run.CHARGES, charged)
+    evaluator.restore_charges(run.read_json(Run.CHARGES))
+    evaluator.on_charge = lambda charges: run.write_json(Run.CHARGES, charges)
     if previous and log:
         log(
             f"resuming {run.folder}: {len(previous)} evaluations on disk, "
@@ -203,7 +203,7 @@ def run_search(
             if estimate is not None:  # the report shows it beside the searcher's own, optimistic, figure
                 run.write_json(SELECTION_FREE, {**(run.read_json(SELECTION_FREE) or {}), label: estimate})
             if log and evaluator.charged.get(label):
-                log(f"{label}: node trainings outside evaluations (dense rewards) were charged "
+                log(f"{label}: node losses its dense rewards revealed outside evaluations were charged "
                     f"{evaluator.charged[label]:.2f} evaluations of its budget")  # fmt: skip
             if log and not evaluator.exhausted:
                 log(f"{label}: stopped with {evaluator.remaining} of its budget unused (its time ran out, or no new "

@@ -73,7 +73,7 @@ class Run:
             self._note_best(evaluation)
 
     COST_PROFILE = "cost_profile.json"  # the profile a ``--cost measured`` search used, kept with its results
-    CHARGES = "charges.json"  # searcher label -> evaluations charged for node trainings outside evaluations
+    CHARGES = "charges.json"  # per searcher label: evaluations charged for node losses revealed outside evaluations
 
     def cost_spec(self, spec: str) -> str:
         """``spec`` with ``measured`` pointing at this run's own copy of its profile, once it has one.
