@@ -215,8 +215,9 @@ class TreeEnv(gym.Env):
                     info["terminal_reward"] = reward
                     reward = self.dense.remainder(reward)
                     # the node losses this episode's rewards revealed count against the search's budget (unless
-                    # the tree's counted evaluation paid for them)
-                    self.scorer.charge_nodes(tree, projections, sum(self.dense.queries().values()))
+                    # the tree's counted evaluation paid for them); a node is queried once per seed
+                    revealed = sum(self.dense.queries().values()) // max(1, self.scorer.config.seeds)
+                    self.scorer.charge_nodes(tree, projections, revealed)
                 info.update(node_reward=None, dense_node_queries=self.dense.queries())
             self.last_tree = tree
             # After the end no action is legal; the mask is all ones so learners never see an empty mask.

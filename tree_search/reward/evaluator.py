@@ -125,7 +125,7 @@ class Evaluator(ABC):
         self.on_charge: Callable[[dict[str, Any]], None] | None = None  # told `charges()` at every new charge
         # None: every known tree is free; a searcher label: only trees it or the baselines evaluated are
         self.scope: str | None = None
-        self._counted_keys: defaultdict[str, set[str]] = defaultdict(set)  # searcher label -> keys it was charged
+        self._counted_keys: defaultdict[str, set[str]] = defaultdict(set)  # searcher label -> keys it paid for
         self._free_keys: set[str] = set()  # keys evaluated without counting (the baselines)
         self.started = time.perf_counter()
         self._next_index = 0
