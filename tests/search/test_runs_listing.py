@@ -11,8 +11,9 @@ from quick_settings import ENV
 
 from tree_search.cli import main
 from tree_search.search import SearchConfig, run_search
+from tree_search.search import run as search_run
 from tree_search.search.report import compare_runs
-from tree_search.search.runs import find_runs, summarize_run
+from tree_search.search.runs import Run, find_runs, summarize_run
 
 
 def test_runs_lists_every_run_with_its_status_and_report_prints_a_finished_one_again(tmp_path):
@@ -68,3 +69,31 @@ def test_runs_lists_every_run_with_its_status_and_report_prints_a_finished_one_a
         assert line in printed
     result = CliRunner().invoke(main, ["report", str(root / "cut")], catch_exceptions=False)
     assert result.exit_code != 0 and "tree-search compare" in result.output
+
+
+def test_a_search_that_fails_before_its_first_evaluation_leaves_no_run_behind(tmp_path, monkeypatch):
+    missing = ENV.with_updates(dataset=str(tmp_path / "nope.npz"))
+    config = SearchConfig(agent="dp", budget=2, env_config=missing, baselines="huffman-2")
+    with pytest.raises(Exception, match="nope.npz"):
+        run_search(config, tmp_path / "new", log=None)
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "mine"  # a folder the user made: it stays, with what was in it, and nothing of the run
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="nope.npz"):
+        run_search(config, kept, log=None)
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    result = CliRunner().invoke(main, ["search", "--agent", "dp", "--dataset", str(tmp_path / "nope.npz"), "--out",
+                                       str(tmp_path / "cli")])  # fmt: skip
+    assert result.exit_code == 1 and "nope.npz" in result.output and not (tmp_path / "cli").exists()
+
+    # once something is evaluated, a failure keeps the run (it can be resumed)
+    def broken(*args, **kwargs):
+        raise RuntimeError("searcher broke")
+
+    monkeypatch.setattr(search_run, "make_searcher", broken)
+    config = SearchConfig(agent="dp", budget=2, env_config=ENV, baselines="huffman-2")
+    with pytest.raises(RuntimeError, match="searcher broke"):
+        run_search(config, tmp_path / "ok", log=None)
+    assert [e.searcher for e in Run(tmp_path / "ok").evaluations()] == ["baseline:huffman-2"]
+    assert summarize_run(tmp_path / "ok").status == "unfinished"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -103,9 +104,35 @@ def run_search(
 ) -> Run:
     """Evaluate the baselines, then search until the budget is used; every result is on disk as it arrives.
 
-    Returns the `Run`. Interrupting (Ctrl-C) loses nothing: resume with ``resume=True``.
+    Returns the `Run`. Interrupting (Ctrl-C) loses nothing: resume with ``resume=True``. A new
+    run that fails (or is interrupted) before its first evaluation leaves no run folder behind:
+    what it created is removed, so nothing that is not a run looks like one.
     """
-    run = Run.create(out, config.to_json(), resume=resume, may_differ=EXECUTION_FIELDS)
+    folder = Path(out)
+    existed = folder.exists()
+    run = Run.create(folder, config.to_json(), resume=resume, may_differ=EXECUTION_FIELDS)
+    try:
+        return _search(config, run, log)
+    except BaseException:
+        if not resume and not run.evaluations():
+            _remove_new_run(run.folder, existed)
+        raise
+
+
+def _remove_new_run(folder: Path, existed: bool) -> None:
+    """Remove what a new run created before it evaluated anything (the whole folder when it made it)."""
+    if not existed:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for name in ("config.json", "leaderboard.jsonl", Run.COST_PROFILE, Run.CHARGES, SELECTION_FREE, "evaluator.json",
+                 "optuna.db"):  # fmt: skip
+        (folder / name).unlink(missing_ok=True)
+    for name in ("trees", "tb", "checkpoints"):
+        shutil.rmtree(folder / name, ignore_errors=True)
+
+
+def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -> Run:
+    """`run_search` in a run folder already created (or opened to resume)."""
     dataset = load_env_dataset(config.env_config)
     cost_model = resolve_cost(run.cost_spec(config.env_config.cost), dim=dataset.dim,
                               device_type=default_device().type)  # fmt: skip
