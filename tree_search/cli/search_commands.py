@@ -96,8 +96,8 @@ def runs(root: Path) -> None:
         )
     console.print(table)
     console.print("finished: tree-search report RUN prints its tables; searched: tree-search compare RUN scores it on "
-                  "test; unfinished (stopped, or still running): tree-search search --resume RUN; empty: a start "
-                  "that failed")  # fmt: skip
+                  "test; unfinished (stopped, or still running): tree-search search --resume RUN; empty: nothing "
+                  "evaluated")  # fmt: skip
 
 
 @main.command()

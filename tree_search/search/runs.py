@@ -272,7 +272,8 @@ def summarize_run(folder: str | os.PathLike[str]) -> RunSummary:
     Status: "finished" (its finalists are scored on test: ``comparison.json``), "searched"
     (its budget is used, not yet compared: ``tree-search compare RUN``), "unfinished"
     (interrupted, out of time, or still running: ``tree-search search --resume RUN``), "empty"
-    (nothing evaluated: a start that failed).
+    (nothing evaluated: a start killed before it could clean up; `run_search` removes what a
+    failed start created).
 
     Raises:
         RunError: when ``folder`` has no readable ``config.json`` or leaderboard.
