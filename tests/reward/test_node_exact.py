@@ -21,12 +21,6 @@ from tree_search.reward.node_train import split_sample
 from tree_search.tree import Tree
 
 
-@pytest.fixture(scope="module")
-def planted():
-    return make_planted(num_classes=64, dim=16, fanout=4, signal=3.0, num_train=6000, num_valid=1500,
-                        num_test=1500, seed=0)  # fmt: skip
-
-
 def _shapes(planted):
     dataset = planted.to_dataset()
     counts = planted.counts

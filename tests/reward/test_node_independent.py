@@ -17,18 +17,11 @@ import torch
 from quick_settings import QUICK
 
 from tree_search import builders
-from tree_search.data import make_planted
 from tree_search.data.features import BLOCK_ROWS
 from tree_search.heads.schedule import step_scale
 from tree_search.reward import evaluate, score_test
 
 RECIPE = dataclasses.replace(QUICK, precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return make_planted(num_classes=64, dim=16, fanout=4, signal=3.0, num_train=6000, num_valid=1500,
-                        num_test=1500, seed=0)  # fmt: skip
 
 
 def _paths(tree):
