@@ -11,7 +11,7 @@ Two sources of heads:
   Seeded class embeddings E (V, d) form a two-level Gaussian mixture (about sqrt(V)/2
   unit centres, each class a unit vector scattered around one of them) with Zipf(1)
   counts sorted descending (class 0 the most frequent). Every head is a *centroid
-  classifier* of E, the way node training warm-starts (`node_train._warm_start`): an
+  classifier* of E, the way node training warm-starts (`heads.centroid.centroid_head`): an
   internal node scores child c as ``T * mean_c . h + log share_c``, mean_c the
   count-weighted mean embedding of the classes below c and share_c their share of the
   node's count; the flat softmax is ``T * E h + log p``. A projected node (the adaptive
@@ -61,14 +61,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from tree_search.builders import ClassicTree, classic_trees, frequency_cutoffs
+from tree_search.builders import classic_trees, frequency_cutoffs
 from tree_search.data import prepare_dataset
 from tree_search.data.features import class_embeddings
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
+from tree_search.heads.centroid import centroid_head, unit_class_embeddings
 from tree_search.interop import TorchAdaptive, adaptive_tail_nodes, to_torch_adaptive
 from tree_search.reward import NodeRecipe, trained_head
-from tree_search.reward.node_train import _subtree_embedding_sums, _warm_start, split_sample  # the warm start
+from tree_search.reward.node_train import split_sample
 
 TREES = ("huffman-2", "huffman-16", "kmeans-16", "headtail-kmeans-16", "adaptive")
 SYNTHETIC_TREES = ("huffman-2", "huffman-16", "kmeans-16", "adaptive")
@@ -133,68 +134,12 @@ def builtin_setup(args: argparse.Namespace) -> Setup:
 # ---------------------------------------------------------------------- synthetic
 
 
-def synthetic_classes(V: int, d: int, rng: np.random.Generator, spread: float) -> tuple[np.ndarray, np.ndarray]:
-    """(V, d) float32 unit class embeddings around ~sqrt(V)/2 unit centres, and (V,) Zipf(1) counts, descending.
-
-    Class y is ``normalise(centre[a_y] + spread * N(0, I/d))`` with a uniform random centre
-    (independent of frequency): with ``spread`` 1, its cosine with its centre is about 0.7
-    and with another class of its cluster about 0.5; classes of different clusters are
-    nearly orthogonal.
-    """
-    clusters = max(8, round(math.sqrt(V) / 2))
-    centres = rng.standard_normal((clusters, d), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    E = centres[rng.integers(0, clusters, V)]
-    E += rng.standard_normal((V, d), dtype=np.float32) * np.float32(spread / math.sqrt(d))
-    E /= np.linalg.norm(E, axis=1, keepdims=True)
-    return E, 1.0 / np.arange(1, V + 1)
-
-
-def centroid_head(
-    classic: ClassicTree, E: np.ndarray, counts: np.ndarray, temperature: float, bias_free_nodes: list[int]
-) -> TreeSoftmaxHead:
-    """A head on ``classic.tree`` whose every node is the centroid classifier of its children (see module docstring).
-
-    Child rows and log shares come from `node_train._warm_start`, the project's one
-    definition of the centroid warm start, in chunks of nodes (about 256 MB of float64 each);
-    they are set through the public `TreeSoftmaxHead.set_node_parameters`, once per node
-    (about 20 us a call: ~10 s for the 500k nodes of a binary tree at V = 500,000). A
-    projected node of size p projects onto the top p eigenvectors of its rows' share-weighted
-    second moment, and scores the projected rows. Bias-free nodes get no bias.
-    """
-    tree, d = classic.tree, E.shape[1]
-    head = TreeSoftmaxHead(tree, d, projections=classic.projections, bias_free_nodes=bias_free_nodes)
-    free = set(bias_free_nodes)
-    sums, mass = _subtree_embedding_sums(tree, E, counts)
-    order = np.argsort(tree.fanout, kind="stable")  # chunks of similar fanout: little padding
-    start = 0
-    while start < order.size:
-        # as many nodes as fit in 2^25 float64 values padded to the widest of them (the last: fanout ascends)
-        fits = np.arange(1, order.size - start + 1) * tree.fanout[order[start:]] * d <= 1 << 25
-        nodes = order[start : start + max(1, int(fits.sum()))]  # `fits` is a prefix: products only grow
-        width = int(tree.fanout[nodes[-1]])
-        rows, log_share = _warm_start(tree, sums, mass, E, counts, nodes, width)  # (G, width, d), (G, width)
-        for node, weight, bias in zip(nodes.tolist(), rows, log_share, strict=True):
-            fanout = int(tree.fanout[node])
-            weight = torch.from_numpy(weight[:fanout]).float()
-            projection = None
-            if node in classic.projections:
-                share = torch.from_numpy(np.exp(bias[:fanout])).float()
-                moment = weight.T @ (weight * share[:, None])  # (d, d)
-                projection = torch.linalg.eigh(moment).eigenvectors[:, -classic.projections[node] :].T.contiguous()
-                weight = weight @ projection.T  # (fanout, p)
-            bias = None if node in free else torch.from_numpy(bias[:fanout]).float()
-            head.set_node_parameters(node, weight * temperature, bias, projection)
-        start += nodes.size
-    return head.eval()
-
-
 def synthetic_setup(args: argparse.Namespace) -> Setup:
     """Centroid-classifier heads of synthetic classes (see module docstring), with build times printed."""
     V, d = args.synthetic, args.dim
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed + 1)  # the queries' draws
     started = time.perf_counter()
-    E, counts = synthetic_classes(V, d, rng, args.spread)
+    E, counts = unit_class_embeddings(V, d, args.seed, args.spread), 1.0 / np.arange(1, V + 1)
     print(f"synthetic classes: {time.perf_counter() - started:.1f} s")
     heads = {}
     for name in args.trees or SYNTHETIC_TREES:
@@ -202,7 +147,14 @@ def synthetic_setup(args: argparse.Namespace) -> Setup:
         classic = classic_trees(counts, [name], embeddings=E, dim=d, seed=args.seed)[name]
         built = time.perf_counter() - started
         tails = adaptive_tail_nodes(classic.tree) if name == "adaptive" else []  # bias-free: exportable
-        heads[name] = centroid_head(classic, E, counts, args.temperature, tails)
+        heads[name] = centroid_head(
+            classic.tree,
+            E,
+            counts,
+            projections=classic.projections,
+            temperature=args.temperature,
+            bias_free_nodes=tails,
+        )
         tree = classic.tree
         print(f"  {name}: tree built in {built:.1f} s ({tree.num_internal:,} internal nodes, depth "
               f"{tree.max_depth}, expected depth {tree.expected_path_length(counts):.2f}), weights set in "

@@ -8,9 +8,12 @@ import torch
 
 from tree_search import builders
 from tree_search.cost import (
+    DECODE_FEATURES,
     FEATURES,
     CostProfile,
+    DecodeCost,
     ProfileError,
+    decode_features,
     fit_coefficients,
     head_layout,
     layout_features,
@@ -20,6 +23,7 @@ from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.timing import check_cost_spec, resolve_cost
 
 COLUMN = {name: i for i, name in enumerate(FEATURES)}
+DECODE_COLUMN = {name: i for i, name in enumerate(DECODE_FEATURES)}
 
 
 @pytest.mark.parametrize("settings", [{}, {"top_columns": 0}, {"top_columns": 6}, {"dense_fanout": 3}])
@@ -84,6 +88,9 @@ def _profile(**kw):
         sparse=True,
         num_classes=16,
         coefficients=tuple(float(i + 1) for i in range(len(FEATURES))),
+        decode_coefficients=tuple(float(10 * i + 1) for i in range(len(DECODE_FEATURES))),
+        decode_batch=2,
+        decode_k=1,
     )
     values.update(kw)
     return CostProfile(**values)
@@ -110,7 +117,9 @@ def test_profile_predicts_its_node_sum_and_round_trips(tmp_path):
     "edit, message",
     [
         (lambda d: d.update(format="other"), "not a cost profile"),
-        (lambda d: d.update(version=2), "version 2"),
+        (lambda d: d.update(version=3), "version 3"),
+        (lambda d: d.update(decode_coefficients=[1.0]), "'decode_coefficients'"),
+        (lambda d: d.update(decode_features=["x"]), "decoding features"),
         (lambda d: d.update(coefficients=[1.0]), "'coefficients'"),
         (lambda d: d.update(coefficients=[-1.0] * len(FEATURES)), "'coefficients'"),
         (lambda d: d.update(features=["x"]), "calibrate again"),
@@ -184,6 +193,12 @@ def test_cost_calibrate_command(tmp_path):
     assert "held-out trees: 31" in result.output
     reference = profile.fit["references"]["torch AdaptiveLogSoftmaxWithLoss"]
     assert reference["measured"] > 0 and reference["same_shape_measured"] == trees["adaptive"]["measured"]
+    # decoding: its own fit on the same trees, held out alike, and a model a search can use
+    decoded = profile.decode_fit["trees"]
+    assert set(decoded) == set(trees) and profile.decode_fit["held_out"]["trees"] == 31
+    assert all(t["measured"] > 0 and t["predicted"] >= 0 for t in decoded.values())
+    assert len(profile.decode_coefficients) == len(DECODE_FEATURES) and any(profile.decode_coefficients)
+    assert "exact top-5 decoding: held-out trees: 31" in result.output
 
 
 def test_time_decoding_times_exact_top_k_per_query_at_a_batch_and_one_at_a_time():
@@ -203,3 +218,63 @@ def test_time_decoding_times_exact_top_k_per_query_at_a_batch_and_one_at_a_time(
     assert calls == [(100, 5)] * 4 + [(1, 5)] * 4  # one warm-up, three timed batches, four single queries
     assert found["batch"] >= 0.003 / 100 and found["single"] >= 0.003
     assert found["batch"] < found["single"]  # per query: the batch's time is shared by its 100 queries
+
+
+def test_decode_features_of_a_replayed_search_by_hand():
+    # classes 0..3 with counts 4,2,1,1: huffman gives root -> (0, n1), n1 -> (1, n2), n2 -> (2, 3)
+    tree = builders.huffman([4, 2, 1, 1], 2)
+    layout = head_layout(tree, top_columns=2)  # the root alone in the top block, n1 and n2 packed (width 2)
+    n1, n2 = 1, 2
+    scored = np.array([1.0, 0.5, 0.25])  # pairs per query at root, n1, n2
+    f = decode_features(tree, (scored, 6.0), 8, None, layout, batch=2, k=1)
+    assert f[:, DECODE_COLUMN["constant"]].sum() == 1.0
+    assert f[:, DECODE_COLUMN["levels"]].sum() == pytest.approx(6.0 / 2)
+    assert f[:, DECODE_COLUMN["level_groups"]].sum() == pytest.approx(6.0 * 2 / 2)  # the top block and one bucket
+    assert f[:, DECODE_COLUMN["level_tables"]].sum() == pytest.approx(6.0 / 2 * 8 * (1 + 2))  # beam 8, widest 2
+    assert f[:, DECODE_COLUMN["scored_pairs"]].sum() == pytest.approx(1.75)
+    assert f[:, DECODE_COLUMN["scored_elements"]].sum() == pytest.approx(1.75 * 2)
+    assert f[:, DECODE_COLUMN["gathered_macs"]].sum() == pytest.approx((0.5 + 0.25) * 2 * 8)  # packed only
+    assert f[:, DECODE_COLUMN["top_macs"]].sum() == pytest.approx(1 * 2 * 8)  # one top level of 2 columns
+    assert f[:, DECODE_COLUMN["dense_macs"]].sum() == 0.0 and f[:, DECODE_COLUMN["dense_launches"]].sum() == 0.0
+    assert f[n1, DECODE_COLUMN["scored_pairs"]] == 0.5 and f[n2, DECODE_COLUMN["gathered_macs"]] == 0.25 * 16
+
+
+def test_projected_dense_node_decode_features():
+    counts = np.arange(40, 0, -1.0)
+    tree, projections = builders.projected_cutoffs(counts, [10], [4], 16)
+    layout = head_layout(tree, projections)
+    tail = int(next(iter(projections)))
+    scored = np.zeros(tree.num_internal)
+    scored[0], scored[tail] = 1.0, 0.3
+    f = decode_features(tree, (scored, 2.0), 16, projections, layout, batch=4, k=5)
+    assert f[:, DECODE_COLUMN["dense_macs"]].sum() == pytest.approx(0.3 * (16 * 4 + 30 * 4))
+    assert f[:, DECODE_COLUMN["dense_launches"]].sum() == pytest.approx((1 - 0.7**4) / 4)
+
+
+def test_decode_cost_is_the_node_sum_of_the_replayed_features_and_needs_a_replay(tmp_path):
+    profile = _profile()
+    counts = np.arange(16, 0, -1.0)
+    tree = builders.huffman(counts, 3)
+    scored = np.linspace(1.0, 0.1, tree.num_internal)
+    replay = lambda t: (scored, 5.0)  # noqa: E731
+    model = profile.decoding.bound(replay)
+    features = decode_features(tree, (scored, 5.0), 8, None, profile.layout(tree), batch=2, k=1).sum(0)
+    expected = float(features @ (10 * np.arange(len(DECODE_FEATURES)) + 1))
+    assert model.predict(tree, counts) == pytest.approx(expected)
+    assert model.node_costs(tree, None, 8, None).sum() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="decoding replay"):
+        profile.decoding.predict(tree, counts)
+    assert isinstance(model, DecodeCost) and model.device == profile.device
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert load_profile(path).decode_coefficients == profile.decode_coefficients
+    assert isinstance(resolve_cost(f"decode:{path}", dim=8), DecodeCost)
+    # a profile of version 1 (training only) still loads, and says what to do for decoding
+    old = {k: v for k, v in profile.to_json().items() if not k.startswith("decode")}
+    old["version"] = 1
+    path.write_text(json.dumps(old))
+    assert load_profile(path).coefficients == profile.coefficients
+    with pytest.raises(ProfileError, match="no decoding model.*calibrate"):
+        resolve_cost(f"decode:{path}", dim=8)
+    with pytest.raises(ProfileError, match="no decoding model"):
+        check_cost_spec(f"decode:{path}")

@@ -1,14 +1,19 @@
 """What a tree head costs per token: multiply-adds, or time measured on a device (a `CostProfile`).
 
-Two cost models share one shape, a sum over the tree's internal nodes (`docs/architecture.md`,
-"The reward splits over nodes"), so caps, fronts, the dense rewards and ``dp`` can use either:
+Three cost models share one shape, a sum over the tree's internal nodes (`docs/architecture.md`,
+"The reward splits over nodes"), so caps, fronts, the dense rewards and ``dp`` can use any:
 
 - **multiply-adds** (``"macs"``, the default): node n costs ``visits(n) * fanout(n) * dim``
   (plus its projection), `node_costs` without a model;
-- **measured time** (``"measured:PROFILE"``): node n costs the seconds per token that a
-  fitted `CostProfile` predicts for it under the layout `TreeSoftmaxHead` gives it
+- **measured training time** (``"measured[:PROFILE]"``): node n costs the seconds per token
+  that a fitted `CostProfile` predicts for it under the layout `TreeSoftmaxHead` gives it
   (`head_layout`): a dense block scored by a matmul, a column of the shared top block
-  (scored for every token), or a packed node whose weights are gathered per visit.
+  (scored for every token), or a packed node whose weights are gathered per visit;
+- **measured decoding time** (``"decode[:PROFILE]"``): node n costs the seconds per query of
+  exact top-k decoding (`TreeSoftmaxHead.predict`) the profile predicts for it: how often the
+  certified beam search scores it, replayed on the data's class distributions
+  (`tree_search.heads.decode_replay`), times what scoring it costs under the layout, plus the
+  search's per-level work on the root (`DecodeCost`, the profile's decoding side).
 
 The profile is data (JSON, one per device, dimension, batch and precision, written by
 ``tree-search cost calibrate``); the features and the fit live here. Nothing here needs
@@ -36,7 +41,10 @@ __all__ = [
     "CostProfile",
     "HeadLayout",
     "ProfileError",
+    "DECODE_FEATURES",
+    "DecodeCost",
     "cost_label",
+    "decode_features",
     "fit_coefficients",
     "head_cost",
     "head_layout",
@@ -48,6 +56,7 @@ __all__ = [
 ]
 
 PROFILE_FORMAT = "tree_search.cost_profile"
+PROFILE_VERSION = 2  # 2: decoding beside training; version 1 files load without it
 # `TreeSoftmaxHead`'s layout settings (`head_layout`); top levels up to 64 columns measured fastest on CPU
 # (binary Huffman at V = 10k, the einsum-free head before the fused scores: 27.5 ms a step against 38.9 ms
 # with 1,024; `bench_head_time.py --top-columns N` repeats it)
@@ -70,21 +79,41 @@ FEATURES = (
 )
 
 
+# Per-query features of exact top-k decoding by `TreeSoftmaxHead.predict` (a certified beam search, level by
+# level): each the sum of its nodes' shares, a node's weighted by the chance that the search scores it.
+DECODE_FEATURES = (
+    "constant",  # 1: per-query work of any tree (the final top-k, result tables)
+    "levels",  # levels / decode batch: each level is a few kernels and a Python step per batch
+    "level_groups",  # levels x weight groups / decode batch: every level asks every group for its pairs
+    "level_tables",  # levels x beam x (k + beam): each query's candidate tables ranked at every level
+    "scored_pairs",  # scored nodes: index arithmetic, logsumexp and top-k per (query, node) pair
+    "scored_elements",  # scored nodes x their score columns (bucket width or fanout)
+    "gathered_macs",  # scored packed nodes x bucket width x dim: weights gathered per pair
+    "top_macs",  # levels holding top nodes x the top block's columns x dim: the block scored for every query
+    "dense_macs",  # scored dense nodes x (fanout x dim_n + projection): matmuls
+    "dense_launches",  # dense nodes scored for some query of a batch / decode batch: a matmul each
+)
+DECODE_SETTINGS = {"decode_batch": 256, "decode_k": 5}  # what a profile's decoding is measured at
+
+
 class ProfileError(ValueError):
     """A cost profile file that cannot be used (missing, malformed, another format or version)."""
 
 
 def parse_cost_spec(spec: str) -> tuple[str, str]:
-    """``(kind, path)`` of a ``--cost`` value: ``("macs", "")``, ``("measured", "")`` or ``("measured", PATH)``.
+    """``(kind, path)`` of a ``--cost`` value: ``("macs", "")``, or ``("measured" | "decode", "" | PATH)``.
+
+    "measured" is training time, "decode" decoding time, both from a `CostProfile` (this
+    device's when no path is given).
 
     Raises:
         ProfileError: any other value, naming the accepted ones.
     """
     kind, _, path = str(spec).partition(":") if isinstance(spec, str) else ("", "", "")
-    if (kind == "macs" and not path) or kind == "measured":
+    if (kind == "macs" and not path) or kind in ("measured", "decode"):
         return kind, path
-    raise ProfileError(f"--cost must be 'macs', 'measured' (this device's profile) or 'measured:PROFILE.json', "
-                       f"got {spec!r}")  # fmt: skip
+    raise ProfileError(f"--cost must be 'macs', 'measured' (training time, this device's profile), 'decode' "
+                       f"(decoding time) or either with ':PROFILE.json', got {spec!r}")  # fmt: skip
 
 
 def node_costs(
@@ -129,9 +158,11 @@ def head_cost(
     return float(node_costs(tree, counts, dim, projections, model).sum())
 
 
-def cost_label(model: CostProfile | None) -> str:
-    """What costs are in: "multiply-adds" or the profile's "training time on DEVICE"."""
-    return "multiply-adds" if model is None else f"training time on {model.device}"
+def cost_label(model: CostProfile | DecodeCost | None) -> str:
+    """What costs are in: "multiply-adds", the profile's "training time on DEVICE" or "decoding time on DEVICE"."""
+    if model is None:
+        return "multiply-adds"
+    return f"{'decoding' if isinstance(model, DecodeCost) else 'training'} time on {model.device}"
 
 
 def visit_probabilities(tree: Tree, counts: np.ndarray | Sequence[float] | None) -> np.ndarray:
@@ -258,6 +289,50 @@ def layout_features(
     return out
 
 
+def decode_features(
+    tree: Tree,
+    replayed: tuple[np.ndarray, float],
+    dim: int,
+    projections: Mapping[int, int] | None,
+    layout: HeadLayout,
+    *,
+    batch: int,
+    k: int,
+) -> np.ndarray:
+    """(I, len(DECODE_FEATURES)) each internal node's share of the per-query `DECODE_FEATURES` of decoding.
+
+    ``replayed``: ``(scored, levels)``, the pairs the certified beam search scores per query
+    at each node and the levels it runs per batch of ``batch`` queries
+    (`tree_search.heads.decode_replay`). Tree-wide terms (constant, the per-level ones, the
+    top block) are the root's; summed over nodes, the rows give the tree's features.
+    """
+    scored, levels = np.asarray(replayed[0], np.float64), float(replayed[1])
+    inner = tree.num_internal
+    fanout = tree.fanout.astype(np.float64)
+    size, projection = np.full(inner, float(dim)), np.zeros(inner)
+    for node, p in (projections or {}).items():
+        size[node], projection[node] = float(p), float(dim) * float(p)
+    dense, top, packed = layout.dense, layout.top, layout.packed
+    width = layout.width.astype(np.float64)
+    beam = float(max(k, 8))  # `TreeSoftmaxHead.predict`'s default beam
+    widest = max([float(fanout.max()), *(float(w) for w in layout.bucket_widths)])
+    column = {name: i for i, name in enumerate(DECODE_FEATURES)}
+    out = np.zeros((inner, len(DECODE_FEATURES)))
+    out[0, column["constant"]] = 1.0
+    out[0, column["levels"]] = levels / batch
+    out[0, column["level_groups"]] = levels * layout.num_groups / batch
+    out[0, column["level_tables"]] = levels / batch * beam * (k + min(beam + 1, widest))
+    out[:, column["scored_pairs"]] = scored
+    out[:, column["scored_elements"]] = scored * np.where(dense, fanout, width)
+    out[packed, column["gathered_macs"]] = scored[packed] * width[packed] * dim
+    top_levels = float(np.unique(tree.node_depth[top]).size)
+    out[0, column["top_macs"]] = top_levels * fanout[top].sum() * dim
+    out[dense, column["dense_macs"]] = scored[dense] * (fanout[dense] * size[dense] + projection[dense])
+    launched = -np.expm1(batch * np.log1p(-np.minimum(scored, 1 - 1e-15)))  # some query of the batch scores it
+    out[dense, column["dense_launches"]] = launched[dense] / batch
+    return out
+
+
 def fit_coefficients(features: np.ndarray, seconds: np.ndarray) -> np.ndarray:
     """Non-negative coefficients minimising the squared *relative* error of ``features @ c`` against ``seconds``.
 
@@ -275,8 +350,22 @@ def fit_coefficients(features: np.ndarray, seconds: np.ndarray) -> np.ndarray:
     return coefficients / scale
 
 
+class _SummedOverNodes:
+    """``predict``: the sum of a model's ``node_costs`` (seconds per token of training, or per query of decoding)."""
+
+    def predict(
+        self,
+        tree: Tree,
+        counts: np.ndarray | Sequence[float] | None,
+        dim: int | None = None,
+        projections: Mapping[int, int] | None = None,
+    ) -> float:
+        """Predicted seconds of the head on ``tree``: per token of a training step, or per query of decoding."""
+        return float(self.node_costs(tree, counts, self.dim if dim is None else dim, projections).sum())
+
+
 @dataclass(frozen=True)
-class CostProfile:
+class CostProfile(_SummedOverNodes):
     """A measured cost model of `TreeSoftmaxHead`'s training step on one device.
 
     Predicts seconds per token of forward + backward at ``dim``, ``batch`` and
@@ -296,6 +385,11 @@ class CostProfile:
     created: str = ""
     fit: dict[str, Any] = field(default_factory=dict)  # errors on the fitting and held-out trees
     head_settings: dict[str, int] = field(default_factory=lambda: dict(LAYOUT_DEFAULTS))  # `head_layout`'s
+    # decoding (exact top-k per query), fitted beside the training step; empty in profiles written before it
+    decode_coefficients: tuple[float, ...] = ()  # seconds per unit of each DECODE_FEATURES feature
+    decode_batch: int = DECODE_SETTINGS["decode_batch"]
+    decode_k: int = DECODE_SETTINGS["decode_k"]
+    decode_fit: dict[str, Any] = field(default_factory=dict)  # errors on the fitting and held-out trees
 
     def layout(self, tree: Tree, projections: Mapping[int, int] | None = None) -> HeadLayout:
         """`head_layout` with the settings the profile was measured with."""
@@ -311,19 +405,22 @@ class CostProfile:
                                    batch=self.batch, sparse=self.sparse, cache_bytes=self.cache_bytes)  # fmt: skip
         return features @ np.asarray(self.coefficients)
 
-    def predict(
-        self,
-        tree: Tree,
-        counts: np.ndarray | Sequence[float] | None,
-        dim: int | None = None,
-        projections: Mapping[int, int] | None = None,
-    ) -> float:
-        """Predicted seconds per token of a training step of the head on ``tree``."""
-        return float(self.node_costs(tree, counts, self.dim if dim is None else dim, projections).sum())
+    @property
+    def decoding(self) -> DecodeCost:
+        """The profile's decoding side, a cost model of its own (``--cost decode``).
+
+        Raises:
+            ProfileError: a profile written before decoding was calibrated.
+        """
+        if len(self.decode_coefficients) != len(DECODE_FEATURES):
+            raise ProfileError(f"the cost profile of {self.device} has no decoding model (written before decoding "
+                               "was calibrated): run `tree-search cost calibrate` again")  # fmt: skip
+        return DecodeCost(self)
 
     def to_json(self) -> dict[str, Any]:
         """The file's content."""
-        return {"format": PROFILE_FORMAT, "version": 1, "features": list(FEATURES), **asdict(self)}
+        return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "features": list(FEATURES),
+                "decode_features": list(DECODE_FEATURES), **asdict(self)}  # fmt: skip
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the profile as JSON."""
@@ -344,16 +441,87 @@ def load_profile(path: str | os.PathLike[str]) -> CostProfile:
         raise ProfileError(f"{path}: not a cost profile ({err})") from None
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
         raise ProfileError(f"{path}: not a cost profile (format {PROFILE_FORMAT!r})")
-    if data.get("version") != 1:
-        raise ProfileError(f"{path}: cost profile version {data.get('version')!r}; this code reads version 1")
+    if data.get("version") not in (1, PROFILE_VERSION):
+        raise ProfileError(f"{path}: cost profile version {data.get('version')!r}; this code reads versions 1 and "
+                           f"{PROFILE_VERSION}")  # fmt: skip
     if data.get("features") != list(FEATURES):
         raise ProfileError(f"{path}: the profile's features {data.get('features')} are not this code's {FEATURES}; "
                            "calibrate again")  # fmt: skip
-    fields = {k: v for k, v in data.items() if k not in ("format", "version", "features")}
+    if data.get("decode_coefficients") and data.get("decode_features") != list(DECODE_FEATURES):
+        raise ProfileError(f"{path}: the profile's decoding features {data.get('decode_features')} are not this "
+                           f"code's {DECODE_FEATURES}; calibrate again")  # fmt: skip
+    fields = {k: v for k, v in data.items() if k not in ("format", "version", "features", "decode_features")}
     try:
-        profile = CostProfile(**{**fields, "coefficients": tuple(float(c) for c in fields["coefficients"])})
-    except (TypeError, KeyError) as err:
+        profile = CostProfile(
+            **{
+                **fields,
+                "coefficients": tuple(float(c) for c in fields["coefficients"]),
+                "decode_coefficients": tuple(float(c) for c in fields.get("decode_coefficients", ())),
+            }
+        )
+    except (TypeError, KeyError, ValueError) as err:
         raise ProfileError(f"{path}: malformed cost profile ({err})") from None
-    if len(profile.coefficients) != len(FEATURES) or not all(math.isfinite(c) and c >= 0 for c in profile.coefficients):
+    for name, values, expected in (
+        ("coefficients", profile.coefficients, len(FEATURES)),
+        ("decode_coefficients", profile.decode_coefficients, len(DECODE_FEATURES)),
+    ):
+        if (len(values) != expected and values) or not all(math.isfinite(c) and c >= 0 for c in values):
+            raise ProfileError(f"{path}: field {name!r} must hold {expected} finite numbers >= 0")
+    if not profile.coefficients:
         raise ProfileError(f"{path}: field 'coefficients' must hold {len(FEATURES)} finite numbers >= 0")
     return profile
+
+
+@dataclass(frozen=True)
+class DecodeCost(_SummedOverNodes):
+    """A profile's decoding model: predicted seconds per query of exact top-k (`TreeSoftmaxHead.predict`).
+
+    Shares `CostProfile`'s interface (``node_costs``, ``predict``, ``device``, ``dim``,
+    ``save``), so every place that takes a cost model takes it: ``--cost decode`` caps
+    and fronts in decoding time. Decoding at the profile's ``decode_batch`` queries at once
+    and ``decode_k`` classes. ``replay`` (``tree -> (scored, levels)``) says how often the
+    search scores each node on the data (`tree_search.heads.decode_replay.decode_scores_for_dataset`);
+    `CostProfile.decoding` has none: `bound` gives it one.
+    """
+
+    profile: CostProfile
+    replay: Any = field(default=None, compare=False)
+
+    @property
+    def device(self) -> str:
+        """The profile's device."""
+        return self.profile.device
+
+    @property
+    def dim(self) -> int:
+        """The profile's dimension."""
+        return self.profile.dim
+
+    @property
+    def fit(self) -> dict[str, Any]:
+        """The decoding fit's errors on the fitting and held-out trees."""
+        return self.profile.decode_fit
+
+    def bound(self, replay) -> DecodeCost:
+        """This model with ``replay`` (``tree -> (scored, levels)``) as the data's decoding."""
+        return DecodeCost(self.profile, replay)
+
+    def node_costs(
+        self, tree: Tree, counts: np.ndarray | Sequence[float] | None, dim: int, projections: Mapping[int, int] | None
+    ) -> np.ndarray:
+        """(I,) each internal node's share of the predicted seconds per query (their sum: `predict`).
+
+        ``counts`` are not read: how often a node is scored comes from the replay on the data.
+        """
+        p = self.profile
+        if int(dim) != p.dim:
+            raise ValueError(f"this cost profile was measured at dim {p.dim}, not {dim}: calibrate at dim {dim}")
+        if self.replay is None:
+            raise ValueError("decoding costs need the data's decoding replay: DecodeCost.bound(replay)")
+        features = decode_features(tree, self.replay(tree), dim, projections, p.layout(tree, projections),
+                                   batch=p.decode_batch, k=p.decode_k)  # fmt: skip
+        return features @ np.asarray(p.decode_coefficients)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the whole profile (training and decoding) as JSON."""
+        self.profile.save(path)

@@ -389,6 +389,63 @@ def test_a_front_search_in_measured_time(tmp_path):
     assert "### Decoding time" in report and "classic trees' decoding front" in report and "| full softmax |" in report
 
 
+def test_a_front_search_in_decoding_time(tmp_path):
+    """--cost decode: caps, the leaderboard's costs and the report's axis are the profile's decoding time."""
+    from tree_search.builders import huffman
+    from tree_search.cost import DECODE_FEATURES, FEATURES, CostProfile
+    from tree_search.heads.decode_replay import DecodeReplay, centroid_log_probs
+    from tree_search.heads.timing import decoding_cost
+
+    # decoding priced by the pairs the beam search scores and the levels it runs; training by multiply-adds
+    decode = [0.0] * len(DECODE_FEATURES)
+    decode[DECODE_FEATURES.index("constant")] = 1e-6
+    decode[DECODE_FEATURES.index("scored_pairs")] = 1e-6
+    decode[DECODE_FEATURES.index("levels")] = 1e-5
+    training = [0.0] * len(FEATURES)
+    training[FEATURES.index("dense_macs")] = 1e-9
+    training[FEATURES.index("packed_macs")] = 1e-9
+    profile = CostProfile(device="cpu: test", device_type="cpu", dim=PLANTED.dim, batch=256, precision="fp32",
+                          sparse=True, num_classes=64, coefficients=tuple(training),
+                          decode_coefficients=tuple(decode))  # fmt: skip
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    env = ENV.with_updates(cost=f"decode:{path}")
+    config = SearchConfig(agent="dp", budget=4, cost_caps=(1.0, 2.0), env_config=env,
+                          baselines="huffman-2,huffman-4,kmeans-4,kmeans-16")  # fmt: skip
+    run = run_search(config, tmp_path / "run", log=None)
+    dataset = load_env_dataset(env)
+    model = decoding_cost(profile, dataset)
+    # independently of the memo: the replay on the same rows' class-mean distributions, priced by hand
+    n = dataset.labels["valid"].shape[0]
+    rows = np.sort(np.random.default_rng([0, 2]).permutation(n)[:256])
+    from tree_search.data.features import class_feature_means
+
+    log_probs = centroid_log_probs(class_feature_means(dataset), dataset.class_weights,
+                                   np.asarray(dataset.features["valid"][rows], np.float32),
+                                   np.asarray(dataset.labels["valid"])[rows])  # fmt: skip
+
+    def by_hand(tree):
+        scored, levels = DecodeReplay(tree, log_probs).replay(5, 256)
+        return 1e-6 + 1e-6 * scored.sum() + 1e-5 * levels / 256
+
+    unit = by_hand(huffman(dataset.class_weights, 2))
+    assert model.predict(huffman(dataset.class_weights, 2), None) == pytest.approx(unit, rel=1e-9)
+    counted = [e for e in run.evaluations() if e.counted]
+    assert counted
+    for e in run.evaluations():
+        tree = run.tree(e.key)
+        assert e.expected_cost == pytest.approx(by_hand(tree), rel=1e-9)  # the leaderboard's cost: decoding time
+    for e in counted:
+        cap = 1.0 if e.searcher == "dp@1x" else 2.0
+        assert e.expected_cost <= cap * unit * (1 + 1e-6)  # each cap holds in decoding time
+    rows = compare_runs([run.folder], seeds=1, log=None)
+    report = (run.folder / "report.md").read_text()
+    assert "Costs and caps are in decoding time on cpu: test." in report and "### Decoding time" in report
+    for r in rows:
+        assert r["decode_predicted_us"] > 0  # the prediction beside each measured decoding time
+    assert "errs by" in report
+
+
 def test_the_report_measures_the_gap_against_the_converged_reference_once_it_is_cached(tmp_path):
     from tree_search.reward.converged import train_reference
 

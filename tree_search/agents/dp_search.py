@@ -211,7 +211,7 @@ class DPSearcher(Searcher):
         self.counts = dataset.class_weights
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
         self.dim = dataset.dim
-        self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type)
+        self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
         self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model)
         rules = [r for r in split_rules(config.fanouts) if not r.flat]
         # the adaptive softmax's root splits (its cutoffs and Grave et al.'s): with projected flat tails, its own trees
@@ -253,6 +253,11 @@ class DPSearcher(Searcher):
         """The whole tree's cost (no training)."""
         tree, projections = self._tree(root, completion)
         return head_cost(tree, self.counts, self.dim, projections, self.cost_model)
+
+    def _macs(self, root: SplitRule, completion: SplitRule) -> float:
+        """The whole tree's multiply-adds per token, whatever the search's costs are in (a measure of its width)."""
+        tree, projections = self._tree(root, completion)
+        return head_cost(tree, self.counts, self.dim, projections)
 
     def _parts(self, rule: SplitRule) -> _Measured:
         if rule not in self.measured:
@@ -380,6 +385,10 @@ class DPSearcher(Searcher):
             return None
         completions, predicted = best
         tree, projections = self._tree(entry.rule, completions)
+        if head_cost(tree, self.counts, self.dim, projections, self.cost_model) > self.cap * (1 + 1e-9):
+            # parts' costs add up exactly in multiply-adds and training time; in decoding time a part's pairs
+            # depend on the rest of the tree (a better class found elsewhere prunes it), so the sum is a forecast
+            return None
         evaluation = self.evaluator.evaluate(tree, projections, searcher=self.label)
         if evaluation.ok:
             self.predictions.append((predicted, evaluation.valid_nll, tree))
@@ -396,8 +405,10 @@ class DPSearcher(Searcher):
             # Costs need no training: root rules whose cheapest completion (3-ary Huffman) is over the cap are out.
             cheap = huffman_rule(3)
             cheapest = {r: self._cost(r, cheap) for r in self.root_rules}
-            # the costliest first: a wider root split buys more loss for its cost
-            feasible = sorted((r for r in self.root_rules if cheapest[r] <= self.cap), key=lambda r: -cheapest[r])
+            # the widest first (in multiply-adds, whatever the caps are in): a wider root split buys more loss. In
+            # decoding time a wide root is often the fast one (it prunes the rest), so its cost is no measure of width.
+            width = {r: self._macs(r, cheap) for r in self.root_rules}
+            feasible = sorted((r for r in self.root_rules if cheapest[r] <= self.cap), key=lambda r: -width[r])
             # At most half the budget ranks root rules, each by its homogeneous tree when that fits the cap (a classic
             # candidate itself; for the adaptive softmax's cutoffs, its own tree), else completed by 3-ary Huffman;
             # the rest of the budget completes the best of them.

@@ -244,7 +244,7 @@ class JTMSearcher(Searcher):
         self.device = default_device() if device is None else torch.device(device)
         self.counts = dataset.class_weights
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
-        self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type)
+        self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
         self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model) if config.cost_mode == "cap" else math.inf
         self._splits: dict = {}
         self.rounds: list[tuple[int, int, float]] = []  # (chain, round, valid NLL) of every re-assignment round

@@ -44,8 +44,9 @@ console = Console(highlight=False)
 if not console.is_terminal:  # pipes and CI logs: don't squeeze tables into 80 columns
     console.width = max(console.width, 120)
 F = TypeVar("F", bound=Callable[..., Any])
-COST_HELP = ("'macs' (multiply-adds) or 'measured[:PROFILE.json]': training time per token predicted by this "
-             "device's cost profile (`tree-search cost calibrate`); the report then adds verdicts in time and the "
+COST_HELP = ("'macs' (multiply-adds), 'measured[:PROFILE.json]': training time per token predicted by this "
+             "device's cost profile (`tree-search cost calibrate`), or 'decode[:PROFILE.json]': exact top-5 "
+             "decoding time per query predicted by it; with a profile the report adds verdicts in time and the "
              "comparison at the adaptive softmax's time")  # fmt: skip
 
 

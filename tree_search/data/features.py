@@ -40,6 +40,7 @@ __all__ = [
     "FeatureDataset",
     "build_features",
     "class_embeddings",
+    "class_feature_means",
     "default_device",
     "load_feature_folder",
     "row_documents",
@@ -188,6 +189,11 @@ def class_embeddings(dataset: FeatureDataset) -> np.ndarray:
     """(V, e) class embeddings: the dataset's own, else the mean training feature of each class."""
     if dataset.class_embeddings is not None:
         return np.asarray(dataset.class_embeddings, dtype=np.float64)
+    return class_feature_means(dataset)
+
+
+def class_feature_means(dataset: FeatureDataset) -> np.ndarray:
+    """(V, dim) float64 mean training feature of each class (zero for a class never seen), remembered per dataset."""
     if dataset.key not in _CLASS_MEANS:
         features, labels = dataset.features["train"], np.asarray(dataset.labels["train"])
         sums = np.zeros((dataset.num_classes, features.shape[1]))

@@ -36,7 +36,7 @@ class TreeEnvConfig:
     seeds: int = 1  # training seeds averaged per evaluation
     cost_mode: str = "cap"  # "cap": over-cap trees are penalised; "tradeoff": reward -= cost_weight * cost ratio
     cost_cap: float = 2.0  # cap on expected cost per token, in multiples of binary Huffman's
-    cost: str = "macs"  # what costs are: "macs" (multiply-adds) or "measured[:PROFILE]" (a device's training time)
+    cost: str = "macs"  # "macs" (multiply-adds), "measured[:PROFILE]" or "decode[:PROFILE]" (a device's time)
     cap_penalty: float = 1.0  # over the cap: reward = -ln V - cap_penalty * (cost / cap - 1); no training
     cost_weight: float = 1.0  # lambda of the tradeoff mode: reward = -NLL - lambda * cost / full-softmax cost
     failure_penalty: float = 1.0  # a failed evaluation (NaN, OOM): reward = -ln V - failure_penalty
@@ -79,7 +79,11 @@ class TreeEnvConfig:
         try:
             parse_cost_spec(self.cost)
         except ValueError:
-            raise bad("cost", "'macs', 'measured' (this device's profile) or 'measured:PROFILE.json'") from None
+            raise bad(
+                "cost",
+                "'macs', 'measured' (training time: this device's profile), 'decode' (decoding time), "
+                "or either with ':PROFILE.json'",
+            ) from None
         if self.cost_mode not in COST_MODES:
             raise bad("cost_mode", f"one of {COST_MODES}")
         if self.reward_mode not in REWARD_MODES:

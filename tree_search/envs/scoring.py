@@ -132,7 +132,7 @@ class EpisodeScorer:
         self.reward_fn = reward_fn if reward_fn is not None else LocalReward(dataset, config.train, config.seeds)
         self.counts = dataset.class_weights
         self.dim = dataset.dim
-        self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type)
+        self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
         self.full_cost = full_softmax_cost(dataset, self.cost_model)
         self.huffman_cost = huffman_cost(dataset, self.cost_model)
         self.cap = config.cost_cap * self.huffman_cost

@@ -27,9 +27,12 @@ import torch
 
 from tree_search import builders
 from tree_search.cost import (
+    DECODE_SETTINGS,
     LAYOUT_DEFAULTS,
     CostProfile,
+    DecodeCost,
     ProfileError,
+    decode_features,
     fit_coefficients,
     head_layout,
     layout_features,
@@ -37,6 +40,9 @@ from tree_search.cost import (
     parse_cost_spec,
 )
 from tree_search.data.cache import cache_root
+from tree_search.data.features import FeatureDataset
+from tree_search.heads.centroid import centroid_head
+from tree_search.heads.decode_replay import DecodeReplay, decode_scores_for_dataset
 from tree_search.heads.tree_head import TreeSoftmaxHead
 from tree_search.split_grammar import Plan, SplitRule, huffman_rule, plan_tree
 from tree_search.tree import Tree
@@ -49,6 +55,7 @@ __all__ = [
     "calibrate",
     "calibration_trees",
     "check_cost_spec",
+    "decoding_cost",
     "default_profile_path",
     "device_name",
     "resolve_cost",
@@ -70,6 +77,7 @@ HELD_OUT_CLASSICS = (
 # head on the same shape (the held-out tree named here)
 REFERENCE_HEADS = {"torch AdaptiveLogSoftmaxWithLoss": "adaptive"}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_REPLAYS: dict = {}  # (dataset key, k, batch) -> the dataset's decoding replay (`decode_scores_for_dataset`)
 CACHE_SIZES = (*(float(1 << k) * 2**20 for k in range(9)), math.inf)  # 1 MB .. 256 MB, or no cache effect
 
 
@@ -165,8 +173,9 @@ def time_decoding(
 
     Returns ``{"batch": ...}``: the median over ``repeats`` calls on ``batch`` queries at once,
     per query (throughput), and ``{"single": ...}``: the median over ``single`` calls on one
-    query each (latency). One warm-up call first. The time depends on the head's weights (a
-    node is scored only while it can still hold a top-k class), so time trained heads.
+    query each (latency; NaN when ``single`` is 0). One warm-up call first. The time depends
+    on the head's weights (a node is scored only while it can still hold a top-k class), so
+    time trained heads.
     """
     h = queries[:batch]
 
@@ -180,7 +189,8 @@ def time_decoding(
     with torch.no_grad():
         timed(h)
         per_batch = float(np.median([timed(h) for _ in range(repeats)])) / h.shape[0]
-        per_query = float(np.median([timed(queries[i : i + 1]) for i in range(min(single, queries.shape[0]))]))
+        singles = [timed(queries[i : i + 1]) for i in range(min(single, queries.shape[0]))]
+        per_query = float(np.median(singles)) if singles else math.nan
     return {"batch": per_batch, "single": per_query}
 
 
@@ -202,22 +212,32 @@ def check_cost_spec(spec: str, device_type: str = "cpu") -> None:
     if kind == "macs":
         return
     if path:
-        load_profile(path)
+        profile = load_profile(path)
+        if kind == "decode":
+            try:
+                _ = profile.decoding
+            except ProfileError as err:
+                raise ProfileError(f"{path}: {err}") from None
         return
     folder = default_profile_path(device_type, 1).parent
     if not any(folder.glob(f"{device_type}-d*.json")):
-        raise ProfileError(f"--cost measured: no cost profile of this {device_type} in {folder}; "
+        raise ProfileError(f"--cost {kind}: no cost profile of this {device_type} in {folder}; "
                            "write one with `tree-search cost calibrate` (about a minute)")  # fmt: skip
 
 
-def resolve_cost(spec: str, *, dim: int, device_type: str = "cpu") -> CostProfile | None:
-    """The cost model a ``--cost`` value names: None for ``"macs"``, the `CostProfile` for ``"measured[:PATH]"``.
+def resolve_cost(
+    spec: str, *, dim: int, device_type: str = "cpu", dataset: FeatureDataset | None = None
+) -> CostProfile | DecodeCost | None:
+    """The cost model a ``--cost`` value names: None, a `CostProfile`, or its decoding side (`DecodeCost`).
 
-    ``"measured"`` alone reads this device type's profile at ``dim``: the default one (batch
+    ``"macs"``: None; ``"measured[:PATH]"``: the profile (training time); ``"decode[:PATH]"``:
+    `CostProfile.decoding` (decoding time), bound to ``dataset``'s decoding replay when given.
+    Without a path it reads this device type's profile at ``dim``: the default one (batch
     4096, fp32; `default_profile_path`) when it exists, else the newest written at ``dim``.
 
     Raises:
-        ProfileError: an unknown value, a missing or unusable profile, or one measured at another dim.
+        ProfileError: an unknown value, a missing or unusable profile (or one without decoding, for
+        ``decode``), or one measured at another dim.
     """
     kind, path = parse_cost_spec(spec)
     if kind == "macs":
@@ -230,7 +250,25 @@ def resolve_cost(spec: str, *, dim: int, device_type: str = "cpu") -> CostProfil
     if profile.dim != int(dim):
         raise ProfileError(f"{path}: measured at dim {profile.dim}, the data has dim {dim}; "
                            f"run `tree-search cost calibrate --dim {dim}`")  # fmt: skip
+    if kind == "decode":
+        try:
+            decoding = profile.decoding
+        except ProfileError as err:
+            raise ProfileError(f"{path}: {err}") from None
+        return decoding if dataset is None else decoding_cost(profile, dataset)
     return profile
+
+
+def decoding_cost(profile: CostProfile, dataset: FeatureDataset) -> DecodeCost:
+    """``profile``'s decoding model bound to ``dataset``'s decoding replay (one replay memo per dataset and process).
+
+    Raises:
+        ProfileError: a profile without decoding.
+    """
+    key = (dataset.key, profile.decode_k, profile.decode_batch)
+    if key not in _REPLAYS:
+        _REPLAYS[key] = decode_scores_for_dataset(dataset, k=profile.decode_k, batch=profile.decode_batch)
+    return profile.decoding.bound(_REPLAYS[key])
 
 
 @dataclass(frozen=True)
@@ -260,6 +298,7 @@ class CalibrationTree:
 
 
 FIT_EXPONENT = 0.8  # the Zipf exponent of the fitting set's second class distribution
+DECODE_TEMPERATURE = 16.0  # the centroid heads' scale: scores are T x cosine + log share (bench_decode's default)
 
 
 def calibration_trees(num_classes: int, dim: int, seed: int = 0) -> list[CalibrationTree]:
@@ -319,13 +358,25 @@ def calibrate(
     passes: int = 2,
     seed: int = 0,
     head_settings: Mapping[str, int] | None = None,
+    decode: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[CostProfile, list[TimedTree]]:
     """Time the fitting and held-out trees on ``device``, fit a `CostProfile`, and check it on the held-out ones.
 
-    Returns the profile (its ``fit`` holds the median and largest relative errors on both
-    sets) and every tree's measured and predicted time. ``progress(name, done, total)`` is
-    called before each timing (``passes`` rounds over all trees; each keeps its fastest).
+    Training: forward + backward of an untrained head per tree. Decoding (``decode``): exact
+    top-k (`TreeSoftmaxHead.predict`, k and batch from `DECODE_SETTINGS`) of a head holding
+    centroid-classifier weights (`heads.centroid.centroid_head`: a decoder's time depends on
+    its weights), on queries near the classes' embeddings, drawn by count; the embeddings the
+    heads score are the trees' building embeddings mapped to ``dim`` by a seeded random matrix,
+    so clustered trees group classes the head finds alike. Decoding's features count the
+    pairs the search scored (`DecodeReplay` on the head's own distributions: exact), so its
+    fit prices scored pairs and levels; how well a search predicts those counts on its data is
+    checked where trained heads are timed (the report). Each side gets its own fit.
+
+    Returns the profile (its ``fit`` and ``decode_fit`` hold the median and largest relative
+    errors on both sets) and every tree's measured and predicted time (decoding rows are named
+    ``"decode: NAME"``). ``progress(name, done, total)`` is called before each timing
+    (``passes`` rounds over all trees; each keeps its fastest).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
@@ -341,6 +392,18 @@ def calibrate(
         h = torch.randn(batch, dim, generator=generator).to(device).requires_grad_(True)
         inputs[key] = (h, y.to(device))
     measured = {t.name: math.inf for t in trees}
+    decoded = {t.name: math.inf for t in trees}
+    decode_batch, decode_k = DECODE_SETTINGS["decode_batch"], DECODE_SETTINGS["decode_k"]
+    queries, embeddings, replayed = {}, {}, {}
+    for key, (s_, exponent) in (("a", (seed, 1.0)), ("b", (seed + 1, FIT_EXPONENT))):
+        c, e = synthetic_classes(num_classes, s_, exponent=exponent)
+        rng = np.random.default_rng(seed + 7)
+        E = e @ rng.standard_normal((e.shape[1], dim)).astype(np.float32)
+        E /= np.linalg.norm(E, axis=1, keepdims=True)
+        y = rng.choice(num_classes, size=decode_batch, p=c / c.sum())
+        q = E[y] + rng.standard_normal((decode_batch, dim), dtype=np.float32) / np.float32(math.sqrt(dim))
+        queries[key] = torch.from_numpy(q / np.linalg.norm(q, axis=1, keepdims=True)).to(device)
+        embeddings[key] = E
 
     def features_at(cache_bytes: float) -> dict[str, np.ndarray]:
         return {t.name: layout_features(t.tree, counts[t.classes], dim, t.projections,
@@ -359,6 +422,17 @@ def calibrate(
             seconds = time_training_step(head, *inputs[t.classes], repeats=repeats, precision=precision) / batch
             measured[t.name] = min(measured[t.name], seconds)
             del head
+            if decode:
+                head = centroid_head(t.tree, embeddings[t.classes], counts[t.classes], projections=t.projections,
+                                     temperature=DECODE_TEMPERATURE, **settings).to(device)  # fmt: skip
+                seconds = time_decoding(head, queries[t.classes], k=decode_k, batch=decode_batch, repeats=repeats,
+                                        single=0)["batch"]  # fmt: skip
+                decoded[t.name] = min(decoded[t.name], seconds)
+                if t.name not in replayed:  # the pairs the search scored, replayed on the head's own distributions
+                    with torch.no_grad():
+                        own = head.log_probs_all(queries[t.classes]).float().cpu()
+                    replayed[t.name] = DecodeReplay(t.tree, own).replay(decode_k, decode_batch)
+                del head
         for name in REFERENCE_HEADS:  # PyTorch's own module, timed the same way
             head = _reference_head(name, num_classes, dim).to(device)
             seconds = time_training_step(head, *inputs["a"], repeats=repeats, precision=precision) / batch
@@ -376,10 +450,26 @@ def calibrate(
     _, cache_bytes, features, coefficients = best
     timed = [TimedTree(t.name, t.role, measured[t.name], float(features[t.name] @ coefficients)) for t in trees]
 
-    def errors(role: str) -> dict[str, float]:
-        rel = np.abs([t.relative_error for t in timed if t.role == role])
-        return {"trees": int(rel.size), "median_abs_relative_error": float(np.median(rel)),
-                "max_abs_relative_error": float(rel.max())}  # fmt: skip
+    decode_fields: dict = {}
+    if decode:
+        rows_at = {}
+        for t in trees:
+            layout = head_layout(t.tree, t.projections, **settings)
+            rows_at[t.name] = decode_features(t.tree, replayed[t.name], dim, t.projections, layout,
+                                              batch=decode_batch, k=decode_k).sum(0)  # fmt: skip
+        decode_coefficients = fit_coefficients(np.array([rows_at[n] for n in fit_names]),
+                                               np.array([decoded[n] for n in fit_names]))  # fmt: skip
+        decode_timed = [TimedTree(t.name, t.role, decoded[t.name], float(rows_at[t.name] @ decode_coefficients))
+                        for t in trees]  # fmt: skip
+        decode_fields = {
+            "decode_coefficients": tuple(float(c) for c in decode_coefficients),
+            "decode_batch": decode_batch, "decode_k": decode_k,
+            "decode_fit": {"fit": _errors(decode_timed, "fit"), "held_out": _errors(decode_timed, "held out"),
+                           "temperature": DECODE_TEMPERATURE,
+                           "trees": {t.name: {"role": t.role, "measured": t.measured, "predicted": t.predicted}
+                                     for t in decode_timed}},
+        }  # fmt: skip
+        timed += [TimedTree(f"decode: {t.name}", t.role, t.measured, t.predicted) for t in decode_timed]
 
     profile = CostProfile(
         device=device_name(device),
@@ -393,11 +483,21 @@ def calibrate(
         cache_bytes=float(cache_bytes),
         torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        fit={"fit": errors("fit"), "held_out": errors("held out"), "repeats": int(repeats), "passes": int(passes),
+        fit={"fit": _errors(timed, "fit"), "held_out": _errors(timed, "held out"), "repeats": int(repeats),
+             "passes": int(passes),
              "references": {name: {"measured": seconds, "same_shape": REFERENCE_HEADS[name],
                                    "same_shape_measured": measured[REFERENCE_HEADS[name]]}
                             for name, seconds in references.items()},
-             "trees": {t.name: {"role": t.role, "measured": t.measured, "predicted": t.predicted} for t in timed}},
+             "trees": {t.name: {"role": t.role, "measured": t.measured, "predicted": t.predicted}
+                       for t in timed if not t.name.startswith("decode: ")}},
         head_settings={k: int(v) for k, v in settings.items()},
+        **decode_fields,
     )  # fmt: skip
     return profile, timed
+
+
+def _errors(timed: list[TimedTree], role: str) -> dict[str, float]:
+    """The median and largest absolute relative errors of the training rows of ``role`` in ``timed``."""
+    rel = np.abs([t.relative_error for t in timed if t.role == role and not t.name.startswith("decode: ")])
+    return {"trees": int(rel.size), "median_abs_relative_error": float(np.median(rel)),
+            "max_abs_relative_error": float(rel.max())}  # fmt: skip

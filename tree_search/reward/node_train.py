@@ -43,6 +43,7 @@ import torch
 
 from tree_search.data.cache import source_identity
 from tree_search.data.features import FeatureDataset, class_embeddings, row_documents
+from tree_search.heads.centroid import child_centroids, subtree_embedding_sums
 from tree_search.heads.schedule import step_scale
 from tree_search.tree import Tree
 
@@ -386,34 +387,6 @@ def _init_seeds(keys: np.ndarray, seed: int, salt: int, child_hashes: np.ndarray
         return _splitmix(base[:, None] ^ _mix(child_hashes.reshape(-1, 2))[:, 0].reshape(child_hashes.shape[:2]))
 
 
-def _warm_start(tree: Tree, sums: np.ndarray, mass: np.ndarray, E: np.ndarray, counts: np.ndarray,
-                nodes: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(G, width, d) count-weighted mean class embedding of each child and (G, width) its log share of the mass."""
-    V = tree.num_classes
-    fan = tree.fanout[nodes]
-    slots = np.arange(width)[None, :]
-    has = slots < fan[:, None]
-    child = np.where(
-        has, tree.child_ids[np.minimum(tree.child_ptr[nodes][:, None] + slots, tree.child_ids.size - 1)], 0
-    )
-    leaf = child < V
-    leaf_id = np.minimum(child, V - 1)
-    total = np.where(leaf[..., None], E[leaf_id] * counts[leaf_id][..., None], sums[np.maximum(child - V, 0)])
-    weight_mass = np.where(leaf, counts[leaf_id], mass[np.maximum(child - V, 0)])
-    weight = np.where(has[..., None], total / weight_mass[..., None], 0.0)
-    bias = np.where(has, np.log(weight_mass) - np.log(mass[nodes])[:, None], 0.0)
-    return weight, bias
-
-
-def _subtree_embedding_sums(tree: Tree, E: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(I, d) count-weighted embedding sums and (I,) count sums below each internal node."""
-    sums = torch.zeros(tree.num_internal, E.shape[1], dtype=torch.float64)
-    sums.index_add_(0, torch.from_numpy(tree.leaf_parent.astype(np.int64)), torch.from_numpy(E * counts[:, None]))
-    for level in reversed(tree._levels[1:]):
-        sums.index_add_(0, torch.from_numpy(tree.node_parent[level].astype(np.int64)), sums[torch.from_numpy(level)])
-    return sums.numpy(), tree.subtree_sums(counts)
-
-
 def train_nodes(
     tree: Tree,
     nodes: np.ndarray,
@@ -490,7 +463,7 @@ def train_nodes(
     if recipe.init == "embeddings":
         E = class_embeddings(dataset)
         counts = np.asarray(dataset.counts, dtype=np.float64) + 0.5  # every class some mass
-        context.embeddings = (E, counts, *_subtree_embedding_sums(tree, E, counts))
+        context.embeddings = (E, counts, *subtree_embedding_sums(tree, E, counts))
     for g, (b, w, p, k) in enumerate(unique):
         members = np.flatnonzero(inverse.reshape(-1) == g)
         # Nodes are independent, so a group is trained in chunks: the batch of features and the score tensors
@@ -574,8 +547,8 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
     din = P or d
     fan = c.fanout[members]
     if c.embeddings is not None and not P:
-        w0, b0 = _warm_start(c.tree, c.embeddings[2], c.embeddings[3], c.embeddings[0], c.embeddings[1],
-                             c.nodes[members], Wd)  # fmt: skip
+        w0, b0 = child_centroids(c.tree, c.embeddings[2], c.embeddings[3], c.embeddings[0], c.embeddings[1],
+                                 c.nodes[members], Wd)  # fmt: skip
     else:
         # seeded by each child's class set, so that the same node with its children in another order starts the same
         slots = np.minimum(c.tree.child_ptr[c.nodes[members]][:, None] + np.arange(Wd), c.tree.child_ids.size - 1)

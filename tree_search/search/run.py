@@ -12,7 +12,7 @@ from pathlib import Path
 from tree_search.agents.base import Searcher
 from tree_search.agents.baselines import BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
-from tree_search.cost import head_cost
+from tree_search.cost import head_cost, parse_cost_spec
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.envs import load_env_dataset, make_env
 from tree_search.heads.timing import resolve_cost
@@ -135,9 +135,9 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
     """`run_search` in a run folder already created (or opened to resume)."""
     dataset = load_env_dataset(config.env_config)
     cost_model = resolve_cost(run.cost_spec(config.env_config.cost), dim=dataset.dim,
-                              device_type=default_device().type)  # fmt: skip
+                              device_type=default_device().type, dataset=dataset)  # fmt: skip
     if cost_model is not None:  # the run keeps the profile it searched with: its caps keep their meaning
-        own = f"measured:{run.folder / Run.COST_PROFILE}"
+        own = f"{parse_cost_spec(config.env_config.cost)[0]}:{run.folder / Run.COST_PROFILE}"
         if not (run.folder / Run.COST_PROFILE).exists():
             cost_model.save(run.folder / Run.COST_PROFILE)
         config = dataclasses.replace(config, env_config=config.env_config.with_updates(cost=own))

@@ -76,12 +76,12 @@ class Run:
     CHARGES = "charges.json"  # per searcher label: evaluations charged for node losses revealed outside evaluations
 
     def cost_spec(self, spec: str) -> str:
-        """``spec`` with ``measured`` pointing at this run's own copy of its profile, once it has one.
+        """``spec`` with ``measured`` or ``decode`` pointing at this run's own copy of its profile, once it has one.
 
         A run's caps and costs keep their meaning when the device's profile is calibrated again.
         """
-        own = self.folder / self.COST_PROFILE
-        return f"measured:{own}" if parse_cost_spec(spec)[0] == "measured" and own.exists() else spec
+        own, kind = self.folder / self.COST_PROFILE, parse_cost_spec(spec)[0]
+        return f"{kind}:{own}" if kind != "macs" and own.exists() else spec
 
     @classmethod
     def create(
