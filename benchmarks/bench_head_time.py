@@ -2,6 +2,7 @@
 
     python benchmarks/bench_head_time.py [--sizes 10000,50000] [--batch 4096] [--dim 256] [--repeats 7]
                                          [--dense] [--no-input-grad] [--top-columns N] [--no-tune-allocator]
+                                         [--profile PROFILE.json | none]
 
 For the trees of issue 27 (Huffman 2/8/32, k-means-16, head-and-tail k-means-16, Grave's
 2-cluster cutoffs, the adaptive shapes, the flat softmax as a one-node tree) on synthetic
@@ -13,18 +14,26 @@ x 2 FLOP per token / time) as a share of a 4096x256x2048 float32 matmul's rate m
 the same run. --no-tune-allocator leaves glibc's malloc as it is (the command line tunes
 it). The "before" figures of issue 27 come from this script run against a checkout of
 157de49 with this commit's ``cost.py`` and ``heads/timing.py`` copied in (PYTHONPATH=...).
+
+With a cost profile (--profile; by default this device's, `tree-search cost calibrate`, when
+it exists and matches --dim, --batch and the gradients) it also prints each tree's predicted
+time and the prediction's error: how far the profile, calibrated at its own V (10,000 by
+default), carries to other sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import time
 
 import torch
 
 from tree_search import builders
+from tree_search.cost import ProfileError
 from tree_search.heads import TreeSoftmaxHead
-from tree_search.heads.timing import synthetic_classes, time_training_step, tune_allocator
+from tree_search.heads.timing import resolve_cost, synthetic_classes, time_training_step, tune_allocator
 from tree_search.reward.reward import head_cost
 
 FULL_SOFTMAX_GIB = 8  # the flat softmax is timed only while its (batch, V) tensors fit in this much memory
@@ -51,7 +60,17 @@ def main() -> None:
     parser.add_argument("--no-tune-allocator", action="store_true")
     parser.add_argument("--dense", action="store_true", help="dense gradients (the head's default) instead of sparse")
     parser.add_argument("--no-input-grad", action="store_true", help="no gradient into h (a frozen encoder)")
+    parser.add_argument("--profile", default="", help="cost profile to check (default: this device's; 'none': no)")
     args = parser.parse_args()
+    profile = None
+    if args.profile != "none":
+        try:
+            profile = resolve_cost(f"measured:{args.profile}" if args.profile else "measured", dim=args.dim)
+        except ProfileError as err:
+            print(f"no profile checked: {err}")
+        if profile is not None and (profile.batch, profile.sparse) != (args.batch, not args.dense):
+            print(f"no profile checked: it was measured at batch {profile.batch}, sparse={profile.sparse}")
+            profile = None
     if not args.no_tune_allocator:
         tune_allocator()
     settings = {} if args.top_columns is None else {"top_columns": args.top_columns}
@@ -79,14 +98,23 @@ def main() -> None:
                                    **settings)  # fmt: skip
             seconds = time_training_step(head, h, y, repeats=args.repeats)
             macs = head_cost(classic.tree, counts, args.dim, classic.projections)
-            rows.append((name, macs, seconds))
+            predicted = math.nan
+            if profile is not None:
+                predicted = profile.predict(classic.tree, counts, projections=classic.projections) * args.batch
+            rows.append((name, macs, seconds, predicted))
         base_macs, base_time = rows[0][1], rows[0][2]
         print(f"\nV = {V:,}\n  {'tree':<20} {'MACs / Huffman':>14} {'time / Huffman':>15} {'ms / step':>10} "
-              f"{'% of matmul rate':>17}")  # fmt: skip
-        for name, macs, seconds in rows:
+              f"{'% of matmul rate':>17} {'predicted ms':>13} {'error':>7}")  # fmt: skip
+        errors = []
+        for name, macs, seconds, predicted in rows:
             achieved = 3 * 2 * macs * args.batch / seconds
+            error = predicted / seconds - 1
+            errors.append(abs(error))
             print(f"  {name:<20} {macs / base_macs:>14.2f} {seconds / base_time:>15.2f} {seconds * 1e3:>10.1f} "
-                  f"{100 * achieved / rate:>16.1f}%")  # fmt: skip
+                  f"{100 * achieved / rate:>16.1f}% {predicted * 1e3:>13.1f} {error:>+7.0%}")  # fmt: skip
+        if profile is not None:
+            print(f"  the profile (calibrated at V = {profile.num_classes:,}) errs by {statistics.median(errors):.0%} "
+                  f"in the median here (largest {max(errors):.0%})")  # fmt: skip
 
 
 if __name__ == "__main__":

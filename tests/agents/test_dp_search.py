@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -146,8 +147,6 @@ def test_the_selection_free_figure_against_brute_force_when_the_halves_disagree(
 
 
 def test_dp_reaches_the_adaptive_softmax_s_tree_and_predicts_projected_nodes_exactly():
-    import dataclasses
-
     from tree_search.builders import classic_trees
     from tree_search.cost import head_cost
     from tree_search.split_grammar import rank_cutoffs
@@ -187,3 +186,23 @@ def test_dp_reaches_the_adaptive_softmax_s_tree_and_predicts_projected_nodes_exa
         costs = searcher._part_costs(root, rule)
         for k in range(len(entry.parts)):
             assert entry.root_cost + costs[k] + cheapest.sum() - cheapest[k] > searcher.cap, (rule, k)
+
+
+@pytest.mark.parametrize("name", ["cutoffs-80", "cutoffs-95"])
+def test_dp_measures_the_frequency_cutoffs_trees_themselves(name):
+    """Their roots are in the grammar, completed first by unprojected flat tails: the classic tree itself."""
+    from tree_search.builders import classic_trees
+    from tree_search.cost import head_cost
+    from tree_search.split_grammar import rank_cutoffs
+
+    dataset = load_env_dataset(CONFIG)
+    counts, dim = dataset.class_weights, dataset.dim
+    shape = classic_trees(counts, [name], dim=dim)[name]
+    ratio = head_cost(shape.tree, counts, dim) / head_cost(huffman(counts, 2), counts, dim)
+    config = dataclasses.replace(CONFIG, cost_cap=1.05 * ratio)
+    searcher = DPSearcher(LocalEvaluator(dataset, QUICK, budget=2), dataset, config, device="cpu")
+    root = rank_cutoffs(shape.params["cutoffs"])
+    assert root in searcher.root_rules
+    searcher.root_rules = [root]
+    first = next(iter(searcher.search()))
+    assert first.key.split("+")[0] == shape.tree.canonical_hash and not first.projections

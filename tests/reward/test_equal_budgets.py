@@ -52,6 +52,32 @@ def test_a_scope_pays_for_trees_other_scopes_evaluated_without_training_them_aga
     assert not evaluator.evaluate(quaternary, searcher="tpe@4x").counted
 
 
+def test_a_searcher_that_proposes_a_classic_tree_has_found_it(dataset):
+    """Free (the baselines paid) but on the searcher's leaderboard once, so its finalist can be that tree."""
+    from tree_search.search.report import finalists
+
+    quaternary = builders.huffman(dataset.counts, 4)
+    seen = []
+    evaluator = LocalEvaluator(dataset, QUICK, budget=2, listeners=[lambda e, tree: seen.append(e)])
+    classic = evaluator.evaluate(quaternary, searcher="baseline:huffman-4", counted=False)
+    found = evaluator.evaluate(quaternary, searcher="dp@1x")
+    assert found.searcher == "dp@1x" and not found.counted and evaluator.used == 0
+    assert found.valid_nll == classic.valid_nll and found.key == classic.key and found.index == classic.index + 1
+    assert [e.searcher for e in seen] == ["baseline:huffman-4", "dp@1x"]
+    again = evaluator.evaluate(quaternary, searcher="dp@1x")  # once per searcher
+    assert not again.counted and len(seen) == 2 and evaluator.counters["done"] == 1
+
+    class OneRun:  # what `finalists` reads of a run
+        config = SearchConfig(agent="dp", cost_caps=(1.0,), env_config=ENV).to_json()
+
+        @staticmethod
+        def evaluations():
+            return seen
+
+    picked = finalists([OneRun()], huffman_ratio=1.0)
+    assert picked["dp@1x"][1].key == classic.key and picked["huffman-4"][1].searcher == "baseline:huffman-4"
+
+
 def test_node_losses_revealed_outside_evaluations_are_charged_in_evaluation_equivalents(dataset):
     quaternary, octal = builders.huffman(dataset.counts, 4), builders.huffman(dataset.counts, 8)
     evaluator = LocalEvaluator(dataset, QUICK, budget=3)

@@ -19,10 +19,12 @@ searcher's tree), and its nodes' losses are read from the node bank, summed per 
 
 The search, within its budget:
 
-1. root rules whose cheapest completion fits under the cap (costs need no training),
-   costliest first, each measured by its homogeneous tree when that fits the cap (for the
-   adaptive softmax's cutoffs, PyTorch's tree: tail i projected to ``d / 4**(i+1)``), else
-   completed by 3-ary Huffman subtrees, the cheapest completion (at most half the budget);
+1. root rules whose cheapest homogeneous completion (3-ary Huffman or a flat node,
+   projected or not) fits under the cap (costs need no training), widest in multiply-adds
+   first, each measured by its homogeneous tree when that fits the cap (for the adaptive
+   softmax's cutoffs, PyTorch's tree: tail i projected to ``d / 4**(i+1)``; for the
+   frequency cutoffs, unprojected flat tails), else by that cheapest completion (at most
+   half the budget);
 2. root rules in order of their best measured objective at the cap, each completion rule
    measured in turn (Huffman of fanouts 2-4, k-means of fanouts 2-16, head-and-tail, ...,
    flat nodes projected to d/16 or d/4 or not projected; for a root cut in frequency order
@@ -33,7 +35,8 @@ The search, within its budget:
 
 The root rules are the split environment's (k-means, PCA, head-and-tail) plus the root
 splits of the adaptive softmax shapes users know (`ADAPTIVE_SHAPES`: PyTorch's usual cutoffs
-and Grave et al.'s), so the search space holds those trees and their variants.
+and Grave et al.'s) and of the frequency cutoffs (`CUTOFF_SHAPES`, unprojected tails), so the
+search space holds those trees and their variants.
 
 Costs are computed from the trees alone (no training), so a completion measured for one
 cap serves every cap, and a front search (several caps) pays for each tree once.
@@ -49,7 +52,7 @@ import numpy as np
 import torch
 
 from tree_search.agents.base import Searcher
-from tree_search.builders import ADAPTIVE_SHAPES, classic_trees
+from tree_search.builders import ADAPTIVE_SHAPES, CUTOFF_SHAPES, classic_trees
 from tree_search.cost import head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
@@ -214,9 +217,12 @@ class DPSearcher(Searcher):
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
         self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model)
         rules = [r for r in split_rules(config.fanouts) if not r.flat]
-        # the adaptive softmax's root splits (its cutoffs and Grave et al.'s): with projected flat tails, its own trees
-        adaptive = classic_trees(self.counts, ADAPTIVE_SHAPES, dim=self.dim)
-        cutoffs = list(dict.fromkeys(rank_cutoffs(shape.params["cutoffs"]) for shape in adaptive.values()))
+        # the adaptive softmax's root splits (its cutoffs and Grave et al.'s; with projected flat tails, its own trees)
+        # and the frequency cutoffs' (with unprojected flat tails, theirs)
+        shapes = classic_trees(self.counts, ADAPTIVE_SHAPES + CUTOFF_SHAPES, dim=self.dim)
+        self._unprojected_roots = {rank_cutoffs(shape.params["cutoffs"]) for name, shape in shapes.items()
+                                   if name in CUTOFF_SHAPES}  # fmt: skip
+        cutoffs = list(dict.fromkeys(rank_cutoffs(shape.params["cutoffs"]) for shape in shapes.values()))
         self.root_rules = [r for r in rules if r.order in ("kmeans", "pca") or r.cut == "headtail"] + cutoffs
         # completions in order of promise: the cheapest (Huffman), then clusters of growing fanout, then the rest
         clusters = sorted((r for r in rules if r.order in ("kmeans", "pca")), key=lambda r: (r.fanout, r.order, r.cut))
@@ -330,7 +336,13 @@ class DPSearcher(Searcher):
         return evaluation
 
     def _adaptive_completion(self, root: SplitRule) -> dict[int, SplitRule]:
-        """The adaptive softmax's tails: part i of a cutoffs split projected to ``dim // 4**(i + 1)`` dims (PyTorch)."""
+        """The classic shape's own tails of a cutoffs root: unprojected flat nodes, or PyTorch's projections.
+
+        The frequency cutoffs' roots keep their tails flat and unprojected; the adaptive softmax's
+        project part i to ``dim // 4**(i + 1)`` dimensions.
+        """
+        if root in self._unprojected_roots:
+            return dict.fromkeys(self._parts(root).parts, FLAT)
         return {i: projected_flat(max(1, self.dim // 4 ** (i + 1))) for i in self._parts(root).parts}
 
     # ------------------------------------------------------------------ the search
@@ -402,9 +414,12 @@ class DPSearcher(Searcher):
     def search(self) -> Iterator[Evaluation]:
         """Measure, combine, and yield each counted evaluation, until the budget is used."""
         try:
-            # Costs need no training: root rules whose cheapest completion (3-ary Huffman) is over the cap are out.
+            # Costs need no training: root rules whose cheapest completion is over the cap are out. The cheapest is
+            # 3-ary Huffman in multiply-adds and training time; in decoding time deep tails are the slowest, and a
+            # flat (projected) tail the fastest, so every homogeneous candidate is costed.
             cheap = huffman_rule(3)
-            cheapest = {r: self._cost(r, cheap) for r in self.root_rules}
+            cheapest_rule = {r: min((cheap, *self.flats), key=lambda c, r=r: self._cost(r, c)) for r in self.root_rules}
+            cheapest = {r: self._cost(r, c) for r, c in cheapest_rule.items()}
             # the widest first (in multiply-adds, whatever the caps are in): a wider root split buys more loss. In
             # decoding time a wide root is often the fast one (it prunes the rest), so its cost is no measure of width.
             width = {r: self._macs(r, cheap) for r in self.root_rules}
@@ -418,7 +433,7 @@ class DPSearcher(Searcher):
                 if self.done:
                     return
                 first = self._adaptive_completion(root) if root.cut == "cutoffs" else root
-                evaluation = self._measure(root, first if self._cost(root, first) <= self.cap else cheap)
+                evaluation = self._measure(root, first if self._cost(root, first) <= self.cap else cheapest_rule[root])
                 if evaluation is not None and evaluation.counted:
                     yield evaluation
             while not self.done:

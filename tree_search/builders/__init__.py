@@ -18,6 +18,7 @@ from tree_search.builders.classics import (
     ADAPTIVE_SHAPES,
     CLASSIC_NAMES,
     CLASSIC_SETS,
+    CUTOFF_SHAPES,
     HEAD_MASS,
     ClassicTree,
     classic_names,
@@ -39,6 +40,7 @@ from tree_search.builders.taxonomy import UNKNOWN_MODES, TaxonomyError, from_cat
 
 __all__ = [
     "ADAPTIVE_SHAPES",
+    "CUTOFF_SHAPES",
     "ATTACH_MODES",
     "CLASSIC_NAMES",
     "CLASSIC_SETS",

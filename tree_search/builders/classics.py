@@ -18,6 +18,7 @@ from tree_search.tree import Tree
 
 __all__ = [
     "ADAPTIVE_SHAPES",
+    "CUTOFF_SHAPES",
     "CLASSIC_NAMES",
     "CLASSIC_SETS",
     "ClassicTree",
@@ -96,6 +97,9 @@ CLASSIC_SETS: dict[str, tuple[str, ...]] = {
 # PyTorch's `AdaptiveLogSoftmaxWithLoss` shapes (its usual cutoffs, and Grave et al.'s cost-optimal ones): the
 # report compares the searched trees with them at equal time, and dp's grammar can build each of them
 ADAPTIVE_SHAPES = ("adaptive", "adaptive-50", "adaptive-10", "grave-2", "grave-3", "grave-4")
+# frequency cutoffs with unprojected tails: cheap to decode (a wide head prunes the tails), so dp's grammar has their
+# root splits too
+CUTOFF_SHAPES = ("cutoffs-80", "cutoffs", "cutoffs-95")
 CLASSIC_NAMES = (
     "huffman-K, balanced-K, pca-K, kmeans-K (fanout K >= 2), cutoffs (head and first tail at 90% and 99% of "
     "the mass), cutoffs-P (head at P% of the mass), adaptive (PyTorch's cutoffs V/25, V/5 and div_value 4), "

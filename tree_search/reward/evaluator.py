@@ -127,6 +127,7 @@ class Evaluator(ABC):
         self.scope: str | None = None
         self._counted_keys: defaultdict[str, set[str]] = defaultdict(set)  # searcher label -> keys it paid for
         self._free_keys: set[str] = set()  # keys evaluated without counting (the baselines)
+        self._found_classics: set[tuple[str, str]] = set()  # (searcher, key): a searcher proposed a baseline's tree
         self.started = time.perf_counter()
         self._next_index = 0
         self.counters = {"done": 0, "failed": 0, "retried": 0, "cached": 0, "worker_seconds": 0.0,
@@ -231,6 +232,26 @@ class Evaluator(ABC):
         elif evaluation.error is None:
             self._free_keys.add(evaluation.key)
 
+    def _finds_a_classic(self, known: Evaluation, searcher: str) -> bool:
+        """Whether ``searcher`` proposes a classic tree (a baseline's) for the first time: it found that tree.
+
+        Such a tree is one of the search's own (uncounted: the baselines paid for it), so that
+        its finalist can be a classic tree when that is what it found best.
+        """
+        if not searcher or searcher.startswith("baseline:") or not known.searcher.startswith("baseline:"):
+            return False
+        if (searcher, known.key) in self._found_classics:
+            return False
+        self._found_classics.add((searcher, known.key))
+        return True
+
+    def _announce(self, evaluation: Evaluation, tree: Tree) -> Evaluation:
+        """Give ``evaluation`` the next index and tell the listeners (the run's leaderboard), recording nothing else."""
+        self._next_index += 1
+        for listener in self.listeners:
+            listener(evaluation, tree)
+        return evaluation
+
     def _check_budget(self, key: str, counted: bool) -> None:
         """Raise `BudgetExhausted` when a counted, new tree would exceed the budget."""
         if counted and self.exhausted and not self.knows(key) and key not in self._in_flight:
@@ -256,6 +277,9 @@ class Evaluator(ABC):
                 if self.knows(key):
                     self.counters["cached"] += 1
                     known = self.known[key]
+                    if self._finds_a_classic(known, searcher):
+                        return self._announce(replace(known, index=self._next_index, searcher=searcher,
+                                                      counted=False), tree)  # fmt: skip
                     return replace(known, searcher=searcher or known.searcher, counted=False)
                 if key in self.known:  # known outside the scope: answered from memory, counted in it
                     self._check_budget(key, counted)

@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from tree_search.builders import frequency_cutoffs, huffman
-from tree_search.cost import DECODE_SETTINGS, CostProfile, DecodeCost, cost_label, head_cost
+from tree_search.builders import frequency_cutoffs
+from tree_search.cost import DecodeCost, cost_label, head_cost
 from tree_search.data.features import default_device, row_documents
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
-from tree_search.heads.timing import decoding_cost, resolve_cost, time_decoding
+from tree_search.heads.timing import decoding_cost, resolve_cost
 from tree_search.heads.train import validation_nll
 from tree_search.reward.converged import cached_reference
 from tree_search.reward.evaluator import Evaluation
@@ -40,13 +40,14 @@ from tree_search.reward.node_train import split_sample, training_code_identity, 
 from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
 from tree_search.search.config import SearchConfig
 from tree_search.search.runs import SELECTION_FREE, Run, RunError
+from tree_search.search.time_report import measure_decoding, time_fields, time_report_lines
 from tree_search.search.verdicts import (
-    Comparison,
     FinalScores,
+    comparison_of,
     front_on_test,
     front_verdicts,
+    interval_text,
     pareto,
-    time_verdicts,
     verdict_words,
 )
 
@@ -215,7 +216,7 @@ def compare_runs(
                 "cost_vs_huffman": cost / unit,
                 "macs_vs_huffman": head_cost(tree, counts, dataset.dim, projections) / macs_unit,
                 "within_cap": cost <= cap * (1 + 1e-9),
-                **(_time_fields(profile, tree, counts, projections, time_unit) if profile is not None else {}),
+                **(time_fields(profile, tree, counts, projections, time_unit) if profile is not None else {}),
                 "max_depth": tree.max_depth,
                 "seeds": seeds,
                 "key": key,
@@ -260,7 +261,7 @@ def compare_runs(
         (report_run.folder / ADAPTIVE_HEAD).unlink(missing_ok=True)
     if profile is not None:  # the time section: decoding is measured on this machine, and predicted when it can be
         decode_model = decoding_cost(profile, dataset) if profile.decode_coefficients else None
-        _measure_decoding(rows, entries, dataset, env_config.train, log, decode_model)
+        measure_decoding(rows, entries, dataset, env_config.train, log, decode_model)
     verdicts = _verdicts(rows, test_scores)
     caps = sorted({float(c) for run in runs for c in run.config.get("cost_caps") or ()})
     cap_rows = front_verdicts(rows, caps, test_scores) if caps else []
@@ -271,164 +272,6 @@ def compare_runs(
                   scores=test_scores, cap_rows=cap_rows, head_lines=[*head_lines, *_optimism_lines(rows), *time_lines],
                   cost_in=cost_label(axis))  # fmt: skip
     return rows
-
-
-DECODE_K, DECODE_BATCH = DECODE_SETTINGS["decode_k"], DECODE_SETTINGS["decode_batch"]  # as profiles measure it
-
-
-def _measure_decoding(
-    rows: list[dict[str, Any]], entries: Sequence[tuple], dataset, recipe, log, decode_model: DecodeCost | None
-) -> None:
-    """Add each row's measured exact top-5 decoding time (µs per query at batch 256, ms at batch 1).
-
-    Heads hold the search recipe's node weights (the node bank's: nothing is trained again
-    for a tree the search evaluated); queries are the validation split's first 256 rows.
-    Binary Huffman's head is the unit (``decode_vs_huffman``), timed here when no row has it.
-    With a decoding model, each row also gets its prediction (``decode_predicted_us``), the
-    number ``--cost decode`` searches with, to set beside the measurement.
-    """
-    device = default_device()
-    queries = split_sample(dataset, "valid", 4 * DECODE_BATCH, 0, device).features.float()[:DECODE_BATCH]
-    trees = {e[5]: (e[0], e[2], e[3]) for e in entries}
-    unit_key = next((r["key"] for r in rows if r["name"] == "huffman-2"), None)
-    jobs = [(r["key"], *trees[r["key"]]) for r in rows if r["key"] in trees]
-    if unit_key is None:
-        jobs.append((None, "huffman-2", huffman(dataset.class_weights, 2), {}))
-    measured = {}
-    for index, (key, name, tree, projections) in enumerate(jobs, start=1):
-        if log:
-            log(f"decoding time {index}/{len(jobs)}: {name} (exact top-{DECODE_K})")
-        head = trained_head(tree, dataset, recipe, projections=projections or None, device=device).eval()
-        measured[key] = time_decoding(head, queries, k=DECODE_K, batch=DECODE_BATCH, repeats=15)
-        if decode_model is not None:
-            measured[key]["predicted"] = decode_model.predict(tree, None, projections=projections or None)
-    unit = measured[unit_key]["batch"]
-    for r in rows:
-        seconds = measured[r["key"] if r["key"] in measured else "full"]  # the converged reference: the same flat head
-        r.update(decode_us_per_query=seconds["batch"] * 1e6, decode_latency_ms=seconds["single"] * 1e3,
-                 decode_vs_huffman=seconds["batch"] / unit)  # fmt: skip
-        if "predicted" in seconds:
-            r["decode_predicted_us"] = seconds["predicted"] * 1e6
-
-
-def _time_fields(profile: CostProfile, tree, counts: np.ndarray, projections, unit: float) -> dict[str, float]:
-    """A report row's predicted training time: microseconds per token and multiples of binary Huffman's."""
-    seconds = profile.predict(tree, counts, projections=projections or None)
-    return {"time_us_per_token": seconds * 1e6, "time_vs_huffman": seconds / unit}
-
-
-def time_report_lines(
-    rows: Sequence[dict[str, Any]], caps: Sequence[float], profile: CostProfile, num_classes: int, scores: FinalScores
-) -> list[str]:
-    """The report's section in time: per-cap verdicts and the comparison at the adaptive shapes' time.
-
-    In training time (the profile's prediction) and, when the rows have it, in decoding time (measured).
-    """
-    held = profile.fit.get("held_out", {})
-    error = held.get("median_abs_relative_error", math.nan)
-    lines = [
-        "",
-        "## In time",
-        "",
-        f"Training time per token (forward + backward, batch {profile.batch}, {profile.precision}) predicted by "
-        f"the cost profile of {profile.device} (held-out median error {error:.1%}); caps in multiples of "
-        "binary Huffman's time.",
-        "",
-        "| tree | µs / token | time / Huffman | multiply-adds / Huffman | test NLL |",
-        "|---|---|---|---|---|",
-    ]
-    for r in sorted(rows, key=lambda r: r["time_vs_huffman"]):
-        lines.append(f"| {r['name']} | {r['time_us_per_token']:.2f} | {r['time_vs_huffman']:.2f} | "
-                     f"{r['macs_vs_huffman']:.2f} | {r['test_nll']:.4f} |")  # fmt: skip
-    unit = next((r for r in rows if r["name"] == "huffman-2"), None)
-    if unit is not None and caps:
-        per_thousand = unit["time_us_per_token"] / unit["time_vs_huffman"]  # µs per token = ms per 1,000 tokens
-        lines += ["", f"Binary Huffman trains in {per_thousand:.2f} ms per 1,000 tokens here, so the time caps are "
-                  + ", ".join(f"{c:g}x = {c * per_thousand:.2f} ms" for c in caps) + " per 1,000 tokens."]  # fmt: skip
-    lines += _axis_lines(time_verdicts(rows, caps, scores), "time_vs_huffman", "time cap", "time")
-    for name, ref in profile.fit.get("references", {}).items():
-        at = "" if profile.num_classes == num_classes else f" (calibrated at V = {profile.num_classes:,}, not this V)"
-        ratio = ref["measured"] / ref["same_shape_measured"]
-        lines.append(f"- PyTorch's `{name}` with the same cutoffs, timed beside our head when the profile was "
-                     f"made{at}: {ref['measured'] * 1e6:.2f} µs/token, {ratio:.2f}x our head on the "
-                     f"`{ref['same_shape']}` shape.")  # fmt: skip
-    if rows and "decode_vs_huffman" in rows[0]:
-        lines += [
-            "",
-            "### Decoding time",
-            "",
-            f"Exact top-{DECODE_K} (`TreeSoftmaxHead.predict`) measured on this machine for each tree's head with "
-            f"the search recipe's weights, on {DECODE_BATCH} validation queries at once (µs per query) and one "
-            "query at a time (ms); times in multiples of binary Huffman's at batch "
-            f"{DECODE_BATCH}. A tree that trains fast may decode slowly: the two fronts differ.",
-            "",
-            "| tree | µs / query | predicted | ms / query, batch 1 | decoding / Huffman | training / Huffman "
-            "| test NLL |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in sorted(rows, key=lambda r: r["decode_vs_huffman"]):
-            predicted = f"{r['decode_predicted_us']:.1f}" if "decode_predicted_us" in r else ""
-            lines.append(f"| {r['name']} | {r['decode_us_per_query']:.1f} | {predicted} | "
-                         f"{r['decode_latency_ms']:.2f} | {r['decode_vs_huffman']:.2f} | {r['time_vs_huffman']:.2f} | "
-                         f"{r['test_nll']:.4f} |")  # fmt: skip
-        errors = [abs(r["decode_predicted_us"] / r["decode_us_per_query"] - 1)
-                  for r in rows if "decode_predicted_us" in r]  # fmt: skip
-        if errors:
-            lines += ["", f"\"predicted\": the decoding model (`--cost decode`: the profile's prices of the pairs the "
-                      "certified beam search scores, replayed on a class-mean classifier's distributions of "
-                      f"validation rows) errs by {float(np.median(errors)):.0%} in the median on these trained heads "
-                      f"(largest {max(errors):.0%})."]  # fmt: skip
-        found = time_verdicts(rows, caps, scores, field="decode_vs_huffman")
-        lines += ["", "Each searched tree against the classic trees' decoding front (test NLL against decoding time, "
-                  "interpolated in log time at the searched tree's time):", "",
-                  "| searched tree | decoding / Huffman | test NLL | classic front there | difference | verdict |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        for f in found["front"]:
-            r = f["searched"]
-            if f["front_nll"] is None:
-                lines.append(f"| {r['name']} | {r['decode_vs_huffman']:.2f} | {r['test_nll']:.4f} | "
-                             "faster than every classic tree | | no verdict |")  # fmt: skip
-                continue
-            words = verdict_words(_comparison(f))
-            lines.append(f"| {r['name']} | {r['decode_vs_huffman']:.2f} | {r['test_nll']:.4f} | {f['front_nll']:.4f} | "
-                         f"{f['difference']:+.4f} {_interval(f['interval'])} | {words} |")  # fmt: skip
-        lines += _axis_lines({**found, "caps": []}, "decode_vs_huffman", "", "decoding time")
-    return lines
-
-
-def _axis_lines(found: dict[str, Any], field: str, cap_word: str, time_word: str) -> list[str]:
-    """`time_verdicts` in words: a table of per-cap verdicts and one line per adaptive shape."""
-    lines = []
-    if found["caps"]:
-        header = f"| {cap_word} | best classic tree | test NLL | best searched | test NLL | difference | verdict |"
-        lines += ["", header, "|---|---|---|---|---|---|---|"]
-        for c in found["caps"]:
-            classic, pick = c["classic"], c["searched"]
-            if classic is None or pick is None:
-                lines.append(f"| {c['cap']:g}x | {classic['name'] if classic else 'none fits'} | | "
-                             f"{pick['name'] if pick else 'none fits'} | | | no verdict |")  # fmt: skip
-                continue
-            lines.append(f"| {c['cap']:g}x | {classic['name']} | {classic['test_nll']:.4f} | {pick['name']} | "
-                         f"{pick['test_nll']:.4f} | {c['difference']:+.4f} {_interval(c['interval'])} | "
-                         f"{verdict_words(_comparison(c))} |")  # fmt: skip
-    lines.append("")
-    for a in found["adaptive"]:
-        shape = a["shape"]
-        line = (f"- At the {time_word} of `{shape['name']}` ({shape[field]:.2f}x Huffman, "
-                f"test {shape['test_nll']:.4f}): ")  # fmt: skip
-        if "searched" in a:
-            pick, words = a["searched"], verdict_words(_comparison(a))
-            line += (f"the searched `{pick['name']}` ({pick[field]:.2f}x) scores {pick['test_nll']:.4f}, "
-                     f"{a['difference']:+.4f} {_interval(a['interval'])} ({words})")  # fmt: skip
-        else:
-            line += "no searched tree is that fast"
-        if a["speedup"] is not None:
-            pace = f"{a['speedup']:.2f}x faster" if a["speedup"] >= 1 else f"{1 / a['speedup']:.2f}x slower"
-            line += f"; the fastest searched tree as good on test, `{a['matching']['name']}`, is {pace}."
-        else:
-            line += "; no searched tree is as good on test at any time."
-        lines.append(line)
-    return lines
 
 
 def _optimism_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -465,15 +308,6 @@ def _optimism_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _comparison(entry: dict[str, Any]) -> Comparison:
-    """The `Comparison` a verdict entry (``difference``, ``interval``) was made from."""
-    return Comparison(entry["difference"], *entry["interval"])
-
-
-def _interval(interval: Sequence[float]) -> str:
-    return f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
-
-
 def write_best_head(path: Path, tree, projections, dataset, recipe, row: dict[str, Any], setting: dict[str, Any],
                     log: Callable[[str], None] | None = None,
                     bias_free_nodes: Sequence[int] | None = None) -> float:  # fmt: skip
@@ -505,8 +339,6 @@ def write_best_head(path: Path, tree, projections, dataset, recipe, row: dict[st
 def _test_nll(head: TreeSoftmaxHead, dataset, seed: int) -> float:
     """The head's mean NLL over the whole test split (the rows `score_test` scores)."""
     import torch
-
-    from tree_search.reward.node_train import split_sample
 
     device = next(head.parameters()).device
     test = split_sample(dataset, "test", None, seed, device)
@@ -546,11 +378,11 @@ def _cap_lines(cap_rows: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]
         cells += [s["name"], f"{s['test_nll']:.4f} ± {s['test_stderr']:.4f}", f"{s['cost_vs_huffman']:.2f}x"] if s \
             else ["none", "", ""]  # fmt: skip
         if "difference" in e:
-            cells += [f"{e['difference']:+.4f}", _interval(e["interval"]), verdict_words(_comparison(e))]
+            cells += [f"{e['difference']:+.4f}", interval_text(e["interval"]), verdict_words(comparison_of(e))]
         else:
             cells += ["", "", "nothing to compare"]
         if "front_nll" in e:
-            cells += [f"{e['front_nll']:.4f}", f"{e['front_difference']:+.4f}", _interval(e["front_interval"])]
+            cells += [f"{e['front_nll']:.4f}", f"{e['front_difference']:+.4f}", interval_text(e["front_interval"])]
         else:
             cells += ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -618,7 +450,7 @@ def _verdicts(rows: list[dict[str, Any]], scores: FinalScores) -> list[str]:
         lines.append(
             f"The best searched tree ({best['name']}, test NLL {best['test_nll']:.4f} ± {best['test_stderr']:.4f}) "
             f"{verdict} {label} ({other['name']}, {other['test_nll']:.4f} ± {other['test_stderr']:.4f}): "
-            f"difference {found.difference:+.4f} nats/token, 95% interval {_interval([found.low, found.high])}."
+            f"difference {found.difference:+.4f} nats/token, 95% interval {interval_text([found.low, found.high])}."
         )
     if better:
         cheapest = min(better, key=lambda r: r["cost_ratio"])

@@ -37,6 +37,8 @@ __all__ = [
     "pareto",
     "front_on_test",
     "time_verdicts",
+    "comparison_of",
+    "interval_text",
     "verdict_words",
 ]
 
@@ -260,3 +262,13 @@ def time_verdicts(
         entry["matching"] = fastest
         out["adaptive"].append(entry)
     return out
+
+
+def comparison_of(entry: dict[str, Any]) -> Comparison:
+    """The `Comparison` a verdict entry (``difference``, ``interval``) was made from."""
+    return Comparison(entry["difference"], *entry["interval"])
+
+
+def interval_text(interval: Sequence[float]) -> str:
+    """A 95% interval as the reports print it: ``[+0.0123, +0.0456]``."""
+    return f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
