@@ -20,11 +20,12 @@ searcher's tree), and its nodes' losses are read from the node bank, summed per 
 The search, within its budget:
 
 1. root rules whose cheapest homogeneous completion (3-ary Huffman or a flat node,
-   projected or not) fits under the cap (costs need no training), widest in multiply-adds
-   first, each measured by its homogeneous tree when that fits the cap (for the adaptive
-   softmax's cutoffs, PyTorch's tree: tail i projected to ``d / 4**(i+1)``; for the
-   frequency cutoffs, unprojected flat tails), else by that cheapest completion (at most
-   half the budget);
+   projected or not) fits under the cap (costs need no training), widest first (costliest
+   with 3-ary Huffman tails; in decoding time, where wide roots are fast, most
+   multiply-adds), each measured by its homogeneous tree when that fits the cap (for the
+   adaptive softmax's cutoffs, PyTorch's tree: tail i projected to ``d / 4**(i+1)``; for
+   the frequency cutoffs, unprojected flat tails), else by that cheapest completion (at
+   most half the budget);
 2. root rules in order of their best measured objective at the cap, each completion rule
    measured in turn (Huffman of fanouts 2-4, k-means of fanouts 2-16, head-and-tail, ...,
    flat nodes projected to d/16 or d/4 or not projected; for a root cut in frequency order
@@ -53,7 +54,7 @@ import torch
 
 from tree_search.agents.base import Searcher
 from tree_search.builders import ADAPTIVE_SHAPES, CUTOFF_SHAPES, classic_trees
-from tree_search.cost import head_cost, node_costs
+from tree_search.cost import DecodeCost, head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.timing import resolve_cost
@@ -420,9 +421,11 @@ class DPSearcher(Searcher):
             cheap = huffman_rule(3)
             cheapest_rule = {r: min((cheap, *self.flats), key=lambda c, r=r: self._cost(r, c)) for r in self.root_rules}
             cheapest = {r: self._cost(r, c) for r, c in cheapest_rule.items()}
-            # the widest first (in multiply-adds, whatever the caps are in): a wider root split buys more loss. In
-            # decoding time a wide root is often the fast one (it prunes the rest), so its cost is no measure of width.
-            width = {r: self._macs(r, cheap) for r in self.root_rules}
+            # the widest first: a wider root split buys more loss. Its cost measures its width in multiply-adds and in
+            # training time; in decoding time a wide root is often the fast one (it prunes the rest), so there its
+            # multiply-adds do (ranked by decoding cost, PyTorch's adaptive roots came last and went unmeasured).
+            by_macs = isinstance(self.cost_model, DecodeCost)
+            width = {r: self._macs(r, cheap) if by_macs else self._cost(r, cheap) for r in self.root_rules}
             feasible = sorted((r for r in self.root_rules if cheapest[r] <= self.cap), key=lambda r: -width[r])
             # At most half the budget ranks root rules, each by its homogeneous tree when that fits the cap (a classic
             # candidate itself; for the adaptive softmax's cutoffs, its own tree), else completed by 3-ary Huffman;
