@@ -67,6 +67,7 @@ from tree_search.data.features import class_embeddings
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.centroid import centroid_head, unit_class_embeddings
+from tree_search.heads.timing import DECODE_TEMPERATURE
 from tree_search.interop import TorchAdaptive, adaptive_tail_nodes, to_torch_adaptive
 from tree_search.reward import NodeRecipe, trained_head
 from tree_search.reward.node_train import split_sample
@@ -270,7 +271,8 @@ def main() -> None:
     synthetic = parser.add_argument_group("synthetic mode")
     synthetic.add_argument("--synthetic", type=int, metavar="V", help="centroid heads of V synthetic classes")
     synthetic.add_argument("--dim", type=int, default=256)
-    synthetic.add_argument("--temperature", type=float, default=16.0, help="T: scores are T * cosine + log prior")
+    synthetic.add_argument("--temperature", type=float, default=DECODE_TEMPERATURE,
+                           help="T: scores are T * cosine + log prior (the cost calibration's)")  # fmt: skip
     synthetic.add_argument("--noise", type=float, default=1.0, help="query noise norm (class embeddings: norm 1)")
     synthetic.add_argument("--spread", type=float, default=1.0, help="noise norm of classes around their centre")
     synthetic.add_argument("--seed", type=int, default=0)

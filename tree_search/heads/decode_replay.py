@@ -71,7 +71,7 @@ class DecodeReplay(BeamDecoder):
 
     def _pair_scores(self, h: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor):
         """One group: every child's log-mass for the (row, node) pairs (``h`` holds `_log_mass` rows)."""
-        np.add.at(self.scored, nodes.numpy(), 1.0)
+        self.scored += np.bincount(nodes.numpy(), minlength=self.scored.size)
         self.passes += 1
         fan = self._fanout[nodes]
         position = torch.arange(int(fan.max()))

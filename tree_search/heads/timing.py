@@ -214,10 +214,7 @@ def check_cost_spec(spec: str, device_type: str = "cpu") -> None:
     if path:
         profile = load_profile(path)
         if kind == "decode":
-            try:
-                _ = profile.decoding
-            except ProfileError as err:
-                raise ProfileError(f"{path}: {err}") from None
+            _decoding_of(profile, path)
         return
     folder = default_profile_path(device_type, 1).parent
     if not any(folder.glob(f"{device_type}-d*.json")):
@@ -251,12 +248,17 @@ def resolve_cost(
         raise ProfileError(f"{path}: measured at dim {profile.dim}, the data has dim {dim}; "
                            f"run `tree-search cost calibrate --dim {dim}`")  # fmt: skip
     if kind == "decode":
-        try:
-            decoding = profile.decoding
-        except ProfileError as err:
-            raise ProfileError(f"{path}: {err}") from None
+        decoding = _decoding_of(profile, path)
         return decoding if dataset is None else decoding_cost(profile, dataset)
     return profile
+
+
+def _decoding_of(profile: CostProfile, path) -> DecodeCost:
+    """``profile.decoding``, its error naming the file."""
+    try:
+        return profile.decoding
+    except ProfileError as err:
+        raise ProfileError(f"{path}: {err}") from None
 
 
 def decoding_cost(profile: CostProfile, dataset: FeatureDataset) -> DecodeCost:
@@ -298,7 +300,7 @@ class CalibrationTree:
 
 
 FIT_EXPONENT = 0.8  # the Zipf exponent of the fitting set's second class distribution
-DECODE_TEMPERATURE = 16.0  # the centroid heads' scale: scores are T x cosine + log share (bench_decode's default)
+DECODE_TEMPERATURE = 16.0  # the centroid heads' scale: scores are T x cosine + log share (bench_decode's too)
 
 
 def calibration_trees(num_classes: int, dim: int, seed: int = 0) -> list[CalibrationTree]:
