@@ -278,3 +278,16 @@ def test_decode_cost_is_the_node_sum_of_the_replayed_features_and_needs_a_replay
         resolve_cost(f"decode:{path}", dim=8)
     with pytest.raises(ProfileError, match="no decoding model"):
         check_cost_spec(f"decode:{path}")
+
+
+def test_calibration_rounds_time_every_tree_each_in_its_own_order():
+    from tree_search.heads.timing import calibrate, calibration_trees
+
+    seen = []
+    calibrate(num_classes=120, dim=8, batch=32, repeats=1, decode=False,
+              progress=lambda name, done, total: seen.append(name))  # fmt: skip
+    rounds = [seen[: len(seen) // 2], seen[len(seen) // 2 :]]
+    assert sorted(rounds[0]) == sorted(rounds[1]) == sorted(t.name for t in calibration_trees(120, 8))
+    assert rounds[0] != rounds[1]  # a drift within a round falls on other trees in the other
+    held_out = {t.name for t in calibration_trees(120, 8) if t.role == "held out"}
+    assert set(rounds[0][-len(held_out) :]) != held_out  # the held-out trees are not all timed last

@@ -415,8 +415,11 @@ def calibrate(
     # Every tree is timed in each of `passes` rounds and keeps its fastest median: a drift of the machine's
     # speed (another process, the clock) then hits one round of one tree, not the fit.
     references = {name: math.inf for name in REFERENCE_HEADS}
+    shuffle = np.random.default_rng(seed)
     for round_ in range(passes):
-        for done, t in enumerate(trees):
+        # each round in its own seeded order: a drift of the machine within a round (allocator, heat) then falls
+        # on different trees in each, not always on the held-out ones, which come last in the list
+        for done, t in enumerate([trees[i] for i in shuffle.permutation(len(trees))]):
             if progress is not None:
                 progress(t.name, round_ * len(trees) + done, passes * len(trees))
             torch.manual_seed(seed)
