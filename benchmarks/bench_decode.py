@@ -62,12 +62,14 @@ import numpy as np
 import torch
 
 from tree_search.builders import classic_trees, frequency_cutoffs
+from tree_search.cost import ProfileError
 from tree_search.data import prepare_dataset
 from tree_search.data.features import class_embeddings
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.centroid import centroid_head, unit_class_embeddings
-from tree_search.heads.timing import DECODE_TEMPERATURE
+from tree_search.heads.decode_replay import DecodeReplay
+from tree_search.heads.timing import DECODE_TEMPERATURE, resolve_cost
 from tree_search.interop import TorchAdaptive, adaptive_tail_nodes, to_torch_adaptive
 from tree_search.reward import NodeRecipe, trained_head
 from tree_search.reward.node_train import split_sample
@@ -88,6 +90,7 @@ class Setup(NamedTuple):
     adaptive: TorchAdaptive  # PyTorch's adaptive softmax, exported from `adaptive_source`
     adaptive_source: TreeSoftmaxHead
     check: int  # queries whose top-k is checked against the full distribution
+    projections: dict[str, dict[int, int]]  # each head's projected nodes (the decoding model prices them)
 
 
 def timed(fn, repeats: int, warmups: int = 2) -> float:
@@ -129,7 +132,8 @@ def builtin_setup(args: argparse.Namespace) -> Setup:
     queries = split_sample(dataset, "valid", 2048, 0, torch.device("cpu")).features.float()[: max(BATCHES)]
     name = "built-in corpus" if args.dataset is None else f"dataset {args.dataset}"
     title = f"{name}: V = {V:,}, d = {d}, trained heads"
-    return Setup(title, heads, W, b, queries, to_torch_adaptive(source), source, args.check or 256)
+    projections = {name: dict(c.projections) for name, c in classics.items()}
+    return Setup(title, heads, W, b, queries, to_torch_adaptive(source), source, args.check or 256, projections)
 
 
 # ---------------------------------------------------------------------- synthetic
@@ -142,12 +146,13 @@ def synthetic_setup(args: argparse.Namespace) -> Setup:
     started = time.perf_counter()
     E, counts = unit_class_embeddings(V, d, args.seed, args.spread), 1.0 / np.arange(1, V + 1)
     print(f"synthetic classes: {time.perf_counter() - started:.1f} s")
-    heads = {}
+    heads, projections = {}, {}
     for name in args.trees or SYNTHETIC_TREES:
         started = time.perf_counter()
         classic = classic_trees(counts, [name], embeddings=E, dim=d, seed=args.seed)[name]
         built = time.perf_counter() - started
         tails = adaptive_tail_nodes(classic.tree) if name == "adaptive" else []  # bias-free: exportable
+        projections[name] = dict(classic.projections)
         heads[name] = centroid_head(
             classic.tree,
             E,
@@ -179,7 +184,8 @@ def synthetic_setup(args: argparse.Namespace) -> Setup:
         f"temperature {args.temperature}, query noise {args.noise}, seed {args.seed}; centroid-classifier heads"
     )
     check = args.check or (256 if V <= 100_000 else 32)
-    return Setup(title, heads, W, b, queries, to_torch_adaptive(heads["adaptive"]), heads["adaptive"], check)
+    return Setup(title, heads, W, b, queries, to_torch_adaptive(heads["adaptive"]), heads["adaptive"], check,
+                 projections)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- report
@@ -248,6 +254,7 @@ def report(setup: Setup, args: argparse.Namespace) -> None:
     print(f"\n{'batch':>5s}  {'decoder':<34s} {'ms/batch':>9s} {'queries/s':>10s} {'vs flat':>8s} {'params MB':>10s}")
     for batch, label, seconds, qps, ratio, mb in rows:
         print(f"{batch:5d}  {label:<34s} {seconds * 1e3:9.3f} {qps:10.0f} {ratio:7.2f}x {mb:10,.1f}")
+    _decoding_model_lines(setup, rows, k)
     rate = 2 * BATCHES[-1] * V * d / flat[BATCHES[-1]]
     print(f"\nflat softmax, batch 1: reads its weights ({read / 2**20:,.0f} MB) at {read / flat[1] / 1e9:.1f} GB/s "
           f"= {read / flat[1] / bandwidth:.0%} of a 512 MB copy's {bandwidth / 1e9:.1f} GB/s (read + write, "
@@ -256,6 +263,38 @@ def report(setup: Setup, args: argparse.Namespace) -> None:
         f"flat softmax, batch {BATCHES[-1]}: {rate / 1e9:.0f} GFLOP/s = {rate / flops:.0%} of a 4096^3 fp32 "
         f"matmul's {flops / 1e9:.0f} GFLOP/s (measured now; its time includes topk)"
     )
+
+
+def _decoding_model_lines(setup: Setup, rows: list[tuple], k: int) -> None:
+    """This device's decoding model (`tree-search cost calibrate`) against the batch-256 times above.
+
+    The pairs each head's search scores are replayed on the head's own distributions
+    (exact), so what is checked is the profile's pricing of them at this V and d.
+    """
+    d = setup.W.shape[1]
+    try:
+        model = resolve_cost("decode", dim=d)
+    except ProfileError as err:
+        print(f"\nno decoding model checked: {err}")
+        return
+    if (model.profile.decode_k, model.profile.decode_batch) != (k, BATCHES[-1]):
+        priced = f"top-{model.profile.decode_k} at batch {model.profile.decode_batch}"
+        print(f"\nno decoding model checked: it prices {priced}")
+        return
+    measured = {label.removesuffix(" predict"): seconds for batch, label, seconds, *_ in rows
+                if batch == BATCHES[-1] and label.removesuffix(" predict") in setup.heads}  # fmt: skip
+    print(f"\ndecoding model (calibrated at V = {model.profile.num_classes:,}) at batch {BATCHES[-1]}:")
+    errors = []
+    for name, head in setup.heads.items():
+        queries = setup.queries[: BATCHES[-1]]
+        with torch.inference_mode():
+            own = head.log_probs_all(queries).float()
+        bound = model.bound(lambda tree, own=own: DecodeReplay(tree, own).replay(k, BATCHES[-1]))
+        predicted = bound.predict(head.tree, None, projections=setup.projections.get(name) or None) * BATCHES[-1]
+        errors.append(abs(predicted / measured[name] - 1))
+        print(f"  {name:<20s} measured {measured[name] * 1e3:9.3f} ms  predicted {predicted * 1e3:9.3f} ms  "
+              f"{predicted / measured[name] - 1:+.0%}")  # fmt: skip
+    print(f"  median |error| {statistics.median(errors):.0%}, largest {max(errors):.0%}")
 
 
 def main() -> None:
