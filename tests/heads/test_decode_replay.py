@@ -78,3 +78,22 @@ def test_centroid_log_probs_pick_the_temperature_with_the_best_likelihood():
     for t in (0.01, 0.1, 1.0, 10.0, 100.0):
         other = torch.log_softmax(base * t, 1)
         assert nll <= float(-other[np.arange(300), y].mean()) + 1e-3
+
+
+def test_the_datasets_replay_is_remembered_per_tree_within_a_bound():
+    from quick_settings import ENV
+
+    from tree_search.envs import load_env_dataset
+    from tree_search.heads.decode_replay import decode_scores_for_dataset
+
+    dataset = load_env_dataset(ENV)
+    trees = [builders.huffman(dataset.class_weights, k) for k in (2, 3, 4)]
+    sizes = [t.num_internal for t in trees]
+    replay = decode_scores_for_dataset(dataset, memo_numbers=sizes[0] + sizes[1])
+    first = replay(trees[0])
+    assert replay(builders.huffman(dataset.class_weights, 2)) is first  # the same arrays: remembered
+    second = replay(trees[1])
+    assert replay(trees[0]) is first  # now the most recent
+    replay(trees[2])  # over the bound: the least recently used (the 3-ary tree) goes
+    assert replay(trees[0]) is first and replay(trees[1]) is not second
+    assert np.array_equal(replay(trees[1]).scored, second.scored)  # recomputed alike

@@ -121,14 +121,22 @@ def centroid_log_probs(
 
 
 def decode_scores_for_dataset(
-    dataset: FeatureDataset, *, queries: int = 256, k: int = 5, batch: int = 256, seed: int = 0, memo: int = 4096
+    dataset: FeatureDataset,
+    *,
+    queries: int = 256,
+    k: int = 5,
+    batch: int = 256,
+    seed: int = 0,
+    memo_numbers: int = 1 << 24,
 ):
     """A function ``tree -> ReplayedDecoding`` on ``queries`` validation rows of ``dataset``, remembered per tree.
 
     The rows' class distributions are `centroid_log_probs` of the dataset's mean training
     feature per class, fitted to the rows' own classes. A replay holds ``queries x (V + I)``
-    float64 numbers (about 400 MB for a binary tree at V = 100,000) and takes 30-120 ms per
-    tree at V = 10,000 on 2 cores.
+    float64 numbers while it runs (about 400 MB for a binary tree at V = 100,000) and takes
+    30-120 ms per tree at V = 10,000 on 2 cores. The results (I numbers per tree) are kept for
+    the trees asked most recently, ``memo_numbers`` numbers in all (128 MB by default): a
+    search asks for the same tree's costs many times.
     """
     split = "valid" if "valid" in dataset.labels and len(dataset.labels["valid"]) else "train"
     n = int(dataset.labels[split].shape[0])
@@ -136,19 +144,26 @@ def decode_scores_for_dataset(
     h = np.asarray(dataset.features[split][rows], np.float32)
     log_probs = centroid_log_probs(class_feature_means(dataset), dataset.class_weights, h,
                                    np.asarray(dataset.labels[split])[rows])  # fmt: skip
-    return _Memo(lambda tree: DecodeReplay(tree, log_probs).replay(k, batch), memo)
+    return _Memo(lambda tree: DecodeReplay(tree, log_probs).replay(k, batch), memo_numbers)
 
 
 class _Memo:
-    """A function of a tree remembered by the tree's exact arrays (node ids included), at most ``size`` trees."""
+    """A function of a tree remembered by the tree's exact arrays (node ids included), least recently used out first.
 
-    def __init__(self, fn, size: int) -> None:
-        self.fn, self.size, self.known = fn, size, OrderedDict()
+    It keeps at most ``numbers`` numbers of results (always the latest one).
+    """
+
+    def __init__(self, fn, numbers: int) -> None:
+        self.fn, self.numbers, self.known, self.held = fn, numbers, OrderedDict(), 0
 
     def __call__(self, tree: Tree, projections: Mapping[int, int] | None = None):
         key = hashlib.sha1(tree.child_ptr.tobytes() + tree.child_ids.tobytes()).hexdigest()
-        if key not in self.known:
-            self.known[key] = self.fn(tree)
-            while len(self.known) > self.size:
-                self.known.popitem(last=False)
-        return self.known[key]
+        if key in self.known:
+            self.known.move_to_end(key)
+            return self.known[key]
+        found = self.known[key] = self.fn(tree)
+        self.held += found.scored.size
+        while self.held > self.numbers and len(self.known) > 1:
+            _, old = self.known.popitem(last=False)
+            self.held -= old.scored.size
+        return found
