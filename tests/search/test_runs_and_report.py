@@ -441,6 +441,7 @@ def test_a_front_search_in_decoding_time(tmp_path):
     rows = compare_runs([run.folder], seeds=1, log=None)
     report = (run.folder / "report.md").read_text()
     assert "Costs and caps are in decoding time on cpu: test." in report and "### Decoding time" in report
+    assert "| time cap |" not in report  # the caps are decoding time's: no training-time table at them
     for r in rows:
         assert r["decode_predicted_us"] > 0  # the prediction beside each measured decoding time
     assert "errs by" in report

@@ -266,8 +266,10 @@ def compare_runs(
     caps = sorted({float(c) for run in runs for c in run.config.get("cost_caps") or ()})
     cap_rows = front_verdicts(rows, caps, test_scores) if caps else []
     tree_of = {e[0]: e[2] for e in entries}
-    time_lines = time_report_lines(rows, caps, profile, dataset.num_classes, test_scores) if profile is not None \
-        else []  # fmt: skip
+    # a run capped in decoding time: its caps mean nothing in training time
+    training_caps = [] if isinstance(axis, DecodeCost) else caps
+    time_lines = time_report_lines(rows, training_caps, profile, dataset.num_classes, test_scores) \
+        if profile is not None else []  # fmt: skip
     _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
                   scores=test_scores, cap_rows=cap_rows, head_lines=[*head_lines, *_optimism_lines(rows), *time_lines],
                   cost_in=cost_label(axis))  # fmt: skip
