@@ -333,25 +333,36 @@ def test_every_tree_file_of_a_run_carries_the_class_tokens_and_counts(tmp_path):
     assert "tok_bc" in shown and "neither a label" not in shown
 
 
+def _profile(decode: dict[str, float] | None = None, **training: float):
+    """A cost profile at the planted data's dim whose only costs are the named features' coefficients."""
+    from tree_search.cost import DECODE_FEATURES, FEATURES, CostProfile
+
+    def vector(names, values):
+        return tuple(float(values.get(name, 0.0)) for name in names)
+
+    return CostProfile(device="cpu: test", device_type="cpu", dim=PLANTED.dim, batch=256, precision="fp32",
+                       sparse=True, num_classes=64, coefficients=vector(FEATURES, training),
+                       decode_coefficients=vector(DECODE_FEATURES, decode) if decode else ())  # fmt: skip
+
+
+def _front_search(tmp_path, profile, kind: str):
+    """A dp front search (caps 1x and 2x) in ``profile``'s time of ``kind`` ("measured" or "decode")."""
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    env = ENV.with_updates(cost=f"{kind}:{path}")
+    config = SearchConfig(agent="dp", budget=4, cost_caps=(1.0, 2.0), env_config=env,
+                          baselines="huffman-2,huffman-4,kmeans-4,kmeans-16")  # fmt: skip
+    return run_search(config, tmp_path / "run", log=None), env
+
+
 def test_a_front_search_in_measured_time(tmp_path):
     """--cost measured: dp's caps, the leaderboard's costs and the report's caps are the profile's time."""
     from tree_search.builders import frequency_cutoffs, huffman
     from tree_search.cost import FEATURES, CostProfile, head_cost
 
     # a profile in which time is per-level overhead (packed pairs) and the top block, not multiply-adds
-    coefficients = [0.0] * len(FEATURES)
-    coefficients[FEATURES.index("constant")] = 1e-6
-    coefficients[FEATURES.index("packed_pairs")] = 1e-6
-    coefficients[FEATURES.index("top_macs")] = 1e-9
-    coefficients[FEATURES.index("dense_macs")] = 1e-9
-    profile = CostProfile(device="cpu: test", device_type="cpu", dim=PLANTED.dim, batch=256, precision="fp32",
-                          sparse=True, num_classes=64, coefficients=tuple(coefficients))  # fmt: skip
-    path = tmp_path / "profile.json"
-    profile.save(path)
-    env = ENV.with_updates(cost=f"measured:{path}")
-    config = SearchConfig(agent="dp", budget=4, cost_caps=(1.0, 2.0), env_config=env,
-                          baselines="huffman-2,huffman-4,kmeans-4,kmeans-16")  # fmt: skip
-    run = run_search(config, tmp_path / "run", log=None)
+    profile = _profile(constant=1e-6, packed_pairs=1e-6, top_macs=1e-9, dense_macs=1e-9)
+    run, env = _front_search(tmp_path, profile, "measured")
     dataset = load_env_dataset(env)
     counts = dataset.counts
     unit = profile.predict(huffman(counts, 2), counts)
@@ -369,7 +380,7 @@ def test_a_front_search_in_measured_time(tmp_path):
         assert e.expected_cost <= cap * unit * (1 + 1e-6)  # each cap holds in time
     assert (run.folder / "cost_profile.json").exists()
     # the device is calibrated again: the run's caps and report keep the profile it searched with
-    CostProfile(**{**profile.__dict__, "coefficients": (1e-6,) * len(FEATURES)}).save(path)
+    CostProfile(**{**profile.__dict__, "coefficients": (1e-6,) * len(FEATURES)}).save(tmp_path / "profile.json")
     rows = compare_runs([run.folder], seeds=1, log=None)
     for r in rows:
         assert r["time_vs_huffman"] == pytest.approx(r["cost_vs_huffman"], rel=1e-9)  # the axis is the time
@@ -392,27 +403,13 @@ def test_a_front_search_in_measured_time(tmp_path):
 def test_a_front_search_in_decoding_time(tmp_path):
     """--cost decode: caps, the leaderboard's costs and the report's axis are the profile's decoding time."""
     from tree_search.builders import huffman
-    from tree_search.cost import DECODE_FEATURES, FEATURES, CostProfile
     from tree_search.heads.decode_replay import DecodeReplay, centroid_log_probs
     from tree_search.heads.timing import decoding_cost
 
     # decoding priced by the pairs the beam search scores and the levels it runs; training by multiply-adds
-    decode = [0.0] * len(DECODE_FEATURES)
-    decode[DECODE_FEATURES.index("constant")] = 1e-6
-    decode[DECODE_FEATURES.index("scored_pairs")] = 1e-6
-    decode[DECODE_FEATURES.index("levels")] = 1e-5
-    training = [0.0] * len(FEATURES)
-    training[FEATURES.index("dense_macs")] = 1e-9
-    training[FEATURES.index("packed_macs")] = 1e-9
-    profile = CostProfile(device="cpu: test", device_type="cpu", dim=PLANTED.dim, batch=256, precision="fp32",
-                          sparse=True, num_classes=64, coefficients=tuple(training),
-                          decode_coefficients=tuple(decode))  # fmt: skip
-    path = tmp_path / "profile.json"
-    profile.save(path)
-    env = ENV.with_updates(cost=f"decode:{path}")
-    config = SearchConfig(agent="dp", budget=4, cost_caps=(1.0, 2.0), env_config=env,
-                          baselines="huffman-2,huffman-4,kmeans-4,kmeans-16")  # fmt: skip
-    run = run_search(config, tmp_path / "run", log=None)
+    profile = _profile(dense_macs=1e-9, packed_macs=1e-9,
+                       decode={"constant": 1e-6, "scored_pairs": 1e-6, "levels": 1e-5})  # fmt: skip
+    run, env = _front_search(tmp_path, profile, "decode")
     dataset = load_env_dataset(env)
     model = decoding_cost(profile, dataset)
     # independently of the memo: the replay on the same rows' class-mean distributions, priced by hand
