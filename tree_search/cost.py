@@ -94,6 +94,7 @@ DECODE_FEATURES = (
     "dense_launches",  # dense nodes scored for some query of a batch / decode batch: a matmul each
 )
 DECODE_SETTINGS = {"decode_batch": 256, "decode_k": 5}  # what a profile's decoding is measured at
+DEFAULT_BEAM = 8  # `TreeSoftmaxHead.predict`'s beam: the max(k, DEFAULT_BEAM) most probable nodes per level
 
 
 class ProfileError(ValueError):
@@ -258,10 +259,7 @@ def layout_features(
     inner = tree.num_internal
     fanout = tree.fanout.astype(np.float64)
     visits = visit_probabilities(tree, counts)
-    size = np.full(inner, float(dim))  # each node's scoring dimension (projected or not)
-    projection = np.zeros(inner)  # multiply-adds of each node's projection per visit
-    for node, p in (projections or {}).items():
-        size[node], projection[node] = float(p), float(dim) * float(p)
+    size, projection = _scoring_sizes(inner, dim, projections)
     dense, top, packed = layout.dense, layout.top, layout.packed
     width = layout.width.astype(np.float64)
     out = np.zeros((inner, len(FEATURES)))
@@ -270,7 +268,7 @@ def layout_features(
     out[0, column["groups"]] = layout.num_groups / batch
     out[packed, column["packed_pairs"]] = visits[packed]
     out[packed, column["packed_macs"]] = visits[packed] * width[packed] * dim
-    touched = -np.expm1(batch * np.log1p(-np.minimum(visits, 1 - 1e-12)))  # P(a batch visits the node)
+    touched = _any_of(visits, batch)  # P(a batch visits the node)
     out[packed, column["packed_rows"]] = touched[packed] * width[packed] * dim / batch
     for w in layout.bucket_widths:
         members = packed & (layout.width == w)
@@ -309,12 +307,10 @@ def decode_features(
     scored, levels = np.asarray(replayed[0], np.float64), float(replayed[1])
     inner = tree.num_internal
     fanout = tree.fanout.astype(np.float64)
-    size, projection = np.full(inner, float(dim)), np.zeros(inner)
-    for node, p in (projections or {}).items():
-        size[node], projection[node] = float(p), float(dim) * float(p)
+    size, projection = _scoring_sizes(inner, dim, projections)
     dense, top, packed = layout.dense, layout.top, layout.packed
     width = layout.width.astype(np.float64)
-    beam = float(max(k, 8))  # `TreeSoftmaxHead.predict`'s default beam
+    beam = float(max(k, DEFAULT_BEAM))
     widest = max([float(fanout.max()), *(float(w) for w in layout.bucket_widths)])
     column = {name: i for i, name in enumerate(DECODE_FEATURES)}
     out = np.zeros((inner, len(DECODE_FEATURES)))
@@ -328,9 +324,22 @@ def decode_features(
     top_levels = float(np.unique(tree.node_depth[top]).size)
     out[0, column["top_macs"]] = top_levels * fanout[top].sum() * dim
     out[dense, column["dense_macs"]] = scored[dense] * (fanout[dense] * size[dense] + projection[dense])
-    launched = -np.expm1(batch * np.log1p(-np.minimum(scored, 1 - 1e-15)))  # some query of the batch scores it
+    launched = _any_of(scored, batch)  # some query of the batch scores it
     out[dense, column["dense_launches"]] = launched[dense] / batch
     return out
+
+
+def _scoring_sizes(inner: int, dim: int, projections: Mapping[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(I,) each node's scoring dimension (projected or not) and (I,) its projection's multiply-adds per visit."""
+    size, projection = np.full(inner, float(dim)), np.zeros(inner)
+    for node, p in (projections or {}).items():
+        size[node], projection[node] = float(p), float(dim) * float(p)
+    return size, projection
+
+
+def _any_of(p: np.ndarray, draws: float) -> np.ndarray:
+    """The chance that at least one of ``draws`` independent tries, each hitting with probability ``p``, hits."""
+    return -np.expm1(draws * np.log1p(-np.minimum(p, 1 - 1e-12)))
 
 
 def fit_coefficients(features: np.ndarray, seconds: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tree_search.data.features import FeatureDataset, class_feature_means
+from tree_search.heads.centroid import subtree_embedding_sums
 from tree_search.heads.tree_head import BeamDecoder
 from tree_search.tree import Tree
 
@@ -45,11 +46,9 @@ class DecodeReplay(BeamDecoder):
     def __init__(self, tree: Tree, log_probs: torch.Tensor) -> None:
         self.tree = tree
         inner = tree.num_internal
-        probs = log_probs.double().exp()
-        mass = torch.zeros(probs.shape[0], inner, dtype=torch.float64)
-        mass.index_add_(1, torch.from_numpy(tree.leaf_parent.astype(np.int64)), probs)
-        for level in reversed(tree._levels[1:]):
-            mass.index_add_(1, torch.from_numpy(tree.node_parent[level].astype(np.int64)), mass[:, level])
+        # each query's mass below every internal node: its probabilities summed up the tree, as embeddings are
+        mass, _ = subtree_embedding_sums(tree, log_probs.double().exp().numpy().T, np.ones(tree.num_classes))
+        mass = torch.from_numpy(mass.T)  # (Q, I)
         # column c: the log-mass of child id c (classes first, then internal nodes), the scores `_beam` reads
         self._log_mass = torch.cat([log_probs.double(), mass.clamp_min(1e-300).log()], 1).float()
         self._child_ptr = torch.from_numpy(tree.child_ptr.astype(np.int64))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tree_search.cost import LAYOUT_DEFAULTS, head_layout
+from tree_search.cost import DEFAULT_BEAM, LAYOUT_DEFAULTS, head_layout
 from tree_search.export import load_tree
 from tree_search.heads.gathered import gathered_scores
 from tree_search.heads.paths import DeviceArrays, LevelSums, packed_path_pairs
@@ -178,7 +178,7 @@ class BeamDecoder:
         if int(k) < 1 or (beam is not None and int(beam) < 1):
             raise ValueError(f"predict needs k >= 1 and beam >= 1 (or None), got k={k}, beam={beam}")
         B, V, inner = h.shape[0], self.num_classes, self.tree.num_internal
-        width = max(k, 8) if beam is None else max(k, beam)
+        width = max(k, DEFAULT_BEAM) if beam is None else max(k, beam)
         classes = torch.full((B, k), -1, dtype=torch.int64, device=h.device)
         scores = torch.full((B, k), float("-inf"), device=h.device)
         todo = torch.arange(B, device=h.device)
