@@ -11,7 +11,9 @@ gradients (as `fit` trains) or dense (--dense, the head's default); the gradient
 h (as when an encoder trains with the head) unless --no-input-grad. Columns: multiply-adds
 per token and time, each as a ratio to binary Huffman; the achieved rate (3 x multiply-adds
 x 2 FLOP per token / time) as a share of a 4096x256x2048 float32 matmul's rate measured in
-the same run. --no-tune-allocator leaves glibc's malloc as it is (the command line tunes
+the same run; and the step's time as a multiple of the time its arithmetic would take if each node
+ran at the rate this machine gets on a (batch x d) @ (d x width) matmul of the node's width (the
+"small-matmul rate": about 11 GFLOP/s at width 2, 40 at 8, 200 from 64 here). --no-tune-allocator leaves glibc's malloc as it is (the command line tunes
 it). The "before" figures of issue 27 come from this script run against a checkout of
 157de49 with this commit's ``cost.py`` and ``heads/timing.py`` copied in (PYTHONPATH=...).
 
@@ -28,10 +30,11 @@ import math
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from tree_search import builders
-from tree_search.cost import ProfileError
+from tree_search.cost import ProfileError, bucket_width, node_costs
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.timing import resolve_cost, synthetic_classes, time_training_step, tune_allocator
 from tree_search.reward.reward import head_cost
@@ -41,13 +44,29 @@ TREES = ("huffman-2", "huffman-8", "huffman-32", "kmeans-16", "headtail-kmeans-1
          "adaptive", "adaptive-10")  # fmt: skip
 
 
-def matmul_rate(dim: int) -> float:
-    a, b = torch.randn(4096, dim), torch.randn(dim, 2048)
+def matmul_rate(dim: int, columns: int = 2048, rows: int = 4096) -> float:
+    """FLOP/s of a (rows x dim) @ (dim x columns) float32 matmul on this machine (median of 5 timings of 10)."""
+    a, b = torch.randn(rows, dim), torch.randn(dim, columns)
     a @ b
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 4096 * dim * 2048 / (time.perf_counter() - start)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        times.append(time.perf_counter() - start)
+    return 10 * 2 * rows * dim * columns / statistics.median(times)
+
+
+def small_matmul_seconds(tree, counts, dim: int, batch: int, projections, rates: dict[int, float]) -> float:
+    """Seconds of a training step's arithmetic (3 x the forward's multiply-adds, `cost.node_costs`) if each node
+    ran at the rate of a (batch x dim) @ (dim x width) matmul, width its fanout rounded up to a power of two (at
+    most 2,048): the machine's small-matmul rate for that node's shape."""
+    width = np.minimum(bucket_width(tree.fanout), 2048)
+    for w in np.unique(width):
+        if int(w) not in rates:
+            rates[int(w)] = matmul_rate(dim, int(w), batch)
+    rate = np.array([rates[int(w)] for w in width])
+    return float(np.sum(3 * 2 * node_costs(tree, counts, dim, projections) * batch / rate))
 
 
 def main() -> None:
@@ -92,7 +111,7 @@ def main() -> None:
         y = torch.multinomial(torch.from_numpy(counts / counts.sum()), args.batch, replacement=True,
                               generator=generator)  # fmt: skip
         h = torch.randn(args.batch, args.dim, generator=generator).requires_grad_(not args.no_input_grad)
-        rows = []
+        rows, small_rates = [], {}
         for name, classic in trees.items():
             head = TreeSoftmaxHead(classic.tree, args.dim, projections=classic.projections, sparse=not args.dense,
                                    **settings)  # fmt: skip
@@ -101,17 +120,21 @@ def main() -> None:
             predicted = math.nan
             if profile is not None:
                 predicted = profile.predict(classic.tree, counts, projections=classic.projections) * args.batch
-            rows.append((name, macs, seconds, predicted))
+            small = small_matmul_seconds(classic.tree, counts, args.dim, args.batch, classic.projections, small_rates)
+            rows.append((name, macs, seconds, predicted, small))
         base_macs, base_time = rows[0][1], rows[0][2]
         print(f"\nV = {V:,}\n  {'tree':<20} {'MACs / Huffman':>14} {'time / Huffman':>15} {'ms / step':>10} "
-              f"{'% of matmul rate':>17} {'predicted ms':>13} {'error':>7}")  # fmt: skip
+              f"{'% of matmul rate':>17} {'x small-matmul time':>20} {'predicted ms':>13} {'error':>7}")  # fmt: skip
         errors = []
-        for name, macs, seconds, predicted in rows:
+        for name, macs, seconds, predicted, small in rows:
             achieved = 3 * 2 * macs * args.batch / seconds
             error = predicted / seconds - 1
             errors.append(abs(error))
             print(f"  {name:<20} {macs / base_macs:>14.2f} {seconds / base_time:>15.2f} {seconds * 1e3:>10.1f} "
-                  f"{100 * achieved / rate:>16.1f}% {predicted * 1e3:>13.1f} {error:>+7.0%}")  # fmt: skip
+                  f"{100 * achieved / rate:>16.1f}% {seconds / small:>20.2f} {predicted * 1e3:>13.1f} "
+                  f"{error:>+7.0%}")  # fmt: skip
+        print("  small-matmul rates, GFLOP/s by width: "
+              + ", ".join(f"{w}: {r / 1e9:.0f}" for w, r in sorted(small_rates.items())))
         if profile is not None:
             print(f"  the profile (calibrated at V = {profile.num_classes:,}) errs by {statistics.median(errors):.0%} "
                   f"in the median here (largest {max(errors):.0%})")  # fmt: skip

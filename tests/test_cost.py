@@ -53,13 +53,28 @@ def test_features_of_a_binary_tree_by_hand():
     touched = 1 - (1 - 0.5) ** 2 + 1 - (1 - 0.25) ** 2
     assert f[:, COLUMN["packed_rows"]].sum() == pytest.approx(touched * 2 * 8 / 2)
     assert f[:, COLUMN["constant"]].sum() == 1.0
-    assert f[:, COLUMN["groups"]].sum() == pytest.approx(2 / 2)  # the top block and one bucket
+    assert f[:, COLUMN["groups"]].sum() == pytest.approx(1 / 2)  # the top block
+    assert f[:, COLUMN["buckets"]].sum() == pytest.approx(1 / 2)  # one bucket (width 2)
+
+
+def test_top_block_only_where_it_wastes_little():
+    # binary Huffman: level 0 uses 2 of 2 columns, levels 0-1 4 of 6, levels 0-2 6 of 14 (over half wasted):
+    # the block would be levels 0-1, 6 columns, under 64 / 2, so there is none
+    binary = builders.huffman(np.arange(300, 0, -1.0), 2)
+    assert not head_layout(binary).top.any()
+    assert head_layout(binary, top_columns=12).top.sum() == 3  # 6 columns >= 12 / 2: the root and its 2 children
+    # a 40-ary root (fanout under the dense threshold 64) with 40 children each: the root alone, used whole
+    wide = builders.from_children(1600, [[1600 + i for i in range(1, 41)]] + [list(range(40 * i, 40 * i + 40))
+                                                                           for i in range(40)])  # fmt: skip
+    layout = head_layout(wide)
+    assert layout.top.sum() == 1 and layout.top[0]
+    assert not head_layout(wide, top_columns=100).top.any()  # the root's 40 columns are under 100 / 2
 
 
 def test_projected_dense_node_features():
     counts = np.arange(40, 0, -1.0)
     tree, projections = builders.projected_cutoffs(counts, [10], [4], 16)
-    layout = head_layout(tree, projections)
+    layout = head_layout(tree, projections, top_columns=16)  # the root's 11 columns are at least 16 / 2
     f = layout_features(tree, counts, 16, projections, layout, batch=1, sparse=True)
     tail_mass = counts[10:].sum() / counts.sum()
     # the projected tail is dense: its projection and its 30 scores in 4 dimensions, per visit
@@ -117,7 +132,7 @@ def test_profile_predicts_its_node_sum_and_round_trips(tmp_path):
     "edit, message",
     [
         (lambda d: d.update(format="other"), "not a cost profile"),
-        (lambda d: d.update(version=3), "version 3"),
+        (lambda d: d.update(version=2), "version 2.*laid out differently.*calibrate again"),
         (lambda d: d.update(decode_coefficients=[1.0]), "'decode_coefficients'"),
         (lambda d: d.update(decode_features=["x"]), "decoding features"),
         (lambda d: d.update(coefficients=[1.0]), "'coefficients'"),
@@ -242,7 +257,7 @@ def test_decode_features_of_a_replayed_search_by_hand():
 def test_projected_dense_node_decode_features():
     counts = np.arange(40, 0, -1.0)
     tree, projections = builders.projected_cutoffs(counts, [10], [4], 16)
-    layout = head_layout(tree, projections)
+    layout = head_layout(tree, projections, top_columns=16)  # the root's 11 columns are at least 16 / 2
     tail = int(next(iter(projections)))
     scored = np.zeros(tree.num_internal)
     scored[0], scored[tail] = 1.0, 0.3
@@ -269,9 +284,8 @@ def test_decode_cost_is_the_node_sum_of_the_replayed_features_and_needs_a_replay
     profile.save(path)
     assert load_profile(path).decode_coefficients == profile.decode_coefficients
     assert isinstance(resolve_cost(f"decode:{path}", dim=8), DecodeCost)
-    # a profile of version 1 (training only) still loads, and says what to do for decoding
+    # a profile of training only (`calibrate(decode=False)`) loads, and says what to do for decoding
     old = {k: v for k, v in profile.to_json().items() if not k.startswith("decode")}
-    old["version"] = 1
     path.write_text(json.dumps(old))
     assert load_profile(path).coefficients == profile.coefficients
     with pytest.raises(ProfileError, match="no decoding model.*calibrate"):

@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 PROFILE_FORMAT = "tree_search.cost_profile"
-PROFILE_VERSION = 2  # 2: decoding beside training; version 1 files load without it
+PROFILE_VERSION = 3  # 2: decoding beside training; 3: the top-block rule of head_layout, buckets priced apart
 # `TreeSoftmaxHead`'s layout settings (`head_layout`); top levels up to 64 columns measured fastest on CPU
 # (binary Huffman at V = 10k, the einsum-free head before the fused scores: 27.5 ms a step against 38.9 ms
 # with 1,024; `bench_head_time.py --top-columns N` repeats it)
@@ -65,7 +65,8 @@ LAYOUT_DEFAULTS = {"dense_fanout": 64, "max_dense_nodes": 32, "top_columns": 64}
 # Per-token features of a head's training step (forward + backward), each the sum of its nodes' shares.
 FEATURES = (
     "constant",  # 1: per-token work of any tree (targets, the loss)
-    "groups",  # weight groups / batch: each group is a few kernels per step, whatever its size
+    "groups",  # matmul groups (dense nodes, the top block) / batch: a few kernels per step, whatever their size
+    "buckets",  # packed buckets / batch: a compiled gather, a sort and two embedding bags per step, whatever their size
     "packed_pairs",  # visits of packed nodes: index arithmetic and a gather per (token, node) pair
     "packed_macs",  # visits x bucket width x dim of packed nodes: gathered weights, from cache when reused
     "packed_rows",  # expected distinct packed nodes a batch touches x width x dim / batch: weights read from memory
@@ -218,7 +219,9 @@ def head_layout(
 
     Dense: the ``max_dense_nodes`` widest nodes of fanout above ``dense_fanout``, and every
     projected node. Top: the other nodes of the top levels, as many levels as keep their
-    children within ``top_columns``. Packed: the rest.
+    children within ``top_columns`` while a sample's path uses at least half of the block's
+    columns; a block of fewer than ``top_columns / 2`` columns is not kept (measured: a small
+    or wasteful block costs more time than packing its nodes; docs/cost-in-time.md). Packed: the rest.
     """
     fanout = tree.fanout
     order = np.argsort(-fanout, kind="stable")
@@ -226,12 +229,16 @@ def head_layout(
     dense_nodes = tuple(sorted(set(wide) | {int(n) for n in (projections or {})}))
     dense = np.zeros(tree.num_internal, dtype=bool)
     dense[list(dense_nodes)] = True
-    packed_depth = tree.node_depth[~dense]
-    top_depth = -1
+    packed_depth, packed_fanout = tree.node_depth[~dense], fanout[~dense]
+    top_depth, columns, used = -1, 0, 0
     for depth in range(int(packed_depth.max()) + 1 if packed_depth.size else 0):
-        if fanout[~dense][packed_depth <= depth].sum() > top_columns:
+        level = packed_fanout[packed_depth == depth]
+        columns, used = columns + int(level.sum()), used + int(level.max(initial=0))  # a path meets one node a level
+        if columns > top_columns or columns > 2 * used:
             break
         top_depth = depth
+    if 0 < 2 * fanout[~dense & (tree.node_depth <= top_depth)].sum() < top_columns:
+        top_depth = -1
     top = ~dense & (tree.node_depth <= top_depth)
     width = bucket_width(fanout)
     widths = tuple(sorted({int(w) for w in width[~dense & ~top]}))
@@ -265,7 +272,8 @@ def layout_features(
     out = np.zeros((inner, len(FEATURES)))
     column = {name: i for i, name in enumerate(FEATURES)}
     out[0, column["constant"]] = 1.0
-    out[0, column["groups"]] = layout.num_groups / batch
+    out[0, column["groups"]] = (len(layout.dense_nodes) + int(layout.top.any())) / batch
+    out[0, column["buckets"]] = len(layout.bucket_widths) / batch
     out[packed, column["packed_pairs"]] = visits[packed]
     out[packed, column["packed_macs"]] = visits[packed] * width[packed] * dim
     touched = _any_of(visits, batch)  # P(a batch visits the node)
@@ -450,9 +458,9 @@ def load_profile(path: str | os.PathLike[str]) -> CostProfile:
         raise ProfileError(f"{path}: not a cost profile ({err})") from None
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
         raise ProfileError(f"{path}: not a cost profile (format {PROFILE_FORMAT!r})")
-    if data.get("version") not in (1, PROFILE_VERSION):
-        raise ProfileError(f"{path}: cost profile version {data.get('version')!r}; this code reads versions 1 and "
-                           f"{PROFILE_VERSION}")  # fmt: skip
+    if data.get("version") != PROFILE_VERSION:
+        raise ProfileError(f"{path}: cost profile version {data.get('version')!r}; this code reads version "
+                           f"{PROFILE_VERSION} (its heads are laid out differently): calibrate again")  # fmt: skip
     if data.get("features") != list(FEATURES):
         raise ProfileError(f"{path}: the profile's features {data.get('features')} are not this code's {FEATURES}; "
                            "calibrate again")  # fmt: skip

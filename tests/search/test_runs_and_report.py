@@ -375,9 +375,14 @@ def test_a_front_search_in_measured_time(tmp_path):
         assert e.expected_cost == pytest.approx(seconds, rel=1e-9)  # the leaderboard's cost is the profile's time
         assert e.cost_ratio == pytest.approx(seconds / full, rel=1e-9)
         assert e.expected_cost != pytest.approx(head_cost(tree, counts, dataset.dim, e.projections or None))
-    for e in counted:
-        cap = 1.0 if e.searcher == "dp@1x" else 2.0
-        assert e.expected_cost <= cap * unit * (1 + 1e-6)  # each cap holds in time
+    from tree_search.search.report import finalists
+
+    chosen = finalists([run], huffman_ratio=unit / full)  # dp's probes may pass their cap; a cap's finalist never
+    searched = [e for e in run.evaluations() if e.ok and not e.searcher.startswith("baseline:")]
+    assert any(e.expected_cost > unit * (1 + 1e-6) for e in searched)  # a probe over 1x, which must not stand for it
+    for label, cap in (("dp@1x", 1.0), ("dp@2x", 2.0)):
+        best = min((e for e in searched if e.expected_cost <= cap * unit * (1 + 1e-6)), key=lambda e: e.valid_nll)
+        assert chosen[label][1].key == best.key  # each cap holds in time: its best tree within the cap
     assert (run.folder / "cost_profile.json").exists()
     # the device is calibrated again: the run's caps and report keep the profile it searched with
     CostProfile(**{**profile.__dict__, "coefficients": (1e-6,) * len(FEATURES)}).save(tmp_path / "profile.json")

@@ -41,7 +41,9 @@ def _fused_kernel(weight: torch.Tensor, numbers: int):
     if not wanted or _fused.get("failed"):
         return _scores_of_pairs
     if "kernel" not in _fused:
-        compiled = torch.compile(_scores_of_pairs, dynamic=True, fullgraph=True)
+        # dynamic_threads: with dynamic sizes inductor otherwise emits a one-thread loop (2 threads: 1.7x faster)
+        compiled = torch.compile(_scores_of_pairs, dynamic=True, fullgraph=True,
+                                 options={"cpp.dynamic_threads": True})  # fmt: skip
 
         def kernel(*args):
             try:
@@ -98,11 +100,19 @@ class _GatheredScores(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             order = torch.argsort(nodes, stable=True)
             unique, counts = torch.unique_consecutive(nodes[order], return_counts=True)
-            offsets = torch.cumsum(counts, 0) - counts
-            by_node, g = rows[order], grad[order].to(h.dtype)
-            values = torch.stack([nn.functional.embedding_bag(by_node, h, offsets, mode="sum",
-                                                              per_sample_weights=g[:, f].contiguous())
-                                  for f in range(width)], 1).view(-1, width * d).to(weight.dtype)  # fmt: skip
+            starts = torch.cumsum(counts, 0) - counts
+            # one bag per (node j, child f), laid out j-major: bag (j, f) starts at starts[j] * F + f * counts[j]
+            # and holds node j's pairs, so the bags' sums are the (U, F * d) gradient rows with no stacking copy
+            segment = torch.repeat_interleave(torch.arange(unique.shape[0], device=nodes.device), counts)
+            within = torch.arange(nodes.shape[0], device=nodes.device) - starts[segment]
+            child = torch.arange(width, device=nodes.device)
+            position = ((starts * width)[segment, None] + child * counts[segment, None] + within[:, None]).reshape(-1)
+            bag_rows = torch.empty_like(position).index_copy_(0, position, rows[order, None].expand(-1, width).reshape(-1))
+            bag_weights = torch.empty(position.shape[0], dtype=h.dtype, device=h.device).index_copy_(
+                0, position, grad[order].to(h.dtype).reshape(-1))
+            offsets = ((starts * width)[:, None] + child * counts[:, None]).reshape(-1)
+            values = nn.functional.embedding_bag(bag_rows, h, offsets, mode="sum", per_sample_weights=bag_weights)
+            values = values.view(-1, width * d).to(weight.dtype)
             if ctx.sparse:
                 grad_weight = torch.sparse_coo_tensor(unique[None], values, weight.shape, is_coalesced=True,
                                                       check_invariants=False)  # fmt: skip

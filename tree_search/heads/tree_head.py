@@ -280,7 +280,9 @@ class TreeSoftmaxHead(nn.Module, BeamDecoder):
         dense_fanout: nodes with a larger fanout get a dense block (see module docstring).
         max_dense_nodes: at most this many of the widest nodes are dense.
         top_columns: the top levels of the other nodes, up to this many children in all,
-            share one weight block scored by a single matmul over the batch.
+            share one weight block scored by a single matmul over the batch, while a
+            sample's path uses at least half of the block and it holds at least
+            ``top_columns / 2`` columns (`tree_search.cost.head_layout`); 0: no block.
         sparse: give the packed nodes' weights sparse gradients (only the rows a batch
             touched), for `torch.optim.SparseAdam`; `sparse_parameters` lists them.
         fanout_scaled_steps: parametrize each node's scores as ``scale * (w' . h + b')``
@@ -375,8 +377,8 @@ class TreeSoftmaxHead(nn.Module, BeamDecoder):
             self.dense_biases.append(nn.Parameter(torch.zeros(int(fanout[node])), requires_grad=self._dense_biased[k]))
             self.dense_projections.append(nn.Linear(dim, size, bias=False) if node in projections else nn.Identity())
             group_of[node], local_of[node] = k, 0
-        # The top levels of packed nodes, visited by most samples, form one shared block whose
-        # scores are a single matmul for the whole batch (cheaper than gathering their weights).
+        # The top levels of packed nodes, visited by most samples, may form one shared block whose
+        # scores are a single matmul for the whole batch (cheaper than gathering their weights when little is wasted).
         top_nodes = np.flatnonzero(layout.top)
         self._has_top = top_nodes.size > 0
         top_offset = np.zeros(tree.num_internal, dtype=np.int64)
