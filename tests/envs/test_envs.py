@@ -175,6 +175,38 @@ def test_cost_cap_penalises_without_training_and_failures_are_rewards_not_crashe
     assert info["error"] == "MemoryError: x" and reward == pytest.approx(-math.log(PLANTED.num_classes) - 1.0)
 
 
+def test_a_decoding_cap_penalises_trees_that_decode_too_slowly_without_training(tmp_path):
+    from tree_search.cost import DECODE_FEATURES, FEATURES, CostProfile
+    from tree_search.envs.scoring import EpisodeScorer
+
+    training = {"packed_macs": 1e-9, "dense_macs": 1e-9, "top_macs": 1e-9}
+    decoding = {"constant": 1e-6, "scored_pairs": 1e-6, "levels": 1e-5}
+    profile = CostProfile(device="cpu: test", device_type="cpu", dim=PLANTED.dim, batch=256, precision="fp32",
+                          sparse=True, num_classes=PLANTED.num_classes,
+                          coefficients=tuple(training.get(n, 0.0) for n in FEATURES),
+                          decode_coefficients=tuple(decoding.get(n, 0.0) for n in DECODE_FEATURES))  # fmt: skip
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    config = CONFIG.with_updates(cost=f"measured:{path}", cost_cap=4.0, decode_cap=0.5)
+    dataset = load_env_dataset(config)
+    fake = FakeReward()
+    scorer = EpisodeScorer(config, dataset, fake)
+    binary = huffman(dataset.class_weights, 2)  # within the training cap (1x), at 1x binary Huffman's decoding
+    reward, info = scorer.score(binary)
+    assert info["over_cap"] and not info["evaluated"] and fake.calls == []
+    assert info["decode_vs_huffman"] == pytest.approx(1.0, rel=1e-12)
+    assert reward == pytest.approx(-math.log(PLANTED.num_classes) - (1.0 / 0.5 - 1))  # the excess over the cap
+    wide = huffman(dataset.class_weights, 16)
+    assert scorer.decode_cap.ratio(wide) < 0.5 and scorer.cost(wide) <= scorer.cap  # fits both caps
+    reward, info = scorer.score(wide)
+    assert info["evaluated"] and not info["over_cap"] and len(fake.calls) == 1
+    assert reward == pytest.approx(-(3.0 + 0.01 * wide.max_depth))
+    with pytest.raises(ValueError, match="decode_cap must be 0 unless costs are training time"):
+        CONFIG.with_updates(decode_cap=0.5)  # multiply-adds: no profile to read decoding time from
+    with pytest.raises(ValueError, match="decode_cap must be a finite number >= 0"):
+        CONFIG.with_updates(cost=f"measured:{path}", decode_cap=-1.0)
+
+
 def test_config_factory_errors_and_render():
     with pytest.raises(ValueError, match="unknown TreeEnvConfig field\\(s\\) \\['colour'\\]"):
         make_env({"env": "split", "colour": 1})

@@ -449,6 +449,103 @@ def test_a_front_search_in_decoding_time(tmp_path):
     assert "errs by" in report
 
 
+def test_a_front_search_in_training_time_under_a_decoding_cap(tmp_path):
+    """--cost measured --decode-cap: the leaderboard records each tree's decoding time; no finalist and neither
+    side of a verdict is over the decoding cap; trees over it stay on the leaderboard."""
+    from tree_search.builders import huffman
+    from tree_search.data.features import class_feature_means
+    from tree_search.heads.decode_replay import DecodeReplay, centroid_log_probs
+    from tree_search.search.report import finalists
+
+    # training priced by multiply-adds, decoding by the pairs the beam search scores and the levels it runs
+    profile = _profile(dense_macs=1e-9, packed_macs=1e-9, top_macs=1e-9,
+                       decode={"constant": 1e-6, "scored_pairs": 1e-6, "levels": 1e-5})  # fmt: skip
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    env = ENV.with_updates(cost=f"measured:{path}", decode_cap=0.2)
+    config = SearchConfig(agent="dp", budget=4, cost_caps=(1.0, 2.0), env_config=env,
+                          baselines="huffman-2,huffman-4,kmeans-4,kmeans-16")  # fmt: skip
+    run = run_search(config, tmp_path / "run", log=None)
+    dataset = load_env_dataset(env)
+    # independently of the memo: the replay on the validation rows' class-mean distributions, priced by hand
+    n = dataset.labels["valid"].shape[0]
+    sample = np.sort(np.random.default_rng([0, 2]).permutation(n)[:256])
+    log_probs = centroid_log_probs(class_feature_means(dataset), dataset.class_weights,
+                                   np.asarray(dataset.features["valid"][sample], np.float32),
+                                   np.asarray(dataset.labels["valid"])[sample])  # fmt: skip
+
+    def decoding(tree):
+        scored, levels = DecodeReplay(tree, log_probs).replay(5, 256)
+        return 1e-6 + 1e-6 * scored.sum() + 1e-5 * levels / 256
+
+    decode_unit = decoding(huffman(dataset.class_weights, 2))
+    evaluations = [e for e in run.evaluations() if e.ok]
+    for e in evaluations:
+        assert e.decode_vs_huffman == pytest.approx(decoding(run.tree(e.key)) / decode_unit, rel=1e-9)
+    assert any(e.decode_vs_huffman > 0.2 for e in evaluations)  # binary Huffman at least: over the decoding cap
+    train_unit = profile.predict(huffman(dataset.counts, 2), dataset.counts)
+    full = profile.predict(builders_flat(dataset.num_classes), None)
+    chosen = finalists([run], huffman_ratio=train_unit / full)
+    searched = [e for e in evaluations if not e.searcher.startswith("baseline:")]
+    labels = [label for label in ("dp@1x", "dp@2x") if label in chosen]
+    assert labels
+    for label in labels:
+        cap = float(label[3:-1])
+        best = min((e for e in searched if e.expected_cost <= cap * train_unit * (1 + 1e-6)
+                    and e.decode_vs_huffman <= 0.2 * (1 + 1e-9)), key=lambda e: e.valid_nll)  # fmt: skip
+        assert chosen[label][1].key == best.key  # the best searched tree within both caps
+    rows = compare_runs([run.folder], seeds=1, log=None)
+    by_name = {r["name"]: r for r in rows}
+    assert not by_name["huffman-2"]["within_decode_cap"] and not by_name["huffman-2"]["within_cap"]
+    for r in rows:
+        tree = run.tree(r["key"]) if r["key"] not in ("full", "converged") else builders_flat(dataset.num_classes)
+        assert r["decode_cap_vs_huffman"] == pytest.approx(decoding(tree) / decode_unit, rel=1e-9)
+    for entry in json.loads((run.folder / "comparison.json").read_text())["caps"]:
+        for side in ("classic", "searched"):
+            if entry[side] is not None:
+                assert entry[side]["decode_cap_vs_huffman"] <= 0.2 * (1 + 1e-9)  # both sides of a verdict fit it
+    assert "also fits the decoding cap, 0.2x binary Huffman's" in (run.folder / "report.md").read_text()
+
+
+def test_finalists_skip_searched_trees_over_the_decoding_cap():
+    import math
+
+    from tree_search.reward.evaluator import Evaluation
+    from tree_search.search.report import finalists
+
+    def evaluation(index, searcher, nll, decode):
+        return Evaluation(index=index, key=f"k{index}", searcher=searcher, valid_nll=nll, valid_nll_stderr=0.0,
+                          expected_cost=1.0, cost_ratio=0.5, max_depth=3, wall_seconds=0.0, train_seconds=0.0,
+                          counted=True, decode_vs_huffman=decode)  # fmt: skip
+
+    seen = [evaluation(0, "baseline:huffman-2", 2.5, 1.0),  # a classic tree over the cap: still a finalist
+            evaluation(1, "dp@1x", 2.0, 0.5),  # the best, but over the decoding cap of 0.3
+            evaluation(2, "dp@1x", 2.3, math.nan),  # decoding time unknown: not known to fit
+            evaluation(3, "dp@1x", 2.1, 0.3)]  # fmt: skip
+
+    class OneRun:  # what `finalists` reads of a run
+        config = SearchConfig(agent="dp", cost_caps=(1.0,),
+                              env_config=ENV.with_updates(cost="measured:p.json", decode_cap=0.3)).to_json()
+
+        @staticmethod
+        def evaluations():
+            return seen
+
+    picked = finalists([OneRun()], huffman_ratio=1.0)
+    assert picked["dp@1x"][1].key == "k3" and picked["huffman-2"][1].key == "k0"
+    OneRun.config = SearchConfig(agent="dp", cost_caps=(1.0,), env_config=ENV).to_json()  # no decoding cap
+    assert finalists([OneRun()], huffman_ratio=1.0)["dp@1x"][1].key == "k1"
+    round_trip = Evaluation.from_json(json.loads(json.dumps(seen[2].to_json())))
+    assert math.isnan(round_trip.decode_vs_huffman) and round_trip.to_json()["decode_vs_huffman"] is None
+
+
+def builders_flat(num_classes: int):
+    """The full softmax as a tree: one node over every class."""
+    from tree_search.builders import from_children
+
+    return from_children(num_classes, [list(range(num_classes))])
+
+
 def test_the_report_measures_the_gap_against_the_converged_reference_once_it_is_cached(tmp_path):
     from tree_search.reward.converged import train_reference
 

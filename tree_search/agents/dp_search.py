@@ -58,6 +58,7 @@ from tree_search.cost import DecodeCost, head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.timing import resolve_cost
+from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator
 from tree_search.reward.reward import huffman_cost, node_nll_shares
 from tree_search.split_grammar import (
@@ -89,6 +90,10 @@ class _Measured:
     cost: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (parts,) cost share per part
     halves: dict[SplitRule, np.ndarray] = field(default_factory=dict)  # completion -> (2, parts) NLL share per half
     tried: set[SplitRule] = field(default_factory=set)  # completions measured on every part, or found unable to fit
+    # under a decoding cap: the root's and each part's share of the predicted decoding time (a forecast: a part's
+    # scored pairs depend on the rest of the tree), per completion as ``cost``
+    decode_root: float = math.nan
+    decode: dict[SplitRule, np.ndarray] = field(default_factory=dict)
 
 
 def choose_completions(loss: np.ndarray, cost: np.ndarray, budget: float) -> tuple[np.ndarray, float, float] | None:
@@ -145,6 +150,68 @@ def choose_completions(loss: np.ndarray, cost: np.ndarray, budget: float) -> tup
     for j in range(parts - 1, -1, -1):
         state, choice[j] = int(parents[j][0, state]), int(parents[j][1, state])
     return choice, total_loss, total_cost
+
+
+def choose_completions_within(
+    loss: np.ndarray, cost: np.ndarray, budget: float, second: np.ndarray, second_budget: float
+) -> tuple[np.ndarray, float, float] | None:
+    """`choose_completions` under a second budget too (``second``: each option's share of another cost).
+
+    A Lagrangian relaxation of the second budget: each option's loss gains ``lam`` x its share
+    of ``second_budget``, and ``lam`` rises from 0 (bisected) until the exact knapsack's choice
+    fits both. Whenever some choice fits both, one is found (at a high enough price the choice
+    spends the least of the second cost that the first budget allows); it need not be the
+    best such choice (the relaxation's duality gap). Options with NaN ``second`` are unmeasured.
+
+    Returns:
+        ``(choice, loss, cost)`` as `choose_completions` (the loss without the price), or None.
+    """
+    if second_budget <= 0:
+        return None
+    share = second / second_budget
+    columns = np.arange(loss.shape[1])
+
+    def solve(lam: float) -> tuple[np.ndarray, float, float] | None:
+        return choose_completions(loss + lam * share, cost, budget)  # NaN shares: unmeasured at every price
+
+    def fits(found) -> bool:
+        return found is not None and share[found[0], columns].sum() <= 1 + 1e-9
+
+    def plain(found) -> float:
+        return float(loss[found[0], columns].sum())
+
+    best = solve(0.0)
+    if best is None:
+        return None
+    if not fits(best):
+        low, high = 0.0, 1e-3
+        while not fits(best := solve(high)):
+            if best is None or high > 1e12:
+                return None
+            low, high = high, high * 4
+        for _ in range(30):  # down to the smallest price (to 2^-30 of the bracket) whose choice fits
+            middle = 0.5 * (low + high)
+            trial = solve(middle)
+            if fits(trial):
+                high = middle
+                if plain(trial) <= plain(best):  # the best fitting choice any price gave
+                    best = trial
+            else:
+                low = middle
+    choice = best[0].copy()
+    # Spend what the relaxation leaves: upgrade single parts while both budgets allow (greedy by loss saved)
+    safe_loss, safe_share = np.where(np.isnan(share), np.inf, loss), np.where(np.isnan(share), np.inf, share)
+    while True:
+        gain = loss[choice, columns][None, :] - safe_loss
+        more_cost = cost - cost[choice, columns][None, :]
+        more_share = safe_share - share[choice, columns][None, :]
+        allowed = ((gain > 0) & (more_cost <= budget * (1 + 1e-12) - cost[choice, columns].sum())
+                   & (more_share <= 1 + 1e-9 - share[choice, columns].sum()))  # fmt: skip
+        if not allowed.any():
+            break
+        option, part = np.unravel_index(np.argmax(np.where(allowed, gain, -np.inf)), loss.shape)
+        choice[part] = option
+    return choice, float(loss[choice, columns].sum()), float(cost[choice, columns].sum())
 
 
 def _lagrangian_choice(loss: np.ndarray, cost: np.ndarray, budget: float, iterations: int = 60) -> np.ndarray:
@@ -217,6 +284,7 @@ class DPSearcher(Searcher):
         self.dim = dataset.dim
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
         self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model)
+        self.decode_cap = decode_cap_for(config.cost, config.decode_cap, dataset)  # None: no cap on decoding time
         rules = [r for r in split_rules(config.fanouts) if not r.flat]
         # the adaptive softmax's root splits (its cutoffs and Grave et al.'s; with projected flat tails, its own trees)
         # and the frequency cutoffs' (with unprojected flat tails, theirs)
@@ -228,10 +296,13 @@ class DPSearcher(Searcher):
         # completions in order of promise: the cheapest (Huffman), then clusters of growing fanout, then the rest
         clusters = sorted((r for r in rules if r.order in ("kmeans", "pca")), key=lambda r: (r.fanout, r.order, r.cut))
         self.huffmans = [huffman_rule(k) for k in (2, 3, 4)]
+        # under a decoding cap, wide Huffman tails too: they train nearly as fast and decode several times faster
+        self.huffmans += [huffman_rule(k) for k in (8, 16, 32)] if self.decode_cap is not None else []
         # flat nodes, projected as the adaptive softmax's tail clusters are (PyTorch's div_value 4), and not
         self.flats = list(dict.fromkeys([projected_flat(max(1, self.dim // 16)), projected_flat(max(1, self.dim // 4)),
                                          FLAT]))  # fmt: skip
-        self.completions = self.huffmans + clusters + [r for r in rules if r not in clusters] + self.flats
+        others = [r for r in rules if r not in clusters]
+        self.completions = list(dict.fromkeys(self.huffmans + clusters + others + self.flats))
         self.measured: dict[SplitRule, _Measured] = {}
         self._splits: dict = {}  # group splits by (rule, content), shared by all trees of the search
         self.predictions: list[tuple[float, float, Tree]] = []  # (predicted NLL, evaluated NLL, tree) of knapsack trees
@@ -291,17 +362,34 @@ class DPSearcher(Searcher):
             cost = node_costs(tree, self.counts, self.dim, projections, model=self.cost_model)
             entry.root_cost = float(cost[0])
             entry.cost[completion] = tree.node_subtree_sums(cost)[self._part_nodes(entry, tree)]
+            if self.decode_cap is not None:  # the decoding forecast needs no training either
+                self._record_decoding(entry, tree, projections, dict.fromkeys(entry.parts, completion))
         return entry.cost[completion]
+
+    def _record_decoding(self, entry: _Measured, tree: Tree, projections, chosen: dict[int, SplitRule]) -> None:
+        """Each part's (and the root's) share of ``tree``'s predicted decoding time, under its completion rule."""
+        decode = node_costs(tree, self.counts, self.dim, projections, model=self.decode_cap.model)
+        entry.decode_root = float(decode[0])
+        part_decode = tree.node_subtree_sums(decode)[self._part_nodes(entry, tree)]
+        for k, part in enumerate(entry.parts):
+            entry.decode.setdefault(chosen[part], np.full(len(entry.parts), math.nan))[k] = part_decode[k]
 
     def _may_fit(self, root: SplitRule, completion: SplitRule) -> bool:
         """Whether some part completed by ``completion``, the others by their cheapest known completion, fits the cap.
 
+        Under a decoding cap, the same part must also fit it with the others at their fastest-decoding known
+        completion (a necessary condition: no tree with that part so completed fits both caps otherwise).
         A completion that fits no part never enters the knapsack's choice: measuring it would spend budget for nothing.
         """
         costs, entry = self._part_costs(root, completion), self._parts(root)
         cheapest = np.nanmin(np.stack(list(entry.cost.values())), axis=0)
         slack = self.cap * (1 + 1e-12) - entry.root_cost - cheapest.sum()
-        return bool(np.any(costs - cheapest <= slack))
+        fits = costs - cheapest <= slack
+        if self.decode_cap is not None:
+            fastest = np.nanmin(np.stack(list(entry.decode.values())), axis=0)
+            decode_slack = self.decode_cap.limit * (1 + 1e-9) - entry.decode_root - fastest.sum()
+            fits &= entry.decode[completion] - fastest <= decode_slack
+        return bool(np.any(fits))
 
     def _node_values(self, tree: Tree, projections: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(I, 2) each node's NLL share per validation half and (I,) its cost share, from the bank (just trained)."""
@@ -334,7 +422,26 @@ class DPSearcher(Searcher):
             rule = chosen[part]
             entry.cost.setdefault(rule, np.full(len(entry.parts), math.nan))[k] = part_cost[k]
             entry.halves.setdefault(rule, np.full((2, len(entry.parts)), math.nan))[:, k] = part_halves[:, k]
+        if self.decode_cap is not None:
+            self._record_decoding(entry, tree, projections, chosen)
         return evaluation
+
+    def _first_completion(
+        self, root: SplitRule, first: dict[int, SplitRule] | SplitRule, cheapest: SplitRule
+    ) -> dict[int, SplitRule] | SplitRule:
+        """The completion that ranks ``root``: ``first`` when it fits the cap, else ``cheapest``.
+
+        Under a decoding cap, the first of them and then of the completions in order of promise
+        whose tree fits both caps (costs need no training), so that the ranking tree can stand
+        for the root at its caps; ``first`` or ``cheapest`` as before when none does.
+        """
+        fallback = first if self._cost(root, first) <= self.cap else cheapest
+        if self.decode_cap is None:
+            return fallback
+        for completion in (first, cheapest, *self._completion_order(root)):
+            if self._cost(root, completion) <= self.cap and self.decode_cap.admits(*self._tree(root, completion)):
+                return completion
+        return fallback
 
     def _adaptive_completion(self, root: SplitRule) -> dict[int, SplitRule]:
         """The classic shape's own tails of a cutoffs root: unprojected flat nodes, or PyTorch's projections.
@@ -355,14 +462,24 @@ class DPSearcher(Searcher):
         if not entry.halves or np.isnan(entry.root_halves).any():
             return None
         options = list(entry.halves)
-        loss = [entry.halves[o].sum(0) if half is None else entry.halves[o][half] for o in options]
+        loss = np.stack([entry.halves[o].sum(0) if half is None else entry.halves[o][half] for o in options])
+        cost = np.stack([entry.cost[o] for o in options])
         root = float(entry.root_halves.sum() if half is None else entry.root_halves[half])
-        best = choose_completions(np.stack(loss), np.stack([entry.cost[o] for o in options]),
-                                  self.cap - entry.root_cost)  # fmt: skip
+        if self.decode_cap is None:
+            best = choose_completions(loss, cost, self.cap - entry.root_cost)
+        else:
+            best = self._within_decode_cap(entry, options, loss, cost)
         if best is None:
             return None
         choice, total, _ = best
         return {part: options[c] for part, c in zip(entry.parts, choice, strict=True)}, root + total
+
+    def _within_decode_cap(self, entry: _Measured, options: list[SplitRule], loss: np.ndarray,
+                           cost: np.ndarray) -> tuple[np.ndarray, float, float] | None:  # fmt: skip
+        """`choose_completions_within` the search's cap and the decoding cap (parts' decoding shares: a forecast)."""
+        decode = np.stack([entry.decode.get(o, np.full(len(entry.parts), math.nan)) for o in options])
+        return choose_completions_within(loss, cost, self.cap - entry.root_cost, decode,
+                                         self.decode_cap.limit - entry.decode_root)  # fmt: skip
 
     def selection_free_nll(self) -> float | None:
         """The validation NLL of dp's choice at the cap, cross-fitted over the two validation halves.
@@ -402,6 +519,8 @@ class DPSearcher(Searcher):
             # parts' costs add up exactly in multiply-adds and training time; in decoding time a part's pairs
             # depend on the rest of the tree (a better class found elsewhere prunes it), so the sum is a forecast
             return None
+        if self.decode_cap is not None and not self.decode_cap.admits(tree, projections):
+            return None  # the decoding forecast was wrong for this tree
         evaluation = self.evaluator.evaluate(tree, projections, searcher=self.label)
         if evaluation.ok:
             self.predictions.append((predicted, evaluation.valid_nll, tree))
@@ -436,7 +555,7 @@ class DPSearcher(Searcher):
                 if self.done:
                     return
                 first = self._adaptive_completion(root) if root.cut == "cutoffs" else root
-                evaluation = self._measure(root, first if self._cost(root, first) <= self.cap else cheapest_rule[root])
+                evaluation = self._measure(root, self._first_completion(root, first, cheapest_rule[root]))
                 if evaluation is not None and evaluation.counted:
                     yield evaluation
             while not self.done:

@@ -224,6 +224,9 @@ def report(run_folder: Path) -> None:
 )
 @click.option("--cost", "cost_model", default=TreeEnvConfig.cost, show_default=True,
               help="What costs and caps are in: " + COST_HELP)  # fmt: skip
+@click.option("--decode-cap", type=float, default=TreeEnvConfig.decode_cap, show_default=True,
+              help="With --cost measured: also cap the predicted decoding time (exact top-5), in multiples of binary "
+                   "Huffman's, from the same profile; 0: no decoding cap (dp and the environment agents).")  # fmt: skip
 @friendly_errors
 def search(
     agent: str,
@@ -259,6 +262,7 @@ def search(
     storage: str | None,
     study: str | None,
     cost_model: str,
+    decode_cap: float,
 ) -> None:
     """Search for a better tree; results are written to the run folder as they arrive.
 
@@ -277,7 +281,10 @@ def search(
     from tree_search.search.run import run_search
     from tree_search.search.runs import Run
 
-    check_cost_spec(cost_model, "cuda" if torch.cuda.is_available() else "cpu")  # before the search, not after it
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    check_cost_spec(cost_model, device_type)  # before the search, not after it
+    if decode_cap and cost_model.startswith("measured"):  # the decoding side of the same profile
+        check_cost_spec("decode" + cost_model.removeprefix("measured"), device_type)
     # how the search runs (this session's flags, also on resume): the fields `EXECUTION_FIELDS` declares
     execution = {name: click.get_current_context().params[name] for name in EXECUTION_FIELDS}
     if resume is not None:
@@ -293,6 +300,7 @@ def search(
             cost_mode=cost_mode,
             cost_cap=cost_cap,
             cost=cost_model,
+            decode_cap=decode_cap,
             cost_weight=cost_weight,
             max_steps=max_steps,
             reward_mode=reward_mode,

@@ -37,6 +37,7 @@ class TreeEnvConfig:
     cost_mode: str = "cap"  # "cap": over-cap trees are penalised; "tradeoff": reward -= cost_weight * cost ratio
     cost_cap: float = 2.0  # cap on expected cost per token, in multiples of binary Huffman's
     cost: str = "macs"  # "macs" (multiply-adds), "measured[:PROFILE]" or "decode[:PROFILE]" (a device's time)
+    decode_cap: float = 0.0  # with cost "measured": also cap decoding time, in multiples of binary Huffman's (0: none)
     cap_penalty: float = 1.0  # over the cap: reward = -ln V - cap_penalty * (cost / cap - 1); no training
     cost_weight: float = 1.0  # lambda of the tradeoff mode: reward = -NLL - lambda * cost / full-softmax cost
     failure_penalty: float = 1.0  # a failed evaluation (NaN, OOM): reward = -ln V - failure_penalty
@@ -86,6 +87,12 @@ class TreeEnvConfig:
             ) from None
         if self.cost_mode not in COST_MODES:
             raise bad("cost_mode", f"one of {COST_MODES}")
+        cap = self.decode_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap < math.inf:
+            raise bad("decode_cap", "a finite number >= 0 (a multiple of binary Huffman's decoding time; 0: none)")
+        if cap and (parse_cost_spec(self.cost)[0] != "measured" or self.cost_mode != "cap"):
+            raise bad("decode_cap", "0 unless costs are training time under a cap (cost 'measured[:PROFILE]', "
+                      f"cost_mode 'cap'; the decoding cap reads the same profile), with cost {self.cost!r}")  # fmt: skip
         if self.reward_mode not in REWARD_MODES:
             raise bad("reward_mode", f"one of {REWARD_MODES} (dense: each decision is rewarded by its node's loss)")
         if not isinstance(self.dense_device, str) or not _is_device(self.dense_device):

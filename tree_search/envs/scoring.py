@@ -33,6 +33,7 @@ from tree_search.data.prepare import prepare_dataset
 from tree_search.data.vocab import DataError
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.timing import resolve_cost
+from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.node_train import NodeRecipe
 from tree_search.reward.reward import (
     Result,
@@ -136,6 +137,7 @@ class EpisodeScorer:
         self.full_cost = full_softmax_cost(dataset, self.cost_model)
         self.huffman_cost = huffman_cost(dataset, self.cost_model)
         self.cap = config.cost_cap * self.huffman_cost
+        self.decode_cap = decode_cap_for(config.cost, config.decode_cap, dataset)  # None: no cap on decoding time
         self.floor = math.log(dataset.num_classes)  # the NLL of a uniform guess
 
     def cost(self, tree: Tree, projections: Mapping[int, int] | None = None) -> float:
@@ -166,9 +168,15 @@ class EpisodeScorer:
             "result": None,
             "error": None,
         }
-        if self.config.cost_mode == "cap" and cost > self.cap * (1 + 1e-9):
-            info["over_cap"] = True
-            return -self.floor - self.config.cap_penalty * (cost / self.cap - 1.0), info
+        if self.config.cost_mode == "cap":
+            excess = max(0.0, cost / self.cap - 1.0) if cost > self.cap * (1 + 1e-9) else 0.0
+            if self.decode_cap is not None:
+                ratio = info["decode_vs_huffman"] = self.decode_cap.ratio(tree, projections)
+                if not self.decode_cap.admits_ratio(ratio):
+                    excess += ratio / self.decode_cap.multiple - 1.0
+            if excess > 0:  # over either cap: the penalty grows with how far over both it is
+                info["over_cap"] = True
+                return -self.floor - self.config.cap_penalty * excess, info
         result = self.reward_fn(tree, projections or None)
         info["evaluated"] = True
         info["result"] = result.to_json()

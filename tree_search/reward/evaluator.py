@@ -74,16 +74,21 @@ class Evaluation:
     error: str | None = None
     projections: dict[int, int] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)  # the full `Result`, as JSON
+    decode_vs_huffman: float = math.nan  # predicted decoding time / binary Huffman's, under a decoding cap (else NaN)
 
     @property
     def ok(self) -> bool:
         """A complete, successful measurement."""
         return self.error is None and not self.pruned and math.isfinite(self.valid_nll)
 
+    def within_decode_cap(self, cap: float) -> bool:
+        """Whether the tree fits a decoding cap of ``cap`` x binary Huffman's time (0: no cap; unknown: no)."""
+        return not cap or self.decode_vs_huffman <= cap * (1 + 1e-9)  # NaN compares False
+
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict (infinities as null)."""
         out = asdict(self)
-        for name in ("valid_nll", "valid_nll_stderr"):
+        for name in ("valid_nll", "valid_nll_stderr", "decode_vs_huffman"):
             if not math.isfinite(out[name]):
                 out[name] = None
         out["projections"] = {str(k): v for k, v in self.projections.items()}
@@ -96,6 +101,8 @@ class Evaluation:
         for name in ("valid_nll", "valid_nll_stderr"):
             if values.get(name) is None:
                 values[name] = math.inf
+        if values.get("decode_vs_huffman", math.nan) is None:
+            values["decode_vs_huffman"] = math.nan
         values["projections"] = {int(k): int(v) for k, v in (values.get("projections") or {}).items()}
         return cls(**values)
 
@@ -142,6 +149,7 @@ class Evaluator(ABC):
         # ``(expected cost, ratio to the full softmax)`` of a tree under the run's cost model (None: the
         # reward's multiply-adds, as `Result` has them)
         self.cost_fn: Callable[[Tree, Mapping[int, int] | None], tuple[float, float]] | None = None
+        self.decode_ratio_fn: Callable[[Tree, Mapping[int, int] | None], float] | None = None  # under a decoding cap
 
     thread_safe = True  # several threads may call `evaluate` at once
 
@@ -391,6 +399,7 @@ class Evaluator(ABC):
             error=result.error,
             projections={int(k): int(v) for k, v in (projections or {}).items()},
             result=result.to_json(),
+            decode_vs_huffman=self.decode_ratio_fn(tree, projections or None) if self.decode_ratio_fn else math.nan,
         )
         self._next_index += 1
         self.used += int(counted)

@@ -35,6 +35,7 @@ from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.timing import decoding_cost, resolve_cost
 from tree_search.heads.train import validation_nll
 from tree_search.reward.converged import cached_reference
+from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import Evaluation
 from tree_search.reward.node_train import split_sample, training_code_identity, training_dtype
 from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
@@ -73,7 +74,8 @@ def finalists(
     within its own cap (`SearchConfig.caps`, from each run's own config); in a front search
     (several caps), the finalist of cap ``c`` (named like its searcher, ``dp@2x``) is the
     best tree of the whole run within ``c`` (a tree found under one cap serves any larger
-    one, and a searcher's probes over its own cap never stand for it). A classic tree that
+    one, and a searcher's probes over its own cap never stand for it); under a decoding cap
+    (``--decode-cap``) a searched tree must fit that too. A classic tree that
     a cheaper classic tree beats on validation is left out (it cannot decide a comparison
     at any cost), except binary Huffman, the reference of every cost.
     """
@@ -88,12 +90,18 @@ def finalists(
             chosen[name] = (run, evaluation)
 
     for run in runs:
-        caps = SearchConfig.from_json(run.config).caps() if huffman_ratio is not None else {}
+        config = SearchConfig.from_json(run.config)
+        caps = config.caps() if huffman_ratio is not None else {}
         front = bool(run.config.get("cost_caps"))
         suffix = f" ({run.folder.name})" if len(runs) > 1 else ""
         for evaluation in run.evaluations():
             if not evaluation.ok:
                 continue
+            searched = not evaluation.searcher.startswith("baseline:")
+            if searched and huffman_ratio is not None and not evaluation.within_decode_cap(
+                config.env_config.decode_cap
+            ):
+                continue  # over the run's decoding cap: never a finalist
             if evaluation.searcher.startswith("baseline:"):
                 offer(_group(evaluation.searcher), run, evaluation)
             elif front:
@@ -162,6 +170,7 @@ def compare_runs(
     if isinstance(profile, DecodeCost):  # the time section reads the whole profile, training and decoding
         profile = profile.profile
     time_unit = huffman_cost(dataset, profile) if profile is not None else math.nan
+    decoding_cap = decode_cap_for(run_spec, env_config.decode_cap, dataset)  # the first run's, with its profile
     all_caps = [c for run in runs for c in SearchConfig.from_json(run.config).caps().values()]  # each run's own
     cap = max(all_caps) * unit if all_caps else math.inf  # the widest: "within the cap" of the table
     report_run = Run(out) if out is not None else runs[0]
@@ -206,6 +215,10 @@ def compare_runs(
             per_seed[str(seed)] = {"test_nll": result["test_nll"], "document_sums": sums.tolist()}
             report_run.write_json("final.json", {"setting": setting, "scores": scores})
         cost = head_cost(tree, counts, dataset.dim, projections, axis)
+        decode_fields = {}
+        if decoding_cap is not None:
+            ratio = decoding_cap.ratio(tree, projections)
+            decode_fields = {"decode_cap_vs_huffman": ratio, "within_decode_cap": decoding_cap.admits_ratio(ratio)}
         rows.append(
             {
                 "name": name,
@@ -215,7 +228,8 @@ def compare_runs(
                 "cost_ratio": cost / full_cost,
                 "cost_vs_huffman": cost / unit,
                 "macs_vs_huffman": head_cost(tree, counts, dataset.dim, projections) / macs_unit,
-                "within_cap": cost <= cap * (1 + 1e-9),
+                "within_cap": cost <= cap * (1 + 1e-9) and decode_fields.get("within_decode_cap", True),
+                **decode_fields,
                 **(time_fields(profile, tree, counts, projections, time_unit) if profile is not None else {}),
                 "max_depth": tree.max_depth,
                 "seeds": seeds,
@@ -486,6 +500,10 @@ def _write_report(
     folder = run.folder
     folder.mkdir(parents=True, exist_ok=True)
     evaluations = [(r, e) for r in runs for e in r.evaluations()]
+    decode_cap = SearchConfig.from_json(runs[0].config).env_config.decode_cap
+    decode_cap_line = (f" Every tree of a verdict also fits the decoding cap, {decode_cap:g}x binary Huffman's "
+                       "predicted decoding time (the same profile's decoding model); the table's \"over cap\" "
+                       "counts either cap." if decode_cap else "")  # fmt: skip
     # 1. best-so-far validation NLL per searcher
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[str, list[float]] = {}
@@ -557,7 +575,7 @@ def _write_report(
         f"Test split, {rows[0]['seeds']} training seeds per tree, {epochs:g} epochs each; mean ± standard error "
         f"from a paired bootstrap over {rows[0]['test_documents']:,} test {scores.documents_are} "
         f"and the seeds ({scores.draws:,} draws). Searches selected on the validation split only. "
-        f"Costs and caps are in {cost_in}.",
+        f"Costs and caps are in {cost_in}.{decode_cap_line}",
         "",
         "| tree | kind | valid NLL (search) | test NLL | ± | perplexity | cost / full | cost / Huffman | max depth |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -16,6 +16,7 @@ from tree_search.cost import head_cost, parse_cost_spec
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.envs import load_env_dataset, make_env
 from tree_search.heads.timing import resolve_cost
+from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import Evaluation, Evaluator, LocalEvaluator
 from tree_search.reward.reward import full_softmax_cost, huffman_cost
 from tree_search.search.config import EXECUTION_FIELDS, SearchConfig
@@ -144,9 +145,12 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
     run.labels, run.counts = dataset.vocab.tokens, dataset.counts  # every tree file says which class is which token
     best: dict[str, float] = {}
 
+    decode_cap = config.env_config.decode_cap
+
     def progress(evaluation: Evaluation, tree: Tree) -> None:
         group = evaluation.searcher.split(":")[0]
-        if evaluation.ok and evaluation.cost_ratio <= caps.get(group, math.inf) * (1 + 1e-9):  # probes over it: no
+        within = evaluation.cost_ratio <= caps.get(group, math.inf) * (1 + 1e-9)  # probes over it: no
+        if evaluation.ok and within and evaluation.within_decode_cap(decode_cap):
             best[group] = min(best.get(group, math.inf), evaluation.valid_nll)
         if log is None:
             return
@@ -155,6 +159,7 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
         log(
             f"[{evaluation.index:3d}] {evaluation.searcher:<20s} {budget:>7s}  {what}"
             f"{' (pruned)' if evaluation.pruned else ''}  cost {evaluation.cost_ratio:.2%} of full"
+            f"{f'  decoding {evaluation.decode_vs_huffman:.2f}x' if decode_cap else ''}"
             f"  best {best.get(group, math.inf):.4f}  {evaluation.train_seconds:.1f}s"
         )
 
@@ -167,6 +172,7 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
     huffman_ratio = huffman_cost(dataset, cost_model) / full_cost
     caps = {label: cap * huffman_ratio for label, cap in config.caps().items()}  # / full softmax
     run.cap_ratio = max(caps.values(), default=math.inf)  # best_tree.json: the best searched tree within a cap
+    run.decode_cap = decode_cap
     total_budget = config.budget * len(searches)
     train, seeds = config.env_config.train, config.env_config.seeds
     if config.uses_ray:
@@ -196,6 +202,9 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
             return cost, cost / full_cost
 
         evaluator.cost_fn = measured
+    decoding = decode_cap_for(config.env_config.cost, decode_cap, dataset)  # the run's own profile, as the caps
+    if decoding is not None:
+        evaluator.decode_ratio_fn = decoding.ratio
     previous = run.evaluations()
     evaluator.preload(previous)
     evaluator.restore_charges(run.read_json(Run.CHARGES))

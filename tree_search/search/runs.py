@@ -67,6 +67,7 @@ class Run:
         self._best: dict[str, float] = {}
         self._best_search = math.inf
         self.cap_ratio = math.inf  # searched trees costing more (/ full softmax) never become best_tree.json
+        self.decode_cap = 0.0  # nor those over this decoding cap (x binary Huffman's; 0: none)
         self.labels: tuple[str, ...] | None = None  # class tokens and training counts written into every tree file
         self.counts: np.ndarray | None = None
         for evaluation in self.evaluations():
@@ -193,7 +194,7 @@ class Run:
             return False
         group = evaluation.searcher.split(":")[0]
         self._best[group] = min(self._best.get(group, math.inf), evaluation.valid_nll)
-        within = evaluation.cost_ratio <= self.cap_ratio * (1 + 1e-9)
+        within = evaluation.cost_ratio <= self.cap_ratio * (1 + 1e-9) and evaluation.within_decode_cap(self.decode_cap)
         if not evaluation.searcher.startswith("baseline:") and within and evaluation.valid_nll < self._best_search:
             self._best_search = evaluation.valid_nll
             return True

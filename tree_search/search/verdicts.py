@@ -203,12 +203,15 @@ def classic_front_at(rows: Sequence[dict[str, Any]], cost: float) -> tuple[float
 def front_verdicts(rows: Sequence[dict[str, Any]], caps: Sequence[float], scores: FinalScores) -> list[dict[str, Any]]:
     """Per cost cap: the best classic tree and the best searched tree costing at most the cap, on test.
 
+    Rows with ``within_decode_cap`` False (over a run's decoding cap) take part in no verdict.
+
     The searched tree is chosen on validation (as a user would) among every searched finalist within the
     cap; it is judged against (a) the classic tree with the lowest test NLL within the cap and (b) the
     classic front interpolated at its own cost (`classic_front_at`). ``difference`` > 0: the searched tree
     is better; ``interval``: its paired 95% bootstrap interval; ``significant``: the interval excludes 0.
     """
     out = []
+    rows = [r for r in rows if r.get("within_decode_cap", True)]  # under a decoding cap, both sides fit it
     for cap in caps:
         within = [r for r in rows if r["cost_vs_huffman"] <= cap * (1 + 1e-9)]
         classic = min((r for r in within if r["kind"] == "baseline"), key=lambda r: r["test_nll"], default=None)
