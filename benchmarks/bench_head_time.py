@@ -13,9 +13,10 @@ per token and time, each as a ratio to binary Huffman; the achieved rate (3 x mu
 x 2 FLOP per token / time) as a share of a 4096x256x2048 float32 matmul's rate measured in
 the same run; and the step's time as a multiple of the time its arithmetic would take if each node
 ran at the rate this machine gets on a (batch x d) @ (d x width) matmul of the node's width (the
-"small-matmul rate": about 11 GFLOP/s at width 2, 40 at 8, 200 from 64 here). --no-tune-allocator leaves glibc's malloc as it is (the command line tunes
-it). The "before" figures of issue 27 come from this script run against a checkout of
-157de49 with this commit's ``cost.py`` and ``heads/timing.py`` copied in (PYTHONPATH=...).
+"small-matmul rate": 2-11 GFLOP/s at width 2, 12-40 at 8, 160-220 from 16 up here).
+--no-tune-allocator leaves glibc's malloc as it is (the command line tunes it). The "before"
+figures of issue 27 come from this script run against a checkout of 157de49 with that
+session's ``cost.py`` and ``heads/timing.py`` copied in (PYTHONPATH=...).
 
 With a cost profile (--profile; by default this device's, `tree-search cost calibrate`, when
 it exists and matches --dim, --batch and the gradients) it also prints each tree's predicted
@@ -133,8 +134,10 @@ def main() -> None:
             print(f"  {name:<20} {macs / base_macs:>14.2f} {seconds / base_time:>15.2f} {seconds * 1e3:>10.1f} "
                   f"{100 * achieved / rate:>16.1f}% {seconds / small:>20.2f} {predicted * 1e3:>13.1f} "
                   f"{error:>+7.0%}")  # fmt: skip
-        print("  small-matmul rates, GFLOP/s by width: "
-              + ", ".join(f"{w}: {r / 1e9:.0f}" for w, r in sorted(small_rates.items())))
+        print(
+            "  small-matmul rates, GFLOP/s by width: "
+            + ", ".join(f"{w}: {r / 1e9:.0f}" for w, r in sorted(small_rates.items()))
+        )
         if profile is not None:
             print(f"  the profile (calibrated at V = {profile.num_classes:,}) errs by {statistics.median(errors):.0%} "
                   f"in the median here (largest {max(errors):.0%})")  # fmt: skip

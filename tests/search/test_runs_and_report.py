@@ -524,8 +524,9 @@ def test_finalists_skip_searched_trees_over_the_decoding_cap():
             evaluation(3, "dp@1x", 2.1, 0.3)]  # fmt: skip
 
     class OneRun:  # what `finalists` reads of a run
-        config = SearchConfig(agent="dp", cost_caps=(1.0,),
-                              env_config=ENV.with_updates(cost="measured:p.json", decode_cap=0.3)).to_json()
+        config = SearchConfig(
+            agent="dp", cost_caps=(1.0,), env_config=ENV.with_updates(cost="measured:p.json", decode_cap=0.3)
+        ).to_json()
 
         @staticmethod
         def evaluations():

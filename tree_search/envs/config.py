@@ -92,7 +92,8 @@ class TreeEnvConfig:
             raise bad("decode_cap", "a finite number >= 0 (a multiple of binary Huffman's decoding time; 0: none)")
         if cap and (parse_cost_spec(self.cost)[0] != "measured" or self.cost_mode != "cap"):
             raise bad("decode_cap", "0 unless costs are training time under a cap (cost 'measured[:PROFILE]', "
-                      f"cost_mode 'cap'; the decoding cap reads the same profile), with cost {self.cost!r}")  # fmt: skip
+                      f"cost_mode 'cap'; the decoding cap reads the same profile), "
+                      f"with cost {self.cost!r}")  # fmt: skip
         if self.reward_mode not in REWARD_MODES:
             raise bad("reward_mode", f"one of {REWARD_MODES} (dense: each decision is rewarded by its node's loss)")
         if not isinstance(self.dense_device, str) or not _is_device(self.dense_device):

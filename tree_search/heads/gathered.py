@@ -107,9 +107,10 @@ class _GatheredScores(torch.autograd.Function):
             within = torch.arange(nodes.shape[0], device=nodes.device) - starts[segment]
             child = torch.arange(width, device=nodes.device)
             position = ((starts * width)[segment, None] + child * counts[segment, None] + within[:, None]).reshape(-1)
-            bag_rows = torch.empty_like(position).index_copy_(0, position, rows[order, None].expand(-1, width).reshape(-1))
-            bag_weights = torch.empty(position.shape[0], dtype=h.dtype, device=h.device).index_copy_(
-                0, position, grad[order].to(h.dtype).reshape(-1))
+            pair_rows = rows[order, None].expand(-1, width).reshape(-1)
+            bag_rows = torch.empty_like(position).index_copy_(0, position, pair_rows)
+            bag_weights = torch.empty(position.shape[0], dtype=h.dtype, device=h.device)
+            bag_weights.index_copy_(0, position, grad[order].to(h.dtype).reshape(-1))
             offsets = ((starts * width)[:, None] + child * counts[:, None]).reshape(-1)
             values = nn.functional.embedding_bag(bag_rows, h, offsets, mode="sum", per_sample_weights=bag_weights)
             values = values.view(-1, width * d).to(weight.dtype)

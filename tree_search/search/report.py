@@ -98,8 +98,10 @@ def finalists(
             if not evaluation.ok:
                 continue
             searched = not evaluation.searcher.startswith("baseline:")
-            if searched and huffman_ratio is not None and not evaluation.within_decode_cap(
-                config.env_config.decode_cap
+            if (
+                searched
+                and huffman_ratio is not None
+                and not evaluation.within_decode_cap(config.env_config.decode_cap)
             ):
                 continue  # over the run's decoding cap: never a finalist
             if evaluation.searcher.startswith("baseline:"):
