@@ -405,23 +405,14 @@ def test_a_front_search_in_measured_time(tmp_path):
     assert "### Decoding time" in report and "classic trees' decoding front" in report and "| full softmax |" in report
 
 
-def test_a_front_search_in_decoding_time(tmp_path):
-    """--cost decode: caps, the leaderboard's costs and the report's axis are the profile's decoding time."""
-    from tree_search.builders import huffman
+def _decoding_by_hand(dataset):
+    """Seconds per query under the profile ``decode={"constant": 1e-6, "scored_pairs": 1e-6, "levels": 1e-5}``,
+    independently of the replay's memo: the replay on the validation sample's class-mean distributions."""
+    from tree_search.data.features import class_feature_means
     from tree_search.heads.decode_replay import DecodeReplay, centroid_log_probs
-    from tree_search.heads.timing import decoding_cost
 
-    # decoding priced by the pairs the beam search scores and the levels it runs; training by multiply-adds
-    profile = _profile(dense_macs=1e-9, packed_macs=1e-9,
-                       decode={"constant": 1e-6, "scored_pairs": 1e-6, "levels": 1e-5})  # fmt: skip
-    run, env = _front_search(tmp_path, profile, "decode")
-    dataset = load_env_dataset(env)
-    model = decoding_cost(profile, dataset)
-    # independently of the memo: the replay on the same rows' class-mean distributions, priced by hand
     n = dataset.labels["valid"].shape[0]
     rows = np.sort(np.random.default_rng([0, 2]).permutation(n)[:256])
-    from tree_search.data.features import class_feature_means
-
     log_probs = centroid_log_probs(class_feature_means(dataset), dataset.class_weights,
                                    np.asarray(dataset.features["valid"][rows], np.float32),
                                    np.asarray(dataset.labels["valid"])[rows])  # fmt: skip
@@ -430,6 +421,21 @@ def test_a_front_search_in_decoding_time(tmp_path):
         scored, levels = DecodeReplay(tree, log_probs).replay(5, 256)
         return 1e-6 + 1e-6 * scored.sum() + 1e-5 * levels / 256
 
+    return by_hand
+
+
+def test_a_front_search_in_decoding_time(tmp_path):
+    """--cost decode: caps, the leaderboard's costs and the report's axis are the profile's decoding time."""
+    from tree_search.builders import huffman
+    from tree_search.heads.timing import decoding_cost
+
+    # decoding priced by the pairs the beam search scores and the levels it runs; training by multiply-adds
+    profile = _profile(dense_macs=1e-9, packed_macs=1e-9,
+                       decode={"constant": 1e-6, "scored_pairs": 1e-6, "levels": 1e-5})  # fmt: skip
+    run, env = _front_search(tmp_path, profile, "decode")
+    dataset = load_env_dataset(env)
+    model = decoding_cost(profile, dataset)
+    by_hand = _decoding_by_hand(dataset)
     unit = by_hand(huffman(dataset.class_weights, 2))
     assert model.predict(huffman(dataset.class_weights, 2), None) == pytest.approx(unit, rel=1e-9)
     counted = [e for e in run.evaluations() if e.counted]
@@ -453,8 +459,6 @@ def test_a_front_search_in_training_time_under_a_decoding_cap(tmp_path):
     """--cost measured --decode-cap: the leaderboard records each tree's decoding time; no finalist and neither
     side of a verdict is over the decoding cap; trees over it stay on the leaderboard."""
     from tree_search.builders import huffman
-    from tree_search.data.features import class_feature_means
-    from tree_search.heads.decode_replay import DecodeReplay, centroid_log_probs
     from tree_search.search.report import finalists
 
     # training priced by multiply-adds, decoding by the pairs the beam search scores and the levels it runs
@@ -467,17 +471,7 @@ def test_a_front_search_in_training_time_under_a_decoding_cap(tmp_path):
                           baselines="huffman-2,huffman-4,kmeans-4,kmeans-16")  # fmt: skip
     run = run_search(config, tmp_path / "run", log=None)
     dataset = load_env_dataset(env)
-    # independently of the memo: the replay on the validation rows' class-mean distributions, priced by hand
-    n = dataset.labels["valid"].shape[0]
-    sample = np.sort(np.random.default_rng([0, 2]).permutation(n)[:256])
-    log_probs = centroid_log_probs(class_feature_means(dataset), dataset.class_weights,
-                                   np.asarray(dataset.features["valid"][sample], np.float32),
-                                   np.asarray(dataset.labels["valid"])[sample])  # fmt: skip
-
-    def decoding(tree):
-        scored, levels = DecodeReplay(tree, log_probs).replay(5, 256)
-        return 1e-6 + 1e-6 * scored.sum() + 1e-5 * levels / 256
-
+    decoding = _decoding_by_hand(dataset)
     decode_unit = decoding(huffman(dataset.class_weights, 2))
     evaluations = [e for e in run.evaluations() if e.ok]
     for e in evaluations:
