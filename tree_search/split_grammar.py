@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tree_search.builders import HEAD_MASS, from_children, huffman, order_group
+from tree_search.builders import (
+    ADAPTIVE_SHAPES,
+    CUTOFF_SHAPES,
+    HEAD_MASS,
+    classic_trees,
+    from_children,
+    huffman,
+    order_group,
+)
 from tree_search.tree import Tree
 
 __all__ = [
@@ -115,6 +123,25 @@ def rank_cutoffs(cuts: tuple[int, ...] | list[int]) -> SplitRule:
     if not cuts or any(c < 1 for c in cuts) or list(cuts) != sorted(set(cuts)):
         raise ValueError(f"cutoffs must be increasing distinct ranks >= 1, got {list(cuts)}")
     return SplitRule("frequency", "cutoffs", len(cuts) + 1, cuts=cuts)
+
+
+CLASSIC_ROOTS = ADAPTIVE_SHAPES + CUTOFF_SHAPES  # the classic shapes whose root split the grammar holds
+FLAT_PROJECTIONS = (4, 16, 64)  # projected flat nodes of d / 4, d / 16, d / 64 dimensions: the adaptive softmax's tails
+
+
+def classic_root_rules(counts: np.ndarray, dim: int) -> dict[str, SplitRule]:
+    """``{shape: its root rule}``: the `rank_cutoffs` root split of each shape of `CLASSIC_ROOTS` built on ``counts``.
+
+    With flat tails, projected to ``dim // 4 ** (i + 1)`` for tail ``i`` (the adaptive shapes) or
+    unprojected (`CUTOFF_SHAPES`), each gives that classic tree itself.
+    """
+    shapes = classic_trees(counts, CLASSIC_ROOTS, dim=dim)
+    return {name: rank_cutoffs(shape.params["cutoffs"]) for name, shape in shapes.items()}
+
+
+def flat_projections(dim: int) -> tuple[SplitRule, ...]:
+    """The projected flat rules of `FLAT_PROJECTIONS` at feature dimension ``dim`` (distinct, at least 1 dimension)."""
+    return tuple(dict.fromkeys(projected_flat(max(1, int(dim) // k)) for k in FLAT_PROJECTIONS))
 
 
 def normalise_embeddings(embeddings: np.ndarray) -> np.ndarray:

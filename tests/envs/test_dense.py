@@ -140,7 +140,7 @@ def test_a_node_built_alone_has_the_key_it_has_in_the_finished_tree():
     fixed = capture_nodes(env)
     _, _, infos = play(env, 1)
     tree = infos[-1]["tree"]
-    keys = {k.tobytes(): n for n, k in enumerate(node_keys(tree))}
+    keys = {k.tobytes(): n for n, k in enumerate(node_keys(tree, infos[-1]["projections"]))}
     root = fixed[0][0]
     small, index, _ = node_tree(V, root)
     assert index == 0 and small.subtree_size[0] == V  # the root group: the small tree's own root

@@ -138,6 +138,45 @@ def test_cutoffs_env_expresses_pytorch_adaptive_softmax():
     assert info["expected_cost"] == pytest.approx(head_cost(info["tree"], env.counts, dim, info["projections"]))
 
 
+def _projected_class_sets(tree, projections):
+    """``{frozenset(classes below node): projection}``: projections independent of node numbering."""
+    nodes, _, _ = tree.paths()
+    return {frozenset(np.flatnonzero((nodes == n).any(axis=1)).tolist()): p for n, p in projections.items()}
+
+
+@pytest.mark.parametrize("shape", ["adaptive", "grave-3", "cutoffs-95"])
+def test_split_env_reaches_the_adaptive_softmax_and_the_frequency_cutoffs(shape):
+    from tree_search.builders import classic_trees
+    from tree_search.split_grammar import CLASSIC_ROOTS, projected_flat
+
+    plain = make_env({"env": "split", **CONFIG.to_env_config()}, reward_fn=FakeReward())
+    assert plain.action_space.n == 9 * len(CONFIG.fanouts) + 1  # off by default: the default episodes unchanged
+    config = {"env": "split", **CONFIG.to_env_config(), "split_min_group": 2, "cost_mode": "tradeoff",
+              "split_classic_shapes": True}  # fmt: skip
+    env = make_env(config, reward_fn=FakeReward())
+    classic = classic_trees(env.counts, (shape,), dim=PLANTED.dim)[shape]
+    wanted = _projected_class_sets(classic.tree, classic.projections)
+    root = 9 * len(CONFIG.fanouts) + CLASSIC_ROOTS.index(shape)
+    assert env.action_space.n == 9 * len(CONFIG.fanouts) + 13
+    _, info = env.reset(seed=0)
+    assert info["action_mask"][root] and info["action_mask"][-1]
+    _, _, done, _, info = env.step(root)
+    while not done:  # each tail group: the classic tree's own flat node, projected or not
+        members = frozenset(env._groups[env._current()][0].tolist())
+        assert not info["action_mask"][root]  # a classic root split only at the root
+        flat = env.rules.index(projected_flat(wanted[members])) if members in wanted else env.action_space.n - 1
+        assert info["action_mask"][flat]  # a tail of hundreds of classes may be one flat node
+        _, _, done, _, info = env.step(flat)
+    assert info["tree"] == classic.tree
+    assert _projected_class_sets(info["tree"], info["projections"]) == wanted
+    assert bool(wanted) != shape.startswith("cutoffs")  # the adaptive shapes' tails are projected, the cutoffs' not
+    # with no decision left for the tails, a cutoffs root's tails are unprojected flat nodes: the frequency cutoffs
+    short = make_env({**config, "max_steps": 1}, reward_fn=FakeReward())
+    short.reset(seed=0)
+    _, _, done, _, info = short.step(root)
+    assert done and info["tree"] == classic.tree and info["projections"] == {}
+
+
 def test_head_cost_counts_projections():
     counts = np.arange(10, 0, -1.0)
     tree = frequency_cutoffs(counts, [3, 6])

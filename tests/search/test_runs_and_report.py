@@ -274,8 +274,10 @@ def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
     assert SearchConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
     old = {k: v for k, v in config.to_json().items() if k != "env_id"}  # a run made before env ids were stored
     with pytest.raises(ValueError, match="searched TreeSearch/Split-v0.*start a new run"):
-        SearchConfig.from_json(old)
-    assert SearchConfig.from_json({**old, "env": "merge"}).env == "merge"  # the merge env is still v0
+        SearchConfig.from_json(old, resume=True)
+    assert SearchConfig.from_json(old) == config  # read (reports, finalists), not resumed
+    assert SearchConfig.from_json({**old, "agent": "dp"}, resume=True).agent == "dp"  # dp acts in no environment
+    assert SearchConfig.from_json({**old, "env": "merge"}, resume=True).env == "merge"  # the merge env is still v0
     run = run_search(config, tmp_path / "run", log=None)
     counted = [e for e in run.evaluations() if e.counted]
     assert {e.searcher for e in counted} <= {"random@1x", "random@3x"} and len(counted) <= 6

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from tree_search.agents.base import Searcher
-from tree_search.builders import ADAPTIVE_SHAPES, CUTOFF_SHAPES, classic_trees
+from tree_search.builders import CUTOFF_SHAPES
 from tree_search.cost import DecodeCost, head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
@@ -65,11 +65,11 @@ from tree_search.split_grammar import (
     FLAT,
     Plan,
     SplitRule,
+    classic_root_rules,
     huffman_rule,
     normalise_embeddings,
     plan_head,
     projected_flat,
-    rank_cutoffs,
     split_group,
     split_rules,
 )
@@ -288,10 +288,9 @@ class DPSearcher(Searcher):
         rules = [r for r in split_rules(config.fanouts) if not r.flat]
         # the adaptive softmax's root splits (its cutoffs and Grave et al.'s; with projected flat tails, its own trees)
         # and the frequency cutoffs' (with unprojected flat tails, theirs)
-        shapes = classic_trees(self.counts, ADAPTIVE_SHAPES + CUTOFF_SHAPES, dim=self.dim)
-        self._unprojected_roots = {rank_cutoffs(shape.params["cutoffs"]) for name, shape in shapes.items()
-                                   if name in CUTOFF_SHAPES}  # fmt: skip
-        cutoffs = list(dict.fromkeys(rank_cutoffs(shape.params["cutoffs"]) for shape in shapes.values()))
+        roots = classic_root_rules(self.counts, self.dim)
+        self._unprojected_roots = {rule for name, rule in roots.items() if name in CUTOFF_SHAPES}
+        cutoffs = list(dict.fromkeys(roots.values()))
         self.root_rules = [r for r in rules if r.order in ("kmeans", "pca") or r.cut == "headtail"] + cutoffs
         # completions in order of promise: the cheapest (Huffman), then clusters of growing fanout, then the rest
         clusters = sorted((r for r in rules if r.order in ("kmeans", "pca")), key=lambda r: (r.fanout, r.order, r.cut))
@@ -535,10 +534,12 @@ class DPSearcher(Searcher):
         """Measure, combine, and yield each counted evaluation, until the budget is used."""
         try:
             # Costs need no training: root rules whose cheapest completion is over the cap are out. The cheapest is
-            # 3-ary Huffman in multiply-adds and training time; in decoding time deep tails are the slowest, and a
-            # flat (projected) tail the fastest, so every homogeneous candidate is costed.
+            # 3-ary Huffman in multiply-adds; in training time a wider Huffman tail can be faster (8-ary trains in
+            # 0.9x binary Huffman's time); in decoding time deep tails are the slowest, and a flat (projected) tail
+            # the fastest, so every Huffman and flat candidate is costed.
             cheap = huffman_rule(3)
-            cheapest_rule = {r: min((cheap, *self.flats), key=lambda c, r=r: self._cost(r, c)) for r in self.root_rules}
+            candidates = (cheap, *self.huffmans, *self.flats)
+            cheapest_rule = {r: min(candidates, key=lambda c, r=r: self._cost(r, c)) for r in self.root_rules}
             cheapest = {r: self._cost(r, c) for r, c in cheapest_rule.items()}
             # the widest first: a wider root split buys more loss. Its cost measures its width in multiply-adds and in
             # training time; in decoding time a wide root is often the fast one (it prunes the rest), so there its

@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from ray.rllib.algorithms.appo import APPOConfig
@@ -129,6 +130,26 @@ class MaskedAPPOTorchRLModule(_MaskingMixin, DefaultAPPOTorchRLModule):
         return out
 
 
+class _StringKeyedInfo(gym.Wrapper):
+    """Gives RLlib ``info`` dicts whose nested dicts have string keys (``info["projections"]`` is keyed by node).
+
+    Gymnasium's vector wrappers, which RLlib's env runners apply, walk nested info dicts and need
+    string keys; the environments' own ``info`` keeps its integer node ids.
+    """
+
+    def reset(self, **kwargs):  # noqa: D102
+        observation, info = self.env.reset(**kwargs)
+        return observation, _string_keyed(info)
+
+    def step(self, action):  # noqa: D102
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        return observation, reward, terminated, truncated, _string_keyed(info)
+
+
+def _string_keyed(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: {str(a): b for a, b in v.items()} if isinstance(v, dict) else v for k, v in info.items()}
+
+
 def make_rllib_env(env_config: dict[str, Any]):
     """The creator registered with RLlib.
 
@@ -138,13 +159,13 @@ def make_rllib_env(env_config: dict[str, Any]):
     """
     if "relay" in env_config:
         reward = RelayReward(env_config["relay"])
-        return make_env(dict(env_config["env_config"]), dataset=reward.dataset(), reward_fn=reward)
+        return _StringKeyedInfo(make_env(dict(env_config["env_config"]), dataset=reward.dataset(), reward_fn=reward))
     key = env_config["evaluator_key"]
     if key not in _FACTORIES:
         raise RuntimeError(
             f"evaluator {key!r} is not registered in this process: the in-process evaluator needs env_runners=0"
         )
-    return _FACTORIES[key]()
+    return _StringKeyedInfo(_FACTORIES[key]())
 
 
 class RLlibSearcher(Searcher):

@@ -227,6 +227,9 @@ def report(run_folder: Path) -> None:
 @click.option("--decode-cap", type=float, default=TreeEnvConfig.decode_cap, show_default=True,
               help="With --cost measured: also cap the predicted decoding time (exact top-5), in multiples of binary "
                    "Huffman's, from the same profile; 0: no decoding cap (dp and the environment agents).")  # fmt: skip
+@click.option("--split-classic-shapes/--no-split-classic-shapes", default=TreeEnvConfig.split_classic_shapes,
+              show_default=True, help="Split environment: also the adaptive softmax's root splits and projected flat "
+              "nodes, so environment agents can build PyTorch's and Grave et al.'s trees (dp always can).")  # fmt: skip
 @friendly_errors
 def search(
     agent: str,
@@ -263,6 +266,7 @@ def search(
     study: str | None,
     cost_model: str,
     decode_cap: float,
+    split_classic_shapes: bool,
 ) -> None:
     """Search for a better tree; results are written to the run folder as they arrive.
 
@@ -289,7 +293,7 @@ def search(
     execution = {name: click.get_current_context().params[name] for name in EXECUTION_FIELDS}
     if resume is not None:
         folder = resume
-        config = dataclasses.replace(SearchConfig.from_json(Run(folder).config), **execution)
+        config = dataclasses.replace(SearchConfig.from_json(Run(folder).config, resume=True), **execution)
     else:
         planted = PlantedConfig(num_classes=planted_classes, dim=16, signal=3.0, num_train=8000, num_valid=2000,
                                 num_test=2000)  # fmt: skip
@@ -301,6 +305,7 @@ def search(
             cost_cap=cost_cap,
             cost=cost_model,
             decode_cap=decode_cap,
+            split_classic_shapes=split_classic_shapes,
             cost_weight=cost_weight,
             max_steps=max_steps,
             reward_mode=reward_mode,

@@ -10,7 +10,17 @@ import numpy as np
 from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.envs.base import TreeEnv
 from tree_search.envs.scoring import NodeContent
-from tree_search.split_grammar import FLAT, ORDERS, SplitRule, partition_group, split_rules
+from tree_search.split_grammar import (
+    CLASSIC_ROOTS,
+    FLAT,
+    FLAT_PROJECTIONS,
+    ORDERS,
+    SplitRule,
+    classic_root_rules,
+    flat_projections,
+    partition_group,
+    split_rules,
+)
 from tree_search.tree import Tree
 
 __all__ = ["ORDERS", "SplitEnv", "SplitRule"]
@@ -44,14 +54,29 @@ class SplitEnv(TreeEnv):
     the same actions always build the same tree, and a group splits the same way in every
     tree (the grammar is `tree_search.split_grammar`, shared with the ``dp`` searcher).
 
+    With ``config.split_classic_shapes`` the adaptive softmax's trees are in the grammar too
+    (off by default: on a planted task of 256 classes, the 12 extra actions left TPE behind
+    random search on 4 of 6 seeds at a budget of 32): at the root, the root split of each
+    shape of `tree_search.split_grammar.CLASSIC_ROOTS` (PyTorch's usual cutoffs, Grave et
+    al.'s cost-optimal ones, and the frequency cutoffs at 80/90/95% of the mass): a head of
+    the most frequent classes as leaves and tail groups in frequency order; and for any group,
+    one flat node scoring its classes on the features projected to d/4, d/16 or d/64
+    dimensions (the adaptive softmax's tail clusters). A tail group of a cutoffs root may also
+    be one unprojected flat node whatever its size (the frequency cutoffs' tails), and is
+    finished as one when no decision reaches it.
+
     ## Action Space
     ``Discrete(9F + 1)`` for F = ``len(config.fanouts)`` (37 by default), index =
     ``(order * 2 + cut) * F + f`` for the 3 orders (frequency, pca, kmeans) x 2 cuts (count,
     mass) x F fanouts; then ``(6 + order) * F + f`` for head-and-tail with its tail in that
-    order and fanout ``fanouts[f]``; last, ``9F`` for flat. Legal: a fanout below the
-    group's size; flat only for groups of at most ``split_flat_max`` classes, or at the root
-    (where flat is the full softmax). At the root of a tree with more classes than the
-    largest fanout every action is legal.
+    order and fanout ``fanouts[f]``; last, flat. With ``split_classic_shapes``,
+    ``Discrete(9F + 13)`` (49): before flat, ``9F + s`` for the root split of shape ``s`` of
+    `CLASSIC_ROOTS` (9 shapes), then ``9F + 9 + j`` for the flat node projected to d/4, d/16,
+    d/64 (j = 0, 1, 2). Legal: a fanout below the group's size; a classic root split only at
+    the root (and when the shape can be built on these classes); a projected flat node for any
+    group (its projection distinct and under d); flat only for groups of at most
+    ``split_flat_max`` classes, tails of a cutoffs root, or at the root (where flat is the
+    full softmax).
 
     ## Observation Space
     ``Dict(observations=Box(-10, 10, (10,)), action_mask=Box(0, 1, (9F + 1,)))``:
@@ -108,6 +133,8 @@ class SplitEnv(TreeEnv):
     dataset=None, render_mode=None, **config_fields)``.
 
     ## Version History
+    * v1, later: ``split_classic_shapes`` adds the adaptive softmax's trees (off by default:
+      the default episodes are unchanged).
     * v1: head-and-tail with k-means or PCA tail clusters (37 actions by default); k-means and
       PCA seeded by each group's content (so the same actions can give other trees than v0's);
       ``reward_mode="dense"``; a taxonomy start (``config.taxonomy``; default episodes unchanged).
@@ -116,9 +143,23 @@ class SplitEnv(TreeEnv):
 
     def _setup(self) -> None:
         F = len(self.config.fanouts)
-        self.rules: tuple[SplitRule, ...] = split_rules(self.config.fanouts)
-        assert len(self.rules) == 9 * F + 1
+        grammar = split_rules(self.config.fanouts)
+        roots, projected, shapes = {}, (), ()
+        if self.config.split_classic_shapes:
+            roots = classic_root_rules(self.counts, self.scorer.dim)
+            projected = flat_projections(self.scorer.dim)
+            projected += (projected[-1],) * (len(FLAT_PROJECTIONS) - len(projected))  # a tiny dim: repeats, illegal
+            # a shape that cannot be built on these classes keeps its index, never legal (FLAT only stands in)
+            shapes = tuple(roots.get(name, FLAT) for name in CLASSIC_ROOTS)
+        self.rules: tuple[SplitRule, ...] = (*grammar[:-1], *shapes, *projected, FLAT)
+        assert len(self.rules) == self._num_actions()
         self._fanouts = np.array([r.fanout for r in self.rules])
+        self._roots = slice(9 * F, 9 * F + len(shapes))
+        self._root_available = np.array([name in roots for name in CLASSIC_ROOTS][: len(shapes)], dtype=bool)
+        self._projected = slice(self._roots.stop, self._roots.stop + len(projected))
+        sizes = [r.projection for r in projected]
+        self._projected_available = np.array([0 < p < self.scorer.dim and p not in sizes[:j]
+                                              for j, p in enumerate(sizes)], dtype=bool)  # fmt: skip
         p = self.mass
         centre = p @ self.embeddings
         self._total_spread = float(p @ ((self.embeddings - centre) ** 2).sum(axis=1)) or 1.0
@@ -166,7 +207,8 @@ class SplitEnv(TreeEnv):
         return children, depths, members, committed
 
     def _num_actions(self) -> int:
-        return 9 * len(self.config.fanouts) + 1
+        extra = len(CLASSIC_ROOTS) + len(FLAT_PROJECTIONS) if self.config.split_classic_shapes else 0
+        return 9 * len(self.config.fanouts) + extra + 1
 
     def _num_features(self) -> int:
         return 10
@@ -184,6 +226,7 @@ class SplitEnv(TreeEnv):
         self._groups: dict[int, tuple[np.ndarray, SplitRule | None]] = {0: (np.arange(V), None)}
         self._later: list[int] = []  # groups finished by their inherited rule at the end
         self._committed = 0.0  # sum over decided nodes of fanout x mass
+        self._projections: dict[int, int] = {}  # projected flat nodes: node -> dimensions
         if self._fixed is None:
             self._queue.append((-1.0, 0))
             return
@@ -208,9 +251,13 @@ class SplitEnv(TreeEnv):
 
     def _legal(self) -> np.ndarray:
         node = self._current()
-        size = self._groups[node][0].size
+        members, inherited = self._groups[node]
+        size = members.size
         legal = (self._fanouts < size) & (self._fanouts > 0)
-        legal[-1] = node == 0 or size <= self.config.split_flat_max
+        legal[self._roots] = self._root_available & (node == 0)
+        legal[self._projected] = self._projected_available & (size > 1)
+        tail = inherited is not None and inherited.cut == "cutoffs"
+        legal[-1] = node == 0 or size <= self.config.split_flat_max or tail
         return legal
 
     def _apply(self, action: int) -> list[NodeContent]:
@@ -219,13 +266,15 @@ class SplitEnv(TreeEnv):
         rule = self.rules[action]
         children = self._split(node, members, rule, decide=True)
         self._committed += len(children) * float(self.mass[members].sum())
-        return [NodeContent(tuple(children))]  # the group's node: its children are the parts
+        return [NodeContent(tuple(children), rule.projection)]  # the group's node: its children are the parts
 
     def _split(self, node: int, members: np.ndarray, rule: SplitRule, decide: bool) -> list[np.ndarray]:
         """Split ``members`` under ``node`` by ``rule``; new groups inherit it. Returns the children's class sets."""
         V = self.num_classes
         leaves, parts = partition_group(members, rule, self.counts, self.embeddings, seed=self.config.seed,
                                         head_max=self.config.split_head_max)  # fmt: skip
+        if rule.flat and rule.projection:
+            self._projections[node] = rule.projection
         kids = self._children[node]
         kids.extend(int(y) for y in leaves)
         for part in parts:
@@ -250,12 +299,12 @@ class SplitEnv(TreeEnv):
         while pending:
             node = pending.pop()
             members, rule = self._groups.pop(node)
-            if rule is None or members.size <= max(leaf_size, rule.fanout):
-                rule = FLAT
+            if rule is None or rule.cut == "cutoffs" or members.size <= max(leaf_size, rule.fanout):
+                rule = FLAT  # a cutoffs root's tails: unprojected flat nodes, as the frequency cutoffs have them
             self._split(node, members, rule, decide=False)
             pending.extend(self._later)
             self._later = []
-        return Tree(self.num_classes, self._children), {}
+        return Tree(self.num_classes, self._children), dict(self._projections)
 
     # ------------------------------------------------------------------ observations
     def _features(self) -> np.ndarray:

@@ -123,13 +123,19 @@ class SearchConfig:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SearchConfig:
-        """Inverse of `to_json` (what ``--resume`` reads from ``config.json``)."""
+    def from_json(cls, data: dict[str, Any], resume: bool = False) -> SearchConfig:
+        """Inverse of `to_json` (what ``--resume`` reads from ``config.json``, with ``resume``).
+
+        A run of an older version of its environment is read (reports, finalists) but not resumed
+        by an agent that acts in the environment (its Optuna trials and RLlib checkpoints are in the
+        old actions); ``dp`` and ``jtm`` do not act in it and resume.
+        """
         values = dict(data)
         env = values.get("env", "split")
-        # runs written before ids were stored used the v0 environments; Split-v1 changed the split actions
+        # runs written before ids were stored used the v0 environments; Split-v1 and v2 changed the split actions
         stored = values.pop("env_id", ENV_IDS[env] if env != "split" else "TreeSearch/Split-v0")
-        if env in ENV_IDS and stored != ENV_IDS[env]:
+        acts = values.get("agent", "ppo") not in NODE_AGENTS
+        if resume and acts and env in ENV_IDS and stored != ENV_IDS[env]:
             raise ValueError(
                 f"this run searched {stored}, whose actions differ from today's {ENV_IDS[env]}: its Optuna "
                 "trials and RLlib checkpoints cannot continue; start a new run"
