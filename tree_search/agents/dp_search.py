@@ -534,9 +534,9 @@ class DPSearcher(Searcher):
         """Measure, combine, and yield each counted evaluation, until the budget is used."""
         try:
             # Costs need no training: root rules whose cheapest completion is over the cap are out. The cheapest is
-            # 3-ary Huffman in multiply-adds; in training time a wider Huffman tail can be faster (8-ary trains in
-            # 0.9x binary Huffman's time); in decoding time deep tails are the slowest, and a flat (projected) tail
-            # the fastest, so every Huffman and flat candidate is costed.
+            # mostly 3-ary Huffman in multiply-adds (for some roots' parts 2- or 4-ary); in training time a wider
+            # Huffman tail can be faster (8-ary trains in 0.9x binary Huffman's time); in decoding time deep tails
+            # are the slowest, and a flat (projected) tail the fastest, so every Huffman and flat candidate is costed.
             cheap = huffman_rule(3)
             candidates = (cheap, *self.huffmans, *self.flats)
             cheapest_rule = {r: min(candidates, key=lambda c, r=r: self._cost(r, c)) for r in self.root_rules}

@@ -19,9 +19,9 @@ from tree_search.cost import DecodeCost, head_cost, parse_cost_spec
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.tree import Tree
 
-__all__ = ["DecodeCap", "decode_cap_for"]
+__all__ = ["TOLERANCE", "DecodeCap", "decode_cap_for"]
 
-TOLERANCE = 1e-9  # relative slack of every cap comparison (rounding of sums over nodes)
+TOLERANCE = 1e-9  # relative slack of every decoding-cap comparison (rounding of sums over nodes)
 
 
 @dataclass(frozen=True, eq=False)
