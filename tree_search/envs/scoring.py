@@ -169,7 +169,7 @@ class EpisodeScorer:
             "error": None,
         }
         if self.config.cost_mode == "cap":
-            excess = max(0.0, cost / self.cap - 1.0) if cost > self.cap * (1 + 1e-9) else 0.0
+            excess = cost / self.cap - 1.0 if cost > self.cap * (1 + 1e-9) else 0.0
             if self.decode_cap is not None:
                 ratio = info["decode_vs_huffman"] = self.decode_cap.ratio(tree, projections)
                 if not self.decode_cap.admits_ratio(ratio):

@@ -19,9 +19,14 @@ from tree_search.cost import DecodeCost, head_cost, parse_cost_spec
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.tree import Tree
 
-__all__ = ["TOLERANCE", "DecodeCap", "decode_cap_for"]
+__all__ = ["DecodeCap", "decode_cap_for", "fits_decode_cap"]
 
 TOLERANCE = 1e-9  # relative slack of every decoding-cap comparison (rounding of sums over nodes)
+
+
+def fits_decode_cap(ratio: float, multiple: float) -> bool:
+    """Whether a decoding time of ``ratio`` x binary Huffman's fits a cap of ``multiple`` (0: no cap; NaN: no)."""
+    return not multiple or ratio <= multiple * (1 + TOLERANCE)  # NaN compares False
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +54,7 @@ class DecodeCap:
 
     def admits_ratio(self, ratio: float) -> bool:
         """Whether a decoding time of ``ratio`` x binary Huffman's fits the cap."""
-        return ratio <= self.multiple * (1 + TOLERANCE)
+        return fits_decode_cap(ratio, self.multiple)
 
     def admits(self, tree: Tree, projections: Mapping[int, int] | None = None) -> bool:
         """Whether ``tree``'s predicted decoding time fits the cap."""

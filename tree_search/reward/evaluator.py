@@ -29,7 +29,7 @@ import torch
 
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.heads.train import Callback
-from tree_search.reward.decode_cap import TOLERANCE as DECODE_CAP_TOLERANCE
+from tree_search.reward.decode_cap import fits_decode_cap
 from tree_search.reward.node_train import NodeRecipe
 from tree_search.reward.reward import Result, evaluate
 from tree_search.tree import Tree
@@ -84,7 +84,7 @@ class Evaluation:
 
     def within_decode_cap(self, cap: float) -> bool:
         """Whether the tree fits a decoding cap of ``cap`` x binary Huffman's time (0: no cap; unknown: no)."""
-        return not cap or self.decode_vs_huffman <= cap * (1 + DECODE_CAP_TOLERANCE)  # NaN compares False
+        return fits_decode_cap(self.decode_vs_huffman, cap)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict (infinities as null)."""

@@ -288,7 +288,7 @@ def compare_runs(
         if profile is not None else []  # fmt: skip
     _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
                   scores=test_scores, cap_rows=cap_rows, head_lines=[*head_lines, *_optimism_lines(rows), *time_lines],
-                  cost_in=cost_label(axis))  # fmt: skip
+                  cost_in=cost_label(axis), decode_cap=env_config.decode_cap)  # fmt: skip
     return rows
 
 
@@ -493,6 +493,7 @@ def _write_report(
     cap_rows=(),
     head_lines: Sequence[str] = (),
     cost_in: str = "multiply-adds",
+    decode_cap: float = 0.0,
 ) -> None:
     import matplotlib
 
@@ -502,7 +503,6 @@ def _write_report(
     folder = run.folder
     folder.mkdir(parents=True, exist_ok=True)
     evaluations = [(r, e) for r in runs for e in r.evaluations()]
-    decode_cap = SearchConfig.from_json(runs[0].config).env_config.decode_cap
     decode_cap_line = (f" Every tree of a verdict also fits the decoding cap, {decode_cap:g}x binary Huffman's "
                        "predicted decoding time (the same profile's decoding model); the table's \"over cap\" "
                        "counts either cap." if decode_cap else "")  # fmt: skip
