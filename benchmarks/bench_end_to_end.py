@@ -1,20 +1,13 @@
 """End-to-end validity of a front search's verdicts: each finalist's head trained together with the encoder.
 
 Every reward and verdict of tree_search trains heads on the frozen features of a context
-encoder; users train their encoder and head together. This benchmark takes a finished front
-search (a run folder with its report's ``comparison.json``) and, for every finalist of the
-report (the searched tree of each cap, the classic trees scored on test, the full softmax),
-trains the context encoder (`tree_search.data.features.ContextEncoder`, the architecture,
-optimiser, schedule and step budget that made the run's features) **from scratch together
-with the tree's head** (`TreeSoftmaxHead`, dense gradients), for several seeds. It scores
-each on the same test positions (a seeded sample of the corpus's test split) and prints:
-
-- each tree's end-to-end test NLL (mean over seeds) beside its frozen-feature test NLL,
-  and its training time per step;
-- the Spearman rank correlation between the two over all finalists;
-- for each cap of the report, the searched tree against the best classic tree within the
-  cap, end to end: the difference with its paired 95% bootstrap interval over test documents
-  and seeds (`tree_search.search.verdicts.FinalScores`), and whether the verdict keeps its sign.
+encoder; users train their encoder and head together. From scratch, this is the product's
+`tree-search end-to-end RUN` (`tree_search.search.end_to_end`) with more finalists by default
+(--trees 12: the verdicts' trees, binary Huffman, the full softmax, the searched trees and
+adaptive shapes, then the others by frozen test NLL): the run's encoder architecture trained
+from scratch with each tree's head for several seeds, scored on the same test positions,
+with each tree's frozen and end-to-end test NLL, the Spearman rank correlation of the two,
+and each cap's verdict end to end (paired bootstrap over test documents and seeds).
 
     python benchmarks/bench_end_to_end.py RUN_FOLDER [--seeds 3] [--steps STEPS] [--positions 50000]
 
@@ -32,98 +25,31 @@ by default. The run's corpus must still be in the cache (``data prepare`` made i
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from tree_search.builders import frequency_cutoffs
 from tree_search.data.cache import cache_root
-from tree_search.data.corpus import TokenCorpus, cached_corpus
-from tree_search.data.features import ContextEncoder, EncoderConfig
+from tree_search.data.features import EncoderConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.heads import TreeSoftmaxHead
 from tree_search.reward import trained_head
+from tree_search.search.end_to_end import (
+    END_TO_END_FILE,
+    EndToEndConfig,
+    chosen_finalists,
+    end_to_end_lines,
+    end_to_end_verdicts,
+    finalist_tree,
+    test_positions,
+    token_corpus,
+    train_and_score,
+)
 from tree_search.search.runs import Run
 from tree_search.search.verdicts import Comparison, FinalScores, verdict_words
-
-
-def _corpus(dataset) -> TokenCorpus:
-    folder = Path(dataset.info["corpus"]["cache"])
-
-    def missing() -> TokenCorpus:
-        raise SystemExit(f"the run's corpus is no longer cached at {folder}: prepare the dataset again")
-
-    return cached_corpus(folder, True, missing)
-
-
-def _windows(ids: torch.Tensor, context: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cat([torch.full((context,), pad, dtype=torch.int64), ids]), torch.arange(context)
-
-
-def train_and_score(tree, projections, corpus: TokenCorpus, config: EncoderConfig, seed: int, test: np.ndarray,
-                    steps: int, start: tuple[dict, TreeSoftmaxHead] | None = None,
-                    lr_scale: float = 1.0) -> tuple[np.ndarray, float]:  # fmt: skip
-    """Train encoder + head (from scratch, or from ``start``: encoder weights and a head); return the test positions'
-    NLL (N,) and the median seconds per step."""
-    V = len(corpus.vocab)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    encoder = ContextEncoder(V, config)
-    if start is None:
-        head = TreeSoftmaxHead(tree, config.dim, projections=projections or None)
-    else:
-        encoder.load_state_dict(start[0])
-        head = copy.deepcopy(start[1]).train()
-    params = [*encoder.embed.parameters(), *encoder.mlp.parameters(), *head.parameters()]  # not the encoder's `out`
-    optimizer = torch.optim.AdamW(params, lr=config.lr * lr_scale, weight_decay=config.weight_decay)
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:  # the encoder's own (`features._train_encoder`)
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    train_ids = torch.from_numpy(np.asarray(corpus.splits["train"], dtype=np.int64))
-    padded, offsets = _windows(train_ids, config.context, V)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        positions = torch.randint(0, train_ids.numel(), (config.batch_size,), generator=generator)
-        loss = head(encoder.features(padded[positions[:, None] + offsets]), train_ids[positions]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        times.append(time.perf_counter() - started)
-    test_ids = torch.from_numpy(np.asarray(corpus.splits["test"], dtype=np.int64))
-    padded, offsets = _windows(test_ids, config.context, V)
-    out = np.empty(test.size)
-    encoder.eval(), head.eval()
-    with torch.no_grad():
-        for lo in range(0, test.size, 8192):
-            at = torch.from_numpy(test[lo : lo + 8192])
-            out[lo : lo + at.numel()] = -head.log_prob(encoder.features(padded[at[:, None] + offsets]), test_ids[at])
-    return out, statistics.median(times[len(times) // 10 :])
-
-
-def _chosen(comparison: dict, count: int) -> list[dict]:
-    """The finalists to train: those the verdicts name first, then the rest by frozen test NLL, ``count`` in all."""
-    rows = comparison["rows"]
-    if count <= 0 or count >= len(rows):
-        return rows
-    names = {cap[side]["name"] for cap in comparison.get("caps", []) for side in ("classic", "searched") if cap[side]}
-    first = [r for r in rows if r["kind"] == "searched" or r["name"] in names or r["key"] == "full"
-             or r["name"] == "huffman-2" or r["name"].startswith(("adaptive", "grave"))]  # fmt: skip
-    rest = [r for r in sorted(rows, key=lambda r: r["test_nll"]) if r not in first]
-    return (first + rest)[: max(count, len(first))]
 
 
 def _against_scratch(folder: Path, table: list[dict], caps: list[dict]) -> dict | None:
@@ -172,35 +98,32 @@ def main() -> None:
                              "trees by test NLL (0: all)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.warm:
+        config = EndToEndConfig(seeds=args.seeds, steps=args.steps, positions=args.positions, trees=args.trees)
+        summary = end_to_end_verdicts(args.run, config, progress=lambda line: print(line, flush=True))
+        print("\n".join(end_to_end_lines(summary)))
+        print(f"{args.run / END_TO_END_FILE} ({summary['seconds'] / 60:.1f} min)")
+        return
     run = Run(args.run)
     comparison = json.loads((args.run / "comparison.json").read_text())
     dataset = load_env_dataset(TreeEnvConfig.from_env_config(run.config["env_config"]))
-    corpus = _corpus(dataset)
+    corpus = token_corpus(dataset)
     config = EncoderConfig(**dataset.info["encoder"])
-    steps = args.warm or args.steps or config.steps
-    warm_encoder = None
-    if args.warm:
-        warm_encoder = torch.load(cache_root() / "features" / dataset.key / "encoder.pt", map_location="cpu")
-        recipe = TreeEnvConfig.from_env_config(run.config["env_config"]).train
-    n = len(corpus.splits["test"])
-    test = np.sort(np.random.default_rng(0).choice(n, size=min(args.positions, n), replace=False))
-    documents = np.searchsorted(np.asarray(corpus.documents["test"]), test, side="right") - 1
+    steps = args.warm
+    warm_encoder = torch.load(cache_root() / "features" / dataset.key / "encoder.pt", map_location="cpu")
+    recipe = TreeEnvConfig.from_env_config(run.config["env_config"]).train
+    test, documents = test_positions(corpus, args.positions)
     projections = {e.key: e.projections for e in run.evaluations()}
-    rows = _chosen(comparison, args.trees)
+    rows = chosen_finalists(comparison, args.trees)
     started = time.perf_counter()
     losses, step_seconds = {}, {}
     for index, row in enumerate(rows, start=1):
-        if row["key"] == "full":
-            tree, projected = frequency_cutoffs(dataset.class_weights, []), {}
-        else:
-            tree, projected = run.tree(row["key"]), projections.get(row["key"], {})
+        tree, projected = finalist_tree(run, row, dataset.class_weights, projections)
         per_seed, seconds = [], []
-        start = None
-        if warm_encoder is not None:
-            head = trained_head(tree, dataset, recipe, projections=projected or None, device="cpu")
-            start = (warm_encoder, head)
+        head = trained_head(tree, dataset, recipe, projections=projected or None, device="cpu")
         for seed in range(args.seeds):
-            nll, per_step = train_and_score(tree, projected, corpus, config, seed, test, steps, start, args.warm_lr)
+            nll, per_step = train_and_score(tree, projected, corpus, config, seed, test, steps, (warm_encoder, head),
+                                            args.warm_lr)  # fmt: skip
             per_seed.append(nll)
             seconds.append(per_step)
             elapsed = time.perf_counter() - started
@@ -211,9 +134,9 @@ def main() -> None:
                   flush=True)  # fmt: skip
         losses[row["key"]], step_seconds[row["key"]] = per_seed, statistics.median(seconds)
     scores = FinalScores.from_rows(losses, documents)
-    print(f"\n{run.folder}: V = {dataset.num_classes:,}, {steps} steps of batch {config.batch_size}, "
+    print(f"\n{run.folder}: V = {dataset.num_classes:,}, warm start, {steps} steps of batch {config.batch_size}, "
           f"{args.seeds} seeds, {test.size:,} test positions in {scores.num_documents} documents\n")  # fmt: skip
-    print(f"{'tree':<20s} {'kind':<10s} {'frozen test':>11s} {'end to end':>10s} {'±':>7s} {'ms/step':>8s}")
+    print(f"{'tree':<20s} {'kind':<10s} {'frozen test':>11s} {'warm':>10s} {'±':>7s} {'ms/step':>8s}")
     table = []
     for row in sorted(rows, key=lambda r: scores.nll(r["key"])):
         e2e = scores.nll(row["key"])
@@ -223,21 +146,20 @@ def main() -> None:
         print(f"{row['name']:<20s} {row['kind']:<10s} {row['test_nll']:>11.4f} {e2e:>10.4f} "
               f"{scores.stderr(row['key']):>7.4f} {step_seconds[row['key']] * 1e3:>8.1f}")  # fmt: skip
     rho = float(spearmanr([t["frozen_test_nll"] for t in table], [t["end_to_end_test_nll"] for t in table])[0])
-    print(f"\nSpearman rank correlation, frozen against end to end, over {len(table)} trees: {rho:.3f}\n")
+    print(f"\nSpearman rank correlation, frozen against warm, over {len(table)} trees: {rho:.3f}\n")
     caps = []
     for cap in comparison.get("caps", []):
         classic, searched = cap.get("classic"), cap.get("searched")
         if not classic or not searched:
             continue
         found = scores.compare(searched["key"], classic["key"])
-        kept = math.copysign(1, found.difference) == math.copysign(1, cap["difference"])
         caps.append({"cap": cap["cap"], "classic": classic["name"], "searched": searched["name"],
                      "frozen_difference": cap["difference"], "frozen_interval": cap["interval"],
-                     **found.to_json(), "sign_kept": kept})  # fmt: skip
-        frozen = verdict_words(type(found)(cap["difference"], *cap["interval"]))
+                     **found.to_json()})  # fmt: skip
+        frozen = verdict_words(Comparison(cap["difference"], *cap["interval"]))
         print(f"{cap['cap']:g}x: {searched['name']} against {classic['name']}: frozen {cap['difference']:+.4f} "
-              f"({frozen}), end to end {found.difference:+.4f} [{found.low:+.4f}, {found.high:+.4f}] "
-              f"({verdict_words(found)}); sign {'kept' if kept else 'flipped'}")  # fmt: skip
+              f"({frozen}), warm {found.difference:+.4f} [{found.low:+.4f}, {found.high:+.4f}] "
+              f"({verdict_words(found)})")  # fmt: skip
     summary = {
         "steps": steps,
         "seeds": args.seeds,
@@ -247,10 +169,11 @@ def main() -> None:
         "trees": table,
         "caps": caps,
         "seconds": round(time.perf_counter() - started, 1),
+        "warm": args.warm,
+        "warm_lr": args.warm_lr,
+        "against_scratch": _against_scratch(args.run, table, caps),
     }
-    if args.warm:
-        summary.update(warm=args.warm, warm_lr=args.warm_lr, against_scratch=_against_scratch(args.run, table, caps))
-    out = args.run / (f"end_to_end_warm{args.warm}.json" if args.warm else "end_to_end.json")
+    out = args.run / f"end_to_end_warm{args.warm}.json"
     out.write_text(json.dumps(summary, indent=1))
     print(f"\n{out} ({(time.perf_counter() - started) / 60:.1f} min)")
 

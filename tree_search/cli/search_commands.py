@@ -19,6 +19,7 @@ from tree_search.data import prepare_dataset
 from tree_search.envs.config import REWARD_MODES, TreeEnvConfig
 from tree_search.reward import NodeRecipe
 from tree_search.search.config import AGENTS, SearchConfig
+from tree_search.search.end_to_end import END_TO_END_FILE, EndToEndConfig, end_to_end_lines, end_to_end_verdicts
 
 
 def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
@@ -111,6 +112,47 @@ def report(run_folder: Path) -> None:
             f"{comparison}: missing; score the run on test first: tree-search compare {run_folder}"
         )
     _print_comparison(json.loads(comparison.read_text(encoding="utf-8"))["rows"], run_folder)
+    if (run_folder / END_TO_END_FILE).exists():
+        _print_end_to_end(json.loads((run_folder / END_TO_END_FILE).read_text(encoding="utf-8")))
+
+
+def _print_end_to_end(summary: dict[str, Any], written_in: Path | None = None) -> None:
+    for line in end_to_end_lines(summary)[2:]:
+        if line and not line.startswith("|---"):
+            console.print(line, markup=False)
+    if written_in is not None:
+        console.print(f"written: {written_in / END_TO_END_FILE} and its section of {written_in / 'report.md'}")
+
+
+@main.command("end-to-end")
+@click.argument("run_folder", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--seeds", default=EndToEndConfig.seeds, show_default=True, help="Trainings per tree (seeds 0..N-1).")
+@click.option("--steps", type=int, default=EndToEndConfig.steps,
+              help="Optimiser steps per training (default: the encoder's own).")  # fmt: skip
+@click.option("--positions", default=EndToEndConfig.positions, show_default=True,
+              help="Test positions scored (a seeded sample, the same for every tree).")  # fmt: skip
+@click.option("--trees", default=EndToEndConfig.trees, show_default=True,
+              help="0: the verdicts' trees, binary Huffman, the full softmax; N: finalists up to N.")  # fmt: skip
+@friendly_errors
+def end_to_end(run_folder: Path, seeds: int, steps: int | None, positions: int, trees: int) -> None:
+    """Verdicts end to end: train the context encoder from scratch with each finalist's head, score on test.
+
+    For a run scored on test (tree-search compare) on a text dataset. Every search verdict
+    trains heads on frozen features; this trains the model with its tree, as users do
+    (minutes per tree and seed). Writes end_to_end.json and a section of report.md; an
+    interrupted call keeps each finished (tree, seed) and the next call goes on from there.
+    """
+    _end_to_end(run_folder, EndToEndConfig(seeds=seeds, steps=steps, positions=positions, trees=trees))
+
+
+def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
+    try:
+        summary = end_to_end_verdicts(folder, config, progress=lambda line: console.print(line, markup=False))
+    except KeyboardInterrupt:
+        console.print(f"interrupted: every finished (tree, seed) is kept in {folder / 'end_to_end'}; continue with "
+                      f"tree-search end-to-end {folder}")  # fmt: skip
+        raise SystemExit(130) from None
+    _print_end_to_end(summary, folder)
 
 
 @main.command()
@@ -230,6 +272,9 @@ def report(run_folder: Path) -> None:
 @click.option("--split-classic-shapes/--no-split-classic-shapes", default=TreeEnvConfig.split_classic_shapes,
               show_default=True, help="Split environment: also the adaptive softmax's root splits and projected flat "
               "nodes, so environment agents can build PyTorch's and Grave et al.'s trees (dp always can).")  # fmt: skip
+@click.option("--end-to-end", "end_to_end_too", is_flag=True,
+              help="After the test scoring, also the verdicts end to end (tree-search end-to-end RUN with its "
+                   "defaults: the encoder trained from scratch with each verdict's tree; text datasets).")  # fmt: skip
 @friendly_errors
 def search(
     agent: str,
@@ -267,6 +312,7 @@ def search(
     cost_model: str,
     decode_cap: float,
     split_classic_shapes: bool,
+    end_to_end_too: bool,
 ) -> None:
     """Search for a better tree; results are written to the run folder as they arrive.
 
@@ -285,6 +331,8 @@ def search(
     from tree_search.search.run import run_search
     from tree_search.search.runs import Run
 
+    if end_to_end_too and not compare:
+        raise click.ClickException("--end-to-end needs the test scoring: leave out --no-compare")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     check_cost_spec(cost_model, device_type)  # before the search, not after it
     if decode_cap and cost_model.startswith("measured"):  # the decoding side of the same profile
@@ -345,6 +393,8 @@ def search(
     if compare:
         rows = compare_runs([folder], log=console.print)
         _print_comparison(rows, folder)
+    if end_to_end_too:
+        _end_to_end(folder, EndToEndConfig())
 
 
 STOP_GRACE_SECONDS = 30.0

@@ -1,0 +1,325 @@
+"""End-to-end verdicts: each finalist's head trained together with the context encoder, from scratch.
+
+Every reward and every verdict of a search trains heads on the frozen features of a context
+encoder; users train their encoder and head together, and the encoder adapts to the tree it
+is trained with (docs/verdicts.md, section 8). `end_to_end_verdicts` takes a scored run
+(its ``comparison.json``) on a text dataset and, for the trees its per-cap verdicts name
+(plus binary Huffman and the full softmax, and more finalists on request), trains the run's
+encoder architecture from scratch together with the tree's head (`TreeSoftmaxHead`, dense
+gradients; the encoder's own optimiser, schedule and steps), for several seeds; scores the
+same seeded sample of test positions; and gives each cap's verdict end to end with the
+paired bootstrap over test documents and seeds (`FinalScores`). Each (tree, seed) result is
+kept in the run folder as it finishes, so an interrupted run loses at most the one in
+progress; results are reused only under the same settings and training code.
+
+`tree-search end-to-end RUN` is its command; ``benchmarks/bench_end_to_end.py`` uses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tree_search.builders import frequency_cutoffs
+from tree_search.data.cache import source_identity
+from tree_search.data.corpus import TokenCorpus, cached_corpus
+from tree_search.data.features import ContextEncoder, EncoderConfig
+from tree_search.heads import TreeSoftmaxHead
+from tree_search.search.runs import Run
+from tree_search.search.verdicts import Comparison, FinalScores, verdict_words
+
+__all__ = ["END_TO_END_FILE", "EndToEndConfig", "EndToEndError", "chosen_finalists", "end_to_end_lines",
+           "end_to_end_verdicts", "finalist_tree", "test_positions", "token_corpus", "train_and_score"]  # fmt: skip
+
+END_TO_END_FILE = "end_to_end.json"
+_PARTS = "end_to_end"  # folder of the run holding each finished (tree, seed) result
+_REPORT_MARK = "## End to end"
+_CODE = source_identity(("tree_search.search.end_to_end", "tree_search.heads.tree_head", "tree_search.heads.gathered",
+                         "tree_search.data.features"))  # fmt: skip
+
+
+class EndToEndError(ValueError):
+    """A run that cannot be scored end to end (not scored on test yet, no text corpus, corpus no longer cached)."""
+
+
+@dataclass(frozen=True)
+class EndToEndConfig:
+    """How finalists are trained and scored end to end."""
+
+    seeds: int = 3  # encoder + head trainings per tree, seeds 0..seeds-1
+    steps: int | None = None  # optimiser steps of each training (None: the encoder's own, as made the run's features)
+    positions: int = 50_000  # test positions scored (a seeded sample of the test split, the same for every tree)
+    trees: int = 0  # 0: the verdicts' trees, binary Huffman, the full softmax; N: up to N (`chosen_finalists`)
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise EndToEndError(f"seeds: {self.seeds}; at least 1")
+        if self.steps is not None and self.steps < 0:
+            raise EndToEndError(f"steps: {self.steps}; 0 or more")
+        if self.positions < 1:
+            raise EndToEndError(f"positions: {self.positions}; at least 1")
+
+
+def _windows(ids: torch.Tensor, context: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([torch.full((context,), pad, dtype=torch.int64), ids]), torch.arange(context)
+
+
+def train_and_score(
+    tree,
+    projections,
+    corpus: TokenCorpus,
+    config: EncoderConfig,
+    seed: int,
+    test: np.ndarray,
+    steps: int,
+    start: tuple[dict, TreeSoftmaxHead] | None = None,
+    lr_scale: float = 1.0,
+) -> tuple[np.ndarray, float]:
+    """Train an encoder and ``tree``'s head together; return each test position's NLL (N,) and the median s/step.
+
+    From scratch (seeded), or from ``start``: an encoder's weights and a head. The encoder's
+    optimiser (AdamW on its embedding and MLP, not its own output layer), warm-up and cosine
+    schedule (`tree_search.data.features`), ``lr_scale`` times its learning rate.
+    """
+    V = len(corpus.vocab)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    encoder = ContextEncoder(V, config)
+    if start is None:
+        head = TreeSoftmaxHead(tree, config.dim, projections=projections or None)
+    else:
+        encoder.load_state_dict(start[0])
+        head = copy.deepcopy(start[1]).train()
+    params = [*encoder.embed.parameters(), *encoder.mlp.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr * lr_scale, weight_decay=config.weight_decay)
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:  # the encoder's own (`features._train_encoder`)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    train_ids = torch.from_numpy(np.asarray(corpus.splits["train"], dtype=np.int64))
+    padded, offsets = _windows(train_ids, config.context, V)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        positions = torch.randint(0, train_ids.numel(), (config.batch_size,), generator=generator)
+        loss = head(encoder.features(padded[positions[:, None] + offsets]), train_ids[positions]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        times.append(time.perf_counter() - started)
+    test_ids = torch.from_numpy(np.asarray(corpus.splits["test"], dtype=np.int64))
+    padded, offsets = _windows(test_ids, config.context, V)
+    out = np.empty(test.size)
+    encoder.eval(), head.eval()
+    with torch.no_grad():
+        for lo in range(0, test.size, 8192):
+            at = torch.from_numpy(test[lo : lo + 8192])
+            out[lo : lo + at.numel()] = -head.log_prob(encoder.features(padded[at[:, None] + offsets]), test_ids[at])
+    return out, statistics.median(times[len(times) // 10 :]) if times else math.nan
+
+
+def chosen_finalists(comparison: dict[str, Any], count: int = 0) -> list[dict[str, Any]]:
+    """The report rows to train end to end.
+
+    Always the trees the per-cap verdicts name, binary Huffman and the full softmax; with
+    ``count`` > 0 also the searched trees and the adaptive shapes, then the other finalists by
+    frozen test NLL, up to ``count`` rows in all (never fewer than the ones named first).
+    """
+    rows = comparison["rows"]
+    named = {cap[side]["name"] for cap in comparison.get("caps", []) for side in ("classic", "searched") if cap[side]}
+    first = [r for r in rows if r["name"] in named or r["key"] == "full" or r["name"] == "huffman-2"]
+    if count <= 0:
+        return first
+    known = [r for r in rows if r["kind"] == "searched" or r["name"].startswith(("adaptive", "grave"))]
+    more = [r for r in known if r not in first]
+    rest = [r for r in sorted(rows, key=lambda r: r["test_nll"]) if r not in first and r not in more]
+    return (first + more + rest)[: max(count, len(first))]
+
+
+def test_positions(corpus: TokenCorpus, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(positions, documents)``: a seeded sample of ``count`` test positions (sorted) and each one's test document."""
+    n = len(corpus.splits["test"])
+    test = np.sort(np.random.default_rng(0).choice(n, size=min(count, n), replace=False))
+    documents = np.searchsorted(np.asarray(corpus.documents["test"]), test, side="right") - 1
+    return test, documents
+
+
+def token_corpus(dataset) -> TokenCorpus:
+    """The cached token corpus a text dataset's features were made from, with its document starts."""
+    source = dataset.info.get("corpus")
+    if not source or "cache" not in source:
+        raise EndToEndError(f"dataset {dataset.key} has no token corpus (features from an .npz or planted data): "
+                            "end-to-end training needs text, `tree-search data prepare --text`")  # fmt: skip
+    folder = Path(source["cache"])
+
+    def missing() -> TokenCorpus:
+        raise EndToEndError(f"the run's corpus is no longer cached at {folder}: prepare the dataset again")
+
+    corpus = cached_corpus(folder, True, missing)
+    if not corpus.documents:
+        raise EndToEndError(f"the corpus cached at {folder} has no document starts (an older format): prepare the "
+                            "dataset again")  # fmt: skip
+    return corpus
+
+
+def _settings_key(dataset_key: str, encoder: EncoderConfig, steps: int, test: np.ndarray) -> str:
+    blob = json.dumps([dataset_key, asdict(encoder), steps, test.size, _CODE], sort_keys=True).encode()
+    return hashlib.sha256(blob + test.tobytes()).hexdigest()[:16]
+
+
+def finalist_tree(run: Run, row: dict[str, Any], class_weights, projections: dict) -> tuple[Any, dict]:
+    """``(tree, projections)`` of a report row: the run's tree, or the full softmax (key "full") as one flat node."""
+    if row["key"] == "full":
+        return frequency_cutoffs(class_weights, []), {}
+    return run.tree(row["key"]), projections.get(row["key"], {})
+
+
+def end_to_end_verdicts(
+    folder: Path,
+    config: EndToEndConfig = EndToEndConfig(),
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train and score ``folder``'s finalists end to end; write ``end_to_end.json`` and the report's section.
+
+    Returns the summary written: settings, each tree's frozen and end-to-end test NLL (with
+    its standard error over documents and seeds) and time per step, the Spearman rank
+    correlation of the two, and each cap's verdict end to end beside the frozen one.
+    """
+    from tree_search.envs import TreeEnvConfig, load_env_dataset
+
+    folder = Path(folder)
+    comparison_path = folder / "comparison.json"
+    if not comparison_path.exists():
+        raise EndToEndError(f"{comparison_path}: missing; score the run on test first: tree-search compare {folder}")
+    comparison = json.loads(comparison_path.read_text(encoding="utf-8"))
+    run = Run(folder)
+    dataset = load_env_dataset(TreeEnvConfig.from_env_config(run.config["env_config"]))
+    corpus = token_corpus(dataset)
+    encoder = EncoderConfig(**dataset.info["encoder"])
+    steps = encoder.steps if config.steps is None else config.steps
+    test, documents = test_positions(corpus, config.positions)
+    key = _settings_key(dataset.key, encoder, steps, test)
+    parts = folder / _PARTS
+    parts.mkdir(exist_ok=True)
+    projections = {e.key: e.projections for e in run.evaluations()}
+    rows = chosen_finalists(comparison, config.trees)
+    total, started, done = len(rows) * config.seeds, time.perf_counter(), 0
+    losses: dict[str, list[np.ndarray]] = {}
+    step_seconds: dict[str, float] = {}
+    trained = 0
+    for row in rows:
+        tree, projected = finalist_tree(run, row, dataset.class_weights, projections)
+        per_seed, seconds = [], []
+        for seed in range(config.seeds):
+            part = parts / f"{row['key']}-seed{seed}-{key}.npz"
+            if part.exists():
+                with np.load(part) as kept:
+                    nll, per_step = kept["nll"], float(kept["seconds_per_step"])
+                note = "kept from an earlier call"
+            else:
+                nll, per_step = train_and_score(tree, projected, corpus, encoder, seed, test, steps)
+                partial = part.with_name(part.name + ".partial.npz")
+                np.savez(partial, nll=nll, seconds_per_step=per_step)
+                partial.replace(part)
+                trained += 1
+                note = f"{per_step * 1e3:.1f} ms/step"
+            per_seed.append(nll)
+            seconds.append(per_step)
+            done += 1
+            elapsed = time.perf_counter() - started
+            left = elapsed / max(trained, 1) * (total - done) if trained else math.nan
+            progress(f"  end to end {done}/{total}: {row['name']}, seed {seed + 1}/{config.seeds}: test NLL "
+                     f"{nll.mean():.4f}, {note} ({elapsed / 60:.1f} min"
+                     + ("" if math.isnan(left) else f", about {left / 60:.1f} min left") + ")")  # fmt: skip
+        losses[row["key"]] = per_seed
+        step_seconds[row["key"]] = statistics.median(seconds)
+    scores = FinalScores.from_rows(losses, documents)
+    table = [{"name": r["name"], "key": r["key"], "kind": r["kind"], "frozen_test_nll": r["test_nll"],
+              "end_to_end_test_nll": scores.nll(r["key"]), "end_to_end_stderr": scores.stderr(r["key"]),
+              "ms_per_step": step_seconds[r["key"]] * 1e3}
+             for r in sorted(rows, key=lambda r: scores.nll(r["key"]))]  # fmt: skip
+    rho = math.nan
+    if len(table) >= 3:
+        from scipy.stats import spearmanr
+
+        rho = float(spearmanr([t["frozen_test_nll"] for t in table], [t["end_to_end_test_nll"] for t in table])[0])
+    caps = []
+    for cap in comparison.get("caps", []):
+        classic, searched = cap.get("classic"), cap.get("searched")
+        if not classic or not searched:
+            continue
+        found = scores.compare(searched["key"], classic["key"])
+        frozen = Comparison(cap["difference"], *cap["interval"])
+        caps.append({"cap": cap["cap"], "classic": classic["name"], "searched": searched["name"],
+                     "frozen_difference": frozen.difference, "frozen_interval": [frozen.low, frozen.high],
+                     "frozen_verdict": verdict_words(frozen), **found.to_json(), "verdict": verdict_words(found),
+                     "same_verdict": verdict_words(found) == verdict_words(frozen)})  # fmt: skip
+    summary = {
+        "steps": steps,
+        "batch_size": encoder.batch_size,
+        "seeds": config.seeds,
+        "positions": int(test.size),
+        "documents": scores.num_documents,
+        "spearman": rho,
+        "trees": table,
+        "caps": caps,
+        "trained": trained,
+        "settings": key,  # the kept results' key: end_to_end/TREE-seedS-KEY.npz
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    run.write_json(END_TO_END_FILE, summary)
+    _write_report_section(folder / "report.md", end_to_end_lines(summary))
+    return summary
+
+
+def end_to_end_lines(summary: dict[str, Any]) -> list[str]:
+    """The report's section on an ``end_to_end.json`` summary (markdown)."""
+    lines = [
+        _REPORT_MARK,
+        "",
+        f"Each tree's head trained together with the context encoder from scratch ({summary['steps']} steps of "
+        f"{summary['batch_size']} positions, {summary['seeds']} seeds), scored on {summary['positions']:,} test "
+        f"positions in {summary['documents']:,} documents; ± and intervals from the paired bootstrap over "
+        "documents and seeds. The verdicts above train heads on frozen features; these train the model with "
+        "its tree, as users do.",
+        "",
+        "| tree | kind | frozen test NLL | end-to-end test NLL | ± | ms / step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in summary["trees"]:
+        lines.append(f"| {t['name']} | {t['kind']} | {t['frozen_test_nll']:.4f} | {t['end_to_end_test_nll']:.4f} | "
+                     f"{t['end_to_end_stderr']:.4f} | {t['ms_per_step']:.1f} |")  # fmt: skip
+    lines.append("")
+    if not math.isnan(summary["spearman"]):
+        lines += [f"Spearman rank correlation, frozen against end to end, over {len(summary['trees'])} trees: "
+                  f"{summary['spearman']:.3f}.", ""]  # fmt: skip
+    for cap in summary["caps"]:
+        low, high = cap["interval"]
+        lines.append(f"- {cap['cap']:g}x: {cap['searched']} against {cap['classic']}: end to end "
+                     f"{cap['difference']:+.4f} [{low:+.4f}, {high:+.4f}], {cap['verdict']} (frozen "
+                     f"{cap['frozen_difference']:+.4f}, {cap['frozen_verdict']}"
+                     f"{'' if cap['same_verdict'] else '; the verdict changes'})")  # fmt: skip
+    return [*lines, ""]
+
+
+def _write_report_section(path: Path, lines: Sequence[str]) -> None:
+    """Put ``lines`` at the end of the report, replacing an earlier end-to-end section."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    kept = text.split(f"\n{_REPORT_MARK}\n")[0].rstrip("\n")
+    path.write_text((kept + "\n\n" if kept else "") + "\n".join(lines), encoding="utf-8")
