@@ -242,3 +242,31 @@ def test_dp_measures_the_frequency_cutoffs_trees_themselves(name):
     searcher.root_rules = [root]
     first = next(iter(searcher.search()))
     assert first.key.split("+")[0] == shape.tree.canonical_hash and not first.projections
+
+
+def test_dp_finds_the_whole_huffman_trees_the_baselines_evaluated_within_its_cap_for_free():
+    from tree_search.builders import classic_trees
+    from tree_search.cost import head_cost
+
+    dataset = load_env_dataset(CONFIG)
+    counts, dim = dataset.class_weights, dataset.dim
+    evaluator = LocalEvaluator(dataset, QUICK, budget=3)
+    names = ("huffman-2", "huffman-4", "huffman-8", "huffman-16")
+    baselines = {}
+    for name, classic in classic_trees(counts, names, dim=dim).items():
+        baselines[name] = evaluator.evaluate(classic.tree, searcher=f"baseline:{name}", counted=False)
+    unit = head_cost(classic_trees(counts, ["huffman-2"], dim=dim)["huffman-2"].tree, counts, dim)
+    ratio = {name: e.expected_cost / unit for name, e in baselines.items()}
+    cap = sorted(ratio.values())[2]  # two or three of them fit (by hand: the cheapest three)
+    searcher = DPSearcher(evaluator, dataset, dataclasses.replace(CONFIG, cost_cap=cap), device="cpu")
+    searcher.label = "dp@test"
+    searcher.root_rules = []  # no split grammar: only the whole Huffman trees remain
+    announced = []
+    evaluator.listeners.append(lambda evaluation, tree: announced.append(evaluation))
+    assert list(searcher.search()) == []  # nothing counted
+    found = [e for e in announced if e.searcher == "dp@test"]
+    within = sorted(name for name in names if ratio[name] <= cap * (1 + 1e-9))
+    assert sorted(e.key for e in found) == sorted(baselines[name].key for name in within)
+    assert evaluator.used == 0 and not any(e.counted for e in found)
+    best = min(found, key=lambda e: e.valid_nll)
+    assert best.valid_nll == min(baselines[name].valid_nll for name in within)

@@ -53,13 +53,13 @@ import numpy as np
 import torch
 
 from tree_search.agents.base import Searcher
-from tree_search.builders import CUTOFF_SHAPES
+from tree_search.builders import CLASSIC_SETS, CUTOFF_SHAPES, classic_trees
 from tree_search.cost import DecodeCost, head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.timing import resolve_cost
 from tree_search.reward.decode_cap import decode_cap_for
-from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator
+from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator, evaluation_key
 from tree_search.reward.reward import huffman_cost, node_nll_shares
 from tree_search.split_grammar import (
     FLAT,
@@ -302,6 +302,9 @@ class DPSearcher(Searcher):
                                          FLAT]))  # fmt: skip
         others = [r for r in rules if r not in clusters]
         self.completions = list(dict.fromkeys(self.huffmans + clusters + others + self.flats))
+        # whole k-ary Huffman trees: the grammar's roots split first (k-means, PCA, head-and-tail, cutoffs), so it
+        # cannot express them, though in training and decoding time wide Huffman trees are strong cheap classics
+        self.whole_huffmans = tuple(name for name in CLASSIC_SETS["front"] if name.startswith("huffman-"))
         self.measured: dict[SplitRule, _Measured] = {}
         self._splits: dict = {}  # group splits by (rule, content), shared by all trees of the search
         self.predictions: list[tuple[float, float, Tree]] = []  # (predicted NLL, evaluated NLL, tree) of knapsack trees
@@ -525,6 +528,23 @@ class DPSearcher(Searcher):
             self.predictions.append((predicted, evaluation.valid_nll, tree))
         return evaluation
 
+    def _propose_whole_huffman_trees(self) -> None:
+        """Propose each classic k-ary Huffman tree (`whole_huffmans`) within the caps that costs no evaluation.
+
+        Free ones are those the baselines evaluated (``--baselines front`` has them all): the evaluator
+        answers from memory and records that the search found the classic tree, so dp's best at a cap is
+        never worse on validation than the best of those Huffman trees within it.
+        """
+        for classic in classic_trees(self.counts, self.whole_huffmans, dim=self.dim).values():
+            tree = classic.tree
+            if not self.evaluator.knows(evaluation_key(tree)):
+                continue
+            if head_cost(tree, self.counts, self.dim, None, self.cost_model) > self.cap * (1 + 1e-9):
+                continue
+            if self.decode_cap is not None and not self.decode_cap.admits(tree, {}):
+                continue
+            self.evaluator.evaluate(tree, searcher=self.label)
+
     def _combined(self, root: SplitRule) -> Iterator[Evaluation]:
         evaluation = self._combine(self.measured[root])
         if evaluation is not None and evaluation.counted:
@@ -550,6 +570,7 @@ class DPSearcher(Searcher):
             # At most half the budget ranks root rules, each by its homogeneous tree when that fits the cap (a classic
             # candidate itself; for the adaptive softmax's cutoffs, its own tree), else completed by 3-ary Huffman;
             # the rest of the budget completes the best of them.
+            self._propose_whole_huffman_trees()
             left = self.evaluator.remaining
             feasible = feasible[: max(2, left // 2)] if left is not None else feasible
             for root in feasible:
