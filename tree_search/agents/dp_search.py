@@ -19,6 +19,8 @@ searcher's tree), and its nodes' losses are read from the node bank, summed per 
 
 The search, within its budget:
 
+0. the whole k-ary Huffman trees of the classic front that fit the caps and cost nothing (the
+   baselines evaluated them): the grammar's roots split first, so it cannot express them;
 1. root rules whose cheapest homogeneous completion (3-ary Huffman or a flat node,
    projected or not) fits under the cap (costs need no training), widest first (costliest
    with 3-ary Huffman tails; in decoding time, where wide roots are fast, most
