@@ -352,3 +352,12 @@ def test_grave_cutoffs_are_the_least_cost_cutoffs_by_brute_force(seed):
         assert costs[tuple(found)] == pytest.approx(min(costs.values()), rel=1e-12)
     tree = builders.classic_trees(counts, "grave-2", dim=16)["grave-2"]
     assert tree.params["cutoffs"] == grave_cutoffs(counts, 16, 2) and tree.projections
+
+
+def test_class_weights_is_the_one_fallback_for_unknown_counts():
+    from tree_search.builders.common import class_weights
+
+    assert class_weights([3, 0, 1]).tolist() == [3.0, 0.0, 1.0]
+    assert class_weights([0, 0, 0, 0]).tolist() == [1.0, 1.0, 1.0, 1.0]  # no count known: every class weighs the same
+    with pytest.raises(ValueError, match="class 1 has -1"):
+        class_weights([2, -1])

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from tree_search.builders.cluster import cluster_tree
-from tree_search.builders.common import as_counts
+from tree_search.builders.common import class_weights
 from tree_search.builders.frequency import cutoffs_by_mass, frequency_cutoffs, grave_cutoffs, huffman, projected_cutoffs
 from tree_search.builders.structure import balanced, from_children, random_tree
 from tree_search.tree import Tree
@@ -193,8 +193,7 @@ def classic_trees(
     Raises:
         ValueError: an unknown name, or a tree whose inputs (embeddings, dim) are missing.
     """
-    weights = as_counts(counts)
-    weights = weights if weights.sum() > 0 else np.ones(weights.size)
+    weights = class_weights(counts)
     V = weights.size
     names = classic_names(names)
     by_count = np.lexsort((np.arange(V), -weights))

@@ -24,6 +24,15 @@ def as_counts(counts: Sequence[float] | np.ndarray) -> np.ndarray:
     return array
 
 
+def class_weights(counts: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``counts`` as (V,) float64 weights for building and costing trees; all ones when none is positive.
+
+    The one fallback for unknown counts (features from an .npz without counts, planted data).
+    """
+    weights = as_counts(counts)
+    return weights if weights.sum() > 0 else np.ones(weights.size)
+
+
 def check_arity(arity: int, name: str = "arity") -> int:
     """``arity`` as an int, checked to be an integer of at least 2."""
     if isinstance(arity, bool) or not isinstance(arity, (int, np.integer)) or arity < 2:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tree_search.builders.common import class_weights
 from tree_search.data.cache import cache_root, content_key, publish_folder, read_info, save_npy_atomic
 from tree_search.data.code_corpus import SPLITS
 from tree_search.data.corpus import ProgressFactory, TokenCorpus
@@ -162,8 +163,7 @@ class FeatureDataset:
     @property
     def class_weights(self) -> np.ndarray:
         """(V,) float64 class counts for building trees and costing them; all ones when no count is known."""
-        counts = np.asarray(self.counts, dtype=np.float64)
-        return counts if counts.sum() > 0 else np.ones(self.num_classes)
+        return class_weights(self.counts)
 
 
 def row_documents(dataset: FeatureDataset, split: str) -> tuple[np.ndarray, str]:

@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from tree_search.cost import visit_probabilities
 from tree_search.data.features import FeatureDataset
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.envs.scoring import (
@@ -37,10 +38,8 @@ OBS_LIMIT = 10.0  # every observation feature is clipped to [-OBS_LIMIT, OBS_LIM
 
 def render_tree(tree: Tree, counts: np.ndarray, levels: int = 2, width: int = 8) -> str:
     """Text of a tree's top ``levels``: each node with its classes and share of the counts."""
-    p = np.asarray(counts, dtype=np.float64)
-    p = p / p.sum() if p.sum() > 0 else np.full(tree.num_classes, 1.0 / tree.num_classes)
     V = tree.num_classes
-    mass, size = tree.subtree_sums(p), tree.subtree_size
+    mass, size = visit_probabilities(tree, counts), tree.subtree_size
     lines = [f"tree: {V} classes, {tree.num_internal} internal nodes, max depth {tree.max_depth}"]
     stack: list[tuple[int, int]] = [(0, 0)]
     while stack:

@@ -268,7 +268,7 @@ def evaluate(
     if not seed_list:
         raise ValueError(f"evaluate needs at least one seed, got seeds={seeds!r}")
     device = torch.device(device) if device is not None else default_device()
-    counts = dataset.counts if dataset.counts.sum() > 0 else None
+    counts = dataset.class_weights
     projections = {int(node): int(size) for node, size in (projections or {}).items()}
     cost = head_cost(tree, counts, dataset.dim, projections)
     ratio = cost / tree.full_softmax_cost(dataset.dim)
