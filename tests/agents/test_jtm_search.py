@@ -121,3 +121,46 @@ def test_projected_nodes_are_refused_with_a_clear_error(dataset):
     features, labels = _train(dataset)
     with pytest.raises(ValueError, match="without projections"):
         reassign(tree, weights, features, labels, dataset.counts, dataset.dim)
+
+
+def test_under_a_decoding_cap_every_tree_jtm_evaluates_fits_it(dataset, tmp_path):
+    import dataclasses
+
+    from tree_search.cost import DECODE_FEATURES, FEATURES, CostProfile
+    from tree_search.reward.decode_cap import decode_cap_for
+
+    # training priced by multiply-adds; decoding by the pairs the beam search scores and the levels it runs
+    training = {"dense_macs": 1e-9, "packed_macs": 1e-9, "top_macs": 1e-9}
+    decoding = {"constant": 1e-6, "scored_pairs": 1e-6, "levels": 1e-5}
+    profile = CostProfile(device="cpu: test", device_type="cpu", dim=PLANTED.dim, batch=256, precision="fp32",
+                          sparse=True, num_classes=64, coefficients=tuple(training.get(n, 0.0) for n in FEATURES),
+                          decode_coefficients=tuple(decoding.get(n, 0.0) for n in DECODE_FEATURES))  # fmt: skip
+    profile.save(tmp_path / "p.json")
+    free = dataclasses.replace(CONFIG, cost=f"measured:{tmp_path / 'p.json'}", cost_cap=3.0)
+    ratio = decode_cap_for(free.cost, 1.0, dataset).ratio  # decoding time / binary Huffman's
+    starts = JTMSearcher(LocalEvaluator(dataset, QUICK, budget=1), dataset, free, device="cpu").start_trees()
+    cap = float(np.median([ratio(tree) for tree in starts]))
+    capped = dataclasses.replace(free, decode_cap=cap)
+    evaluator = LocalEvaluator(dataset, QUICK, budget=8)
+    trees = {}
+    evaluator.listeners.append(lambda evaluation, tree: trees.setdefault(evaluation.key, tree))
+    searcher = JTMSearcher(evaluator, dataset, capped, device="cpu", score_tokens=10_000)
+    kept = searcher.start_trees()
+    assert 0 < len(kept) < len(starts)  # the decoding cap leaves some of the grammar's trees out
+    assert {t.canonical_hash for t in kept} == {t.canonical_hash for t in starts if ratio(t) <= cap * (1 + 1e-9)}
+    yielded = list(searcher.search())
+    assert yielded and searcher.rounds  # start trees and re-assigned ones
+    for evaluation in yielded:
+        assert ratio(trees[evaluation.key]) <= cap * (1 + 1e-9)
+    # a round from a tree over the decoding cap gives a tree within it, or none
+    start = max(kept, key=ratio)
+    tight = JTMSearcher(
+        LocalEvaluator(dataset, QUICK, budget=2),
+        dataset,
+        dataclasses.replace(free, decode_cap=0.9 * ratio(start)),
+        device="cpu",
+        score_tokens=10_000,
+    )
+    LocalEvaluator(dataset, QUICK, budget=1).evaluate(start)  # its nodes trained (the bank), as the search would
+    new = tight.refine(start)
+    assert new is None or ratio(new) <= 0.9 * ratio(start) * (1 + 1e-9)

@@ -38,6 +38,7 @@ from tree_search.cost import head_cost
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.timing import resolve_cost
+from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator
 from tree_search.reward.node_train import split_sample
 from tree_search.reward.reward import huffman_cost, node_weights
@@ -246,27 +247,35 @@ class JTMSearcher(Searcher):
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
         self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model) if config.cost_mode == "cap" else math.inf
+        self.decode_cap = decode_cap_for(config.cost, config.decode_cap, dataset)  # None: no cap on decoding time
         self._splits: dict = {}
         self.rounds: list[tuple[int, int, float]] = []  # (chain, round, valid NLL) of every re-assignment round
 
     def _cost(self, tree: Tree) -> float:
         return head_cost(tree, self.counts, self.dataset.dim, model=self.cost_model)
 
+    def _fits(self, tree: Tree) -> bool:
+        """Whether ``tree`` is within the cost cap and, under a decoding cap, its predicted decoding time too."""
+        return self._cost(tree) <= self.cap and (self.decode_cap is None or self.decode_cap.admits(tree))
+
     def start_trees(self) -> list[Tree]:
-        """The split grammar's homogeneous (classic) trees within the cap, the costliest first."""
+        """The split grammar's homogeneous (classic) trees within the cap(s), the costliest first."""
         trees: dict[str, tuple[float, Tree]] = {}
         for rule in split_rules(self.config.fanouts):
             if rule.flat:
                 continue
             tree = plan_tree(self.counts, self.embeddings, Plan(rule), seed=self.config.seed, cache=self._splits,
                              leaf_size=self.config.split_leaf_size, head_max=self.config.split_head_max)  # fmt: skip
-            cost = self._cost(tree)
-            if cost <= self.cap and tree.num_internal > 1:
-                trees.setdefault(tree.canonical_hash, (cost, tree))
+            if tree.num_internal > 1 and self._fits(tree):
+                trees.setdefault(tree.canonical_hash, (self._cost(tree), tree))
         return [tree for _, tree in sorted(trees.values(), key=lambda item: -item[0])]
 
     def refine(self, tree: Tree, stay: float = STAY_BONUS) -> Tree | None:
-        """One round: the tree's trained nodes re-assign its classes; the cost term keeps it within the cap."""
+        """One round: the tree's trained nodes re-assign its classes; the cost term keeps it within the cap.
+
+        Under a decoding cap the new tree must fit it too (the cost term prices training cost only); a round
+        whose every cost weight tried misses either cap ends the chain.
+        """
         recipe = self.config.train
         weights = node_weights(tree, self.dataset, recipe, device=self.device, use_bank=self.use_bank)
         sample = split_sample(self.dataset, "train", recipe.train_tokens, recipe.seed, self.device)
@@ -276,7 +285,7 @@ class JTMSearcher(Searcher):
         def attempt(lam: float) -> tuple[Tree, bool]:
             new = reassign(tree, weights, features, labels, self.counts, self.dataset.dim, cost_weight=lam,
                            stay_bonus=stay)  # fmt: skip
-            return new, self._cost(new) <= self.cap
+            return new, self._fits(new)
 
         new, fits = attempt(0.0)
         if fits:

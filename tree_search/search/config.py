@@ -85,9 +85,6 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.eval_batch must be >= 1, got {self.eval_batch}")
         if self.env_runners > 0 and self.agent not in RLLIB_AGENTS:
             raise ValueError(f"SearchConfig.env_runners is for the RLlib agents {RLLIB_AGENTS}, not {self.agent!r}")
-        if self.env_config.decode_cap and self.agent == "jtm":
-            raise ValueError("the jtm agent does not take a decoding cap (--decode-cap) yet: dp and the environment "
-                             "agents (random, tpe, ppo, ...) do")  # fmt: skip
         if self.agent in NODE_AGENTS:  # checked here, before a run folder is made and its baselines trained
             name = self.agent
             if self.env != "split":
