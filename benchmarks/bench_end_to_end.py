@@ -36,6 +36,7 @@ from scipy.stats import spearmanr
 from tree_search.data.cache import cache_root
 from tree_search.data.features import EncoderConfig
 from tree_search.envs import TreeEnvConfig, load_env_dataset
+from tree_search.heads.joint import train_and_score
 from tree_search.reward import trained_head
 from tree_search.search.end_to_end import (
     END_TO_END_FILE,
@@ -46,7 +47,6 @@ from tree_search.search.end_to_end import (
     finalist_tree,
     test_positions,
     token_corpus,
-    train_and_score,
 )
 from tree_search.search.runs import Run
 from tree_search.search.verdicts import Comparison, FinalScores, verdict_words

@@ -131,3 +131,20 @@ def test_search_with_end_to_end_gives_both_verdicts_in_one_command(scored_text_r
     summary = json.loads((tmp_path / "run" / "end_to_end.json").read_text())
     assert summary["seeds"] == EndToEndConfig.seeds and [c["cap"] for c in summary["caps"]] == [2.0]
     assert "end to end" in result.output and "written:" in result.output
+
+
+def test_a_later_test_scoring_makes_the_end_to_end_verdicts_stale(scored_text_run, monkeypatch):
+    from tree_search.search.end_to_end import current_summary
+
+    monkeypatch.setenv("TREE_SEARCH_CACHE", str(scored_text_run.parent / "cache"))
+    end_to_end_verdicts(scored_text_run, EndToEndConfig(seeds=1, steps=2, positions=100), progress=print)
+    assert current_summary(scored_text_run)["steps"] == 2
+    path = scored_text_run / "comparison.json"
+    original = path.read_bytes()
+    try:
+        compare_runs([scored_text_run], seeds=1, log=None)  # another scoring: its finalists' scores differ
+        assert path.read_bytes() != original and current_summary(scored_text_run) is None
+        shown = CliRunner().invoke(main, ["report", str(scored_text_run)])
+        assert shown.exit_code == 0 and "from an earlier test scoring" in shown.output
+    finally:
+        path.write_bytes(original)

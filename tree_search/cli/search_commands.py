@@ -19,7 +19,13 @@ from tree_search.data import prepare_dataset
 from tree_search.envs.config import REWARD_MODES, TreeEnvConfig
 from tree_search.reward import NodeRecipe
 from tree_search.search.config import AGENTS, SearchConfig
-from tree_search.search.end_to_end import END_TO_END_FILE, EndToEndConfig, end_to_end_lines, end_to_end_verdicts
+from tree_search.search.end_to_end import (
+    END_TO_END_FILE,
+    EndToEndConfig,
+    current_summary,
+    end_to_end_lines,
+    end_to_end_verdicts,
+)
 
 
 def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
@@ -112,8 +118,12 @@ def report(run_folder: Path) -> None:
             f"{comparison}: missing; score the run on test first: tree-search compare {run_folder}"
         )
     _print_comparison(json.loads(comparison.read_text(encoding="utf-8"))["rows"], run_folder)
-    if (run_folder / END_TO_END_FILE).exists():
-        _print_end_to_end(json.loads((run_folder / END_TO_END_FILE).read_text(encoding="utf-8")))
+    summary = current_summary(run_folder)
+    if summary is not None:
+        _print_end_to_end(summary)
+    elif (run_folder / END_TO_END_FILE).exists():
+        console.print(f"{run_folder / END_TO_END_FILE} is from an earlier test scoring of this run: tree-search "
+                      f"end-to-end {run_folder} gives the current finalists' verdicts end to end")  # fmt: skip
 
 
 def _print_end_to_end(summary: dict[str, Any], written_in: Path | None = None) -> None:

@@ -17,7 +17,6 @@ progress; results are reused only under the same settings and training code.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -29,23 +28,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from tree_search.builders import frequency_cutoffs
 from tree_search.data.cache import source_identity
 from tree_search.data.corpus import TokenCorpus, cached_corpus
-from tree_search.data.features import ContextEncoder, EncoderConfig
-from tree_search.heads import TreeSoftmaxHead
+from tree_search.data.features import EncoderConfig
+from tree_search.heads.joint import train_and_score
 from tree_search.search.runs import Run
 from tree_search.search.verdicts import Comparison, FinalScores, verdict_words
 
-__all__ = ["END_TO_END_FILE", "EndToEndConfig", "EndToEndError", "chosen_finalists", "end_to_end_lines",
-           "end_to_end_verdicts", "finalist_tree", "test_positions", "token_corpus", "train_and_score"]  # fmt: skip
+__all__ = [
+    "END_TO_END_FILE",
+    "EndToEndConfig",
+    "EndToEndError",
+    "chosen_finalists",
+    "current_summary",
+    "end_to_end_lines",
+    "end_to_end_verdicts",
+    "finalist_tree",
+    "test_positions",
+    "token_corpus",
+]
 
 END_TO_END_FILE = "end_to_end.json"
 _PARTS = "end_to_end"  # folder of the run holding each finished (tree, seed) result
 _REPORT_MARK = "## End to end"
-_CODE = source_identity(("tree_search.search.end_to_end", "tree_search.heads.tree_head", "tree_search.heads.gathered",
+# kept results key on the code that trains and scores them (not this module's bookkeeping)
+_CODE = source_identity(("tree_search.heads.joint", "tree_search.heads.tree_head", "tree_search.heads.gathered",
                          "tree_search.data.features"))  # fmt: skip
 
 
@@ -71,69 +80,6 @@ class EndToEndConfig:
             raise EndToEndError(f"positions: {self.positions}; at least 1")
 
 
-def _windows(ids: torch.Tensor, context: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cat([torch.full((context,), pad, dtype=torch.int64), ids]), torch.arange(context)
-
-
-def train_and_score(
-    tree,
-    projections,
-    corpus: TokenCorpus,
-    config: EncoderConfig,
-    seed: int,
-    test: np.ndarray,
-    steps: int,
-    start: tuple[dict, TreeSoftmaxHead] | None = None,
-    lr_scale: float = 1.0,
-) -> tuple[np.ndarray, float]:
-    """Train an encoder and ``tree``'s head together; return each test position's NLL (N,) and the median s/step.
-
-    From scratch (seeded), or from ``start``: an encoder's weights and a head. The encoder's
-    optimiser (AdamW on its embedding and MLP, not its own output layer), warm-up and cosine
-    schedule (`tree_search.data.features`), ``lr_scale`` times its learning rate.
-    """
-    V = len(corpus.vocab)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    encoder = ContextEncoder(V, config)
-    if start is None:
-        head = TreeSoftmaxHead(tree, config.dim, projections=projections or None)
-    else:
-        encoder.load_state_dict(start[0])
-        head = copy.deepcopy(start[1]).train()
-    params = [*encoder.embed.parameters(), *encoder.mlp.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.lr * lr_scale, weight_decay=config.weight_decay)
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:  # the encoder's own (`features._train_encoder`)
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    train_ids = torch.from_numpy(np.asarray(corpus.splits["train"], dtype=np.int64))
-    padded, offsets = _windows(train_ids, config.context, V)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        positions = torch.randint(0, train_ids.numel(), (config.batch_size,), generator=generator)
-        loss = head(encoder.features(padded[positions[:, None] + offsets]), train_ids[positions]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        times.append(time.perf_counter() - started)
-    test_ids = torch.from_numpy(np.asarray(corpus.splits["test"], dtype=np.int64))
-    padded, offsets = _windows(test_ids, config.context, V)
-    out = np.empty(test.size)
-    encoder.eval(), head.eval()
-    with torch.no_grad():
-        for lo in range(0, test.size, 8192):
-            at = torch.from_numpy(test[lo : lo + 8192])
-            out[lo : lo + at.numel()] = -head.log_prob(encoder.features(padded[at[:, None] + offsets]), test_ids[at])
-    return out, statistics.median(times[len(times) // 10 :]) if times else math.nan
-
-
 def chosen_finalists(comparison: dict[str, Any], count: int = 0) -> list[dict[str, Any]]:
     """The report rows to train end to end.
 
@@ -141,7 +87,7 @@ def chosen_finalists(comparison: dict[str, Any], count: int = 0) -> list[dict[st
     ``count`` > 0 also the searched trees and the adaptive shapes, then the other finalists by
     frozen test NLL, up to ``count`` rows in all (never fewer than the ones named first).
     """
-    rows = comparison["rows"]
+    rows = [r for r in comparison["rows"] if r["key"] != "converged"]  # the full softmax's tree, trained longer
     named = {cap[side]["name"] for cap in comparison.get("caps", []) for side in ("classic", "searched") if cap[side]}
     first = [r for r in rows if r["name"] in named or r["key"] == "full" or r["name"] == "huffman-2"]
     if count <= 0:
@@ -207,7 +153,8 @@ def end_to_end_verdicts(
     comparison_path = folder / "comparison.json"
     if not comparison_path.exists():
         raise EndToEndError(f"{comparison_path}: missing; score the run on test first: tree-search compare {folder}")
-    comparison = json.loads(comparison_path.read_text(encoding="utf-8"))
+    comparison_bytes = comparison_path.read_bytes()
+    comparison = json.loads(comparison_bytes)
     run = Run(folder)
     dataset = load_env_dataset(TreeEnvConfig.from_env_config(run.config["env_config"]))
     corpus = token_corpus(dataset)
@@ -281,11 +228,24 @@ def end_to_end_verdicts(
         "caps": caps,
         "trained": trained,
         "settings": key,  # the kept results' key: end_to_end/TREE-seedS-KEY.npz
+        "comparison": hashlib.sha256(comparison_bytes).hexdigest()[:16],  # the scoring whose verdicts these are
         "seconds": round(time.perf_counter() - started, 1),
     }
     run.write_json(END_TO_END_FILE, summary)
     _write_report_section(folder / "report.md", end_to_end_lines(summary))
     return summary
+
+
+def current_summary(folder: Path) -> dict[str, Any] | None:
+    """The run's ``end_to_end.json`` when it was made from the run's current ``comparison.json``, else None.
+
+    A later `compare` (other seeds, new finalists) makes it stale: its trees and verdicts are then not the report's.
+    """
+    path, comparison = Path(folder) / END_TO_END_FILE, Path(folder) / "comparison.json"
+    if not path.exists() or not comparison.exists():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return summary if summary.get("comparison") == hashlib.sha256(comparison.read_bytes()).hexdigest()[:16] else None
 
 
 def end_to_end_lines(summary: dict[str, Any]) -> list[str]:

@@ -1,0 +1,85 @@
+"""An encoder and a tree head trained together on a token corpus, then scored on test positions.
+
+What end-to-end verdicts (`tree_search.search.end_to_end`) and ``benchmarks/bench_end_to_end.py``
+train: the context encoder of `tree_search.data.features` with its own optimiser, warm-up
+and cosine schedule, and a `TreeSoftmaxHead` in place of its full-softmax output layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from tree_search.data.corpus import TokenCorpus
+from tree_search.data.features import ContextEncoder, EncoderConfig
+from tree_search.heads.tree_head import TreeSoftmaxHead
+
+__all__ = ["train_and_score"]
+
+
+def _windows(ids: torch.Tensor, context: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([torch.full((context,), pad, dtype=torch.int64), ids]), torch.arange(context)
+
+
+def train_and_score(
+    tree,
+    projections,
+    corpus: TokenCorpus,
+    config: EncoderConfig,
+    seed: int,
+    test: np.ndarray,
+    steps: int,
+    start: tuple[dict, TreeSoftmaxHead] | None = None,
+    lr_scale: float = 1.0,
+) -> tuple[np.ndarray, float]:
+    """Train an encoder and ``tree``'s head together; return each test position's NLL (N,) and the median s/step.
+
+    From scratch (seeded), or from ``start``: an encoder's weights and a head. The encoder's
+    optimiser (AdamW on its embedding and MLP, not its own output layer), warm-up and cosine
+    schedule (`tree_search.data.features`), ``lr_scale`` times its learning rate.
+    """
+    V = len(corpus.vocab)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    encoder = ContextEncoder(V, config)
+    if start is None:
+        head = TreeSoftmaxHead(tree, config.dim, projections=projections or None)
+    else:
+        encoder.load_state_dict(start[0])
+        head = copy.deepcopy(start[1]).train()
+    params = [*encoder.embed.parameters(), *encoder.mlp.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr * lr_scale, weight_decay=config.weight_decay)
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:  # the encoder's own (`features._train_encoder`)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    train_ids = torch.from_numpy(np.asarray(corpus.splits["train"], dtype=np.int64))
+    padded, offsets = _windows(train_ids, config.context, V)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        positions = torch.randint(0, train_ids.numel(), (config.batch_size,), generator=generator)
+        loss = head(encoder.features(padded[positions[:, None] + offsets]), train_ids[positions]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        times.append(time.perf_counter() - started)
+    test_ids = torch.from_numpy(np.asarray(corpus.splits["test"], dtype=np.int64))
+    padded, offsets = _windows(test_ids, config.context, V)
+    out = np.empty(test.size)
+    encoder.eval(), head.eval()
+    with torch.no_grad():
+        for lo in range(0, test.size, 8192):
+            at = torch.from_numpy(test[lo : lo + 8192])
+            out[lo : lo + at.numel()] = -head.log_prob(encoder.features(padded[at[:, None] + offsets]), test_ids[at])
+    return out, statistics.median(times[len(times) // 10 :]) if times else math.nan
