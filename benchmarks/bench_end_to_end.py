@@ -45,11 +45,12 @@ from tree_search.search.end_to_end import (
     end_to_end_lines,
     end_to_end_verdicts,
     finalist_tree,
+    summarise,
     test_positions,
     token_corpus,
 )
 from tree_search.search.runs import Run
-from tree_search.search.verdicts import Comparison, FinalScores, verdict_words
+from tree_search.search.verdicts import Comparison, verdict_words
 
 
 def _against_scratch(folder: Path, table: list[dict], caps: list[dict]) -> dict | None:
@@ -133,46 +134,24 @@ def main() -> None:
                   f"{per_step * 1e3:.1f} ms/step  ({elapsed / 60:.1f} min, about {left / 60:.1f} min left)",
                   flush=True)  # fmt: skip
         losses[row["key"]], step_seconds[row["key"]] = per_seed, statistics.median(seconds)
-    scores = FinalScores.from_rows(losses, documents)
+    summary = {"steps": steps, "seeds": args.seeds, "positions": int(test.size),
+               **summarise(comparison, rows, losses, step_seconds, documents),
+               "seconds": round(time.perf_counter() - started, 1), "warm": args.warm,
+               "warm_lr": args.warm_lr}  # fmt: skip
     print(f"\n{run.folder}: V = {dataset.num_classes:,}, warm start, {steps} steps of batch {config.batch_size}, "
-          f"{args.seeds} seeds, {test.size:,} test positions in {scores.num_documents} documents\n")  # fmt: skip
+          f"{args.seeds} seeds, {test.size:,} test positions in {summary['documents']} documents\n")  # fmt: skip
     print(f"{'tree':<20s} {'kind':<10s} {'frozen test':>11s} {'warm':>10s} {'±':>7s} {'ms/step':>8s}")
-    table = []
-    for row in sorted(rows, key=lambda r: scores.nll(r["key"])):
-        e2e = scores.nll(row["key"])
-        table.append({"name": row["name"], "kind": row["kind"], "frozen_test_nll": row["test_nll"],
-                      "end_to_end_test_nll": e2e, "end_to_end_stderr": scores.stderr(row["key"]),
-                      "ms_per_step": step_seconds[row["key"]] * 1e3})  # fmt: skip
-        print(f"{row['name']:<20s} {row['kind']:<10s} {row['test_nll']:>11.4f} {e2e:>10.4f} "
-              f"{scores.stderr(row['key']):>7.4f} {step_seconds[row['key']] * 1e3:>8.1f}")  # fmt: skip
-    rho = float(spearmanr([t["frozen_test_nll"] for t in table], [t["end_to_end_test_nll"] for t in table])[0])
-    print(f"\nSpearman rank correlation, frozen against warm, over {len(table)} trees: {rho:.3f}\n")
-    caps = []
-    for cap in comparison.get("caps", []):
-        classic, searched = cap.get("classic"), cap.get("searched")
-        if not classic or not searched:
-            continue
-        found = scores.compare(searched["key"], classic["key"])
-        caps.append({"cap": cap["cap"], "classic": classic["name"], "searched": searched["name"],
-                     "frozen_difference": cap["difference"], "frozen_interval": cap["interval"],
-                     **found.to_json()})  # fmt: skip
-        frozen = verdict_words(Comparison(cap["difference"], *cap["interval"]))
-        print(f"{cap['cap']:g}x: {searched['name']} against {classic['name']}: frozen {cap['difference']:+.4f} "
-              f"({frozen}), warm {found.difference:+.4f} [{found.low:+.4f}, {found.high:+.4f}] "
-              f"({verdict_words(found)})")  # fmt: skip
-    summary = {
-        "steps": steps,
-        "seeds": args.seeds,
-        "positions": int(test.size),
-        "documents": scores.num_documents,
-        "spearman": rho,
-        "trees": table,
-        "caps": caps,
-        "seconds": round(time.perf_counter() - started, 1),
-        "warm": args.warm,
-        "warm_lr": args.warm_lr,
-        "against_scratch": _against_scratch(args.run, table, caps),
-    }
+    for t in summary["trees"]:
+        print(f"{t['name']:<20s} {t['kind']:<10s} {t['frozen_test_nll']:>11.4f} {t['end_to_end_test_nll']:>10.4f} "
+              f"{t['end_to_end_stderr']:>7.4f} {t['ms_per_step']:>8.1f}")  # fmt: skip
+    print(f"\nSpearman rank correlation, frozen against warm, over {len(summary['trees'])} trees: "
+          f"{summary['spearman']:.3f}\n")  # fmt: skip
+    for cap in summary["caps"]:
+        low, high = cap["interval"]
+        print(f"{cap['cap']:g}x: {cap['searched']} against {cap['classic']}: frozen {cap['frozen_difference']:+.4f} "
+              f"({cap['frozen_verdict']}), warm {cap['difference']:+.4f} [{low:+.4f}, {high:+.4f}] "
+              f"({cap['verdict']})")  # fmt: skip
+    summary["against_scratch"] = _against_scratch(args.run, summary["trees"], summary["caps"])
     out = args.run / f"end_to_end_warm{args.warm}.json"
     out.write_text(json.dumps(summary, indent=1))
     print(f"\n{out} ({(time.perf_counter() - started) / 60:.1f} min)")

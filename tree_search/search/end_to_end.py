@@ -46,6 +46,7 @@ __all__ = [
     "end_to_end_lines",
     "end_to_end_verdicts",
     "finalist_tree",
+    "summarise",
     "test_positions",
     "token_corpus",
 ]
@@ -196,6 +197,37 @@ def end_to_end_verdicts(
                      + ("" if math.isnan(left) else f", about {left / 60:.1f} min left") + ")")  # fmt: skip
         losses[row["key"]] = per_seed
         step_seconds[row["key"]] = statistics.median(seconds)
+    summary = {
+        "steps": steps,
+        "batch_size": encoder.batch_size,
+        "seeds": config.seeds,
+        "positions": int(test.size),
+        **summarise(comparison, rows, losses, step_seconds, documents),
+        "trained": trained,
+        "settings": key,  # the kept results' key: end_to_end/TREE-seedS-KEY.npz
+        "comparison": hashlib.sha256(comparison_bytes).hexdigest()[:16],  # the scoring whose verdicts these are
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    run.write_json(END_TO_END_FILE, summary)
+    _write_report_section(folder / "report.md", end_to_end_lines(summary))
+    return summary
+
+
+def summarise(
+    comparison: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    losses: dict[str, list[np.ndarray]],
+    step_seconds: dict[str, float],
+    documents: np.ndarray,
+) -> dict[str, Any]:
+    """The verdicts of models trained with their trees, beside the frozen ones.
+
+    From each report row's per-seed test-position losses (``losses[key]``) and each
+    position's document: ``documents`` (how many), ``trees`` (frozen and retrained test NLL
+    with its standard error over documents and seeds, ms per step; best first), ``spearman``
+    (frozen against retrained, NaN under 3 trees) and ``caps`` (each cap's difference with its
+    paired interval and verdict, beside the frozen one).
+    """
     scores = FinalScores.from_rows(losses, documents)
     table = [{"name": r["name"], "key": r["key"], "kind": r["kind"], "frozen_test_nll": r["test_nll"],
               "end_to_end_test_nll": scores.nll(r["key"]), "end_to_end_stderr": scores.stderr(r["key"]),
@@ -217,23 +249,7 @@ def end_to_end_verdicts(
                      "frozen_difference": frozen.difference, "frozen_interval": [frozen.low, frozen.high],
                      "frozen_verdict": verdict_words(frozen), **found.to_json(), "verdict": verdict_words(found),
                      "same_verdict": verdict_words(found) == verdict_words(frozen)})  # fmt: skip
-    summary = {
-        "steps": steps,
-        "batch_size": encoder.batch_size,
-        "seeds": config.seeds,
-        "positions": int(test.size),
-        "documents": scores.num_documents,
-        "spearman": rho,
-        "trees": table,
-        "caps": caps,
-        "trained": trained,
-        "settings": key,  # the kept results' key: end_to_end/TREE-seedS-KEY.npz
-        "comparison": hashlib.sha256(comparison_bytes).hexdigest()[:16],  # the scoring whose verdicts these are
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    run.write_json(END_TO_END_FILE, summary)
-    _write_report_section(folder / "report.md", end_to_end_lines(summary))
-    return summary
+    return {"documents": scores.num_documents, "spearman": rho, "trees": table, "caps": caps}
 
 
 def current_summary(folder: Path) -> dict[str, Any] | None:
