@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from quick_settings import ENV, QUICK
 
@@ -148,3 +149,21 @@ def test_a_later_test_scoring_makes_the_end_to_end_verdicts_stale(scored_text_ru
         assert shown.exit_code == 0 and "from an earlier test scoring" in shown.output
     finally:
         path.write_bytes(original)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_joint_training_on_cuda_matches_the_cpu(scored_text_run, monkeypatch):
+    from tree_search.builders import huffman
+    from tree_search.envs import TreeEnvConfig, load_env_dataset
+    from tree_search.heads.joint import train_and_score
+    from tree_search.search.end_to_end import test_positions, token_corpus
+    from tree_search.search.runs import Run
+
+    monkeypatch.setenv("TREE_SEARCH_CACHE", str(scored_text_run.parent / "cache"))
+    dataset = load_env_dataset(TreeEnvConfig.from_env_config(Run(scored_text_run).config["env_config"]))
+    corpus = token_corpus(dataset)
+    test, _ = test_positions(corpus, 300)
+    tree = huffman(dataset.class_weights, 2)
+    cpu, _ = train_and_score(tree, {}, corpus, ENCODER, 0, test, 10, device="cpu")
+    cuda, _ = train_and_score(tree, {}, corpus, ENCODER, 0, test, 10, device="cuda")
+    assert np.abs(cpu - cuda).max() < 1e-3  # the same batches and initial weights; float32 sums in other orders

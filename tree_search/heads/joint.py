@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tree_search.data.corpus import TokenCorpus
-from tree_search.data.features import ContextEncoder, EncoderConfig
+from tree_search.data.features import ContextEncoder, EncoderConfig, default_device
 from tree_search.heads.tree_head import TreeSoftmaxHead
 
 __all__ = ["train_and_score"]
@@ -36,13 +36,17 @@ def train_and_score(
     steps: int,
     start: tuple[dict, TreeSoftmaxHead] | None = None,
     lr_scale: float = 1.0,
+    device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, float]:
     """Train an encoder and ``tree``'s head together; return each test position's NLL (N,) and the median s/step.
 
     From scratch (seeded), or from ``start``: an encoder's weights and a head. The encoder's
     optimiser (AdamW on its embedding and MLP, not its own output layer), warm-up and cosine
-    schedule (`tree_search.data.features`), ``lr_scale`` times its learning rate.
+    schedule (`tree_search.data.features`), ``lr_scale`` times its learning rate. On ``device``
+    (default: CUDA when available); batches are drawn on the CPU by a seeded generator, so a
+    seed draws the same batches on any device.
     """
+    device = default_device() if device is None else torch.device(device)
     V = len(corpus.vocab)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -52,6 +56,7 @@ def train_and_score(
     else:
         encoder.load_state_dict(start[0])
         head = copy.deepcopy(start[1]).train()
+    encoder, head = encoder.to(device), head.to(device)
     params = [*encoder.embed.parameters(), *encoder.mlp.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr * lr_scale, weight_decay=config.weight_decay)
     warmup = max(1, steps // 20)
@@ -64,22 +69,26 @@ def train_and_score(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     train_ids = torch.from_numpy(np.asarray(corpus.splits["train"], dtype=np.int64))
     padded, offsets = _windows(train_ids, config.context, V)
+    padded, offsets, on_device = padded.to(device), offsets.to(device), train_ids.to(device)
     times = []
     for _ in range(steps):
         started = time.perf_counter()
-        positions = torch.randint(0, train_ids.numel(), (config.batch_size,), generator=generator)
-        loss = head(encoder.features(padded[positions[:, None] + offsets]), train_ids[positions]).loss
+        positions = torch.randint(0, train_ids.numel(), (config.batch_size,), generator=generator).to(device)
+        loss = head(encoder.features(padded[positions[:, None] + offsets]), on_device[positions]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
-    test_ids = torch.from_numpy(np.asarray(corpus.splits["test"], dtype=np.int64))
-    padded, offsets = _windows(test_ids, config.context, V)
+    test_ids = torch.from_numpy(np.asarray(corpus.splits["test"], dtype=np.int64)).to(device)
+    padded, offsets = (t.to(device) for t in _windows(test_ids.cpu(), config.context, V))
     out = np.empty(test.size)
     encoder.eval(), head.eval()
     with torch.no_grad():
         for lo in range(0, test.size, 8192):
-            at = torch.from_numpy(test[lo : lo + 8192])
-            out[lo : lo + at.numel()] = -head.log_prob(encoder.features(padded[at[:, None] + offsets]), test_ids[at])
+            at = torch.from_numpy(test[lo : lo + 8192]).to(device)
+            scores = head.log_prob(encoder.features(padded[at[:, None] + offsets]), test_ids[at])
+            out[lo : lo + at.numel()] = -scores.double().cpu().numpy()
     return out, statistics.median(times[len(times) // 10 :]) if times else math.nan

@@ -32,7 +32,7 @@ import numpy as np
 from tree_search.builders import frequency_cutoffs
 from tree_search.data.cache import source_identity
 from tree_search.data.corpus import TokenCorpus, cached_corpus
-from tree_search.data.features import EncoderConfig
+from tree_search.data.features import EncoderConfig, default_device
 from tree_search.heads.joint import train_and_score
 from tree_search.search.runs import Run
 from tree_search.search.verdicts import Comparison, FinalScores, verdict_words
@@ -126,7 +126,8 @@ def token_corpus(dataset) -> TokenCorpus:
 
 
 def _settings_key(dataset_key: str, encoder: EncoderConfig, steps: int, test: np.ndarray) -> str:
-    blob = json.dumps([dataset_key, asdict(encoder), steps, test.size, _CODE], sort_keys=True).encode()
+    device = default_device().type  # where `train_and_score` trains: results differ in the last digits by device
+    blob = json.dumps([dataset_key, asdict(encoder), steps, test.size, _CODE, device], sort_keys=True).encode()
     return hashlib.sha256(blob + test.tobytes()).hexdigest()[:16]
 
 
