@@ -15,6 +15,6 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TREE_SEARCH_CACHE=${TREE_SEARCH_CACHE:-/tmp/tree-search-cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/heads/test_node_exact.py tests/heads/test_tree_head.py -k cuda 2>&1 |
+python3 -m pytest -q -p no:cacheprovider tests/reward/test_node_exact.py tests/heads/test_tree_head.py -k cuda 2>&1 |
   tee "$OUT/cuda_tests.log"
 python3 benchmarks/bench_reward.py --device cuda --evaluators 1,2,4 --no-full "$@" 2>&1 | tee "$OUT/bench_reward_cuda.log"
