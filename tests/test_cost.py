@@ -1,6 +1,7 @@
 """The measured cost model: the head's layout rule, per-node features, the fit, profile files, time verdicts."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -126,6 +127,20 @@ def test_profile_predicts_its_node_sum_and_round_trips(tmp_path):
         resolve_cost(f"measured:{path}", dim=16)
     with pytest.raises(ValueError, match="dim 8, not 16"):
         profile.node_costs(tree, counts, 16, None)
+
+
+def test_a_profile_far_from_the_data_s_size_warns_with_the_command_that_measures_it(tmp_path):
+    from types import SimpleNamespace
+
+    path = tmp_path / "p.json"
+    _profile().save(path)  # calibrated at V = 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 5x either way: no warning
+        for V in (4, 80):
+            resolve_cost(f"measured:{path}", dim=8, dataset=SimpleNamespace(num_classes=V))
+    for V in (3, 81):
+        with pytest.warns(UserWarning, match=rf"calibrated at V = 16, the data has V = {V}.*--classes {V} --dim 8"):
+            resolve_cost(f"measured:{path}", dim=8, dataset=SimpleNamespace(num_classes=V))
 
 
 @pytest.mark.parametrize(
