@@ -18,6 +18,9 @@ ran at the rate this machine gets on a (batch x d) @ (d x width) matmul of the n
 figures of issue 27 come from this script run against a checkout of 157de49 with that
 session's ``cost.py`` and ``heads/timing.py`` copied in (PYTHONPATH=...).
 
+PyTorch's `AdaptiveLogSoftmaxWithLoss` on the `adaptive` shape (its usual cutoffs) is timed
+in the same run ("adaptive (PyTorch)", dense gradients whatever --dense says).
+
 With a cost profile (--profile; by default this device's, `tree-search cost calibrate`, when
 it exists and matches --dim, --batch and the gradients) it also prints each tree's predicted
 time and the prediction's error: how far the profile, calibrated at its own V (10,000 by
@@ -37,7 +40,14 @@ import torch
 from tree_search import builders
 from tree_search.cost import ProfileError, bucket_width, node_costs
 from tree_search.heads import TreeSoftmaxHead
-from tree_search.heads.timing import resolve_cost, synthetic_classes, time_training_step, tune_allocator
+from tree_search.heads.timing import (
+    REFERENCE_HEADS,
+    reference_head,
+    resolve_cost,
+    synthetic_classes,
+    time_training_step,  # fmt: skip
+    tune_allocator,
+)
 from tree_search.reward.reward import head_cost
 
 FULL_SOFTMAX_GIB = 8  # the flat softmax is timed only while its (batch, V) tensors fit in this much memory
@@ -123,6 +133,10 @@ def main() -> None:
                 predicted = profile.predict(classic.tree, counts, projections=classic.projections) * args.batch
             small = small_matmul_seconds(classic.tree, counts, args.dim, args.batch, classic.projections, small_rates)
             rows.append((name, macs, seconds, predicted, small))
+        for name, shape in REFERENCE_HEADS.items():  # PyTorch's own module on the same shape, timed in the same run
+            ours = next(row for row in rows if row[0] == shape)
+            seconds = time_training_step(reference_head(name, V, args.dim), h, y, repeats=args.repeats)
+            rows.append((f"{shape} (PyTorch)", ours[1], seconds, math.nan, ours[4]))
         base_macs, base_time = rows[0][1], rows[0][2]
         print(f"\nV = {V:,}\n  {'tree':<20} {'MACs / Huffman':>14} {'time / Huffman':>15} {'ms / step':>10} "
               f"{'% of matmul rate':>17} {'x small-matmul time':>20} {'predicted ms':>13} {'error':>7}")  # fmt: skip
@@ -130,7 +144,8 @@ def main() -> None:
         for name, macs, seconds, predicted, small in rows:
             achieved = 3 * 2 * macs * args.batch / seconds
             error = predicted / seconds - 1
-            errors.append(abs(error))
+            if not math.isnan(error):
+                errors.append(abs(error))
             print(f"  {name:<20} {macs / base_macs:>14.2f} {seconds / base_time:>15.2f} {seconds * 1e3:>10.1f} "
                   f"{100 * achieved / rate:>16.1f}% {seconds / small:>20.2f} {predicted * 1e3:>13.1f} "
                   f"{error:>+7.0%}")  # fmt: skip

@@ -356,3 +356,27 @@ def test_every_search_setting_is_an_option_of_the_search_command_or_named_as_lef
     missing = {name for name in fields - left_out if renamed.get(name, name) not in options}
     assert not missing, f"settings without a command-line option (add one, or name them as left out): {missing}"
     assert set(EXECUTION_FIELDS) <= options  # a resumed run takes these from this session's flags
+
+
+def test_search_straight_from_text_in_one_command(tmp_path):
+    corpus = tmp_path / "mine.txt"
+    rng = np.random.default_rng(0)
+    words = [f"w{k}" for k in range(40)]
+    lines = [" ".join(rng.choice(words, size=12, p=np.arange(40, 0, -1) / 820)) for _ in range(3000)]
+    documents = ["\n".join(lines[k : k + 15]) for k in range(0, len(lines), 15)]  # 200 documents, form-feed lines
+    corpus.write_text("\n\f\n".join(documents) + "\n")
+    refused = CliRunner().invoke(main, ["search", "--text", str(corpus), "--dataset", "planted"])
+    assert refused.exit_code == 1 and "without --dataset and --resume" in refused.output
+    args = ["search", "--text", str(corpus), "--max-size", "30", "--agent", "random", "--budget", "1",
+            "--cost-caps", "2", "--baselines", "huffman-2,huffman-4", "--final-seeds", "1", "--epochs", "0.5",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "dataset: 1 text file(s), V = 30" in result.output and "2x:" in result.output
+    assert "encoder step" in result.output  # the first time the encoder trains
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    folder = Path(config["env_config"]["dataset"])
+    assert folder.is_dir() and json.loads((folder / "info.json").read_text())["corpus"]["corpus"].startswith("text")
+    again = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "run2")])  # the same text: its features are reused
+    assert again.exit_code == 0 and "encoder step" not in again.output
+    assert json.loads((tmp_path / "run2" / "config.json").read_text())["env_config"]["dataset"] == str(folder)

@@ -106,7 +106,7 @@ def data() -> None:
     help="Plain-text corpus: one file (split by lines), or three: --text TRAIN --text VALID --text TEST.",
 )
 @click.option("--npz", type=click.Path(path_type=Path, dir_okay=False), help="Pre-computed features and labels.")
-@click.option("--max-size", default=10_000, show_default=True, help="Vocabulary cap, <unk> included.")
+@click.option("--max-size", default=CorpusConfig.max_size, show_default=True, help="Vocabulary cap, <unk> included.")
 @click.option("--min-count", default=1, show_default=True, help="Rarer tokens fold into <unk>.")
 @click.option("--dim", default=EncoderConfig.dim, show_default=True, help="Feature dimension.")
 @click.option("--context", default=EncoderConfig.context, show_default=True, help="Previous tokens the encoder reads.")

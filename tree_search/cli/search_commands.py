@@ -15,7 +15,7 @@ import click
 from rich.table import Table
 
 from tree_search.cli.app import COST_HELP, console, float_list, friendly_errors, main, progress_bars
-from tree_search.data import prepare_dataset
+from tree_search.data import CorpusConfig, prepare_dataset
 from tree_search.envs.config import REWARD_MODES, TreeEnvConfig
 from tree_search.reward import NodeRecipe
 from tree_search.search.config import AGENTS, SearchConfig
@@ -179,6 +179,11 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
 @click.option("--seconds", type=float, default=SearchConfig.seconds, help="Optional wall-clock limit of the search.")
 @click.option("--dataset", default=TreeEnvConfig.dataset, show_default=True,
               help="'builtin' (code corpus), 'planted', an .npz file or a prepared feature folder.")  # fmt: skip
+@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Search on your own text: one file (split by lines) or --text TRAIN --text VALID --text TEST; "
+                   "prepared as `data prepare --text` does (or reused from the cache), then searched.")  # fmt: skip
+@click.option("--max-size", default=CorpusConfig.max_size, show_default=True,
+              help="With --text: vocabulary cap, <unk> included (the classes V).")  # fmt: skip
 @click.option("--planted-classes", default=64, show_default=True, help="V of the planted-hierarchy data.")
 @click.option(
     "--epochs",
@@ -292,6 +297,8 @@ def search(
     budget: int,
     seconds: float | None,
     dataset: str,
+    texts: tuple[Path, ...],
+    max_size: int,
     planted_classes: int,
     epochs: float,
     cost_mode: str,
@@ -343,6 +350,8 @@ def search(
 
     if end_to_end_too and not compare:
         raise click.ClickException("--end-to-end needs the test scoring: leave out --no-compare")
+    if texts and (resume is not None or dataset != TreeEnvConfig.dataset):
+        raise click.ClickException("--text prepares a new run's data: give it without --dataset and --resume")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     check_cost_spec(cost_model, device_type)  # before the search, not after it
     if decode_cap and cost_model.startswith("measured"):  # the decoding side of the same profile
@@ -353,6 +362,12 @@ def search(
         folder = resume
         config = dataclasses.replace(SearchConfig.from_json(Run(folder).config, resume=True), **execution)
     else:
+        if texts:
+            with progress_bars() as progress:
+                prepared = prepare_dataset(text=texts, corpus_config=CorpusConfig(max_size=max_size),
+                                           log=console.print, progress=progress)  # fmt: skip
+            dataset = prepared.info.get("cache") or dataset
+            console.print(f"dataset: {len(texts)} text file(s), V = {prepared.num_classes:,}, features in {dataset}")
         planted = PlantedConfig(num_classes=planted_classes, dim=16, signal=3.0, num_train=8000, num_valid=2000,
                                 num_test=2000)  # fmt: skip
         env_config = TreeEnvConfig(

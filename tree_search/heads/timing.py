@@ -55,6 +55,7 @@ __all__ = [
     "TimedTree",
     "calibrate",
     "calibration_trees",
+    "reference_head",
     "check_cost_spec",
     "decoding_cost",
     "default_profile_path",
@@ -100,8 +101,12 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
 
 
-def _reference_head(name: str, num_classes: int, dim: int) -> torch.nn.Module:
+def reference_head(name: str, num_classes: int, dim: int) -> torch.nn.Module:
+    """The `REFERENCE_HEADS` module ``name`` at this size: PyTorch's adaptive softmax with its usual cutoffs."""
     from tree_search.heads.reference import AdaptiveSoftmaxHead
+
+    if name not in REFERENCE_HEADS:
+        raise ValueError(f"no reference head {name!r}; known: {sorted(REFERENCE_HEADS)}")
 
     V = int(num_classes)
     cutoffs = sorted({c for c in (V // 25, 5 * V // 25) if 1 <= c <= V - 1})
@@ -449,7 +454,7 @@ def calibrate(
                     replayed[t.name] = DecodeReplay(t.tree, own).replay(decode_k, decode_batch)
                 del head
         for name in REFERENCE_HEADS:  # PyTorch's own module, timed the same way
-            head = _reference_head(name, num_classes, dim).to(device)
+            head = reference_head(name, num_classes, dim).to(device)
             seconds = time_training_step(head, *inputs["a"], repeats=repeats, precision=precision) / batch
             references[name] = min(references[name], seconds)
     fit_names = [t.name for t in trees if t.role == "fit"]
