@@ -43,6 +43,7 @@ __all__ = [
     "class_embeddings",
     "class_feature_means",
     "default_device",
+    "encoder_lr_scale",
     "load_feature_folder",
     "row_documents",
 ]
@@ -53,6 +54,14 @@ BLOCK_ROWS = 1_000  # rows per stand-in document when a dataset does not know it
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def encoder_lr_scale(step: int, steps: int) -> float:
+    """The encoder's learning-rate multiplier at ``step`` of ``steps``: linear warm-up over 5%, then cosine to 0."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 @dataclass(frozen=True)
@@ -216,14 +225,7 @@ def _train_encoder(
     generator = torch.Generator().manual_seed(config.seed)
     model = ContextEncoder(V, config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = max(1, config.steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: encoder_lr_scale(step, config.steps))
     train_ids = torch.from_numpy(np.asarray(corpus.splits["train"], dtype=np.int64)).to(device)
     pad = torch.full((config.context,), V, dtype=torch.int64, device=device)
     padded = torch.cat([pad, train_ids])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tree_search.data.corpus import TokenCorpus
-from tree_search.data.features import ContextEncoder, EncoderConfig, default_device
+from tree_search.data.features import ContextEncoder, EncoderConfig, default_device, encoder_lr_scale
 from tree_search.heads.tree_head import TreeSoftmaxHead
 
 __all__ = ["train_and_score"]
@@ -59,14 +59,7 @@ def train_and_score(
     encoder, head = encoder.to(device), head.to(device)
     params = [*encoder.embed.parameters(), *encoder.mlp.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr * lr_scale, weight_decay=config.weight_decay)
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:  # the encoder's own (`features._train_encoder`)
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: encoder_lr_scale(step, steps))
     train_ids = torch.from_numpy(np.asarray(corpus.splits["train"], dtype=np.int64))
     padded, offsets = _windows(train_ids, config.context, V)
     padded, offsets, on_device = padded.to(device), offsets.to(device), train_ids.to(device)
