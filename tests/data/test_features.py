@@ -1,8 +1,11 @@
+import dataclasses
+
 import numpy as np
 import torch
 
 from tree_search.data import CorpusConfig, EncoderConfig, build_features, cached_datasets, load_stdlib_corpus
-from tree_search.data.features import ContextEncoder, _windows
+from tree_search.data.cache import content_key
+from tree_search.data.features import ContextEncoder, _sampled_loss, _windows
 
 SMALL = EncoderConfig(context=3, embed_dim=8, dim=16, steps=30, batch_size=64, max_train_tokens=500,
                       max_eval_tokens=200, storage="float32")  # fmt: skip
@@ -46,3 +49,38 @@ def test_encoder_shapes():
     model = ContextEncoder(11, SMALL)
     contexts = torch.randint(0, 12, (4, 3))
     assert model.features(contexts).shape == (4, 16) and model(contexts).shape == (4, 11)
+
+
+def test_sampled_softmax_gradient_is_close_to_the_full_softmax_gradient():
+    """Averaged over draws, the corrected sampled loss moves the logits as the full softmax does (uncorrected: 0.28)."""
+    num_classes = 300
+    config = EncoderConfig(context=2, embed_dim=4, dim=8, sampled=1024)
+    torch.manual_seed(0)
+    model = ContextEncoder(num_classes, config)
+    with torch.no_grad():
+        model.out.weight.mul_(8)  # peaked logits, so that the draw's skew (Zipf counts) matters
+    train_ids = torch.from_numpy(np.random.default_rng(0).zipf(1.3, 20_000) % num_classes)
+    loss = _sampled_loss(model, train_ids, num_classes, config, torch.Generator().manual_seed(0))
+    h, targets = torch.randn(16, 8), train_ids[:16]
+    # the full softmax's gradient on the biases: mean over rows of softmax - one-hot (computed by hand)
+    probabilities = torch.softmax(h @ model.out.weight.detach().T + model.out.bias.detach(), dim=1)
+    full = (probabilities - torch.nn.functional.one_hot(targets, num_classes)).mean(0)
+    sampled = sum(torch.autograd.grad(loss(h, targets), model.out.bias)[0] for _ in range(200)) / 200
+    assert float((sampled - full).norm() / full.norm()) < 0.12
+
+
+def test_a_large_vocabulary_trains_the_encoder_with_a_sampled_softmax(code_folder):
+    corpus = load_stdlib_corpus(CorpusConfig(max_size=40, valid_fraction=0.2, test_fraction=0.2), root=code_folder)
+    full = build_features(corpus, SMALL, device="cpu", use_cache=False)
+    sampled_config = dataclasses.replace(SMALL, full_softmax_up_to=20, sampled=16)
+    sampled = build_features(corpus, sampled_config, device="cpu", use_cache=False)
+    assert full.info["encoder_loss"] == "full softmax"
+    assert sampled.info["encoder_loss"] == "sampled softmax, 16 classes a step"
+    assert sampled.key != full.key
+    assert sampled.info["encoder_nll"]["valid"] < np.log(40) - 0.5  # the exact NLL, well below uniform
+    # below the threshold the sampled settings are not part of the key: the key of the code before they existed
+    settings = {k: v for k, v in dataclasses.asdict(SMALL).items() if k not in ("full_softmax_up_to", "sampled")}
+    expected = content_key({"features": "context-mlp/2", "corpus": corpus.key, "config": settings,
+                            "device_type": "cpu"})  # fmt: skip
+    assert full.key == expected
+    assert build_features(corpus, dataclasses.replace(SMALL, sampled=99), device="cpu", use_cache=False).key == expected

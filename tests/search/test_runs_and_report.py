@@ -543,15 +543,32 @@ def builders_flat(num_classes: int):
     return from_children(num_classes, [list(range(num_classes))])
 
 
-def test_the_report_measures_the_gap_against_the_converged_reference_once_it_is_cached(tmp_path):
+def test_the_report_measures_the_gap_against_the_converged_reference_once_it_is_cached(tmp_path, monkeypatch):
     from tree_search.reward.converged import train_reference
+    from tree_search.search import report as report_module
 
     config = SearchConfig(agent="dp", budget=2, cost_caps=(1.5,), env_config=ENV, baselines="huffman-2,huffman-4")
     run = run_search(config, tmp_path / "run", log=None)
     rows = compare_runs([run.folder], seeds=2, log=None)
     assert all(r["key"] != "converged" for r in rows)
     assert "`tree-search reference` trains the converged one" in (run.folder / "report.md").read_text()
+    # above the size limit the final scoring leaves the full softmax out, says so, and scores the rest as before
+    num_classes = load_env_dataset(ENV).num_classes
+    monkeypatch.setattr(report_module, "FULL_SOFTMAX_ROW_MAX_CLASSES", num_classes - 1)
+    without = compare_runs([run.folder], seeds=2, log=None)
+    assert [r["key"] for r in without] == [r["key"] for r in rows if r["key"] != "full"]
+    assert [r["test_nll"] for r in without] == [r["test_nll"] for r in rows if r["key"] != "full"]
+    report = (run.folder / "report.md").read_text()
+    assert f"above {num_classes - 1:,} classes (here {num_classes:,})" in report
+    assert "Gaps are measured against the best model in the run" in report
+    monkeypatch.undo()
     reference = train_reference(load_env_dataset(ENV))
+    monkeypatch.setattr(report_module, "FULL_SOFTMAX_ROW_MAX_CLASSES", num_classes - 1)
+    stand_in = next(r for r in compare_runs([run.folder], seeds=2, log=None) if r["key"] == "converged")
+    assert stand_in["cost_ratio"] == pytest.approx(1.0, rel=1e-12)
+    assert stand_in["test_nll"] == pytest.approx(reference.test_row_nll.mean(), rel=1e-9)
+    assert "The converged full softmax (`tree-search reference`" in (run.folder / "report.md").read_text()
+    monkeypatch.undo()
     rows = compare_runs([run.folder], seeds=2, log=None)
     converged = next(r for r in rows if r["key"] == "converged")
     assert converged["name"] == "full softmax (converged)" and converged["kind"] == "reference"

@@ -151,7 +151,8 @@ def prepare(corpus: str, text: tuple[Path, ...], npz: Path | None, max_size: int
             console.print(f"  {split:<5} {tokens[split]:>11,} tokens, <unk> {100 * unk[split]:5.2f}%, "
                           f"{info['positions'][split]:>9,} positions with features")  # fmt: skip
         console.print(f"  context encoder: valid NLL {info['encoder_nll']['valid']:.3f} nats/token "
-                      f"(trained {info['encoder_train_seconds']:.0f} s on {info['device']})")  # fmt: skip
+                      f"(trained {info['encoder_train_seconds']:.0f} s on {info['device']}"
+                      f"{', ' + info['encoder_loss'] if 'encoder_loss' in info else ''})")  # fmt: skip
     else:
         console.print("  rows " + ", ".join(f"{k} {v:,}" for k, v in info["positions"].items()))
     console.print(f"  cache: {info.get('cache', 'not cached (npz is read in place)')}")

@@ -2,7 +2,11 @@
 
 A small context encoder reads the previous ``context`` tokens (an embedding per token,
 concatenated, then a two-layer MLP with a final LayerNorm) and is trained once per
-corpus with a full softmax over the vocabulary, on CUDA when available. It is then
+corpus, on CUDA when available, with a full softmax over the vocabulary up to
+``EncoderConfig.full_softmax_up_to`` classes and a sampled softmax above (each step scores
+the batch's targets against ``sampled`` classes drawn from the unigram distribution to the
+power 3/4, logits corrected by the log of their expected count, as in Jean et al. 2015):
+the full softmax's (batch x V) logits made it the cost of preparing 100k classes. It is then
 frozen: its hidden state before the output layer, for every kept position of
 train/valid/test, is the feature vector ``h`` of the pair ``(h, next token)``, stored
 as a memory-mapped ``.npy`` array. The rows of its output layer, one vector per class
@@ -49,6 +53,7 @@ __all__ = [
 ]
 
 BLOCK_ROWS = 1_000  # rows per stand-in document when a dataset does not know its documents
+_NLL_LOGITS = 1 << 24  # most logits the encoder's NLL check holds at once (64 MB of float32)
 
 
 def default_device() -> torch.device:
@@ -79,11 +84,13 @@ class EncoderConfig:
     max_eval_tokens: int | None = 200_000  # valid and test positions each (None: all)
     seed: int = 0  # initialisation, batches and which positions are kept
     storage: str = "float16"  # dtype of stored features: float16 or float32
+    full_softmax_up_to: int = 50_000  # V up to which the encoder trains with a full softmax; above, a sampled one
+    sampled: int = 8_192  # classes drawn per step by the sampled softmax (with replacement)
 
     def __post_init__(self) -> None:
         if self.storage not in ("float16", "float32"):
             raise DataError(f"storage must be 'float16' or 'float32', got {self.storage!r}")
-        for name in ("context", "embed_dim", "dim", "steps", "batch_size"):
+        for name in ("context", "embed_dim", "dim", "steps", "batch_size", "full_softmax_up_to", "sampled"):
             if getattr(self, name) < 1:
                 raise DataError(f"EncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_train_tokens", "max_eval_tokens"):
@@ -213,6 +220,49 @@ def class_feature_means(dataset: FeatureDataset) -> np.ndarray:
     return _CLASS_MEANS[dataset.key]
 
 
+def _sampled_loss(
+    model: ContextEncoder, train_ids: torch.Tensor, num_classes: int, config: EncoderConfig, generator: torch.Generator
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss(h, targets)``: the sampled softmax's cross-entropy (Jean et al. 2015), one draw of classes per step.
+
+    Each target is scored against ``config.sampled`` classes drawn with replacement from Q
+    proportional to (count + 1)^(3/4); every logit is corrected by ``-log(sampled x Q)``, its
+    class's expected count in the draw, so that the loss's optimum is the full softmax's, and
+    a drawn class equal to the row's target is masked out (an "accidental hit"). The output
+    layer's weight gets a sparse gradient (the rows a step touched; see `_optimizers`).
+    """
+    counts = torch.bincount(train_ids.cpu(), minlength=num_classes).double()
+    q = (counts + 1).pow(0.75)
+    q /= q.sum()
+    log_expected = (config.sampled * q).log().float().to(train_ids.device)
+    q = q.float()
+
+    def loss(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        drawn = torch.multinomial(q, config.sampled, replacement=True, generator=generator).to(h.device)
+        bias = model.out.bias
+        rows = nn.functional.embedding(torch.cat([targets, drawn]), model.out.weight, sparse=True)
+        true = (h * rows[: targets.numel()]).sum(1) + bias[targets] - log_expected[targets]
+        others = h @ rows[targets.numel() :].T + (bias[drawn] - log_expected[drawn])
+        others = others.masked_fill(drawn[None, :] == targets[:, None], float("-inf"))
+        logits = torch.cat([true[:, None], others], dim=1)
+        return nn.functional.cross_entropy(logits, torch.zeros_like(targets))
+
+    return loss
+
+
+def _optimizers(model: ContextEncoder, config: EncoderConfig, sampled: bool) -> list[torch.optim.Optimizer]:
+    """AdamW over the encoder; with the sampled softmax, lazy Adam (`SparseAdam`) over the output layer's weight.
+
+    A dense AdamW step reads and writes all V rows of the output layer and its two moments
+    every step, which at V = 100k cost more than the sampled scores themselves.
+    """
+    if not sampled:
+        return [torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)]
+    dense = [p for name, p in model.named_parameters() if name != "out.weight"]
+    return [torch.optim.AdamW(dense, lr=config.lr, weight_decay=config.weight_decay),
+            torch.optim.SparseAdam([model.out.weight], lr=config.lr)]  # fmt: skip
+
+
 def _train_encoder(
     corpus: TokenCorpus,
     config: EncoderConfig,
@@ -224,23 +274,32 @@ def _train_encoder(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = ContextEncoder(V, config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: encoder_lr_scale(step, config.steps))
+    sampled = V > config.full_softmax_up_to
+    optimizers = _optimizers(model, config, sampled)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: encoder_lr_scale(step, config.steps))
+                  for o in optimizers]  # fmt: skip
     train_ids = torch.from_numpy(np.asarray(corpus.splits["train"], dtype=np.int64)).to(device)
     pad = torch.full((config.context,), V, dtype=torch.int64, device=device)
     padded = torch.cat([pad, train_ids])
     offsets = torch.arange(config.context, device=device)
+    loss_of = _sampled_loss(model, train_ids, V, config, generator) if sampled else None
     advance = progress("training the context encoder", config.steps) if progress else None
     model.train()
     recent: list[float] = []
     for step in range(config.steps):
         positions = torch.randint(0, train_ids.numel(), (config.batch_size,), generator=generator).to(device)
         contexts = padded[positions[:, None] + offsets]  # (B, context): tokens before each position
-        loss = nn.functional.cross_entropy(model(contexts), train_ids[positions])
-        optimizer.zero_grad(set_to_none=True)
+        targets = train_ids[positions]
+        if loss_of is None:
+            loss = nn.functional.cross_entropy(model(contexts), targets)
+        else:
+            loss = loss_of(model.features(contexts), targets)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
+        for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+            optimizer.step()
+            scheduler.step()
         recent.append(loss.item())
         if advance:
             advance(1)
@@ -268,7 +327,10 @@ def _extract(
         h = model.features(contexts)
         if nll_count < nll_sample:
             targets = torch.from_numpy(np.asarray(ids[chunk], dtype=np.int64)).to(device)
-            nll_sum += float(nn.functional.cross_entropy(model.out(h), targets, reduction="sum"))
+            rows = max(1, _NLL_LOGITS // model.out.out_features)  # (rows x V) logits at a time: bounded memory
+            for first in range(0, chunk.size, rows):
+                logits = model.out(h[first : first + rows])
+                nll_sum += float(nn.functional.cross_entropy(logits, targets[first : first + rows], reduction="sum"))
             nll_count += chunk.size
         out[start : start + chunk.size] = h.float().cpu().numpy()
     return out, nll_sum / max(1, nll_count)
@@ -327,7 +389,11 @@ def build_features(
         progress: optional progress reporting.
     """
     device = torch.device(device) if device is not None else default_device()
-    key = content_key({"features": "context-mlp/2", "corpus": corpus.key, "config": asdict(config),
+    settings = asdict(config)
+    sampled = len(corpus.vocab) > config.full_softmax_up_to
+    if not sampled:  # the sampled softmax's settings do not touch these features (and older caches stay valid)
+        del settings["full_softmax_up_to"], settings["sampled"]
+    key = content_key({"features": "context-mlp/2", "corpus": corpus.key, "config": settings,
                        "device_type": device.type})  # fmt: skip
     folder = cache_root() / "features" / key
     if use_cache:
@@ -364,7 +430,8 @@ def build_features(
         "extract_seconds": round(extract_seconds, 2),
         "encoder_nll": encoder_nll,
         "positions": {s: int(labels[s].size) for s in SPLITS},
-        "class_embeddings": "rows of the encoder's full-softmax output layer, in the feature space",
+        "encoder_loss": f"sampled softmax, {config.sampled:,} classes a step" if sampled else "full softmax",
+        "class_embeddings": "rows of the encoder's output layer, in the feature space",
         **train_stats,
     }
     dataset = FeatureDataset(corpus.vocab, features, labels, embeddings, key, info, documents or None)
