@@ -234,7 +234,8 @@ class Tree:
 
     def children_lists(self) -> list[list[int]]:
         """The children of every internal node as Python lists (the constructor's input)."""
-        return [c.tolist() for c in np.split(self._child_ids, self._child_ptr[1:-1])]
+        flat, ptr = self._child_ids.tolist(), self._child_ptr.tolist()
+        return [flat[ptr[u] : ptr[u + 1]] for u in range(self.num_internal)]
 
     @cached_property
     def fanout(self) -> np.ndarray:

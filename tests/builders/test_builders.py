@@ -288,6 +288,22 @@ def test_from_children_renumbers():
         builders.from_children(4, [[0, 1], [2, 3]])
 
 
+def test_from_children_numbers_breadth_first_whatever_the_input_numbering():
+    rng = np.random.default_rng(0)
+    for seed in range(30):
+        original = builders.random_tree(200, seed=seed, max_arity=4)
+        V, n = 200, original.num_internal
+        perm = np.concatenate([[0], 1 + rng.permutation(n - 1)])  # old id -> the caller's id, the root stays 0
+        lists = [None] * n
+        for old, row in enumerate(original.children_lists()):
+            lists[perm[old]] = [c if c < V else V + int(perm[c - V]) for c in row]
+        tree = builders.from_children(V, lists)
+        # breadth-first with siblings in order: reading the children node by node meets V+1, V+2, ... in turn
+        internal = [c for c in tree.child_ids.tolist() if c >= V]
+        assert internal == list(range(V + 1, V + n))
+        assert tree.canonical_hash == original.canonical_hash
+
+
 def test_classic_trees_names():
     counts = np.arange(100, 0, -1)
     trees = builders.classic_trees(counts, "huffman-2,huffman-4,balanced-16,cutoffs")

@@ -48,6 +48,7 @@ cap serves every cap, and a front search (several caps) pays for each tree once.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -78,6 +79,8 @@ from tree_search.split_grammar import (
 from tree_search.tree import Tree
 
 __all__ = ["DPSearcher", "choose_completions"]
+
+_RECENT_TREES = 8  # whole trees a search keeps built (at V = 100k, each took 0.2-2 s to build)
 
 
 @dataclass
@@ -309,6 +312,9 @@ class DPSearcher(Searcher):
         self.whole_huffmans = tuple(name for name in CLASSIC_SETS["front"] if name.startswith("huffman-"))
         self.measured: dict[SplitRule, _Measured] = {}
         self._splits: dict = {}  # group splits by (rule, content), shared by all trees of the search
+        # the trees built last: costing a completion (`_may_fit`) and then measuring it build the same tree
+        self._trees: OrderedDict[tuple, tuple[Tree, dict[int, int]]] = OrderedDict()
+        self._costs: dict[tuple, float] = {}  # whole trees' costs by `_key`
         self.predictions: list[tuple[float, float, Tree]] = []  # (predicted NLL, evaluated NLL, tree) of knapsack trees
 
     def _completion_order(self, root: SplitRule) -> list[SplitRule]:
@@ -325,16 +331,31 @@ class DPSearcher(Searcher):
     # ------------------------------------------------------------------ building and measuring
     def _tree(self, root: SplitRule, completion: dict[int, SplitRule] | SplitRule) -> tuple[Tree, dict[int, int]]:
         """The tree (and its projections) completing each part of ``root`` by its rule (one rule: every part)."""
-        parts = self._parts(root).parts
-        chosen = completion if isinstance(completion, dict) else dict.fromkeys(parts, completion)
-        plan = Plan(root, {i: Plan(rule) for i, rule in chosen.items()})
-        return plan_head(self.counts, self.embeddings, plan, seed=self.config.seed, cache=self._splits,
-                         leaf_size=self.config.split_leaf_size, head_max=self.config.split_head_max)  # fmt: skip
+        key = self._key(root, completion)
+        if key in self._trees:
+            self._trees.move_to_end(key)
+        else:
+            plan = Plan(root, {i: Plan(rule) for i, rule in key[1]})
+            self._trees[key] = plan_head(self.counts, self.embeddings, plan, seed=self.config.seed, cache=self._splits,
+                                         leaf_size=self.config.split_leaf_size,
+                                         head_max=self.config.split_head_max)  # fmt: skip
+            if len(self._trees) > _RECENT_TREES:
+                self._trees.popitem(last=False)
+        tree, projections = self._trees[key]
+        return tree, dict(projections)
+
+    def _key(self, root: SplitRule, completion: dict[int, SplitRule] | SplitRule) -> tuple:
+        """``(root, ((part, rule), ...))``: what identifies a tree of the search."""
+        chosen = completion if isinstance(completion, dict) else dict.fromkeys(self._parts(root).parts, completion)
+        return root, tuple(sorted(chosen.items()))
 
     def _cost(self, root: SplitRule, completion: dict[int, SplitRule] | SplitRule) -> float:
-        """The whole tree's cost (no training)."""
-        tree, projections = self._tree(root, completion)
-        return head_cost(tree, self.counts, self.dim, projections, self.cost_model)
+        """The whole tree's cost (no training), remembered."""
+        key = self._key(root, completion)
+        if key not in self._costs:
+            tree, projections = self._tree(root, completion)
+            self._costs[key] = head_cost(tree, self.counts, self.dim, projections, self.cost_model)
+        return self._costs[key]
 
     def _macs(self, root: SplitRule, completion: SplitRule) -> float:
         """The whole tree's multiply-adds per token, whatever the search's costs are in (a measure of its width)."""

@@ -186,6 +186,58 @@ def from_children(num_classes: int, children: Sequence[Sequence[int]], renumber:
     V, num_internal = int(num_classes), len(children)
     if num_internal == 0:
         raise TreeError("a tree needs at least one internal node (the root)")
+    tree = _renumbered(V, children)
+    return tree if tree is not None else _renumbered_checked(V, children)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions ``starts[k] .. starts[k] + lengths[k] - 1`` for every k, concatenated."""
+    ends = np.cumsum(lengths)
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if ends.size else 0)
+
+
+def _renumbered(V: int, children: Sequence[Sequence[int]]) -> Tree | None:
+    """`from_children`'s tree in batched numpy, or None when the lists break a rule (then the checked path names it).
+
+    Breadth-first order is level by level: a level's nodes in their parents' order, siblings in order.
+    """
+    num_internal = len(children)
+    lengths = np.fromiter(map(len, children), dtype=np.int64, count=num_internal)
+    flat = [c for row in children for c in row]
+    if lengths.min() < 2 or not {type(c) for c in flat} <= _INTEGER_TYPES:
+        return None
+    ids = np.asarray(flat, dtype=np.int64)
+    if ids.min() < 0 or ids.max() >= V + num_internal:
+        return None
+    internal = ids[ids >= V] - V
+    if internal.size != num_internal - 1 or np.any(np.bincount(internal, minlength=num_internal) != (
+            np.arange(num_internal) > 0)):  # fmt: skip
+        return None  # the root as a child, or a node listed twice or never
+    ptr = np.zeros(num_internal + 1, dtype=np.int64)
+    np.cumsum(lengths, out=ptr[1:])
+    levels, frontier = [], np.zeros(1, dtype=np.int64)
+    while frontier.size:
+        levels.append(frontier)
+        kids = ids[_ranges(ptr[frontier], lengths[frontier])]
+        frontier = kids[kids >= V] - V
+    ordered = np.concatenate(levels)
+    if ordered.size < num_internal:
+        return None  # a cycle away from the root
+    new_id = np.empty(num_internal, dtype=np.int64)
+    new_id[ordered] = np.arange(num_internal)
+    relabeled = np.where(ids >= V, V + new_id[np.maximum(ids - V, 0)], ids)
+    new_lengths = lengths[ordered]
+    new_ptr = np.zeros(num_internal + 1, dtype=np.int64)
+    np.cumsum(new_lengths, out=new_ptr[1:])
+    return Tree.from_csr(V, new_ptr, relabeled[_ranges(ptr[ordered], new_lengths)])
+
+
+_INTEGER_TYPES = {int, np.int64, np.int32, np.intp, np.int16, np.int8, np.uint8, np.uint16, np.uint32, np.uint64}
+
+
+def _renumbered_checked(V: int, children: Sequence[Sequence[int]]) -> Tree:
+    """`from_children` one node at a time: slow, and its errors name the first node that breaks a rule."""
+    num_internal = len(children)
     for u, row in enumerate(children):  # checked in the caller's numbering, before renumbering
         if len(row) < 2:
             raise TreeError(f"internal node {u} has {len(row)} child(ren); every internal node needs at least 2")
