@@ -11,6 +11,7 @@ from tree_search.data.planted import PlantedConfig
 from tree_search.envs import SearchStopped, TreeEnvConfig, make_env
 from tree_search.split_grammar import (
     Plan,
+    SplitCache,
     SplitRule,
     huffman_rule,
     normalise_embeddings,
@@ -148,3 +149,27 @@ def test_cutoffs_past_a_group_s_size_are_dropped_and_projected_flat_nodes_keep_t
         rank_cutoffs((5, 5))
     with pytest.raises(ValueError, match="at least 1 dimension"):
         projected_flat(0)
+
+
+def test_the_split_cache_drops_its_oldest_splits_beyond_its_budget():
+    cache = SplitCache(budget=10)
+    four, three = (np.arange(2), [np.arange(2)]), (np.arange(1), [np.arange(2)])
+    cache["a"], cache["b"] = four, three  # 4 + 3 ids
+    assert list(cache) == ["a", "b"] and cache.held == 7
+    cache["c"] = four  # 11 > 10: "a" goes
+    assert list(cache) == ["b", "c"] and cache.held == 7
+    cache["c"] = three  # replacing an entry counts its new size only
+    assert cache.held == 6
+    cache["d"] = (np.arange(20), [])  # over the budget alone: kept, everything older goes
+    assert list(cache) == ["d"] and cache.held == 20
+
+
+def test_a_bounded_split_cache_gives_the_same_trees():
+    rng = np.random.default_rng(1)
+    counts = rng.zipf(1.4, 300).astype(float)
+    embeddings = normalise_embeddings(rng.normal(size=(300, 5)))
+    plan = Plan(SplitRule("kmeans", "count", 2), {0: Plan(SplitRule("pca", "count", 4))})
+    free = plan_tree(counts, embeddings, plan, cache={})
+    tight = SplitCache(budget=50)
+    assert plan_tree(counts, embeddings, plan, cache=tight) == free
+    assert tight.held <= 300 and len(tight) < 10  # it did drop splits (a whole tree holds thousands of ids)

@@ -47,6 +47,7 @@ __all__ = [
     "HEAD_MASS",
     "ORDERS",
     "Plan",
+    "SplitCache",
     "SplitRule",
     "group_rng",
     "huffman_rule",
@@ -237,6 +238,32 @@ def partition_group(
     tail = np.sort(tail)  # the tail clustered (k-means or PCA order, equal counts), by its content alone
     order = order_group(embeddings[tail], counts[tail], rule.order, tails, group_rng(tail, seed))
     return ordered[:head], _equal_parts(tail[order], tails)
+
+
+class SplitCache(dict):
+    """A `split_group` cache holding at most about ``budget`` class ids: the oldest splits go first.
+
+    At V = 100k a search splits about 10^6 distinct groups (some 10 MB of ids per distinct tree);
+    unbounded, the cache grew by gigabytes. Splits are pure functions of rule and content, so
+    dropping one costs only its recomputation, never a different tree.
+    """
+
+    def __init__(self, budget: int = 50_000_000) -> None:
+        super().__init__()
+        self.budget, self.held = budget, 0
+
+    @staticmethod
+    def _size(split: tuple[np.ndarray, list[np.ndarray]]) -> int:
+        return int(split[0].size) + sum(int(part.size) for part in split[1])
+
+    def __setitem__(self, key, split) -> None:
+        if key in self:
+            self.held -= self._size(self[key])
+        super().__setitem__(key, split)
+        self.held += self._size(split)
+        while self.held > self.budget and len(self) > 1:
+            oldest = next(iter(self))
+            self.held -= self._size(super().pop(oldest))
 
 
 def split_group(

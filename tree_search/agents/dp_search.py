@@ -67,6 +67,7 @@ from tree_search.reward.reward import huffman_cost, node_nll_shares
 from tree_search.split_grammar import (
     FLAT,
     Plan,
+    SplitCache,
     SplitRule,
     classic_root_rules,
     huffman_rule,
@@ -311,7 +312,7 @@ class DPSearcher(Searcher):
         # cannot express them, though in training and decoding time wide Huffman trees are strong cheap classics
         self.whole_huffmans = tuple(name for name in CLASSIC_SETS["front"] if name.startswith("huffman-"))
         self.measured: dict[SplitRule, _Measured] = {}
-        self._splits: dict = {}  # group splits by (rule, content), shared by all trees of the search
+        self._splits = SplitCache()  # group splits by (rule, content), shared by all trees of the search
         # the trees built last: costing a completion (`_may_fit`) and then measuring it build the same tree
         self._trees: OrderedDict[tuple, tuple[Tree, dict[int, int]]] = OrderedDict()
         self._costs: dict[tuple, float] = {}  # whole trees' costs by `_key`

@@ -42,7 +42,7 @@ from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator
 from tree_search.reward.node_train import split_sample
 from tree_search.reward.reward import huffman_cost, node_weights
-from tree_search.split_grammar import Plan, normalise_embeddings, plan_tree, split_rules
+from tree_search.split_grammar import Plan, SplitCache, normalise_embeddings, plan_tree, split_rules
 from tree_search.tree import Tree
 
 __all__ = ["JTMSearcher", "reassign", "slot_costs"]
@@ -248,7 +248,7 @@ class JTMSearcher(Searcher):
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
         self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model) if config.cost_mode == "cap" else math.inf
         self.decode_cap = decode_cap_for(config.cost, config.decode_cap, dataset)  # None: no cap on decoding time
-        self._splits: dict = {}
+        self._splits = SplitCache()
         self.rounds: list[tuple[int, int, float]] = []  # (chain, round, valid NLL) of every re-assignment round
 
     def _cost(self, tree: Tree) -> float:

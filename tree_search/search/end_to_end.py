@@ -84,7 +84,8 @@ class EndToEndConfig:
 def chosen_finalists(comparison: dict[str, Any], count: int = 0) -> list[dict[str, Any]]:
     """The report rows to train end to end.
 
-    Always the trees the per-cap verdicts name, binary Huffman and the full softmax; with
+    Always the trees the per-cap verdicts name, binary Huffman and the full softmax (when the report scored
+    it: up to `report.FULL_SOFTMAX_ROW_MAX_CLASSES` classes); with
     ``count`` > 0 also the searched trees and the adaptive shapes, then the other finalists by
     frozen test NLL, up to ``count`` rows in all (never fewer than the ones named first).
     """
