@@ -269,11 +269,12 @@ def split_sample(dataset: FeatureDataset, split: str, size: int | None, seed: in
     The train sample's order is the order in which nodes see their tokens; the same
     (dataset, split, size, seed) always gives the same rows in the same order.
     """
-    key = (dataset.key, split, size, seed, str(device))
+    n = int(dataset.labels[split].shape[0])
+    whole = split != "train" and (size is None or size >= n)  # every row, sorted: the seed does not matter
+    key = (dataset.key, split, None if whole else size, None if whole else seed, str(device))
     if key in _SAMPLES:
         _SAMPLES.move_to_end(key)
         return _SAMPLES[key]
-    n = int(dataset.labels[split].shape[0])
     salt = {"train": 1, "valid": 2, "test": 3}.get(split, 4)
     rows = np.random.default_rng([seed, salt]).permutation(n)
     if size is not None and size < n:
