@@ -14,7 +14,6 @@ from tree_search.split_grammar import (
     SplitCache,
     SplitRule,
     huffman_rule,
-    min_path_fanout,
     normalise_embeddings,
     partition_group,
     plan_head,
@@ -174,16 +173,3 @@ def test_a_bounded_split_cache_gives_the_same_trees():
     tight = SplitCache(budget=50)
     assert plan_tree(counts, embeddings, plan, cache=tight) == free
     assert tight.held <= 300 and len(tight) < 10  # it did drop splits (a whole tree holds thousands of ids)
-
-
-@pytest.mark.parametrize("fanout", [2, 3, 4, 8])
-def test_min_path_fanout_is_the_smallest_path_fanout_of_the_planned_tree(fanout):
-    rng = np.random.default_rng(fanout)
-    for size in (2, 3, fanout, fanout + 1, 9, 17, 50, 257, 1000):
-        counts = rng.zipf(1.3, size).astype(float)
-        embeddings = normalise_embeddings(rng.normal(size=(size, 4)))
-        for order in ("kmeans", "pca"):
-            rule = SplitRule(order, "count", fanout)
-            tree = plan_tree(counts, embeddings, Plan(rule), leaf_size=8)
-            assert min_path_fanout(size, rule, leaf_size=8) == tree.path_fanout_sum.min(), (size, order)
-    assert min_path_fanout(100, SplitRule("kmeans", "mass", 2)) is None

@@ -50,7 +50,6 @@ __all__ = [
     "SplitCache",
     "SplitRule",
     "group_rng",
-    "min_path_fanout",
     "huffman_rule",
     "normalise_embeddings",
     "partition_group",
@@ -239,32 +238,6 @@ def partition_group(
     tail = np.sort(tail)  # the tail clustered (k-means or PCA order, equal counts), by its content alone
     order = order_group(embeddings[tail], counts[tail], rule.order, tails, group_rng(tail, seed))
     return ordered[:head], _equal_parts(tail[order], tails)
-
-
-def min_path_fanout(size: int, rule: SplitRule, leaf_size: int = 8) -> int | None:
-    """The smallest sum of fanouts on a root-to-leaf path of a group of ``size`` classes planned by ``rule``.
-
-    For an equal-count cut (``rule.cut == "count"``) `plan_head`'s subtree has a shape fixed by
-    sizes alone: the group splits into ``rule.fanout`` parts of sizes differing by at most one,
-    parts inherit the rule, and a part of at most ``max(leaf_size, fanout)`` classes is one flat
-    node (a single class is a leaf). So a subtree's multiply-adds are at least its mass times
-    this number times the dimension. None for other rules (their shapes depend on the classes).
-    """
-    if rule.cut != "count" or rule.fanout < 2:
-        return None
-    fanout, flat_up_to = rule.fanout, max(leaf_size, rule.fanout)
-    memo: dict[int, int] = {1: 0}
-
-    def split(n: int) -> int:  # the group splits into `fanout` parts of n // fanout or n // fanout + 1 classes
-        smaller, larger = n // fanout, n // fanout + (n % fanout > 0)
-        return fanout + min(below(c) for c in {smaller, larger} if c > 0)
-
-    def below(n: int) -> int:  # an inherited part
-        if n not in memo:
-            memo[n] = n if n <= flat_up_to else split(n)
-        return memo[n]
-
-    return size if size <= fanout else split(size)
 
 
 class SplitCache(dict):

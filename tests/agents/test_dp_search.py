@@ -270,39 +270,3 @@ def test_dp_finds_the_whole_huffman_trees_the_baselines_evaluated_within_its_cap
     assert evaluator.used == 0 and not any(e.counted for e in found)
     best = min(found, key=lambda e: e.valid_nll)
     assert best.valid_nll == min(baselines[name].valid_nll for name in within)
-
-
-def test_a_completion_proven_over_the_cap_is_skipped_with_the_same_search(monkeypatch):
-    """The lower bounds skip building trees (`_proven_over`): each bound holds on the tree, and dp's search is the
-    same as when it builds every tree."""
-    from tree_search.cost import node_costs
-
-    config = dataclasses.replace(CONFIG, cost_cap=1.0)
-    dataset = load_env_dataset(config)
-
-    def run(shortcut: bool) -> tuple[list[str], dict, list, DPSearcher]:
-        proofs = []
-        original = DPSearcher._proven_over
-
-        def recorded(self, root, completion):
-            proven = original(self, root, completion) if shortcut else False
-            if proven:
-                proofs.append((root, completion))
-            return proven
-
-        monkeypatch.setattr(DPSearcher, "_proven_over", recorded)
-        searcher = DPSearcher(LocalEvaluator(dataset, QUICK, budget=12), dataset, config, device="cpu")
-        keys = [e.key for e in searcher.search()]
-        monkeypatch.undo()
-        knapsacks = {str(rule): searcher._knapsack(entry) for rule, entry in searcher.measured.items()}
-        return keys, knapsacks, proofs, searcher
-
-    keys, knapsacks, proofs, searcher = run(shortcut=True)
-    assert proofs  # the bounds did prove some completions over the cap here
-    for root, completion in proofs:  # each bound below the part's cost in the tree it stood for
-        tree, projections = searcher._tree(root, completion)
-        entry = searcher._parts(root)
-        exact = tree.node_subtree_sums(node_costs(tree, dataset.class_weights, dataset.dim, projections))
-        exact = exact[searcher._part_nodes(entry, tree)]
-        assert np.all(searcher._part_cost_bounds(root, completion) <= exact)
-    assert run(shortcut=False)[:2] == (keys, knapsacks)

@@ -462,11 +462,13 @@ def test_bias_free_nodes_train_without_biases_under_their_own_keys_and_export_to
 
 
 def test_a_whole_split_is_one_sample_whatever_the_seed():
-    """Scoring the whole test split with several final seeds keeps one copy of it (the rows do not depend on the seed)."""
+    """Scoring the whole test split with several final seeds keeps one copy (its rows do not depend on the seed)."""
     dataset = make_planted(num_classes=16, dim=4, num_train=300, num_valid=120, num_test=100).to_dataset()
     cpu = torch.device("cpu")
     whole = split_sample(dataset, "test", None, 1, cpu)
-    assert split_sample(dataset, "test", None, 2, cpu) is whole and split_sample(dataset, "test", 10**6, 3, cpu) is whole
+    assert (
+        split_sample(dataset, "test", None, 2, cpu) is whole and split_sample(dataset, "test", 10**6, 3, cpu) is whole
+    )
     assert np.array_equal(whole.labels, np.asarray(dataset.labels["test"]))  # every row, in the split's order
     part = split_sample(dataset, "valid", 50, 1, cpu)
     assert split_sample(dataset, "valid", 50, 2, cpu).labels.tolist() != part.labels.tolist()  # a sample does

@@ -71,7 +71,6 @@ from tree_search.split_grammar import (
     SplitRule,
     classic_root_rules,
     huffman_rule,
-    min_path_fanout,
     normalise_embeddings,
     plan_head,
     projected_flat,
@@ -408,8 +407,6 @@ class DPSearcher(Searcher):
         completion (a necessary condition: no tree with that part so completed fits both caps otherwise).
         A completion that fits no part never enters the knapsack's choice: measuring it would spend budget for nothing.
         """
-        if self._proven_over(root, completion):
-            return False
         costs, entry = self._part_costs(root, completion), self._parts(root)
         cheapest = np.nanmin(np.stack(list(entry.cost.values())), axis=0)
         slack = self.cap * (1 + 1e-12) - entry.root_cost - cheapest.sum()
@@ -419,42 +416,6 @@ class DPSearcher(Searcher):
             decode_slack = self.decode_cap.limit * (1 + 1e-9) - entry.decode_root - fastest.sum()
             fits &= entry.decode[completion] - fastest <= decode_slack
         return bool(np.any(fits))
-
-    def _proven_over(self, root: SplitRule, completion: SplitRule) -> bool:
-        """Whether lower bounds on the parts' multiply-adds show ``completion`` fits no part (no tree built).
-
-        When even the bounds (`_part_cost_bounds`) leave every part over the cap beside the
-        others' cheapest known completions, `_may_fit` is False without building the tree. The
-        decision is the one building it would give: a completion that fits no part is never
-        any part's cheapest (the slack is not negative), and the root's cost is the same under
-        every completion. At V = 100k a clustered completion's tree took 1-3 s to build.
-        """
-        entry = self._parts(root)
-        if not entry.cost or math.isnan(entry.root_cost):
-            return False
-        bound = self._part_cost_bounds(root, completion)
-        if bound is None:
-            return False
-        cheapest = np.nanmin(np.stack(list(entry.cost.values())), axis=0)
-        slack = self.cap * (1 + 1e-12) - entry.root_cost - cheapest.sum()
-        return bool(slack >= 0 and np.all(bound - cheapest > slack))
-
-    def _part_cost_bounds(self, root: SplitRule, completion: SplitRule) -> np.ndarray | None:
-        """(parts,) lower bounds on each part's multiply-adds when completed by ``completion``; None: no bound.
-
-        An equal-count cut's subtree costs at least its mass times `min_path_fanout` times the
-        dimension. Only in multiply-adds without a decoding cap: in time, costs carry per-tree
-        terms on the root, so the search builds the tree as before.
-        """
-        if self.cost_model is not None or self.decode_cap is not None:
-            return None
-        entry = self._parts(root)
-        leaf = self.config.split_leaf_size
-        fanouts = [min_path_fanout(entry.members[i].size, completion, leaf) for i in entry.parts]
-        if any(f is None for f in fanouts):
-            return None
-        mass = np.array([self.counts[entry.members[i]].sum() for i in entry.parts]) / float(self.counts.sum())
-        return mass * np.array(fanouts, dtype=np.float64) * self.dim * (1 - 1e-9)  # the margin: rounding
 
     def _node_values(self, tree: Tree, projections: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(I, 2) each node's NLL share per validation half and (I,) its cost share, from the bank (just trained)."""

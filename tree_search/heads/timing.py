@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import gc
 import math
 import platform
 import sys
@@ -64,6 +65,7 @@ __all__ = [
     "synthetic_classes",
     "time_decoding",
     "time_training_step",
+    "release_free_memory",
     "tune_allocator",
 ]
 
@@ -99,6 +101,23 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
     except OSError:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the OS now (glibc's ``malloc_trim``); whether it could.
+
+    With `tune_allocator`'s thresholds freed blocks stay in the process: between two phases
+    (the search, then the final scoring) the first one's free memory would add to the second
+    one's peak. Returns False off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    gc.collect()  # the search's objects first, so that their blocks are free
+    return bool(libc.malloc_trim(0))
 
 
 def reference_head(name: str, num_classes: int, dim: int) -> torch.nn.Module:
