@@ -94,13 +94,20 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
     at V = 50k. A process-wide setting, so the command line sets it, not the library.
     Returns whether it was applied.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux (its allocator's settings), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def release_free_memory() -> bool:
@@ -110,11 +117,8 @@ def release_free_memory() -> bool:
     (the search, then the final scoring) the first one's free memory would add to the second
     one's peak. Returns False off glibc.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     gc.collect()  # the search's objects first, so that their blocks are free
     return bool(libc.malloc_trim(0))
