@@ -20,7 +20,7 @@ from tree_search.cost import (
     layout_features,
     load_profile,
 )
-from tree_search.heads import TreeSoftmaxHead
+from tree_search.heads import TreeSoftmaxHead, native
 from tree_search.heads.timing import check_cost_spec, resolve_cost
 
 COLUMN = {name: i for i, name in enumerate(FEATURES)}
@@ -107,6 +107,7 @@ def _profile(**kw):
         decode_coefficients=tuple(float(10 * i + 1) for i in range(len(DECODE_FEATURES))),
         decode_batch=2,
         decode_k=1,
+        pair_kernels=native.kernels_in_use("cpu"),
     )
     values.update(kw)
     return CostProfile(**values)
@@ -141,6 +142,18 @@ def test_a_profile_far_from_the_data_s_size_warns_with_the_command_that_measures
     for V in (3, 81):
         with pytest.warns(UserWarning, match=rf"calibrated at V = 16, the data has V = {V}.*--classes {V} --dim 8"):
             resolve_cost(f"measured:{path}", dim=8, dataset=SimpleNamespace(num_classes=V))
+
+
+def test_a_profile_measured_with_other_kernels_than_this_process_runs_warns(tmp_path, monkeypatch):
+    path = tmp_path / "p.json"
+    _profile(pair_kernels="native").save(path)
+    assert native.kernels_in_use("cpu") == "native"  # the C kernels build here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_cost(f"measured:{path}", dim=8)
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    with pytest.warns(UserWarning, match="measured with the packed nodes' native kernels, this process runs the torch"):
+        resolve_cost(f"measured:{path}", dim=8)
 
 
 @pytest.mark.parametrize(

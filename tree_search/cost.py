@@ -56,7 +56,8 @@ __all__ = [
 ]
 
 PROFILE_FORMAT = "tree_search.cost_profile"
-PROFILE_VERSION = 3  # 2: decoding beside training; 3: the top-block rule of head_layout, buckets priced apart
+PROFILE_VERSION = 4  # 2: decoding beside training; 3: the top-block rule of head_layout, buckets priced apart;
+# 4: the packed nodes' C kernels on CPU (heads/native.py)
 # `TreeSoftmaxHead`'s layout settings (`head_layout`); top levels up to 64 columns measured fastest on CPU
 # (binary Huffman at V = 10k, the einsum-free head before the fused scores: 27.5 ms a step against 38.9 ms
 # with 1,024; `bench_head_time.py --top-columns N` repeats it)
@@ -399,6 +400,7 @@ class CostProfile(_SummedOverNodes):
     coefficients: tuple[float, ...]  # seconds per unit of each feature, in FEATURES order
     cache_bytes: float = math.inf  # fitted: packed weights beyond this many bytes miss the cache
     torch_version: str = ""
+    pair_kernels: str = ""  # the packed nodes' kernels it was measured with: "native" (C, CPU) or "torch"
     created: str = ""
     fit: dict[str, Any] = field(default_factory=dict)  # errors on the fitting and held-out trees
     head_settings: dict[str, int] = field(default_factory=lambda: dict(LAYOUT_DEFAULTS))  # `head_layout`'s

@@ -424,6 +424,7 @@ def test_compiled_gathered_scores_equal_eager(monkeypatch):
     nodes, rows = torch.randint(0, 9, (30,), generator=g), torch.randint(0, 5, (30,), generator=g).sort().values
     eager = gathered._scores_of_pairs(weight, h, nodes, rows, 4)
     monkeypatch.setenv(gathered.COMPILE_ENV, "1")
+    monkeypatch.setenv(gathered.native.NATIVE_ENV, "0")  # the compiled path (the C kernels would take CPU float32)
     monkeypatch.setattr(gathered, "_fused", {})
     kernel = gathered._fused_kernel(weight, 1)
     assert kernel is not gathered._scores_of_pairs
@@ -450,6 +451,7 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setattr(gathered, "_fused", {})
     monkeypatch.setenv(gathered.COMPILE_ENV, "1")
+    monkeypatch.setenv(gathered.native.NATIVE_ENV, "0")
     tree = builders.huffman(np.arange(40, 0, -1.0), 2)
     head = TreeSoftmaxHead(tree, 8, top_columns=0)
     h, y = torch.randn(6, 8), torch.arange(6)

@@ -1,8 +1,9 @@
 """Scores of (node, sample) pairs whose node weights are gathered per pair: the packed nodes of `TreeSoftmaxHead`.
 
-One autograd function, `gathered_scores`: a forward compiled by `torch.compile` on CPU for
-big batches (eager torch otherwise), and a backward of weighted `embedding_bag` calls that
-never writes a per-pair copy of the weights (docs/cost-in-time.md).
+One autograd function, `gathered_scores`. On CPU in float32 its forward and backward are the C
+kernels of `tree_search.heads.native` when they build; otherwise a forward compiled by
+`torch.compile` on CPU for big batches (eager torch otherwise), and a backward of weighted
+`embedding_bag` calls. No path writes a per-pair copy of the weights (docs/cost-in-time.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tree_search.heads import native
 
 __all__ = ["COMPILE_ENV", "FUSED_MIN_NUMBERS", "gathered_scores"]
 
@@ -73,10 +76,14 @@ class _GatheredScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, h, nodes, rows, width, sparse):  # noqa: D102
         dtype = torch.promote_types(weight.dtype, h.dtype)
-        kernel = _fused_kernel(weight, nodes.shape[0] * weight.shape[1])
-        # detached: plain tensors, whose sizes the compiled kernel takes as dynamic (a parameter's sizes would be
-        # static, one compilation per bucket size, and past torch's recompile limit the kernel would fail)
-        scores = kernel(weight.detach().to(dtype), h.detach().to(dtype), nodes, rows, int(width))  # (P, F)
+        ctx.native = dtype == torch.float32 and native.usable(weight, h)
+        if ctx.native:
+            scores = native.pair_scores(weight.detach().float(), h.detach().float(), nodes, rows, int(width))
+        else:
+            kernel = _fused_kernel(weight, nodes.shape[0] * weight.shape[1])
+            # detached: plain tensors, whose sizes the compiled kernel takes as dynamic (a parameter's sizes would be
+            # static, one compilation per bucket size, and past torch's recompile limit the kernel would fail)
+            scores = kernel(weight.detach().to(dtype), h.detach().to(dtype), nodes, rows, int(width))  # (P, F)
         ctx.save_for_backward(weight, h, nodes, rows)
         ctx.width, ctx.sparse = int(width), bool(sparse)
         return scores
@@ -86,18 +93,25 @@ class _GatheredScores(torch.autograd.Function):
         weight, h, nodes, rows = ctx.saved_tensors
         width, d = ctx.width, h.shape[1]
         grad = grad.contiguous()
+        use_native = ctx.native and grad.dtype == torch.float32
         grad_weight = grad_h = None
         if ctx.needs_input_grad[1]:
             order = None if bool((rows[1:] >= rows[:-1]).all()) else torch.argsort(rows, stable=True)
             by_row = rows if order is None else rows[order]
             g = grad if order is None else grad[order]
             n = nodes if order is None else nodes[order]
-            flat = (n[:, None] * width + torch.arange(width, device=n.device)).reshape(-1)  # rows of W as (M*F, d)
-            offsets = torch.searchsorted(by_row, torch.arange(h.shape[0], device=h.device)) * width
-            grad_h = nn.functional.embedding_bag(flat, weight.view(-1, d), offsets, mode="sum",
-                                                 per_sample_weights=g.reshape(-1).to(weight.dtype))  # fmt: skip
+            if use_native:
+                grad_h = native.pair_grad_rows(weight.detach().float(), g, n, by_row, h.shape[0])
+            else:
+                flat = (n[:, None] * width + torch.arange(width, device=n.device)).reshape(-1)  # W's rows (M*F, d)
+                offsets = torch.searchsorted(by_row, torch.arange(h.shape[0], device=h.device)) * width
+                grad_h = nn.functional.embedding_bag(flat, weight.view(-1, d), offsets, mode="sum",
+                                                     per_sample_weights=g.reshape(-1).to(weight.dtype))  # fmt: skip
             grad_h = grad_h.to(h.dtype)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and use_native:
+            unique, values = native.pair_grad_nodes(h.detach().float(), grad, rows, nodes, weight.shape[0])
+            grad_weight = _weight_gradient(unique, values, weight, ctx.sparse)
+        elif ctx.needs_input_grad[0]:
             order = torch.argsort(nodes, stable=True)
             unique, counts = torch.unique_consecutive(nodes[order], return_counts=True)
             starts = torch.cumsum(counts, 0) - counts
@@ -113,13 +127,15 @@ class _GatheredScores(torch.autograd.Function):
             bag_weights.index_copy_(0, position, grad[order].to(h.dtype).reshape(-1))
             offsets = ((starts * width)[:, None] + child * counts[:, None]).reshape(-1)
             values = nn.functional.embedding_bag(bag_rows, h, offsets, mode="sum", per_sample_weights=bag_weights)
-            values = values.view(-1, width * d).to(weight.dtype)
-            if ctx.sparse:
-                grad_weight = torch.sparse_coo_tensor(unique[None], values, weight.shape, is_coalesced=True,
-                                                      check_invariants=False)  # fmt: skip
-            else:
-                grad_weight = torch.zeros_like(weight).index_copy_(0, unique, values)
+            grad_weight = _weight_gradient(unique, values.view(-1, width * d).to(weight.dtype), weight, ctx.sparse)
         return grad_weight, grad_h, None, None, None, None
+
+
+def _weight_gradient(unique: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """The gradient of ``weight`` whose rows ``unique`` (sorted) are ``values``: sparse (coalesced) or dense."""
+    if sparse:
+        return torch.sparse_coo_tensor(unique[None], values, weight.shape, is_coalesced=True, check_invariants=False)
+    return torch.zeros_like(weight).index_copy_(0, unique, values)
 
 
 def gathered_scores(

@@ -43,6 +43,7 @@ from tree_search.cost import (
 )
 from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset
+from tree_search.heads import native
 from tree_search.heads.centroid import centroid_head
 from tree_search.heads.decode_replay import DecodeReplay, decode_scores_for_dataset
 from tree_search.heads.tree_head import TreeSoftmaxHead
@@ -285,6 +286,11 @@ def resolve_cost(
                       f"its predictions carry less far (docs/cost-in-time.md): `tree-search cost calibrate "
                       f"--classes {dataset.num_classes} --dim {dim}` measures this size", UserWarning,
                       stacklevel=2)  # fmt: skip
+    in_use = native.kernels_in_use(device_type)
+    if profile.pair_kernels != in_use:
+        warnings.warn(f"{path}: measured with the packed nodes' {profile.pair_kernels or 'torch'} kernels, this "
+                      f"process runs the {in_use} ones, so its times do not hold here: `tree-search cost calibrate` "
+                      f"measures them", UserWarning, stacklevel=2)  # fmt: skip
     if kind == "decode":
         decoding = _decoding_of(profile, path)
         return decoding if dataset is None else decoding_cost(profile, dataset)
@@ -525,6 +531,7 @@ def calibrate(
         coefficients=tuple(float(c) for c in coefficients),
         cache_bytes=float(cache_bytes),
         torch_version=torch.__version__,
+        pair_kernels=native.kernels_in_use(device.type),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         fit={"fit": _errors(timed, "fit"), "held_out": _errors(timed, "held out"), "repeats": int(repeats),
              "passes": int(passes),
