@@ -13,7 +13,12 @@ per token and time, each as a ratio to binary Huffman; the achieved rate (3 x mu
 x 2 FLOP per token / time) as a share of a 4096x256x2048 float32 matmul's rate measured in
 the same run; and the step's time as a multiple of the time its arithmetic would take if each node
 ran at the rate this machine gets on a (batch x d) @ (d x width) matmul of the node's width (the
-"small-matmul rate": 2-11 GFLOP/s at width 2, 12-40 at 8, 160-220 from 16 up here).
+"small-matmul rate": 2-11 GFLOP/s at width 2, 12-40 at 8, 160-220 from 16 up here); the
+bytes of node weights the step must move at least (each node on the batch's paths read
+forward, read backward, its gradient written) and the step's time as a multiple of its floor,
+the larger of the small-matmul time and those bytes at the copy bandwidth measured in the
+same run. TREE_SEARCH_NATIVE=0 times the torch path of the packed nodes (the "before" of
+the C kernels, docs/cost-in-time.md).
 --no-tune-allocator leaves glibc's malloc as it is (the command line tunes it). The "before"
 figures of issue 27 come from this script run against a checkout of 157de49 with that
 session's ``cost.py`` and ``heads/timing.py`` copied in (PYTHONPATH=...).
@@ -38,7 +43,7 @@ import numpy as np
 import torch
 
 from tree_search import builders
-from tree_search.cost import ProfileError, bucket_width, node_costs
+from tree_search.cost import ProfileError, bucket_width, head_layout, node_costs
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.timing import (
     REFERENCE_HEADS,
@@ -80,6 +85,38 @@ def small_matmul_seconds(tree, counts, dim: int, batch: int, projections, rates:
     return float(np.sum(3 * 2 * node_costs(tree, counts, dim, projections) * batch / rate))
 
 
+def copy_bandwidth(megabytes: int = 256) -> float:
+    """Bytes/s that a float32 copy of ``megabytes`` moves on this machine (read + write; median of 5)."""
+    a = torch.randn(megabytes * 2**18)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - start)
+    return 2 * a.numel() * 4 / statistics.median(times)
+
+
+def weight_traffic_bytes(tree, projections, y: torch.Tensor, dim: int) -> float:
+    """Bytes of node weights a training step must move at least: each node on the batch's paths read by the
+    forward, read again by the backward and its gradient written (3 x its float32 weights; packed nodes at
+    their bucket width, projected nodes with their projection)."""
+    layout = head_layout(tree, projections)
+    on_paths = np.zeros(tree.num_internal, dtype=bool)
+    classes = np.unique(y.numpy())
+    on_paths[tree.leaf_parent[classes]] = True
+    for _ in range(tree.max_depth):  # mark every ancestor: the paths of the batch's classes
+        parents = tree.node_parent[on_paths]
+        on_paths[parents[parents >= 0]] = True
+    columns = np.where(layout.packed, layout.width, tree.fanout).astype(np.float64)
+    size = np.full(tree.num_internal, float(dim))
+    extra = np.zeros(tree.num_internal)
+    for node, p in (projections or {}).items():
+        size[node], extra[node] = p, dim * p
+    return float(3 * 4 * np.sum((columns * size + extra)[on_paths]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,50000")
@@ -104,9 +141,9 @@ def main() -> None:
     if not args.no_tune_allocator:
         tune_allocator()
     settings = {} if args.top_columns is None else {"top_columns": args.top_columns}
-    rate = matmul_rate(args.dim)
+    rate, bandwidth = matmul_rate(args.dim), copy_bandwidth()
     print(f"{torch.get_num_threads()} threads, batch {args.batch}, d = {args.dim}; "
-          f"matmul rate {rate / 1e9:.0f} GFLOP/s; "
+          f"matmul rate {rate / 1e9:.0f} GFLOP/s; copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
           f"head settings {settings or 'default'}, {'dense' if args.dense else 'sparse'} gradients, "
           f"{'no gradient' if args.no_input_grad else 'gradient'} into h, "
           f"allocator {'as is' if args.no_tune_allocator else 'tuned'}")  # fmt: skip
@@ -132,23 +169,26 @@ def main() -> None:
             if profile is not None:
                 predicted = profile.predict(classic.tree, counts, projections=classic.projections) * args.batch
             small = small_matmul_seconds(classic.tree, counts, args.dim, args.batch, classic.projections, small_rates)
-            rows.append((name, macs, seconds, predicted, small))
+            traffic = weight_traffic_bytes(classic.tree, classic.projections, y, args.dim)
+            rows.append((name, macs, seconds, predicted, small, traffic))
         for name, shape in REFERENCE_HEADS.items():  # PyTorch's own module on the same shape, timed in the same run
             ours = next(row for row in rows if row[0] == shape)
             seconds = time_training_step(reference_head(name, V, args.dim), h, y, repeats=args.repeats)
-            rows.append((f"{shape} (PyTorch)", ours[1], seconds, math.nan, ours[4]))
+            rows.append((f"{shape} (PyTorch)", ours[1], seconds, math.nan, ours[4], ours[5]))
         base_macs, base_time = rows[0][1], rows[0][2]
         print(f"\nV = {V:,}\n  {'tree':<20} {'MACs / Huffman':>14} {'time / Huffman':>15} {'ms / step':>10} "
-              f"{'% of matmul rate':>17} {'x small-matmul time':>20} {'predicted ms':>13} {'error':>7}")  # fmt: skip
+              f"{'% of matmul rate':>17} {'x small-matmul time':>20} {'weight MB':>10} {'x floor':>8} "
+              f"{'predicted ms':>13} {'error':>7}")  # fmt: skip
         errors = []
-        for name, macs, seconds, predicted, small in rows:
+        for name, macs, seconds, predicted, small, traffic in rows:
+            floor = max(small, traffic / bandwidth)
             achieved = 3 * 2 * macs * args.batch / seconds
             error = predicted / seconds - 1
             if not math.isnan(error):
                 errors.append(abs(error))
             print(f"  {name:<20} {macs / base_macs:>14.2f} {seconds / base_time:>15.2f} {seconds * 1e3:>10.1f} "
-                  f"{100 * achieved / rate:>16.1f}% {seconds / small:>20.2f} {predicted * 1e3:>13.1f} "
-                  f"{error:>+7.0%}")  # fmt: skip
+                  f"{100 * achieved / rate:>16.1f}% {seconds / small:>20.2f} {traffic / 1e6:>10.0f} "
+                  f"{seconds / floor:>8.2f} {predicted * 1e3:>13.1f} {error:>+7.0%}")  # fmt: skip
         print(
             "  small-matmul rates, GFLOP/s by width: "
             + ", ".join(f"{w}: {r / 1e9:.0f}" for w, r in sorted(small_rates.items()))
