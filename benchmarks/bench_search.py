@@ -165,7 +165,7 @@ def main() -> None:
         equal_budget_table(folders, args.agents, args.equal_test_seeds, args.out)
     if args.no_test:
         return
-    rows = compare_runs(folders, seeds=args.seeds, epochs=args.final_epochs, out=args.out, log=print)
+    rows = compare_runs(folders, seeds=args.seeds, epochs=args.final_epochs, out=args.out, log=print).rows
     header = f"{'tree':<24s} {'kind':<22s} {'valid':>8s} {'test NLL':>9s} {'±':>7s} {'ppl':>7s}"
     print(f"\n{header} {'cost/full':>10s} {'cost/Huff':>9s}")
     for r in rows:

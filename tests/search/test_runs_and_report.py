@@ -102,7 +102,7 @@ def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
 def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkeypatch):
     run = run_search(SearchConfig(agent="tpe", budget=4, env_config=ENV, baselines="core"), tmp_path / "run", log=None)
     (run.folder / "best_head_adaptive.pt").write_bytes(b"an earlier comparison's head for another tree")
-    rows = compare_runs([run.folder], seeds=2, log=None)
+    rows = compare_runs([run.folder], seeds=2, log=None).rows
     names = [r["name"] for r in rows]
     assert "full softmax" in names and "huffman-2" in names and "tpe" in names
     # the classic trees scored on test are those of the validation front (and binary Huffman); the others are
@@ -154,7 +154,7 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
     monkeypatch.setattr(
         "tree_search.search.report.trained_head", lambda *a, **k: pytest.fail("re-trained the best head")
     )
-    assert [r["test_nll"] for r in compare_runs([run.folder], seeds=2, log=None)] == [r["test_nll"] for r in rows]
+    assert [r["test_nll"] for r in compare_runs([run.folder], seeds=2, log=None).rows] == [r["test_nll"] for r in rows]
     # ... unless the training code changed: then nothing stored is served
     monkeypatch.setattr("tree_search.search.report.training_code_identity", lambda: "node-train/edited")
     with pytest.raises(pytest.fail.Exception, match="re-trained a finalist"):
@@ -288,7 +288,7 @@ def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
         assert e.cost_ratio <= cap * huffman_cost * (1 + 1e-6)  # each search stays under its own cap
     resumed = run_search(config, tmp_path / "run", resume=True, log=None)  # every cap has used its budget
     assert [e.key for e in resumed.evaluations()] == [e.key for e in run.evaluations()]
-    rows = compare_runs([run.folder], seeds=2, log=None)
+    rows = compare_runs([run.folder], seeds=2, log=None).rows
     caps = json.loads((run.folder / "comparison.json").read_text())["caps"]
     assert [c["cap"] for c in caps] == [1.0, 3.0]
     for cap in caps:
@@ -388,7 +388,7 @@ def test_a_front_search_in_measured_time(tmp_path):
     assert (run.folder / "cost_profile.json").exists()
     # the device is calibrated again: the run's caps and report keep the profile it searched with
     CostProfile(**{**profile.__dict__, "coefficients": (1e-6,) * len(FEATURES)}).save(tmp_path / "profile.json")
-    rows = compare_runs([run.folder], seeds=1, log=None)
+    rows = compare_runs([run.folder], seeds=1, log=None).rows
     for r in rows:
         assert r["time_vs_huffman"] == pytest.approx(r["cost_vs_huffman"], rel=1e-9)  # the axis is the time
         tree = next(run.tree(e.key) for e in run.evaluations() if e.key == r["key"]) if r["key"] != "full" else None
@@ -448,7 +448,7 @@ def test_a_front_search_in_decoding_time(tmp_path):
     for e in counted:
         cap = 1.0 if e.searcher == "dp@1x" else 2.0
         assert e.expected_cost <= cap * unit * (1 + 1e-6)  # each cap holds in decoding time
-    rows = compare_runs([run.folder], seeds=1, log=None)
+    rows = compare_runs([run.folder], seeds=1, log=None).rows
     report = (run.folder / "report.md").read_text()
     assert "Costs and caps are in decoding time on cpu: test." in report and "### Decoding time" in report
     assert "| time cap |" not in report  # the caps are decoding time's: no training-time table at them
@@ -490,7 +490,7 @@ def test_a_front_search_in_training_time_under_a_decoding_cap(tmp_path):
         best = min((e for e in searched if e.expected_cost <= cap * train_unit * (1 + 1e-6)
                     and e.decode_vs_huffman <= 0.2 * (1 + 1e-9)), key=lambda e: e.valid_nll)  # fmt: skip
         assert chosen[label][1].key == best.key  # the best searched tree within both caps
-    rows = compare_runs([run.folder], seeds=1, log=None)
+    rows = compare_runs([run.folder], seeds=1, log=None).rows
     by_name = {r["name"]: r for r in rows}
     assert not by_name["huffman-2"]["within_decode_cap"] and not by_name["huffman-2"]["within_cap"]
     for r in rows:
@@ -549,13 +549,13 @@ def test_the_report_measures_the_gap_against_the_converged_reference_once_it_is_
 
     config = SearchConfig(agent="dp", budget=2, cost_caps=(1.5,), env_config=ENV, baselines="huffman-2,huffman-4")
     run = run_search(config, tmp_path / "run", log=None)
-    rows = compare_runs([run.folder], seeds=2, log=None)
+    rows = compare_runs([run.folder], seeds=2, log=None).rows
     assert all(r["key"] != "converged" for r in rows)
     assert "`tree-search reference` trains the converged one" in (run.folder / "report.md").read_text()
     # above the size limit the final scoring leaves the full softmax out, says so, and scores the rest as before
     num_classes = load_env_dataset(ENV).num_classes
     monkeypatch.setattr(report_module, "FULL_SOFTMAX_ROW_MAX_CLASSES", num_classes - 1)
-    without = compare_runs([run.folder], seeds=2, log=None)
+    without = compare_runs([run.folder], seeds=2, log=None).rows
     assert [r["key"] for r in without] == [r["key"] for r in rows if r["key"] != "full"]
     assert [r["test_nll"] for r in without] == [r["test_nll"] for r in rows if r["key"] != "full"]
     report = (run.folder / "report.md").read_text()
@@ -564,12 +564,12 @@ def test_the_report_measures_the_gap_against_the_converged_reference_once_it_is_
     monkeypatch.undo()
     reference = train_reference(load_env_dataset(ENV))
     monkeypatch.setattr(report_module, "FULL_SOFTMAX_ROW_MAX_CLASSES", num_classes - 1)
-    stand_in = next(r for r in compare_runs([run.folder], seeds=2, log=None) if r["key"] == "converged")
+    stand_in = next(r for r in compare_runs([run.folder], seeds=2, log=None).rows if r["key"] == "converged")
     assert stand_in["cost_ratio"] == pytest.approx(1.0, rel=1e-12)
     assert stand_in["test_nll"] == pytest.approx(reference.test_row_nll.mean(), rel=1e-9)
     assert "The converged full softmax (`tree-search reference`" in (run.folder / "report.md").read_text()
     monkeypatch.undo()
-    rows = compare_runs([run.folder], seeds=2, log=None)
+    rows = compare_runs([run.folder], seeds=2, log=None).rows
     converged = next(r for r in rows if r["key"] == "converged")
     assert converged["name"] == "full softmax (converged)" and converged["kind"] == "reference"
     assert converged["test_nll"] == pytest.approx(reference.test_row_nll.mean(), rel=1e-9)

@@ -14,13 +14,14 @@ from tree_search.search import SearchConfig, run_search
 from tree_search.search import run as search_run
 from tree_search.search.report import compare_runs
 from tree_search.search.runs import Run, find_runs, summarize_run
+from tree_search.search.verdicts import cap_verdict_line
 
 
 def test_runs_lists_every_run_with_its_status_and_report_prints_a_finished_one_again(tmp_path):
     root = tmp_path / "runs"
     config = SearchConfig(agent="dp", budget=3, cost_caps=(1.5, 2.0), env_config=ENV, baselines="huffman-2,huffman-4")
     finished = run_search(config, root / "finished", log=None)
-    compare_runs([finished.folder], seeds=2, log=None)
+    returned = compare_runs([finished.folder], seeds=2, log=None)
     shutil.copytree(finished.folder, root / "nested" / "searched")
     (root / "nested" / "searched" / "comparison.json").unlink()
     shutil.copytree(finished.folder, root / "cut")
@@ -34,6 +35,9 @@ def test_runs_lists_every_run_with_its_status_and_report_prints_a_finished_one_a
     (root / "broken" / "config.json").write_text("{not json")
 
     comparison = json.loads((finished.folder / "comparison.json").read_text())
+    # what compare_runs returns is what the file holds (json.dumps: NaN compares equal as text)
+    assert json.dumps(returned.to_json(), sort_keys=True) == json.dumps(comparison, sort_keys=True)
+    assert returned.caps and len(returned.cap_lines()) == len(comparison["caps"])
     summary = summarize_run(finished.folder)
     assert summary.status == "finished" and summary.agent == "dp" and summary.caps == (1.5, 2.0)
     assert summary.budget == 6 and summary.evaluated == 6
@@ -69,6 +73,19 @@ def test_runs_lists_every_run_with_its_status_and_report_prints_a_finished_one_a
         assert line in printed
     result = CliRunner().invoke(main, ["report", str(root / "cut")], catch_exceptions=False)
     assert result.exit_code != 0 and "tree-search compare" in result.output
+    (root / "cut" / "comparison.json").write_text('{"rows": []}')
+    result = CliRunner().invoke(main, ["report", str(root / "cut")], catch_exceptions=False)
+    assert result.exit_code == 1 and "comparison.json: not a comparison (KeyError" in result.output
+
+
+def test_a_cap_s_verdict_line_names_both_trees_the_difference_its_interval_and_the_verdict():
+    cap = {"cap": 1.5, "searched": {"name": "dp@1.5x", "test_nll": 2.34561}, "classic": {"name": "kmeans-16",
+           "test_nll": 2.36}, "difference": 0.01439, "interval": [0.0061, 0.023]}  # fmt: skip
+    assert cap_verdict_line(cap) == "1.5x: dp@1.5x 2.3456 against kmeans-16 2.3600: +0.0144 [+0.0061, +0.0230], " \
+                                    "searched wins"  # fmt: skip
+    assert cap_verdict_line({**cap, "interval": [-0.001, 0.03]}).endswith("+0.0144 [-0.0010, +0.0300], tie")
+    assert cap_verdict_line({**cap, "difference": -0.02, "interval": [-0.03, -0.01]}).endswith("classic wins")
+    assert cap_verdict_line({"cap": 4.0}) is None  # a cap with no searched tree within it
 
 
 def test_a_search_that_fails_before_its_first_evaluation_leaves_no_run_behind(tmp_path, monkeypatch):

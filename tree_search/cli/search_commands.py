@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
@@ -27,12 +26,15 @@ from tree_search.search.end_to_end import (
     end_to_end_verdicts,
 )
 
+if TYPE_CHECKING:
+    from tree_search.search.report import ComparisonReport
 
-def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
+
+def _print_comparison(comparison: ComparisonReport, folder: Path) -> None:
     table = Table(title="Test split: mean over seeds ± standard error over test documents and seeds")
     for column in ("tree", "kind", "valid NLL", "test NLL", "±", "perplexity", "cost / full", "cost / Huffman"):
         table.add_column(column, justify="left" if column in ("tree", "kind") else "right")
-    for row in rows:
+    for row in comparison.rows:
         valid = "" if math.isnan(row["valid_nll"]) else f"{row['valid_nll']:.4f}"
         kind = row["kind"] + ("" if row["within_cap"] else " (over cap)")
         table.add_row(
@@ -46,19 +48,8 @@ def _print_comparison(rows: list[dict[str, Any]], folder: Path) -> None:
             f"{row['cost_vs_huffman']:.2f}",
         )
     console.print(table)
-    comparison = json.loads((folder / "comparison.json").read_text(encoding="utf-8"))
-    for line in comparison["verdicts"]:
+    for line in [*comparison.verdicts, *comparison.cap_lines()]:  # a front search: a line per cap, with its interval
         console.print(line)
-    from tree_search.search.verdicts import Comparison, verdict_words
-
-    for cap in comparison.get("caps", []):  # a front search: one line per cap, classic - searched with its interval
-        if "difference" in cap:
-            low, high = cap["interval"]
-            console.print(
-                f"{cap['cap']:g}x: {cap['searched']['name']} {cap['searched']['test_nll']:.4f} against "
-                f"{cap['classic']['name']} {cap['classic']['test_nll']:.4f}: {cap['difference']:+.4f} "
-                f"[{low:+.4f}, {high:+.4f}], {verdict_words(Comparison(cap['difference'], low, high))}"
-            )
     from tree_search.search.report import ADAPTIVE_HEAD
 
     head, adaptive = folder / "best_head.pt", folder / ADAPTIVE_HEAD
@@ -112,12 +103,9 @@ def runs(root: Path) -> None:
 @friendly_errors
 def report(run_folder: Path) -> None:
     """Print a finished run's test-split tables and verdicts again, from its comparison.json (no recomputation)."""
-    comparison = run_folder / "comparison.json"
-    if not comparison.exists():
-        raise click.ClickException(
-            f"{comparison}: missing; score the run on test first: tree-search compare {run_folder}"
-        )
-    _print_comparison(json.loads(comparison.read_text(encoding="utf-8"))["rows"], run_folder)
+    from tree_search.search.report import ComparisonReport
+
+    _print_comparison(ComparisonReport.load(run_folder), run_folder)
     summary = current_summary(run_folder)
     if summary is not None:
         _print_end_to_end(summary)
@@ -417,8 +405,7 @@ def search(
         raise SystemExit(130) from None
     if compare:
         release_free_memory()  # the search's free heap does not add to the final scoring's peak
-        rows = compare_runs([folder], log=console.print)
-        _print_comparison(rows, folder)
+        _print_comparison(compare_runs([folder], log=console.print), folder)
     if end_to_end_too:
         _end_to_end(folder, EndToEndConfig())
 
@@ -462,5 +449,5 @@ def compare_command(runs: tuple[Path, ...], seeds: int | None, epochs: float | N
     """Score the best trees of RUNS and every baseline on the test split; print the table, write the report."""
     from tree_search.search.report import compare_runs
 
-    rows = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, cost=cost_model, log=console.print)
-    _print_comparison(rows, out or runs[0])
+    comparison = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, cost=cost_model, log=console.print)
+    _print_comparison(comparison, out or runs[0])

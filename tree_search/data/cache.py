@@ -41,16 +41,20 @@ def content_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def source_identity(modules: tuple[str, ...]) -> str:
-    """A short hash of the source files of ``modules`` (dotted names) as they are on disk now.
+def source_identity(modules: tuple[str, ...], files: tuple[Path, ...] = ()) -> str:
+    """A short hash of the source files of ``modules`` (dotted names), and of ``files``, as they are on disk now.
 
     Caches of computed results key on the code that computed them, so that no edit of that
     code can serve an old result (an edited comment too: a recomputation, never a stale answer).
+    ``files``: other sources the code runs (the C kernels of `tree_search.heads.native`).
     """
     digest = hashlib.sha256()
     for name in modules:
         digest.update(name.encode())
         digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    for path in files:
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
 
 

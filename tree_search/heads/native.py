@@ -28,10 +28,19 @@ import torch
 
 from tree_search.data.cache import cache_root
 
-__all__ = ["NATIVE_ENV", "available", "kernels_in_use", "pair_grad_nodes", "pair_grad_rows", "pair_scores", "usable"]
+__all__ = [
+    "NATIVE_ENV",
+    "SOURCE",
+    "available",
+    "kernels_in_use",
+    "pair_grad_nodes",
+    "pair_grad_rows",
+    "pair_scores",
+    "usable",
+]
 
 NATIVE_ENV = "TREE_SEARCH_NATIVE"  # "auto" (default): the C kernels on CPU for float32; "0": never
-_SOURCE = Path(__file__).with_name("pair_kernels.c")
+SOURCE = Path(__file__).with_name("pair_kernels.c")  # the kernels' C source, shipped with the package
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
 _state: dict[str, object] = {}  # "library": the loaded CDLL, or "failed": why it could not be built
 
@@ -66,13 +75,13 @@ def _build() -> ctypes.CDLL:
     """Load the kernels from the cache, building them first when this source, compiler and CPU have no build."""
     cc = os.environ.get("CC", "cc")
     folder = cache_root() / "native"
-    target = folder / f"pair_kernels-{_build_key(cc, _SOURCE.read_bytes())}.so"
+    target = folder / f"pair_kernels-{_build_key(cc, SOURCE.read_bytes())}.so"
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=folder, suffix=".so.partial")
         os.close(fd)
         try:
-            result = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", partial], capture_output=True, text=True,
+            result = subprocess.run([cc, *_FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
                                     timeout=300)  # fmt: skip
             if result.returncode != 0:
                 raise OSError(f"{cc} exited with {result.returncode}: {result.stderr.strip()[-500:]}")

@@ -33,8 +33,9 @@ from tree_search.builders import frequency_cutoffs
 from tree_search.data.cache import source_identity
 from tree_search.data.corpus import TokenCorpus, cached_corpus
 from tree_search.data.features import EncoderConfig, default_device
+from tree_search.heads import native
 from tree_search.heads.joint import train_and_score
-from tree_search.search.runs import Run
+from tree_search.search.runs import COMPARISON_FILE, Run
 from tree_search.search.verdicts import Comparison, FinalScores, verdict_words
 
 __all__ = [
@@ -56,7 +57,7 @@ _PARTS = "end_to_end"  # folder of the run holding each finished (tree, seed) re
 _REPORT_MARK = "## End to end"
 # kept results key on the code that trains and scores them (not this module's bookkeeping)
 _CODE = source_identity(("tree_search.heads.joint", "tree_search.heads.tree_head", "tree_search.heads.gathered",
-                         "tree_search.data.features"))  # fmt: skip
+                         "tree_search.heads.native", "tree_search.data.features"), files=(native.SOURCE,))  # fmt: skip
 
 
 class EndToEndError(ValueError):
@@ -153,7 +154,7 @@ def end_to_end_verdicts(
     from tree_search.envs import TreeEnvConfig, load_env_dataset
 
     folder = Path(folder)
-    comparison_path = folder / "comparison.json"
+    comparison_path = folder / COMPARISON_FILE
     if not comparison_path.exists():
         raise EndToEndError(f"{comparison_path}: missing; score the run on test first: tree-search compare {folder}")
     comparison_bytes = comparison_path.read_bytes()
@@ -259,7 +260,7 @@ def current_summary(folder: Path) -> dict[str, Any] | None:
 
     A later `compare` (other seeds, new finalists) makes it stale: its trees and verdicts are then not the report's.
     """
-    path, comparison = Path(folder) / END_TO_END_FILE, Path(folder) / "comparison.json"
+    path, comparison = Path(folder) / END_TO_END_FILE, Path(folder) / COMPARISON_FILE
     if not path.exists() or not comparison.exists():
         return None
     summary = json.loads(path.read_text(encoding="utf-8"))

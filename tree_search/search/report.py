@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,11 @@ from tree_search.reward.evaluator import Evaluation
 from tree_search.reward.node_train import split_sample, training_code_identity, training_dtype
 from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
 from tree_search.search.config import SearchConfig
-from tree_search.search.runs import SELECTION_FREE, Run, RunError
+from tree_search.search.runs import COMPARISON_FILE, SELECTION_FREE, Run, RunError
 from tree_search.search.time_report import measure_decoding, time_fields, time_report_lines
 from tree_search.search.verdicts import (
     FinalScores,
+    cap_verdict_line,
     comparison_of,
     front_on_test,
     front_verdicts,
@@ -52,7 +54,7 @@ from tree_search.search.verdicts import (
     verdict_words,
 )
 
-__all__ = ["compare_runs", "finalists"]
+__all__ = ["ComparisonReport", "compare_runs", "finalists"]
 
 FULL = "full softmax"
 CONVERGED = "full softmax (converged)"  # `reward.converged`: trained to early stopping once per dataset, when cached
@@ -123,6 +125,45 @@ def finalists(
     return chosen
 
 
+@dataclass(frozen=True)
+class ComparisonReport:
+    """What `compare_runs` computed (and wrote to a run's `COMPARISON_FILE`): what the screen and the report print.
+
+    ``rows``: one per finalist, best test NLL first; ``verdicts``: the report's sentences;
+    ``caps``: each cap's verdict (`front_verdicts`); ``uncertainty``: how the intervals were made.
+    """
+
+    rows: list[dict[str, Any]]
+    verdicts: list[str]
+    caps: list[dict[str, Any]]
+    uncertainty: dict[str, Any]
+
+    def cap_lines(self) -> list[str]:
+        """One line per cap that has a verdict (`cap_verdict_line`)."""
+        return [line for line in map(cap_verdict_line, self.caps) if line is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        """The `COMPARISON_FILE`'s contents."""
+        return {"rows": self.rows, "verdicts": self.verdicts, "caps": self.caps, "uncertainty": self.uncertainty}
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ComparisonReport:
+        """A run's last comparison, from its `COMPARISON_FILE` (no recomputation).
+
+        Raises:
+            RunError: the run has not been scored on test, or the file is not a comparison.
+        """
+        path = Path(folder) / COMPARISON_FILE
+        if not path.exists():
+            raise RunError(f"{path}: missing; score the run on test first: tree-search compare {folder}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(list(data["rows"]), list(data["verdicts"]), list(data.get("caps", [])),
+                       dict(data.get("uncertainty", {})))  # fmt: skip
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise RunError(f"{path}: not a comparison ({type(err).__name__}: {err})") from None
+
+
 def compare_runs(
     folders: Sequence[str | Path],
     *,
@@ -148,7 +189,8 @@ def compare_runs(
         log: progress lines.
 
     Returns:
-        One row per finalist, best test NLL first.
+        The rows (one per finalist, best test NLL first), the verdicts and each cap's verdict, as
+        written to the report's `COMPARISON_FILE`.
     """
     runs = [Run(folder) for folder in folders]
     if not runs:
@@ -311,10 +353,14 @@ def compare_runs(
     training_caps = [] if isinstance(axis, DecodeCost) else caps
     time_lines = time_report_lines(rows, training_caps, profile, dataset.num_classes, test_scores) \
         if profile is not None else []  # fmt: skip
-    _write_report(report_run, rows, verdicts, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
-                  scores=test_scores, cap_rows=cap_rows, head_lines=[*head_lines, *_optimism_lines(rows), *time_lines],
+    uncertainty = {"documents": test_scores.num_documents, "documents_are": test_scores.documents_are,
+                   "draws": test_scores.draws,
+                   "interval": "paired percentile bootstrap over test documents and final seeds, 95%"}  # fmt: skip
+    comparison = ComparisonReport(rows, verdicts, list(cap_rows), uncertainty)
+    _write_report(report_run, comparison, runs, tree_of=tree_of, epochs=epochs, cap_ratio=cap / full_cost,
+                  scores=test_scores, head_lines=[*head_lines, *_optimism_lines(rows), *time_lines],
                   cost_in=cost_label(axis), decode_cap=env_config.decode_cap)  # fmt: skip
-    return rows
+    return comparison
 
 
 def _optimism_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -508,18 +554,17 @@ def _verdicts(rows: list[dict[str, Any]], scores: FinalScores) -> list[str]:
 
 def _write_report(
     run: Run,
-    rows,
-    verdicts,
+    comparison: ComparisonReport,
     runs: Sequence[Run],
     tree_of,
     epochs: float,
     cap_ratio: float,
     scores: FinalScores,
-    cap_rows=(),
     head_lines: Sequence[str] = (),
     cost_in: str = "multiply-adds",
     decode_cap: float = 0.0,
 ) -> None:
+    rows, verdicts, cap_rows = comparison.rows, comparison.verdicts, comparison.caps
     import matplotlib
 
     matplotlib.use("Agg")
@@ -641,10 +686,7 @@ def _write_report(
         "",
     ]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    uncertainty = {"documents": scores.num_documents, "documents_are": scores.documents_are, "draws": scores.draws,
-                   "interval": "paired percentile bootstrap over test documents and final seeds, 95%"}  # fmt: skip
-    run.write_json("comparison.json", {"rows": rows, "verdicts": verdicts, "caps": list(cap_rows),
-                                       "uncertainty": uncertainty})  # fmt: skip
+    run.write_json(COMPARISON_FILE, comparison.to_json())
 
 
 def _plot_fronts(path: Path, rows, cap_rows) -> None:

@@ -36,8 +36,9 @@ from tree_search.reward.evaluator import Evaluation
 from tree_search.search.verdicts import Comparison, verdict_words
 from tree_search.tree import Tree
 
-__all__ = ["SELECTION_FREE", "Run", "RunError", "RunSummary", "find_runs", "summarize_run"]
+__all__ = ["COMPARISON_FILE", "SELECTION_FREE", "Run", "RunError", "RunSummary", "find_runs", "summarize_run"]
 
+COMPARISON_FILE = "comparison.json"  # a run's last test scoring (`tree_search.search.report.ComparisonReport`)
 SELECTION_FREE = "selection_free.json"  # searcher label -> its validation NLL free of its own selection
 
 
@@ -290,7 +291,7 @@ def summarize_run(folder: str | os.PathLike[str]) -> RunSummary:
     rows = run.evaluations()
     counted = [e for e in rows if e.counted]
     best = min((e.valid_nll for e in counted if e.ok), default=math.inf)
-    comparison = run.read_json("comparison.json")
+    comparison = run.read_json(COMPARISON_FILE)
     verdicts = []
     for cap in (comparison or {}).get("caps", []):
         if "difference" not in cap or not cap.get("searched"):
@@ -308,7 +309,7 @@ def summarize_run(folder: str | os.PathLike[str]) -> RunSummary:
         status = "empty"
     else:
         status = "searched" if len(counted) >= budget else "unfinished"
-    files = [run.folder / name for name in ("config.json", "leaderboard.jsonl", "comparison.json")]
+    files = [run.folder / name for name in ("config.json", "leaderboard.jsonl", COMPARISON_FILE)]
     dataset = str(env.get("dataset", "?"))
     return RunSummary(
         folder=run.folder,

@@ -38,6 +38,7 @@ __all__ = [
     "front_on_test",
     "time_verdicts",
     "comparison_of",
+    "cap_verdict_line",
     "interval_text",
     "verdict_words",
 ]
@@ -275,3 +276,16 @@ def comparison_of(entry: dict[str, Any]) -> Comparison:
 def interval_text(interval: Sequence[float]) -> str:
     """A 95% interval as the reports print it: ``[+0.0123, +0.0456]``."""
     return f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
+
+
+def cap_verdict_line(cap: dict[str, Any]) -> str | None:
+    """One cap's verdict (a `front_verdicts` entry) as the screen prints it, or None when the cap has none.
+
+    ``1.5x: dp@1.5x 2.3456 against kmeans-16 2.3600: +0.0144 [+0.0061, +0.0230], searched wins``
+    """
+    if "difference" not in cap:
+        return None
+    searched, classic = cap["searched"], cap["classic"]
+    return (f"{cap['cap']:g}x: {searched['name']} {searched['test_nll']:.4f} against {classic['name']} "
+            f"{classic['test_nll']:.4f}: {cap['difference']:+.4f} {interval_text(cap['interval'])}, "
+            f"{verdict_words(comparison_of(cap))}")  # fmt: skip
