@@ -27,6 +27,19 @@ COLUMN = {name: i for i, name in enumerate(FEATURES)}
 DECODE_COLUMN = {name: i for i, name in enumerate(DECODE_FEATURES)}
 
 
+def test_head_cost_in_multiply_adds_is_fanout_times_dim_summed_along_each_path():
+    from tree_search.cost import full_softmax_macs, head_cost
+    from tree_search.tree import Tree
+
+    tree = Tree(5, [[0, 6, 3], [1, 7], [2, 4]])  # root -> [0, node 1, 3]; node 1 -> [1, node 2]; node 2 -> [2, 4]
+    counts = np.array([4, 3, 2, 1, 0])
+    per_class = np.array([3, 3 + 2, 3 + 2 + 2, 3, 3 + 2 + 2])  # by hand: the fanouts on each class's path
+    assert head_cost(tree, counts, 8) == pytest.approx(8 * float(counts / counts.sum() @ per_class))
+    assert head_cost(tree, None, 8) == pytest.approx(8 * per_class.mean())  # no counts: uniform classes
+    assert full_softmax_macs(5, 8) == 40
+    assert head_cost(Tree(5, [[0, 1, 2, 3, 4]]), counts, 8) == pytest.approx(full_softmax_macs(5, 8))
+
+
 @pytest.mark.parametrize("settings", [{}, {"top_columns": 0}, {"top_columns": 6}, {"dense_fanout": 3}])
 def test_layout_is_the_heads(settings):
     counts = np.arange(60, 0, -1.0)

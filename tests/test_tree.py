@@ -45,13 +45,9 @@ def test_statistics():
     p = counts / counts.sum()
     assert tree.expected_path_length(counts) == pytest.approx(float(p @ [1, 2, 3, 1, 3]))
     assert tree.expected_path_length() == pytest.approx(2.0)
-    # cost: sum over the path of fanouts times dim
-    per_class = np.array([3, 3 + 2, 3 + 2 + 2, 3, 3 + 2 + 2])
-    assert tree.expected_cost(counts, dim=8) == pytest.approx(8 * float(p @ per_class))
-    assert tree.full_softmax_cost(dim=8) == 40
-    assert tree.cost_ratio(counts) == pytest.approx(float(p @ per_class) / 5)
-    flat = Tree(5, [[0, 1, 2, 3, 4]])
-    assert flat.cost_ratio(counts) == pytest.approx(1.0)
+    assert list(tree.path_fanout_sum) == [3, 3 + 2, 3 + 2 + 2, 3, 3 + 2 + 2]  # the fanouts along each class's path
+    assert tree.summary(counts) == {"num_classes": 5, "num_internal": 3, "max_fanout": 3, "max_depth": 3,
+                                    "expected_depth": pytest.approx(float(p @ [1, 2, 3, 1, 3]))}  # fmt: skip
     with pytest.raises(ValueError, match="shape"):
         tree.expected_path_length([1, 2])
     with pytest.raises(ValueError, match="non-negative"):

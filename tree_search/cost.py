@@ -46,6 +46,7 @@ __all__ = [
     "cost_label",
     "decode_features",
     "fit_coefficients",
+    "full_softmax_macs",
     "head_cost",
     "head_layout",
     "layout_features",
@@ -148,6 +149,11 @@ def node_costs(
                              f"and a size >= 1")  # fmt: skip
         per_visit[nodes] = (dim + tree.fanout[nodes]) * sizes
     return visits * per_visit
+
+
+def full_softmax_macs(num_classes: int, dim: int) -> float:
+    """A full softmax's multiply-adds per token: one node scoring all ``num_classes`` classes, ``V x dim``."""
+    return float(num_classes) * float(dim)
 
 
 def head_cost(

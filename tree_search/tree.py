@@ -417,26 +417,11 @@ class Tree:
         per_node = _ancestor_sums(self.node_parent, self.fanout)
         return _frozen(per_node[self.leaf_parent])
 
-    def expected_cost(self, counts: np.ndarray | Sequence[float] | None = None, dim: int = 1) -> float:
-        """Expected multiply-adds per token of a tree head of dimension ``dim``.
+    def summary(self, counts: np.ndarray | Sequence[float] | None = None) -> dict[str, float]:
+        """The headline structural statistics as a flat dict (what tables print beside a cost).
 
-        Each node on the path scores all its children: ``sum over path of fanout * dim``
-        (see docs/architecture.md, "Maths the heads share"), weighted by ``counts``.
-        """
-        return float(self._probabilities(counts) @ self.path_fanout_sum) * dim
-
-    def full_softmax_cost(self, dim: int = 1) -> int:
-        """Multiply-adds per token of a full softmax over the same classes: ``V * dim``."""
-        return self._num_classes * dim
-
-    def cost_ratio(self, counts: np.ndarray | Sequence[float] | None = None) -> float:
-        """`expected_cost` divided by `full_softmax_cost` (independent of ``dim``)."""
-        return self.expected_cost(counts) / self.full_softmax_cost()
-
-    def summary(self, counts: np.ndarray | Sequence[float] | None = None, dim: int = 256) -> dict[str, float]:
-        """The headline statistics as a flat dict (what tables and reports print).
-
-        Expectations are under ``counts`` (uniform over classes if None).
+        The expected depth is under ``counts`` (uniform over classes if None). A head's cost
+        per token is the cost model's, `tree_search.cost.head_cost` (with projections, or in time).
         """
         return {
             "num_classes": self._num_classes,
@@ -444,8 +429,6 @@ class Tree:
             "max_fanout": int(self.fanout.max()),
             "max_depth": self.max_depth,
             "expected_depth": self.expected_path_length(counts),
-            "expected_cost": self.expected_cost(counts, dim),
-            "cost_ratio": self.cost_ratio(counts),
         }
 
     def depth_histogram(self) -> np.ndarray:

@@ -182,7 +182,7 @@ def test_head_cost_counts_projections():
     tree = frequency_cutoffs(counts, [3, 6])
     p = counts / counts.sum()
     visits = [p[3:6].sum(), p[6:].sum()]
-    plain = tree.expected_cost(counts, 8)
+    plain = 8 * float(p @ tree.path_fanout_sum)  # unprojected: fanout x dim summed along each path
     # Node 1 projected to 2 dims: its visits cost 8*2 + 3*2 instead of 3*8.
     assert head_cost(tree, counts, 8, {1: 2}) == pytest.approx(plain + visits[0] * (16 + 6 - 24))
 

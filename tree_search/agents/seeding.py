@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tree_search.agents.base import EnvFactory
+from tree_search.cost import head_cost
 from tree_search.envs import SearchStopped
 from tree_search.reward.evaluator import Evaluator
 from tree_search.tree import Tree
@@ -69,7 +70,7 @@ def homogeneous_episodes(env_factory: EnvFactory, seed: int = 0) -> list[SeedEpi
         tree = env.unwrapped.last_tree
         if tree.canonical_hash not in seen:
             seen.add(tree.canonical_hash)
-            cost = tree.expected_cost(env.unwrapped.counts)
+            cost = head_cost(tree, env.unwrapped.counts, 1)  # multiply-adds (per dimension), projections aside
             out.append(SeedEpisode(action, steps, tree, truncated, cost))  # truncated: a reward was asked: within cap
     return out
 
@@ -85,7 +86,7 @@ def seed_episodes(
     """
     episodes = homogeneous_episodes(env_factory, seed)
     new = [e for e in episodes if e.within_cap and not evaluator.knows(e.tree.canonical_hash)]
-    new.sort(key=lambda e: -e.cost)
+    new.sort(key=lambda e: -float(f"{e.cost:.12g}"))  # trees of equal cost (up to rounding) keep their action order
     left = evaluator.remaining
     chosen = new[: max(1, left // 2)] if left is not None else new
     free = [e for e in episodes if not e.within_cap or evaluator.knows(e.tree.canonical_hash)]

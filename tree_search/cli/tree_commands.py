@@ -13,13 +13,13 @@ from rich.table import Table
 
 from tree_search import builders
 from tree_search.cli.app import class_id, console, friendly_errors, int_list, is_number, main, progress_bars, read_vocab
+from tree_search.cost import full_softmax_macs, head_cost
 from tree_search.data import CorpusConfig, prepare_dataset
 from tree_search.data.features import class_embeddings
 from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.export import TreeRecord, load_tree, save_tree
 from tree_search.reward import NodeRecipe
 from tree_search.reward import evaluate as evaluate_tree
-from tree_search.reward.reward import head_cost
 
 
 @main.command()
@@ -151,8 +151,9 @@ def baseline(
     rows = []
     for name, classic in trees.items():
         cost = head_cost(classic.tree, counts, dim, classic.projections)  # the adaptive shapes' projections count
-        rows.append({"tree": name, **classic.tree.summary(counts, dim), "expected_cost": cost,
-                     "cost_ratio": cost / (len(vocab) * dim), "hash": classic.tree.canonical_hash[:12]})  # fmt: skip
+        rows.append({"tree": name, **classic.tree.summary(counts), "expected_cost": cost,
+                     "cost_ratio": cost / full_softmax_macs(len(vocab), dim),
+                     "hash": classic.tree.canonical_hash[:12]})  # fmt: skip
     if dataset is not None:
         config = NodeRecipe(epochs=epochs, seed=seed)
         for k, row in enumerate(rows, start=1):
@@ -196,7 +197,8 @@ def baseline(
         table.add_row(*cells)
     console.print(table)
     console.print(
-        f"full softmax: {len(vocab) * dim:,} multiply-adds per token; built {len(trees)} trees in {build_seconds:.2f} s"
+        f"full softmax: {full_softmax_macs(len(vocab), dim):,.0f} multiply-adds per token; built {len(trees)} trees "
+        f"in {build_seconds:.2f} s"
     )
     if dataset is not None:
         scored = [r for r in rows if r["error"] is None]
@@ -254,15 +256,18 @@ def show(tree_file: Path, classes: tuple[str, ...], dim: int) -> None:
     tree = record.tree
     weighted = record.counts is not None and float(np.sum(record.counts)) > 0
     counts = record.counts if weighted else None
-    stats = tree.summary(counts, dim)
+    stats = tree.summary(counts)
+    projections = {int(n): int(p) for n, p in ((record.built_by or {}).get("projections") or {}).items()}
+    cost = head_cost(tree, counts, dim, projections)  # the head's cost model: projections count
     console.print(f"[bold]{tree_file}[/]")
     console.print(
         f"  classes {tree.num_classes:,}, internal nodes {tree.num_internal:,}, "
         f"max fanout {stats['max_fanout']}, max depth {stats['max_depth']}"
     )
     console.print(
-        f"  expected depth {stats['expected_depth']:.3f}, expected cost {stats['expected_cost']:,.0f} "
-        f"multiply-adds/token (d={dim}), {100 * stats['cost_ratio']:.3g}% of full softmax "
+        f"  expected depth {stats['expected_depth']:.3f}, expected cost {cost:,.0f} "
+        f"multiply-adds/token (d={dim}{', projections included' if projections else ''}), "
+        f"{100 * cost / full_softmax_macs(tree.num_classes, dim):.3g}% of full softmax "
         f"({'under the class counts' if weighted else 'uniform over classes: the file has no counts'})"
     )
     console.print(f"  canonical hash {tree.canonical_hash}")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tree_search.builders import frequency_cutoffs, huffman
-from tree_search.cost import CostProfile, head_cost, node_costs
+from tree_search.cost import CostProfile, full_softmax_macs, head_cost, node_costs
 from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.heads.train import Callback, EvalPoint
@@ -128,7 +128,7 @@ def huffman_cost(dataset: FeatureDataset, model: CostProfile | None = None) -> f
 def full_softmax_cost(dataset: FeatureDataset, model: CostProfile | None = None) -> float:
     """The full softmax's cost per token (one node over every class): V x dim multiply-adds, or ``model``'s time."""
     if model is None:
-        return float(dataset.num_classes * dataset.dim)
+        return full_softmax_macs(dataset.num_classes, dataset.dim)
     return head_cost(frequency_cutoffs(np.ones(dataset.num_classes), []), None, dataset.dim, model=model)
 
 
@@ -271,7 +271,7 @@ def evaluate(
     counts = dataset.class_weights
     projections = {int(node): int(size) for node, size in (projections or {}).items()}
     cost = head_cost(tree, counts, dataset.dim, projections)
-    ratio = cost / tree.full_softmax_cost(dataset.dim)
+    ratio = cost / full_softmax_cost(dataset)
     started = time.perf_counter()
     per_seed, history, error, pruned = [], [], None, False
     counters = {"nodes_trained": 0, "nodes_reused": 0, "node_seconds": 0.0, "flops": 0.0}
