@@ -380,3 +380,20 @@ def test_search_straight_from_text_in_one_command(tmp_path):
     again = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "run2")])  # the same text: its features are reused
     assert again.exit_code == 0 and "encoder step" not in again.output
     assert json.loads((tmp_path / "run2" / "config.json").read_text())["env_config"]["dataset"] == str(folder)
+
+
+def test_show_prices_a_projected_tree_as_baseline_does_with_its_projections(tmp_path, counts_file):
+    out = tmp_path / "out"
+    assert run("baseline", "--counts", str(counts_file), "--trees", "grave-2", "--out", str(out)).exit_code == 0
+    record = load_tree(out / "grave-2.tree.json")
+    projections = {int(n): int(p) for n, p in record.built_by["projections"].items()}
+    assert projections  # Grave's tail clusters are projected
+    tree, dim = record.tree, 256
+    visits = record.tree.subtree_sums(record.counts / record.counts.sum())
+    by_hand = sum(visits[n] * ((dim + tree.fanout[n]) * projections[n] if n in projections else tree.fanout[n] * dim)
+                  for n in range(tree.num_internal))  # fmt: skip
+    listed = json.loads((out / "baselines.json").read_text())["trees"][0]["expected_cost"]
+    assert listed == pytest.approx(by_hand)
+    result = run("show", str(out / "grave-2.tree.json"))
+    assert result.exit_code == 0, result.output
+    assert f"expected cost {by_hand:,.0f} multiply-adds/token (d=256, projections included)" in result.output
