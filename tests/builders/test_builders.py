@@ -377,3 +377,14 @@ def test_class_weights_is_the_one_fallback_for_unknown_counts():
     assert class_weights([0, 0, 0, 0]).tolist() == [1.0, 1.0, 1.0, 1.0]  # no count known: every class weighs the same
     with pytest.raises(ValueError, match="class 1 has -1"):
         class_weights([2, -1])
+
+
+def test_baseline_names_are_huffman_and_balanced_per_arity_then_cutoffs_and_clustered_with_embeddings():
+    assert builders.baseline_names((4, 16)) == ("huffman-2", "huffman-4", "huffman-16", "balanced-2", "balanced-4",
+                                                "balanced-16", "cutoffs")  # fmt: skip
+    clustered = ("pca-2", "kmeans-4", "kmeans-16", "adaptive")
+    assert builders.baseline_names((2, 3), clustered=True) == ("huffman-2", "huffman-3", "balanced-2", "balanced-3",
+                                                               "cutoffs", *clustered)  # fmt: skip
+    for bad in (1, True, 2.5):
+        with pytest.raises(ValueError, match="arity must be an integer >= 2"):
+            builders.baseline_names((bad,))

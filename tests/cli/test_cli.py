@@ -145,6 +145,13 @@ def test_baseline_evaluate_trains_a_head_per_tree(tmp_path, monkeypatch):
     assert "lowest validation loss:" in result.output and "huffman-2, at" in result.output
     record = load_tree(out / "kmeans-4.tree.json")
     assert record.metrics["valid_nll"] > 0 and record.built_by["builder"] == "cluster_tree"
+    from tree_search.reward import NodeRecipe, evaluate
+
+    # the same numbers as the reward's own evaluation of the tree, trained afresh (no node bank)
+    direct = evaluate(record.tree, dataset, NodeRecipe(epochs=1, seed=0), device="cpu", top_k_samples=5_000,
+                      use_cache=False)  # fmt: skip
+    assert record.metrics["valid_nll"] == pytest.approx(direct.valid_nll, rel=1e-9)
+    assert record.metrics["top1"] == pytest.approx(direct.top1) and 0 < direct.top1 <= 1
     summary = json.loads((out / "baselines.json").read_text())
     assert all(row["valid_nll"] is not None for row in summary["trees"])
     bad = CliRunner().invoke(main, ["baseline", "--evaluate", "--counts", str(out / "vocab.json")])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from tree_search.agents.base import Searcher
 from tree_search.builders import ClassicTree, classic_trees
@@ -30,12 +30,17 @@ class BaselineSearcher(Searcher):
         dataset: FeatureDataset,
         names: Sequence[str] | str = "core",
         seed: int = 0,
+        classics: Mapping[str, ClassicTree] | None = None,
     ) -> None:
-        """Args: evaluator: where trees are evaluated; dataset: whose counts and embeddings build them."""
+        """Args: evaluator: where trees go; dataset: whose counts and embeddings build them; classics: built trees.
+
+        With ``classics`` (a taxonomy's tree among them, say), ``names`` is not read.
+        """
         super().__init__(None, evaluator, seed=seed)  # builds trees directly, no environment
-        self.dataset, self.names = dataset, names
+        self.dataset, self.names, self.classics = dataset, names, classics
 
     def search(self) -> Iterator[Evaluation]:
         """Evaluate each baseline once (known ones come from the run being resumed)."""
-        for name, classic in dataset_classics(self.dataset, self.names, self.seed).items():
+        classics = self.classics if self.classics is not None else dataset_classics(self.dataset, self.names, self.seed)
+        for name, classic in classics.items():
             yield self.evaluator.evaluate(classic.tree, classic.projections, searcher=f"baseline:{name}", counted=False)

@@ -21,6 +21,7 @@ from tree_search.builders.classics import (
     CUTOFF_SHAPES,
     HEAD_MASS,
     ClassicTree,
+    baseline_names,
     classic_names,
     classic_trees,
 )
@@ -40,6 +41,7 @@ from tree_search.builders.taxonomy import UNKNOWN_MODES, TaxonomyError, from_cat
 
 __all__ = [
     "ADAPTIVE_SHAPES",
+    "baseline_names",
     "CUTOFF_SHAPES",
     "ATTACH_MODES",
     "CLASSIC_NAMES",

@@ -22,6 +22,7 @@ __all__ = [
     "CLASSIC_NAMES",
     "CLASSIC_SETS",
     "ClassicTree",
+    "baseline_names",
     "HEAD_MASS",
     "classic_names",
     "classic_trees",
@@ -114,6 +115,23 @@ _CLASSIC_GRAMMAR = re.compile(
     r"(huffman|balanced|pca|kmeans)-([2-9]|[1-9]\d+)|cutoffs(-[1-9]\d?)?|adaptive(-([2-9]|[1-9]\d+))?"
     r"|headtail-(pca|kmeans)-([2-9]|[1-9]\d+)|grave-([1-9]\d*)|two-level|random"
 )
+
+
+def baseline_names(arities: Sequence[int] = (4, 16), clustered: bool = False) -> tuple[str, ...]:
+    """The trees ``tree-search baseline`` builds by default, duplicates dropped.
+
+    Huffman and balanced of fanout 2 and each arity, frequency cutoffs, and with class
+    embeddings (``clustered``) PCA, k-means and the adaptive shape.
+
+    Raises:
+        ValueError: an arity that is not an integer of at least 2.
+    """
+    for arity in arities:
+        if isinstance(arity, bool) or not isinstance(arity, (int, np.integer)) or arity < 2:
+            raise ValueError(f"arity must be an integer >= 2, got {arity!r}")
+    names = ["huffman-2", *(f"huffman-{k}" for k in arities), "balanced-2", *(f"balanced-{k}" for k in arities),
+             "cutoffs", *(("pca-2", "kmeans-4", "kmeans-16", "adaptive") if clustered else ())]  # fmt: skip
+    return tuple(dict.fromkeys(names))
 
 
 def classic_names(names: Sequence[str] | str) -> tuple[str, ...]:

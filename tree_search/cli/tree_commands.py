@@ -12,6 +12,7 @@ import numpy as np
 from rich.table import Table
 
 from tree_search import builders
+from tree_search.agents.baselines import BaselineSearcher
 from tree_search.cli.app import class_id, console, friendly_errors, int_list, is_number, main, progress_bars, read_vocab
 from tree_search.cost import full_softmax_macs, head_cost
 from tree_search.data import CorpusConfig, prepare_dataset
@@ -19,7 +20,14 @@ from tree_search.data.features import class_embeddings
 from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.export import TreeRecord, load_tree, save_tree
 from tree_search.reward import NodeRecipe
-from tree_search.reward import evaluate as evaluate_tree
+from tree_search.reward.evaluator import LocalEvaluator
+
+TOP_K_SAMPLES = 5_000  # validation rows on which `baseline --evaluate` measures top-1 accuracy
+
+
+def _finite(value: float | None) -> float:
+    """A number from a result's JSON (None stands for NaN or infinity there)."""
+    return math.nan if value is None else float(value)
 
 
 @main.command()
@@ -123,14 +131,8 @@ def baseline(
     counts = vocab.counts
     console.print(f"[bold]{len(vocab):,} classes[/] from {source}")
     started = time.perf_counter()
-    for arity in arities:
-        if isinstance(arity, bool) or arity < 2:
-            raise ValueError(f"arity must be an integer >= 2, got {arity}")
-    if tree_names is None:
-        tree_names = ",".join(dict.fromkeys(["huffman-2", *(f"huffman-{k}" for k in arities), "balanced-2",
-                                             *(f"balanced-{k}" for k in arities), "cutoffs"]))  # fmt: skip
-        if dataset is not None:
-            tree_names += ",pca-2,kmeans-4,kmeans-16,adaptive"
+    default_names = builders.baseline_names(arities, clustered=dataset is not None)  # checks the arities too
+    tree_names = ",".join(default_names) if tree_names is None else tree_names
     embeddings = class_embeddings(dataset) if dataset is not None else None
     try:
         trees = builders.classic_trees(counts, tree_names, embeddings=embeddings, dim=dim, seed=seed,
@@ -154,17 +156,19 @@ def baseline(
         rows.append({"tree": name, **classic.tree.summary(counts), "expected_cost": cost,
                      "cost_ratio": cost / full_softmax_macs(len(vocab), dim),
                      "hash": classic.tree.canonical_hash[:12]})  # fmt: skip
-    if dataset is not None:
-        config = NodeRecipe(epochs=epochs, seed=seed)
-        for k, row in enumerate(rows, start=1):
-            classic = trees[row["tree"]]
-            result = evaluate_tree(classic.tree, dataset, config, device=device, projections=classic.projections,
-                                   top_k_samples=5_000)  # fmt: skip
-            row.update(valid_nll=result.valid_nll, perplexity=result.perplexity, top1=result.top1,
-                       train_seconds=result.train_seconds, error=result.error)  # fmt: skip
-            status = f"valid NLL {result.valid_nll:.4f}" if result.ok else f"FAILED: {result.error}"
-            console.print(f"[{k}/{len(rows)}] {row['tree']}: {status} ({result.train_seconds:.1f} s"
-                          f"{', cached' if result.cached else ''})")  # fmt: skip
+    if dataset is not None:  # the classic trees are evaluated where a search evaluates them: `BaselineSearcher`
+        evaluator = LocalEvaluator(dataset, NodeRecipe(epochs=epochs, seed=seed), device=device,
+                                   top_k_samples=TOP_K_SAMPLES)  # fmt: skip
+        by_name = {row["tree"]: row for row in rows}
+        for k, evaluation in enumerate(BaselineSearcher(evaluator, dataset, seed=seed, classics=trees).search(), 1):
+            row, result = by_name[evaluation.searcher.removeprefix("baseline:")], evaluation.result
+            row.update(valid_nll=evaluation.valid_nll, perplexity=_finite(result["perplexity"]),
+                       top1=_finite(result["top1"]), train_seconds=evaluation.train_seconds,
+                       error=evaluation.error)  # fmt: skip
+            status = f"valid NLL {evaluation.valid_nll:.4f}" if evaluation.error is None else \
+                f"FAILED: {evaluation.error}"  # fmt: skip
+            console.print(f"[{k}/{len(rows)}] {row['tree']}: {status} ({evaluation.train_seconds:.1f} s"
+                          f"{', cached' if result.get('cached') else ''})")  # fmt: skip
     table = Table(title=f"Classic trees (expectations under the class counts, d={dim})")
     columns = ["tree", "max fanout", "internal nodes", "max depth", "mean depth", "cost/token", "of full softmax"]
     if dataset is not None:
