@@ -102,7 +102,7 @@ def _evaluator_process(trees: dict, device: str, bank: str, threads: int, barrie
     torch.set_num_threads(threads)  # the evaluators share the CPU cores too
     dataset = prepare_dataset()
     first = next(iter(trees.values()))
-    evaluate(first[0], dataset, NodeRecipe(), device=device, projections=first[1], use_cache=False)  # warm-up
+    evaluate(first[0], dataset, NodeRecipe(), device=device, projections=first[1], node_bank=False)  # warm-up
     barrier.wait()
     started = time.time()
     for tree, projections in trees.values():
@@ -164,7 +164,7 @@ def main() -> None:
     valid_h, valid_y = valid.features.float(), torch.from_numpy(valid.labels).to(device)
     rates = matmul_rates(device)
     bank = Path(tempfile.mkdtemp(prefix="bench-reward-bank-"))
-    evaluate(trees["huffman-4"][0], dataset, default, device=device, use_cache=False)  # samples loaded once
+    evaluate(trees["huffman-4"][0], dataset, default, device=device, node_bank=False)  # samples loaded once
     # Phase 1, what a search pays: every tree at the default recipe, one after the other, every node new.
     rows = []
     for name, (tree, projections) in trees.items():
@@ -173,7 +173,7 @@ def main() -> None:
                      "seconds": fresh.train_seconds,
                      "gflops": fresh.extra["flops"] / fresh.extra["node_seconds"] / 1e9})  # fmt: skip
         if args.fp32:
-            reference = evaluate(tree, dataset, fp32, device=device, projections=projections, use_cache=False)
+            reference = evaluate(tree, dataset, fp32, device=device, projections=projections, node_bank=False)
             rows[-1].update(fp32=reference.valid_nll, fp32_seconds=reference.train_seconds)
     if args.evaluators:
         evaluator_scaling(trees, args.device, [int(n) for n in args.evaluators.split(",")])
@@ -184,7 +184,7 @@ def main() -> None:
         if args.no_full:
             full = None
         else:
-            full = evaluate(tree, dataset, FULL, device=device, projections=projections, use_cache=False)
+            full = evaluate(tree, dataset, FULL, device=device, projections=projections, node_bank=False)
         row.update(full=full.valid_nll if full else math.nan, full_seconds=full.train_seconds if full else math.nan)
         if args.old and not projections:
             row["old"], row["old_seconds"] = old_reward(tree, dataset, valid_h, valid_y, device)

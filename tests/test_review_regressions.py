@@ -36,9 +36,9 @@ def test_a_pruned_evaluation_is_partial_and_seeds_are_checked():
     dataset = make_planted(num_classes=20, dim=8, num_train=2000, num_valid=400, num_test=400).to_dataset()
     config = NodeRecipe(train_tokens=None, valid_tokens=None, steps=8, batch_size=128, measurements=4)
     tree = builders.huffman(dataset.counts)
-    pruned = evaluate(tree, dataset, config, device="cpu", callbacks=[lambda point: True], use_cache=False)
+    pruned = evaluate(tree, dataset, config, device="cpu", callbacks=[lambda point: True], node_bank=False)
     assert pruned.extra.get("pruned") is True
-    full = evaluate(tree, dataset, config, device="cpu", use_cache=False)
+    full = evaluate(tree, dataset, config, device="cpu", node_bank=False)
     assert not full.extra.get("pruned") and full.valid_nll < pruned.valid_nll  # stopped at the initial weights
     with pytest.raises(ValueError, match="at least one seed"):
         evaluate(tree, dataset, config, seeds=0)

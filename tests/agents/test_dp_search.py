@@ -102,7 +102,7 @@ def test_dp_trees_are_predicted_exactly_and_beat_the_classic_trees_under_the_cap
         assert predicted == pytest.approx(evaluated, rel=1e-9, abs=1e-9)
     # ... and against the last knapsack tree trained from scratch, without the bank (not the rows it was predicted from)
     predicted, _, tree = searcher.predictions[-1]
-    fresh = evaluate(tree, dataset, QUICK, device="cpu", use_cache=False)
+    fresh = evaluate(tree, dataset, QUICK, device="cpu", node_bank=False)
     assert fresh.extra["nodes_reused"] == 0 and predicted == pytest.approx(fresh.valid_nll, rel=1e-6)
     counts = dataset.counts
     huffman_macs = float(counts / counts.sum() @ huffman(counts, 2).path_fanout_sum)  # per dimension, by hand

@@ -149,7 +149,7 @@ def test_baseline_evaluate_trains_a_head_per_tree(tmp_path, monkeypatch):
 
     # the same numbers as the reward's own evaluation of the tree, trained afresh (no node bank)
     direct = evaluate(record.tree, dataset, NodeRecipe(epochs=1, seed=0), device="cpu", top_k_samples=5_000,
-                      use_cache=False)  # fmt: skip
+                      node_bank=False)  # fmt: skip
     assert record.metrics["valid_nll"] == pytest.approx(direct.valid_nll, rel=1e-9)
     assert record.metrics["top1"] == pytest.approx(direct.top1) and 0 < direct.top1 <= 1
     summary = json.loads((out / "baselines.json").read_text())
@@ -404,3 +404,15 @@ def test_show_prices_a_projected_tree_as_baseline_does_with_its_projections(tmp_
     result = run("show", str(out / "grave-2.tree.json"))
     assert result.exit_code == 0, result.output
     assert f"expected cost {by_hand:,.0f} multiply-adds/token (d=256, projections included)" in result.output
+
+
+def test_resume_refuses_settings_it_would_ignore_and_takes_how_the_search_runs(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    refused = CliRunner().invoke(main, ["search", "--resume", str(folder), "--budget", "5", "--final-seeds", "2",
+                                        "--no-compare", "--eval-workers", "2"])  # fmt: skip
+    assert refused.exit_code == 1
+    assert "--budget, --final-seeds: a resumed run keeps the settings in its config.json" in refused.output
+    taken = CliRunner().invoke(main, ["search", "--resume", str(folder), "--no-compare", "--eval-workers", "2",
+                                      "--no-node-bank"])  # fmt: skip
+    assert taken.exit_code == 1 and "keeps the settings" not in taken.output and "config.json" in taken.output

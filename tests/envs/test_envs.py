@@ -72,7 +72,7 @@ def test_same_seed_same_rollout_with_real_reward(env_id):
     traces = []
     for _ in range(2):  # no cache: the second episode trains its head again and must get the same loss
         config = CONFIG.with_updates(cost_mode="tradeoff")
-        reward = LocalReward(load_env_dataset(config), config.train, use_cache=False)
+        reward = LocalReward(load_env_dataset(config), config.train, node_bank=False)
         traces.append(rollout(gym.make(env_id, config=config, reward_fn=reward), seed=3))
     (obs_a, reward_a, info_a), (obs_b, reward_b, info_b) = traces
     assert len(obs_a) == len(obs_b)

@@ -41,7 +41,7 @@ def test_a_tree_nll_is_the_sum_of_its_node_losses_and_equals_the_head(planted, i
     recipe = NodeRecipe(**{**RECIPE.key_fields(), "init": init})
     valid = split_sample(dataset, "valid", recipe.valid_tokens, recipe.seed, torch.device("cpu"))
     for name, (tree, projections) in _shapes(planted).items():
-        result = evaluate(tree, dataset, recipe, device="cpu", use_cache=False, projections=projections)
+        result = evaluate(tree, dataset, recipe, device="cpu", node_bank=False, projections=projections)
         outcome = train_nodes(tree, np.arange(tree.num_internal), dataset, recipe, projections=projections,
                               keep_weights=True)  # fmt: skip
         assert result.valid_nll == pytest.approx(outcome.best.sum() / valid.labels.size, rel=1e-9), name
@@ -178,7 +178,7 @@ def test_the_bank_trains_each_node_once_and_survives_the_process(planted, tmp_pa
     assert record.found.all()
     assert NodeBank(dataset, NodeRecipe(**{**RECIPE.key_fields(), "seed": 1}), "cpu", tmp_path).folder != fresh.folder
     # without the bank every node is trained again, to the same numbers
-    assert evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False).valid_nll == pytest.approx(first.valid_nll)
+    assert evaluate(tree, dataset, RECIPE, device="cpu", node_bank=False).valid_nll == pytest.approx(first.valid_nll)
 
 
 def test_edited_training_code_never_reads_the_old_bank(planted, tmp_path, monkeypatch):
@@ -270,20 +270,20 @@ def test_a_bug_raises_and_only_training_failures_become_results(planted, monkeyp
 
     monkeypatch.setattr(reward, "train_nodes", broken)
     with pytest.raises(IndexError, match="out of bounds"):
-        evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False)
+        evaluate(tree, dataset, RECIPE, device="cpu", node_bank=False)
 
     def diverged(*args, **kwargs):
         raise FloatingPointError("non-finite validation loss in 1 node(s)")
 
     monkeypatch.setattr(reward, "train_nodes", diverged)
-    result = evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False)
+    result = evaluate(tree, dataset, RECIPE, device="cpu", node_bank=False)
     assert not result.ok and "non-finite" in result.error and result.valid_nll == math.inf
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
 
     monkeypatch.setattr(reward, "train_nodes", out_of_memory)
-    assert "allocate" in evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False).error
+    assert "allocate" in evaluate(tree, dataset, RECIPE, device="cpu", node_bank=False).error
 
 
 def test_non_finite_features_fail_the_evaluation(planted):
@@ -293,7 +293,7 @@ def test_non_finite_features_fail_the_evaluation(planted):
     broken = dict(dataset.features)
     broken["train"] = np.full_like(broken["train"], np.nan)  # what a diverging encoder would hand over
     dataset = dataclasses.replace(dataset, features=broken, key="broken")
-    result = evaluate(builders.balanced(64, 2), dataset, RECIPE, device="cpu", use_cache=False)
+    result = evaluate(builders.balanced(64, 2), dataset, RECIPE, device="cpu", node_bank=False)
     assert not result.ok and "non-finite" in result.error
 
 
@@ -369,7 +369,7 @@ def test_bf16_training_stays_node_exact_and_close_to_fp32(wide):
     np.testing.assert_allclose(low[wide_key][0][0], full[wide_key][0][0], rtol=1e-9)  # the initial weights: no step
     # the README's claim, per tree: bfloat16 moves a tree's validation NLL by at most 0.0002 nats/token
     for tree in (a, b, builders.huffman(wide.counts, 2), builders.huffman(wide.counts, 8)):
-        nll = {p: evaluate(tree, dataset, r, device="cpu", use_cache=False).valid_nll for p, r in recipe.items()}
+        nll = {p: evaluate(tree, dataset, r, device="cpu", node_bank=False).valid_nll for p, r in recipe.items()}
         assert abs(nll["bf16"] - nll["fp32"]) <= 2e-4, nll
 
 
@@ -385,7 +385,7 @@ def test_training_is_deterministic(planted):
 def test_node_training_on_cuda_matches_the_cpu(planted, tmp_path):
     dataset = planted.to_dataset()
     tree, projections = _shapes(planted)["adaptive"]
-    cpu = evaluate(tree, dataset, RECIPE, device="cpu", use_cache=False, projections=projections)
+    cpu = evaluate(tree, dataset, RECIPE, device="cpu", node_bank=False, projections=projections)
     gpu = evaluate(tree, dataset, RECIPE, device="cuda", bank_root=tmp_path, projections=projections)
     assert gpu.ok and gpu.valid_nll == pytest.approx(cpu.valid_nll, rel=1e-3)
     # the bank keeps devices apart (float rounding differs): the CPU finds nothing of the GPU's

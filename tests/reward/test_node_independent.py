@@ -138,7 +138,7 @@ def test_the_reward_equals_a_plain_head_trained_one_node_at_a_time(planted, shap
         chosen = {n: int(np.argmin(losses[judge])) if np.any(losses[judge]) else recipe.measurements
                   for n, losses in node_loss.items()}  # fmt: skip
         total -= _path_log_probs(snapshots, paths, chosen, x[half], y[half]).sum().item()
-    result = evaluate(tree, dataset, recipe, device="cpu", use_cache=False)
+    result = evaluate(tree, dataset, recipe, device="cpu", node_bank=False)
     assert result.valid_nll == pytest.approx(total / y.size, rel=1e-7, abs=0)
     # the final report: every node at its best measurement on the whole validation sample, scored on the test split
     best = {n: int(np.argmin(losses[0] + losses[1])) for n, losses in node_loss.items()}

@@ -47,8 +47,8 @@ def test_a_callback_can_stop_training(planted):
 
 def test_oracle_tree_beats_huffman_and_approaches_the_bayes_loss(planted):
     dataset = planted.to_dataset()
-    oracle = evaluate(planted.tree, dataset, RECIPE, device="cpu", use_cache=False)
-    huffman = evaluate(builders.huffman(planted.counts), dataset, RECIPE, device="cpu", use_cache=False)
+    oracle = evaluate(planted.tree, dataset, RECIPE, device="cpu", node_bank=False)
+    huffman = evaluate(builders.huffman(planted.counts), dataset, RECIPE, device="cpu", node_bank=False)
     assert oracle.ok and huffman.ok
     assert oracle.valid_nll < huffman.valid_nll - 0.05
     assert oracle.valid_nll > planted.bayes_nll["valid"] - 0.05  # nothing beats the true model (up to noise)
@@ -80,7 +80,7 @@ def test_score_test_uses_the_test_split(planted):
     assert set(scores) == {"valid_nll", "test_nll", "test_perplexity", "test_row_nll"}
     assert abs(scores["test_nll"] - planted.bayes_nll["test"]) < 0.4
     # each test row's NLL, against the same weights scored row by row by the head (another code path)
-    head = trained_head(planted.tree, dataset, recipe, device="cpu", use_bank=False)
+    head = trained_head(planted.tree, dataset, recipe, device="cpu", node_bank=False)
     features = torch.from_numpy(np.array(dataset.features["test"], dtype=np.float32))
     labels = torch.from_numpy(np.asarray(dataset.labels["test"], dtype=np.int64))
     with torch.no_grad():

@@ -279,11 +279,11 @@ class DPSearcher(Searcher):
         seconds: float | None = None,
         seed: int = 0,
         device: str | None = None,
-        use_bank: bool = True,
+        node_bank: bool = True,
     ) -> None:
         """Args: evaluator: rewards and budget; dataset: features; config: the split grammar and the cost cap."""
         super().__init__(None, evaluator, seconds=seconds, seed=seed)
-        self.dataset, self.config, self.use_bank = dataset, config, use_bank
+        self.dataset, self.config, self.node_bank = dataset, config, node_bank
         self.device = default_device() if device is None else torch.device(device)  # the bank is per device
         self.counts = dataset.class_weights
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
@@ -420,7 +420,7 @@ class DPSearcher(Searcher):
     def _node_values(self, tree: Tree, projections: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(I, 2) each node's NLL share per validation half and (I,) its cost share, from the bank (just trained)."""
         shares, _ = node_nll_shares(tree, self.dataset, self.config.train, seeds=self.config.seeds,
-                                    projections=projections, device=self.device, use_bank=self.use_bank,
+                                    projections=projections, device=self.device, node_bank=self.node_bank,
                                     halves=True)  # fmt: skip
         return shares, node_costs(tree, self.counts, self.dim, projections, model=self.cost_model)
 

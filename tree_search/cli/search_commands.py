@@ -345,8 +345,16 @@ def search(
     if decode_cap and cost_model.startswith("measured"):  # the decoding side of the same profile
         check_cost_spec("decode" + cost_model.removeprefix("measured"), device_type)
     # how the search runs (this session's flags, also on resume): the fields `EXECUTION_FIELDS` declares
-    execution = {name: click.get_current_context().params[name] for name in EXECUTION_FIELDS}
+    context = click.get_current_context()
+    execution = {name: context.params[name] for name in EXECUTION_FIELDS}
     if resume is not None:
+        session = (*EXECUTION_FIELDS, *_RESUMED_SESSION_OPTIONS)
+        given = [option.opts[0] for option in context.command.params if option.name not in session
+                 and context.get_parameter_source(option.name) is not click.core.ParameterSource.DEFAULT]  # fmt: skip
+        if given:
+            allowed = ", ".join(f"--{name.replace('_', '-')}" for name in EXECUTION_FIELDS)
+            raise click.ClickException(f"{', '.join(given)}: a resumed run keeps the settings in its config.json; "
+                                       f"only how it runs may change ({allowed})")  # fmt: skip
         folder = resume
         config = dataclasses.replace(SearchConfig.from_json(Run(folder).config, resume=True), **execution)
     else:
@@ -410,6 +418,7 @@ def search(
         _end_to_end(folder, EndToEndConfig())
 
 
+_RESUMED_SESSION_OPTIONS = ("resume", "compare", "end_to_end_too")  # besides EXECUTION_FIELDS, what --resume takes
 STOP_GRACE_SECONDS = 30.0
 _stopping = threading.Event()
 

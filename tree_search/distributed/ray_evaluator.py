@@ -85,7 +85,7 @@ class EvaluationWorker:
         train: NodeRecipe,
         seeds: int,
         reporter: tuple[Any, int] | None = None,
-        use_bank: bool = True,
+        node_bank: bool = True,
     ) -> dict[str, Any]:
         """`tree_search.reward.evaluate` on this actor's device; the `Result` as JSON.
 
@@ -99,14 +99,14 @@ class EvaluationWorker:
             channel, rid = reporter
             callbacks = (lambda point: ray.get(channel.ask.remote(asdict(point), rid)),)
         return evaluate(tree, self.dataset, train, seeds=seeds, projections=projections, callbacks=callbacks,
-                        use_cache=use_bank).to_json()  # fmt: skip
+                        node_bank=node_bank).to_json()  # fmt: skip
 
     def evaluate_many(self, requests: list[tuple[Tree, dict[int, int] | None, NodeRecipe, int, bool]]) -> list[dict]:
         """Several evaluations in one call: ``{"result": ...}`` or ``{"exception": ...}`` (raised by the caller)."""
         answers = []
-        for tree, projections, train, seeds, use_bank in requests:
+        for tree, projections, train, seeds, node_bank in requests:
             try:
-                answers.append({"result": self.evaluate(tree, projections, train, seeds, use_bank=use_bank)})
+                answers.append({"result": self.evaluate(tree, projections, train, seeds, node_bank=node_bank)})
             except Exception as error:  # noqa: BLE001 - one bug must not hide the other results
                 answers.append({"exception": error})
         return answers
@@ -154,7 +154,7 @@ class RayEvaluator(Evaluator):
         max_retries: int = 2,
         address: str | None = None,
         batch: int = 1,
-        use_bank: bool = True,
+        node_bank: bool = True,
     ) -> None:
         """Start ``workers`` actors.
 
@@ -168,7 +168,7 @@ class RayEvaluator(Evaluator):
             )
         ensure_ray(address)
         self.train, self.seeds, self.max_retries, self.batch = train, seeds, max_retries, batch
-        self.use_bank = use_bank  # the actors share this machine's node bank (see `tree_search.reward.node_bank`)
+        self.node_bank = node_bank  # the actors share this machine's node bank (see `tree_search.reward.node_bank`)
         self.gpus_per_evaluation = gpus_per_eval
         self._actor_class = ray.remote(num_cpus=cpus_per_eval, num_gpus=gpus_per_eval, max_restarts=0)(EvaluationWorker)
         self._threads = max(1, int(cpus_per_eval))
@@ -250,10 +250,10 @@ class RayEvaluator(Evaluator):
         """One evaluation on ``actor``, answering its training measurements with ``callbacks`` meanwhile."""
         if not callbacks:
             return Result.from_json(
-                ray.get(actor.evaluate.remote(tree, projections, self.train, self.seeds, None, self.use_bank))
+                ray.get(actor.evaluate.remote(tree, projections, self.train, self.seeds, None, self.node_bank))
             )
         channel, rid = self._report_channel(), next(self._rids)
-        reference = actor.evaluate.remote(tree, projections, self.train, self.seeds, (channel, rid), self.use_bank)
+        reference = actor.evaluate.remote(tree, projections, self.train, self.seeds, (channel, rid), self.node_bank)
         try:
             while not ray.wait([reference], timeout=0)[0]:
                 try:
@@ -312,7 +312,7 @@ class RayEvaluator(Evaluator):
         return mine.result, mine.seconds
 
     def _call_many(self, actor, *, batch: list[_Waiting]) -> list[Result]:
-        requests = [(w.tree, w.projections, self.train, self.seeds, self.use_bank) for w in batch]
+        requests = [(w.tree, w.projections, self.train, self.seeds, self.node_bank) for w in batch]
         started = time.perf_counter()
         answers = ray.get(actor.evaluate_many.remote(requests))
         for waiting in batch:  # the call's time, shared: worker seconds count the actor's time once

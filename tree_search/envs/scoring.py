@@ -115,12 +115,12 @@ class LocalReward:
     dataset: FeatureDataset
     train: NodeRecipe = NodeRecipe()
     seeds: int = 1
-    use_cache: bool = True  # reuse results of trees trained before (memory and disk)
+    node_bank: bool = True  # reuse results of trees trained before (memory and disk)
 
     def __call__(self, tree: Tree, projections: Mapping[int, int] | None = None) -> Result:
         """Train and score ``tree`` on the validation split (cached by canonical hash)."""
         return evaluate(
-            tree, self.dataset, self.train, seeds=self.seeds, projections=projections, use_cache=self.use_cache
+            tree, self.dataset, self.train, seeds=self.seeds, projections=projections, node_bank=self.node_bank
         )
 
 

@@ -431,15 +431,15 @@ class LocalEvaluator(Evaluator):
         budget: int | None = None,
         listeners: Sequence[Listener] = (),
         device: str | None = None,
-        use_bank: bool = True,
+        node_bank: bool = True,
         top_k_samples: int = 0,
     ) -> None:
-        """Args: dataset, train, seeds, top_k_samples: what `evaluate` gets; use_bank: reuse trained nodes.
+        """Args: dataset, train, seeds, top_k_samples: what `evaluate` gets; node_bank: reuse trained nodes.
 
         See `Evaluator`.
         """
         super().__init__(budget, listeners)
-        self.dataset, self.train, self.seeds, self.device, self.use_bank = dataset, train, seeds, device, use_bank
+        self.dataset, self.train, self.seeds, self.device, self.node_bank = dataset, train, seeds, device, node_bank
         self.top_k_samples = int(top_k_samples)
         on_gpu = (torch.device(device) if device is not None else default_device()).type == "cuda"
         self.gpus_per_evaluation = 1.0 if on_gpu else 0.0
@@ -448,6 +448,6 @@ class LocalEvaluator(Evaluator):
         self, tree: Tree, projections: Mapping[int, int] | None, callbacks: Sequence[Callback]
     ) -> tuple[Result, float | None]:
         result = evaluate(tree, self.dataset, self.train, seeds=self.seeds, device=self.device, callbacks=callbacks,
-                          projections=projections, use_cache=self.use_bank,
+                          projections=projections, node_bank=self.node_bank,
                           top_k_samples=self.top_k_samples)  # fmt: skip
         return result, None

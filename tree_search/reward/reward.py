@@ -140,7 +140,7 @@ def node_nll_shares(
     seeds: int = 1,
     projections: Mapping[int, int] | None = None,
     device: torch.device,
-    use_bank: bool = True,
+    node_bank: bool = True,
     nodes: np.ndarray | None = None,
     halves: bool = False,
 ) -> tuple[np.ndarray, dict[str, int]]:
@@ -155,7 +155,7 @@ def node_nll_shares(
     for seed in range(recipe.seed, recipe.seed + seeds):
         seeded = replace(recipe, seed=seed)
         losses, used = node_losses(tree, dataset, seeded, projections=projections, device=device,
-                                   use_bank=use_bank, nodes=nodes)  # fmt: skip
+                                   node_bank=node_bank, nodes=nodes)  # fmt: skip
         rows = split_sample(dataset, "valid", seeded.valid_tokens, seed, device).labels.size
         shares.append((node_result_halves(losses) if halves else node_results(losses)) / rows)
         counters = {k: counters[k] + int(used[k]) for k in counters}
@@ -165,7 +165,9 @@ def node_nll_shares(
 _BANKS: dict[tuple, NodeBank] = {}
 
 
-def node_bank(dataset: FeatureDataset, recipe: NodeRecipe, device: torch.device, root: Path | None = None) -> NodeBank:
+def open_node_bank(
+    dataset: FeatureDataset, recipe: NodeRecipe, device: torch.device, root: Path | None = None
+) -> NodeBank:
     """The (process-wide) bank of ``dataset`` and ``recipe`` on this device class."""
     root = Path(root) if root is not None else cache_root() / "nodes"
     key = (dataset.key, recipe, device.type, str(root), node_train.training_code_identity())
@@ -189,7 +191,7 @@ def node_losses(
     *,
     projections: Mapping[int, int] | None = None,
     device: torch.device,
-    use_bank: bool = True,
+    node_bank: bool = True,
     bank_root: Path | None = None,
     nodes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
@@ -203,8 +205,8 @@ def node_losses(
     subset = np.arange(tree.num_internal) if nodes is None else np.asarray(nodes, dtype=np.int64)
     keys = keys[subset]
     started = time.perf_counter()
-    if use_bank:
-        bank = node_bank(dataset, recipe, device, bank_root)
+    if node_bank:
+        bank = open_node_bank(dataset, recipe, device, bank_root)
         record = bank.lookup(keys)
         found, losses = record.found, record.losses
     else:
@@ -220,7 +222,7 @@ def node_losses(
         )
         losses[missing] = outcome.losses
         flops = outcome.flops
-        if use_bank:
+        if node_bank:
             bank.store(outcome)
     counters = {"nodes_trained": int(missing.size), "nodes_reused": int(found.sum()),
                 "node_seconds": time.perf_counter() - started, "flops": flops}  # fmt: skip
@@ -235,7 +237,7 @@ def evaluate(
     seeds: int | Sequence[int] = 1,
     device: torch.device | str | None = None,
     top_k_samples: int = 0,
-    use_cache: bool = True,
+    node_bank: bool = True,
     callbacks: Sequence[Callback] = (),
     projections: Mapping[int, int] | None = None,
     bank_root: Path | None = None,
@@ -251,7 +253,7 @@ def evaluate(
         device: default CUDA when available.
         top_k_samples: validation rows (a seeded random sample) on which top-1/top-5
             accuracy are measured; 0 (the default of searches) skips it.
-        use_cache: read and extend the node bank (else every node is trained).
+        node_bank: read and extend the node bank (else every node is trained).
         callbacks: see each measurement of the first seed (the tree's NLL after each
             of its nodes' measurement points); one returning True stops there, and the
             result is that partial (pruned) measurement.
@@ -280,7 +282,7 @@ def evaluate(
         for index, seed in enumerate(seed_list):
             recipe = replace(config, seed=seed)
             losses, used = node_losses(tree, dataset, recipe, projections=projections, device=device,
-                                       use_bank=use_cache, bank_root=bank_root)  # fmt: skip
+                                       node_bank=node_bank, bank_root=bank_root)  # fmt: skip
             counters = {k: counters[k] + used[k] for k in counters}
             rows = split_sample(dataset, "valid", recipe.valid_tokens, seed, device).labels.size
             curve = measurement_totals(losses).sum(0) / rows  # the tree's NLL at each measurement point
@@ -304,7 +306,7 @@ def evaluate(
     top1 = top5 = math.nan
     if error is None and top_k_samples and not pruned:
         top1, top5 = top_k_accuracy(tree, dataset, config, top_k_samples, projections=projections, device=device,
-                                    use_bank=use_cache, bank_root=bank_root)  # fmt: skip
+                                    node_bank=node_bank, bank_root=bank_root)  # fmt: skip
     if error is None:
         mean = float(np.mean(per_seed))
         stderr = float(np.std(per_seed, ddof=1) / math.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0
@@ -337,7 +339,7 @@ def node_weights(
     *,
     projections: Mapping[int, int] | None = None,
     device: torch.device | str | None = None,
-    use_bank: bool = True,
+    node_bank: bool = True,
     bank_root: Path | None = None,
     bias_free_nodes: Collection[int] | None = None,
 ) -> dict[int, tuple[np.ndarray, ...]]:
@@ -355,7 +357,7 @@ def node_weights(
     hashes = child_set_hashes(tree)
     owner = np.repeat(np.arange(tree.num_internal), tree.fanout)
     canonical = np.lexsort((hashes[:, 1], hashes[:, 0], owner)) - tree.child_ptr[owner]  # tree slot of each rank
-    bank = node_bank(dataset, recipe, device, bank_root) if use_bank else None
+    bank = open_node_bank(dataset, recipe, device, bank_root) if node_bank else None
     weights = {}
     for node, value in (bank.weights(keys) if bank is not None else {}).items():
         order = np.argsort(canonical[tree.child_ptr[node] : tree.child_ptr[node + 1]])  # canonical rank of each slot
@@ -381,7 +383,7 @@ def trained_head(
     *,
     projections: Mapping[int, int] | None = None,
     device: torch.device | str | None = None,
-    use_bank: bool = True,
+    node_bank: bool = True,
     bank_root: Path | None = None,
     bias_free_nodes: Collection[int] | None = None,
 ) -> TreeSoftmaxHead:
@@ -391,7 +393,7 @@ def trained_head(
     (``interop.adaptive_tail_nodes(tree)`` makes a head `interop.to_torch_adaptive` exports).
     """
     device = torch.device(device) if device is not None else default_device()
-    weights = node_weights(tree, dataset, recipe, projections=projections, device=device, use_bank=use_bank,
+    weights = node_weights(tree, dataset, recipe, projections=projections, device=device, node_bank=node_bank,
                            bank_root=bank_root, bias_free_nodes=bias_free_nodes)  # fmt: skip
     head = TreeSoftmaxHead(tree, dataset.dim, projections=projections, bias_free_nodes=bias_free_nodes)
     for node, value in weights.items():  # once per node, when a head is built; never on the reward's path
@@ -407,11 +409,11 @@ def top_k_accuracy(
     *,
     projections: Mapping[int, int] | None = None,
     device: torch.device,
-    use_bank: bool = True,
+    node_bank: bool = True,
     bank_root: Path | None = None,
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy on a seeded random sample of ``samples`` validation rows."""
-    head = trained_head(tree, dataset, recipe, projections=projections, device=device, use_bank=use_bank,
+    head = trained_head(tree, dataset, recipe, projections=projections, device=device, node_bank=node_bank,
                         bank_root=bank_root)  # fmt: skip
     sample = split_sample(dataset, "valid", samples, recipe.seed + 7, device)
     return _top_k_accuracy(head, sample.features.float(), torch.from_numpy(sample.labels).to(device))

@@ -52,12 +52,12 @@ def _make_searcher(
         from tree_search.agents.dp_search import DPSearcher
 
         return DPSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
-                          use_bank=config.node_bank)  # fmt: skip
+                          node_bank=config.node_bank)  # fmt: skip
     if config.agent == "jtm":
         from tree_search.agents.jtm_search import JTMSearcher
 
         return JTMSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
-                           use_bank=config.node_bank)  # fmt: skip
+                           node_bank=config.node_bank)  # fmt: skip
     if config.agent in OPTUNA_SAMPLERS:
         storage = config.storage or f"sqlite:///{(run.folder / 'optuna.db').resolve()}"
         return OptunaSearcher(
@@ -189,11 +189,11 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
             gpus_per_eval=config.gpus_per_eval,
             address=config.ray_address,
             batch=config.eval_batch,
-            use_bank=config.node_bank,
+            node_bank=config.node_bank,
         )
     else:
         evaluator = LocalEvaluator(
-            dataset, train, seeds, budget=total_budget, listeners=listeners, use_bank=config.node_bank
+            dataset, train, seeds, budget=total_budget, listeners=listeners, node_bank=config.node_bank
         )
     if cost_model is not None:  # the leaderboard's costs in the profile's time, as the environments' caps
 
