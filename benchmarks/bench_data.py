@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tree_search.data import CorpusConfig, EncoderConfig, load_stdlib_corpus, load_text_corpus
-from tree_search.data.features import ContextEncoder, _windows, default_device
+from tree_search.data.features import ContextEncoder, context_windows, default_device
 
 
 def main() -> None:
@@ -53,8 +53,8 @@ def main() -> None:
     model = ContextEncoder(V, config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     ids = torch.from_numpy(np.asarray(corpus.splits["train"], dtype=np.int64)).to(device)
-    windows = torch.from_numpy(np.ascontiguousarray(_windows(corpus.splits["train"][:200_000], config.context, V)))
-    windows = windows.to(device)
+    train = corpus.splits["train"][:200_000]
+    windows = torch.from_numpy(np.ascontiguousarray(context_windows(train, config.context, V))).to(device)
 
     def step() -> None:
         positions = torch.randint(0, windows.shape[0], (config.batch_size,), device=device)

@@ -301,11 +301,11 @@ class Tree:
         return int(self.depth.max())
 
     @cached_property
-    def _levels(self) -> list[np.ndarray]:
-        """Internal node ids grouped by depth, shallowest first."""
+    def levels(self) -> tuple[np.ndarray, ...]:
+        """Internal node ids grouped by depth, shallowest first (read-only): level-by-level sweeps go through them."""
         order = np.argsort(self.node_depth, kind="stable")
         bounds = np.searchsorted(self.node_depth[order], np.arange(self.node_depth.max() + 2))
-        return [order[bounds[d] : bounds[d + 1]] for d in range(len(bounds) - 1)]
+        return tuple(_frozen(order[bounds[d] : bounds[d + 1]]) for d in range(len(bounds) - 1))
 
     def subtree_sums(self, leaf_values: np.ndarray) -> np.ndarray:
         """(I,) sum of ``leaf_values`` (V,) over the classes below each internal node."""
@@ -325,7 +325,7 @@ class Tree:
 
     def _add_up(self, out: np.ndarray) -> np.ndarray:
         """Add each internal node's entry of ``out`` into its parent's, deepest level first (in place)."""
-        for level in reversed(self._levels[1:]):
+        for level in reversed(self.levels[1:]):
             np.add.at(out, self.node_parent[level], out[level])
         return out
 
@@ -441,7 +441,7 @@ class Tree:
         """(I,) smallest class id below each internal node (the canonical sibling key)."""
         out = np.full(self.num_internal, self._num_classes, dtype=np.int64)
         np.minimum.at(out, self.leaf_parent, np.arange(self._num_classes))
-        for level in reversed(self._levels[1:]):
+        for level in reversed(self.levels[1:]):
             np.minimum.at(out, self.node_parent[level], out[level])
         return out
 

@@ -5,7 +5,7 @@ import torch
 
 from tree_search.data import CorpusConfig, EncoderConfig, build_features, cached_datasets, load_stdlib_corpus
 from tree_search.data.cache import content_key
-from tree_search.data.features import ContextEncoder, _sampled_loss, _windows
+from tree_search.data.features import ContextEncoder, _sampled_loss, context_windows
 
 SMALL = EncoderConfig(context=3, embed_dim=8, dim=16, steps=30, batch_size=64, max_train_tokens=500,
                       max_eval_tokens=200, storage="float32")  # fmt: skip
@@ -13,7 +13,7 @@ SMALL = EncoderConfig(context=3, embed_dim=8, dim=16, steps=30, batch_size=64, m
 
 def test_windows_hold_the_previous_tokens():
     ids = np.array([5, 6, 7, 8])
-    assert _windows(ids, 2, pad=9).tolist() == [[9, 9], [9, 5], [5, 6], [6, 7]]
+    assert context_windows(ids, 2, pad=9).tolist() == [[9, 9], [9, 5], [5, 6], [6, 7]]
 
 
 def test_features_are_cached_deterministic_and_shaped(code_folder):

@@ -459,3 +459,26 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
         fused = head.log_prob(h, y)
     monkeypatch.setenv(gathered.COMPILE_ENV, "0")
     assert torch.allclose(fused, head.log_prob(h, y))
+
+
+def test_scale_nodes_multiplies_each_node_s_weights_and_bias_by_its_own_factor():
+    V = 300  # root (40 children: its own block) -> classes 0-37, node 1 (classes 38-87, projected: dense), node 2
+    sub = builders.huffman(np.arange(212, 0, -1.0), 2)  # ... and below node 2 a binary Huffman tree (packed)
+    moved = [[c + 88 if c < 212 else V + 2 + (c - 212) for c in children] for children in sub.children_lists()]
+    tree = Tree(V, [[*range(38), V + 1, V + 2], list(range(38, 88)), *moved])
+    head = TreeSoftmaxHead(tree, 8, projections={1: 4}, top_columns=64)
+    groups, num_dense = head._group_of.numpy(), len(head._dense_nodes)
+    assert num_dense == 1 and (groups == num_dense).any() and (groups > num_dense).any()  # dense, top block, packed
+    torch.manual_seed(0)
+    for parameter in head.parameters():  # biases too (they start at 0)
+        torch.nn.init.normal_(parameter)
+    factors = np.linspace(0.5, 2.0, tree.num_internal)
+    before = [head.node_parameters(n) for n in range(tree.num_internal)]
+    head.scale_nodes(factors)
+    for n, (weight, bias, projection) in enumerate(before):
+        after = head.node_parameters(n)
+        torch.testing.assert_close(after[0], weight * factors[n])
+        torch.testing.assert_close(after[1], bias * factors[n])
+        assert (projection is None and after[2] is None) or torch.equal(after[2], projection)  # projections stay
+    with pytest.raises(ValueError, match="one per internal node"):
+        head.scale_nodes(factors[:-1])

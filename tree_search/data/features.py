@@ -46,6 +46,7 @@ __all__ = [
     "build_features",
     "class_embeddings",
     "class_feature_means",
+    "context_windows",
     "default_device",
     "encoder_lr_scale",
     "load_feature_folder",
@@ -135,7 +136,7 @@ class ContextEncoder(nn.Module):
         return self.out(self.features(contexts))
 
 
-def _windows(ids: np.ndarray, context: int, pad: int) -> np.ndarray:
+def context_windows(ids: np.ndarray, context: int, pad: int) -> np.ndarray:
     """(N, context) read-only view: row t holds the ``context`` tokens before position t."""
     padded = np.concatenate([np.full(context, pad, dtype=np.int64), np.asarray(ids, dtype=np.int64)])
     return np.lib.stride_tricks.sliding_window_view(padded[:-1], context)
@@ -323,7 +324,7 @@ def _extract(
     The NLL (a full softmax, the expensive part) is measured on the first
     ``nll_sample`` kept positions only; it is a sanity figure, not a reward.
     """
-    windows = _windows(ids, model.context, pad=model.out.out_features)
+    windows = context_windows(ids, model.context, pad=model.out.out_features)
     out = np.empty((positions.size, model.out.in_features), dtype=np.float32)
     nll_sum, nll_count = 0.0, 0
     for start in range(0, positions.size, 8192):

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from tree_search.data.features import FeatureDataset, class_feature_means
+from tree_search.heads.beam import BeamDecoder
 from tree_search.heads.centroid import subtree_embedding_sums
-from tree_search.heads.tree_head import BeamDecoder
 from tree_search.tree import Tree
 
 __all__ = ["DecodeReplay", "ReplayedDecoding", "centroid_log_probs", "decode_scores_for_dataset"]

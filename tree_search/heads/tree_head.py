@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tree_search.cost import DEFAULT_BEAM, LAYOUT_DEFAULTS, head_layout
+from tree_search.cost import LAYOUT_DEFAULTS, head_layout
 from tree_search.export import load_tree
+from tree_search.heads.beam import BeamDecoder
 from tree_search.heads.gathered import gathered_scores
 from tree_search.heads.paths import DeviceArrays, LevelSums, packed_path_pairs
 from tree_search.heads.schedule import step_scale
@@ -143,124 +144,6 @@ class _WholeTree:
         step = torch.where(a["not_root"], entry_lp[:, a["node_entry"]], 0.0)  # the root is reached for sure
         reach = self.levels.accumulate(step)  # (B, I) log p(reach node)
         return reach[:, a["leaf_parent"]] + entry_lp[:, a["leaf_entry"]]
-
-
-class BeamDecoder:
-    """Exact top-k decoding by certified beam search, for anything that scores a tree's nodes.
-
-    `TreeSoftmaxHead` is one; `tree_search.heads.decode_replay` replays the same search on
-    given class distributions to count the nodes it scores (the decoding cost model). A
-    subclass provides ``tree``, ``num_classes``, ``_child_ptr`` and ``_child_ids`` (torch
-    int64, the tree's CSR children), ``_pair_scores`` (scores of every child for (row, node)
-    pairs, group by group), ``log_probs_all``, ``_widest_group`` and ``_beam_rows``.
-    """
-
-    @torch.no_grad()
-    def predict(self, h: torch.Tensor, k: int = 1, beam: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-``k`` classes and their log-probabilities, by certified beam search.
-
-        A batched beam search goes down the tree level by level, keeping the ``beam`` most
-        probable internal nodes per sample (default ``max(k, 8)``) and the k best classes
-        found so far. Log-probabilities only fall along a path, so a node no better than the
-        sample's k-th best class so far is never scored (its classes cannot enter the top
-        k): on the adaptive shape a tail cluster is scored only for the samples whose k-th
-        best frequent class it beats (PyTorch's top-1 ``predict`` prunes alike). A
-        sample's result is exact when no node dropped for the beam's width scored above
-        its k-th best class; samples without that certificate are searched again with a
-        beam four times wider, and once the beam would visit about every node, the whole
-        distribution is scored instead (`log_probs_all`). Rows go in chunks whose tables
-        stay near `CHUNK_NUMBERS` numbers.
-
-        Returns:
-            ``(classes, log_probs)``, each (B, k), best first. With ``k > V`` the extra
-            columns hold class -1 and log-probability -inf.
-        """
-        if int(k) < 1 or (beam is not None and int(beam) < 1):
-            raise ValueError(f"predict needs k >= 1 and beam >= 1 (or None), got k={k}, beam={beam}")
-        B, V, inner = h.shape[0], self.num_classes, self.tree.num_internal
-        width = max(k, DEFAULT_BEAM) if beam is None else max(k, beam)
-        classes = torch.full((B, k), -1, dtype=torch.int64, device=h.device)
-        scores = torch.full((B, k), float("-inf"), device=h.device)
-        todo = torch.arange(B, device=h.device)
-        while todo.numel():
-            if width < inner and width * self.tree.max_depth >= inner:
-                # The beam would visit about every node anyway (a flat distribution keeps widening it, e.g.
-                # an untrained head): score the whole tree for these rows instead.
-                found_s, found_c = self.log_probs_all(h[todo]).topk(min(k, V), dim=1)
-                classes[todo, : found_c.shape[1]], scores[todo, : found_s.shape[1]] = found_c, found_s.float()
-                break
-            certified = torch.zeros(todo.numel(), dtype=torch.bool, device=h.device)
-            chunk = self._beam_rows(k, width)
-            for lo in range(0, todo.numel(), chunk):
-                rows = todo[lo : lo + chunk]
-                found_c, found_s, certified[lo : lo + chunk] = self._beam(h[rows], k, width)
-                classes[rows], scores[rows] = found_c, found_s
-            todo = todo[~(certified | (width >= inner))]  # a beam as wide as the tree drops no node
-            width *= 4
-        return classes, scores
-
-    def _beam(self, h: torch.Tensor, k: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One beam search of ``width``: ``(classes (B, k), log_probs (B, k), certified (B,))``."""
-        B, V, device = h.shape[0], self.num_classes, h.device
-        child_ptr, child_ids = self._child_ptr, self._child_ids
-        inf = float("-inf")
-        frontier = torch.zeros(B, 1, dtype=torch.int64, device=device)  # internal node ids
-        frontier_lp = torch.zeros(B, 1, device=device)
-        best_id = torch.full((B, k), -1, dtype=torch.int64, device=device)
-        best_lp = torch.full((B, k), inf, device=device)
-        pruned_best = torch.full((B,), inf, device=device)  # the best node dropped for the beam's width
-        while frontier.shape[1]:
-            # only nodes above the k-th best class so far can hold a better class (-inf entries are padding)
-            rows, cols = torch.nonzero(frontier_lp > best_lp[:, -1:], as_tuple=True)
-            if rows.numel() == 0:
-                break
-            nodes, parent_lp = frontier[rows, cols], frontier_lp[rows, cols]
-            W = frontier.shape[1]
-            # each (sample, frontier slot) pair's k best classes and (width + 1) best nodes, in (B, W, .) tables
-            leaf_lp = torch.full((B, W, k), inf, device=device)
-            leaf_id = torch.full((B, W, k), -1, dtype=torch.int64, device=device)
-            cap = min(width + 1, self._widest_group())  # no node has more inner children than that
-            inner_lp = torch.full((B, W, cap), inf, device=device)
-            inner_id = torch.full((B, W, cap), -1, dtype=torch.int64, device=device)
-            for index, scores, valid in self._pair_scores(h, rows, nodes):
-                scores = scores.float()
-                here, r, c = nodes[index], rows[index], cols[index]
-                if valid is None:  # a dense group: one node, every column one of its children
-                    start = int(child_ptr[here[0]])
-                    column_ids = child_ids[start : start + scores.shape[1]]
-                    is_leaf = (column_ids < V)[None, :]
-                    ids_at = lambda pos, column_ids=column_ids: column_ids[pos]  # noqa: E731
-                    is_inner = ~is_leaf
-                else:
-                    scores = scores.masked_fill(~valid, inf)
-                    position = torch.arange(scores.shape[1], device=device)
-                    ids = child_ids[(child_ptr[here][:, None] + position).clamp(max=child_ids.numel() - 1)]
-                    is_leaf, is_inner = valid & (ids < V), valid & (ids >= V)
-                    ids_at = lambda pos, ids=ids: ids.gather(1, pos)  # noqa: E731
-                # log p(child) = the parent's + score - logsumexp: ranked on the scores, normalised after the
-                # top-k (a tail of 400k classes is read twice, never written out as log-probabilities)
-                offset = (parent_lp[index] - torch.logsumexp(scores, dim=1))[:, None]
-                any_inner = bool(is_inner.any())
-                leaves = scores.masked_fill(~is_leaf, inf) if any_inner else scores
-                value, pos = leaves.topk(min(k, scores.shape[1]), dim=1)
-                leaf_lp[r, c, : pos.shape[1]], leaf_id[r, c, : pos.shape[1]] = value + offset, ids_at(pos)
-                if any_inner:
-                    value, pos = scores.masked_fill(~is_inner, inf).topk(min(width + 1, scores.shape[1]), dim=1)
-                    inner_lp[r, c, : pos.shape[1]], inner_id[r, c, : pos.shape[1]] = value + offset, ids_at(pos)
-            pool_lp, pool_id = (
-                torch.cat([best_lp, leaf_lp.view(B, -1)], 1),
-                torch.cat([best_id, leaf_id.view(B, -1)], 1),
-            )
-            best_lp, at = pool_lp.topk(k, dim=1)
-            best_id = pool_id.gather(1, at)
-            value, at = inner_lp.view(B, -1).topk(min(width + 1, W * cap), dim=1)
-            if value.shape[1] > width:  # the best node left out of the beam
-                pruned_best = torch.maximum(pruned_best, value[:, width])
-            frontier_lp, frontier = value[:, :width], inner_id.view(B, -1).gather(1, at[:, :width]) - V
-            if not bool((frontier_lp > inf).any()):
-                break
-        best_id = best_id.masked_fill(best_lp == inf, -1)
-        return best_id, best_lp, pruned_best <= best_lp[:, -1]
 
 
 class TreeSoftmaxHead(nn.Module, BeamDecoder):
@@ -518,6 +401,41 @@ class TreeSoftmaxHead(nn.Module, BeamDecoder):
         self.bucket_weights[b][local] = row.reshape(-1)
         if bias is not None:
             self.bucket_biases[b][local, :fanout] = bias
+
+    @torch.no_grad()
+    def scale_nodes(self, factors: np.ndarray | Sequence[float]) -> None:
+        """Multiply each node's scores by ``factors[node]`` (I,) in place: its child weights and biases.
+
+        Projections are left as they are (a projected node's scores scale through its child
+        weights). One vectorised update per weight group, never a loop over nodes.
+        """
+        factors = np.asarray(factors, dtype=np.float64)
+        if factors.shape != (self.tree.num_internal,) or not np.all(np.isfinite(factors)):
+            raise ValueError(f"scale_nodes takes {self.tree.num_internal} finite factors, one per internal node, "
+                             f"got shape {factors.shape}")  # fmt: skip
+        group_of, local_of = self._group_of.cpu().numpy(), self._local_of.cpu().numpy()
+        fanout, num_dense = self.tree.fanout, len(self._dense_nodes)
+
+        def factor(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(values, dtype=like.dtype, device=like.device)
+
+        for k, node in enumerate(self._dense_nodes):  # a handful of wide or projected nodes
+            self.dense_weights[k].mul_(float(factors[node]))
+            self.dense_biases[k].mul_(float(factors[node]))
+        top = np.flatnonzero(group_of == num_dense)
+        if top.size:
+            column = np.ones(self.top_weight.shape[0])
+            owner = np.repeat(top, fanout[top])
+            within = np.arange(owner.size) - np.repeat(np.cumsum(fanout[top]) - fanout[top], fanout[top])
+            column[local_of[owner] + within] = factors[owner]
+            self.top_weight.mul_(factor(column, self.top_weight)[:, None])
+            self.top_bias.mul_(factor(column, self.top_bias))
+        for b in range(len(self._bucket_widths)):
+            members = np.flatnonzero(group_of == num_dense + 1 + b)
+            row = np.ones(self.bucket_weights[b].shape[0])
+            row[local_of[members]] = factors[members]
+            self.bucket_weights[b].mul_(factor(row, self.bucket_weights[b])[:, None])
+            self.bucket_biases[b].mul_(factor(row, self.bucket_biases[b])[:, None])
 
     def _node_scale(self, node: int) -> float:
         """The step-size scale of a node's stored parameters (effective = scale * stored)."""

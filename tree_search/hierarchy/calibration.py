@@ -174,30 +174,7 @@ def scaled_head(head: nn.Module, temperature: float | Sequence[float]) -> nn.Mod
         raise TypeError(f"scaled_head takes a TreeSoftmaxHead or FullSoftmaxHead, got {type(head).__name__}")
     inverse = 1.0 / _depth_temperatures(head, temperature)  # (I,)
     out = copy.deepcopy(head)
-    group_of, local_of = out._group_of.cpu().numpy(), out._local_of.cpu().numpy()
-    fanout, num_dense = out.tree.fanout, len(out._dense_nodes)
-
-    def factor(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=like.dtype, device=like.device)
-
-    with torch.no_grad():
-        for k, node in enumerate(out._dense_nodes):  # a handful of wide or projected nodes
-            out.dense_weights[k].mul_(float(inverse[node]))
-            out.dense_biases[k].mul_(float(inverse[node]))
-        top = np.flatnonzero(group_of == num_dense)
-        if top.size:
-            column = np.ones(out.top_weight.shape[0])
-            owner = np.repeat(top, fanout[top])
-            within = np.arange(owner.size) - np.repeat(np.cumsum(fanout[top]) - fanout[top], fanout[top])
-            column[local_of[owner] + within] = inverse[owner]
-            out.top_weight.mul_(factor(column, out.top_weight)[:, None])
-            out.top_bias.mul_(factor(column, out.top_bias))
-        for b in range(len(out._bucket_widths)):
-            members = np.flatnonzero(group_of == num_dense + 1 + b)
-            row = np.ones(out.bucket_weights[b].shape[0])
-            row[local_of[members]] = inverse[members]
-            out.bucket_weights[b].mul_(factor(row, out.bucket_weights[b])[:, None])
-            out.bucket_biases[b].mul_(factor(row, out.bucket_biases[b])[:, None])
+    out.scale_nodes(inverse)
     return out
 
 

@@ -195,7 +195,7 @@ def child_set_hashes(tree: Tree) -> np.ndarray:
     sets = np.zeros((tree.num_internal, 2), dtype=np.uint64)
     with np.errstate(over="ignore"):
         np.add.at(sets, tree.leaf_parent, codes)
-        for level in reversed(tree._levels[1:]):
+        for level in reversed(tree.levels[1:]):
             np.add.at(sets, tree.node_parent[level], sets[level])
     V, ids = tree.num_classes, tree.child_ids
     return np.where((ids < V)[:, None], codes[np.minimum(ids, V - 1)], sets[np.maximum(ids - V, 0)])
