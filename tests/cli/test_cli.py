@@ -363,6 +363,12 @@ def test_every_search_setting_is_an_option_of_the_search_command_or_named_as_lef
     missing = {name for name in fields - left_out if renamed.get(name, name) not in options}
     assert not missing, f"settings without a command-line option (add one, or name them as left out): {missing}"
     assert set(EXECUTION_FIELDS) <= options  # a resumed run takes these from this session's flags
+    # ... and each option's default is the setting's, read from the config rather than written again
+    defaults = {f.name: f.default for f in dataclasses.fields(TreeEnvConfig) if f.default is not dataclasses.MISSING}
+    defaults |= {f.name: f.default for f in dataclasses.fields(SearchConfig) if f.default is not dataclasses.MISSING}
+    for param in main.commands["search"].params:
+        if param.name in defaults and param.name not in ("cost_caps",):  # "1,2" text for a tuple
+            assert param.default == defaults[param.name], (param.name, param.default, defaults[param.name])
 
 
 def test_search_straight_from_text_in_one_command(tmp_path):

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from tree_search.cli.app import COST_HELP, console, float_list, friendly_errors, main, progress_bars
 from tree_search.data import CorpusConfig, prepare_dataset
+from tree_search.data.planted import COMMAND_LINE_PLANTED
 from tree_search.envs.config import REWARD_MODES, TreeEnvConfig
 from tree_search.reward import NodeRecipe
 from tree_search.search.config import AGENTS, SearchConfig
@@ -172,7 +173,8 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
                    "prepared as `data prepare --text` does (or reused from the cache), then searched.")  # fmt: skip
 @click.option("--max-size", default=CorpusConfig.max_size, show_default=True,
               help="With --text: vocabulary cap, <unk> included (the classes V).")  # fmt: skip
-@click.option("--planted-classes", default=64, show_default=True, help="V of the planted-hierarchy data.")
+@click.option("--planted-classes", default=COMMAND_LINE_PLANTED.num_classes, show_default=True,
+              help="V of the planted-hierarchy data.")  # fmt: skip
 @click.option(
     "--epochs",
     default=NodeRecipe.epochs,
@@ -218,7 +220,7 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
 @click.option("--max-steps", default=TreeEnvConfig.max_steps, show_default=True, help="Decisions per episode.")
 @click.option(
     "--baselines",
-    default="core",
+    default=SearchConfig.baselines,
     show_default=True,
     help="Classic trees to compare with: a set (core, all, front), comma-separated names (see 'baseline "
     "--trees'), or none.",
@@ -329,7 +331,6 @@ def search(
 
     import torch
 
-    from tree_search.data.planted import PlantedConfig
     from tree_search.heads.timing import check_cost_spec, release_free_memory
     from tree_search.search.config import EXECUTION_FIELDS
     from tree_search.search.report import compare_runs
@@ -364,8 +365,7 @@ def search(
                                            log=console.print, progress=progress)  # fmt: skip
             dataset = prepared.info.get("cache") or dataset
             console.print(f"dataset: {len(texts)} text file(s), V = {prepared.num_classes:,}, features in {dataset}")
-        planted = PlantedConfig(num_classes=planted_classes, dim=16, signal=3.0, num_train=8000, num_valid=2000,
-                                num_test=2000)  # fmt: skip
+        planted = dataclasses.replace(COMMAND_LINE_PLANTED, num_classes=planted_classes)
         env_config = TreeEnvConfig(
             dataset=dataset,
             planted=planted,

@@ -42,7 +42,7 @@ from tree_search.data.features import FeatureDataset
 from tree_search.data.vocab import DataError, Vocab
 from tree_search.tree import Tree
 
-__all__ = ["PlantedConfig", "PlantedData", "make_planted"]
+__all__ = ["COMMAND_LINE_PLANTED", "PlantedConfig", "PlantedData", "make_planted"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ class PlantedConfig:
     def split_sizes(self) -> dict[str, int]:
         """Number of samples per split, in `SPLITS` order."""
         return {"train": self.num_train, "valid": self.num_valid, "test": self.num_test}
+
+
+# `tree-search search --dataset planted`: a quick task (its --planted-classes sets num_classes)
+COMMAND_LINE_PLANTED = PlantedConfig(num_classes=64, dim=16, signal=3.0, num_train=8000, num_valid=2000, num_test=2000)
 
 
 @dataclass(frozen=True, eq=False)
