@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from tree_search.builders.frequency import frequency_cutoffs, huffman
 from tree_search.tree import Tree
 
 __all__ = [
@@ -46,7 +47,9 @@ __all__ = [
     "cost_label",
     "decode_features",
     "fit_coefficients",
+    "full_softmax_cost",
     "full_softmax_macs",
+    "huffman_unit",
     "head_cost",
     "head_layout",
     "layout_features",
@@ -154,6 +157,21 @@ def node_costs(
 def full_softmax_macs(num_classes: int, dim: int) -> float:
     """A full softmax's multiply-adds per token: one node scoring all ``num_classes`` classes, ``V x dim``."""
     return float(num_classes) * float(dim)
+
+
+def huffman_unit(counts: np.ndarray, dim: int, model: CostProfile | None = None) -> float:
+    """Binary Huffman's `head_cost` under ``counts`` (class weights: a dataset's ``class_weights``): the unit of caps.
+
+    In multiply-adds, or in ``model``'s seconds per token.
+    """
+    return head_cost(huffman(counts, 2), counts, dim, model=model)
+
+
+def full_softmax_cost(num_classes: int, dim: int, model: CostProfile | None = None) -> float:
+    """The full softmax's cost per token (one node over every class): `full_softmax_macs`, or ``model``'s time."""
+    if model is None:
+        return full_softmax_macs(num_classes, dim)
+    return head_cost(frequency_cutoffs(np.ones(num_classes), []), None, dim, model=model)
 
 
 def head_cost(
