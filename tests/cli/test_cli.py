@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from quick_settings import SMALL_PLANTED
 
 from tree_search.cli import main
 from tree_search.export import load_tree
@@ -259,17 +260,17 @@ def test_baseline_taxonomy_and_show_names(tmp_path):
 def test_explain_and_early_on_a_planted_run(tmp_path):  # uses the file's `run` helper (CliRunner().invoke(main, ...))
     import json
 
-    from tree_search.data import PlantedConfig, make_planted
+    from tree_search.data import make_planted
     from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit
 
-    planted = PlantedConfig(num_classes=24, dim=8, fanout=3, signal=3.0, num_train=3000, num_valid=600, num_test=600)
-    data = make_planted(planted)
+    data = make_planted(SMALL_PLANTED)
     dataset = data.to_dataset()
     head = TreeSoftmaxHead(data.tree, 8)
     fit(head, dataset, TrainConfig(epochs=1, batch_size=128, lr=0.03), device="cpu")
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"env_config": {"dataset": "planted", "planted": planted.__dict__}}))
+    env_config = {"dataset": "planted", "planted": SMALL_PLANTED.__dict__}
+    (folder / "config.json").write_text(json.dumps({"env_config": env_config}))
     head.save(folder / "best_head.pt", labels=dataset.vocab.tokens, counts=dataset.counts)
     result = run("explain", str(folder), "--class", "3", "--min-inputs", "2", "--out", str(tmp_path / "ex"))
     assert result.exit_code == 0 and "where the true path left the predicted one" in result.output
@@ -315,11 +316,10 @@ def test_grow_adds_classes_by_count_and_next_to_a_class_and_leaves_the_others_al
 
 
 def test_calibrate_a_run_fits_temperatures_on_validation_and_reports_test(tmp_path):
-    from tree_search.data import PlantedConfig, make_planted
+    from tree_search.data import make_planted
     from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit
 
-    planted = PlantedConfig(num_classes=24, dim=8, fanout=3, signal=3.0, num_train=3000, num_valid=600, num_test=600)
-    data = make_planted(planted)
+    data = make_planted(SMALL_PLANTED)
     dataset = data.to_dataset()
     torch.manual_seed(0)
     head = TreeSoftmaxHead(data.tree, 8)
@@ -329,7 +329,8 @@ def test_calibrate_a_run_fits_temperatures_on_validation_and_reports_test(tmp_pa
             parameter.mul_(3.0)
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"env_config": {"dataset": "planted", "planted": planted.__dict__}}))
+    env_config = {"dataset": "planted", "planted": SMALL_PLANTED.__dict__}
+    (folder / "config.json").write_text(json.dumps({"env_config": env_config}))
     head.save(folder / "best_head.pt", labels=dataset.vocab.tokens, counts=dataset.counts)
     result = run("calibrate", str(folder), "--valid-rows", "500", "--test-rows", "500", "--save",
                  str(tmp_path / "calibrated.pt"))  # fmt: skip

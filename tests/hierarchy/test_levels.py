@@ -3,10 +3,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from quick_settings import SMALL_PLANTED
 from torch import nn
 
 from tree_search import builders
-from tree_search.data import PlantedConfig, make_planted
+from tree_search.data import make_planted
 from tree_search.heads import TrainConfig, TreeSoftmaxHead, fit
 from tree_search.hierarchy.levels import (
     LevelWeightedHead,
@@ -209,8 +210,7 @@ def test_level_accuracy_matches_a_brute_force_count(name):
 
 
 def test_fit_trains_a_level_weighted_head_and_it_learns_the_top_level():
-    data = make_planted(PlantedConfig(num_classes=24, dim=8, fanout=3, signal=3.0, num_train=3000, num_valid=500,
-                                      num_test=500))  # fmt: skip
+    data = make_planted(SMALL_PLANTED)
     dataset = data.to_dataset()
     head = TreeSoftmaxHead(data.tree, 8)
     model = LevelWeightedHead(head, LevelWeights(depth=(2.0,)))

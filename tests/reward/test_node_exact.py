@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from quick_settings import NODE_PLANTED
 from quick_settings import QUICK as RECIPE
 
 from tree_search import builders
@@ -207,9 +208,9 @@ def test_a_half_written_bank_entry_is_never_read(planted, tmp_path):
         import numpy as np
         from tree_search import builders
         from tree_search.data import make_planted
+        from tree_search.data.planted import PlantedConfig
         from tree_search.reward import NodeRecipe, evaluate
-        planted = make_planted(num_classes=64, dim=16, fanout=4, signal=3.0, num_train=6000, num_valid=1500,
-                               num_test=1500, seed=0)
+        planted = make_planted({NODE_PLANTED!r})
         real_fsync = os.fsync
         def stall(fd):  # the segment's bytes are in its temporary file: stop before it is renamed into place
             if "segment-" in os.readlink(f"/proc/self/fd/{{fd}}"):

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from quick_settings import PLANTED
 from quick_settings import QUICK as RECIPE
 
 from tree_search import builders
@@ -19,8 +20,7 @@ QUICK = TrainConfig(epochs=4, batch_size=256, lr=0.05, evals_per_epoch=2, patien
 
 @pytest.fixture(scope="module")
 def planted():
-    return make_planted(num_classes=64, dim=16, fanout=4, signal=3.0, num_train=8000, num_valid=2000,
-                        num_test=2000, seed=0)  # fmt: skip
+    return make_planted(PLANTED)
 
 
 def test_fit_lowers_validation_loss_and_is_deterministic(planted):
