@@ -114,7 +114,7 @@ def test_a_search_of_32_trees_closes_half_the_gap_between_huffman_and_the_oracle
     dataset, oracle, huffman = wide
     evaluator = LocalEvaluator(dataset, QUICK, budget=32)  # a fresh evaluator: no tree is known to the search
     if agent == "dp":
-        searcher = DPSearcher(evaluator, dataset, WIDE_CONFIG, device="cpu")
+        searcher = DPSearcher(evaluator, dataset, WIDE_CONFIG)
     else:
         searcher = make_searcher(agent, CheckedEnvFactory(dataset, WIDE_CONFIG), evaluator)
     found = min(e.valid_nll for e in searcher.search())

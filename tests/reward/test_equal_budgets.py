@@ -170,3 +170,22 @@ def test_a_front_search_with_caps_apart_pays_for_each_tree_per_cap_and_resumes(t
     assert resumed["dp@2x"] == 10 and json.loads((run.folder / Run.CHARGES).read_text())["dp@2x"]["charged"] == 1.5
     loaded = SearchConfig.from_json(json.loads((run.folder / "config.json").read_text()))
     assert loaded.share_caps is share_caps and replace(loaded, share_caps=not share_caps) != loaded
+
+
+def test_a_local_evaluator_gives_the_node_shares_its_evaluation_summed_and_others_refuse(dataset):
+    from tree_search.reward.evaluator import Evaluator
+
+    evaluator = LocalEvaluator(dataset, QUICK, seeds=2)
+    tree = builders.huffman(dataset.counts, 3)
+    evaluation = evaluator.evaluate(tree, searcher="test")
+    shares = evaluator.node_shares(tree)
+    assert shares.shape == (tree.num_internal, 2)  # one share per validation half
+    assert float(shares.sum()) == pytest.approx(evaluation.valid_nll, rel=1e-9)  # the NLL is the sum of the shares
+    assert set(evaluator.node_weights(tree)) == set(range(tree.num_internal))
+
+    class Remote(Evaluator):
+        def _compute(self, tree, projections, callbacks):
+            raise AssertionError("not called")
+
+    with pytest.raises(NotImplementedError, match="Remote gives no per-node shares"):
+        Remote().node_shares(tree)

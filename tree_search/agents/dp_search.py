@@ -15,7 +15,8 @@ it is not optimal over deeper plans (a rule per part of a part).
 
 Every ``L(P_i, c)`` is measured once: the tree that completes *all* parts of
 ``r`` by ``c`` is evaluated (through the evaluator, so it counts against the budget like any
-searcher's tree), and its nodes' losses are read from the node bank, summed per part.
+searcher's tree), and its nodes' shares of the loss come from the evaluator (`Evaluator.node_shares`: its
+node bank, under its recipe and seeds), summed per part.
 
 The search, within its budget:
 
@@ -53,7 +54,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from tree_search.agents.base import Searcher
 from tree_search.builders import CLASSIC_SETS, CUTOFF_SHAPES, classic_trees
@@ -63,7 +63,6 @@ from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.timing import resolve_cost
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator, evaluation_key
-from tree_search.reward.reward import node_nll_shares
 from tree_search.split_grammar import (
     FLAT,
     Plan,
@@ -266,7 +265,7 @@ def _lagrangian_choice(loss: np.ndarray, cost: np.ndarray, budget: float, iterat
 
 
 class DPSearcher(Searcher):
-    """Dynamic programming over the split grammar's completions, with node losses from the bank."""
+    """Dynamic programming over the split grammar's completions, with each node's loss from the evaluator."""
 
     name = "dp"
 
@@ -278,13 +277,10 @@ class DPSearcher(Searcher):
         *,
         seconds: float | None = None,
         seed: int = 0,
-        device: str | None = None,
-        node_bank: bool = True,
     ) -> None:
-        """Args: evaluator: rewards and budget; dataset: features; config: the split grammar and the cost cap."""
+        """Args: evaluator: rewards, budget, node shares; dataset: features; config: the grammar and the cost cap."""
         super().__init__(None, evaluator, seconds=seconds, seed=seed)
-        self.dataset, self.config, self.node_bank = dataset, config, node_bank
-        self.device = default_device() if device is None else torch.device(device)  # the bank is per device
+        self.dataset, self.config = dataset, config
         self.counts = dataset.class_weights
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
         self.dim = dataset.dim
@@ -419,9 +415,7 @@ class DPSearcher(Searcher):
 
     def _node_values(self, tree: Tree, projections: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(I, 2) each node's NLL share per validation half and (I,) its cost share, from the bank (just trained)."""
-        shares, _ = node_nll_shares(tree, self.dataset, self.config.train, seeds=self.config.seeds,
-                                    projections=projections, device=self.device, node_bank=self.node_bank,
-                                    halves=True)  # fmt: skip
+        shares = self.evaluator.node_shares(tree, projections)  # the evaluator's recipe, seeds and node bank
         return shares, node_costs(tree, self.counts, self.dim, projections, model=self.cost_model)
 
     def _measure(self, root: SplitRule, completion: dict[int, SplitRule] | SplitRule) -> Evaluation | None:

@@ -41,7 +41,6 @@ from tree_search.heads.timing import resolve_cost
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator
 from tree_search.reward.node_train import split_sample
-from tree_search.reward.reward import node_weights
 from tree_search.split_grammar import Plan, SplitCache, normalise_embeddings, plan_tree, split_rules
 from tree_search.tree import Tree
 
@@ -234,13 +233,12 @@ class JTMSearcher(Searcher):
         seconds: float | None = None,
         seed: int = 0,
         device: str | None = None,
-        node_bank: bool = True,
         start_share: float = 1 / 3,
         score_tokens: int = 100_000,
     ) -> None:
         """Args: evaluator: rewards and budget; dataset: features; config: the split grammar and the cost cap."""
         super().__init__(None, evaluator, seconds=seconds, seed=seed)
-        self.dataset, self.config, self.node_bank, self.start_share = dataset, config, node_bank, start_share
+        self.dataset, self.config, self.start_share = dataset, config, start_share
         self.score_tokens = score_tokens  # train tokens whose scores re-assign the classes
         self.device = default_device() if device is None else torch.device(device)
         self.counts = dataset.class_weights
@@ -278,7 +276,7 @@ class JTMSearcher(Searcher):
         whose every cost weight tried misses either cap ends the chain.
         """
         recipe = self.config.train
-        weights = node_weights(tree, self.dataset, recipe, device=self.device, node_bank=self.node_bank)
+        weights = self.evaluator.node_weights(tree)  # the evaluator's recipe and node bank
         sample = split_sample(self.dataset, "train", recipe.train_tokens, recipe.seed, self.device)
         rows = min(self.score_tokens, sample.labels.size)  # the sample is in random order: its head is a sample
         features, labels = sample.features[:rows].cpu(), sample.labels[:rows]

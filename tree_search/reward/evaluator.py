@@ -25,13 +25,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.heads.train import Callback
 from tree_search.reward.decode_cap import fits_decode_cap
 from tree_search.reward.node_train import NodeRecipe
-from tree_search.reward.reward import Result, evaluate
+from tree_search.reward.reward import Result, evaluate, node_nll_shares, node_weights
 from tree_search.tree import Tree
 
 __all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "LocalEvaluator", "evaluation_key", "failed_result"]
@@ -172,6 +173,22 @@ class Evaluator(ABC):
             return None
         left = self.budget - self.used - self._in_flight_counted - math.fsum(self.charged.values())
         return max(0, math.floor(left + 1e-9))
+
+    def node_shares(self, tree: Tree, projections: Mapping[int, int] | None = None) -> np.ndarray:
+        """(I, 2) each internal node's share of an evaluated ``tree``'s validation NLL, per validation half.
+
+        The terms `evaluate` sums, under this evaluator's recipe and seeds (mean over seeds;
+        `tree_search.reward.node_nll_shares`), for searchers that plan with them (dp). Evaluators whose
+        nodes are trained elsewhere (remote workers) cannot give them.
+        """
+        raise NotImplementedError(f"{type(self).__name__} gives no per-node shares: dp and jtm run on a LocalEvaluator")
+
+    def node_weights(self, tree: Tree, projections: Mapping[int, int] | None = None) -> dict[int, tuple]:
+        """Each internal node's trained weights for an evaluated ``tree`` (`tree_search.reward.node_weights`).
+
+        As `node_shares`: under this evaluator's recipe, for searchers that re-assign classes (jtm).
+        """
+        raise NotImplementedError(f"{type(self).__name__} gives no node weights: dp and jtm run on a LocalEvaluator")
 
     def knows(self, key: str) -> bool:
         """Whether the tree of ``key`` is answered from memory without counting (see `scope`)."""
@@ -443,6 +460,19 @@ class LocalEvaluator(Evaluator):
         self.top_k_samples = int(top_k_samples)
         on_gpu = (torch.device(device) if device is not None else default_device()).type == "cuda"
         self.gpus_per_evaluation = 1.0 if on_gpu else 0.0
+
+    def node_shares(self, tree: Tree, projections: Mapping[int, int] | None = None) -> np.ndarray:  # noqa: D102
+        shares, _ = node_nll_shares(tree, self.dataset, self.train, seeds=self.seeds, projections=projections,
+                                    device=self._torch_device, node_bank=self.node_bank, halves=True)  # fmt: skip
+        return shares
+
+    def node_weights(self, tree: Tree, projections: Mapping[int, int] | None = None) -> dict[int, tuple]:  # noqa: D102
+        return node_weights(tree, self.dataset, self.train, projections=projections, device=self._torch_device,
+                            node_bank=self.node_bank)  # fmt: skip
+
+    @property
+    def _torch_device(self) -> torch.device:
+        return torch.device(self.device) if self.device is not None else default_device()
 
     def _compute(
         self, tree: Tree, projections: Mapping[int, int] | None, callbacks: Sequence[Callback]

@@ -92,8 +92,9 @@ class SearchConfig:
             if self.env_config.cost_mode != "cap":
                 raise ValueError(f"the {name} agent searches under a cost cap: use cost_mode 'cap' (and --cost-caps)")
             if self.uses_ray or not self.node_bank:
-                raise ValueError(f"the {name} agent reads trained nodes from this machine's node bank: run it without "
-                                 "Ray options and with the node bank on")  # fmt: skip
+                raise ValueError(f"the {name} agent reads trained nodes from a local evaluator's node bank "
+                                 "(Evaluator.node_shares): run it without Ray options and with the node bank "
+                                 "on")  # fmt: skip
 
     @property
     def uses_ray(self) -> bool:

@@ -50,13 +50,11 @@ def _make_searcher(
     if config.agent == "dp":  # (SearchConfig has checked its environment and cost rule)
         from tree_search.agents.dp_search import DPSearcher
 
-        return DPSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
-                          node_bank=config.node_bank)  # fmt: skip
+        return DPSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed)
     if config.agent == "jtm":
         from tree_search.agents.jtm_search import JTMSearcher
 
-        return JTMSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
-                           node_bank=config.node_bank)  # fmt: skip
+        return JTMSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed)
     if config.agent in OPTUNA_SAMPLERS:
         storage = config.storage or f"sqlite:///{(run.folder / 'optuna.db').resolve()}"
         return OptunaSearcher(
