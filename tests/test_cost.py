@@ -346,3 +346,15 @@ def test_calibration_rounds_time_every_tree_each_in_its_own_order():
     assert rounds[0] != rounds[1]  # a drift within a round falls on other trees in the other
     held_out = {t.name for t in calibration_trees(120, 8) if t.role == "held out"}
     assert set(rounds[0][-len(held_out) :]) != held_out  # the held-out trees are not all timed last
+
+
+def test_visit_probabilities_use_the_one_count_fallback_and_name_a_wrong_size():
+    from tree_search.cost import visit_probabilities
+    from tree_search.tree import Tree
+
+    tree = Tree(4, [[0, 5], [1, 2, 3]])  # root -> class 0 and node 1 -> classes 1, 2, 3
+    assert visit_probabilities(tree, np.array([1.0, 1.0, 2.0, 0.0])).tolist() == [1.0, 0.75]
+    assert visit_probabilities(tree, np.zeros(4)).tolist() == [1.0, 0.75]  # no positive count: uniform classes
+    assert visit_probabilities(tree, None).tolist() == [1.0, 0.75]
+    with pytest.raises(ValueError, match=r"one entry per class \(4\), got 3"):
+        visit_probabilities(tree, np.ones(3))

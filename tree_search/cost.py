@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from tree_search.builders.common import class_weights
 from tree_search.builders.frequency import frequency_cutoffs, huffman
 from tree_search.tree import Tree
 
@@ -194,10 +195,10 @@ def cost_label(model: CostProfile | DecodeCost | None) -> str:
 
 def visit_probabilities(tree: Tree, counts: np.ndarray | Sequence[float] | None) -> np.ndarray:
     """(I,) probability that a token's path passes each internal node (uniform classes when counts are None or 0)."""
-    V = tree.num_classes
-    total = 0.0 if counts is None else float(np.sum(counts))
-    leaf_visits = np.full(V, 1.0 / V) if total <= 0 else np.asarray(counts, np.float64) / total
-    return tree.subtree_sums(leaf_visits)
+    weights = np.ones(tree.num_classes) if counts is None else class_weights(counts)  # the one fallback
+    if weights.size != tree.num_classes:
+        raise ValueError(f"counts must have one entry per class ({tree.num_classes}), got {weights.size}")
+    return tree.subtree_sums(weights / weights.sum())
 
 
 @dataclass(frozen=True)
