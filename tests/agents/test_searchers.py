@@ -229,3 +229,38 @@ def test_ppo_gives_up_when_no_tree_fits_the_cap(dataset, ray_session):
                              give_up_after=3)  # fmt: skip
     assert list(searcher.search()) == [] and searcher.gave_up and evaluator.used == 0
     assert searcher.iterations == 3 and factory.actions > 0
+
+
+def test_a_tree_file_is_a_baseline_matched_to_the_dataset_by_token(dataset, tmp_path):
+    import numpy as np
+
+    from tree_search import builders
+    from tree_search.agents.baselines import split_baselines, tree_file_baseline
+    from tree_search.export import save_tree
+    from tree_search.search.config import SearchConfig
+    from tree_search.tree import Tree
+
+    original = builders.huffman(dataset.counts, 3)
+    V, tokens = dataset.num_classes, dataset.vocab.tokens
+    perm = np.random.default_rng(0).permutation(V)  # the file's class j is the dataset's class perm[j]
+    file_id = np.argsort(perm)
+    ids = original.child_ids
+    shuffled = Tree.from_csr(V, original.child_ptr, np.where(ids < V, file_id[np.minimum(ids, V - 1)], ids))
+    path = save_tree(tmp_path / "mine.tree.json", shuffled, labels=[tokens[c] for c in perm])
+    baseline = tree_file_baseline(path, dataset)
+    assert baseline.name == "mine.tree.json" and baseline.tree.canonical_hash == original.canonical_hash
+
+    assert split_baselines(f"front,{path}") == (builders.classic_names("front"), (str(path),))
+    evaluator = LocalEvaluator(dataset, QUICK)
+    found = {e.searcher: e for e in BaselineSearcher(evaluator, dataset, f"huffman-2,{path}").search()}
+    assert set(found) == {"baseline:huffman-2", "baseline:mine.tree.json"}
+    assert found["baseline:mine.tree.json"].key == evaluator.evaluate(original).key  # the same tree, known
+
+    with pytest.raises(ValueError, match=r"no such tree file: .*nope.tree.json"):
+        SearchConfig(baselines=f"huffman-2,{tmp_path / 'nope.tree.json'}")
+    unlabelled = save_tree(tmp_path / "plain.tree.json", original)
+    with pytest.raises(ValueError, match="plain.tree.json: the tree file has no labels"):
+        tree_file_baseline(unlabelled, dataset)
+    wrong = save_tree(tmp_path / "other.tree.json", original, labels=["x" + t for t in tokens])
+    with pytest.raises(ValueError, match=r"other.tree.json: 64 of its classes are not tokens of the dataset \('x0'"):
+        tree_file_baseline(wrong, dataset)

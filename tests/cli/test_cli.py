@@ -423,3 +423,22 @@ def test_resume_refuses_settings_it_would_ignore_and_takes_how_the_search_runs(t
     taken = CliRunner().invoke(main, ["search", "--resume", str(folder), "--no-compare", "--eval-workers", "2",
                                       "--no-node-bank"])  # fmt: skip
     assert taken.exit_code == 1 and "keeps the settings" not in taken.output and "config.json" in taken.output
+
+
+def test_search_compares_a_tree_file_of_one_s_own_beside_the_classic_trees(tmp_path):
+    from tree_search import builders
+    from tree_search.data.planted import COMMAND_LINE_PLANTED
+    from tree_search.envs import TreeEnvConfig, load_env_dataset
+    from tree_search.export import save_tree
+    from tree_search.search.runs import Run
+
+    dataset = load_env_dataset(TreeEnvConfig(dataset="planted", planted=COMMAND_LINE_PLANTED))
+    mine = save_tree(tmp_path / "mine.tree.json", builders.huffman(dataset.counts, 5), labels=dataset.vocab.tokens)
+    out = tmp_path / "run"
+    args = ["search", "--agent", "random", "--dataset", "planted", "--budget", "1", "--baselines", f"huffman-2,{mine}",
+            "--no-compare", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert {e.searcher for e in Run(out).evaluations()} >= {"baseline:huffman-2", "baseline:mine.tree.json"}
+    missing = CliRunner().invoke(main, ["search", "--dataset", "planted", "--baselines", "front,gone.tree.json"])
+    assert missing.exit_code == 1 and "no such tree file: gone.tree.json" in missing.output

@@ -1,22 +1,89 @@
-"""The classic trees every search is compared with, evaluated with exactly the same head training."""
+"""The classic trees every search is compared with, and one's own tree files, evaluated with the same training."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
 
 from tree_search.agents.base import Searcher
-from tree_search.builders import ClassicTree, classic_trees
+from tree_search.builders import CLASSIC_SETS, ClassicTree, classic_names, classic_trees
 from tree_search.data.features import FeatureDataset, class_embeddings
+from tree_search.export import load_tree
 from tree_search.reward.evaluator import Evaluation, Evaluator
+from tree_search.tree import Tree
 
-__all__ = ["BaselineSearcher", "dataset_classics"]
+__all__ = ["BaselineSearcher", "dataset_classics", "split_baselines", "tree_file_baseline"]
+
+TREE_FILE_SUFFIXES = (".json", ".npz")  # a baseline ending so is a tree file (`tree_search.export.load_tree`)
+
+
+def split_baselines(names: Sequence[str] | str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(classic names, tree files)`` of a baselines value: a set name, or names and tree files, comma-separated.
+
+    Raises:
+        ValueError: an unknown classic tree name, or a tree file that does not exist.
+    """
+    entries = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
+    files = tuple(n for n in entries if n.lower().endswith(TREE_FILE_SUFFIXES))
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise ValueError(f"no such tree file: {', '.join(missing)}")
+    others = [name for n in entries if n not in files for name in CLASSIC_SETS.get(n, (n,))]  # sets expanded
+    if not files:
+        return classic_names(others or names), ()  # (an empty value: the error that names the known trees)
+    return (classic_names(others) if others else ()), files
+
+
+def tree_file_baseline(path: str | Path, dataset: FeatureDataset) -> ClassicTree:
+    """A tree file as a baseline on ``dataset``: its classes matched to the dataset's by token (its labels).
+
+    The file's projections (``built_by.projections``, as `baseline --out` writes them) come with it.
+
+    Raises:
+        ValueError: naming the file: no labels, or tokens that the file and the dataset do not share.
+    """
+    record = load_tree(path)
+    if record.labels is None:
+        raise ValueError(f"{path}: the tree file has no labels, so its classes cannot be matched to the dataset's "
+                         "tokens (write it with labels: tree-search baseline --out, or export.save_tree)")  # fmt: skip
+    tokens = dataset.vocab.tokens
+    index = {token: i for i, token in enumerate(tokens)}
+    unknown = [label for label in record.labels if label not in index]
+    absent = sorted(set(tokens) - set(record.labels))
+    if unknown or absent:
+        problems = []
+        if unknown:
+            problems.append(f"{len(unknown)} of its classes are not tokens of the dataset ({_some(unknown)})")
+        if absent:
+            problems.append(f"the dataset has {len(absent)} tokens the tree lacks ({_some(absent)})")
+        raise ValueError(f"{path}: {'; '.join(problems)}")
+    new_ids = np.array([index[label] for label in record.labels], dtype=np.int64)
+    ids = record.tree.child_ids
+    V = record.tree.num_classes
+    relabelled = Tree.from_csr(V, record.tree.child_ptr, np.where(ids < V, new_ids[np.minimum(ids, V - 1)], ids))
+    projections = {int(n): int(p) for n, p in ((record.built_by or {}).get("projections") or {}).items()}
+    return ClassicTree(Path(path).name, relabelled, projections, builder="file", params={"file": str(path)})
+
+
+def _some(tokens: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(repr(t) for t in tokens[:shown]) + (", ..." if len(tokens) > shown else "")
 
 
 def dataset_classics(
     dataset: FeatureDataset, names: Sequence[str] | str = "all", seed: int = 0
 ) -> dict[str, ClassicTree]:
-    """`builders.classic_trees` for ``dataset``: its counts, class embeddings and feature dimension."""
-    return classic_trees(dataset.counts, names, embeddings=class_embeddings(dataset), dim=dataset.dim, seed=seed)
+    """`builders.classic_trees` for ``dataset`` (its counts, class embeddings and dimension), then any tree files.
+
+    ``names``: as `split_baselines` reads them, e.g. ``"front"`` or ``"huffman-8,my.tree.json"``.
+    """
+    classics, files = split_baselines(names)
+    out = classic_trees(dataset.counts, classics, embeddings=class_embeddings(dataset), dim=dataset.dim,
+                        seed=seed) if classics else {}  # fmt: skip
+    for path in files:
+        out[Path(path).name] = tree_file_baseline(path, dataset)
+    return out
 
 
 class BaselineSearcher(Searcher):

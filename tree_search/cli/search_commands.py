@@ -223,7 +223,7 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
     default=SearchConfig.baselines,
     show_default=True,
     help="Classic trees to compare with: a set (core, all, front), comma-separated names (see 'baseline "
-    "--trees'), or none.",
+    "--trees') and tree files of one's own (.json or .npz with labels: matched to the data by token), or none.",
 )
 @click.option("--seed", default=SearchConfig.seed, show_default=True, help="Seed of the sampler or policy.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,

@@ -48,7 +48,8 @@ def subtree_embedding_sums(tree: Tree, E: np.ndarray, counts: np.ndarray) -> tup
     sums = torch.zeros(tree.num_internal, E.shape[1], dtype=torch.float64)
     sums.index_add_(0, torch.from_numpy(tree.leaf_parent.astype(np.int64)), torch.from_numpy(E * counts[:, None]))
     for level in reversed(tree.levels[1:]):
-        sums.index_add_(0, torch.from_numpy(tree.node_parent[level].astype(np.int64)), sums[torch.from_numpy(level)])
+        children = torch.from_numpy(level.astype(np.int64))  # a writable copy: `Tree.levels` are read-only
+        sums.index_add_(0, torch.from_numpy(tree.node_parent[level].astype(np.int64)), sums[children])
     return sums.numpy(), tree.subtree_sums(counts)
 
 

@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from tree_search.agents.baselines import split_baselines
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS
 from tree_search.agents.policy import PolicyConfig
-from tree_search.builders import classic_names
 from tree_search.envs import ENV_IDS, TreeEnvConfig
 
 __all__ = ["AGENTS", "EXECUTION_FIELDS", "NODE_AGENTS", "RLLIB_AGENTS", "SearchConfig"]
@@ -65,7 +65,7 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.env must be 'split', 'merge' or 'cutoffs', got {self.env!r}")
         if self.baselines != "none":
             try:
-                classic_names(self.baselines)
+                split_baselines(self.baselines)
             except ValueError as err:
                 raise ValueError(f"SearchConfig.baselines: {err} (or 'none')") from None
         caps = self.cost_caps
