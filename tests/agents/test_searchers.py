@@ -231,11 +231,11 @@ def test_ppo_gives_up_when_no_tree_fits_the_cap(dataset, ray_session):
     assert searcher.iterations == 3 and factory.actions > 0
 
 
-def test_a_tree_file_is_a_baseline_matched_to_the_dataset_by_token(dataset, tmp_path):
+def test_a_tree_file_is_a_baseline_matched_to_the_dataset_by_token(dataset, tmp_path, monkeypatch):
     import numpy as np
 
     from tree_search import builders
-    from tree_search.agents.baselines import split_baselines, tree_file_baseline
+    from tree_search.agents.baselines import resolved_baselines, split_baselines, tree_file_baseline
     from tree_search.export import save_tree
     from tree_search.search.config import SearchConfig
     from tree_search.tree import Tree
@@ -256,8 +256,14 @@ def test_a_tree_file_is_a_baseline_matched_to_the_dataset_by_token(dataset, tmp_
     assert set(found) == {"baseline:huffman-2", "baseline:mine.tree.json"}
     assert found["baseline:mine.tree.json"].key == evaluator.evaluate(original).key  # the same tree, known
 
+    gone = f"huffman-2,{tmp_path / 'nope.tree.json'}"
     with pytest.raises(ValueError, match=r"no such tree file: .*nope.tree.json"):
-        SearchConfig(baselines=f"huffman-2,{tmp_path / 'nope.tree.json'}")
+        resolved_baselines(gone)  # a new run's start
+    assert SearchConfig(baselines=gone).baselines == gone  # a run read back (compare, report) does not need the file
+    with pytest.raises(ValueError, match="two tree files named alike"):
+        SearchConfig(baselines=f"{path},{tmp_path / 'other' / 'mine.tree.json'}")
+    monkeypatch.chdir(tmp_path)
+    assert resolved_baselines("front,mine.tree.json") == f"front,{tmp_path.resolve() / 'mine.tree.json'}"  # absolute
     unlabelled = save_tree(tmp_path / "plain.tree.json", original)
     with pytest.raises(ValueError, match="plain.tree.json: the tree file has no labels"):
         tree_file_baseline(unlabelled, dataset)

@@ -57,7 +57,9 @@ def test_a_head_gives_the_same_loss_and_gradients_with_and_without_the_kernels(f
     tree = builders.huffman(counts, 3)  # a packed bucket of width 4 holding 3 children (a masked column)
     h = torch.randn(300, 24, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 3000, (300,), generator=torch.Generator().manual_seed(2))
-    results = []
+    results, calls, ran = [], [], {}
+    real = native.pair_scores
+    monkeypatch.setattr(native, "pair_scores", lambda *a: calls.append(1) or real(*a))
     for mode in ("auto", "0"):
         monkeypatch.setenv(native.NATIVE_ENV, mode)
         torch.manual_seed(0)
@@ -66,7 +68,9 @@ def test_a_head_gives_the_same_loss_and_gradients_with_and_without_the_kernels(f
         loss = head(x, y).loss
         loss.backward()
         results.append((loss.detach(), x.grad, head.bucket_weights[0].grad.to_dense()))
+        ran[mode] = len(calls)
     (loss, grad_h, grad_w), (loss0, grad_h0, grad_w0) = results
+    assert ran["auto"] > 0 and ran["0"] == ran["auto"]  # the C kernels ran with "auto" only
     assert grad_w.abs().sum() > 0
     torch.testing.assert_close(loss, loss0, rtol=0, atol=1e-5)
     torch.testing.assert_close(grad_h, grad_h0, rtol=0, atol=1e-6)
@@ -79,6 +83,10 @@ def test_an_index_out_of_range_is_an_error_not_a_read_outside_the_weights(fresh_
         native.pair_scores(weight, h, torch.tensor([0, 4]), torch.tensor([0, 1]), 2)
     with pytest.raises(IndexError, match=r"rows out of range 0\.\.4"):
         native.pair_scores(weight, h, torch.tensor([0, 1]), torch.tensor([0, 5]), 2)
+    with pytest.raises(ValueError, match=r"weight must be \(nodes, width x d\) = \(M, 9\), got \(4, 6\)"):
+        native.pair_scores(weight, h, torch.tensor([0, 1]), torch.tensor([0, 1]), 3)  # width 3 x d 3: 9 columns
+    with pytest.raises(ValueError, match="each per-pair tensor must hold 2 entries"):
+        native.pair_scores(weight, h, torch.tensor([0, 1]), torch.tensor([0]), 2)
 
 
 def test_without_a_compiler_the_head_warns_once_and_uses_torch(fresh_build, monkeypatch):

@@ -14,26 +14,40 @@ from tree_search.export import load_tree
 from tree_search.reward.evaluator import Evaluation, Evaluator
 from tree_search.tree import Tree
 
-__all__ = ["BaselineSearcher", "dataset_classics", "split_baselines", "tree_file_baseline"]
+__all__ = ["BaselineSearcher", "dataset_classics", "resolved_baselines", "split_baselines", "tree_file_baseline"]
 
 TREE_FILE_SUFFIXES = (".json", ".npz")  # a baseline ending so is a tree file (`tree_search.export.load_tree`)
 
 
-def split_baselines(names: Sequence[str] | str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def split_baselines(names: Sequence[str] | str, check_files: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(classic names, tree files)`` of a baselines value: a set name, or names and tree files, comma-separated.
 
+    ``check_files``: that each file exists (a new run's start; a run read back keeps its trees in its folder).
+
     Raises:
-        ValueError: an unknown classic tree name, or a tree file that does not exist.
+        ValueError: an unknown classic tree name, two tree files of one name, or a tree file that does not exist.
     """
     entries = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
     files = tuple(n for n in entries if n.lower().endswith(TREE_FILE_SUFFIXES))
-    missing = [f for f in files if not Path(f).is_file()]
+    names_of = [Path(f).name for f in files]
+    if len(set(names_of)) != len(names_of):
+        raise ValueError(f"two tree files named alike ({', '.join(files)}): a baseline is named by its file's name")
+    missing = [f for f in files if check_files and not Path(f).is_file()]
     if missing:
         raise ValueError(f"no such tree file: {', '.join(missing)}")
     others = [name for n in entries if n not in files for name in CLASSIC_SETS.get(n, (n,))]  # sets expanded
     if not files:
         return classic_names(others or names), ()  # (an empty value: the error that names the known trees)
     return (classic_names(others) if others else ()), files
+
+
+def resolved_baselines(names: str) -> str:
+    """A new run's baselines value with its tree files checked and made absolute (the run may be read elsewhere)."""
+    if names == "none":
+        return names
+    _, files = split_baselines(names)
+    entries = [n.strip() for n in names.split(",") if n.strip()]
+    return ",".join(str(Path(n).resolve()) if n in files else n for n in entries)
 
 
 def tree_file_baseline(path: str | Path, dataset: FeatureDataset) -> ClassicTree:
@@ -45,6 +59,8 @@ def tree_file_baseline(path: str | Path, dataset: FeatureDataset) -> ClassicTree
         ValueError: naming the file: no labels, or tokens that the file and the dataset do not share.
     """
     record = load_tree(path)
+    if record.labels is not None and len(set(record.labels)) != len(record.labels):
+        raise ValueError(f"{path}: its labels name a class twice, so they cannot be matched to the dataset's tokens")
     if record.labels is None:
         raise ValueError(f"{path}: the tree file has no labels, so its classes cannot be matched to the dataset's "
                          "tokens (write it with labels: tree-search baseline --out, or export.save_tree)")  # fmt: skip

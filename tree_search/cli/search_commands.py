@@ -331,6 +331,7 @@ def search(
 
     import torch
 
+    from tree_search.agents.baselines import resolved_baselines
     from tree_search.heads.timing import check_cost_spec, release_free_memory
     from tree_search.search.config import EXECUTION_FIELDS
     from tree_search.search.report import compare_runs
@@ -343,6 +344,8 @@ def search(
         raise click.ClickException("--text prepares a new run's data: give it without --dataset and --resume")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     check_cost_spec(cost_model, device_type)  # before the search, not after it
+    if resume is None:  # before any data is prepared: tree files checked, and kept as absolute paths
+        baselines = resolved_baselines(baselines)
     if decode_cap and cost_model.startswith("measured"):  # the decoding side of the same profile
         check_cost_spec("decode" + cost_model.removeprefix("measured"), device_type)
     # how the search runs (this session's flags, also on resume): the fields `EXECUTION_FIELDS` declares

@@ -76,7 +76,7 @@ class _GatheredScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, h, nodes, rows, width, sparse):  # noqa: D102
         dtype = torch.promote_types(weight.dtype, h.dtype)
-        ctx.native = dtype == torch.float32 and native.usable(weight, h)
+        ctx.native = dtype == torch.float32 and native.usable(weight, h, nodes, rows)
         if ctx.native:
             scores = native.pair_scores(weight.detach().float(), h.detach().float(), nodes, rows, int(width))
         else:

@@ -2,9 +2,9 @@
 
 `TreeSoftmaxHead`'s packed nodes score (node, row) pairs whose node weights are gathered per
 pair (`tree_search.heads.gathered`). On CPU, float32, these three C loops (OpenMP over pairs,
-rows or nodes) replace the compiled gather and the backward's two `embedding_bag` calls: the
-forward and backward of a packed bucket take about half the time (docs/cost-in-time.md,
-"The packed nodes' kernels"). They give the same numbers up to float32 summation order.
+rows or nodes) replace the compiled gather and the backward's two `embedding_bag` calls: a
+packed tree's training step takes 1.1-1.6x less time (docs/cost-in-time.md, "The packed nodes'
+C kernels"). They give the same numbers up to float32 summation order.
 
 The shared library is built with ``$CC`` (default ``cc``) and ``-O3 -march=native -fopenmp``
 into the cache (``<cache>/native/``), named by a hash of the source, the compiler's version,
@@ -89,7 +89,11 @@ def _build() -> ctypes.CDLL:
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
-    library = ctypes.CDLL(str(target))
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError:  # a build that no longer loads (a changed system library): build it again, once
+        target.unlink(missing_ok=True)
+        return _build()
     pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.pair_scores.argtypes = [pointer] * 5 + [size] * 3 + [threads]
     library.pair_grad_rows.argtypes = [pointer] * 5 + [size] * 3 + [threads]
@@ -103,7 +107,7 @@ def _library() -> ctypes.CDLL | None:
     if "library" not in _state and "failed" not in _state:
         try:
             _state["library"] = _build()
-        except (OSError, subprocess.SubprocessError) as err:
+        except (OSError, AttributeError, RecursionError, subprocess.SubprocessError) as err:
             _state["failed"] = f"{type(err).__name__}: {err}"
             warnings.warn(f"tree_search: building the packed nodes' C kernels failed ({_state['failed']}); using "
                           f"torch (the same results, slower on CPU; {NATIVE_ENV}=0 silences this)", RuntimeWarning,
@@ -138,10 +142,19 @@ def _checked_index(index: torch.Tensor, size: int, what: str) -> torch.Tensor:
     return index
 
 
+def _check_shapes(weight: torch.Tensor, d: int, width: int, pairs: int, *others: torch.Tensor) -> None:
+    """The sizes C trusts: ``weight`` (M, width * d), one entry per pair in each of ``others``."""
+    if weight.dim() != 2 or weight.shape[1] != width * d:
+        raise ValueError(f"weight must be (nodes, width x d) = (M, {width * d}), got {tuple(weight.shape)}")
+    if any(t.shape[0] != pairs for t in others):
+        raise ValueError(f"each per-pair tensor must hold {pairs} entries, got {[t.shape[0] for t in others]}")
+
+
 def pair_scores(weight: torch.Tensor, h: torch.Tensor, nodes: torch.Tensor, rows: torch.Tensor,
                 width: int) -> torch.Tensor:  # fmt: skip
     """(P, width) ``weight[nodes[p]].view(width, d) @ h[rows[p]]``: float32 CPU tensors, no autograd."""
     library, d = _library(), h.shape[1]
+    _check_shapes(weight, d, width, nodes.shape[0], rows)
     weight, h = weight.contiguous(), h.contiguous()
     nodes = _checked_index(nodes, weight.shape[0], "nodes")
     rows = _checked_index(rows, h.shape[0], "rows")
@@ -156,6 +169,7 @@ def pair_grad_rows(weight: torch.Tensor, grad: torch.Tensor, nodes: torch.Tensor
     """(num_rows, d): row r's sum over its pairs of ``grad[p] @ weight[nodes[p]].view(width, d)`` (rows sorted)."""
     library, width = _library(), grad.shape[1]
     d = weight.shape[1] // width
+    _check_shapes(weight, d, width, grad.shape[0], nodes, sorted_rows)
     weight, grad = weight.contiguous(), grad.contiguous()
     nodes = _checked_index(nodes, weight.shape[0], "nodes")
     start = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, dtype=sorted_rows.dtype)).to(torch.int64)
@@ -170,6 +184,9 @@ def pair_grad_nodes(h: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor, nod
     """``(unique, values)``: the nodes with pairs (sorted), and (U, width * d) sums of ``grad[p] x h[rows[p]]``."""
     library, width = _library(), grad.shape[1]
     d = h.shape[1]
+    if rows.shape[0] != grad.shape[0] or nodes.shape[0] != grad.shape[0]:
+        raise ValueError(f"rows, nodes and grad must hold one entry per pair, got {rows.shape[0]}, "
+                         f"{nodes.shape[0]} and {grad.shape[0]}")  # fmt: skip
     h, grad = h.contiguous(), grad.contiguous()
     rows = _checked_index(rows, h.shape[0], "rows")
     nodes = _checked_index(nodes, num_nodes, "nodes")

@@ -65,7 +65,7 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.env must be 'split', 'merge' or 'cutoffs', got {self.env!r}")
         if self.baselines != "none":
             try:
-                split_baselines(self.baselines)
+                split_baselines(self.baselines, check_files=False)  # a new run's start checks the files
             except ValueError as err:
                 raise ValueError(f"SearchConfig.baselines: {err} (or 'none')") from None
         caps = self.cost_caps
