@@ -39,9 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tree_search.cost import huffman_unit
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.reward.reward import FINAL_SEED_OFFSET, score_test
+from tree_search.reward.reward import FINAL_SEED_OFFSET, huffman_cost, score_test
 from tree_search.search import SearchConfig, run_search
 from tree_search.search.report import compare_runs
 from tree_search.search.runs import Run
@@ -66,7 +65,7 @@ def equal_budget_table(folders: list[Path], agents: list[str], test_seeds: int =
     runs = [Run(folder) for folder in folders]
     config = SearchConfig.from_json(runs[0].config)
     dataset = load_env_dataset(config.env_config)
-    unit = huffman_unit(dataset.class_weights, dataset.dim) / (dataset.num_classes * dataset.dim)  # / full softmax's
+    unit = huffman_cost(dataset) / (dataset.num_classes * dataset.dim)  # binary Huffman's cost / full softmax
     caps = config.caps()
     within = lambda e, cap: e.ok and e.cost_ratio <= cap * unit * (1 + 1e-9)  # noqa: E731
     classic = [e for e in runs[0].evaluations() if e.searcher.startswith("baseline:")]

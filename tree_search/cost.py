@@ -32,8 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from tree_search.builders.common import class_weights
-from tree_search.builders.frequency import frequency_cutoffs, huffman
 from tree_search.tree import Tree
 
 __all__ = [
@@ -48,9 +46,7 @@ __all__ = [
     "cost_label",
     "decode_features",
     "fit_coefficients",
-    "full_softmax_cost",
     "full_softmax_macs",
-    "huffman_unit",
     "head_cost",
     "head_layout",
     "layout_features",
@@ -160,21 +156,6 @@ def full_softmax_macs(num_classes: int, dim: int) -> float:
     return float(num_classes) * float(dim)
 
 
-def huffman_unit(counts: np.ndarray, dim: int, model: CostProfile | None = None) -> float:
-    """Binary Huffman's `head_cost` under ``counts`` (class weights: a dataset's ``class_weights``): the unit of caps.
-
-    In multiply-adds, or in ``model``'s seconds per token.
-    """
-    return head_cost(huffman(counts, 2), counts, dim, model=model)
-
-
-def full_softmax_cost(num_classes: int, dim: int, model: CostProfile | None = None) -> float:
-    """The full softmax's cost per token (one node over every class): `full_softmax_macs`, or ``model``'s time."""
-    if model is None:
-        return full_softmax_macs(num_classes, dim)
-    return head_cost(frequency_cutoffs(np.ones(num_classes), []), None, dim, model=model)
-
-
 def head_cost(
     tree: Tree,
     counts: np.ndarray | Sequence[float] | None,
@@ -195,10 +176,12 @@ def cost_label(model: CostProfile | DecodeCost | None) -> str:
 
 def visit_probabilities(tree: Tree, counts: np.ndarray | Sequence[float] | None) -> np.ndarray:
     """(I,) probability that a token's path passes each internal node (uniform classes when counts are None or 0)."""
-    weights = np.ones(tree.num_classes) if counts is None else class_weights(counts)  # the one fallback
-    if weights.size != tree.num_classes:
-        raise ValueError(f"counts must have one entry per class ({tree.num_classes}), got {weights.size}")
-    return tree.subtree_sums(weights / weights.sum())
+    V = tree.num_classes
+    weights = np.ones(V) if counts is None else np.asarray(counts, dtype=np.float64)
+    if weights.shape != (V,):
+        raise ValueError(f"counts must have one entry per class ({V}), got {weights.size}")
+    total = float(weights.sum())  # all zero (unknown counts): uniform, as `builders.common.class_weights` falls back
+    return tree.subtree_sums(weights / total if total > 0 else np.full(V, 1.0 / V))
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,11 @@ from quick_settings import PLANTED, QUICK
 
 from tree_search.agents.jtm_search import JTMSearcher, _assign, reassign, slot_costs
 from tree_search.builders import huffman
-from tree_search.cost import huffman_unit
 from tree_search.data.planted import make_planted
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.reward.evaluator import LocalEvaluator
 from tree_search.reward.node_train import split_sample
-from tree_search.reward.reward import node_weights
+from tree_search.reward.reward import huffman_cost, node_weights
 from tree_search.tree import Tree
 
 CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, cost_cap=2.0)
@@ -105,7 +104,7 @@ def test_the_jtm_searcher_stays_within_budget_and_cap_and_improves_on_its_start(
     searcher = JTMSearcher(evaluator, dataset, CONFIG, device="cpu", score_tokens=10_000)
     yielded = list(searcher.search())
     assert len(yielded) == evaluator.used <= 9 and len({e.key for e in yielded}) == len(yielded)
-    cap = CONFIG.cost_cap * huffman_unit(dataset.class_weights, dataset.dim)
+    cap = CONFIG.cost_cap * huffman_cost(dataset)
     trees = {e.key: e for e in yielded}
     assert all(e.ok for e in yielded)
     assert searcher.rounds, "no re-assignment round was played"

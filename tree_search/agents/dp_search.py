@@ -57,12 +57,13 @@ import numpy as np
 
 from tree_search.agents.base import Searcher
 from tree_search.builders import CLASSIC_SETS, CUTOFF_SHAPES, classic_trees
-from tree_search.cost import DecodeCost, head_cost, huffman_unit, node_costs
+from tree_search.cost import DecodeCost, head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.timing import resolve_cost
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator, evaluation_key
+from tree_search.reward.reward import huffman_cost
 from tree_search.split_grammar import (
     FLAT,
     Plan,
@@ -285,7 +286,7 @@ class DPSearcher(Searcher):
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
         self.dim = dataset.dim
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
-        self.cap = config.cost_cap * huffman_unit(dataset.class_weights, dataset.dim, self.cost_model)
+        self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model)
         self.decode_cap = decode_cap_for(config.cost, config.decode_cap, dataset)  # None: no cap on decoding time
         rules = [r for r in split_rules(config.fanouts) if not r.flat]
         # the adaptive softmax's root splits (its cutoffs and Grave et al.'s; with projected flat tails, its own trees)

@@ -34,13 +34,14 @@ import numpy as np
 import torch
 
 from tree_search.agents.base import Searcher
-from tree_search.cost import head_cost, huffman_unit
+from tree_search.cost import head_cost
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device
 from tree_search.envs.config import TreeEnvConfig
 from tree_search.heads.timing import resolve_cost
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator
 from tree_search.reward.node_train import split_sample
+from tree_search.reward.reward import huffman_cost
 from tree_search.split_grammar import Plan, SplitCache, normalise_embeddings, plan_tree, split_rules
 from tree_search.tree import Tree
 
@@ -244,8 +245,7 @@ class JTMSearcher(Searcher):
         self.counts = dataset.class_weights
         self.embeddings = normalise_embeddings(class_embeddings(dataset))
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
-        unit = huffman_unit(dataset.class_weights, dataset.dim, self.cost_model)
-        self.cap = config.cost_cap * unit if config.cost_mode == "cap" else math.inf
+        self.cap = config.cost_cap * huffman_cost(dataset, self.cost_model) if config.cost_mode == "cap" else math.inf
         self.decode_cap = decode_cap_for(config.cost, config.decode_cap, dataset)  # None: no cap on decoding time
         self._splits = SplitCache()
         self.rounds: list[tuple[int, int, float]] = []  # (chain, round, valid NLL) of every re-assignment round

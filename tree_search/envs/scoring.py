@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
-from tree_search.cost import full_softmax_cost, head_cost, huffman_unit, node_costs
+from tree_search.cost import head_cost, node_costs
 from tree_search.data.features import FeatureDataset, class_embeddings, default_device, load_feature_folder
 from tree_search.data.npz_dataset import load_npz_dataset
 from tree_search.data.planted import PlantedConfig, make_planted
@@ -38,6 +38,8 @@ from tree_search.reward.node_train import NodeRecipe
 from tree_search.reward.reward import (
     Result,
     evaluate,
+    full_softmax_cost,
+    huffman_cost,
     node_nll_shares,
     training_failure,
 )
@@ -132,8 +134,8 @@ class EpisodeScorer:
         self.counts = dataset.class_weights
         self.dim = dataset.dim
         self.cost_model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
-        self.full_cost = full_softmax_cost(dataset.num_classes, dataset.dim, self.cost_model)
-        self.huffman_cost = huffman_unit(dataset.class_weights, dataset.dim, self.cost_model)
+        self.full_cost = full_softmax_cost(dataset, self.cost_model)
+        self.huffman_cost = huffman_cost(dataset, self.cost_model)
         self.cap = config.cost_cap * self.huffman_cost
         self.decode_cap = decode_cap_for(config.cost, config.decode_cap, dataset)  # None: no cap on decoding time
         self.floor = math.log(dataset.num_classes)  # the NLL of a uniform guess

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tree_search.cost import DecodeCost, head_cost, huffman_unit, parse_cost_spec
+from tree_search.cost import DecodeCost, head_cost, parse_cost_spec
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.tree import Tree
 
@@ -73,11 +73,11 @@ def decode_cap_for(cost: str, multiple: float, dataset: FeatureDataset) -> Decod
     if not multiple:
         return None
     from tree_search.heads.timing import resolve_cost  # the profile's file and device checks, in one place
+    from tree_search.reward.reward import huffman_cost
 
     kind, path = parse_cost_spec(cost)
     if kind != "measured":
         raise ValueError(f"a decoding cap needs costs in training time ('measured[:PROFILE]'), not {cost!r}")
     model = resolve_cost(f"decode:{path}" if path else "decode", dim=dataset.dim, device_type=default_device().type,
                          dataset=dataset)  # fmt: skip
-    unit = huffman_unit(dataset.class_weights, dataset.dim, model)
-    return DecodeCap(model, dataset.class_weights, dataset.dim, unit, float(multiple))
+    return DecodeCap(model, dataset.class_weights, dataset.dim, huffman_cost(dataset, model), float(multiple))

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tree_search.cost import full_softmax_macs, head_cost, node_costs
+from tree_search.builders import frequency_cutoffs, huffman
+from tree_search.cost import CostProfile, full_softmax_macs, head_cost, node_costs
 from tree_search.data.cache import cache_root
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.heads.train import Callback, EvalPoint
@@ -45,6 +46,8 @@ __all__ = [
     "Result",
     "evaluate",
     "head_cost",
+    "full_softmax_cost",
+    "huffman_cost",
     "node_costs",
     "node_nll_shares",
     "node_weights",
@@ -111,6 +114,22 @@ def _top_k_accuracy(head: TreeSoftmaxHead, features: torch.Tensor, labels: torch
         hits5 += int((classes == y[:, None]).any(1).sum())
     n = max(1, labels.shape[0])
     return hits1 / n, hits5 / n
+
+
+def huffman_cost(dataset: FeatureDataset, model: CostProfile | None = None) -> float:
+    """Binary Huffman's `head_cost` under the dataset's counts (uniform when it has none): the unit of cost caps.
+
+    In multiply-adds, or in ``model``'s seconds per token (`tree_search.cost`).
+    """
+    counts = dataset.class_weights
+    return head_cost(huffman(counts, 2), counts, dataset.dim, model=model)
+
+
+def full_softmax_cost(dataset: FeatureDataset, model: CostProfile | None = None) -> float:
+    """The full softmax's cost per token (one node over every class): V x dim multiply-adds, or ``model``'s time."""
+    if model is None:
+        return full_softmax_macs(dataset.num_classes, dataset.dim)
+    return head_cost(frequency_cutoffs(np.ones(dataset.num_classes), []), None, dataset.dim, model=model)
 
 
 def node_nll_shares(
@@ -254,7 +273,7 @@ def evaluate(
     counts = dataset.class_weights
     projections = {int(node): int(size) for node, size in (projections or {}).items()}
     cost = head_cost(tree, counts, dataset.dim, projections)
-    ratio = cost / full_softmax_macs(dataset.num_classes, dataset.dim)
+    ratio = cost / full_softmax_cost(dataset)
     started = time.perf_counter()
     per_seed, history, error, pruned = [], [], None, False
     counters = {"nodes_trained": 0, "nodes_reused": 0, "node_seconds": 0.0, "flops": 0.0}

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from tree_search.builders import frequency_cutoffs
-from tree_search.cost import DecodeCost, cost_label, full_softmax_cost, head_cost, huffman_unit
+from tree_search.cost import DecodeCost, cost_label, head_cost
 from tree_search.data.features import default_device, row_documents
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
@@ -39,7 +39,7 @@ from tree_search.reward.converged import cached_reference
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import Evaluation
 from tree_search.reward.node_train import split_sample, training_code_identity, training_dtype
-from tree_search.reward.reward import FINAL_SEED_OFFSET, score_test, trained_head
+from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
 from tree_search.search.config import SearchConfig
 from tree_search.search.runs import COMPARISON_FILE, SELECTION_FREE, Run, RunError
 from tree_search.search.time_report import measure_decoding, time_fields, time_report_lines
@@ -210,13 +210,13 @@ def compare_runs(
     run_spec = runs[0].cost_spec(env_config.cost)  # the profile the search used, when it kept one
     # what the search's caps are in
     axis = resolve_cost(run_spec, dim=dataset.dim, device_type=device_type, dataset=dataset)
-    full_cost = full_softmax_cost(dataset.num_classes, dataset.dim, axis)
-    unit = huffman_unit(counts, dataset.dim, axis)  # binary Huffman's cost: the unit of caps
-    macs_unit = huffman_unit(counts, dataset.dim)
+    full_cost = full_softmax_cost(dataset, axis)
+    unit = huffman_cost(dataset, axis)  # binary Huffman's cost: the unit of caps
+    macs_unit = huffman_cost(dataset)
     profile = resolve_cost(cost or run_spec, dim=dataset.dim, device_type=device_type)
     if isinstance(profile, DecodeCost):  # the time section reads the whole profile, training and decoding
         profile = profile.profile
-    time_unit = huffman_unit(counts, dataset.dim, profile) if profile is not None else math.nan
+    time_unit = huffman_cost(dataset, profile) if profile is not None else math.nan
     decoding_cap = decode_cap_for(run_spec, env_config.decode_cap, dataset)  # the first run's, with its profile
     all_caps = [c for run in runs for c in SearchConfig.from_json(run.config).caps().values()]  # each run's own
     cap = max(all_caps) * unit if all_caps else math.inf  # the widest: "within the cap" of the table

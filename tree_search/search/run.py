@@ -12,12 +12,13 @@ from pathlib import Path
 from tree_search.agents.base import Searcher
 from tree_search.agents.baselines import BaselineSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
-from tree_search.cost import full_softmax_cost, head_cost, huffman_unit, parse_cost_spec
+from tree_search.cost import head_cost, parse_cost_spec
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.envs import load_env_dataset, make_env
 from tree_search.heads.timing import resolve_cost
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import Evaluation, Evaluator, LocalEvaluator
+from tree_search.reward.reward import full_softmax_cost, huffman_cost
 from tree_search.search.config import EXECUTION_FIELDS, SearchConfig
 from tree_search.search.runs import SELECTION_FREE, Run
 from tree_search.tree import Tree
@@ -165,8 +166,8 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
 
     listeners = [run.record, progress, counters]
     searches = config.searches()
-    full_cost = full_softmax_cost(dataset.num_classes, dataset.dim, cost_model)
-    huffman_ratio = huffman_unit(dataset.class_weights, dataset.dim, cost_model) / full_cost
+    full_cost = full_softmax_cost(dataset, cost_model)
+    huffman_ratio = huffman_cost(dataset, cost_model) / full_cost
     caps = {label: cap * huffman_ratio for label, cap in config.caps().items()}  # / full softmax
     run.cap_ratio = max(caps.values(), default=math.inf)  # best_tree.json: the best searched tree within a cap
     run.decode_cap = decode_cap
