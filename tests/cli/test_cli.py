@@ -442,3 +442,21 @@ def test_search_compares_a_tree_file_of_one_s_own_beside_the_classic_trees(tmp_p
     assert {e.searcher for e in Run(out).evaluations()} >= {"baseline:huffman-2", "baseline:mine.tree.json"}
     missing = CliRunner().invoke(main, ["search", "--dataset", "planted", "--baselines", "front,gone.tree.json"])
     assert missing.exit_code == 1 and "no such tree file: gone.tree.json" in missing.output
+
+
+def test_baseline_builds_and_scores_the_trees_on_a_dataset_of_one_s_own(tmp_path):
+    rng = np.random.default_rng(0)  # features of one's own encoder, as an .npz (data/npz_dataset.py)
+    names = np.array([f"w{k}" for k in range(24)])
+    labels = rng.zipf(1.3, size=4000) % 24
+    features = (rng.normal(size=(24, 8))[labels] + rng.normal(scale=0.5, size=(4000, 8))).astype(np.float32)
+    path = tmp_path / "mine.npz"
+    np.savez(path, features=features, labels=labels, class_names=names)
+    built = run("baseline", "--dataset", str(path), "--trees", "huffman-3,kmeans-4")
+    assert built.exit_code == 0, built.output
+    assert "24 classes" in built.output and "valid NLL" not in built.output  # built on its classes, not trained
+    scored = run("baseline", "--dataset", str(path), "--trees", "huffman-3,kmeans-4", "--evaluate", "--epochs", "1",
+                 "--device", "cpu")  # fmt: skip
+    assert scored.exit_code == 0, scored.output
+    assert "[2/2] kmeans-4: valid NLL" in scored.output and "huffman-2 was not built" in scored.output
+    both = run("baseline", "--dataset", str(path), "--counts", str(path))
+    assert both.exit_code != 0 and "--counts or --dataset" in both.output

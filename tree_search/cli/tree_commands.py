@@ -38,6 +38,13 @@ def _finite(value: float | None) -> float:
     help="Class counts: a 'token<TAB>count' file, or a Vocab JSON. Default: the built-in corpus.",
 )
 @click.option(
+    "--dataset",
+    "dataset_name",
+    default=None,
+    help="Build (and with --evaluate score) the trees on a dataset's classes: 'builtin', 'planted', an .npz, or a "
+    "prepared features folder (as search --dataset). Default with --evaluate: the built-in corpus.",
+)
+@click.option(
     "--max-size", default=10_000, show_default=True, help="Vocabulary cap of the built-in corpus (<unk> included)."
 )
 @click.option(
@@ -96,6 +103,7 @@ def _finite(value: float | None) -> float:
 @friendly_errors
 def baseline(
     counts_file: Path | None,
+    dataset_name: str | None,
     max_size: int,
     arities: tuple[int, ...],
     tree_names: str | None,
@@ -116,11 +124,21 @@ def baseline(
     With --taxonomy, the tree of a taxonomy file over the vocabulary's tokens joins them.
     """
     if evaluate and counts_file is not None:
-        raise click.UsageError("--evaluate trains heads on the built-in corpus's features; drop --counts")
-    if evaluate and click.get_current_context().get_parameter_source("dim") != click.core.ParameterSource.DEFAULT:
-        raise click.UsageError("--dim is the features' dimension under --evaluate; set it with 'data prepare --dim'")
+        raise click.UsageError("--evaluate trains heads on a dataset's features (--dataset, default the built-in "
+                               "corpus); drop --counts")  # fmt: skip
+    if counts_file is not None and dataset_name is not None:
+        raise click.UsageError("give the classes once: --counts or --dataset")
+    dim_given = click.get_current_context().get_parameter_source("dim") != click.core.ParameterSource.DEFAULT
+    if (evaluate or dataset_name is not None) and dim_given:
+        raise click.UsageError("--dim is the features' dimension with --evaluate or --dataset; set it with "
+                               "'data prepare --dim'")  # fmt: skip
     dataset = None
-    if evaluate:
+    if dataset_name is not None and dataset_name != "builtin":
+        from tree_search.envs import TreeEnvConfig, load_env_dataset
+
+        dataset = load_env_dataset(TreeEnvConfig(dataset=dataset_name))
+        vocab, dim, source = dataset.vocab, dataset.dim, f"dataset {dataset_name}"
+    elif evaluate or dataset_name == "builtin":
         with progress_bars() as progress:
             dataset = prepare_dataset(corpus_config=CorpusConfig(max_size=max_size), log=console.print,
                                       progress=progress)  # fmt: skip
@@ -156,7 +174,7 @@ def baseline(
         rows.append({"tree": name, **classic.tree.summary(counts), "expected_cost": cost,
                      "cost_ratio": cost / full_softmax_macs(len(vocab), dim),
                      "hash": classic.tree.canonical_hash[:12]})  # fmt: skip
-    if dataset is not None:  # the classic trees are evaluated where a search evaluates them: `BaselineSearcher`
+    if evaluate:  # the classic trees are evaluated where a search evaluates them: `BaselineSearcher`
         evaluator = LocalEvaluator(dataset, NodeRecipe(epochs=epochs, seed=seed), device=device,
                                    top_k_samples=TOP_K_SAMPLES)  # fmt: skip
         by_name = {row["tree"]: row for row in rows}
@@ -171,7 +189,7 @@ def baseline(
                           f"{', cached' if result.get('cached') else ''})")  # fmt: skip
     table = Table(title=f"Classic trees (expectations under the class counts, d={dim})")
     columns = ["tree", "max fanout", "internal nodes", "max depth", "mean depth", "cost/token", "of full softmax"]
-    if dataset is not None:
+    if evaluate:
         columns = [
             "tree",
             "fanout",
@@ -196,7 +214,7 @@ def baseline(
             f"{row['expected_cost']:,.0f}",
             f"{100 * row['cost_ratio']:.3g}%",
         ]
-        if dataset is not None:
+        if evaluate:
             cells += [f"{row['valid_nll']:.4f}", f"{row['perplexity']:.2f}", f"{row['top1']:.3f}"]
         table.add_row(*cells)
     console.print(table)
@@ -204,20 +222,22 @@ def baseline(
         f"full softmax: {full_softmax_macs(len(vocab), dim):,.0f} multiply-adds per token; built {len(trees)} trees "
         f"in {build_seconds:.2f} s"
     )
-    if dataset is not None:
+    if evaluate:
         scored = [r for r in rows if r["error"] is None]
-        huff = next(r for r in rows if r["tree"] == "huffman-2")
+        huff = next((r for r in rows if r["tree"] == "huffman-2"), None)  # --trees may leave it out
         if not scored:
             console.print(f"[bold red]all {len(rows)} trees failed to train[/]; see the errors above")
         else:
             best = min(scored, key=lambda r: r["valid_nll"])
-            margin = huff["valid_nll"] - best["valid_nll"]
-            versus = (
-                f"{abs(margin):.4f} nats/token {'below' if margin >= 0 else 'above'} huffman-2, at "
-                f"{100 * best['cost_ratio']:.3g}% of the full softmax's cost against {100 * huff['cost_ratio']:.3g}%"
-                if huff["error"] is None
-                else "huffman-2 failed to train"
-            )
+            if huff is None:
+                versus = "huffman-2 was not built"
+            elif huff["error"] is not None:
+                versus = "huffman-2 failed to train"
+            else:
+                margin = huff["valid_nll"] - best["valid_nll"]
+                versus = (f"{abs(margin):.4f} nats/token {'below' if margin >= 0 else 'above'} huffman-2, at "
+                          f"{100 * best['cost_ratio']:.3g}% of the full softmax's cost against "
+                          f"{100 * huff['cost_ratio']:.3g}%")  # fmt: skip
             console.print(
                 f"lowest validation loss: {best['tree']} at {best['valid_nll']:.4f} nats/token ({versus}); "
                 f"validation sample, one seed, the node recipe with {epochs:g} pass(es) over each node's tokens"
