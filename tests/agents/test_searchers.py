@@ -247,7 +247,7 @@ def test_a_tree_file_is_a_baseline_matched_to_the_dataset_by_token(dataset, tmp_
     ids = original.child_ids
     shuffled = Tree.from_csr(V, original.child_ptr, np.where(ids < V, file_id[np.minimum(ids, V - 1)], ids))
     path = save_tree(tmp_path / "mine.tree.json", shuffled, labels=[tokens[c] for c in perm])
-    baseline = tree_file_baseline(path, dataset)
+    baseline = tree_file_baseline(path, tokens)
     assert baseline.name == "mine.tree.json" and baseline.tree.canonical_hash == original.canonical_hash
 
     assert split_baselines(f"front,{path}") == (builders.classic_names("front"), (str(path),))
@@ -266,7 +266,7 @@ def test_a_tree_file_is_a_baseline_matched_to_the_dataset_by_token(dataset, tmp_
     assert resolved_baselines("front,mine.tree.json") == f"front,{tmp_path.resolve() / 'mine.tree.json'}"  # absolute
     unlabelled = save_tree(tmp_path / "plain.tree.json", original)
     with pytest.raises(ValueError, match="plain.tree.json: the tree file has no labels"):
-        tree_file_baseline(unlabelled, dataset)
+        tree_file_baseline(unlabelled, tokens)
     wrong = save_tree(tmp_path / "other.tree.json", original, labels=["x" + t for t in tokens])
     with pytest.raises(ValueError, match=r"other.tree.json: 64 of its classes are not tokens of the dataset \('x0'"):
-        tree_file_baseline(wrong, dataset)
+        tree_file_baseline(wrong, tokens)

@@ -460,3 +460,16 @@ def test_baseline_builds_and_scores_the_trees_on_a_dataset_of_one_s_own(tmp_path
     assert "[2/2] kmeans-4: valid NLL" in scored.output and "huffman-2 was not built" in scored.output
     both = run("baseline", "--dataset", str(path), "--counts", str(path))
     assert both.exit_code != 0 and "--counts or --dataset" in both.output
+    from tree_search import builders
+    from tree_search.export import save_tree
+
+    counts = np.bincount(labels, minlength=24).astype(float)
+    mine = save_tree(tmp_path / "mine.tree.json", builders.huffman(counts, 4), labels=list(names))
+    with_mine = run("baseline", "--dataset", str(path), "--trees", f"huffman-3,{mine}", "--evaluate", "--epochs", "1",
+                    "--device", "cpu")  # fmt: skip
+    assert with_mine.exit_code == 0, with_mine.output
+    assert "[2/2] mine.tree.json: valid NLL" in with_mine.output
+    unknown = save_tree(tmp_path / "other.tree.json", builders.huffman(counts, 4), labels=[f"x{k}" for k in range(24)])
+    refused = run("baseline", "--dataset", str(path), "--trees", str(unknown))
+    assert refused.exit_code == 1
+    assert "other.tree.json: 24 of its classes are not tokens of the dataset" in refused.output

@@ -50,8 +50,8 @@ def resolved_baselines(names: str) -> str:
     return ",".join(str(Path(n).resolve()) if n in files else n for n in entries)
 
 
-def tree_file_baseline(path: str | Path, dataset: FeatureDataset) -> ClassicTree:
-    """A tree file as a baseline on ``dataset``: its classes matched to the dataset's by token (its labels).
+def tree_file_baseline(path: str | Path, tokens: Sequence[str]) -> ClassicTree:
+    """A tree file as a baseline over ``tokens`` (a dataset's classes): its classes matched to them by its labels.
 
     The file's projections (``built_by.projections``, as `baseline --out` writes them) come with it.
 
@@ -64,7 +64,6 @@ def tree_file_baseline(path: str | Path, dataset: FeatureDataset) -> ClassicTree
     if record.labels is None:
         raise ValueError(f"{path}: the tree file has no labels, so its classes cannot be matched to the dataset's "
                          "tokens (write it with labels: tree-search baseline --out, or export.save_tree)")  # fmt: skip
-    tokens = dataset.vocab.tokens
     index = {token: i for i, token in enumerate(tokens)}
     unknown = [label for label in record.labels if label not in index]
     absent = sorted(set(tokens) - set(record.labels))
@@ -98,7 +97,7 @@ def dataset_classics(
     out = classic_trees(dataset.counts, classics, embeddings=class_embeddings(dataset), dim=dataset.dim,
                         seed=seed) if classics else {}  # fmt: skip
     for path in files:
-        out[Path(path).name] = tree_file_baseline(path, dataset)
+        out[Path(path).name] = tree_file_baseline(path, dataset.vocab.tokens)
     return out
 
 

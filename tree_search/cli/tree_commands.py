@@ -12,7 +12,7 @@ import numpy as np
 from rich.table import Table
 
 from tree_search import builders
-from tree_search.agents.baselines import BaselineSearcher
+from tree_search.agents.baselines import BaselineSearcher, split_baselines, tree_file_baseline
 from tree_search.cli.app import class_id, console, friendly_errors, int_list, is_number, main, progress_bars, read_vocab
 from tree_search.cost import full_softmax_macs, head_cost
 from tree_search.data import CorpusConfig, prepare_dataset
@@ -60,8 +60,9 @@ def _finite(value: float | None) -> float:
     "--trees",
     "tree_names",
     help="Classic trees to build: a set (core, all, front) or comma-separated names such as "
-    "huffman-8,kmeans-16,adaptive-50 (default: Huffman and balanced of fanout 2 and each --arity, frequency "
-    "cutoffs, and with --evaluate pca-2, kmeans-4, kmeans-16 and adaptive).",
+    "huffman-8,kmeans-16,adaptive-50, and tree files of one's own (.json or .npz with labels) (default: "
+    "Huffman and balanced of fanout 2 and each --arity, frequency cutoffs, and with --evaluate or --dataset "
+    "pca-2, kmeans-4, kmeans-16 and adaptive).",
 )
 @click.option(
     "--cutoffs", help="Frequency-rank cutoffs of the adaptive shape, e.g. 2000,10000. Default: 90%/99% of the mass."
@@ -153,15 +154,18 @@ def baseline(
     tree_names = ",".join(default_names) if tree_names is None else tree_names
     embeddings = class_embeddings(dataset) if dataset is not None else None
     try:
-        trees = builders.classic_trees(counts, tree_names, embeddings=embeddings, dim=dim, seed=seed,
-                                       cutoffs=int_list(cutoffs))  # fmt: skip
+        classic_names, files = split_baselines(tree_names)  # classic trees, and tree files of one's own
+        trees = builders.classic_trees(counts, classic_names, embeddings=embeddings, dim=dim, seed=seed,
+                                       cutoffs=int_list(cutoffs)) if classic_names else {}  # fmt: skip
     except ValueError as err:
         hint = (
-            "; add --evaluate (clustered trees need the class embeddings of the features)"
+            "; add --dataset or --evaluate (clustered trees need the class embeddings of the features)"
             if "needs" in str(err)
             else ""
         )
         raise click.UsageError(f"{err}{hint}") from None
+    for path in files:  # matched to the classes by token; a file that cannot be is refused with its name
+        trees[Path(path).name] = tree_file_baseline(path, vocab.tokens)
     node_names: dict[str, tuple[str | None, ...]] = {}
     if taxonomy_file is not None:
         taxonomy, node_names["taxonomy"] = taxonomy_tree(taxonomy_file, vocab.tokens, counts, unknown=unknown)
