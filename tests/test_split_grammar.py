@@ -16,6 +16,7 @@ from tree_search.split_grammar import (
     huffman_rule,
     normalise_embeddings,
     partition_group,
+    partition_groups,
     plan_head,
     plan_tree,
     projected_flat,
@@ -169,7 +170,25 @@ def test_a_bounded_split_cache_gives_the_same_trees():
     counts = rng.zipf(1.4, 300).astype(float)
     embeddings = normalise_embeddings(rng.normal(size=(300, 5)))
     plan = Plan(SplitRule("kmeans", "count", 2), {0: Plan(SplitRule("pca", "count", 4))})
-    free = plan_tree(counts, embeddings, plan, cache={})
+    every: dict = {}
+    free = plan_tree(counts, embeddings, plan, cache=every)
     tight = SplitCache(budget=50)
     assert plan_tree(counts, embeddings, plan, cache=tight) == free
-    assert tight.held <= 300 and len(tight) < 10  # it did drop splits (a whole tree holds thousands of ids)
+    assert tight.held <= 50 and len(tight) < 20 < len(every)  # it did drop splits (the tree has about 150)
+
+
+def test_groups_split_together_split_as_they_do_alone():
+    """`partition_groups` batches the k-means and PCA orderings of groups of one size; each split stays its own."""
+    rng = np.random.default_rng(2)
+    V = 500
+    counts = rng.zipf(1.5, V).astype(float)
+    embeddings = normalise_embeddings(rng.normal(size=(V, 6)))
+    members = rng.permutation(V)
+    groups = [members[:64], members[64:128], members[128:192], members[192:230], members[230:268], members[268:500]]
+    rules = [rule for rule in split_rules((2, 3, 8)) if rule.order != "frequency" or rule.cut == "headtail"]
+    requests = [(group, rule) for rule in rules for group in groups]
+    together = partition_groups(requests, counts, embeddings, seed=3)
+    for (group, rule), (leaves, parts) in zip(requests, together, strict=True):
+        alone_leaves, alone_parts = partition_group(group, rule, counts, embeddings, seed=3)
+        assert np.array_equal(leaves, alone_leaves), str(rule)
+        assert len(parts) == len(alone_parts) and all(map(np.array_equal, parts, alone_parts)), str(rule)

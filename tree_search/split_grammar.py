@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -37,7 +39,7 @@ from tree_search.builders import (
     classic_trees,
     from_children,
     huffman,
-    order_group,
+    order_groups,
 )
 from tree_search.tree import Tree
 
@@ -53,11 +55,13 @@ __all__ = [
     "huffman_rule",
     "normalise_embeddings",
     "partition_group",
+    "partition_groups",
     "plan_head",
     "plan_tree",
     "projected_flat",
     "rank_cutoffs",
     "split_group",
+    "split_groups",
     "split_rules",
 ]
 
@@ -186,6 +190,81 @@ def _equal_parts(values: np.ndarray, parts: int) -> list[np.ndarray]:
     return _split_at(values, np.cumsum([base + (j < extra) for j in range(parts - 1)]))
 
 
+class _Ordering(NamedTuple):
+    """A split waiting for a k-means or PCA ordering of ``group`` (sorted class ids) into ``parts``."""
+
+    group: np.ndarray
+    method: str
+    parts: int
+    finish: Callable[[np.ndarray], Any]  # the group in its new order -> the split (or another _Ordering)
+
+
+def _cut(ordered: np.ndarray, rule: SplitRule, counts: np.ndarray, head_max: int):
+    """The split of a group already in ``rule``'s order, or the `_Ordering` its clustered tail waits for."""
+    if rule.cut == "count":
+        return np.empty(0, np.int64), _equal_parts(ordered, rule.fanout)
+    mass = counts[ordered]
+    if rule.cut == "mass":
+        return np.empty(0, np.int64), _split_at(ordered, _mass_cuts(mass, rule.fanout))
+    tails = rule.fanout - 1
+    cumulative = np.cumsum(mass)
+    head = int(np.searchsorted(cumulative, HEAD_MASS * cumulative[-1])) + 1
+    head = max(1, min(head, head_max, ordered.size - tails))
+    tail = ordered[head:]
+    if tails == 1:
+        return ordered[:head], [tail]
+    if rule.order == "frequency":  # the tail cut by equal mass in frequency order (adaptive softmax's clusters)
+        return ordered[:head], _split_at(tail, _mass_cuts(counts[tail], tails))
+    # the tail clustered (k-means or PCA order, equal counts), by its content alone
+    head_leaves = ordered[:head]
+    return _Ordering(np.sort(tail), rule.order, tails, lambda clustered: (head_leaves, _equal_parts(clustered, tails)))
+
+
+def _split_or_order(members: np.ndarray, rule: SplitRule, counts: np.ndarray, head_max: int):
+    """The split of ``members`` (sorted) by ``rule``, or the `_Ordering` it waits for."""
+    size = members.size
+    if rule.flat or (size <= rule.fanout and rule.cut != "cutoffs"):
+        return members, []
+    weights = counts[members]
+    if rule.cut == "cutoffs":  # ranks past the group's size are dropped: a group smaller than the head is flat
+        cuts = [c for c in rule.cuts if c < size]
+        if not cuts:
+            return members, []
+        ordered = members[np.lexsort((members, -weights))]
+        return ordered[: cuts[0]], _split_at(ordered[cuts[0] :], [c - cuts[0] for c in cuts[1:]])
+    if rule.order == "frequency" or rule.cut == "headtail":  # head-and-tail: the head is always by frequency
+        return _cut(members[np.lexsort((members, -weights))], rule, counts, head_max)
+    return _Ordering(members, rule.order, rule.fanout, lambda ordered: _cut(ordered, rule, counts, head_max))
+
+
+def partition_groups(
+    requests: Sequence[tuple[np.ndarray, SplitRule]],
+    counts: np.ndarray,
+    embeddings: np.ndarray,
+    *,
+    seed: int = 0,
+    head_max: int = 256,
+) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """`partition_group` of each ``(members, rule)`` request, the k-means and PCA orderings of all at once.
+
+    Each split is the one `partition_group` gives it alone (`order_groups` batches only
+    groups of one size, each with its own generator), so trees do not depend on which
+    groups were split together.
+    """
+    results = [_split_or_order(np.sort(np.asarray(members, dtype=np.int64)), rule, counts, head_max)
+               for members, rule in requests]  # fmt: skip
+    while waiting := [i for i, result in enumerate(results) if isinstance(result, _Ordering)]:
+        batches: dict[tuple[str, int], list[int]] = {}
+        for i in waiting:
+            batches.setdefault((results[i].method, results[i].parts), []).append(i)
+        for (method, parts), indices in batches.items():
+            groups = [results[i].group for i in indices]
+            orders = order_groups(embeddings, groups, counts, method, parts, [group_rng(g, seed) for g in groups])
+            for i, group, order in zip(indices, groups, orders, strict=True):
+                results[i] = results[i].finish(group[order])
+    return results
+
+
 def partition_group(
     members: np.ndarray,
     rule: SplitRule,
@@ -205,39 +284,7 @@ def partition_group(
         seed: seeds k-means and PCA, together with the group's content (`group_rng`).
         head_max: most classes the head of a head-and-tail cut keeps as leaves.
     """
-    members = np.sort(np.asarray(members, dtype=np.int64))  # content only: the order members come in is ignored
-    size = members.size
-    if rule.flat or (size <= rule.fanout and rule.cut != "cutoffs"):
-        return members, []
-    weights = counts[members]
-    if rule.cut == "cutoffs":  # ranks past the group's size are dropped: a group smaller than the head is flat
-        cuts = [c for c in rule.cuts if c < size]
-        if not cuts:
-            return members, []
-        ordered = members[np.lexsort((members, -weights))]
-        return ordered[: cuts[0]], _split_at(ordered[cuts[0] :], [c - cuts[0] for c in cuts[1:]])
-    if rule.order == "frequency" or rule.cut == "headtail":  # head-and-tail: the head is always by frequency
-        ordered = members[np.lexsort((members, -weights))]
-    else:
-        order = order_group(embeddings[members], weights, rule.order, rule.fanout, group_rng(members, seed))
-        ordered = members[order]
-    if rule.cut == "count":
-        return np.empty(0, np.int64), _equal_parts(ordered, rule.fanout)
-    mass = counts[ordered]
-    if rule.cut == "mass":
-        return np.empty(0, np.int64), _split_at(ordered, _mass_cuts(mass, rule.fanout))
-    tails = rule.fanout - 1
-    cumulative = np.cumsum(mass)
-    head = int(np.searchsorted(cumulative, HEAD_MASS * cumulative[-1])) + 1
-    head = max(1, min(head, head_max, size - tails))
-    tail = ordered[head:]
-    if tails == 1:
-        return ordered[:head], [tail]
-    if rule.order == "frequency":  # the tail cut by equal mass in frequency order (adaptive softmax's clusters)
-        return ordered[:head], _split_at(tail, _mass_cuts(counts[tail], tails))
-    tail = np.sort(tail)  # the tail clustered (k-means or PCA order, equal counts), by its content alone
-    order = order_group(embeddings[tail], counts[tail], rule.order, tails, group_rng(tail, seed))
-    return ordered[:head], _equal_parts(tail[order], tails)
+    return partition_groups([(members, rule)], counts, embeddings, seed=seed, head_max=head_max)[0]
 
 
 class SplitCache(dict):
@@ -266,6 +313,30 @@ class SplitCache(dict):
             self.held -= self._size(super().pop(oldest))
 
 
+def split_groups(
+    requests: Sequence[tuple[np.ndarray, SplitRule]],
+    counts: np.ndarray,
+    embeddings: np.ndarray,
+    *,
+    seed: int = 0,
+    head_max: int = 256,
+    cache: dict | None = None,
+) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """`partition_groups`, each split remembered in ``cache`` (a dict for one dataset and seed) by rule and content."""
+    if cache is None:
+        return partition_groups(requests, counts, embeddings, seed=seed, head_max=head_max)
+    # 128 bits of the group's content: a 32-bit checksum collides among a search's ~1e5 groups
+    keys = [(rule, hashlib.blake2b(np.sort(np.asarray(members, dtype=np.int64)).tobytes(), digest_size=16).digest())
+            for members, rule in requests]  # fmt: skip
+    splits = {key: cache[key] for key in keys if key in cache}  # held here: the cache may evict them below
+    missing = {key: request for key, request in zip(keys, requests, strict=True) if key not in splits}
+    if missing:
+        computed = partition_groups(list(missing.values()), counts, embeddings, seed=seed, head_max=head_max)
+        for key, split in zip(missing, computed, strict=True):
+            splits[key] = cache[key] = split
+    return [splits[key] for key in keys]
+
+
 def split_group(
     members: np.ndarray,
     rule: SplitRule,
@@ -277,13 +348,7 @@ def split_group(
     cache: dict | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """`partition_group`, remembered in ``cache`` (a dict kept for one dataset and seed) by rule and content."""
-    if cache is None:
-        return partition_group(members, rule, counts, embeddings, seed=seed, head_max=head_max)
-    # 128 bits of the group's content: a 32-bit checksum collides among a search's ~1e5 groups
-    key = (rule, hashlib.blake2b(np.sort(np.asarray(members, dtype=np.int64)).tobytes(), digest_size=16).digest())
-    if key not in cache:
-        cache[key] = partition_group(members, rule, counts, embeddings, seed=seed, head_max=head_max)
-    return cache[key]
+    return split_groups([(members, rule)], counts, embeddings, seed=seed, head_max=head_max, cache=cache)[0]
 
 
 @dataclass(frozen=True)
@@ -333,36 +398,40 @@ def plan_head(
     V = counts.size
     children: list[list[int]] = []
     projected: list[tuple[int, int, int]] = []  # (smallest member, members, projected dim) of projected flat nodes
-    stack: list[tuple[int, np.ndarray, SplitRule, Plan | None]] = [(-1, np.arange(V), plan.rule, plan)]
-    while stack:
-        parent, members, rule, own = stack.pop()
-        node = len(children)
-        children.append([])
-        if parent >= 0:
-            children[parent].append(V + node)
-        if rule.cut == "huffman" and members.size > rule.fanout:  # the group's own Huffman subtree, grafted
-            sub_tree = huffman(counts[members], rule.fanout)
-            offset = len(children) - 1  # sub_tree's node j becomes node offset + j (its root is `node`)
-            ids, size = sub_tree.child_ids, members.size
-            mapped = np.where(ids < size, members[np.minimum(ids, size - 1)], V + offset + ids - size).tolist()
-            ptr = sub_tree.child_ptr.tolist()
-            children[node].extend(mapped[ptr[0] : ptr[1]])
-            children.extend(mapped[ptr[j] : ptr[j + 1]] for j in range(1, sub_tree.num_internal))
-            continue
-        if own is None and members.size <= max(leaf_size, rule.fanout):
-            rule = FLAT
-        if rule.flat and rule.projection:
-            projected.append((int(members.min()), int(members.size), rule.projection))
-        leaves, parts = split_group(members, rule, counts, embeddings, seed=seed, head_max=head_max, cache=cache)
-        children[node].extend(int(y) for y in leaves)
-        for index in reversed(range(len(parts))):  # popped in order: the children keep the parts' order
-            part = parts[index]
-            if part.size == 1:
+    # Breadth-first, a level at a time, so that one `split_groups` call splits all of a level's groups
+    # together; a node lists its leaves, then its one-class parts, then its other parts in order.
+    level: list[tuple[int, np.ndarray, SplitRule, Plan | None]] = [(-1, np.arange(V), plan.rule, plan)]
+    while level:
+        to_split: list[tuple[int, np.ndarray, SplitRule, Plan | None]] = []
+        for parent, members, rule, own in level:
+            node = len(children)
+            children.append([])
+            if parent >= 0:
+                children[parent].append(V + node)
+            if rule.cut == "huffman" and members.size > rule.fanout:  # the group's own Huffman subtree, grafted
+                sub_tree = huffman(counts[members], rule.fanout)
+                offset = len(children) - 1  # sub_tree's node j becomes node offset + j (its root is `node`)
+                ids, size = sub_tree.child_ids, members.size
+                mapped = np.where(ids < size, members[np.minimum(ids, size - 1)], V + offset + ids - size).tolist()
+                ptr = sub_tree.child_ptr.tolist()
+                children[node].extend(mapped[ptr[0] : ptr[1]])
+                children.extend(mapped[ptr[j] : ptr[j + 1]] for j in range(1, sub_tree.num_internal))
                 continue
-            sub = own.parts.get(index) if own is not None else None
-            stack.append((node, part, sub.rule if sub is not None else rule, sub))
-        singles = [int(p[0]) for p in parts if p.size == 1]
-        children[node].extend(singles)
+            if own is None and members.size <= max(leaf_size, rule.fanout):
+                rule = FLAT
+            if rule.flat and rule.projection:
+                projected.append((int(members.min()), int(members.size), rule.projection))
+            to_split.append((node, members, rule, own))
+        splits = split_groups([(members, rule) for _, members, rule, _ in to_split], counts, embeddings, seed=seed,
+                              head_max=head_max, cache=cache)  # fmt: skip
+        level = []
+        for (node, _, rule, own), (leaves, parts) in zip(to_split, splits, strict=True):
+            children[node].extend(leaves.tolist())
+            children[node].extend(int(p[0]) for p in parts if p.size == 1)
+            for index, part in enumerate(parts):
+                if part.size > 1:
+                    sub = own.parts.get(index) if own is not None else None
+                    level.append((node, part, sub.rule if sub is not None else rule, sub))
     tree = from_children(V, children)
     if not projected:
         return tree, {}

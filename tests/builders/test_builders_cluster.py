@@ -165,3 +165,24 @@ def test_cluster_tree_rejects_bad_inputs(kwargs, match):
     arguments = {"embeddings": np.arange(8.0).reshape(4, 2), **kwargs}
     with pytest.raises(ValueError, match=match):
         builders.cluster_tree(**arguments)
+
+
+@pytest.mark.parametrize("method, parts", [("kmeans", 2), ("kmeans", 5), ("pca", 2)])
+def test_order_groups_orders_each_group_as_order_group_does_alone(method, parts):
+    """Groups split together (several of one size, others alone, one weightless) each get their own order."""
+    rng = np.random.default_rng(7)
+    V, d = 400, 6
+    embeddings = rng.normal(size=(V, d))
+    embeddings[:40] = embeddings[:40].round(1)  # ties between members
+    counts = rng.zipf(1.6, V).astype(float)
+    members = rng.permutation(V)
+    sizes = [30, 30, 30, 17, 30, 3, 60, 17, 12]
+    groups = np.split(members[: sum(sizes)], np.cumsum(sizes)[:-1])
+    counts[groups[3]] = 0.0  # a weightless group: uniform weights
+    orders = builders.order_groups(embeddings, groups, counts, method, parts,
+                                   [np.random.default_rng([5, g]) for g in range(len(groups))])  # fmt: skip
+    for g, group in enumerate(groups):
+        alone = builders.order_group(embeddings[group], counts[group], method, parts, np.random.default_rng([5, g]))
+        assert np.array_equal(orders[g], alone), (g, group.size)
+    with pytest.raises(ValueError, match="one generator per group"):
+        builders.order_groups(embeddings, groups, counts, method, parts, [rng])

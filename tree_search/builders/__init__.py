@@ -25,7 +25,7 @@ from tree_search.builders.classics import (
     classic_names,
     classic_trees,
 )
-from tree_search.builders.cluster import cluster_tree, order_group
+from tree_search.builders.cluster import cluster_tree, order_group, order_groups
 from tree_search.builders.frequency import cutoffs_by_mass, frequency_cutoffs, grave_cutoffs, huffman, projected_cutoffs
 from tree_search.builders.grow import ATTACH_MODES, grow_tree, nearest_classes, place_by_frequency
 from tree_search.builders.structure import (
@@ -69,6 +69,7 @@ __all__ = [
     "place_by_frequency",
     "huffman",
     "order_group",
+    "order_groups",
     "projected_cutoffs",
     "random_tree",
 ]

@@ -9,7 +9,9 @@ import numpy as np
 from tree_search.builders.common import as_counts, check_arity, top_down
 from tree_search.tree import Tree
 
-__all__ = ["cluster_tree", "order_group"]
+__all__ = ["cluster_tree", "order_group", "order_groups"]
+
+_CHUNK_NUMBERS = 1 << 18  # embedding numbers per batch of `order_groups` (2 MB: the k-means passes stay in cache)
 
 
 def _part_capacities(sizes: np.ndarray, parts: int) -> np.ndarray:
@@ -18,17 +20,17 @@ def _part_capacities(sizes: np.ndarray, parts: int) -> np.ndarray:
     return base[:, None] + (np.arange(parts)[None, :] < extra[:, None])
 
 
-def _pca_scores(points: np.ndarray, weights: np.ndarray, rng: np.random.Generator, iterations: int) -> np.ndarray:
+def _pca_scores(points: np.ndarray, weights: np.ndarray, start: np.ndarray, iterations: int) -> np.ndarray:
     """(G, M) projection of each point on its group's top weighted principal direction.
 
     ``points`` (G, M, d) are the groups padded with zero rows of zero weight. The
     direction comes from ``iterations`` power iterations of the weighted covariance,
-    started from a random vector, all groups at once with batched matrix products.
+    started from ``start`` (G, d), all groups at once with batched matrix products.
     """
     total = weights.sum(axis=1, keepdims=True)  # (G, 1), > 0
     mean = np.matmul(weights[:, None, :], points)[:, 0, :] / total  # (G, d)
     centered = points - mean[:, None, :]  # (G, M, d)
-    direction = rng.standard_normal(mean.shape)  # (G, d)
+    direction = np.array(start, dtype=np.float64)  # (G, d)
     for _ in range(iterations):
         projection = np.matmul(centered, direction[:, :, None])[:, :, 0]  # (G, M)
         direction = np.matmul((weights * projection)[:, None, :], centered)[:, 0, :]  # (G, d) = C v
@@ -38,13 +40,17 @@ def _pca_scores(points: np.ndarray, weights: np.ndarray, rng: np.random.Generato
 
 
 def _kmeans_plus_plus(
-    points: np.ndarray, weights: np.ndarray, sizes: np.ndarray, parts: int, rng: np.random.Generator
+    points: np.ndarray, weights: np.ndarray, sizes: np.ndarray, parts: int, uniforms: np.ndarray
 ) -> np.ndarray:
-    """(G, parts, d) initial centres per group by weighted k-means++ (D² sampling)."""
+    """(G, parts, d) initial centres per group by weighted k-means++ (D² sampling).
+
+    ``uniforms`` (2 * parts - 1, G) are the draws in [0, 1) in the order they are used: the
+    first centre, then for each further centre its D² draw and its fallback's draw.
+    """
     G, M, _ = points.shape
     rows = np.arange(G)
     valid = np.arange(M)[None, :] < sizes[:, None]
-    pick = np.minimum((rng.random(G) * sizes).astype(np.int64), sizes - 1)
+    pick = np.minimum((uniforms[0] * sizes).astype(np.int64), sizes - 1)
     centres = np.empty((G, parts, points.shape[2]))
     centres[:, 0] = points[rows, pick]
     norms = (points**2).sum(axis=2)  # (G, M)
@@ -58,10 +64,10 @@ def _kmeans_plus_plus(
         mass = np.where(valid, nearest * weights, 0.0)
         cumulative = np.cumsum(mass, axis=1)
         total = cumulative[:, -1]
-        target = rng.random(G) * total
+        target = uniforms[2 * c - 1] * total
         pick = np.minimum((cumulative <= target[:, None]).sum(axis=1), sizes - 1)
         # All mass on existing centres (duplicates, zero weights): any member will do.
-        uniform = np.minimum((rng.random(G) * sizes).astype(np.int64), sizes - 1)
+        uniform = np.minimum((uniforms[2 * c] * sizes).astype(np.int64), sizes - 1)
         pick = np.where(total > 0, pick, uniform)
         centres[:, c] = points[rows, pick]
         np.minimum(nearest, squared_distance(centres[:, c]), out=nearest)
@@ -116,14 +122,19 @@ def _balanced_kmeans_labels(
     weights: np.ndarray,
     sizes: np.ndarray,
     parts: int,
-    rng: np.random.Generator,
+    uniforms: np.ndarray,
     iterations: int,
 ) -> np.ndarray:
-    """(G, M) balanced k-means cluster of each point of each padded group (pads: ``parts``)."""
+    """(G, M) balanced k-means cluster of each point of each padded group (pads: ``parts``).
+
+    ``uniforms``: the k-means++ draws (`_kmeans_plus_plus`). A group whose labels repeat has
+    reached a fixed point (the same labels give the same centres), so iterating on until all
+    groups repeat gives each group the labels it would get alone.
+    """
     M = points.shape[1]
     valid = np.arange(M)[None, :] < sizes[:, None]
     capacity = _part_capacities(sizes, parts)
-    centres = _kmeans_plus_plus(points, weights, sizes, parts, rng)
+    centres = _kmeans_plus_plus(points, weights, sizes, parts, uniforms)
     labels = None
     for _ in range(iterations):
         # Squared distance up to the per-point constant |x|², which no assignment depends on.
@@ -270,12 +281,34 @@ def _reorder_by_clusters(
     group_weights = np.where(valid, weights[members], 0.0)
     weightless = group_weights.sum(axis=1) <= 0
     group_weights[weightless] = valid[weightless]
+    G = sizes.size
     if method == "pca":
-        key = np.where(valid, _pca_scores(points, group_weights, rng, iterations), np.inf)
+        start = rng.standard_normal((G, X.shape[1]))
+        key = np.where(valid, _pca_scores(points, group_weights, start, iterations), np.inf)
     else:
-        key = _balanced_kmeans_labels(points, group_weights, sizes, parts, rng, iterations)
+        key = _balanced_kmeans_labels(points, group_weights, sizes, parts, rng.random((2 * parts - 1, G)), iterations)
     local = np.argsort(key, axis=1, kind="stable")  # pads sort last in both cases
     order[position[valid]] = np.take_along_axis(members, local, axis=1)[valid]
+
+
+def _order_stacked(
+    X: np.ndarray, w: np.ndarray, method: str, parts: int, rngs: Sequence[np.random.Generator], iterations: int
+) -> np.ndarray:
+    """(G, M) `order_group` of G groups of one size M, stacked: ``X`` (G, M, d), ``w`` (G, M), one generator each.
+
+    Each group's draws come from its own generator, in the order `order_group` makes them, and
+    no group is padded, so each row is the permutation that group would get alone.
+    """
+    G, M, d = X.shape
+    w = np.where((w.sum(axis=1) <= 0)[:, None], 1.0, w)  # all weights zero: uniform
+    if method == "pca":
+        start = np.stack([rng.standard_normal(d) for rng in rngs])
+        key = _pca_scores(X, w, start, iterations)
+    else:
+        k = min(parts, M)
+        uniforms = np.stack([rng.random(2 * k - 1) for rng in rngs], axis=1)
+        key = _balanced_kmeans_labels(X, w, np.full(G, M), k, uniforms, iterations)
+    return np.argsort(key, axis=1, kind="stable")
 
 
 def order_group(
@@ -307,11 +340,51 @@ def order_group(
     rng = rng if rng is not None else np.random.default_rng(0)
     X = np.asarray(points, dtype=np.float64)[None]  # (1, M, d)
     w = np.asarray(weights, dtype=np.float64)[None]
-    if w.sum() <= 0:
-        w = np.ones_like(w)
-    M = X.shape[1]
-    if method == "pca":
-        key = _pca_scores(X, w, rng, iterations)[0]
-    else:
-        key = _balanced_kmeans_labels(X, w, np.array([M]), min(parts, M), rng, iterations)[0]
-    return np.argsort(key, kind="stable")
+    return _order_stacked(X, w, method, parts, [rng], iterations)[0]
+
+
+def order_groups(
+    embeddings: np.ndarray,
+    groups: Sequence[np.ndarray],
+    counts: np.ndarray,
+    method: str,
+    parts: int,
+    rngs: Sequence[np.random.Generator],
+    iterations: int = 10,
+) -> list[np.ndarray]:
+    """`order_group` of many groups at once, each the permutation `order_group` gives it alone.
+
+    Groups of one size are split together by batched numpy (a search splits some 10^5 small
+    groups at V = 100k, one numpy call each before); groups of different sizes are never
+    padded together, as padding would change the sums' rounding and so some splits.
+
+    Args:
+        embeddings: (V, d) class embeddings, scaled and centred.
+        groups: each group's class ids.
+        counts: (V,) non-negative class weights.
+        method: ``"kmeans"`` or ``"pca"``, as for `order_group`.
+        parts: clusters for ``"kmeans"`` (at most a group's size).
+        rngs: one generator per group, as `order_group`'s ``rng``.
+        iterations: Lloyd or power iterations.
+    """
+    if method not in ("kmeans", "pca"):
+        raise ValueError(f"method must be 'kmeans' or 'pca', got {method!r}")
+    if len(rngs) != len(groups):
+        raise ValueError(f"order_groups needs one generator per group: {len(groups)} groups, {len(rngs)} generators")
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    by_size: dict[int, list[int]] = {}
+    for index, members in enumerate(groups):
+        by_size.setdefault(len(members), []).append(index)
+    orders: list[np.ndarray] = [np.empty(0, np.int64)] * len(groups)
+    chunks = []
+    for size, indices in by_size.items():
+        step = max(1, _CHUNK_NUMBERS // max(1, size * embeddings.shape[1]))
+        chunks.extend(indices[start : start + step] for start in range(0, len(indices), step))
+    for indices in chunks:
+        members = np.stack([np.asarray(groups[i], dtype=np.int64) for i in indices])  # (G, M)
+        ordered = _order_stacked(embeddings[members], counts[members], method, parts, [rngs[i] for i in indices],
+                                 iterations)  # fmt: skip
+        for row, index in enumerate(indices):
+            orders[index] = ordered[row]
+    return orders
