@@ -22,6 +22,13 @@ log-log PNG of time against V. Linux only (``/proc``).
 
 Each size's measurements are kept in ``OUT/size-V.json`` as it finishes; a second call
 skips the sizes it has (delete the file to measure one again).
+
+``--planted 300000 1000000`` measures sizes past what the corpus holds on planted-hierarchy
+data instead (``tree_search.data.planted``, d = 16, 2V training samples and at least 400k,
+100k valid and 100k test): "prepare" is then generating the task and writing it as an
+``.npz`` of features (in a process of its own, so its peak memory is its own), and the main
+job reads it with ``--dataset``. ``--eval-workers N`` runs the main job's evaluations on N
+Ray actors of a local Ray cluster (one CPU each).
 """
 
 from __future__ import annotations
@@ -112,23 +119,55 @@ def _peak(samples: list[tuple[float, int]], start: float, end: float) -> float:
     return max(inside, default=0) / 2**30
 
 
-def measure(text: Path, size: int, budget: int, folder: Path) -> dict:
+def planted_config(size: int):
+    """The planted task of ``--planted`` at V = ``size``."""
+    from tree_search.data.planted import PlantedConfig
+
+    return PlantedConfig(num_classes=size, dim=16, signal=3.0, num_train=max(400_000, 2 * size), num_valid=100_000,
+                         num_test=100_000)  # fmt: skip
+
+
+def write_planted(size: int, path: Path) -> None:
+    """Generate the planted task at V = ``size`` and write it as a features ``.npz`` (`load_npz_dataset`'s format)."""
+    from tree_search.data.code_corpus import SPLITS
+    from tree_search.data.planted import make_planted
+
+    data = make_planted(planted_config(size))
+    features = np.concatenate([data.features[name] for name in SPLITS]).astype(np.float32)
+    labels = np.concatenate([data.labels[name] for name in SPLITS])
+    split = np.repeat(np.arange(len(SPLITS)), [data.labels[name].size for name in SPLITS])
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, features=features, labels=labels, split=split, class_counts=data.counts)
+    partial.replace(path)
+    print(f"planted V = {size:,}: {labels.size:,} rows, Bayes NLL on test {data.bayes_nll['test']:.4f}", flush=True)
+
+
+def measure(text: Path | None, size: int, budget: int, folder: Path, planted: bool = False, workers: int = 0) -> dict:
     """One size's phases: seconds, peak GiB, and the search's counted evaluations."""
     env = os.environ | {"TREE_SEARCH_CACHE": str(folder / f"cache-{size}"), "PYTHONUNBUFFERED": "1"}
-    common = ["--text", str(text), "--max-size", str(size)]
-    lines, samples = run_timed([*_CLI, "data", "prepare", *common], env, folder / f"prepare-{size}.log")
+    if planted:
+        dataset = folder / f"planted-{size}.npz"
+        prepare = [sys.executable, "-u", __file__, "--write-planted", str(size), str(dataset)]
+        common = ["--dataset", str(dataset)]
+    else:
+        common = ["--text", str(text), "--max-size", str(size)]
+        prepare = [*_CLI, "data", "prepare", *common]
+    lines, samples = run_timed(prepare, env, folder / f"prepare-{size}.log")
     phases = {"prepare": {"seconds": lines[-1][0], "peak_gib": _peak(samples, 0, lines[-1][0])}}
     run = folder / f"run-{size}"
     job = [*_CLI, "search", "--agent", "dp", "--budget", str(budget), "--cost-caps", "1,1.5,2,4", "--baselines",
            "front", "--final-epochs", "1", *common, "--out", str(run)]  # fmt: skip
+    if workers:
+        job += ["--eval-workers", str(workers), "--cpus-per-eval", "1"]
     lines, samples = run_timed(job, env, folder / f"search-{size}.log")
     for phase, (start, end) in _phase_bounds(lines).items():
         phases[phase] = {"seconds": end - start, "peak_gib": _peak(samples, start, end)}
     evaluations = sum(1 for _, line in lines if "] dp@" in line)
     phases["search"]["per_evaluation"] = phases["search"]["seconds"] / max(1, evaluations)
     training = sum(float(line.rsplit(None, 1)[-1].rstrip("s")) for _, line in lines if "] dp@" in line)
-    return {"classes": size, "phases": phases, "search_evaluations": evaluations, "search_training_seconds": training,
-            "job_seconds": lines[-1][0], "job_peak_gib": _peak(samples, 0, lines[-1][0])}  # fmt: skip
+    return {"classes": size, "planted": planted, "eval_workers": workers, "phases": phases,
+            "search_evaluations": evaluations, "search_training_seconds": training, "job_seconds": lines[-1][0],
+            "job_peak_gib": _peak(samples, 0, lines[-1][0])}  # fmt: skip
 
 
 def exponent(sizes: list[int], seconds: list[float]) -> float:
@@ -140,22 +179,33 @@ def exponent(sizes: list[int], seconds: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--text", type=Path, required=True, help="a text corpus with enough word types")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
+    if sys.argv[1:2] == ["--write-planted"]:  # the planted task's "prepare", in a process of its own
+        write_planted(int(sys.argv[2]), Path(sys.argv[3]))
+        return
+    parser.add_argument("--text", type=Path, default=None, help="a text corpus with enough word types")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 30_000, 100_000])
+    parser.add_argument("--planted", type=int, nargs="*", default=[], help="sizes measured on planted data")
+    parser.add_argument("--eval-workers", type=int, default=0, help="Ray evaluation actors of the main job (0: none)")
     parser.add_argument("--budget", type=int, default=25, help="dp's evaluations per cap (the main job's 25)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-size"))
     parser.add_argument("--plot", type=Path, default=None, help="the log-log PNG (default: OUT/bench_size.png)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.sizes and args.text is None:
+        parser.error("--sizes needs --text (or give --sizes with no value and measure --planted sizes only)")
     results = []
-    for size in sorted(args.sizes):
+    todo = sorted([(size, False) for size in args.sizes] + [(size, True) for size in args.planted])
+    for size, planted in todo:
         path = args.out / f"size-{size}.json"
         if not path.exists():
-            print(f"V = {size:,}: measuring (prepare, then the main job)", flush=True)
-            path.write_text(json.dumps(measure(args.text, size, args.budget, args.out), indent=1) + "\n")
+            kind = "planted data" if planted else "the corpus"
+            print(f"V = {size:,} ({kind}): measuring (prepare, then the main job)", flush=True)
+            measured = measure(args.text, size, args.budget, args.out, planted, args.eval_workers)
+            path.write_text(json.dumps(measured, indent=1) + "\n")
         results.append(json.loads(path.read_text()))
     sizes = [r["classes"] for r in results]
-    header = "| phase | " + " | ".join(f"V = {v:,}: s / peak GiB" for v in sizes) + " | growth exponent |"
+    names = [f"V = {r['classes']:,}{' (planted)' if r.get('planted') else ''}" for r in results]
+    header = "| phase | " + " | ".join(f"{name}: s / peak GiB" for name in names) + " | growth exponent |"
     print(header)
     print("|---|" + "---|" * (len(sizes) + 1))
     for phase in PHASES:

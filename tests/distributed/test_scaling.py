@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
@@ -429,3 +430,27 @@ def test_closing_the_pool_releases_every_thread_waiting_for_an_actor(ray_session
         thread.join(timeout=15)
     assert not any(thread.is_alive() for thread in threads)  # none left waiting for an actor that never comes
     assert len(outcomes) == 5 and any(isinstance(o, EvaluatorClosed) for o in outcomes)
+
+
+def test_dp_plans_with_node_shares_from_ray_actors_as_from_a_local_evaluator(ray_session):
+    """dp on Ray actors (which compute the node shares it plans with) asks for the same trees and gets the same NLLs."""
+    from tree_search.agents.dp_search import DPSearcher
+    from tree_search.distributed.ray_evaluator import RayEvaluator
+    from tree_search.reward.evaluator import LocalEvaluator
+
+    config = dataclasses.replace(CONFIG, cost_cap=1.5)
+    dataset = load_env_dataset(config)
+    local = [(e.key, e.valid_nll) for e in DPSearcher(LocalEvaluator(dataset, QUICK, budget=16), dataset,
+                                                      config).search()]  # fmt: skip
+    evaluator = RayEvaluator(dataset, QUICK, budget=16, workers=2)
+    try:
+        searcher = DPSearcher(evaluator, dataset, config)
+        remote = [(e.key, e.valid_nll) for e in searcher.search()]
+    finally:
+        evaluator.close()
+    # knapsack trees, predicted from the node shares the actors computed for other trees, then evaluated
+    assert searcher.predictions
+    for predicted, evaluated, _ in searcher.predictions:
+        assert predicted == pytest.approx(evaluated, rel=1e-9, abs=1e-9)
+    assert len(local) == 16 and [key for key, _ in remote] == [key for key, _ in local]
+    assert [nll for _, nll in remote] == pytest.approx([nll for _, nll in local], rel=1e-9)

@@ -31,6 +31,7 @@ from concurrent.futures import wait as wait_for
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
@@ -100,6 +101,27 @@ class EvaluationWorker:
             callbacks = (lambda point: ray.get(channel.ask.remote(asdict(point), rid)),)
         return evaluate(tree, self.dataset, train, seeds=seeds, projections=projections, callbacks=callbacks,
                         node_bank=node_bank).to_json()  # fmt: skip
+
+    def node_shares(
+        self, tree: Tree, projections: dict[int, int] | None, train: NodeRecipe, seeds: int, node_bank: bool
+    ) -> np.ndarray:
+        """`LocalEvaluator.node_shares` on this actor (its nodes from the node bank, or trained again)."""
+        from tree_search.data.features import default_device
+        from tree_search.reward.reward import node_nll_shares
+
+        shares, _ = node_nll_shares(tree, self.dataset, train, seeds=seeds, projections=projections,
+                                    device=default_device(), node_bank=node_bank, halves=True)  # fmt: skip
+        return shares
+
+    def node_weights(
+        self, tree: Tree, projections: dict[int, int] | None, train: NodeRecipe, node_bank: bool
+    ) -> dict[int, tuple]:
+        """`LocalEvaluator.node_weights` on this actor."""
+        from tree_search.data.features import default_device
+        from tree_search.reward.reward import node_weights
+
+        return node_weights(tree, self.dataset, train, projections=projections, device=default_device(),
+                            node_bank=node_bank)  # fmt: skip
 
     def evaluate_many(self, requests: list[tuple[Tree, dict[int, int] | None, NodeRecipe, int, bool]]) -> list[dict]:
         """Several evaluations in one call: ``{"result": ...}`` or ``{"exception": ...}`` (raised by the caller)."""
@@ -207,6 +229,30 @@ class RayEvaluator(Evaluator):
             raise error.as_instanceof_cause() from None
         except _WorkerDied as died:
             return failed_result(tree, str(died)), None
+
+    def node_shares(self, tree: Tree, projections: Mapping[int, int] | None = None) -> np.ndarray:
+        """`Evaluator.node_shares`, computed on an actor: from the node bank its evaluation filled.
+
+        On a local cluster the actors share this machine's node bank, so nothing is trained again;
+        an actor on another machine trains the nodes its bank lacks, with the same recipe and seeds.
+        """
+        projections = dict(projections or {}) or None
+        return self._on_actor(lambda actor: actor.node_shares.remote(tree, projections, self.train, self.seeds,
+                                                                     self.node_bank))  # fmt: skip
+
+    def node_weights(self, tree: Tree, projections: Mapping[int, int] | None = None) -> dict[int, tuple]:
+        """`Evaluator.node_weights`, computed on an actor (as `node_shares`)."""
+        projections = dict(projections or {}) or None
+        return self._on_actor(lambda actor: actor.node_weights.remote(tree, projections, self.train, self.node_bank))
+
+    def _on_actor(self, call):
+        """``ray.get(call(actor))`` on an idle actor: an exception it raises is raised here as its own type."""
+        try:
+            return self._with_actor(lambda actor: ray.get(call(actor)))
+        except RayTaskError as error:
+            raise error.as_instanceof_cause() from None
+        except _WorkerDied as died:
+            raise RuntimeError(f"no evaluation actor could compute a tree's node shares: {died}") from None
 
     def _with_actor(self, work, actor=None):
         """``work(actor)`` on an idle actor (or ``actor``); a dead actor is replaced and the work retried."""

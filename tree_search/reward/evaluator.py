@@ -178,17 +178,17 @@ class Evaluator(ABC):
         """(I, 2) each internal node's share of an evaluated ``tree``'s validation NLL, per validation half.
 
         The terms `evaluate` sums, under this evaluator's recipe and seeds (mean over seeds;
-        `tree_search.reward.node_nll_shares`), for searchers that plan with them (dp). Evaluators whose
-        nodes are trained elsewhere (remote workers) cannot give them.
+        `tree_search.reward.node_nll_shares`), for searchers that plan with them (dp). The local and the
+        Ray evaluators give them (the Ray one computes them on an actor).
         """
-        raise NotImplementedError(f"{type(self).__name__} gives no per-node shares: dp and jtm run on a LocalEvaluator")
+        raise NotImplementedError(f"{type(self).__name__} gives no per-node shares, which dp and jtm plan with")
 
     def node_weights(self, tree: Tree, projections: Mapping[int, int] | None = None) -> dict[int, tuple]:
         """Each internal node's trained weights for an evaluated ``tree`` (`tree_search.reward.node_weights`).
 
         As `node_shares`: under this evaluator's recipe, for searchers that re-assign classes (jtm).
         """
-        raise NotImplementedError(f"{type(self).__name__} gives no node weights: dp and jtm run on a LocalEvaluator")
+        raise NotImplementedError(f"{type(self).__name__} gives no node weights, which jtm re-assigns classes with")
 
     def knows(self, key: str) -> bool:
         """Whether the tree of ``key`` is answered from memory without counting (see `scope`)."""

@@ -91,10 +91,9 @@ class SearchConfig:
                 raise ValueError(f"the {name} agent searches the split grammar: use env 'split', not {self.env!r}")
             if self.env_config.cost_mode != "cap":
                 raise ValueError(f"the {name} agent searches under a cost cap: use cost_mode 'cap' (and --cost-caps)")
-            if self.uses_ray or not self.node_bank:
-                raise ValueError(f"the {name} agent reads trained nodes from a local evaluator's node bank "
-                                 "(Evaluator.node_shares): run it without Ray options and with the node bank "
-                                 "on")  # fmt: skip
+            if not self.node_bank:
+                raise ValueError(f"the {name} agent reads the trained nodes of the trees it evaluated from the node "
+                                 "bank (Evaluator.node_shares): run it with the node bank on")  # fmt: skip
 
     @property
     def uses_ray(self) -> bool:
