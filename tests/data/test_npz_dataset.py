@@ -28,6 +28,10 @@ def test_npz_with_and_without_optional_arrays(tmp_path):
     assert full.num_classes == 6 and full.vocab.tokens[0] == "a" and full.counts.tolist() == [6, 5, 4, 3, 2, 1]
     assert [len(full.labels[s]) for s in ("train", "valid", "test")] == [300, 50, 50]
     assert full.class_embeddings.shape == (6, 3)
+    # without names, the counts say how many classes there are: classes no row holds keep their place
+    counted = load_npz_dataset(write(tmp_path / "d.npz", features=features, labels=labels, split=split,
+                                     class_counts=np.array([9, 8, 7, 6, 5, 0, 0])))  # fmt: skip
+    assert counted.num_classes == 7 and counted.counts.tolist() == [9, 8, 7, 6, 5, 0, 0]
     # without documents, blocks of contiguous rows stand in; with them, each row's document (numbered in id order)
     from tree_search.data.features import row_documents
 
@@ -48,6 +52,8 @@ def test_npz_with_and_without_optional_arrays(tmp_path):
         ({"features": np.zeros((10, 2)), "labels": np.arange(10), "class_names": np.array(["a", "b"])},
          "'labels': label 9 is outside 0..1"),
         ({"features": np.full((10, 2), np.nan), "labels": np.arange(10)}, "'features': row 0 holds NaN"),
+        ({"features": np.zeros((10, 2)), "labels": np.arange(10), "class_counts": np.ones(8)},
+         "'labels': label 9 is outside 0..7"),
         ({"features": np.zeros((10, 2)), "labels": np.arange(10), "split": np.zeros(10, int)},
          "'split': the valid split has no rows"),
         ({"features": np.zeros((10, 2)), "labels": np.arange(10), "class_counts": -np.ones(10),

@@ -18,7 +18,8 @@ document          no        (N,) integer id of the document each row comes from:
                             documents. Default: blocks of 1,000 contiguous rows
 ================  ========  =========================================================
 
-V is ``len(class_names)`` when given, else ``labels.max() + 1``.
+V is ``len(class_names)`` when given, else ``len(class_counts)`` when given (classes seen in no
+split keep their place), else ``labels.max() + 1``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,13 @@ def load_npz_dataset(
     names = arrays.get("class_names")
     if names is not None and names.ndim != 1:
         raise _fail(path, "class_names", f"expected a 1-D array of names, got shape {names.shape}")
-    V = int(names.shape[0]) if names is not None else int(labels.max()) + 1
+    given_counts = arrays.get("class_counts")
+    if names is not None:
+        V = int(names.shape[0])
+    elif given_counts is not None and given_counts.ndim == 1:
+        V = int(given_counts.shape[0])
+    else:
+        V = int(labels.max()) + 1
     if labels.min() < 0 or labels.max() >= V:
         worst = int(labels.min()) if labels.min() < 0 else int(labels.max())
         raise _fail(path, "labels", f"label {worst} is outside 0..{V - 1}")
