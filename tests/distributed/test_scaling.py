@@ -434,7 +434,9 @@ def test_closing_the_pool_releases_every_thread_waiting_for_an_actor(ray_session
 
 def test_dp_plans_with_node_shares_from_ray_actors_as_from_a_local_evaluator(ray_session):
     """dp on Ray actors (which compute the node shares it plans with) asks for the same trees and gets the same NLLs."""
+    from tree_search.agents.baselines import BaselineSearcher
     from tree_search.agents.dp_search import DPSearcher
+    from tree_search.builders import huffman
     from tree_search.distributed.ray_evaluator import RayEvaluator
     from tree_search.reward.evaluator import LocalEvaluator
 
@@ -444,10 +446,16 @@ def test_dp_plans_with_node_shares_from_ray_actors_as_from_a_local_evaluator(ray
                                                       config).search()]  # fmt: skip
     evaluator = RayEvaluator(dataset, QUICK, budget=16, workers=2)
     try:
+        classics = {e.searcher: e for e in BaselineSearcher(evaluator, dataset, "huffman-2,huffman-3,kmeans-2").search()}
         searcher = DPSearcher(evaluator, dataset, config)
         remote = [(e.key, e.valid_nll) for e in searcher.search()]
     finally:
         evaluator.close()
+    # the classic trees, submitted together to the actors: each once, each as a local evaluation scores it
+    assert sorted(classics) == ["baseline:huffman-2", "baseline:huffman-3", "baseline:kmeans-2"]
+    assert not any(e.counted for e in classics.values())
+    two = LocalEvaluator(dataset, QUICK).evaluate(huffman(dataset.counts, 2))
+    assert classics["baseline:huffman-2"].valid_nll == pytest.approx(two.valid_nll, rel=1e-9)
     # knapsack trees, predicted from the node shares the actors computed for other trees, then evaluated
     assert searcher.predictions
     for predicted, evaluated, _ in searcher.predictions:

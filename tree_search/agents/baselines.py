@@ -122,7 +122,22 @@ class BaselineSearcher(Searcher):
         self.dataset, self.names, self.classics = dataset, names, classics
 
     def search(self) -> Iterator[Evaluation]:
-        """Evaluate each baseline once (known ones come from the run being resumed)."""
+        """Evaluate each baseline once (known ones come from the run being resumed), as they finish.
+
+        All are submitted at once, so a pool of evaluation actors trains several together; an
+        evaluator that computes in this thread finishes each as it is submitted, in order.
+        """
         classics = self.classics if self.classics is not None else dataset_classics(self.dataset, self.names, self.seed)
+        pending: set[int] = set()
+
+        def finished(wait: bool) -> list[Evaluation]:
+            done = self.evaluator.collect(wait=wait)
+            pending.difference_update(done)
+            return [done[ticket] for ticket in sorted(done)]
+
         for name, classic in classics.items():
-            yield self.evaluator.evaluate(classic.tree, classic.projections, searcher=f"baseline:{name}", counted=False)
+            pending.add(self.evaluator.submit(classic.tree, classic.projections, searcher=f"baseline:{name}",
+                                              counted=False))  # fmt: skip
+            yield from finished(wait=False)
+        while pending:
+            yield from finished(wait=True)
