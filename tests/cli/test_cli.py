@@ -473,3 +473,32 @@ def test_baseline_builds_and_scores_the_trees_on_a_dataset_of_one_s_own(tmp_path
     refused = run("baseline", "--dataset", str(path), "--trees", str(unknown))
     assert refused.exit_code == 1
     assert "other.tree.json: 24 of its classes are not tokens of the dataset" in refused.output
+
+
+def test_search_takes_a_taxonomy_as_a_baseline_and_as_the_episodes_start(tmp_path):
+    """--taxonomy adds its tree to the baselines; --taxonomy-level starts the split environment from its groups."""
+    V = 512
+    taxonomy = tmp_path / "tax.tsv"
+    taxonomy.write_text("".join(f"{k}\tG{k % 4}\n" for k in range(V)) + "".join(f"G{g}\tRoot\n" for g in range(4)))
+    folder = tmp_path / "run"
+    args = ["search", "--dataset", "planted", "--planted-classes", str(V), "--budget", "2", "--baselines",
+            "huffman-2", "--no-compare", "--epochs", "0.5", "--taxonomy", str(taxonomy)]  # fmt: skip
+    result = run(*args, "--agent", "random", "--taxonomy-level", "1", "--out", str(folder))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (folder / "leaderboard.jsonl").read_text().splitlines()]
+    assert [r["searcher"] for r in rows] == ["baseline:huffman-2", "baseline:taxonomy", "random", "random"]
+    for row in rows[1:]:  # the taxonomy's tree and the searched trees: below the root, the taxonomy's four groups
+        tree = load_tree(folder / "trees" / f"{row['key']}.json").tree
+        nodes, _, _ = tree.paths()
+        groups = {tuple(np.flatnonzero(nodes[:, 1] == node)) for node in np.unique(nodes[:, 1])}
+        assert groups == {tuple(range(g, V, 4)) for g in range(4)}, row["searcher"]
+    refused = run(*args, "--agent", "dp", "--taxonomy-level", "1", "--out", str(tmp_path / "dp"))
+    assert refused.exit_code == 1 and "dp agent plans trees from the root" in refused.output
+    assert not (tmp_path / "dp").exists()
+    alone = run("search", "--dataset", "planted", "--taxonomy-level", "1")
+    assert alone.exit_code == 1 and "give it with --taxonomy" in alone.output
+    stranger = tmp_path / "animals.tsv"
+    stranger.write_text("cat\tAnimal\ndog\tAnimal\n")
+    wrong = run("search", "--dataset", "planted", "--taxonomy", str(stranger), "--out", str(tmp_path / "wrong"))
+    assert wrong.exit_code == 1 and "animals.tsv:1: class 'cat' is not in the vocabulary" in wrong.output
+    assert not (tmp_path / "wrong").exists()  # a failed start leaves no run behind

@@ -446,7 +446,8 @@ def test_dp_plans_with_node_shares_from_ray_actors_as_from_a_local_evaluator(ray
                                                       config).search()]  # fmt: skip
     evaluator = RayEvaluator(dataset, QUICK, budget=16, workers=2)
     try:
-        classics = {e.searcher: e for e in BaselineSearcher(evaluator, dataset, "huffman-2,huffman-3,kmeans-2").search()}
+        baselines = BaselineSearcher(evaluator, dataset, "huffman-2,huffman-3,kmeans-2")
+        classics = {e.searcher: e for e in baselines.search()}
         searcher = DPSearcher(evaluator, dataset, config)
         remote = [(e.key, e.valid_nll) for e in searcher.search()]
     finally:

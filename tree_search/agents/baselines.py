@@ -87,17 +87,33 @@ def _some(tokens: Sequence[str], shown: int = 5) -> str:
 
 
 def dataset_classics(
-    dataset: FeatureDataset, names: Sequence[str] | str = "all", seed: int = 0
+    dataset: FeatureDataset,
+    names: Sequence[str] | str = "all",
+    seed: int = 0,
+    taxonomy: str | Path = "",
+    unknown: str = "catch-all",
 ) -> dict[str, ClassicTree]:
     """`builders.classic_trees` for ``dataset`` (its counts, class embeddings and dimension), then any tree files.
 
-    ``names``: as `split_baselines` reads them, e.g. ``"front"`` or ``"huffman-8,my.tree.json"``.
+    Args:
+        dataset: whose classes the trees are over.
+        names: as `split_baselines` reads them, e.g. ``"front"`` or ``"huffman-8,my.tree.json"``; or ``"none"``.
+        seed: seeds the clustered trees.
+        taxonomy: a taxonomy file (`tree_search.data.taxonomy`), whose tree over the dataset's tokens
+            joins as ``"taxonomy"``; ``""``: none.
+        unknown: where the taxonomy puts classes it does not list (`builders.UNKNOWN_MODES`).
     """
-    classics, files = split_baselines(names)
+    classics, files = split_baselines(names) if names != "none" else ((), ())
     out = classic_trees(dataset.counts, classics, embeddings=class_embeddings(dataset), dim=dataset.dim,
                         seed=seed) if classics else {}  # fmt: skip
     for path in files:
         out[Path(path).name] = tree_file_baseline(path, dataset.vocab.tokens)
+    if taxonomy:
+        from tree_search.data.taxonomy import taxonomy_tree
+
+        tree, _ = taxonomy_tree(taxonomy, dataset.vocab.tokens, dataset.counts, unknown=unknown)
+        out["taxonomy"] = ClassicTree("taxonomy", tree, builder="from_taxonomy",
+                                      params={"file": str(taxonomy), "unknown": unknown})  # fmt: skip
     return out
 
 
@@ -113,13 +129,18 @@ class BaselineSearcher(Searcher):
         names: Sequence[str] | str = "core",
         seed: int = 0,
         classics: Mapping[str, ClassicTree] | None = None,
+        taxonomy: str | Path = "",
+        unknown: str = "catch-all",
     ) -> None:
-        """Args: evaluator: where trees go; dataset: whose counts and embeddings build them; classics: built trees.
+        """The classic trees of ``names`` (and ``taxonomy``'s) for ``dataset``, or ``classics`` already built.
 
-        With ``classics`` (a taxonomy's tree among them, say), ``names`` is not read.
+        Args: evaluator: where trees go; dataset: whose counts and embeddings build them; classics: built trees
+        (then ``names`` and ``taxonomy`` are not read); taxonomy, unknown: a taxonomy file whose tree joins them
+        (`dataset_classics`).
         """
         super().__init__(None, evaluator, seed=seed)  # builds trees directly, no environment
         self.dataset, self.names, self.classics = dataset, names, classics
+        self.taxonomy, self.unknown = taxonomy, unknown
 
     def search(self) -> Iterator[Evaluation]:
         """Evaluate each baseline once (known ones come from the run being resumed), as they finish.
@@ -127,7 +148,9 @@ class BaselineSearcher(Searcher):
         All are submitted at once, so a pool of evaluation actors trains several together; an
         evaluator that computes in this thread finishes each as it is submitted, in order.
         """
-        classics = self.classics if self.classics is not None else dataset_classics(self.dataset, self.names, self.seed)
+        classics = self.classics
+        if classics is None:
+            classics = dataset_classics(self.dataset, self.names, self.seed, self.taxonomy, self.unknown)
         pending: set[int] = set()
 
         def finished(wait: bool) -> list[Evaluation]:

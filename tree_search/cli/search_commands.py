@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.table import Table
 
+from tree_search.builders import UNKNOWN_MODES
 from tree_search.cli.app import COST_HELP, console, float_list, friendly_errors, main, progress_bars
 from tree_search.data import CorpusConfig, prepare_dataset
 from tree_search.data.planted import COMMAND_LINE_PLANTED
@@ -225,6 +226,16 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
     help="Classic trees to compare with: a set (core, all, front), comma-separated names (see 'baseline "
     "--trees') and tree files of one's own (.json or .npz with labels: matched to the data by token), or none.",
 )
+@click.option("--taxonomy", "taxonomy_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              default=None, help="A taxonomy of the classes (child<TAB>parent lines in a .tsv, or {child: parent} in "
+              "a .json), matched to the data by token: its tree joins the baselines as 'taxonomy'.")  # fmt: skip
+@click.option("--taxonomy-level", type=click.IntRange(min=1), default=None,
+              help="With --taxonomy: the split environment's episodes start from the taxonomy's groups at this "
+              "depth, the levels above kept (agents that act in the environment; not dp or jtm).")  # fmt: skip
+@click.option("--unknown", "taxonomy_unknown", type=click.Choice(UNKNOWN_MODES),
+              default=TreeEnvConfig.taxonomy_unknown, show_default=True,
+              help="With --taxonomy, classes it does not list: one catch-all node under the root, or placed by "
+              "frequency (Huffman-merged with the taxonomy's top categories), or an error.")  # fmt: skip
 @click.option("--seed", default=SearchConfig.seed, show_default=True, help="Seed of the sampler or policy.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Run folder (default: runs/AGENT-ENV-TIME).")  # fmt: skip
@@ -300,6 +311,9 @@ def search(
     cost_weight: float,
     max_steps: int,
     baselines: str,
+    taxonomy_file: Path | None,
+    taxonomy_level: int | None,
+    taxonomy_unknown: str,
     seed: int,
     out: Path | None,
     resume: Path | None,
@@ -346,6 +360,9 @@ def search(
     check_cost_spec(cost_model, device_type)  # before the search, not after it
     if resume is None:  # before any data is prepared: tree files checked, and kept as absolute paths
         baselines = resolved_baselines(baselines)
+    if taxonomy_level is not None and taxonomy_file is None:
+        raise click.ClickException("--taxonomy-level starts episodes from a taxonomy: give it with --taxonomy")
+    taxonomy = str(taxonomy_file.resolve()) if taxonomy_file is not None else ""
     if decode_cap and cost_model.startswith("measured"):  # the decoding side of the same profile
         check_cost_spec("decode" + cost_model.removeprefix("measured"), device_type)
     # how the search runs (this session's flags, also on resume): the fields `EXECUTION_FIELDS` declares
@@ -378,6 +395,9 @@ def search(
             cost=cost_model,
             decode_cap=decode_cap,
             split_classic_shapes=split_classic_shapes,
+            taxonomy=taxonomy if taxonomy_level is not None else "",
+            taxonomy_level=taxonomy_level or TreeEnvConfig.taxonomy_level,
+            taxonomy_unknown=taxonomy_unknown,
             cost_weight=cost_weight,
             max_steps=max_steps,
             reward_mode=reward_mode,
@@ -392,6 +412,7 @@ def search(
             seconds=seconds,
             env_config=env_config,
             baselines=baselines,
+            taxonomy=taxonomy,
             seed=seed,
             final_seeds=final_seeds,
             final_epochs=final_epochs,

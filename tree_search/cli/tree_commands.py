@@ -95,7 +95,7 @@ def _finite(value: float | None) -> float:
 )
 @click.option(
     "--unknown",
-    type=click.Choice(["catch-all", "frequency", "error"]),
+    type=click.Choice(builders.UNKNOWN_MODES),
     default="catch-all",
     show_default=True,
     help="With --taxonomy, classes it does not list: one catch-all node under the root, or placed by frequency "

@@ -15,7 +15,7 @@ from tree_search.envs import ENV_IDS, TreeEnvConfig
 __all__ = ["AGENTS", "EXECUTION_FIELDS", "NODE_AGENTS", "RLLIB_AGENTS", "SearchConfig"]
 
 RLLIB_AGENTS = ("ppo", "appo")
-NODE_AGENTS = ("dp", "jtm")  # searchers that read trained nodes from this machine's node bank
+NODE_AGENTS = ("dp", "jtm")  # searchers that plan with the trained nodes of evaluated trees (Evaluator.node_shares)
 AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS, *NODE_AGENTS)
 
 
@@ -33,6 +33,8 @@ class SearchConfig:
     seconds: float | None = None  # optional wall-clock limit of the search
     env_config: TreeEnvConfig = field(default_factory=TreeEnvConfig)
     baselines: str = "core"  # a set of builders.CLASSIC_SETS ("core", "all", "front"), comma-separated names, or "none"
+    # a taxonomy file whose tree joins the baselines as "taxonomy" (classes it lacks: env_config.taxonomy_unknown)
+    taxonomy: str = ""
     seed: int = 0  # sampler / policy seed
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     seed_classics: bool = True  # Optuna and RLlib: a new search starts from the homogeneous (classic) trees
@@ -63,6 +65,9 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.agent must be one of {AGENTS}, got {self.agent!r}")
         if self.env not in ("split", "merge", "cutoffs"):
             raise ValueError(f"SearchConfig.env must be 'split', 'merge' or 'cutoffs', got {self.env!r}")
+        if not isinstance(self.taxonomy, str):
+            raise ValueError(f"SearchConfig.taxonomy must be a taxonomy file path or '' for none, got "
+                             f"{self.taxonomy!r}")  # fmt: skip
         if self.baselines != "none":
             try:
                 split_baselines(self.baselines, check_files=False)  # a new run's start checks the files
@@ -91,6 +96,10 @@ class SearchConfig:
                 raise ValueError(f"the {name} agent searches the split grammar: use env 'split', not {self.env!r}")
             if self.env_config.cost_mode != "cap":
                 raise ValueError(f"the {name} agent searches under a cost cap: use cost_mode 'cap' (and --cost-caps)")
+            if self.env_config.taxonomy:
+                raise ValueError(f"the {name} agent plans trees from the root, not from a taxonomy's groups: leave "
+                                 "out the taxonomy start (--taxonomy-level); --taxonomy alone adds its tree to the "
+                                 "baselines")  # fmt: skip
             if not self.node_bank:
                 raise ValueError(f"the {name} agent reads the trained nodes of the trees it evaluated from the node "
                                  "bank (Evaluator.node_shares): run it with the node bank on")  # fmt: skip
