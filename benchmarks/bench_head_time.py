@@ -2,7 +2,13 @@
 
     python benchmarks/bench_head_time.py [--sizes 10000,50000] [--batch 4096] [--dim 256] [--repeats 7]
                                          [--dense] [--no-input-grad] [--top-columns N] [--no-tune-allocator]
-                                         [--profile PROFILE.json | none]
+                                         [--profile PROFILE.json | none] [--tree RUN/best_tree.json ...]
+
+``--tree FILE`` adds a tree file of one's own (a searched tree: a run's ``best_tree.json``, with
+its projections) at the size of its V, named by its folder. Where the full softmax's (batch, V)
+tensors would pass 8 GiB, it is timed on a smaller batch that fits (a power of two) and its time
+scaled to the batch (its arithmetic and memory traffic grow linearly in the batch), which the
+row's name says.
 
 For the trees of issue 27 (Huffman 2/8/32, k-means-16, head-and-tail k-means-16, Grave's
 2-cluster cutoffs, the adaptive shapes, the flat softmax as a one-node tree) on synthetic
@@ -38,12 +44,14 @@ import argparse
 import math
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from tree_search import builders
 from tree_search.cost import ProfileError, bucket_width, head_layout, node_costs
+from tree_search.export import load_tree
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.timing import (
     REFERENCE_HEADS,
@@ -128,6 +136,7 @@ def main() -> None:
     parser.add_argument("--dense", action="store_true", help="dense gradients (the head's default) instead of sparse")
     parser.add_argument("--no-input-grad", action="store_true", help="no gradient into h (a frozen encoder)")
     parser.add_argument("--profile", default="", help="cost profile to check (default: this device's; 'none': no)")
+    parser.add_argument("--tree", action="append", default=[], help="a tree file timed at its V (repeatable)")
     args = parser.parse_args()
     profile = None
     if args.profile != "none":
@@ -150,11 +159,22 @@ def main() -> None:
     for V in (int(s) for s in args.sizes.split(",")):
         counts, embeddings = synthetic_classes(V)
         trees = builders.classic_trees(counts, TREES, embeddings=embeddings, dim=args.dim)
+        for path in args.tree:
+            record = load_tree(path)
+            if record.tree.num_classes == V:
+                projections = {int(n): int(p) for n, p in ((record.built_by or {}).get("projections") or {}).items()}
+                trees[f"{Path(path).parent.name} (file)"] = builders.ClassicTree(Path(path).name, record.tree,
+                                                                                 projections)  # fmt: skip
         full_gib = 3 * 4 * args.batch * V / 2**30  # its scores, their gradient and the log-softmax, float32
-        if full_gib <= FULL_SOFTMAX_GIB:
-            trees["full softmax"] = builders.ClassicTree("full softmax", builders.from_children(V, [list(range(V))]))
+        full_batch = args.batch
+        while 3 * 4 * full_batch * V / 2**30 > FULL_SOFTMAX_GIB and full_batch > 1:
+            full_batch //= 2
+        flat = builders.ClassicTree("full softmax", builders.from_children(V, [list(range(V))]))
+        if full_batch == args.batch:
+            trees["full softmax"] = flat
         else:
-            print(f"V = {V:,}: the full softmax is left out (its batch x V tensors take {full_gib:.0f} GiB)")
+            print(f"V = {V:,}: the full softmax's batch x V tensors would take {full_gib:.0f} GiB: timed on "
+                  f"{full_batch:,} rows and scaled to {args.batch:,}")  # fmt: skip
         generator = torch.Generator().manual_seed(0)
         y = torch.multinomial(torch.from_numpy(counts / counts.sum()), args.batch, replacement=True,
                               generator=generator)  # fmt: skip
@@ -171,6 +191,15 @@ def main() -> None:
             small = small_matmul_seconds(classic.tree, counts, args.dim, args.batch, classic.projections, small_rates)
             traffic = weight_traffic_bytes(classic.tree, classic.projections, y, args.dim)
             rows.append((name, macs, seconds, predicted, small, traffic))
+        if full_batch != args.batch:  # timed on the rows that fit, scaled to the batch
+            head = TreeSoftmaxHead(flat.tree, args.dim, sparse=not args.dense, **settings)
+            part = h[:full_batch].detach().requires_grad_(not args.no_input_grad)
+            seconds = time_training_step(head, part, y[:full_batch], repeats=args.repeats) * args.batch / full_batch
+            macs = head_cost(flat.tree, counts, args.dim)
+            small = small_matmul_seconds(flat.tree, counts, args.dim, args.batch, None, small_rates)
+            rows.append((f"full softmax (x{args.batch // full_batch})", macs, seconds, math.nan, small,
+                         weight_traffic_bytes(flat.tree, None, y, args.dim)))  # fmt: skip
+            del head
         for name, shape in REFERENCE_HEADS.items():  # PyTorch's own module on the same shape, timed in the same run
             ours = next(row for row in rows if row[0] == shape)
             seconds = time_training_step(reference_head(name, V, args.dim), h, y, repeats=args.repeats)
