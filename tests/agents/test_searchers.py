@@ -270,3 +270,20 @@ def test_a_tree_file_is_a_baseline_matched_to_the_dataset_by_token(dataset, tmp_
     wrong = save_tree(tmp_path / "other.tree.json", original, labels=["x" + t for t in tokens])
     with pytest.raises(ValueError, match=r"other.tree.json: 64 of its classes are not tokens of the dataset \('x0'"):
         tree_file_baseline(wrong, tokens)
+
+
+def test_a_set_leaves_out_a_tree_too_large_for_the_dataset_and_says_why(dataset, monkeypatch):
+    """two-level holds V x sqrt(V) distances: above its bound a set leaves it out (logged); named alone, an error."""
+    from tree_search.builders import classics
+
+    assert "two-level" in dataset_classics(dataset, "all")  # 64 classes: built
+    monkeypatch.setattr(classics, "TWO_LEVEL_MAX_CLASSES", dataset.num_classes - 1)
+    said: list[str] = []
+    trees = dataset_classics(dataset, "all,huffman-8", log=said.append)
+    assert "two-level" not in trees and {"huffman-2", "huffman-8", "kmeans-16", "random"} <= set(trees)
+    assert said == [
+        f"two-level is not built above {dataset.num_classes - 1} classes: its balanced k-means over 8 "
+        f"clusters would hold 0.0 GB of distances at {dataset.num_classes}; left out of the baselines"
+    ]
+    with pytest.raises(ValueError, match="two-level is not built above 63 classes"):
+        dataset_classics(dataset, "huffman-2,two-level")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tree_search.agents.base import Searcher
-from tree_search.builders import CLASSIC_SETS, ClassicTree, classic_names, classic_trees
+from tree_search.builders import CLASSIC_SETS, ClassicTree, classic_names, classic_trees, too_large
 from tree_search.data.features import FeatureDataset, class_embeddings
 from tree_search.export import load_tree
 from tree_search.reward.evaluator import Evaluation, Evaluator
@@ -92,8 +92,12 @@ def dataset_classics(
     seed: int = 0,
     taxonomy: str | Path = "",
     unknown: str = "catch-all",
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, ClassicTree]:
     """`builders.classic_trees` for ``dataset`` (its counts, class embeddings and dimension), then any tree files.
+
+    A tree of a set that is not built at the dataset's size (`builders.too_large`) is left out,
+    and ``log`` says why; named on its own, it is an error.
 
     Args:
         dataset: whose classes the trees are over.
@@ -102,8 +106,16 @@ def dataset_classics(
         taxonomy: a taxonomy file (`tree_search.data.taxonomy`), whose tree over the dataset's tokens
             joins as ``"taxonomy"``; ``""``: none.
         unknown: where the taxonomy puts classes it does not list (`builders.UNKNOWN_MODES`).
+        log: where the trees left out are reported.
     """
     classics, files = split_baselines(names) if names != "none" else ((), ())
+    entries = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    from_sets = {name for n in entries for name in CLASSIC_SETS.get(n, ())} - set(entries)
+    left_out = {n: why for n in classics if n in from_sets and (why := too_large(n, dataset.num_classes))}
+    for why in left_out.values():
+        if log is not None:
+            log(f"{why}; left out of the baselines")
+    classics = tuple(n for n in classics if n not in left_out)
     out = classic_trees(dataset.counts, classics, embeddings=class_embeddings(dataset), dim=dataset.dim,
                         seed=seed) if classics else {}  # fmt: skip
     for path in files:
@@ -131,16 +143,17 @@ class BaselineSearcher(Searcher):
         classics: Mapping[str, ClassicTree] | None = None,
         taxonomy: str | Path = "",
         unknown: str = "catch-all",
+        log: Callable[[str], None] | None = None,
     ) -> None:
         """The classic trees of ``names`` (and ``taxonomy``'s) for ``dataset``, or ``classics`` already built.
 
         Args: evaluator: where trees go; dataset: whose counts and embeddings build them; classics: built trees
         (then ``names`` and ``taxonomy`` are not read); taxonomy, unknown: a taxonomy file whose tree joins them
-        (`dataset_classics`).
+        (`dataset_classics`); log: where trees left out at the dataset's size are reported.
         """
         super().__init__(None, evaluator, seed=seed)  # builds trees directly, no environment
         self.dataset, self.names, self.classics = dataset, names, classics
-        self.taxonomy, self.unknown = taxonomy, unknown
+        self.taxonomy, self.unknown, self.log = taxonomy, unknown, log
 
     def search(self) -> Iterator[Evaluation]:
         """Evaluate each baseline once (known ones come from the run being resumed), as they finish.
@@ -150,7 +163,7 @@ class BaselineSearcher(Searcher):
         """
         classics = self.classics
         if classics is None:
-            classics = dataset_classics(self.dataset, self.names, self.seed, self.taxonomy, self.unknown)
+            classics = dataset_classics(self.dataset, self.names, self.seed, self.taxonomy, self.unknown, self.log)
         pending: set[int] = set()
 
         def finished(wait: bool) -> list[Evaluation]:

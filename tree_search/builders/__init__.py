@@ -24,6 +24,7 @@ from tree_search.builders.classics import (
     baseline_names,
     classic_names,
     classic_trees,
+    too_large,
 )
 from tree_search.builders.cluster import cluster_tree, order_group, order_groups
 from tree_search.builders.frequency import cutoffs_by_mass, frequency_cutoffs, grave_cutoffs, huffman, projected_cutoffs
@@ -54,6 +55,7 @@ __all__ = [
     "binarized",
     "classic_names",
     "classic_trees",
+    "too_large",
     "cluster_tree",
     "cutoffs_by_mass",
     "frequency_cutoffs",

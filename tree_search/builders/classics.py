@@ -26,6 +26,7 @@ __all__ = [
     "HEAD_MASS",
     "classic_names",
     "classic_trees",
+    "too_large",
 ]
 
 
@@ -134,6 +135,21 @@ def baseline_names(arities: Sequence[int] = (4, 16), clustered: bool = False) ->
     return tuple(dict.fromkeys(names))
 
 
+# "two-level" splits all V classes into sqrt(V) clusters by one balanced k-means, whose (V, sqrt(V)) float64 costs
+# take 8 GB at V = 1M (and its greedy assignment up to sqrt(V) rounds over them): past this size it is not built
+TWO_LEVEL_MAX_CLASSES = 250_000
+
+
+def too_large(name: str, num_classes: int) -> str | None:
+    """Why the classic tree ``name`` is not built at ``num_classes`` classes (None: it is)."""
+    if name == "two-level" and num_classes > TWO_LEVEL_MAX_CLASSES:
+        clusters = max(2, round(math.sqrt(num_classes)))
+        gigabytes = 8 * num_classes * clusters / 1e9
+        return (f"two-level is not built above {TWO_LEVEL_MAX_CLASSES:,} classes: its balanced k-means over "
+                f"{clusters:,} clusters would hold {gigabytes:.1f} GB of distances at {num_classes:,}")  # fmt: skip
+    return None
+
+
 def classic_names(names: Sequence[str] | str) -> tuple[str, ...]:
     """``names`` as a tuple of classic tree names: a set of `CLASSIC_SETS`, a comma-separated string or a list.
 
@@ -222,6 +238,8 @@ def classic_trees(
             raise ValueError(f"classic tree {name!r} needs the class {what}; none were given")
 
     for name in names:
+        if (reason := too_large(name, V)) is not None:
+            raise ValueError(reason)
         kind, _, arg = name.partition("-")
         family, _, sub_arg = arg.partition("-")
         number = int(arg) if arg.isdigit() else None

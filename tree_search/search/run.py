@@ -216,7 +216,7 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
     try:
         if config.baselines != "none" or config.taxonomy:
             for _ in BaselineSearcher(evaluator, dataset, config.baselines, seed=config.seed, taxonomy=config.taxonomy,
-                                      unknown=config.env_config.taxonomy_unknown).search():  # fmt: skip
+                                      unknown=config.env_config.taxonomy_unknown, log=log).search():  # fmt: skip
                 pass
         done_before = Counter(e.searcher for e in previous if e.counted)
         for number, (label, search) in enumerate(searches, start=1):
