@@ -28,7 +28,7 @@ data instead (``tree_search.data.planted``, d = 16, 2V training samples and at l
 100k valid and 100k test): "prepare" is then generating the task and writing it as an
 ``.npz`` of features (in a process of its own, so its peak memory is its own), and the main
 job reads it with ``--dataset``. ``--eval-workers N`` runs the main job's evaluations on N
-Ray actors of a local Ray cluster (one CPU each).
+Ray actors of a local Ray cluster (one CPU each); ``--budget`` and ``--final-seeds`` shorten it.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def write_planted(size: int, path: Path) -> None:
     print(f"planted V = {size:,}: {labels.size:,} rows, Bayes NLL on test {data.bayes_nll['test']:.4f}", flush=True)
 
 
-def measure(text: Path | None, size: int, budget: int, folder: Path, planted: bool = False, workers: int = 0) -> dict:
+def measure(text: Path | None, size: int, budget: int, folder: Path, planted: bool = False, workers: int = 0,
+            final_seeds: int = 3) -> dict:  # fmt: skip
     """One size's phases: seconds, peak GiB, and the search's counted evaluations."""
     env = os.environ | {"TREE_SEARCH_CACHE": str(folder / f"cache-{size}"), "PYTHONUNBUFFERED": "1"}
     if planted:
@@ -156,7 +157,7 @@ def measure(text: Path | None, size: int, budget: int, folder: Path, planted: bo
     phases = {"prepare": {"seconds": lines[-1][0], "peak_gib": _peak(samples, 0, lines[-1][0])}}
     run = folder / f"run-{size}"
     job = [*_CLI, "search", "--agent", "dp", "--budget", str(budget), "--cost-caps", "1,1.5,2,4", "--baselines",
-           "front", "--final-epochs", "1", *common, "--out", str(run)]  # fmt: skip
+           "front", "--final-epochs", "1", "--final-seeds", str(final_seeds), *common, "--out", str(run)]  # fmt: skip
     if workers:
         job += ["--eval-workers", str(workers), "--cpus-per-eval", "1"]
     lines, samples = run_timed(job, env, folder / f"search-{size}.log")
@@ -165,7 +166,8 @@ def measure(text: Path | None, size: int, budget: int, folder: Path, planted: bo
     evaluations = sum(1 for _, line in lines if "] dp@" in line)
     phases["search"]["per_evaluation"] = phases["search"]["seconds"] / max(1, evaluations)
     training = sum(float(line.rsplit(None, 1)[-1].rstrip("s")) for _, line in lines if "] dp@" in line)
-    return {"classes": size, "planted": planted, "eval_workers": workers, "phases": phases,
+    return {"classes": size, "planted": planted, "eval_workers": workers, "budget": budget,
+            "final_seeds": final_seeds, "phases": phases,
             "search_evaluations": evaluations, "search_training_seconds": training, "job_seconds": lines[-1][0],
             "job_peak_gib": _peak(samples, 0, lines[-1][0])}  # fmt: skip
 
@@ -186,6 +188,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 30_000, 100_000])
     parser.add_argument("--planted", type=int, nargs="*", default=[], help="sizes measured on planted data")
     parser.add_argument("--eval-workers", type=int, default=0, help="Ray evaluation actors of the main job (0: none)")
+    parser.add_argument("--final-seeds", type=int, default=3, help="seeds of the final scoring (the main job's 3)")
     parser.add_argument("--budget", type=int, default=25, help="dp's evaluations per cap (the main job's 25)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-size"))
     parser.add_argument("--plot", type=Path, default=None, help="the log-log PNG (default: OUT/bench_size.png)")
@@ -200,7 +203,7 @@ def main() -> None:
         if not path.exists():
             kind = "planted data" if planted else "the corpus"
             print(f"V = {size:,} ({kind}): measuring (prepare, then the main job)", flush=True)
-            measured = measure(args.text, size, args.budget, args.out, planted, args.eval_workers)
+            measured = measure(args.text, size, args.budget, args.out, planted, args.eval_workers, args.final_seeds)
             path.write_text(json.dumps(measured, indent=1) + "\n")
         results.append(json.loads(path.read_text()))
     sizes = [r["classes"] for r in results]
