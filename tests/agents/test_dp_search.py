@@ -273,3 +273,12 @@ def test_dp_finds_the_whole_huffman_trees_the_baselines_evaluated_within_its_cap
     assert evaluator.used == 0 and not any(e.counted for e in found)
     best = min(found, key=lambda e: e.valid_nll)
     assert best.valid_nll == min(baselines[name].valid_nll for name in within)
+
+
+def test_a_cap_below_every_tree_of_the_grammar_is_said_so():
+    dataset = load_env_dataset(CONFIG)
+    searcher = DPSearcher(LocalEvaluator(dataset, QUICK, budget=4), dataset, dataclasses.replace(CONFIG, cost_cap=0.1))
+    assert list(searcher.search()) == []
+    assert searcher.stop_reason.startswith("no tree of its grammar fits under the cap of 0.1x binary Huffman")
+    cheapest = float(searcher.stop_reason.rsplit(" ", 1)[1].rstrip("x"))
+    assert 0.1 < cheapest < 1.0  # 3- or 4-ary Huffman completions cost less than binary Huffman

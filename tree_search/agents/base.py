@@ -51,6 +51,7 @@ class Searcher(ABC):
 
     name = "searcher"
     _label: str | None = None
+    stop_reason: str | None = None  # why it stopped before its budget was used, when it knows (the run logs it)
 
     @property
     def label(self) -> str:

@@ -586,6 +586,10 @@ class DPSearcher(Searcher):
             by_macs = isinstance(self.cost_model, DecodeCost)
             width = {r: self._macs(r, cheap) if by_macs else self._cost(r, cheap) for r in self.root_rules}
             feasible = sorted((r for r in self.root_rules if cheapest[r] <= self.cap), key=lambda r: -width[r])
+            if not feasible and self.root_rules:
+                unit = self.cap / self.config.cost_cap  # binary Huffman's cost
+                self.stop_reason = (f"no tree of its grammar fits under the cap of {self.config.cost_cap:g}x binary "
+                                    f"Huffman: the cheapest costs {min(cheapest.values()) / unit:.2f}x")  # fmt: skip
             # At most half the budget ranks root rules, each by its homogeneous tree when that fits the cap (a classic
             # candidate itself; for the adaptive softmax's cutoffs, its own tree), else completed by 3-ary Huffman;
             # the rest of the budget completes the best of them.

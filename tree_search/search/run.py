@@ -241,8 +241,9 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
                 log(f"{label}: node losses its dense rewards revealed outside evaluations were charged "
                     f"{evaluator.charged[label]:.2f} evaluations of its budget")  # fmt: skip
             if log and not evaluator.exhausted:
-                log(f"{label}: stopped with {evaluator.remaining} of its budget unused (its time ran out, or no new "
-                    f"tree within the cap came in as many tries as its searcher allows)")  # fmt: skip
+                why = searcher.stop_reason or ("its time ran out, or no new tree within the cap came in as many "
+                                               "tries as its searcher allows")  # fmt: skip
+                log(f"{label}: stopped with {evaluator.remaining} of its budget unused ({why})")
     finally:
         stats = evaluator.stats()
         if config.uses_ray:
