@@ -502,3 +502,17 @@ def test_search_takes_a_taxonomy_as_a_baseline_and_as_the_episodes_start(tmp_pat
     wrong = run("search", "--dataset", "planted", "--taxonomy", str(stranger), "--out", str(tmp_path / "wrong"))
     assert wrong.exit_code == 1 and "animals.tsv:1: class 'cat' is not in the vocabulary" in wrong.output
     assert not (tmp_path / "wrong").exists()  # a failed start leaves no run behind
+
+
+def test_other_libraries_log_lines_show_only_with_verbose(tmp_path):
+    """Optuna's study and trial lines are hidden on the search's screen unless -v is given."""
+    cli = [sys.executable, "-c", "from tree_search.cli import main; main()", "search", "--dataset", "planted",
+           "--agent", "random", "--budget", "1", "--baselines", "none", "--no-compare"]  # fmt: skip
+    outputs = {}
+    for flags in ((), ("-v",)):
+        done = subprocess.run([*cli, *flags, "--out", str(tmp_path / f"run{len(flags)}")], capture_output=True,
+                              text=True, timeout=300, env=os.environ | {"PYTHONUNBUFFERED": "1"})  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        outputs[flags] = done.stdout + done.stderr
+    assert "A new study created" not in outputs[()] and "[  0] random" in outputs[()]
+    assert "A new study created" in outputs[("-v",)]

@@ -288,6 +288,8 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
 @click.option("--split-classic-shapes/--no-split-classic-shapes", default=TreeEnvConfig.split_classic_shapes,
               show_default=True, help="Split environment: also the adaptive softmax's root splits and projected flat "
               "nodes, so environment agents can build PyTorch's and Grave et al.'s trees (dp always can).")  # fmt: skip
+@click.option("-v", "--verbose", is_flag=True, help="Also show other libraries' log lines (Optuna's study and trial "
+              "lines, which are hidden by default).")  # fmt: skip
 @click.option("--end-to-end", "end_to_end_too", is_flag=True,
               help="After the test scoring, also the verdicts end to end (tree-search end-to-end RUN with its "
                    "defaults: the encoder trained from scratch with each verdict's tree; text datasets).")  # fmt: skip
@@ -333,6 +335,7 @@ def search(
     cost_model: str,
     decode_cap: float,
     split_classic_shapes: bool,
+    verbose: bool,
     end_to_end_too: bool,
 ) -> None:
     """Search for a better tree; results are written to the run folder as they arrive.
@@ -343,6 +346,7 @@ def search(
     import dataclasses
     import signal
 
+    import optuna
     import torch
 
     from tree_search.agents.baselines import resolved_baselines
@@ -352,6 +356,7 @@ def search(
     from tree_search.search.run import run_search
     from tree_search.search.runs import Run
 
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     if end_to_end_too and not compare:
         raise click.ClickException("--end-to-end needs the test scoring: leave out --no-compare")
     if texts and (resume is not None or dataset != TreeEnvConfig.dataset):
@@ -442,7 +447,8 @@ def search(
         _end_to_end(folder, EndToEndConfig())
 
 
-_RESUMED_SESSION_OPTIONS = ("resume", "compare", "end_to_end_too")  # besides EXECUTION_FIELDS, what --resume takes
+# besides EXECUTION_FIELDS, what --resume takes
+_RESUMED_SESSION_OPTIONS = ("resume", "compare", "end_to_end_too", "verbose")
 STOP_GRACE_SECONDS = 30.0
 _stopping = threading.Event()
 
