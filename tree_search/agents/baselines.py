@@ -108,6 +108,18 @@ def dataset_classics(
         unknown: where the taxonomy puts classes it does not list (`builders.UNKNOWN_MODES`).
         log: where the trees left out are reported.
     """
+    return dict(iter_dataset_classics(dataset, names, seed, taxonomy, unknown, log))
+
+
+def iter_dataset_classics(
+    dataset: FeatureDataset,
+    names: Sequence[str] | str = "all",
+    seed: int = 0,
+    taxonomy: str | Path = "",
+    unknown: str = "catch-all",
+    log: Callable[[str], None] | None = None,
+) -> Iterator[tuple[str, ClassicTree]]:
+    """`dataset_classics` one tree at a time, each built when asked for (the same trees)."""
     classics, files = split_baselines(names) if names != "none" else ((), ())
     entries = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     from_sets = {name for n in entries for name in CLASSIC_SETS.get(n, ())} - set(entries)
@@ -116,17 +128,21 @@ def dataset_classics(
         if log is not None:
             log(f"{why}; left out of the baselines")
     classics = tuple(n for n in classics if n not in left_out)
-    out = classic_trees(dataset.counts, classics, embeddings=class_embeddings(dataset), dim=dataset.dim,
-                        seed=seed) if classics else {}  # fmt: skip
-    for path in files:
-        out[Path(path).name] = tree_file_baseline(path, dataset.vocab.tokens)
+    for name in classics:  # a tree named alone that is too large: an error before anything is built
+        if (why := too_large(name, dataset.num_classes)) is not None:
+            raise ValueError(why)
+    # one's own trees first, as they are quick and may be wrong (an error before any tree is trained)
+    own = [(Path(path).name, tree_file_baseline(path, dataset.vocab.tokens)) for path in files]
     if taxonomy:
         from tree_search.data.taxonomy import taxonomy_tree
 
         tree, _ = taxonomy_tree(taxonomy, dataset.vocab.tokens, dataset.counts, unknown=unknown)
-        out["taxonomy"] = ClassicTree("taxonomy", tree, builder="from_taxonomy",
-                                      params={"file": str(taxonomy), "unknown": unknown})  # fmt: skip
-    return out
+        own.append(("taxonomy", ClassicTree("taxonomy", tree, builder="from_taxonomy",
+                                            params={"file": str(taxonomy), "unknown": unknown})))  # fmt: skip
+    embeddings = class_embeddings(dataset) if classics else None
+    for name in classics:  # each alone: a tree's build reads no other's (one seed for each, as all at once)
+        yield name, classic_trees(dataset.counts, [name], embeddings=embeddings, dim=dataset.dim, seed=seed)[name]
+    yield from own
 
 
 class BaselineSearcher(Searcher):
@@ -158,12 +174,15 @@ class BaselineSearcher(Searcher):
     def search(self) -> Iterator[Evaluation]:
         """Evaluate each baseline once (known ones come from the run being resumed), as they finish.
 
-        All are submitted at once, so a pool of evaluation actors trains several together; an
-        evaluator that computes in this thread finishes each as it is submitted, in order.
+        Each is submitted as soon as it is built, so a pool of evaluation actors trains the first
+        ones while the next are built and several together; an evaluator that computes in this
+        thread finishes each as it is submitted, in order.
         """
-        classics = self.classics
-        if classics is None:
-            classics = dataset_classics(self.dataset, self.names, self.seed, self.taxonomy, self.unknown, self.log)
+        classics = (
+            self.classics.items()
+            if self.classics is not None
+            else iter_dataset_classics(self.dataset, self.names, self.seed, self.taxonomy, self.unknown, self.log)
+        )  # built while others train
         pending: set[int] = set()
 
         def finished(wait: bool) -> list[Evaluation]:
@@ -171,7 +190,7 @@ class BaselineSearcher(Searcher):
             pending.difference_update(done)
             return [done[ticket] for ticket in sorted(done)]
 
-        for name, classic in classics.items():
+        for name, classic in classics:
             pending.add(self.evaluator.submit(classic.tree, classic.projections, searcher=f"baseline:{name}",
                                               counted=False))  # fmt: skip
             yield from finished(wait=False)
