@@ -28,7 +28,8 @@ data instead (``tree_search.data.planted``, d = 16, 2V training samples and at l
 100k valid and 100k test): "prepare" is then generating the task and writing it as an
 ``.npz`` of features (in a process of its own, so its peak memory is its own), and the main
 job reads it with ``--dataset``. ``--eval-workers N`` runs the main job's evaluations on N
-Ray actors of a local Ray cluster (one CPU each); ``--budget`` and ``--final-seeds`` shorten it.
+Ray actors of a local Ray cluster (one CPU each); ``--budget``, ``--final-seeds``, ``--caps`` and
+``--baselines`` shorten it.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def write_planted(size: int, path: Path) -> None:
 
 
 def measure(text: Path | None, size: int, budget: int, folder: Path, planted: bool = False, workers: int = 0,
-            final_seeds: int = 3) -> dict:  # fmt: skip
+            final_seeds: int = 3, caps: str = "1,1.5,2,4", baselines: str = "front") -> dict:  # fmt: skip
     """One size's phases: seconds, peak GiB, and the search's counted evaluations."""
     env = os.environ | {"TREE_SEARCH_CACHE": str(folder / f"cache-{size}"), "PYTHONUNBUFFERED": "1"}
     if planted:
@@ -156,8 +157,8 @@ def measure(text: Path | None, size: int, budget: int, folder: Path, planted: bo
     lines, samples = run_timed(prepare, env, folder / f"prepare-{size}.log")
     phases = {"prepare": {"seconds": lines[-1][0], "peak_gib": _peak(samples, 0, lines[-1][0])}}
     run = folder / f"run-{size}"
-    job = [*_CLI, "search", "--agent", "dp", "--budget", str(budget), "--cost-caps", "1,1.5,2,4", "--baselines",
-           "front", "--final-epochs", "1", "--final-seeds", str(final_seeds), *common, "--out", str(run)]  # fmt: skip
+    job = [*_CLI, "search", "--agent", "dp", "--budget", str(budget), "--cost-caps", caps, "--baselines", baselines,
+           "--final-epochs", "1", "--final-seeds", str(final_seeds), *common, "--out", str(run)]  # fmt: skip
     if workers:
         job += ["--eval-workers", str(workers), "--cpus-per-eval", "1"]
     lines, samples = run_timed(job, env, folder / f"search-{size}.log")
@@ -167,7 +168,7 @@ def measure(text: Path | None, size: int, budget: int, folder: Path, planted: bo
     phases["search"]["per_evaluation"] = phases["search"]["seconds"] / max(1, evaluations)
     training = sum(float(line.rsplit(None, 1)[-1].rstrip("s")) for _, line in lines if "] dp@" in line)
     return {"classes": size, "planted": planted, "eval_workers": workers, "budget": budget,
-            "final_seeds": final_seeds, "phases": phases,
+            "final_seeds": final_seeds, "caps": caps, "baselines": baselines, "phases": phases,
             "search_evaluations": evaluations, "search_training_seconds": training, "job_seconds": lines[-1][0],
             "job_peak_gib": _peak(samples, 0, lines[-1][0])}  # fmt: skip
 
@@ -189,6 +190,8 @@ def main() -> None:
     parser.add_argument("--planted", type=int, nargs="*", default=[], help="sizes measured on planted data")
     parser.add_argument("--eval-workers", type=int, default=0, help="Ray evaluation actors of the main job (0: none)")
     parser.add_argument("--final-seeds", type=int, default=3, help="seeds of the final scoring (the main job's 3)")
+    parser.add_argument("--caps", default="1,1.5,2,4", help="the main job's --cost-caps")
+    parser.add_argument("--baselines", default="front", help="the main job's --baselines")
     parser.add_argument("--budget", type=int, default=25, help="dp's evaluations per cap (the main job's 25)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-size"))
     parser.add_argument("--plot", type=Path, default=None, help="the log-log PNG (default: OUT/bench_size.png)")
@@ -203,7 +206,8 @@ def main() -> None:
         if not path.exists():
             kind = "planted data" if planted else "the corpus"
             print(f"V = {size:,} ({kind}): measuring (prepare, then the main job)", flush=True)
-            measured = measure(args.text, size, args.budget, args.out, planted, args.eval_workers, args.final_seeds)
+            measured = measure(args.text, size, args.budget, args.out, planted, args.eval_workers, args.final_seeds,
+                               args.caps, args.baselines)  # fmt: skip
             path.write_text(json.dumps(measured, indent=1) + "\n")
         results.append(json.loads(path.read_text()))
     sizes = [r["classes"] for r in results]
