@@ -156,7 +156,7 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
         budget = f"{evaluator.used}/{total_budget}" if evaluation.counted else "extra"
         log(
             f"[{evaluation.index:3d}] {evaluation.searcher:<20s} {budget:>7s}  {what}"
-            f"{' (pruned)' if evaluation.pruned else ''}  cost {evaluation.cost_ratio:.2%} of full"
+            f"{' (pruned)' if evaluation.pruned else ''}  cost {100 * evaluation.cost_ratio:.3g}% of full"
             f"{f'  decoding {evaluation.decode_vs_huffman:.2f}x' if decode_cap else ''}"
             f"  best {best.get(group, math.inf):.4f}  {evaluation.train_seconds:.1f}s"
         )
