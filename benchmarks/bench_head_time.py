@@ -3,6 +3,7 @@
     python benchmarks/bench_head_time.py [--sizes 10000,50000] [--batch 4096] [--dim 256] [--repeats 7]
                                          [--dense] [--no-input-grad] [--top-columns N] [--no-tune-allocator]
                                          [--profile PROFILE.json | none] [--tree RUN/best_tree.json ...]
+                                         [--trees huffman-2,adaptive,...]
 
 ``--tree FILE`` adds a tree file of one's own (a searched tree: a run's ``best_tree.json``, with
 its projections) at the size of its V, named by its folder. Where the full softmax's (batch, V)
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--no-input-grad", action="store_true", help="no gradient into h (a frozen encoder)")
     parser.add_argument("--profile", default="", help="cost profile to check (default: this device's; 'none': no)")
     parser.add_argument("--tree", action="append", default=[], help="a tree file timed at its V (repeatable)")
+    parser.add_argument("--trees", default=",".join(TREES), help="the classic trees timed (huffman-2 first)")
     args = parser.parse_args()
     profile = None
     if args.profile != "none":
@@ -158,7 +160,7 @@ def main() -> None:
           f"allocator {'as is' if args.no_tune_allocator else 'tuned'}")  # fmt: skip
     for V in (int(s) for s in args.sizes.split(",")):
         counts, embeddings = synthetic_classes(V)
-        trees = builders.classic_trees(counts, TREES, embeddings=embeddings, dim=args.dim)
+        trees = builders.classic_trees(counts, args.trees, embeddings=embeddings, dim=args.dim)
         for path in args.tree:
             record = load_tree(path)
             if record.tree.num_classes == V:
@@ -201,7 +203,9 @@ def main() -> None:
                          weight_traffic_bytes(flat.tree, None, y, args.dim)))  # fmt: skip
             del head
         for name, shape in REFERENCE_HEADS.items():  # PyTorch's own module on the same shape, timed in the same run
-            ours = next(row for row in rows if row[0] == shape)
+            ours = next((row for row in rows if row[0] == shape), None)
+            if ours is None:  # its shape is not among --trees
+                continue
             seconds = time_training_step(reference_head(name, V, args.dim), h, y, repeats=args.repeats)
             rows.append((f"{shape} (PyTorch)", ours[1], seconds, math.nan, ours[4], ours[5]))
         base_macs, base_time = rows[0][1], rows[0][2]
