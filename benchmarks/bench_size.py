@@ -164,9 +164,11 @@ def measure(text: Path | None, size: int, budget: int, folder: Path, planted: bo
     lines, samples = run_timed(job, env, folder / f"search-{size}.log")
     for phase, (start, end) in _phase_bounds(lines).items():
         phases[phase] = {"seconds": end - start, "peak_gib": _peak(samples, start, end)}
-    evaluations = sum(1 for _, line in lines if "] dp@" in line)
+    evaluations = sum(1 for _, line in lines if "] dp@" in line and " extra " not in line)
     phases["search"]["per_evaluation"] = phases["search"]["seconds"] / max(1, evaluations)
-    training = sum(float(line.rsplit(None, 1)[-1].rstrip("s")) for _, line in lines if "] dp@" in line)
+    # the counted evaluations' training ("extra" lines are trees known already, answered from memory)
+    training = sum(float(line.rsplit(None, 1)[-1].rstrip("s")) for _, line in lines
+                   if "] dp@" in line and " extra " not in line)  # fmt: skip
     return {"classes": size, "planted": planted, "eval_workers": workers, "budget": budget,
             "final_seeds": final_seeds, "caps": caps, "baselines": baselines, "phases": phases,
             "search_evaluations": evaluations, "search_training_seconds": training, "job_seconds": lines[-1][0],
