@@ -349,7 +349,8 @@ def test_every_search_setting_is_an_option_of_the_search_command_or_named_as_lef
     from tree_search.search.config import EXECUTION_FIELDS, SearchConfig
 
     options = {param.name for param in main.commands["search"].params}
-    renamed = {"env": "env_name", "cost": "cost_model", "train": "epochs", "planted": "planted_classes"}
+    renamed = {"env": "env_name", "cost": "cost_model", "train": "epochs", "planted": "planted_classes",
+               "taxonomy": "taxonomy_file"}  # fmt: skip
     left_out = {
         "env_config",  # its fields are options of their own
         "policy",  # PPO's network and learning settings: library only
@@ -358,7 +359,6 @@ def test_every_search_setting_is_an_option_of_the_search_command_or_named_as_lef
         "seeds", "cap_penalty", "failure_penalty", "dense_device", "fanouts", "split_min_group", "split_flat_max",
         "split_leaf_size", "split_head_max", "merge_candidates", "merge_max_leaves", "merge_groups",
         "cutoff_max_clusters", "cutoff_projections",
-        "taxonomy", "taxonomy_level", "taxonomy_unknown",  # issue 25: --taxonomy on search is not built yet
     }  # fmt: skip
     fields = {f.name for f in dataclasses.fields(SearchConfig)} | {f.name for f in dataclasses.fields(TreeEnvConfig)}
     missing = {name for name in fields - left_out if renamed.get(name, name) not in options}
@@ -495,6 +495,9 @@ def test_search_takes_a_taxonomy_as_a_baseline_and_as_the_episodes_start(tmp_pat
     refused = run(*args, "--agent", "dp", "--taxonomy-level", "1", "--out", str(tmp_path / "dp"))
     assert refused.exit_code == 1 and "dp agent plans trees from the root" in refused.output
     assert not (tmp_path / "dp").exists()
+    baseline_only = run(*args, "--agent", "dp", "--cost-caps", "2", "--out", str(tmp_path / "dp-ok"))  # no start
+    assert baseline_only.exit_code == 0, baseline_only.output
+    assert '"baseline:taxonomy"' in (tmp_path / "dp-ok" / "leaderboard.jsonl").read_text()
     alone = run("search", "--dataset", "planted", "--taxonomy-level", "1")
     assert alone.exit_code == 1 and "give it with --taxonomy" in alone.output
     stranger = tmp_path / "animals.tsv"

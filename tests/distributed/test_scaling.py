@@ -462,4 +462,5 @@ def test_dp_plans_with_node_shares_from_ray_actors_as_from_a_local_evaluator(ray
     for predicted, evaluated, _ in searcher.predictions:
         assert predicted == pytest.approx(evaluated, rel=1e-9, abs=1e-9)
     assert len(local) == 16 and [key for key, _ in remote] == [key for key, _ in local]
-    assert [nll for _, nll in remote] == pytest.approx([nll for _, nll in local], rel=1e-9)
+    # the actors train with one thread, this process with two: float32 sums may round apart (1e-9 seen)
+    assert [nll for _, nll in remote] == pytest.approx([nll for _, nll in local], rel=1e-7)

@@ -229,8 +229,8 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
 @click.option("--taxonomy", "taxonomy_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               default=None, help="A taxonomy of the classes (child<TAB>parent lines in a .tsv, or {child: parent} in "
               "a .json), matched to the data by token: its tree joins the baselines as 'taxonomy'.")  # fmt: skip
-@click.option("--taxonomy-level", type=click.IntRange(min=1), default=None,
-              help="With --taxonomy: the split environment's episodes start from the taxonomy's groups at this "
+@click.option("--taxonomy-level", type=click.IntRange(min=1), default=TreeEnvConfig.taxonomy_level, show_default=True,
+              help="Given with --taxonomy: the split environment's episodes start from the taxonomy's groups at this "
               "depth, the levels above kept (agents that act in the environment; not dp or jtm).")  # fmt: skip
 @click.option("--unknown", "taxonomy_unknown", type=click.Choice(UNKNOWN_MODES),
               default=TreeEnvConfig.taxonomy_unknown, show_default=True,
@@ -314,7 +314,7 @@ def search(
     max_steps: int,
     baselines: str,
     taxonomy_file: Path | None,
-    taxonomy_level: int | None,
+    taxonomy_level: int,
     taxonomy_unknown: str,
     seed: int,
     out: Path | None,
@@ -365,7 +365,10 @@ def search(
     check_cost_spec(cost_model, device_type)  # before the search, not after it
     if resume is None:  # before any data is prepared: tree files checked, and kept as absolute paths
         baselines = resolved_baselines(baselines)
-    if taxonomy_level is not None and taxonomy_file is None:
+    # the taxonomy start is asked for by giving --taxonomy-level (its default is only the level's)
+    taxonomy_start = click.get_current_context().get_parameter_source("taxonomy_level") is not (
+        click.core.ParameterSource.DEFAULT)  # fmt: skip
+    if taxonomy_start and taxonomy_file is None:
         raise click.ClickException("--taxonomy-level starts episodes from a taxonomy: give it with --taxonomy")
     taxonomy = str(taxonomy_file.resolve()) if taxonomy_file is not None else ""
     if decode_cap and cost_model.startswith("measured"):  # the decoding side of the same profile
@@ -400,8 +403,8 @@ def search(
             cost=cost_model,
             decode_cap=decode_cap,
             split_classic_shapes=split_classic_shapes,
-            taxonomy=taxonomy if taxonomy_level is not None else "",
-            taxonomy_level=taxonomy_level or TreeEnvConfig.taxonomy_level,
+            taxonomy=taxonomy if taxonomy_start else "",
+            taxonomy_level=taxonomy_level,
             taxonomy_unknown=taxonomy_unknown,
             cost_weight=cost_weight,
             max_steps=max_steps,
