@@ -13,7 +13,7 @@ sizes or from earlier runs), it runs two commands as a user would:
    evaluation) and "final scoring" (test scoring of the finalists, the report, the best head).
 
 Peak memory is the largest resident set of the command's process tree (every descendant's
-``VmRSS`` from ``/proc``, summed, sampled every 0.25 s), per phase. Then, per phase, the
+proportional set size, ``Pss`` from ``/proc``, summed, sampled every 0.25 s), per phase. Then, per phase, the
 growth exponent ``b`` of ``seconds ~ a V^b`` fitted by least squares on log-log axes, and a
 log-log PNG of time against V. Linux only (``/proc``).
 
@@ -50,7 +50,12 @@ _CLI = [sys.executable, "-u", "-c", "from tree_search.cli import main; main()"]
 
 
 def _tree_rss(root: int) -> int:
-    """Bytes resident in ``root`` and all its descendants (0 for processes that ended meanwhile)."""
+    """Bytes resident in ``root`` and all its descendants (0 for processes that ended meanwhile).
+
+    Each process counts its proportional share of the pages it shares (``Pss``), so the Ray
+    object store that the driver and the actors all map is counted once, not once per process
+    (``VmRSS`` where the kernel gives no ``smaps_rollup``).
+    """
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -65,11 +70,13 @@ def _tree_rss(root: int) -> int:
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/status") as handle:
-                total += next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            continue
+        for path, field in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+            try:
+                with open(path) as handle:
+                    total += next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field))
+                break
+            except (OSError, StopIteration):
+                continue
     return total
 
 
