@@ -10,11 +10,13 @@ import numpy as np
 from tree_search.agents.base import Searcher
 from tree_search.builders import CLASSIC_SETS, ClassicTree, classic_names, classic_trees, too_large
 from tree_search.data.features import FeatureDataset, class_embeddings
+from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.export import load_tree
 from tree_search.reward.evaluator import Evaluation, Evaluator
 from tree_search.tree import Tree
 
-__all__ = ["BaselineSearcher", "dataset_classics", "resolved_baselines", "split_baselines", "tree_file_baseline"]
+__all__ = ["BaselineSearcher", "dataset_classics", "iter_dataset_classics", "resolved_baselines", "split_baselines",
+           "taxonomy_baseline", "tree_file_baseline"]  # fmt: skip
 
 TREE_FILE_SUFFIXES = (".json", ".npz")  # a baseline ending so is a tree file (`tree_search.export.load_tree`)
 
@@ -82,6 +84,15 @@ def tree_file_baseline(path: str | Path, tokens: Sequence[str]) -> ClassicTree:
     return ClassicTree(Path(path).name, relabelled, projections, builder="file", params={"file": str(path)})
 
 
+def taxonomy_baseline(
+    path: str | Path, tokens: Sequence[str], counts: np.ndarray, unknown: str = "catch-all"
+) -> tuple[ClassicTree, tuple[str | None, ...]]:
+    """A taxonomy file's tree over ``tokens`` as the baseline ``"taxonomy"``, and its nodes' names (`taxonomy_tree`)."""
+    tree, node_names = taxonomy_tree(path, tokens, counts, unknown=unknown)
+    classic = ClassicTree("taxonomy", tree, builder="from_taxonomy", params={"file": str(path), "unknown": unknown})
+    return classic, node_names
+
+
 def _some(tokens: Sequence[str], shown: int = 5) -> str:
     return ", ".join(repr(t) for t in tokens[:shown]) + (", ..." if len(tokens) > shown else "")
 
@@ -120,25 +131,22 @@ def iter_dataset_classics(
     log: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[str, ClassicTree]]:
     """`dataset_classics` one tree at a time, each built when asked for (the same trees)."""
-    classics, files = split_baselines(names) if names != "none" else ((), ())
+    named, files = split_baselines(names) if names != "none" else ((), ())
     entries = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     from_sets = {name for n in entries for name in CLASSIC_SETS.get(n, ())} - set(entries)
-    left_out = {n: why for n in classics if n in from_sets and (why := too_large(n, dataset.num_classes))}
-    for why in left_out.values():
-        if log is not None:
-            log(f"{why}; left out of the baselines")
-    classics = tuple(n for n in classics if n not in left_out)
-    for name in classics:  # a tree named alone that is too large: an error before anything is built
-        if (why := too_large(name, dataset.num_classes)) is not None:
+    classics = []
+    for name in named:  # before anything is built: a tree too large for the data is left out of a set, else an error
+        why = too_large(name, dataset.num_classes)
+        if why is None:
+            classics.append(name)
+        elif name not in from_sets:
             raise ValueError(why)
+        elif log is not None:
+            log(f"{why}; left out of the baselines")
     # one's own trees first, as they are quick and may be wrong (an error before any tree is trained)
     own = [(Path(path).name, tree_file_baseline(path, dataset.vocab.tokens)) for path in files]
     if taxonomy:
-        from tree_search.data.taxonomy import taxonomy_tree
-
-        tree, _ = taxonomy_tree(taxonomy, dataset.vocab.tokens, dataset.counts, unknown=unknown)
-        own.append(("taxonomy", ClassicTree("taxonomy", tree, builder="from_taxonomy",
-                                            params={"file": str(taxonomy), "unknown": unknown})))  # fmt: skip
+        own.append(("taxonomy", taxonomy_baseline(taxonomy, dataset.vocab.tokens, dataset.counts, unknown)[0]))
     embeddings = class_embeddings(dataset) if classics else None
     for name in classics:  # each alone: a tree's build reads no other's (one seed for each, as all at once)
         yield name, classic_trees(dataset.counts, [name], embeddings=embeddings, dim=dataset.dim, seed=seed)[name]

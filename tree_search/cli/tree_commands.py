@@ -12,12 +12,11 @@ import numpy as np
 from rich.table import Table
 
 from tree_search import builders
-from tree_search.agents.baselines import BaselineSearcher, split_baselines, tree_file_baseline
+from tree_search.agents.baselines import BaselineSearcher, split_baselines, taxonomy_baseline, tree_file_baseline
 from tree_search.cli.app import class_id, console, friendly_errors, int_list, is_number, main, progress_bars, read_vocab
 from tree_search.cost import full_softmax_macs, head_cost
 from tree_search.data import CorpusConfig, prepare_dataset
 from tree_search.data.features import class_embeddings
-from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.export import TreeRecord, load_tree, save_tree
 from tree_search.reward import NodeRecipe
 from tree_search.reward.evaluator import LocalEvaluator
@@ -168,9 +167,7 @@ def baseline(
         trees[Path(path).name] = tree_file_baseline(path, vocab.tokens)
     node_names: dict[str, tuple[str | None, ...]] = {}
     if taxonomy_file is not None:
-        taxonomy, node_names["taxonomy"] = taxonomy_tree(taxonomy_file, vocab.tokens, counts, unknown=unknown)
-        trees["taxonomy"] = builders.ClassicTree("taxonomy", taxonomy, builder="from_taxonomy",
-                                                 params={"file": str(taxonomy_file), "unknown": unknown})  # fmt: skip
+        trees["taxonomy"], node_names["taxonomy"] = taxonomy_baseline(taxonomy_file, vocab.tokens, counts, unknown)
     build_seconds = time.perf_counter() - started
     rows = []
     for name, classic in trees.items():
