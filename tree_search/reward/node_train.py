@@ -529,16 +529,44 @@ def _stream(ptr: np.ndarray, rows: np.ndarray, child: np.ndarray, members: np.nd
     return rows[position], child_of
 
 
-def _padded(ptr: np.ndarray, rows: np.ndarray, child: np.ndarray, members: np.ndarray):
-    """(G, L) validation rows and child indices, padded, with the (G, L) mask of real tokens."""
-    start, count = ptr[members], np.diff(ptr)[members]
-    L = max(int(count.max()), 1)
-    offset = np.arange(L)[None, :]
-    mask = offset < count[:, None]
-    position = np.where(mask, start[:, None] + offset, 0)
-    if rows.size == 0:
-        return np.zeros_like(position), np.zeros_like(position), mask
-    return rows[position], np.where(mask, child[position], 0), mask
+@dataclass(frozen=True)
+class _HeldOut:
+    """The held-out tokens of a group's nodes, one contiguous run per node in ``rows``/``child`` (never padded here).
+
+    `_loss_sums` pads them window by window: a (nodes x tokens) padding of the whole group would
+    take G x (the largest node's count) numbers, gigabytes when one node of a large group holds
+    thousands of tokens (V = 300k: 12 GiB in a final scoring).
+    """
+
+    ptr: np.ndarray  # (n + 1,): node i's tokens are rows[ptr[i]:ptr[i + 1]], for every trained node
+    rows: np.ndarray  # each pair's row in the split
+    child: np.ndarray  # each pair's child index
+    members: np.ndarray  # the group's nodes (positions into ``ptr``)
+    odd: np.ndarray | None = None  # (N,) bool per row: its document is odd; None: one set, every real token
+
+    @property
+    def num_sets(self) -> int:
+        return 1 if self.odd is None else 2
+
+    def window(self, lo: int, hi: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Members ``lo:hi``'s tokens ``start:end``: (g, span) rows and child indices, padded, and each set's mask."""
+        first, count = self.ptr[self.members[lo:hi]], np.diff(self.ptr)[self.members[lo:hi]]
+        offset = np.arange(start, end)[None, :]
+        mask = offset < count[:, None]
+        position = np.where(mask, first[:, None] + offset, 0)
+        if self.rows.size == 0:
+            return np.zeros_like(position), np.zeros_like(position), [mask] * self.num_sets
+        rows = self.rows[position]
+        if self.odd is None:
+            sets = [mask]
+        else:  # the validation sample's halves: rows of even and of odd documents
+            odd = self.odd[rows]
+            sets = [mask & ~odd, mask & odd]
+        return rows, np.where(mask, self.child[position], 0), sets
+
+    def longest(self) -> int:
+        """The largest token count of the group's nodes (at least 1)."""
+        return max(int(np.diff(self.ptr)[self.members].max(initial=0)), 1)
 
 
 def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: int, outcome: NodeOutcome) -> None:
@@ -596,12 +624,10 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
                 [params[0] * scale[:, None, None], params[1] * scale[:, None], *[p.clone() for p in params[2:]]]
             )
     stacked = [torch.stack([snap[i] for snap in snapshots], 1) for i in range(len(params))]  # (G, M, ...)
-    v_rows, v_child, v_mask = _padded(c.valid_pairs[2], c.valid_pairs[0], c.valid_pairs[1], members)
     # the validation sample's two halves: the rows of its even and of its odd documents, so that a choice made on
     # one half is judged on documents that took no part in it (tokens of one document are correlated)
-    odd = (c.valid.documents % 2 == 1)[v_rows]
-    halves = [v_mask & ~odd, v_mask & odd]
-    losses = _loss_sums(stacked, column_mask, c.valid.features, v_rows, v_child, halves, device)  # (G, 2M)
+    valid = _HeldOut(c.valid_pairs[2], c.valid_pairs[0], c.valid_pairs[1], members, c.valid.documents % 2 == 1)
+    losses = _loss_sums(stacked, column_mask, c.valid.features, valid, device)  # (G, 2M)
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(f"non-finite validation loss in {int((~np.isfinite(losses)).any(1).sum())} node(s)")
     outcome.losses[members] = losses
@@ -612,10 +638,10 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
     chosen = [p[torch.arange(G, device=device), best] for p in stacked]
     if c.scored is not None:
         ptr, rows, child = c.scored_pairs
-        s_rows, s_child, s_mask = _padded(ptr, rows, child, members)
         single = [p[:, None] for p in chosen]
-        outcome.split_losses[members] = _loss_sums(single, column_mask, c.scored.features, s_rows, s_child, [s_mask],
-                                                   device, row_totals=c.scored_row_losses)[:, 0]  # fmt: skip
+        outcome.split_losses[members] = _loss_sums(single, column_mask, c.scored.features,
+                                                   _HeldOut(ptr, rows, child, members), device,
+                                                   row_totals=c.scored_row_losses)[:, 0]  # fmt: skip
     if c.keep_weights:
         arrays = [p.cpu().numpy() for p in chosen]  # one copy per tensor, then views per node
         for i, row in enumerate(members):
@@ -670,26 +696,28 @@ def _step(k: int, S: int, B: int, P: int, features, t_rows, t_child, params, sca
                        beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)  # fmt: skip
 
 
-def _loss_sums(params, column_mask, features, rows, child, masks, device, budget: int | None = None,
+def _loss_sums(params, column_mask, features, held_out: _HeldOut, device, budget: int | None = None,
                row_totals: torch.Tensor | None = None) -> np.ndarray:  # fmt: skip
     """(G, K*M) cross-entropy of each node at each of its M snapshots, summed over each of K sets of its tokens.
 
-    ``masks`` are K (G, L) boolean arrays over the (padded) held-out tokens ``rows``: which
-    tokens each sum takes (the two halves of the validation sample, or all real tokens).
-    ``row_totals`` (one snapshot, one mask): also add each token's loss, summed over the nodes,
-    into this (N,) float64 tensor indexed by row.
+    ``held_out`` gives each node's held-out tokens and the K sets a sum takes (the two halves of the
+    validation sample, or all real tokens). ``row_totals`` (one snapshot, one set): also add each
+    token's loss, summed over the nodes, into this (N,) float64 tensor indexed by row.
 
     ``params`` hold the snapshots stacked: W (G, M, Wd, din), b (G, M, Wd)[, P (G, M, p, d)]. Work is
     chunked over nodes and tokens so that no score tensor exceeds about ``budget`` numbers (a full softmax
-    over 10k classes scored on 50k tokens at 5 snapshots would otherwise take 10 GB).
+    over 10k classes scored on 50k tokens at 5 snapshots would otherwise take 10 GB); the padded token
+    windows are built chunk by chunk, and a chunk whose nodes have no tokens left is skipped (it adds zeros).
     """
     budget = budget or (1 << 23 if device.type == "cpu" else 1 << 28)  # a GPU holds a GB of scores easily
     W, bias = params[0], params[1]
     G, M, Wd, din = W.shape
-    if row_totals is not None and (M != 1 or len(masks) != 1):
-        raise ValueError(f"row totals take one snapshot and one mask, got {M} and {len(masks)}")
-    L = rows.shape[1]
-    out = np.zeros((G, len(masks) * M))
+    K = held_out.num_sets
+    if row_totals is not None and (M != 1 or K != 1):
+        raise ValueError(f"row totals take one snapshot and one set of tokens, got {M} and {K}")
+    L = held_out.longest()
+    counts = np.diff(held_out.ptr)[held_out.members]
+    out = np.zeros((G, K * M))
     per_token = M * max(Wd, din, features.shape[1])
     span = max(1, min(L, budget // per_token))  # tokens per chunk
     step = max(1, budget // (per_token * span))  # nodes per chunk
@@ -697,9 +725,13 @@ def _loss_sums(params, column_mask, features, rows, child, masks, device, budget
     with torch.no_grad():
         for lo in range(0, G, step):
             hi = min(G, lo + step)
+            longest = int(counts[lo:hi].max())
             for start in range(0, L, span):
+                if start >= longest:
+                    break  # every token of these nodes is scored: the rest would add zeros
                 end = min(L, start + span)
-                index = torch.from_numpy(rows[lo:hi, start:end].reshape(-1)).to(device)
+                rows, child, masks = held_out.window(lo, hi, start, end)
+                index = torch.from_numpy(rows.reshape(-1)).to(device)
                 X = torch.index_select(features, 0, index, out=workspace[: index.numel()]).view(
                     hi - lo, end - start, -1
                 )
@@ -709,11 +741,11 @@ def _loss_sums(params, column_mask, features, rows, child, masks, device, budget
                 else:
                     scores = torch.bmm(X, W[lo:hi].flatten(1, 2).transpose(1, 2)).view(hi - lo, end - start, M, Wd)
                 scores = scores + bias[lo:hi, None] + column_mask[lo:hi, None, None, :]
-                target = torch.from_numpy(child[lo:hi, start:end]).to(device)[:, :, None, None].expand(-1, -1, M, 1)
+                target = torch.from_numpy(child).to(device)[:, :, None, None].expand(-1, -1, M, 1)
                 logp = torch.log_softmax(scores, dim=3).gather(3, target).squeeze(3)  # (g, span, M)
                 logp = logp.double()
                 for j, mask in enumerate(masks):
-                    keep = torch.from_numpy(mask[lo:hi, start:end]).to(device)[:, :, None]
+                    keep = torch.from_numpy(mask).to(device)[:, :, None]
                     kept = torch.where(keep, logp, 0.0)
                     out[lo:hi, j * M : (j + 1) * M] -= kept.sum(1).cpu().numpy()
                     if row_totals is not None:
