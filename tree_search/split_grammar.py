@@ -47,6 +47,7 @@ __all__ = [
     "CUTS",
     "FLAT",
     "HEAD_MASS",
+    "HUFFMAN_FANOUTS",
     "ORDERS",
     "Plan",
     "SplitCache",
@@ -132,6 +133,7 @@ def rank_cutoffs(cuts: tuple[int, ...] | list[int]) -> SplitRule:
 
 CLASSIC_ROOTS = ADAPTIVE_SHAPES + CUTOFF_SHAPES  # the classic shapes whose root split the grammar holds
 FLAT_PROJECTIONS = (4, 16, 64)  # projected flat nodes of d / 4, d / 16, d / 64 dimensions: the adaptive softmax's tails
+HUFFMAN_FANOUTS = (2, 3, 4, 8, 16, 32)  # Huffman subtrees dp completes parts with (8-32 under a decoding cap)
 
 
 def classic_root_rules(counts: np.ndarray, dim: int) -> dict[str, SplitRule]:

@@ -66,6 +66,7 @@ from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator,
 from tree_search.reward.reward import huffman_cost
 from tree_search.split_grammar import (
     FLAT,
+    HUFFMAN_FANOUTS,
     Plan,
     SplitCache,
     SplitRule,
@@ -297,9 +298,9 @@ class DPSearcher(Searcher):
         self.root_rules = [r for r in rules if r.order in ("kmeans", "pca") or r.cut == "headtail"] + cutoffs
         # completions in order of promise: the cheapest (Huffman), then clusters of growing fanout, then the rest
         clusters = sorted((r for r in rules if r.order in ("kmeans", "pca")), key=lambda r: (r.fanout, r.order, r.cut))
-        self.huffmans = [huffman_rule(k) for k in (2, 3, 4)]
+        self.huffmans = [huffman_rule(k) for k in HUFFMAN_FANOUTS if k <= 4]
         # under a decoding cap, wide Huffman tails too: they train nearly as fast and decode several times faster
-        self.huffmans += [huffman_rule(k) for k in (8, 16, 32)] if self.decode_cap is not None else []
+        self.huffmans += [huffman_rule(k) for k in HUFFMAN_FANOUTS if k > 4] if self.decode_cap is not None else []
         # flat nodes, projected as the adaptive softmax's tail clusters are (PyTorch's div_value 4), and not
         self.flats = list(dict.fromkeys([projected_flat(max(1, self.dim // 16)), projected_flat(max(1, self.dim // 4)),
                                          FLAT]))  # fmt: skip
@@ -501,6 +502,19 @@ class DPSearcher(Searcher):
         decode = np.stack([entry.decode.get(o, np.full(len(entry.parts), math.nan)) for o in options])
         return choose_completions_within(loss, cost, self.cap - entry.root_cost, decode,
                                          self.decode_cap.limit - entry.decode_root)  # fmt: skip
+
+    def best_plan(self) -> tuple[SplitRule, dict[int, SplitRule], list[np.ndarray], float] | None:
+        """The choice of dp at the cap over every root rule it measured, or None before any fits.
+
+        Returns the root rule, the completion rule of each root part with more than one class
+        (by part index), the root split's parts, and the predicted validation NLL (summed over the
+        sample). `tree_search.agents.expert` replays it as actions of the split environment.
+        """
+        picks = [(entry, found) for entry in self.measured.values() if (found := self._knapsack(entry)) is not None]
+        if not picks:
+            return None
+        entry, (completions, predicted) = min(picks, key=lambda pick: pick[1][1])
+        return entry.rule, completions, list(entry.members), predicted
 
     def selection_free_nll(self) -> float | None:
         """The validation NLL of dp's choice at the cap, cross-fitted over the two validation halves.

@@ -108,6 +108,7 @@ class TreeEnv(gym.Env):
         self._steps = 0
         self._done = True
         self.last_tree: Tree | None = None
+        self.last_projections: dict[int, int] = {}  # the last tree's projected nodes: node -> dimensions
         self.last_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ shared helpers
@@ -218,7 +219,7 @@ class TreeEnv(gym.Env):
                     revealed = sum(self.dense.queries().values()) // max(1, self.scorer.config.seeds)
                     self.scorer.charge_nodes(tree, projections, revealed)
                 info.update(node_reward=None, dense_node_queries=self.dense.queries())
-            self.last_tree = tree
+            self.last_tree, self.last_projections = tree, dict(projections)
             # After the end no action is legal; the mask is all ones so learners never see an empty mask.
             next_legal = np.ones(self.action_space.n, dtype=bool)
             observation = {

@@ -53,6 +53,9 @@ class TreeEnvConfig:
     split_leaf_size: int = 8  # the inherited rule makes groups of at most this many classes flat nodes
     split_head_max: int = 256  # most classes the head of a head-and-tail cut may keep as leaves
     split_classic_shapes: bool = False  # also the adaptive softmax's root splits and projected flat nodes (12 actions)
+    # dp's grammar: a root rule, then one completion rule per root part, inherited through the part's whole subtree
+    # (classic shapes on, Huffman subtrees of fanouts SPLIT_HUFFMAN_FANOUTS, flat nodes of any size)
+    split_two_level: bool = False
     taxonomy: str = ""  # a taxonomy file (child<TAB>parent .tsv or .json): the split episode starts below its level
     taxonomy_level: int = 1  # the taxonomy's nodes at this depth are the starting groups; the levels above are fixed
     taxonomy_unknown: str = "catch-all"  # classes absent from the taxonomy: "catch-all", "frequency" or "error"
@@ -70,6 +73,8 @@ class TreeEnvConfig:
 
         if not isinstance(self.split_classic_shapes, bool):
             raise bad("split_classic_shapes", "True or False")
+        if not isinstance(self.split_two_level, bool):
+            raise bad("split_two_level", "True or False")
         if not isinstance(self.taxonomy, str):
             raise bad("taxonomy", "a taxonomy file path (.tsv or .json), or '' for none")
         if self.taxonomy_unknown not in UNKNOWN_MODES:

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from tree_search.builders import huffman
 from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.envs.base import TreeEnv
 from tree_search.envs.scoring import NodeContent
@@ -14,10 +15,12 @@ from tree_search.split_grammar import (
     CLASSIC_ROOTS,
     FLAT,
     FLAT_PROJECTIONS,
+    HUFFMAN_FANOUTS,
     ORDERS,
     SplitRule,
     classic_root_rules,
     flat_projections,
+    huffman_rule,
     partition_group,
     split_rules,
 )
@@ -78,6 +81,15 @@ class SplitEnv(TreeEnv):
     ``split_flat_max`` classes, tails of a cutoffs root, or at the root (where flat is the
     full softmax).
 
+    With ``config.split_two_level`` the episode is a plan of the ``dp`` searcher's grammar: the
+    root's rule, then one completion rule for each part of the root with more than one class
+    (largest mass first), which then applies through that part's whole subtree (nothing below
+    the root's parts is decided). Its actions are the classic shapes' (as above), then Huffman
+    subtrees of fanouts ``HUFFMAN_FANOUTS`` (2, 3, 4, 8, 16, 32; the group becomes its own k-ary
+    Huffman tree), then flat, legal for a group of any size: ``Discrete(9F + 19)`` (55). So every
+    tree dp chooses is one episode (`tree_search.agents.expert.demonstrate` plays dp's plans for a
+    policy to imitate); ``max_steps`` must allow the root and each of its parts.
+
     ## Observation Space
     ``Dict(observations=Box(-10, 10, (10,)), action_mask=Box(0, 1, (9F + 1,)))``:
 
@@ -133,6 +145,8 @@ class SplitEnv(TreeEnv):
     dataset=None, render_mode=None, **config_fields)``.
 
     ## Version History
+    * v1, later: ``split_two_level`` (dp's grammar: Huffman subtrees, flat nodes of any size,
+      decisions for the root and its parts only; off by default: the default episodes are unchanged).
     * v1, later: ``split_classic_shapes`` adds the adaptive softmax's trees (off by default:
       the default episodes are unchanged).
     * v1: head-and-tail with k-means or PCA tail clusters (37 actions by default); k-means and
@@ -145,18 +159,27 @@ class SplitEnv(TreeEnv):
         F = len(self.config.fanouts)
         grammar = split_rules(self.config.fanouts)
         roots, projected, shapes = {}, (), ()
-        if self.config.split_classic_shapes:
+        self._two_level = self.config.split_two_level
+        huffmans = tuple(huffman_rule(k) for k in HUFFMAN_FANOUTS) if self._two_level else ()
+        if self.config.split_classic_shapes or self._two_level:
             roots = classic_root_rules(self.counts, self.scorer.dim)
             projected = flat_projections(self.scorer.dim)
             projected += (projected[-1],) * (len(FLAT_PROJECTIONS) - len(projected))  # a tiny dim: repeats, illegal
             # a shape that cannot be built on these classes keeps its index, never legal (FLAT only stands in)
             shapes = tuple(roots.get(name, FLAT) for name in CLASSIC_ROOTS)
-        self.rules: tuple[SplitRule, ...] = (*grammar[:-1], *shapes, *projected, FLAT)
+        self.rules: tuple[SplitRule, ...] = (*grammar[:-1], *shapes, *projected, *huffmans, FLAT)
         assert len(self.rules) == self._num_actions()
         self._fanouts = np.array([r.fanout for r in self.rules])
         self._roots = slice(9 * F, 9 * F + len(shapes))
         self._root_available = np.array([name in roots for name in CLASSIC_ROOTS][: len(shapes)], dtype=bool)
         self._projected = slice(self._roots.stop, self._roots.stop + len(projected))
+        if self._two_level:
+            most = 1 + max(r.fanout for r in self.rules if r.cut != "huffman")  # the root, then each of its parts
+            if self.config.max_steps < most:
+                raise ValueError(
+                    f"TreeEnvConfig.max_steps={self.config.max_steps}: with split_two_level an episode decides the "
+                    f"root and each of its parts, up to {most} decisions; set max_steps to at least {most}"
+                )
         sizes = [r.projection for r in projected]
         self._projected_available = np.array([0 < p < self.scorer.dim and p not in sizes[:j]
                                               for j, p in enumerate(sizes)], dtype=bool)  # fmt: skip
@@ -207,8 +230,9 @@ class SplitEnv(TreeEnv):
         return children, depths, members, committed
 
     def _num_actions(self) -> int:
-        extra = len(CLASSIC_ROOTS) + len(FLAT_PROJECTIONS) if self.config.split_classic_shapes else 0
-        return 9 * len(self.config.fanouts) + extra + 1
+        two_level = self.config.split_two_level
+        extra = len(CLASSIC_ROOTS) + len(FLAT_PROJECTIONS) if self.config.split_classic_shapes or two_level else 0
+        return 9 * len(self.config.fanouts) + extra + (len(HUFFMAN_FANOUTS) if two_level else 0) + 1
 
     def _num_features(self) -> int:
         return 10
@@ -216,6 +240,19 @@ class SplitEnv(TreeEnv):
     def describe_action(self, action: int) -> str:
         """The rule of an action index."""
         return str(self.rules[action])
+
+    def action_of(self, rule: SplitRule) -> int:
+        """The action index of ``rule`` (ValueError when the environment's grammar lacks it)."""
+        try:
+            return self.rules.index(rule)
+        except ValueError:
+            raise ValueError(f"the split environment has no action for the rule '{rule}'") from None
+
+    def current_group(self) -> np.ndarray:
+        """The class ids of the group the next action splits (empty once the episode is over)."""
+        if self._done or not self._queue:
+            return np.empty(0, dtype=np.int64)
+        return self._groups[self._current()][0]
 
     # ------------------------------------------------------------------ episode state
     def _start(self) -> None:
@@ -257,7 +294,7 @@ class SplitEnv(TreeEnv):
         legal[self._roots] = self._root_available & (node == 0)
         legal[self._projected] = self._projected_available & (size > 1)
         tail = inherited is not None and inherited.cut == "cutoffs"
-        legal[-1] = node == 0 or size <= self.config.split_flat_max or tail
+        legal[-1] = node == 0 or size <= self.config.split_flat_max or tail or self._two_level
         return legal
 
     def _apply(self, action: int) -> list[NodeContent]:
@@ -271,6 +308,8 @@ class SplitEnv(TreeEnv):
     def _split(self, node: int, members: np.ndarray, rule: SplitRule, decide: bool) -> list[np.ndarray]:
         """Split ``members`` under ``node`` by ``rule``; new groups inherit it. Returns the children's class sets."""
         V = self.num_classes
+        if rule.cut == "huffman":
+            return self._graft_huffman(node, members, rule.fanout)
         leaves, parts = partition_group(members, rule, self.counts, self.embeddings, seed=self.config.seed,
                                         head_max=self.config.split_head_max)  # fmt: skip
         if rule.flat and rule.projection:
@@ -286,11 +325,32 @@ class SplitEnv(TreeEnv):
             self._depth.append(self._depth[node] + 1)
             kids.append(V + child)
             self._groups[child] = (part, rule)
-            if decide and part.size > self.config.split_min_group:
+            if self._two_level:  # only the root's parts are decided (each by its own completion rule)
+                offered = decide and node == 0
+            else:
+                offered = decide and part.size > self.config.split_min_group
+            if offered:
                 heapq.heappush(self._queue, (-float(self.mass[part].sum()), child))
             else:
                 self._later.append(child)
         return [leaves[i : i + 1] for i in range(leaves.size)] + list(parts)
+
+    def _graft_huffman(self, node: int, members: np.ndarray, fanout: int) -> list[np.ndarray]:
+        """Make ``node`` the root of the k-ary Huffman tree of ``members``; returns the root's children's class sets."""
+        V = self.num_classes
+        sub = huffman(self.counts[members], fanout)  # members in the order the split gave them, as `plan_head` has
+        offset = len(self._children) - 1  # the subtree's node j > 0 becomes node offset + j; its root is ``node``
+        ids, size = sub.child_ids, members.size
+        mapped = np.where(ids < size, members[np.minimum(ids, size - 1)], V + offset + ids - size).tolist()
+        ptr = sub.child_ptr.tolist()
+        self._children[node].extend(mapped[ptr[0] : ptr[1]])
+        for j in range(1, sub.num_internal):
+            self._children.append(mapped[ptr[j] : ptr[j + 1]])
+            self._depth.append(self._depth[node] + int(sub.node_depth[j]))
+        below = sub.subtree_sums(self.mass[members])
+        self._committed += float(sub.fanout[1:] @ below[1:])  # the root's share is the decision's (`_apply`)
+        top = sub.paths()[1][:, 0]  # each member's child slot at the subtree's root
+        return [members[top == slot] for slot in range(ptr[1] - ptr[0])]
 
     def _finish(self) -> tuple[Tree, dict[int, int]]:
         pending = [node for _, node in self._queue] + self._later
