@@ -113,4 +113,5 @@ def test_dp_s_choice_replays_as_its_own_tree():
     assert _by_content(demo.tree, demo.projections) == _by_content(tree, projections)
     # the plan is dp's best at the cap: its predicted NLL is the lowest knapsack value over the measured roots
     assert predicted == min(searcher._objective(entry) for entry in searcher.measured.values())
-    assert len({str(c) for c in completions.values()}) >= 1 and demo.observations.shape == (demo.actions.size, 10)
+    assert len({str(c) for c in completions.values()}) >= 1 and demo.observations.shape == (demo.actions.size, 11)
+    assert np.allclose(demo.observations[:, 10], np.log2(CONFIG.cost_cap) / 4)  # the cap, seen from the first step

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tree_search.split_grammar import SplitRule
+from tree_search.split_grammar import FLAT, SplitRule
 from tree_search.tree import Tree
 
 __all__ = ["Demonstration", "demonstrate"]
@@ -67,6 +67,8 @@ def demonstrate(
             if index is None or index not in completions:
                 raise ValueError(f"the environment offers a group of {group.size} classes that is no part of the plan")
             rule = completions[index]
+            if not rule.flat and rule.cut != "cutoffs" and group.size <= rule.fanout:
+                rule = FLAT  # a split into at least as many parts as classes: every class a leaf (`plan_head`'s too)
         action = split.action_of(rule)
         if not info["action_mask"][action]:
             raise ValueError(f"the plan's rule '{rule}' is not legal for a group of {group.size} classes")

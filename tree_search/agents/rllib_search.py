@@ -61,7 +61,7 @@ from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator,
 from tree_search.reward.reward import Result
 from tree_search.tree import Tree
 
-__all__ = ["MaskedAPPOTorchRLModule", "MaskedPPOTorchRLModule", "RLlibSearcher"]
+__all__ = ["MaskedAPPOTorchRLModule", "MaskedPPOTorchRLModule", "RLlibSearcher", "masked_module_spec"]
 
 _ENV_NAME = "tree_search_env"
 FRUITLESS_ITERATIONS = 25  # a search stops after this many iterations in a row without a new counted evaluation
@@ -128,6 +128,22 @@ class MaskedAPPOTorchRLModule(_MaskingMixin, DefaultAPPOTorchRLModule):
             mask < 0.5, FLOAT_MIN
         )
         return out
+
+
+def masked_module_spec(policy: PolicyConfig, module: type = None, observation_space=None,
+                       action_space=None) -> RLModuleSpec:  # fmt: skip
+    """The searchers' policy network: ``module`` (default `MaskedPPOTorchRLModule`) with ``policy.hidden`` layers."""
+    return RLModuleSpec(
+        module_class=module or MaskedPPOTorchRLModule,
+        observation_space=observation_space,
+        action_space=action_space,
+        model_config={
+            "fcnet_hiddens": list(policy.hidden),
+            "fcnet_activation": "tanh",
+            "head_fcnet_hiddens": [],
+            "vf_share_layers": False,
+        },  # fmt: skip
+    )
 
 
 class _StringKeyedInfo(gym.Wrapper):
@@ -297,17 +313,7 @@ class RLlibSearcher(Searcher):
                 gamma=p.gamma,
                 **training,
             )
-            .rl_module(
-                rl_module_spec=RLModuleSpec(
-                    module_class=module,
-                    model_config={
-                        "fcnet_hiddens": list(p.hidden),
-                        "fcnet_activation": "tanh",
-                        "head_fcnet_hiddens": [],
-                        "vf_share_layers": False,
-                    },  # fmt: skip
-                )
-            )
+            .rl_module(rl_module_spec=masked_module_spec(p, module))
             .debugging(seed=self.seed, log_level="ERROR")
         )
 

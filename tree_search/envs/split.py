@@ -105,6 +105,7 @@ class SplitEnv(TreeEnv):
     | 7     | committed cost (decided nodes, fanout x mass) / cost cap      |
     | 8     | decisions left / max_steps                                    |
     | 9     | open groups the agent may still decide / max_steps            |
+    | 10    | two-level mode only: log2(cost cap in binary Huffmans) / 4     |
 
     ## Rewards
     0 until the end. At the end: ``-(validation NLL in nats/token)`` of a head trained on
@@ -235,7 +236,7 @@ class SplitEnv(TreeEnv):
         return 9 * len(self.config.fanouts) + extra + (len(HUFFMAN_FANOUTS) if two_level else 0) + 1
 
     def _num_features(self) -> int:
-        return 10
+        return 11 if self.config.split_two_level else 10
 
     def describe_action(self, action: int) -> str:
         """The rule of an action index."""
@@ -378,6 +379,8 @@ class SplitEnv(TreeEnv):
         X = self.embeddings[members]
         spread = float(q @ ((X - q @ X) ** 2).sum(axis=1)) / self._total_spread
         open_mass = sum(float(self.mass[self._groups[n][0]].sum()) for _, n in self._queue)
+        capped = self.config.cost_mode == "cap"
+        cap = [math.log2(self.config.cost_cap) / 4 if capped else 0.0] if self._two_level else []
         return np.array(
             [
                 math.log(members.size) / math.log(V),
@@ -390,6 +393,7 @@ class SplitEnv(TreeEnv):
                 self._committed * self.scorer.dim / self.scorer.cap,
                 (self.config.max_steps - self._steps) / self.config.max_steps,
                 len(self._queue) / self.config.max_steps,
+                *cap,
             ]
         )
 

@@ -1,0 +1,187 @@
+"""A policy that imitates dp across instances and proposes trees without training any head (issue 24, step 2).
+
+`expert_demonstrations` runs dp on an instance at each cap and replays its chosen plans in
+the two-level split environment (`tree_search.agents.expert`); `clone_policy` fits the RLlib
+searchers' masked policy module (`masked_module_spec`, the network PPO trains) to the
+decisions of many instances by cross-entropy (behaviour cloning); `propose` plays the policy
+greedily in a new instance's environment and returns its tree: no head is trained, only the
+tree is built. The observation holds no V and no corpus-specific value (group size, mass,
+entropy, spread, depth, committed cost, the cap), so one policy acts on any instance.
+
+Not built yet (issue 24): PPO from the cloned start across instances, expert-iteration rounds,
+a policy trained on many corpora shipped with the package, ``tree-search propose``, and the
+policy as a prior that orders dp's measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.core.columns import Columns
+
+from tree_search.agents.dp_search import DPSearcher
+from tree_search.agents.expert import Demonstration, demonstrate
+from tree_search.agents.policy import PolicyConfig
+from tree_search.agents.rllib_search import masked_module_spec
+from tree_search.envs import SearchStopped, TreeEnvConfig, load_env_dataset, make_env
+from tree_search.reward.evaluator import LocalEvaluator
+from tree_search.tree import Tree
+
+__all__ = ["POLICY_FORMAT", "clone_policy", "expert_demonstrations", "load_policy", "propose", "save_policy"]
+
+POLICY_FORMAT = 1  # the version of a saved policy's file (`save_policy`)
+
+
+def _tree_only(tree, projections=None):
+    raise SearchStopped("a proposal: the tree only, no head trained")
+
+
+def two_level(config: TreeEnvConfig) -> TreeEnvConfig:
+    """``config`` in the two-level mode (dp's grammar), with room for the root and every part of it."""
+    steps = 1 + max(*config.fanouts, 16)  # wider than any fanout: the classic root shapes' parts
+    return dataclasses.replace(config, split_two_level=True, max_steps=max(config.max_steps, steps))
+
+
+def _env(config: TreeEnvConfig):
+    return make_env({"env": "split", **two_level(config).to_env_config()}, reward_fn=_tree_only)
+
+
+def expert_demonstrations(
+    config: TreeEnvConfig, caps: Sequence[float], budget: int, log: Callable[[str], None] | None = None
+) -> list[Demonstration]:
+    """The choice of dp on ``config``'s dataset at each cap (``budget`` evaluations a cap), as episodes.
+
+    The caps' searches share the node bank, so a node measured for one cap is not trained again.
+    """
+    dataset = load_env_dataset(config)
+    demonstrations = []
+    for cap in caps:
+        at_cap = two_level(dataclasses.replace(config, cost_cap=float(cap)))
+        searcher = DPSearcher(LocalEvaluator(dataset, at_cap.train, budget=budget), dataset, at_cap)
+        searcher.label = f"dp@{cap:g}x"
+        for _ in searcher.search():
+            pass
+        plan = searcher.best_plan()
+        if plan is None:
+            if log:
+                log(f"cap {cap:g}x: dp found no tree of its grammar under the cap; no demonstration")
+            continue
+        root, completions, parts, _ = plan
+        demonstrations.append(demonstrate(_env(at_cap), root, completions, parts))
+        if log:
+            log(f"cap {cap:g}x: {len(demonstrations[-1].actions)} decisions (root: {root})")
+    return demonstrations
+
+
+def clone_policy(
+    demonstrations: Sequence[Demonstration],
+    policy: PolicyConfig | None = None,
+    *,
+    epochs: int = 300,
+    lr: float = 0.01,
+    seed: int = 0,
+):
+    """The masked policy module fitted to the demonstrations' actions by cross-entropy (full batch, Adam).
+
+    Returns the module (an RLlib ``TorchRLModule``; ``forward_inference`` gives masked logits).
+    """
+    if not demonstrations:
+        raise ValueError("clone_policy needs at least one demonstration")
+    policy = policy or PolicyConfig()
+    observations = np.concatenate([d.observations for d in demonstrations])
+    masks = np.concatenate([d.action_masks for d in demonstrations])
+    actions = torch.as_tensor(np.concatenate([d.actions for d in demonstrations]), dtype=torch.int64)
+    torch.manual_seed(seed)
+    module = _build(observations.shape[1], masks.shape[1], policy)
+    batch = {Columns.OBS: {"observations": torch.as_tensor(observations, dtype=torch.float32),
+                           "action_mask": torch.as_tensor(masks, dtype=torch.float32)}}  # fmt: skip
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    for _ in range(epochs):
+        logits = module.forward_train(batch)[Columns.ACTION_DIST_INPUTS]
+        loss = torch.nn.functional.cross_entropy(logits, actions)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    module.policy_config = policy
+    return module
+
+
+def _build(num_features: int, num_actions: int, policy: PolicyConfig):
+    import gymnasium as gym
+
+    from tree_search.envs.base import OBS_LIMIT
+
+    observation_space = gym.spaces.Dict(
+        {
+            "observations": gym.spaces.Box(-OBS_LIMIT, OBS_LIMIT, (num_features,), np.float32),
+            "action_mask": gym.spaces.Box(0.0, 1.0, (num_actions,), np.float32),
+        }
+    )
+    spec = masked_module_spec(policy, observation_space=observation_space,
+                              action_space=gym.spaces.Discrete(num_actions))  # fmt: skip
+    return spec.build()
+
+
+def save_policy(module, path: str | Path, config: TreeEnvConfig, instances: Sequence[str] = ()) -> Path:
+    """Write the module's weights and what it acts on (format, fanouts, spaces, training instances) to ``path``."""
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    torch.save(
+        {
+            "format": POLICY_FORMAT,
+            "fanouts": list(config.fanouts),
+            "hidden": list(module.policy_config.hidden),
+            "num_features": int(module._observation_space_with_mask["observations"].shape[0]),  # noqa: SLF001
+            "num_actions": int(module._observation_space_with_mask["action_mask"].shape[0]),  # noqa: SLF001
+            "instances": list(instances),
+            "state": state,
+        },
+        path,
+    )
+    return path
+
+
+def load_policy(path: str | Path, config: TreeEnvConfig):
+    """The module saved at ``path``, checked against ``config``'s split environment (fanouts, spaces)."""
+    path = Path(path)
+    try:
+        saved: dict[str, Any] = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: not a saved policy ({type(err).__name__}: {err})") from None
+    if not isinstance(saved, dict) or saved.get("format") != POLICY_FORMAT:
+        raise ValueError(f"{path}: not a policy file of format {POLICY_FORMAT}")
+    if list(config.fanouts) != saved["fanouts"]:
+        raise ValueError(
+            f"{path}: the policy acts with fanouts {saved['fanouts']}, the search has {list(config.fanouts)}"
+        )
+    module = _build(saved["num_features"], saved["num_actions"], PolicyConfig(hidden=tuple(saved["hidden"])))
+    module.load_state_dict(saved["state"])
+    module.policy_config = PolicyConfig(hidden=tuple(saved["hidden"]))
+    return module
+
+
+def propose(module, config: TreeEnvConfig) -> tuple[Tree, dict[int, int], list[int]]:
+    """The tree the policy builds greedily on ``config``'s dataset and cap: (tree, projections, actions).
+
+    Nothing is trained: the environment builds the tree and its reward function stops there.
+    """
+    env = _env(config)
+    observation, info = env.reset()
+    actions, done, truncated = [], False, False
+    while not (done or truncated):
+        seen = {"observations": torch.as_tensor(observation["observations"][None], dtype=torch.float32),
+                "action_mask": torch.as_tensor(info["action_mask"][None], dtype=torch.float32)}  # fmt: skip
+        batch = {Columns.OBS: seen}
+        with torch.no_grad():
+            logits = module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS][0]
+        action = int(torch.argmax(logits))
+        actions.append(action)
+        observation, _, done, truncated, info = env.step(action)
+    split = env.unwrapped
+    return split.last_tree, dict(split.last_projections), actions
