@@ -57,13 +57,16 @@ def expert_demonstrations(
 ) -> list[Demonstration]:
     """The choice of dp on ``config``'s dataset at each cap (``budget`` evaluations a cap), as episodes.
 
-    The caps' searches share the node bank, so a node measured for one cap is not trained again.
+    As in a front search (`tree_search.search.run`), the caps' searches share one evaluator, each
+    with its own ``budget``: a tree evaluated for one cap is known to the next at no charge.
     """
     dataset = load_env_dataset(config)
+    evaluator = LocalEvaluator(dataset, config.train, budget=0)
     demonstrations = []
     for cap in caps:
         at_cap = two_level(dataclasses.replace(config, cost_cap=float(cap)))
-        searcher = DPSearcher(LocalEvaluator(dataset, at_cap.train, budget=budget), dataset, at_cap)
+        evaluator.budget = evaluator.used + budget
+        searcher = DPSearcher(evaluator, dataset, at_cap)
         searcher.label = f"dp@{cap:g}x"
         for _ in searcher.search():
             pass
