@@ -16,6 +16,7 @@ policy as a prior that orders dp's measurements.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,8 +30,12 @@ from tree_search.agents.dp_search import DPSearcher
 from tree_search.agents.expert import Demonstration, demonstrate
 from tree_search.agents.policy import PolicyConfig
 from tree_search.agents.rllib_search import masked_module_spec
+from tree_search.cost import head_cost
+from tree_search.data.features import default_device
 from tree_search.envs import SearchStopped, TreeEnvConfig, load_env_dataset, make_env
+from tree_search.heads.timing import resolve_cost
 from tree_search.reward.evaluator import LocalEvaluator
+from tree_search.reward.reward import huffman_cost
 from tree_search.tree import Tree
 
 __all__ = ["POLICY_FORMAT", "clone_policy", "expert_demonstrations", "load_policy", "propose", "save_policy"]
@@ -58,24 +63,28 @@ def expert_demonstrations(
     """The choice of dp on ``config``'s dataset at each cap (``budget`` evaluations a cap), as episodes.
 
     As in a front search (`tree_search.search.run`), the caps' searches share one evaluator, each
-    with its own ``budget``: a tree evaluated for one cap is known to the next at no charge.
+    with its own ``budget`` (a tree evaluated for one cap is known to the next at no charge), and
+    the plan demonstrated at a cap is the best (by dp's predicted validation NLL) of the plans
+    the searches at that cap and every lower one chose: a plan within a lower cap is within this one.
     """
     dataset = load_env_dataset(config)
     evaluator = LocalEvaluator(dataset, config.train, budget=0)
-    demonstrations = []
-    for cap in caps:
-        at_cap = two_level(dataclasses.replace(config, cost_cap=float(cap)))
+    demonstrations, plans = [], []
+    for cap in sorted(float(c) for c in caps):
+        at_cap = two_level(dataclasses.replace(config, cost_cap=cap))
         evaluator.budget = evaluator.used + budget
         searcher = DPSearcher(evaluator, dataset, at_cap)
         searcher.label = f"dp@{cap:g}x"
         for _ in searcher.search():
             pass
         plan = searcher.best_plan()
-        if plan is None:
+        if plan is not None:
+            plans.append(plan)
+        if not plans:
             if log:
                 log(f"cap {cap:g}x: dp found no tree of its grammar under the cap; no demonstration")
             continue
-        root, completions, parts, _ = plan
+        root, completions, parts, _ = min(plans, key=lambda p: p[3])
         demonstrations.append(demonstrate(_env(at_cap), root, completions, parts))
         if log:
             log(f"cap {cap:g}x: {len(demonstrations[-1].actions)} decisions (root: {root})")
@@ -169,22 +178,42 @@ def load_policy(path: str | Path, config: TreeEnvConfig):
     return module
 
 
-def propose(module, config: TreeEnvConfig) -> tuple[Tree, dict[int, int], list[int]]:
+def propose(module, config: TreeEnvConfig, tries: int = 8) -> tuple[Tree, dict[int, int], list[int]]:
     """The tree the policy builds greedily on ``config``'s dataset and cap: (tree, projections, actions).
 
     Nothing is trained: the environment builds the tree and its reward function stops there.
+    Under a cost cap the root's decision is tried in the policy's order of preference (at most
+    ``tries`` of them, each followed greedily): the first tree within the cap is returned, else the
+    cheapest (costs need no training, `tree_search.cost`).
     """
     env = _env(config)
-    observation, info = env.reset()
-    actions, done, truncated = [], False, False
-    while not (done or truncated):
-        seen = {"observations": torch.as_tensor(observation["observations"][None], dtype=torch.float32),
-                "action_mask": torch.as_tensor(info["action_mask"][None], dtype=torch.float32)}  # fmt: skip
-        batch = {Columns.OBS: seen}
-        with torch.no_grad():
-            logits = module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS][0]
-        action = int(torch.argmax(logits))
-        actions.append(action)
-        observation, _, done, truncated, info = env.step(action)
     split = env.unwrapped
-    return split.last_tree, dict(split.last_projections), actions
+    dataset = split.dataset
+    model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
+    limit = config.cost_cap * huffman_cost(dataset, model) * (1 + 1e-9) if config.cost_mode == "cap" else math.inf
+    observation, info = env.reset()
+    order = torch.argsort(_logits(module, observation, info), descending=True)[: max(1, tries)]
+    proposals = []
+    for first in (int(a) for a in order if info["action_mask"][int(a)]):
+        observation, info = env.reset()
+        actions, action, done, truncated = [], first, False, False
+        while not (done or truncated):
+            actions.append(action)
+            observation, _, done, truncated, info = env.step(action)
+            if not (done or truncated):
+                action = int(torch.argmax(_logits(module, observation, info)))
+        tree, projections = split.last_tree, dict(split.last_projections)
+        cost = head_cost(tree, dataset.class_weights, dataset.dim, projections, model)
+        if cost <= limit:
+            return tree, projections, actions
+        proposals.append((cost, tree, projections, actions))
+    _, tree, projections, actions = min(proposals, key=lambda p: p[0])
+    return tree, projections, actions
+
+
+def _logits(module, observation, info) -> torch.Tensor:
+    """The policy's masked logits for one observation."""
+    seen = {"observations": torch.as_tensor(observation["observations"][None], dtype=torch.float32),
+            "action_mask": torch.as_tensor(info["action_mask"][None], dtype=torch.float32)}  # fmt: skip
+    with torch.no_grad():
+        return module.forward_inference({Columns.OBS: seen})[Columns.ACTION_DIST_INPUTS][0]
