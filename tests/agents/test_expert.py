@@ -41,6 +41,8 @@ def test_the_two_level_mode_adds_dp_s_actions_and_leaves_the_default_episodes_al
     assert env.unwrapped.action_of(huffman_rule(3)) == 36 + 9 + 3 + 1
     with pytest.raises(ValueError, match="no action for the rule"):
         default.unwrapped.action_of(huffman_rule(3))
+    with pytest.raises(ValueError, match="split_two_level must be False with a taxonomy start"):
+        dataclasses.replace(CONFIG, taxonomy="tokens.tsv")
     with pytest.raises(ValueError, match="max_steps to at least 17"):
         make_env({"env": "split", **dataclasses.replace(CONFIG, max_steps=16).to_env_config()}, reward_fn=_stop)
 

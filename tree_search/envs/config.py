@@ -75,6 +75,8 @@ class TreeEnvConfig:
             raise bad("split_classic_shapes", "True or False")
         if not isinstance(self.split_two_level, bool):
             raise bad("split_two_level", "True or False")
+        if self.split_two_level and self.taxonomy:
+            raise bad("split_two_level", "False with a taxonomy start (dp's grammar decides the root and its parts)")
         if not isinstance(self.taxonomy, str):
             raise bad("taxonomy", "a taxonomy file path (.tsv or .json), or '' for none")
         if self.taxonomy_unknown not in UNKNOWN_MODES:

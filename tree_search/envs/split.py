@@ -91,7 +91,8 @@ class SplitEnv(TreeEnv):
     policy to imitate); ``max_steps`` must allow the root and each of its parts.
 
     ## Observation Space
-    ``Dict(observations=Box(-10, 10, (10,)), action_mask=Box(0, 1, (9F + 1,)))``:
+    ``Dict(observations=Box(-10, 10, (10,)), action_mask=Box(0, 1, (9F + 1,)))`` (in the two-level
+    mode 11 features, the last one the cap):
 
     | index | observation                                                   |
     |-------|---------------------------------------------------------------|
