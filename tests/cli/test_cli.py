@@ -359,6 +359,7 @@ def test_every_search_setting_is_an_option_of_the_search_command_or_named_as_lef
         "seeds", "cap_penalty", "failure_penalty", "dense_device", "fanouts", "split_min_group", "split_flat_max",
         "split_leaf_size", "split_head_max", "merge_candidates", "merge_max_leaves", "merge_groups",
         "cutoff_max_clusters", "cutoff_projections",
+        "split_two_level",  # dp's grammar as episodes: the policy's imitation (agents.imitation), library only so far
     }  # fmt: skip
     fields = {f.name for f in dataclasses.fields(SearchConfig)} | {f.name for f in dataclasses.fields(TreeEnvConfig)}
     missing = {name for name in fields - left_out if renamed.get(name, name) not in options}
