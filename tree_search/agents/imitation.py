@@ -120,7 +120,6 @@ def clone_policy(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    module.policy_config = policy
     return module
 
 
@@ -137,7 +136,9 @@ def _build(num_features: int, num_actions: int, policy: PolicyConfig):
     )
     spec = masked_module_spec(policy, observation_space=observation_space,
                               action_space=gym.spaces.Discrete(num_actions))  # fmt: skip
-    return spec.build()
+    module = spec.build()
+    module.spaces, module.policy_config = (num_features, num_actions), policy  # what `save_policy` writes
+    return module
 
 
 def save_policy(module, path: str | Path, config: TreeEnvConfig, instances: Sequence[str] = ()) -> Path:
@@ -149,8 +150,8 @@ def save_policy(module, path: str | Path, config: TreeEnvConfig, instances: Sequ
             "format": POLICY_FORMAT,
             "fanouts": list(config.fanouts),
             "hidden": list(module.policy_config.hidden),
-            "num_features": int(module._observation_space_with_mask["observations"].shape[0]),  # noqa: SLF001
-            "num_actions": int(module._observation_space_with_mask["action_mask"].shape[0]),  # noqa: SLF001
+            "num_features": module.spaces[0],
+            "num_actions": module.spaces[1],
             "instances": list(instances),
             "state": state,
         },
@@ -174,7 +175,6 @@ def load_policy(path: str | Path, config: TreeEnvConfig):
         )
     module = _build(saved["num_features"], saved["num_actions"], PolicyConfig(hidden=tuple(saved["hidden"])))
     module.load_state_dict(saved["state"])
-    module.policy_config = PolicyConfig(hidden=tuple(saved["hidden"]))
     return module
 
 

@@ -548,9 +548,14 @@ class _HeldOut:
     def num_sets(self) -> int:
         return 1 if self.odd is None else 2
 
+    @functools.cached_property
+    def counts(self) -> np.ndarray:
+        """(G,) each member's number of tokens."""
+        return self.ptr[self.members + 1] - self.ptr[self.members]
+
     def window(self, lo: int, hi: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """Members ``lo:hi``'s tokens ``start:end``: (g, span) rows and child indices, padded, and each set's mask."""
-        first, count = self.ptr[self.members[lo:hi]], np.diff(self.ptr)[self.members[lo:hi]]
+        first, count = self.ptr[self.members[lo:hi]], self.counts[lo:hi]
         offset = np.arange(start, end)[None, :]
         mask = offset < count[:, None]
         position = np.where(mask, first[:, None] + offset, 0)
@@ -566,7 +571,7 @@ class _HeldOut:
 
     def longest(self) -> int:
         """The largest token count of the group's nodes (at least 1)."""
-        return max(int(np.diff(self.ptr)[self.members].max(initial=0)), 1)
+        return max(int(self.counts.max(initial=0)), 1)
 
 
 def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: int, outcome: NodeOutcome) -> None:
@@ -715,8 +720,7 @@ def _loss_sums(params, column_mask, features, held_out: _HeldOut, device, budget
     K = held_out.num_sets
     if row_totals is not None and (M != 1 or K != 1):
         raise ValueError(f"row totals take one snapshot and one set of tokens, got {M} and {K}")
-    L = held_out.longest()
-    counts = np.diff(held_out.ptr)[held_out.members]
+    L, counts = held_out.longest(), held_out.counts
     out = np.zeros((G, K * M))
     per_token = M * max(Wd, din, features.shape[1])
     span = max(1, min(L, budget // per_token))  # tokens per chunk
