@@ -53,6 +53,7 @@ __all__ = [
     "SplitCache",
     "SplitRule",
     "group_rng",
+    "huffman_graft",
     "huffman_rule",
     "normalise_embeddings",
     "partition_group",
@@ -361,6 +362,24 @@ class Plan:
     parts: dict[int, Plan] = field(default_factory=dict)
 
 
+def huffman_graft(
+    counts: np.ndarray, members: np.ndarray, fanout: int, node: int, next_node: int
+) -> tuple[Tree, list[list[int]]]:
+    """The k-ary Huffman tree of ``members`` (in their order) grafted at internal node ``node`` of a larger tree.
+
+    Returns the subtree and its children lists in unified ids of the larger tree: row 0 is
+    ``node``'s (the subtree's root, never a child), row j > 0 that of the new internal node
+    ``next_node + j - 1``. `plan_head` and the split environment graft Huffman parts with it.
+    """
+    V = counts.size
+    sub = huffman(counts[members], fanout)
+    ids, size = sub.child_ids, members.size
+    offset = next_node - 1  # the subtree's node j > 0 becomes node offset + j
+    mapped = np.where(ids < size, members[np.minimum(ids, size - 1)], V + offset + ids - size).tolist()
+    ptr = sub.child_ptr.tolist()
+    return sub, [mapped[ptr[j] : ptr[j + 1]] for j in range(sub.num_internal)]
+
+
 def plan_tree(
     counts: np.ndarray,
     embeddings: np.ndarray,
@@ -411,13 +430,9 @@ def plan_head(
             if parent >= 0:
                 children[parent].append(V + node)
             if rule.cut == "huffman" and members.size > rule.fanout:  # the group's own Huffman subtree, grafted
-                sub_tree = huffman(counts[members], rule.fanout)
-                offset = len(children) - 1  # sub_tree's node j becomes node offset + j (its root is `node`)
-                ids, size = sub_tree.child_ids, members.size
-                mapped = np.where(ids < size, members[np.minimum(ids, size - 1)], V + offset + ids - size).tolist()
-                ptr = sub_tree.child_ptr.tolist()
-                children[node].extend(mapped[ptr[0] : ptr[1]])
-                children.extend(mapped[ptr[j] : ptr[j + 1]] for j in range(1, sub_tree.num_internal))
+                _, rows = huffman_graft(counts, members, rule.fanout, node, len(children))
+                children[node].extend(rows[0])
+                children.extend(rows[1:])
                 continue
             if own is None and members.size <= max(leaf_size, rule.fanout):
                 rule = FLAT

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 
-from tree_search.builders import huffman
 from tree_search.data.taxonomy import taxonomy_tree
 from tree_search.envs.base import TreeEnv
 from tree_search.envs.scoring import NodeContent
@@ -20,6 +19,7 @@ from tree_search.split_grammar import (
     SplitRule,
     classic_root_rules,
     flat_projections,
+    huffman_graft,
     huffman_rule,
     partition_group,
     split_rules,
@@ -339,20 +339,15 @@ class SplitEnv(TreeEnv):
 
     def _graft_huffman(self, node: int, members: np.ndarray, fanout: int) -> list[np.ndarray]:
         """Make ``node`` the root of the k-ary Huffman tree of ``members``; returns the root's children's class sets."""
-        V = self.num_classes
-        sub = huffman(self.counts[members], fanout)  # members in the order the split gave them, as `plan_head` has
-        offset = len(self._children) - 1  # the subtree's node j > 0 becomes node offset + j; its root is ``node``
-        ids, size = sub.child_ids, members.size
-        mapped = np.where(ids < size, members[np.minimum(ids, size - 1)], V + offset + ids - size).tolist()
-        ptr = sub.child_ptr.tolist()
-        self._children[node].extend(mapped[ptr[0] : ptr[1]])
-        for j in range(1, sub.num_internal):
-            self._children.append(mapped[ptr[j] : ptr[j + 1]])
-            self._depth.append(self._depth[node] + int(sub.node_depth[j]))
+        # members in the order the split gave them, as `plan_head` has
+        sub, rows = huffman_graft(self.counts, members, fanout, node, len(self._children))
+        self._children[node].extend(rows[0])
+        self._children.extend(rows[1:])
+        self._depth.extend((self._depth[node] + sub.node_depth[1:]).tolist())
         below = sub.subtree_sums(self.mass[members])
         self._committed += float(sub.fanout[1:] @ below[1:])  # the root's share is the decision's (`_apply`)
         top = sub.paths()[1][:, 0]  # each member's child slot at the subtree's root
-        return [members[top == slot] for slot in range(ptr[1] - ptr[0])]
+        return [members[top == slot] for slot in range(len(rows[0]))]
 
     def _finish(self) -> tuple[Tree, dict[int, int]]:
         pending = [node for _, node in self._queue] + self._later
