@@ -127,6 +127,35 @@ def test_data_prepare_and_show_on_small_inputs(tmp_path):
     assert bad.exit_code == 1 and "nope.txt: no such file" in bad.output
 
 
+def test_datasets_have_names_to_search_show_and_remove_them_by(tmp_path):
+    for split, lines in (("train", 20000), ("valid", 3000), ("test", 3000)):
+        (tmp_path / f"wiki.{split}.txt").write_text("\n".join(f"a cat sat on mat {k % 7}" for k in range(lines)))
+    texts = [arg for split in ("train", "valid", "test") for arg in ("--text", str(tmp_path / f"wiki.{split}.txt"))]
+    small = ["--dim", "8", "--context", "2", "--steps", "5", "--max-train-tokens", "300", "--max-eval-tokens", "100"]
+    first = run("data", "prepare", *texts, *small)
+    assert first.exit_code == 0 and "name: wiki " in first.output  # from the files' names
+    folder = Path(next(line for line in first.output.splitlines() if "cache:" in line).split("cache: ")[1].strip())
+    (tmp_path / "other.txt").write_text("\n".join(f"dog {k % 3}" for k in range(20000)))
+    other = run("data", "prepare", "--text", str(tmp_path / "other.txt"), *small, "--name", "lines")
+    assert other.exit_code == 0 and "name: lines " in other.output
+    taken = CliRunner().invoke(main, ["data", "prepare", *texts, *small, "--name", "lines"])
+    assert taken.exit_code == 1 and "'lines' already names" in taken.output
+    # --dataset NAME means that folder (its 12 word types and <eos>), not the other dataset (5 classes)
+    built = run("baseline", "--dataset", "wiki", "--trees", "huffman-2", "--out", str(tmp_path / "trees"))
+    assert built.exit_code == 0, built.output
+    assert load_tree(tmp_path / "trees" / "huffman-2.tree.json").tree.num_classes == 13
+    unknown = CliRunner().invoke(main, ["baseline", "--dataset", "wikki", "--trees", "huffman-2"])
+    assert unknown.exit_code == 2 and "'wikki'" in unknown.output and "lines, wiki" in unknown.output
+    shown = run("data", "show")
+    assert shown.exit_code == 0 and all(f"wiki.{split}.txt" in shown.output for split in ("train", "valid", "test"))
+    assert [line.split()[1] for line in shown.output.splitlines() if folder.name in line] == ["wiki"]
+    kept = CliRunner().invoke(main, ["data", "remove", "wiki"], input="n\n")
+    assert kept.exit_code == 1 and folder.is_dir()
+    removed = run("data", "remove", "wiki", "--yes")
+    assert removed.exit_code == 0 and not folder.exists()
+    assert "lines" in run("data", "show").output and CliRunner().invoke(main, ["data", "remove", "wiki"]).exit_code == 1
+
+
 def test_baseline_evaluate_trains_a_head_per_tree(tmp_path, monkeypatch):
     """The --evaluate path, on a small planted dataset standing in for the built-in corpus's features."""
     from tree_search.cli import tree_commands as cli
@@ -387,7 +416,7 @@ def test_search_straight_from_text_in_one_command(tmp_path):
             "--out", str(tmp_path / "run")]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "dataset: 1 text file(s), V = 30" in result.output and "2x:" in result.output
+    assert "dataset 'mine': 1 text file(s), V = 30" in result.output and "2x:" in result.output
     assert "encoder step" in result.output  # the first time the encoder trains
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     folder = Path(config["env_config"]["dataset"])

@@ -23,12 +23,22 @@ except ImportError as missing:  # a light install (torch and numpy only): say wh
     ) from None
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tree_search.data import CorpusConfig, DataError, Vocab, load_stdlib_corpus, load_vocab, read_counts_tsv
+from tree_search.data import (
+    CorpusConfig,
+    DataError,
+    Vocab,
+    load_stdlib_corpus,
+    load_vocab,
+    read_counts_tsv,
+    resolve_dataset,
+)
 from tree_search.export import TreeFileError
 from tree_search.tree import TreeError
 
 __all__ = [
     "COST_HELP",
+    "DATASET",
+    "DATASET_HELP",
     "class_id",
     "console",
     "float_list",
@@ -48,6 +58,24 @@ COST_HELP = ("'macs' (multiply-adds), 'measured[:PROFILE.json]': training time p
              "device's cost profile (`tree-search cost calibrate`), or 'decode[:PROFILE.json]': exact top-5 "
              "decoding time per query predicted by it; with a profile the report adds verdicts in time and the "
              "comparison at the adaptive softmax's time")  # fmt: skip
+
+
+class _DatasetParam(click.ParamType):
+    """A ``--dataset`` value; a dataset's name becomes its feature folder (`tree_search.data.resolve_dataset`)."""
+
+    name = "DATASET"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None:
+            return None
+        try:
+            return resolve_dataset(str(value))
+        except DataError as err:
+            self.fail(str(err), param, ctx)
+
+
+DATASET = _DatasetParam()
+DATASET_HELP = "'builtin' (code corpus), 'planted', an .npz file, a prepared feature folder, or a dataset's name"
 
 
 def friendly_errors(command: F) -> F:

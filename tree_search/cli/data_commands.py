@@ -9,8 +9,10 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from tree_search.cli.app import console, friendly_errors, main, progress_bars
-from tree_search.data import CorpusConfig, EncoderConfig, cached_datasets, prepare_dataset
+from tree_search.cli.app import DATASET, DATASET_HELP, console, friendly_errors, main, progress_bars
+from tree_search.data import CorpusConfig, EncoderConfig, cached_datasets, name_dataset, prepare_dataset, remove_dataset
+from tree_search.data.cache import cache_root
+from tree_search.data.names import check_dataset_name
 from tree_search.reward.converged import ReferenceRecipe
 
 
@@ -125,11 +127,18 @@ def data() -> None:
 )
 @click.option("--seed", default=0, show_default=True, help="Splits, encoder and kept positions.")
 @click.option("--device", default=None, help="torch device for the encoder (default: cuda if available).")
+@click.option("--name", default=None, help="Name of the prepared text dataset, for --dataset NAME (default: from the "
+              "file names, or the name it has).")  # fmt: skip
 @friendly_errors
 def prepare(corpus: str, text: tuple[Path, ...], npz: Path | None, max_size: int, min_count: int, dim: int,
             context: int, steps: int, max_train_tokens: int, max_eval_tokens: int, seed: int,
-            device: str | None) -> None:  # fmt: skip
+            device: str | None, name: str | None) -> None:  # fmt: skip
     """Tokenize a corpus, train the context encoder and cache its frozen features."""
+    if name is not None and not text:
+        raise click.UsageError("--name names a dataset prepared from --text files ('builtin' and .npz files "
+                               "already have theirs)")  # fmt: skip
+    if name is not None:
+        check_dataset_name(name)  # before minutes of preparation
     del corpus  # one built-in corpus so far; the option documents the default
     corpus_config = CorpusConfig(max_size=max_size, min_count=min_count, seed=seed)
     encoder_config = EncoderConfig(dim=dim, context=context, steps=steps, max_train_tokens=max_train_tokens,
@@ -156,31 +165,57 @@ def prepare(corpus: str, text: tuple[Path, ...], npz: Path | None, max_size: int
     else:
         console.print("  rows " + ", ".join(f"{k} {v:,}" for k, v in info["positions"].items()))
     console.print(f"  cache: {info.get('cache', 'not cached (npz is read in place)')}")
+    if text and "cache" in info:
+        name = name_dataset(Path(info["cache"]), name, sources=text)
+        console.print(f"  name: {name} (search it with: tree-search search --dataset {name})")
     console.print(f"  done in {time.perf_counter() - started:.1f} s")
 
 
 @data.command(name="show")
+@friendly_errors
 def data_show() -> None:
-    """List the cached datasets."""
+    """List the prepared datasets: name, source, classes, tokens, size on disk, when prepared, folder."""
     rows = cached_datasets()
     if not rows:
-        console.print("no cached datasets yet: run 'tree-search data prepare'")
+        console.print("no prepared datasets yet: run 'tree-search data prepare --text FILE' (or the main job, which "
+                      "prepares the built-in corpus)")  # fmt: skip
         return
-    table = Table(title="cached datasets")
-    for column in ("corpus", "classes", "dim", "train", "valid", "test", "MiB", "folder"):
-        table.add_column(column, justify="left" if column in ("corpus", "folder") else "right")
+    table = Table(title=f"prepared datasets ({cache_root() / 'features'})")
+    for column in ("name", "source", "classes", "dim", "train tokens", "valid", "test", "MiB", "prepared", "folder"):
+        left = column in ("name", "source", "prepared", "folder")
+        table.add_column(column, justify="left" if left else "right", no_wrap=column != "source")
     for row in rows:
-        p = row["positions"]
-        sizes = [f"{p.get(split, 0):,}" for split in ("train", "valid", "test")]
-        table.add_row(
-            row["corpus"], f"{row['classes']:,}", str(row["dim"]), *sizes, str(row["megabytes"]), row["folder"]
-        )
+        tokens = row["tokens"] or row["positions"]  # .npz-like datasets count rows
+        sizes = [f"{tokens.get(split, 0):,}" for split in ("train", "valid", "test")]
+        files = row["files"]
+        source = row["corpus"] if not files else ", ".join(Path(f).name for f in dict.fromkeys(files.values()))
+        prepared = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["prepared"]))
+        name = row["name"] or ("builtin" if row["corpus"].startswith("python-stdlib") else "")
+        table.add_row(name, source, f"{row['classes']:,}", str(row["dim"]), *sizes, str(row["megabytes"]), prepared,
+                      Path(row["folder"]).name)  # fmt: skip
     console.print(table)
+    console.print("search one with: tree-search search --dataset NAME; delete one: tree-search data remove NAME")
+
+
+@data.command(name="remove")
+@click.argument("dataset_name", metavar="NAME")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def data_remove(dataset_name: str, yes: bool) -> None:
+    """Delete a prepared dataset (NAME, or its folder from `data show`) and the node banks trained on it.
+
+    Runs that searched it keep their results; to resume or re-score them, prepare the same
+    data again (it gets the same folder).
+    """
+    if not yes:
+        click.confirm(f"delete the prepared dataset {dataset_name!r} and what the cache derived from it?", abort=True)
+    folder, names, derived = remove_dataset(dataset_name)
+    named = f" (name{'s' if len(names) > 1 else ''} {', '.join(names)})" if names else ""
+    console.print(f"removed {folder}{named} and {len(derived)} folder(s) derived from it (node banks, references)")
 
 
 @main.command()
-@click.option("--dataset", default="builtin", show_default=True,
-              help="'builtin' (code corpus), an .npz file or a prepared feature folder.")  # fmt: skip
+@click.option("--dataset", type=DATASET, default="builtin", show_default=True, help=DATASET_HELP + ".")
 @click.option(
     "--epochs",
     type=float,

@@ -11,7 +11,7 @@ import click
 import numpy as np
 from rich.table import Table
 
-from tree_search.cli.app import class_id, console, float_list, friendly_errors, main
+from tree_search.cli.app import DATASET, DATASET_HELP, class_id, console, float_list, friendly_errors, main
 
 
 def _head_and_rows(
@@ -77,8 +77,12 @@ def _head_and_rows(
 @click.option("--show", default=3, show_default=True, help="Inputs whose decisions are printed one by one.")
 @click.option("--top", default=15, show_default=True, help="Least confident nodes listed.")
 @click.option("--min-inputs", default=20, show_default=True, help="Nodes passed by fewer inputs are not ranked.")
-@click.option("--dataset", default=None, help="The head's dataset when RUN_OR_HEAD is not in a run folder "
-              "('builtin', 'planted', an .npz file or a feature folder; default builtin).")  # fmt: skip
+@click.option(
+    "--dataset",
+    type=DATASET,
+    default=None,
+    help=f"The head's dataset when RUN_OR_HEAD is not in a run folder ({DATASET_HELP}; default builtin).",
+)
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write explain.txt and explain.png here.")  # fmt: skip
 @friendly_errors
@@ -123,7 +127,12 @@ def explain(source: Path, class_query: str | None, split: str, rows: int, path_k
 )
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
 @click.option("--rows", default=20000, show_default=True, help="Rows of the split (a seeded sample).")
-@click.option("--dataset", default=None, help="The head's dataset when RUN_OR_HEAD is not in a run folder.")
+@click.option(
+    "--dataset",
+    type=DATASET,
+    default=None,
+    help=f"The head's dataset when RUN_OR_HEAD is not in a run folder ({DATASET_HELP}; default builtin).",
+)
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write early.txt and early.png here.")  # fmt: skip
 @friendly_errors
@@ -228,8 +237,7 @@ def grow(head_file: Path, target: Path, additions: tuple[str, ...], prior: float
 
 @main.command()
 @click.argument("source", metavar="RUN_OR_HEAD", type=click.Path(path_type=Path, exists=True))
-@click.option("--dataset", default=None,
-              help="'builtin', a feature folder or an .npz (default: the run's own, else builtin).")  # fmt: skip
+@click.option("--dataset", type=DATASET, default=None, help=f"{DATASET_HELP} (default: the run's own, else builtin).")
 @click.option("--per-depth/--single", default=True, show_default=True,
               help="Also fit one temperature per tree depth (always the single one too).")  # fmt: skip
 @click.option("--valid-rows", default=20_000, show_default=True, help="Validation rows the temperatures are fitted on.")

@@ -14,8 +14,17 @@ import click
 from rich.table import Table
 
 from tree_search.builders import UNKNOWN_MODES
-from tree_search.cli.app import COST_HELP, console, float_list, friendly_errors, main, progress_bars
-from tree_search.data import CorpusConfig, prepare_dataset
+from tree_search.cli.app import (
+    COST_HELP,
+    DATASET,
+    DATASET_HELP,
+    console,
+    float_list,
+    friendly_errors,
+    main,
+    progress_bars,
+)
+from tree_search.data import CorpusConfig, name_dataset, prepare_dataset
 from tree_search.data.planted import COMMAND_LINE_PLANTED
 from tree_search.envs.config import REWARD_MODES, TreeEnvConfig
 from tree_search.reward import NodeRecipe
@@ -167,8 +176,7 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
     help="Tree evaluations of the searcher (baselines extra).",
 )
 @click.option("--seconds", type=float, default=SearchConfig.seconds, help="Optional wall-clock limit of the search.")
-@click.option("--dataset", default=TreeEnvConfig.dataset, show_default=True,
-              help="'builtin' (code corpus), 'planted', an .npz file or a prepared feature folder.")  # fmt: skip
+@click.option("--dataset", type=DATASET, default=TreeEnvConfig.dataset, show_default=True, help=DATASET_HELP + ".")
 @click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Search on your own text: one file (split by lines) or --text TRAIN --text VALID --text TEST; "
                    "prepared as `data prepare --text` does (or reused from the cache), then searched.")  # fmt: skip
@@ -392,7 +400,9 @@ def search(
                 prepared = prepare_dataset(text=texts, corpus_config=CorpusConfig(max_size=max_size),
                                            log=console.print, progress=progress)  # fmt: skip
             dataset = prepared.info.get("cache") or dataset
-            console.print(f"dataset: {len(texts)} text file(s), V = {prepared.num_classes:,}, features in {dataset}")
+            name = name_dataset(Path(dataset), sources=texts)
+            console.print(f"dataset {name!r}: {len(texts)} text file(s), V = {prepared.num_classes:,}, features in "
+                          f"{dataset} (later: --dataset {name})")  # fmt: skip
         planted = dataclasses.replace(COMMAND_LINE_PLANTED, num_classes=planted_classes)
         env_config = TreeEnvConfig(
             dataset=dataset,

@@ -13,7 +13,18 @@ from rich.table import Table
 
 from tree_search import builders
 from tree_search.agents.baselines import BaselineSearcher, split_baselines, taxonomy_baseline, tree_file_baseline
-from tree_search.cli.app import class_id, console, friendly_errors, int_list, is_number, main, progress_bars, read_vocab
+from tree_search.cli.app import (
+    DATASET,
+    DATASET_HELP,
+    class_id,
+    console,
+    friendly_errors,
+    int_list,
+    is_number,
+    main,
+    progress_bars,
+    read_vocab,
+)
 from tree_search.cost import full_softmax_macs, head_cost
 from tree_search.data import CorpusConfig, prepare_dataset
 from tree_search.data.features import class_embeddings
@@ -39,9 +50,10 @@ def _finite(value: float | None) -> float:
 @click.option(
     "--dataset",
     "dataset_name",
+    type=DATASET,
     default=None,
-    help="Build (and with --evaluate score) the trees on a dataset's classes: 'builtin', 'planted', an .npz, or a "
-    "prepared features folder (as search --dataset). Default with --evaluate: the built-in corpus.",
+    help=f"Build (and with --evaluate score) the trees on a dataset's classes: {DATASET_HELP}. Default with "
+    "--evaluate: the built-in corpus.",
 )
 @click.option(
     "--max-size", default=10_000, show_default=True, help="Vocabulary cap of the built-in corpus (<unk> included)."

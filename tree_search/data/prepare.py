@@ -10,6 +10,7 @@ from typing import Any
 from tree_search.data.cache import cache_root
 from tree_search.data.corpus import CorpusConfig, ProgressFactory, TokenCorpus, load_stdlib_corpus
 from tree_search.data.features import EncoderConfig, FeatureDataset, build_features
+from tree_search.data.names import dataset_names
 from tree_search.data.npz_dataset import load_npz_dataset
 from tree_search.data.text_corpus import load_text_corpus
 from tree_search.data.vocab import DataError
@@ -62,6 +63,7 @@ def prepare_dataset(
 def cached_datasets() -> list[dict[str, Any]]:
     """What the feature cache holds: one summary per complete dataset, newest first."""
     root = cache_root() / "features"
+    names = {folder.name: name for name, folder in dataset_names().items()}
     rows = []
     for folder in sorted(root.glob("*"), key=lambda p: p.stat().st_mtime, reverse=True) if root.exists() else []:
         info_path = folder / "info.json"
@@ -72,6 +74,10 @@ def cached_datasets() -> list[dict[str, Any]]:
         rows.append(
             {
                 "folder": str(folder),
+                "name": names.get(folder.name, ""),
+                "prepared": info_path.stat().st_mtime,
+                "tokens": corpus.get("tokens", {}),
+                "files": corpus.get("files", {}),
                 "corpus": corpus.get("corpus", "?") + (f" (Python {corpus['python']})" if "python" in corpus else ""),
                 "classes": corpus.get("vocab_size"),
                 "dim": info.get("encoder", {}).get("dim"),
