@@ -118,7 +118,8 @@ def test_data_prepare_and_show_on_small_inputs(tmp_path):
     assert result.exit_code == 0, result.output
     assert "classes 14" in result.output and "positions with features" in result.output
     shown = run("data", "show")
-    assert shown.exit_code == 0 and "text" in shown.output
+    assert shown.exit_code == 0 and "corpus.txt" in shown.output
+    assert "corpus" in next(line for line in shown.output.splitlines() if "corpus.txt" in line).split()[1]
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "f.npz", features=rng.normal(size=(200, 4)), labels=rng.integers(0, 3, size=200))
     result = run("data", "prepare", "--npz", str(tmp_path / "f.npz"))
@@ -421,6 +422,15 @@ def test_search_straight_from_text_in_one_command(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     folder = Path(config["env_config"]["dataset"])
     assert folder.is_dir() and json.loads((folder / "info.json").read_text())["corpus"]["corpus"].startswith("text")
+    steps = {line.split("  ")[1].strip(): line.split("  ", 2)[2].strip() for line in result.output.splitlines()
+             if line.startswith("  ") and "  " in line.strip()}  # fmt: skip
+    assert steps["read the report"].endswith(f"tree-search report {tmp_path / 'run'}")
+    export = steps["export the tree"].split("  (")[0].split()  # the exact command, run as printed
+    assert export[:3] == ["tree-search", "export", str(tmp_path / "run")]
+    assert run(*export[1:3], str(tmp_path / "tree.npz")).exit_code == 0 and (tmp_path / "tree.npz").exists()
+    loaded = {}
+    exec(steps["use the trained head"], loaded)  # the printed Python line loads the run's head
+    assert loaded["head"].num_classes == 30
     again = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "run2")])  # the same text: its features are reused
     assert again.exit_code == 0 and "encoder step" not in again.output
     assert json.loads((tmp_path / "run2" / "config.json").read_text())["env_config"]["dataset"] == str(folder)
@@ -549,3 +559,5 @@ def test_other_libraries_log_lines_show_only_with_verbose(tmp_path):
         outputs[flags] = done.stdout + done.stderr
     assert "A new study created" not in outputs[()] and "[  0] random" in outputs[()]
     assert "A new study created" in outputs[("-v",)]
+    for flags in ((), ("-v",)):  # the run's log file has them either way
+        assert "optuna" in (tmp_path / f"run{len(flags)}" / "libraries.log").read_text().split("A new study created")[0]

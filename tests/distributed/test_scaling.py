@@ -152,7 +152,7 @@ def test_a_bug_in_an_evaluation_raises_in_the_driver_and_keeps_the_actor(ray_ses
 def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     folder = tmp_path / "interrupted"
     # 256 classes: enough reachable trees for a budget far beyond the 3 seen before SIGINT, which must land mid-search
-    args = [*CLI, *SEARCH, "--agent", "tpe", "--budget", "40", "--planted-classes", "256", "--out", str(folder)]
+    args = [*CLI, *SEARCH, "--agent", "tpe", "--budget", "16", "--planted-classes", "256", "--out", str(folder)]
 
     def default_sigint() -> None:  # a parent that ignores SIGINT (some runners do) would pass that on
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -177,7 +177,7 @@ def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{before} evaluations on disk" in resumed.stdout
     keys = counted(folder)
-    assert len(keys) == len(set(keys)) == 40
+    assert len(keys) == len(set(keys)) == 16
 
 
 def run_two_workers(tmp_path: Path, storage: str) -> optuna.Study:

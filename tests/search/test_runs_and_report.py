@@ -68,7 +68,7 @@ def test_run_folder_contents_and_resume_rules(tmp_path):
 def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
     # a budget far beyond the 5 evaluations seen before the kill: the search cannot end before SIGKILL lands
     # (256 classes: more reachable trees than the budget)
-    args = ["search", "--agent", "tpe", "--dataset", "planted", "--planted-classes", "256", "--budget", "40",
+    args = ["search", "--agent", "tpe", "--dataset", "planted", "--planted-classes", "256", "--budget", "16",
             "--baselines", "none", "--no-compare", "--epochs", "2", "--seed", "3"]  # fmt: skip
 
     def environment(cache: str) -> dict[str, str]:  # own caches: no run may find the other's trees trained
@@ -96,13 +96,20 @@ def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
     killed_keys, whole_keys = counted_keys(folder), counted_keys(tmp_path / "whole")
     print(f"distinct evaluated trees: uninterrupted {len(set(whole_keys))}, killed at {on_disk} and resumed "
           f"{len(set(killed_keys))}; evaluated twice: {len(killed_keys) - len(set(killed_keys))}")  # fmt: skip
-    assert len(killed_keys) == len(set(killed_keys)) == len(set(whole_keys)) == 40
+    assert len(killed_keys) == len(set(killed_keys)) == len(set(whole_keys)) == 16
 
 
 def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkeypatch):
     run = run_search(SearchConfig(agent="tpe", budget=4, env_config=ENV, baselines="core"), tmp_path / "run", log=None)
     (run.folder / "best_head_adaptive.pt").write_bytes(b"an earlier comparison's head for another tree")
-    rows = compare_runs([run.folder], seeds=2, log=None).rows
+    bars: dict[str, list[int]] = {}
+
+    def progress(description: str, total: int):
+        bars[description] = [total, 0]
+        return lambda n: bars[description].__setitem__(1, bars[description][1] + n)
+
+    rows = compare_runs([run.folder], seeds=2, log=None, progress=progress).rows
+    assert bars == {"final scoring (test split)": [2 * len(rows), 2 * len(rows)]}  # each (finalist, seed) once
     names = [r["name"] for r in rows]
     assert "full softmax" in names and "huffman-2" in names and "tpe" in names
     # the classic trees scored on test are those of the validation front (and binary Huffman); the others are
@@ -196,7 +203,8 @@ def test_cli_search_and_compare_end_to_end(tmp_path):
             "none", "--final-seeds", "2", "--cost-mode", "tradeoff", "--epochs", "2", "--out", str(out)]  # fmt: skip
     result = subprocess.run([*CLI, *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "full softmax" in result.stdout and "report:" in result.stdout and (out / "report.md").exists()
+    assert "full softmax" in result.stdout and (out / "report.md").exists()
+    assert f"tree-search report {out}" in result.stdout  # what to do next, for this run
     compare = subprocess.run([*CLI, "compare", str(out)], capture_output=True, text=True)
     assert compare.returncode == 0 and "Test split" in compare.stdout
     _check_the_adaptive_head_exports_to_pytorch(out, tmp_path)
@@ -278,9 +286,20 @@ def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
     assert SearchConfig.from_json(old) == config  # read (reports, finalists), not resumed
     assert SearchConfig.from_json({**old, "agent": "dp"}, resume=True).agent == "dp"  # dp acts in no environment
     assert SearchConfig.from_json({**old, "env": "merge"}, resume=True).env == "merge"  # the merge env is still v0
-    run = run_search(config, tmp_path / "run", log=None)
+    bars: dict[str, list[int]] = {}  # description -> [total, advanced]
+
+    def progress(description: str, total: int):
+        bars[description] = [total, 0]
+        return lambda n: bars[description].__setitem__(1, bars[description][1] + n)
+
+    run = run_search(config, tmp_path / "run", log=None, progress=progress)
     counted = [e for e in run.evaluations() if e.counted]
     assert {e.searcher for e in counted} <= {"random@1x", "random@3x"} and len(counted) <= 6
+    # a bar for the classic front, then one per cap over its budget, each advanced once per evaluation it counts
+    assert list(bars) == ["classic trees", "search random@1x", "search random@3x"]
+    assert bars["classic trees"] == [4, sum(e.searcher.startswith("baseline:") for e in run.evaluations())] == [4, 4]
+    for label in ("random@1x", "random@3x"):
+        assert bars[f"search {label}"] == [3, sum(e.searcher == label for e in counted)]
     assert sum(e.searcher == "random@3x" for e in counted) >= 1
     huffman_cost = next(e.cost_ratio for e in run.evaluations() if e.searcher == "baseline:huffman-2")
     for e in counted:

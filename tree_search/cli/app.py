@@ -7,6 +7,7 @@ and exit with status 1; set ``TREE_SEARCH_DEBUG=1`` to see the traceback as well
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +22,14 @@ except ImportError as missing:  # a light install (torch and numpy only): say wh
         f"tree-search's command line needs the search extra ({missing.name} is missing): "
         'pip install "tree_search[search]"'
     ) from None
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from tree_search.data import (
     CorpusConfig,
@@ -45,6 +53,7 @@ __all__ = [
     "friendly_errors",
     "int_list",
     "is_number",
+    "library_logs",
     "main",
     "progress_bars",
     "read_vocab",
@@ -96,21 +105,77 @@ def friendly_errors(command: F) -> F:
 
 @contextmanager
 def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """A rich progress bar factory, shown only while work is running."""
+    """A rich progress bar factory: one bar at a time (a new one hides the last), with time spent and time left.
+
+    Shown only on a terminal and only while work runs (pipes and CI logs get the lines alone).
+    """
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
         console=console,
         transient=True,
     ) as progress:
 
         def start(description: str, total: int) -> Callable[[int], None]:
+            for earlier in progress.task_ids:
+                progress.update(earlier, visible=False)
             task = progress.add_task(description, total=total)
             return lambda n: progress.advance(task, n)
 
         yield start
+
+
+LIBRARY_LOGGERS = ("ray", "ray.rllib", "optuna")  # loggers of other libraries that do not propagate to the root
+
+
+class _FolderFileHandler(logging.FileHandler):
+    """A file handler that makes its file's folder at the first record (not before: see `library_logs`)."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+@contextmanager
+def library_logs(path: Path, verbose: bool) -> Iterator[None]:
+    """Other libraries' log lines at INFO and above, appended to ``path``; on screen only errors, unless ``verbose``.
+
+    Ray, RLlib and Optuna log through their own handlers (`LIBRARY_LOGGERS`): this adds the
+    file to each and raises their screen handlers to ERROR for the block. Import RLlib before
+    (it installs its handler at import). Python warnings stay on the screen: the package's own
+    (a node bank's skipped segment, a cost profile of another V) are meant for the user. The
+    file appears with its first line, so a search that fails at start leaves nothing behind.
+    """
+    import optuna
+
+    handler = _FolderFileHandler(path, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    optuna_level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    saved = []
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, [(h, h.level) for h in logger.handlers]))
+        if not verbose:
+            for screen, level in saved[-1][2]:
+                screen.setLevel(max(level, logging.ERROR))
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, level, handlers in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            for screen, screen_level in handlers:
+                screen.setLevel(screen_level)
+        optuna.logging.set_verbosity(optuna_level)
+        handler.close()
 
 
 def read_vocab(counts_file: Path | None, max_size: int | None) -> tuple[Vocab, str]:

@@ -21,6 +21,7 @@ from tree_search.cli.app import (
     console,
     float_list,
     friendly_errors,
+    library_logs,
     main,
     progress_bars,
 )
@@ -28,7 +29,7 @@ from tree_search.data import CorpusConfig, name_dataset, prepare_dataset
 from tree_search.data.planted import COMMAND_LINE_PLANTED
 from tree_search.envs.config import REWARD_MODES, TreeEnvConfig
 from tree_search.reward import NodeRecipe
-from tree_search.search.config import AGENTS, SearchConfig
+from tree_search.search.config import AGENTS, RLLIB_AGENTS, SearchConfig
 from tree_search.search.end_to_end import (
     END_TO_END_FILE,
     EndToEndConfig,
@@ -36,6 +37,7 @@ from tree_search.search.end_to_end import (
     end_to_end_lines,
     end_to_end_verdicts,
 )
+from tree_search.search.runs import Run
 
 if TYPE_CHECKING:
     from tree_search.search.report import ComparisonReport
@@ -63,13 +65,27 @@ def _print_comparison(comparison: ComparisonReport, folder: Path) -> None:
         console.print(line)
     from tree_search.search.report import ADAPTIVE_HEAD
 
-    head, adaptive = folder / "best_head.pt", folder / ADAPTIVE_HEAD
-    console.print(
-        f"report: {folder / 'report.md'} (plots beside it); best tree: {folder / 'best_tree.json'}"
-        + (f"; its trained head: {head}" if head.exists() else "")
-        + (f" (for torch.nn.AdaptiveLogSoftmaxWithLoss: {adaptive})" if adaptive.exists() else "")
-        + f"; TensorBoard: tensorboard --logdir {folder / 'tb'}"
-    )
+    console.print(f"next, with this run ({folder}):")
+    for label, text in _next_steps(folder, (folder / "best_head.pt").exists(), (folder / ADAPTIVE_HEAD).exists()):
+        console.print(f"  {label:<24}{text}", markup=False, soft_wrap=True)
+
+
+def _next_steps(folder: Path, head: bool, adaptive: bool) -> list[tuple[str, str]]:
+    """What to do with a scored run: (what, the exact command or file for ``folder``)."""
+    steps = [
+        ("read the report", f"{folder / 'report.md'} (plots beside it); tables again: tree-search report {folder}"),
+        ("export the tree", f"tree-search export {folder} tree.npz  (word2vec-style codes; or tree.json, "
+                            "--to gensim --model MODEL, --to pecos DIR)"),
+    ]  # fmt: skip
+    if head:
+        load = f"TreeSoftmaxHead.load({str(folder / 'best_head.pt')!r})"
+        steps.append(("use the trained head", f"from tree_search.heads import TreeSoftmaxHead; head = {load}"))
+    if adaptive:
+        steps.append(("as torch's adaptive", f"tree-search export {folder} adaptive.pt --to torch-adaptive"))
+    steps.append(("training curves", f"tensorboard --logdir {folder / 'tb'}"))
+    if (folder / Run.LIBRARY_LOG).exists():
+        steps.append(("other libraries' logs", str(folder / Run.LIBRARY_LOG)))
+    return steps
 
 
 @main.command()
@@ -296,8 +312,8 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
 @click.option("--split-classic-shapes/--no-split-classic-shapes", default=TreeEnvConfig.split_classic_shapes,
               show_default=True, help="Split environment: also the adaptive softmax's root splits and projected flat "
               "nodes, so environment agents can build PyTorch's and Grave et al.'s trees (dp always can).")  # fmt: skip
-@click.option("-v", "--verbose", is_flag=True, help="Also show other libraries' log lines (Optuna's study and trial "
-              "lines, which are hidden by default).")  # fmt: skip
+@click.option("-v", "--verbose", is_flag=True, help="Also show other libraries' log lines on screen (Ray, RLlib, "
+              "Optuna: hidden by default, always written to libraries.log in the run folder).")  # fmt: skip
 @click.option("--end-to-end", "end_to_end_too", is_flag=True,
               help="After the test scoring, also the verdicts end to end (tree-search end-to-end RUN with its "
                    "defaults: the encoder trained from scratch with each verdict's tree; text datasets).")  # fmt: skip
@@ -354,7 +370,6 @@ def search(
     import dataclasses
     import signal
 
-    import optuna
     import torch
 
     from tree_search.agents.baselines import resolved_baselines
@@ -362,9 +377,7 @@ def search(
     from tree_search.search.config import EXECUTION_FIELDS
     from tree_search.search.report import compare_runs
     from tree_search.search.run import run_search
-    from tree_search.search.runs import Run
 
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     if end_to_end_too and not compare:
         raise click.ClickException("--end-to-end needs the test scoring: leave out --no-compare")
     if texts and (resume is not None or dataset != TreeEnvConfig.dataset):
@@ -447,15 +460,21 @@ def search(
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a parent's "ignore Ctrl-C" is respected
         signal.signal(signal.SIGINT, _stop_search)
     signal.signal(signal.SIGTERM, _stop_search)  # a scheduler's SIGTERM stops as cleanly as Ctrl-C
-    try:
-        run_search(config, folder, resume=resume is not None, log=console.print)
-    except KeyboardInterrupt:
-        console.print(f"interrupted: every finished evaluation is in {folder}; continue with "
-                      f"tree-search search --resume {folder}")  # fmt: skip
-        raise SystemExit(130) from None
-    if compare:
-        release_free_memory()  # the search's free heap does not add to the final scoring's peak
-        _print_comparison(compare_runs([folder], log=console.print), folder)
+    if config.agent in RLLIB_AGENTS:
+        import ray.rllib  # noqa: F401 - it installs its log handler at import: `library_logs` quiets it
+    with library_logs(folder / Run.LIBRARY_LOG, verbose):
+        try:
+            with progress_bars() as progress:
+                run_search(config, folder, resume=resume is not None, log=console.print, progress=progress)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: every finished evaluation is in {folder}; continue with "
+                          f"tree-search search --resume {folder}")  # fmt: skip
+            raise SystemExit(130) from None
+        if compare:
+            release_free_memory()  # the search's free heap does not add to the final scoring's peak
+            with progress_bars() as progress:
+                comparison = compare_runs([folder], log=console.print, progress=progress)
+            _print_comparison(comparison, folder)
     if end_to_end_too:
         _end_to_end(folder, EndToEndConfig())
 
@@ -501,5 +520,7 @@ def compare_command(runs: tuple[Path, ...], seeds: int | None, epochs: float | N
     """Score the best trees of RUNS and every baseline on the test split; print the table, write the report."""
     from tree_search.search.report import compare_runs
 
-    comparison = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, cost=cost_model, log=console.print)
+    with progress_bars() as progress:
+        comparison = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, cost=cost_model, log=console.print,
+                                  progress=progress)  # fmt: skip
     _print_comparison(comparison, out or runs[0])

@@ -58,14 +58,16 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        # the "ray" logger passes INFO on; which of it reaches the screen is its handlers' choice (the command line
+        # sends it to the run's log file only: `tree_search.cli.app.library_logs`)
+        ray.init(address=address, log_to_driver=False, logging_level="INFO")
     else:
         ray.init(  # "local": a new instance, even when `ray start` left a cluster address behind on this machine
             address="local",
             num_cpus=os.cpu_count() or 1,
             include_dashboard=False,
             log_to_driver=False,
-            logging_level="ERROR",
+            logging_level="INFO",
         )
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from tree_search.builders import frequency_cutoffs
 from tree_search.cost import DecodeCost, cost_label, head_cost
+from tree_search.data.corpus import ProgressFactory
 from tree_search.data.features import default_device, row_documents
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads import TreeSoftmaxHead
@@ -172,6 +173,7 @@ def compare_runs(
     out: str | Path | None = None,
     cost: str | None = None,
     log: Callable[[str], None] | None = print,
+    progress: ProgressFactory | None = None,
 ) -> list[dict[str, Any]]:
     """Score the finalists of ``folders`` on the test split and write the report.
 
@@ -187,6 +189,7 @@ def compare_runs(
             reports multiply-adds only; None (default): the run's own ``--cost``. Caps and
             "within the cap" are always in the cost the search used.
         log: progress lines.
+        progress: a bar over the (finalist, seed) trainings left to do.
 
     Returns:
         The rows (one per finalist, best test NLL first), the verdicts and each cap's verdict, as
@@ -268,6 +271,8 @@ def compare_runs(
         }
 
     rows = []
+    todo = sum(str(seed) not in scores.get(entry[-1], {}) for entry in entries for seed in range(seeds))
+    advance = progress("final scoring (test split)", todo) if progress is not None and todo else None
     for index, (name, kind, tree, projections, valid_nll, key) in enumerate(entries):
         per_seed = scores.setdefault(key, {})
         for seed in range(seeds):
@@ -280,6 +285,8 @@ def compare_runs(
             sums = np.bincount(documents, weights=result["test_row_nll"], minlength=num_documents)
             per_seed[str(seed)] = {"test_nll": result["test_nll"], "document_sums": sums.tolist()}
             report_run.write_json("final.json", {"setting": setting, "scores": scores})
+            if advance is not None:
+                advance(1)
         rows.append(
             {
                 "name": name,

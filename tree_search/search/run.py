@@ -10,9 +10,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tree_search.agents.base import Searcher
-from tree_search.agents.baselines import BaselineSearcher
+from tree_search.agents.baselines import BaselineSearcher, split_baselines
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
 from tree_search.cost import head_cost, parse_cost_spec
+from tree_search.data.corpus import ProgressFactory
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.envs import load_env_dataset, make_env
 from tree_search.heads.timing import resolve_cost
@@ -100,18 +101,20 @@ def run_search(
     *,
     resume: bool = False,
     log: Callable[[str], None] | None = print,
+    progress: ProgressFactory | None = None,
 ) -> Run:
     """Evaluate the baselines, then search until the budget is used; every result is on disk as it arrives.
 
     Returns the `Run`. Interrupting (Ctrl-C) loses nothing: resume with ``resume=True``. A new
     run that fails (or is interrupted) before its first evaluation leaves no run folder behind:
-    what it created is removed, so nothing that is not a run looks like one.
+    what it created is removed, so nothing that is not a run looks like one. ``progress``: a
+    bar for the classic front and one for each cap's search (counted evaluations).
     """
     folder = Path(out)
     existed = folder.exists()
     run = Run.create(folder, config.to_json(), resume=resume, may_differ=EXECUTION_FIELDS)
     try:
-        return _search(config, run, log)
+        return _search(config, run, log, progress)
     except BaseException:
         if not resume and not run.evaluations():
             _remove_new_run(run.folder, existed)
@@ -124,13 +127,14 @@ def _remove_new_run(folder: Path, existed: bool) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         return
     for name in ("config.json", "leaderboard.jsonl", Run.COST_PROFILE, Run.CHARGES, SELECTION_FREE, "evaluator.json",
-                 "optuna.db"):  # fmt: skip
+                 "optuna.db", Run.LIBRARY_LOG):  # fmt: skip
         (folder / name).unlink(missing_ok=True)
     for name in ("trees", "tb", "checkpoints"):
         shutil.rmtree(folder / name, ignore_errors=True)
 
 
-def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -> Run:
+def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None,
+            progress_bar: ProgressFactory | None = None) -> Run:  # fmt: skip
     """`run_search` in a run folder already created (or opened to resume)."""
     dataset = load_env_dataset(config.env_config)
     cost_model = resolve_cost(run.cost_spec(config.env_config.cost), dim=dataset.dim,
@@ -145,8 +149,13 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
 
     decode_cap = config.env_config.decode_cap
 
+    bar: dict[str, Callable[[int], None]] = {}  # the phase's bar: "front" (every baseline) or a cap's label
+
     def progress(evaluation: Evaluation, tree: Tree) -> None:
         group = evaluation.searcher.split(":")[0]
+        phase = "front" if group == "baseline" else evaluation.searcher if evaluation.counted else ""
+        if phase in bar:
+            bar[phase](1)
         within = evaluation.cost_ratio <= caps.get(group, math.inf) * (1 + 1e-9)  # probes over it: no
         if evaluation.ok and within and evaluation.within_decode_cap(decode_cap):
             best[group] = min(best.get(group, math.inf), evaluation.valid_nll)
@@ -215,6 +224,10 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
     searcher = None
     try:
         if config.baselines != "none" or config.taxonomy:
+            if progress_bar is not None:
+                named, files = split_baselines(config.baselines, check_files=False) if config.baselines != "none" \
+                    else ((), ())  # fmt: skip
+                bar["front"] = progress_bar("classic trees", len(named) + len(files) + bool(config.taxonomy))
             for _ in BaselineSearcher(evaluator, dataset, config.baselines, seed=config.seed, taxonomy=config.taxonomy,
                                       unknown=config.env_config.taxonomy_unknown, log=log).search():  # fmt: skip
                 pass
@@ -231,6 +244,9 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None) -
             if log and len(searches) > 1:
                 log(f"search {number}/{len(searches)}: {label}, cost cap {search.env_config.cost_cap:g}x binary "
                     f"Huffman, {evaluator.remaining} evaluations")  # fmt: skip
+            if progress_bar is not None:
+                bar.clear()
+                bar[label] = progress_bar(f"search {label}", evaluator.remaining or 0)
             searcher = make_searcher(search, evaluator, run, dataset, label=label)
             for _ in searcher.search():
                 pass

@@ -75,6 +75,7 @@ class Run:
             self._note_best(evaluation)
 
     COST_PROFILE = "cost_profile.json"  # the profile a ``--cost measured`` search used, kept with its results
+    LIBRARY_LOG = "libraries.log"  # other libraries' log lines (Ray, RLlib, Optuna) of the command line's sessions
     CHARGES = "charges.json"  # per searcher label: evaluations charged for node losses revealed outside evaluations
 
     def cost_spec(self, spec: str) -> str:
