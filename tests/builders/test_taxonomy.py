@@ -141,6 +141,12 @@ def test_unknown_error_names_the_absent_classes():
         ([("a", "A"), ("b", "A"), ("A", "A")], ["a", "b"], r"'A' is its own parent", 2),
         ([("a", "R"), ("b", "R"), ("c", "Typo")], ["a", "b", "c"], r"exactly one root.*found 2: 'R', 'Typo'", 2),
         ([("a", "R"), ("b", "R"), ("c", "R")], ["a", "b"], r"class 'c' is not in the vocabulary", 2),
+        (  # every missing class is listed, the first one's line is the entry
+            [("a", "R"), ("q", "R"), ("b", "R"), ("r", "R"), ("s", "R")],
+            ["a", "b"],
+            r"class 'q' is not in the vocabulary \(2 labels\), nor are 2 other of its 5 classes: 'q', 'r', 's'; remove",
+            1,
+        ),
         (
             [("a", "R"), ("b", "R"), ("x", "b")],
             ["a", "b", "x"],
@@ -154,6 +160,12 @@ def test_taxonomy_errors_name_the_entry(pairs, labels, message, entry):
     with pytest.raises(TaxonomyError, match=message) as caught:
         from_taxonomy(pairs, labels)
     assert caught.value.entry == entry
+
+
+def test_a_taxonomy_of_no_token_of_the_vocabulary_is_an_error_even_when_extra_classes_are_ignored():
+    for extra in ("error", "ignore"):
+        with pytest.raises(TaxonomyError, match=r"none of its 2 classes is a token of the vocabulary.*'cat', 'dog'"):
+            from_taxonomy([("cat", "Animal"), ("dog", "Animal")], ["a", "b"], extra=extra)
 
 
 def test_duplicate_label_and_extra_ignore():

@@ -117,6 +117,7 @@ def test_data_prepare_and_show_on_small_inputs(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "classes 14" in result.output and "positions with features" in result.output
+    assert "the vocabulary cap (20) is more than the train split's 14 word types: V = 14" in result.output
     shown = run("data", "show")
     assert shown.exit_code == 0 and "corpus.txt" in shown.output
     assert "corpus" in next(line for line in shown.output.splitlines() if "corpus.txt" in line).split()[1]
@@ -543,7 +544,7 @@ def test_search_takes_a_taxonomy_as_a_baseline_and_as_the_episodes_start(tmp_pat
     stranger = tmp_path / "animals.tsv"
     stranger.write_text("cat\tAnimal\ndog\tAnimal\n")
     wrong = run("search", "--dataset", "planted", "--taxonomy", str(stranger), "--out", str(tmp_path / "wrong"))
-    assert wrong.exit_code == 1 and "animals.tsv:1: class 'cat' is not in the vocabulary" in wrong.output
+    assert wrong.exit_code == 1 and "animals.tsv:1: none of its 2 classes is a token of the vocabulary" in wrong.output
     assert not (tmp_path / "wrong").exists()  # a failed start leaves no run behind
 
 

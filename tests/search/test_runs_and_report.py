@@ -265,6 +265,22 @@ def _check_the_adaptive_head_exports_to_pytorch(out: Path, tmp_path: Path) -> No
     assert "best_head_adaptive.pt is trained for it" in refused.stderr and not (tmp_path / "no.pt").exists()
 
 
+def test_a_cap_below_every_tree_dp_can_build_is_refused_before_anything_trains(tmp_path):
+    import re
+
+    config = SearchConfig(agent="dp", budget=1, cost_caps=(0.3, 2.0), env_config=ENV, baselines="huffman-2")
+    with pytest.raises(ValueError, match=r"cost cap 0.3x: the cheapest tree dp can yield costs") as refused:
+        run_search(config, tmp_path / "low", log=None)
+    assert not (tmp_path / "low").exists()  # a failed start leaves no run behind
+    cheapest = float(re.search(r"at least (\d+\.\d+)", str(refused.value)).group(1))
+    assert 0.3 < cheapest < 2.0
+    # at the cheapest tree's own cost (rounded up) the search runs and its tree fits under the cap
+    run = run_search(dataclasses.replace(config, cost_caps=(cheapest + 0.01,)), tmp_path / "ok", log=None)
+    searched = [e for e in run.evaluations() if e.counted]
+    huffman = next(e.cost_ratio for e in run.evaluations() if e.searcher == "baseline:huffman-2")
+    assert searched and all(e.cost_ratio <= (cheapest + 0.01) * huffman * (1 + 1e-9) for e in searched)
+
+
 def test_a_front_search_runs_one_search_per_cap_and_reports_each(tmp_path):
     with pytest.raises(ValueError, match="increasing"):
         SearchConfig(cost_caps=(2.0, 1.0))

@@ -108,7 +108,7 @@ def test_a_search_that_fails_before_its_first_evaluation_leaves_no_run_behind(tm
     def broken(*args, **kwargs):
         raise RuntimeError("searcher broke")
 
-    monkeypatch.setattr(search_run, "make_searcher", broken)
+    monkeypatch.setattr(search_run.DPSearcher, "search", broken)  # after the baselines (and dp's check of its caps)
     config = SearchConfig(agent="dp", budget=2, env_config=ENV, baselines="huffman-2")
     with pytest.raises(RuntimeError, match="searcher broke"):
         run_search(config, tmp_path / "ok", log=None)

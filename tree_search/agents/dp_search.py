@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,7 +80,7 @@ from tree_search.split_grammar import (
 )
 from tree_search.tree import Tree
 
-__all__ = ["DPSearcher", "choose_completions"]
+__all__ = ["DPCaches", "DPSearcher", "choose_completions"]
 
 _RECENT_TREES = 8  # whole trees a search keeps built (at V = 100k, each took 0.2-2 s to build)
 
@@ -266,6 +266,17 @@ def _lagrangian_choice(loss: np.ndarray, cost: np.ndarray, budget: float, iterat
     return choice
 
 
+@dataclass
+class DPCaches:
+    """What the `DPSearcher`s of a run's caps share: group splits and whole trees' costs.
+
+    Both are pure functions of the seed, the data and the cost model, which the caps share.
+    """
+
+    splits: SplitCache = field(default_factory=SplitCache)
+    costs: dict[tuple, float] = field(default_factory=dict)
+
+
 class DPSearcher(Searcher):
     """Dynamic programming over the split grammar's completions, with each node's loss from the evaluator."""
 
@@ -279,8 +290,12 @@ class DPSearcher(Searcher):
         *,
         seconds: float | None = None,
         seed: int = 0,
+        caches: DPCaches | None = None,
     ) -> None:
-        """Args: evaluator: rewards, budget, node shares; dataset: features; config: the grammar and the cost cap."""
+        """Args: evaluator: rewards, budget, node shares; dataset: features; config: the grammar and the cost cap.
+
+        ``caches``: splits and costs shared with the searchers of the run's other caps (`DPCaches`).
+        """
         super().__init__(None, evaluator, seconds=seconds, seed=seed)
         self.dataset, self.config = dataset, config
         self.counts = dataset.class_weights
@@ -310,10 +325,12 @@ class DPSearcher(Searcher):
         # cannot express them, though in training and decoding time wide Huffman trees are strong cheap classics
         self.whole_huffmans = tuple(name for name in CLASSIC_SETS["front"] if name.startswith("huffman-"))
         self.measured: dict[SplitRule, _Measured] = {}
-        self._splits = SplitCache()  # group splits by (rule, content), shared by all trees of the search
+        caches = caches or DPCaches()
+        self._splits = caches.splits  # group splits by (rule, content), shared by all trees of the search
         # the trees built last: costing a completion (`_may_fit`) and then measuring it build the same tree
         self._trees: OrderedDict[tuple, tuple[Tree, dict[int, int]]] = OrderedDict()
-        self._costs: dict[tuple, float] = {}  # whole trees' costs by `_key`
+        self._costs = caches.costs  # whole trees' costs by `_key`
+        self._cheapest: dict[SplitRule, tuple[SplitRule, float]] | None = None  # per root rule: (completion, cost)
         self.predictions: list[tuple[float, float, Tree]] = []  # (predicted NLL, evaluated NLL, tree) of knapsack trees
 
     def _completion_order(self, root: SplitRule) -> list[SplitRule]:
@@ -583,17 +600,38 @@ class DPSearcher(Searcher):
         if evaluation is not None and evaluation.counted:
             yield evaluation
 
+    def _cheapest_trees(self) -> dict[SplitRule, tuple[SplitRule, float]]:
+        """Each root rule's cheapest homogeneous completion and its tree's cost (no training)."""
+        if self._cheapest is None:
+            # The cheapest is mostly 3-ary Huffman in multiply-adds (for some roots' parts 2- or 4-ary); in training
+            # time a wider Huffman tail can be faster (8-ary trains in 0.9x binary Huffman's time); in decoding time
+            # deep tails are the slowest, and a flat (projected) tail the fastest, so every Huffman and flat
+            # candidate is costed.
+            candidates = (huffman_rule(3), *self.huffmans, *self.flats)
+            cheapest_rule = {r: min(candidates, key=lambda c, r=r: self._cost(r, c)) for r in self.root_rules}
+            self._cheapest = {r: (c, self._cost(r, c)) for r, c in cheapest_rule.items()}
+        return self._cheapest
+
+    def cheapest_ratio(self, baselines: Collection[str] = ()) -> float:
+        """The cost of the cheapest tree this search can yield, in multiples of binary Huffman's (inf: none).
+
+        The grammar's trees, and the whole Huffman trees among ``baselines`` (classic tree names),
+        which the search proposes when they fit (`_propose_whole_huffman_trees`).
+        """
+        unit = self.cap / self.config.cost_cap  # binary Huffman's cost
+        costs = [cost for _, cost in self._cheapest_trees().values()]
+        wholes = [name for name in self.whole_huffmans if name in set(baselines)]
+        for classic in classic_trees(self.counts, wholes, dim=self.dim).values() if wholes else ():
+            costs.append(head_cost(classic.tree, self.counts, self.dim, None, self.cost_model))
+        return min(costs, default=math.inf) / unit
+
     def search(self) -> Iterator[Evaluation]:
         """Measure, combine, and yield each counted evaluation, until the budget is used."""
         try:
-            # Costs need no training: root rules whose cheapest completion is over the cap are out. The cheapest is
-            # mostly 3-ary Huffman in multiply-adds (for some roots' parts 2- or 4-ary); in training time a wider
-            # Huffman tail can be faster (8-ary trains in 0.9x binary Huffman's time); in decoding time deep tails
-            # are the slowest, and a flat (projected) tail the fastest, so every Huffman and flat candidate is costed.
+            # Costs need no training: root rules whose cheapest completion is over the cap are out.
             cheap = huffman_rule(3)
-            candidates = (cheap, *self.huffmans, *self.flats)
-            cheapest_rule = {r: min(candidates, key=lambda c, r=r: self._cost(r, c)) for r in self.root_rules}
-            cheapest = {r: self._cost(r, c) for r, c in cheapest_rule.items()}
+            cheapest_rule = {r: c for r, (c, _) in self._cheapest_trees().items()}
+            cheapest = {r: cost for r, (_, cost) in self._cheapest_trees().items()}
             # the widest first: a wider root split buys more loss. Its cost measures its width in multiply-adds and in
             # training time; in decoding time a wide root is often the fast one (it prunes the rest), so there its
             # multiply-adds do (ranked by decoding cost, PyTorch's adaptive roots came last and went unmeasured).
@@ -601,9 +639,8 @@ class DPSearcher(Searcher):
             width = {r: self._macs(r, cheap) if by_macs else self._cost(r, cheap) for r in self.root_rules}
             feasible = sorted((r for r in self.root_rules if cheapest[r] <= self.cap), key=lambda r: -width[r])
             if not feasible and self.root_rules:
-                unit = self.cap / self.config.cost_cap  # binary Huffman's cost
                 self.stop_reason = (f"no tree of its grammar fits under the cap of {self.config.cost_cap:g}x binary "
-                                    f"Huffman: the cheapest costs {min(cheapest.values()) / unit:.2f}x")  # fmt: skip
+                                    f"Huffman: the cheapest costs {self.cheapest_ratio():.2f}x")  # fmt: skip
             # At most half the budget ranks root rules, each by its homogeneous tree when that fits the cap (a classic
             # candidate itself; for the adaptive softmax's cutoffs, its own tree), else completed by 3-ary Huffman;
             # the rest of the budget completes the best of them.

@@ -187,17 +187,22 @@ def from_taxonomy(
                 entry_of.get(kids_of[category][0]),
             )
     known = np.zeros(V, dtype=bool)
-    for name, k in entry_of.items():
-        if name in kids_of:
-            continue
-        y = label_id.get(name)
-        if y is None:
-            if extra == "error":
-                raise TaxonomyError(
-                    f"class {name!r} is not in the vocabulary ({V} labels); remove it or pass extra='ignore'", k
-                )
-            continue
-        known[y] = True
+    leaves = [name for name in entry_of if name not in kids_of]
+    missing = [name for name in leaves if name not in label_id]
+    if missing and (extra == "error" or len(missing) == len(leaves)):
+        shown = ", ".join(repr(name) for name in missing[:8]) + (", ..." if len(missing) > 8 else "")
+        if len(missing) == len(leaves):
+            problem = f"none of its {len(leaves)} classes is a token of the vocabulary ({V} labels): {shown}"
+            hint = "is it the taxonomy of another vocabulary?"
+        else:
+            problem = (f"class {missing[0]!r} is not in the vocabulary ({V} labels), nor are {len(missing) - 1} other "
+                       f"of its {len(leaves)} classes: {shown}" if len(missing) > 1
+                       else f"class {missing[0]!r} is not in the vocabulary ({V} labels)")  # fmt: skip
+            hint = "remove those lines (in Python, extra='ignore' skips them)"
+        raise TaxonomyError(f"{problem}; {hint}", entry_of[missing[0]])
+    for name in leaves:
+        if name in label_id:
+            known[label_id[name]] = True
     # post-order over the categories: each becomes a node, a class, or nothing
     built: dict[str, int | _Named | None] = {}
     stack: list[tuple[str, bool]] = [(roots[0], False)]

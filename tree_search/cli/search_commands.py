@@ -72,11 +72,11 @@ def _print_comparison(comparison: ComparisonReport, folder: Path) -> None:
 
 def _next_steps(folder: Path, head: bool, adaptive: bool) -> list[tuple[str, str]]:
     """What to do with a scored run: (what, the exact command or file for ``folder``)."""
-    steps = [
-        ("read the report", f"{folder / 'report.md'} (plots beside it); tables again: tree-search report {folder}"),
-        ("export the tree", f"tree-search export {folder} tree.npz  (word2vec-style codes; or tree.json, "
-                            "--to gensim --model MODEL, --to pecos DIR)"),
-    ]  # fmt: skip
+    report = f"{folder / 'report.md'} (plots beside it); tables again: tree-search report {folder}"
+    steps = [("read the report", report)]
+    if (folder / "best_tree.json").exists():  # the best searched tree within a cap
+        steps.append(("export the tree", f"tree-search export {folder} tree.npz  (word2vec-style codes; or tree.json, "
+                                         "--to gensim --model MODEL, --to pecos DIR)"))  # fmt: skip
     if head:
         load = f"TreeSoftmaxHead.load({str(folder / 'best_head.pt')!r})"
         steps.append(("use the trained head", f"from tree_search.heads import TreeSoftmaxHead; head = {load}"))

@@ -57,6 +57,10 @@ def prepare_dataset(
             raise DataError("give either --npz or text files, not both")
         return load_npz_dataset(npz, seed=corpus_config.seed)
     corpus = load_corpus(text, corpus_config, progress)
+    types = corpus.info.get("token_types_in_train")
+    if log is not None and types is not None and corpus_config.max_size > len(corpus.vocab):
+        log(f"note: the vocabulary cap ({corpus_config.max_size:,}) is more than the train split's {types:,} word "
+            f"types: V = {len(corpus.vocab):,}, every type kept")  # fmt: skip
     return build_features(corpus, encoder_config, device=device, log=log, progress=progress)
 
 

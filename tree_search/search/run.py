@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tree_search.agents.base import Searcher
 from tree_search.agents.baselines import BaselineSearcher, split_baselines
+from tree_search.agents.dp_search import DPCaches, DPSearcher
 from tree_search.agents.optuna_search import OPTUNA_SAMPLERS, OptunaSearcher
 from tree_search.cost import head_cost, parse_cost_spec
 from tree_search.data.corpus import ProgressFactory
@@ -28,20 +29,27 @@ __all__ = ["make_searcher", "run_search"]
 
 
 def make_searcher(
-    config: SearchConfig, evaluator: Evaluator, run: Run, dataset: FeatureDataset, label: str | None = None
+    config: SearchConfig,
+    evaluator: Evaluator,
+    run: Run,
+    dataset: FeatureDataset,
+    label: str | None = None,
+    dp_caches: DPCaches | None = None,
 ) -> Searcher:
     """The searcher named by ``config.agent``, its environments scoring through ``evaluator``.
 
-    ``label`` names its evaluations (default: the agent), e.g. ``tpe@2x`` in a front search.
+    ``label`` names its evaluations (default: the agent), e.g. ``tpe@2x`` in a front search;
+    ``dp_caches``: what the dp searchers of a run's caps share.
     """
-    searcher = _make_searcher(config, evaluator, run, dataset, label or config.agent)
+    searcher = _make_searcher(config, evaluator, run, dataset, label or config.agent, dp_caches)
     searcher.label = label or config.agent
     return searcher
 
 
 def _make_searcher(
-    config: SearchConfig, evaluator: Evaluator, run: Run, dataset: FeatureDataset, label: str
-) -> Searcher:
+    config: SearchConfig, evaluator: Evaluator, run: Run, dataset: FeatureDataset, label: str,
+    dp_caches: DPCaches | None = None,
+) -> Searcher:  # fmt: skip
     env_config = {"env": config.env, **config.env_config.to_env_config()}
     if config.agent in OPTUNA_SAMPLERS:  # a trial is scored by its episode's total: per-step rewards would only cost
         env_config["reward_mode"] = "terminal"
@@ -50,9 +58,8 @@ def _make_searcher(
         return make_env(env_config, dataset=dataset, reward_fn=reward_fn)
 
     if config.agent == "dp":  # (SearchConfig has checked its environment and cost rule)
-        from tree_search.agents.dp_search import DPSearcher
-
-        return DPSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed)
+        return DPSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
+                          caches=dp_caches)  # fmt: skip
     if config.agent == "jtm":
         from tree_search.agents.jtm_search import JTMSearcher
 
@@ -222,7 +229,16 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None,
             f"{evaluator.used}/{total_budget} of the budget used"
         )
     searcher = None
+    dp_caches = DPCaches() if config.agent == "dp" else None
     try:
+        if dp_caches is not None:  # a cap below every tree dp can build is a mistake: say so before training anything
+            label, lowest = min(searches, key=lambda item: item[1].env_config.cost_cap)
+            classics = split_baselines(config.baselines, check_files=False)[0] if config.baselines != "none" else ()
+            cheapest = make_searcher(lowest, evaluator, run, dataset, label, dp_caches).cheapest_ratio(classics)
+            if cheapest > lowest.env_config.cost_cap * (1 + 1e-9):
+                raise ValueError(f"cost cap {lowest.env_config.cost_cap:g}x: the cheapest tree dp can yield costs "
+                                 f"{cheapest:.2f}x binary Huffman's (its grammar's trees, and the whole Huffman "
+                                 f"trees among the baselines); give caps of at least {cheapest:.2f}")  # fmt: skip
         if config.baselines != "none" or config.taxonomy:
             if progress_bar is not None:
                 named, files = split_baselines(config.baselines, check_files=False) if config.baselines != "none" \
@@ -247,7 +263,7 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None,
             if progress_bar is not None:
                 bar.clear()
                 bar[label] = progress_bar(f"search {label}", evaluator.remaining or 0)
-            searcher = make_searcher(search, evaluator, run, dataset, label=label)
+            searcher = make_searcher(search, evaluator, run, dataset, label=label, dp_caches=dp_caches)
             for _ in searcher.search():
                 pass
             estimate = searcher.selection_free_nll()
