@@ -144,7 +144,7 @@ def test_unknown_error_names_the_absent_classes():
         (  # every missing class is listed, the first one's line is the entry
             [("a", "R"), ("q", "R"), ("b", "R"), ("r", "R"), ("s", "R")],
             ["a", "b"],
-            r"class 'q' is not in the vocabulary \(2 labels\), nor are 2 other of its 5 classes: 'q', 'r', 's'; remove",
+            r"3 of its 5 classes are not in the vocabulary \(2 labels\): 'q', 'r', 's'; remove those lines",
             1,
         ),
         (

@@ -195,9 +195,9 @@ def from_taxonomy(
             problem = f"none of its {len(leaves)} classes is a token of the vocabulary ({V} labels): {shown}"
             hint = "is it the taxonomy of another vocabulary?"
         else:
-            problem = (f"class {missing[0]!r} is not in the vocabulary ({V} labels), nor are {len(missing) - 1} other "
-                       f"of its {len(leaves)} classes: {shown}" if len(missing) > 1
-                       else f"class {missing[0]!r} is not in the vocabulary ({V} labels)")  # fmt: skip
+            problem = f"class {missing[0]!r} is not in the vocabulary ({V} labels)"
+            if len(missing) > 1:
+                problem = f"{len(missing)} of its {len(leaves)} classes are not in the vocabulary ({V} labels): {shown}"
             hint = "remove those lines (in Python, extra='ignore' skips them)"
         raise TaxonomyError(f"{problem}; {hint}", entry_of[missing[0]])
     for name in leaves:
