@@ -35,7 +35,7 @@ def test_default_names_come_from_the_file_names(sources, expected):
     assert default_dataset_name([Path(s) for s in sources]) == expected
 
 
-def test_a_default_name_is_kept_and_made_unique():
+def test_a_default_name_is_kept_and_made_unique(tmp_path, monkeypatch):
     first, second = _prepared("aaaa"), _prepared("bbbb")
     assert name_dataset(first, sources=[Path("wiki.txt")]) == "wiki"
     assert name_dataset(first, sources=[Path("other.txt")]) == "wiki"  # the folder keeps its name
@@ -43,6 +43,9 @@ def test_a_default_name_is_kept_and_made_unique():
     assert name_dataset(second, "renamed") == "renamed"  # an explicit name replaces the folder's old one
     assert dataset_names() == {"renamed": second, "wiki": first}
     assert resolve_dataset("renamed") == str(second) and resolve_dataset("builtin") == "builtin"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "renamed").mkdir()  # a folder of the same name here: the name wins, ./renamed is the folder
+    assert resolve_dataset("renamed") == str(second) and resolve_dataset("./renamed") == "./renamed"
     with pytest.raises(DataError, match="'wiki' already names"):
         name_dataset(second, "wiki")
     with pytest.raises(DataError, match="reserved"):

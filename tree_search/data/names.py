@@ -134,14 +134,17 @@ def name_dataset(folder: Path, name: str | None = None, sources: Sequence[Path] 
 def resolve_dataset(spec: str) -> str:
     """What a ``--dataset`` value means, as `TreeEnvConfig.dataset` takes it: a name becomes its folder's path.
 
-    'builtin', 'planted', .npz files and existing folders pass unchanged; a name not known raises
-    a `DataError` that lists the names there are.
+    'builtin', 'planted', .npz files and existing folders pass unchanged; a bare word that names a
+    dataset is that name even when a folder of the same name is here (``./word`` is the folder).
+    Anything else raises a `DataError` that lists the names there are.
     """
-    if spec in RESERVED_DATASETS or spec.endswith(".npz") or Path(spec).expanduser().exists():
+    if spec in RESERVED_DATASETS:
         return spec
     named = dataset_names()
-    if spec in named:
+    if spec in named:  # names are bare words (`check_dataset_name`): a path has a separator or a suffix
         return str(named[spec])
+    if spec.endswith(".npz") or Path(spec).expanduser().exists():
+        return spec
     known = ", ".join(named) if named else "none yet: `tree-search data prepare --text FILE --name NAME` names one"
     raise DataError(f"{spec!r}: not 'builtin', 'planted', an .npz file, an existing folder or a dataset's name "
                     f"(names: {known})")  # fmt: skip
