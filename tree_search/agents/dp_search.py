@@ -620,7 +620,7 @@ class DPSearcher(Searcher):
         """
         unit = self.cap / self.config.cost_cap  # binary Huffman's cost
         costs = [cost for _, cost in self._cheapest_trees().values()]
-        wholes = [name for name in self.whole_huffmans if name in set(baselines)]
+        wholes = [name for name in self.whole_huffmans if name in baselines]
         for classic in classic_trees(self.counts, wholes, dim=self.dim).values() if wholes else ():
             costs.append(head_cost(classic.tree, self.counts, self.dim, None, self.cost_model))
         return min(costs, default=math.inf) / unit
