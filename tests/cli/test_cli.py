@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from quick_settings import SMALL_PLANTED
 
 from tree_search.cli import main
+from tree_search.data.cache import cache_root
 from tree_search.export import load_tree
 
 
@@ -156,6 +157,20 @@ def test_datasets_have_names_to_search_show_and_remove_them_by(tmp_path):
     removed = run("data", "remove", "wiki", "--yes")
     assert removed.exit_code == 0 and not folder.exists()
     assert "lines" in run("data", "show").output and CliRunner().invoke(main, ["data", "remove", "wiki"]).exit_code == 1
+
+
+def test_data_show_lists_the_built_in_corpus_beside_text_datasets(tmp_path):
+    # the code corpus's info counts its source files per split where a text dataset names its files
+    folder = cache_root() / "features" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    corpus = {"corpus": "python-stdlib", "python": "3.11.7", "files": {"train": 1523, "valid": 91, "test": 90},
+              "tokens": {"train": 5000, "valid": 700, "test": 650}, "vocab_size": 10000}  # fmt: skip
+    (folder / "info.json").write_text(json.dumps({"corpus": corpus, "encoder": {"dim": 256}}))
+    shown = run("data", "show")
+    assert shown.exit_code == 0, shown.output
+    row = [cell.strip() for cell in next(line for line in shown.output.splitlines() if "0123456789abcdef" in line)
+           .split("│")]  # fmt: skip
+    assert row[1] == "builtin" and row[2].startswith("python-stdl") and "5,000" in row
 
 
 def test_baseline_evaluate_trains_a_head_per_tree(tmp_path, monkeypatch):

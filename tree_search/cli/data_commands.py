@@ -180,16 +180,20 @@ def data_show() -> None:
         console.print("no prepared datasets yet: run 'tree-search data prepare --text FILE' (or the main job, which "
                       "prepares the built-in corpus)")  # fmt: skip
         return
-    table = Table(title=f"prepared datasets ({cache_root() / 'features'})")
-    for column in ("name", "source", "classes", "dim", "train tokens", "valid", "test", "MiB", "prepared", "folder"):
+    table = Table(title=f"prepared datasets ({cache_root() / 'features'}; tokens per split)")
+    for column in ("name", "source", "classes", "dim", "train", "valid", "test", "MiB", "prepared", "folder"):
         left = column in ("name", "source", "prepared", "folder")
-        table.add_column(column, justify="left" if left else "right", no_wrap=column != "source")
+        # name and source fold onto more lines rather than vanish when the screen is narrow
+        folds = column in ("name", "source")
+        table.add_column(column, justify="left" if left else "right", no_wrap=not folds,
+                         overflow="fold" if folds else "ellipsis",
+                         min_width=12 if folds else 16 if column == "folder" else None)  # fmt: skip
     for row in rows:
         tokens = row["tokens"] or row["positions"]  # .npz-like datasets count rows
         sizes = [f"{tokens.get(split, 0):,}" for split in ("train", "valid", "test")]
         files = row["files"]
         source = row["corpus"] if not files else ", ".join(Path(f).name for f in dict.fromkeys(files.values()))
-        prepared = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["prepared"]))
+        prepared = time.strftime("%m-%d %H:%M", time.localtime(row["prepared"]))
         name = row["name"] or ("builtin" if row["corpus"].startswith("python-stdlib") else "")
         table.add_row(name, source, f"{row['classes']:,}", str(row["dim"]), *sizes, str(row["megabytes"]), prepared,
                       Path(row["folder"]).name)  # fmt: skip

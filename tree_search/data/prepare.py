@@ -81,7 +81,8 @@ def cached_datasets() -> list[dict[str, Any]]:
                 "name": names.get(folder.name, ""),
                 "prepared": info_path.stat().st_mtime,
                 "tokens": corpus.get("tokens", {}),
-                "files": corpus.get("files", {}),
+                # the text files read (the built-in corpus's "files" count its source files per split)
+                "files": {split: f for split, f in corpus.get("files", {}).items() if isinstance(f, str)},
                 "corpus": corpus.get("corpus", "?") + (f" (Python {corpus['python']})" if "python" in corpus else ""),
                 "classes": corpus.get("vocab_size"),
                 "dim": info.get("encoder", {}).get("dim"),
