@@ -103,8 +103,9 @@ def wide():
     return dataset, oracle, huffman
 
 
-def test_the_wide_planted_task_has_thousands_of_reachable_trees(wide):
-    assert len(_distinct_trees(wide[0], WIDE_CONFIG, 1_500)) >= 1_000  # a budget of 32 cannot enumerate them
+def test_the_wide_planted_task_has_far_more_reachable_trees_than_a_budget_can_try(wide):
+    # 500 random episodes give 400+ distinct trees (1,500 gave over 1,000): a budget of 32 cannot enumerate them
+    assert len(_distinct_trees(wide[0], WIDE_CONFIG, 500)) >= 400
 
 
 @pytest.mark.parametrize("agent", ["dp", "tpe", "ppo"])

@@ -94,12 +94,8 @@ def test_search_on_a_two_node_ray_cluster_by_address(tmp_path):
         stats = search_on_cluster(tmp_path / "cluster", 6, "--agent", "random", "--eval-workers", "2")
         assert stats["done"] + stats["failed"] == 6
         assert stats["workers"] == 2 and stats["nodes"] == 2  # one actor on each node (1 CPU each)
-
-        # PPO sampling in 2 remote env runners, evaluating on 2 actors
-        stats = search_on_cluster(tmp_path / "cluster-ppo", 4, "--agent", "ppo", "--env", "merge", "--env-runners", "2")
-        assert stats["workers"] == 2 and stats["nodes"] == 2  # --eval-workers defaults to --env-runners
-        assert stats["env_runners"]["processes"] == 2 and stats["env_runners"]["rewards_served"] >= 4
-        print("PPO on the cluster:", stats["env_runners"])
+        # PPO's remote env runners, which reach the driver the same way from any node, are tested on one node
+        # (`test_ppo_samples_in_remote_env_runners_that_score_through_the_driver`): here they took 55 of 77 s
     finally:
         for process in reversed(nodes):
             os.killpg(process.pid, signal.SIGTERM)
