@@ -26,6 +26,12 @@ source and in all.
 
     python benchmarks/make_large_english_corpus.py runs/english-large.txt
     tree-search data prepare --text runs/english-large.txt --max-size 100000
+
+With ``--by-source`` it writes one corpus per source into a folder instead (``linux-kernel-
+documentation.txt``, ``perl-manuals.txt``, ...): corpora of different domains, as the learned
+policy's training and held-out instances use (`bench_policy.py`).
+
+    python benchmarks/make_large_english_corpus.py --by-source runs/english-domains
 """
 
 from __future__ import annotations
@@ -139,38 +145,50 @@ SOURCES: dict[str, tuple[str, Callable[[str], Iterator[str]]]] = {
 }
 
 
-def main(out: Path) -> None:
+def main(out: Path, by_source: bool = False) -> None:
+    """Write the corpus to ``out``, or with ``by_source`` one corpus per source into the folder ``out``."""
     types: collections.Counter[str] = collections.Counter()
     total_words = total_documents = 0
     seen: set[str] = set()  # packages link the same files under several names
+    if by_source:
+        out.mkdir(parents=True, exist_ok=True)
     print(f"{'source':<28s} {'files':>6s} {'documents':>9s} {'words':>12s}")
-    with out.open("w", encoding="utf-8") as handle:
-        for name, (pattern, read) in SOURCES.items():
-            paths = sorted(glob.glob(pattern, recursive=True))
-            paths = [p for p in paths if (real := os.path.realpath(p)) not in seen and not seen.add(real)]
-            words = documents = 0
-            for path in paths:
-                kept = []
-                for line in read(path):
-                    tokens = PUNCTUATION.sub(r" \1 ", line).split()
-                    if sum(t[0].isalpha() for t in tokens) >= MIN_WORDS:  # sentences, not code or tables
-                        kept.append(" ".join(tokens))
-                if not kept:
-                    continue
-                handle.write("\f\n" if total_documents else "")
-                handle.write("\n".join(kept) + "\n")
-                for line in kept:
-                    tokens = line.split()
-                    types.update(tokens)
-                    words += len(tokens)
-                documents += 1
-                total_documents += 1
-            total_words += words
-            print(f"{name:<28s} {len(paths):>6,d} {documents:>9,d} {words:>12,d}")
+    handle = None if by_source else out.open("w", encoding="utf-8")
+    for name, (pattern, read) in SOURCES.items():
+        if by_source:
+            handle = (out / f"{name.replace(' ', '-')}.txt").open("w", encoding="utf-8")
+        paths = sorted(glob.glob(pattern, recursive=True))
+        paths = [p for p in paths if (real := os.path.realpath(p)) not in seen and not seen.add(real)]
+        words = documents = 0
+        for path in paths:
+            kept = []
+            for line in read(path):
+                tokens = PUNCTUATION.sub(r" \1 ", line).split()
+                if sum(t[0].isalpha() for t in tokens) >= MIN_WORDS:  # sentences, not code or tables
+                    kept.append(" ".join(tokens))
+            if not kept:
+                continue
+            handle.write("\f\n" if (documents if by_source else total_documents) else "")
+            handle.write("\n".join(kept) + "\n")
+            for line in kept:
+                tokens = line.split()
+                types.update(tokens)
+                words += len(tokens)
+            documents += 1
+            total_documents += 1
+        total_words += words
+        if by_source:
+            handle.close()
+        print(f"{name:<28s} {len(paths):>6,d} {documents:>9,d} {words:>12,d}")
+    if not by_source:
+        handle.close()
     print(f"{'in all':<28s} {'':>6s} {total_documents:>9,d} {total_words:>12,d}   {len(types):,} word types -> {out}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python benchmarks/make_large_english_corpus.py OUT.txt")
-    main(Path(sys.argv[1]))
+    arguments = sys.argv[1:]
+    split = "--by-source" in arguments
+    arguments = [a for a in arguments if a != "--by-source"]
+    if len(arguments) != 1:
+        raise SystemExit("usage: python benchmarks/make_large_english_corpus.py [--by-source] OUT.txt|OUT_DIR")
+    main(Path(arguments[0]), by_source=split)
