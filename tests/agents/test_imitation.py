@@ -7,8 +7,23 @@ import dataclasses
 import pytest
 from quick_settings import PLANTED, QUICK
 
-from tree_search.agents.imitation import clone_policy, expert_demonstrations, load_policy, propose, save_policy
-from tree_search.envs import TreeEnvConfig
+from tree_search.agents.imitation import (
+    clone_policy,
+    expert_demonstrations,
+    load_policy,
+    proposals,
+    propose,
+    save_policy,
+    shipped_policy,
+)
+from tree_search.builders import huffman
+from tree_search.cost import head_cost
+from tree_search.envs import TreeEnvConfig, load_env_dataset
+from tree_search.export import save_tree
+from tree_search.reward.evaluator import evaluation_key
+from tree_search.search import SearchConfig, run_search
+from tree_search.search.report import compare_runs
+from tree_search.search.runs import SELECTION_FREE
 
 CONFIG = TreeEnvConfig(dataset="planted", planted=PLANTED, train=QUICK, split_min_group=8)
 
@@ -46,3 +61,79 @@ def test_a_policy_file_for_other_fanouts_or_no_policy_is_refused(demonstrations,
     junk.write_text("not a policy")
     with pytest.raises(ValueError, match="junk.pt: not a saved policy"):
         load_policy(junk, CONFIG)
+
+
+def test_proposals_are_distinct_trees_within_the_cap_the_favourite_first(demonstrations):
+    module = clone_policy(demonstrations)
+    at_cap = dataclasses.replace(CONFIG, cost_cap=1.5)
+    made = list(proposals(module, at_cap, tries=None))
+    assert len(made) >= 2
+    assert len({(p.tree.canonical_hash, tuple(sorted(p.projections.items()))) for p in made}) == len(made)
+    dataset = load_env_dataset(CONFIG)
+    counts, dim = dataset.class_weights, dataset.dim
+    unit = head_cost(huffman(counts, 2), counts, dim)  # binary Huffman's multiply-adds, computed apart
+    for proposal in made:
+        assert proposal.cost_ratio == pytest.approx(head_cost(proposal.tree, counts, dim, proposal.projections) / unit)
+        assert proposal.cost_ratio <= 1.5 * (1 + 1e-9)
+    assert made[0].actions == propose(module, at_cap)[2]  # the policy's favourite is what `propose` returns
+    tight = dataclasses.replace(CONFIG, cost_cap=0.5)  # below every tree: none within it, the cheapest offered
+    assert list(proposals(module, tight, tries=None)) == []
+    tree, projections, _ = propose(module, tight, tries=None)
+    assert head_cost(tree, counts, dim, projections) / unit > 0.5
+
+
+def test_a_policy_for_another_environment_is_refused_with_both_spaces(demonstrations):
+    module = clone_policy(demonstrations, epochs=1)
+    features, actions = module.spaces
+    module.spaces = (features, actions + 1)
+    with pytest.raises(ValueError, match=f"acts on {features} observation features and {actions + 1} actions; this "
+                                         f"search's split environment has {features} and {actions}"):  # fmt: skip
+        next(proposals(module, CONFIG))
+
+
+def test_the_policy_agent_scores_its_proposals_in_order_and_its_first_is_selection_free(demonstrations, tmp_path):
+    module = clone_policy(demonstrations)
+    policy_file = save_policy(module, tmp_path / "policy.pt", CONFIG)
+    config = SearchConfig(agent="policy", policy_file=str(policy_file), budget=1, cost_caps=(1.5, 4.0),
+                          env_config=CONFIG, baselines="huffman-2,huffman-4")  # fmt: skip
+    run = run_search(config, tmp_path / "run", log=None)
+    rows = {row.searcher: row for row in run.evaluations() if row.searcher.startswith("policy@")}
+    for cap in (1.5, 4.0):
+        first = next(proposals(module, dataclasses.replace(CONFIG, cost_cap=cap)))
+        row = rows[f"policy@{cap:g}x"]
+        assert row.key == evaluation_key(first.tree, first.projections)  # the favourite, and only it (budget 1)
+    free = run.read_json(SELECTION_FREE)
+    assert free == {f"policy@{cap:g}x": pytest.approx(rows[f"policy@{cap:g}x"].valid_nll) for cap in (1.5, 4.0)}
+    compare_runs([run.folder], seeds=1, log=None)
+    assert f"come from a learned policy ({policy_file})" in (run.folder / "report.md").read_text()
+    more = run_search(dataclasses.replace(config, budget=3, cost_caps=(4.0,)), tmp_path / "more", log=None)
+    scored = [row.key for row in more.evaluations() if row.searcher == "policy@4x"]
+    expected = [evaluation_key(p.tree, p.projections)
+                for p in proposals(module, dataclasses.replace(CONFIG, cost_cap=4.0), tries=None)][:3]  # fmt: skip
+    assert scored == expected and (more.read_json(SELECTION_FREE) or {}) == {}  # the best of 3: chosen on validation
+    # a favourite the run knows already (here a baseline tree file) is scored free and is still the one proposal
+    first = next(proposals(module, dataclasses.replace(CONFIG, cost_cap=4.0)))
+    dataset = load_env_dataset(CONFIG)
+    projections = {str(n): d for n, d in first.projections.items()}
+    known = save_tree(tmp_path / "first.tree.json", first.tree, labels=list(dataset.vocab.tokens),
+                      counts=dataset.counts, built_by={"projections": projections})  # fmt: skip
+    again = run_search(dataclasses.replace(config, cost_caps=(4.0,), baselines=str(known)), tmp_path / "known",
+                       log=None)  # fmt: skip
+    own = [row for row in again.evaluations() if row.searcher == "policy@4x"]
+    assert [row.key for row in own] == [evaluation_key(first.tree, first.projections)] and not own[0].counted
+    assert again.read_json(SELECTION_FREE) == {"policy@4x": pytest.approx(own[0].valid_nll)}
+
+
+def test_the_policy_agent_needs_the_split_grammar_and_its_file_only_with_it():
+    with pytest.raises(ValueError, match="policy agent searches the split grammar"):
+        SearchConfig(agent="policy", env="merge", cost_caps=(2.0,))
+    with pytest.raises(ValueError, match="policy_file is for the policy agent"):
+        SearchConfig(agent="dp", policy_file="p.pt", cost_caps=(2.0,))
+
+
+def test_the_shipped_policy_loads_and_proposes_within_the_cap():
+    assert shipped_policy().is_file()
+    module = load_policy(shipped_policy(), CONFIG)
+    for cap in (1.0, 1.5, 2.0, 4.0):
+        proposal = next(proposals(module, dataclasses.replace(CONFIG, cost_cap=cap), tries=None))
+        assert proposal.cost_ratio <= cap * (1 + 1e-9) and proposal.tree.num_classes == PLANTED.num_classes

@@ -577,3 +577,34 @@ def test_other_libraries_log_lines_show_only_with_verbose(tmp_path):
     assert "A new study created" in outputs[("-v",)]
     for flags in ((), ("-v",)):  # the run's log file has them either way
         assert "optuna" in (tmp_path / f"run{len(flags)}" / "libraries.log").read_text().split("A new study created")[0]
+
+
+def test_propose_writes_the_shipped_policy_s_tree_for_a_dataset_and_cap(tmp_path):
+    from tree_search.builders import huffman
+    from tree_search.cost import head_cost
+
+    rng = np.random.default_rng(0)
+    labels = np.minimum(rng.zipf(1.3, size=4000) - 1, 79)
+    np.savez(tmp_path / "d.npz", features=rng.normal(size=(4000, 8)).astype(np.float32), labels=labels)
+    out = tmp_path / "p.tree.json"
+    result = run("propose", "--dataset", str(tmp_path / "d.npz"), "--cost-cap", "1.5", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "no head trained" in result.output and f"wrote {out}" in result.output
+    record = load_tree(out)
+    assert record.built_by["builder"] == "policy" and record.built_by["params"]["cost_cap"] == 1.5
+    assert len(record.labels) == record.tree.num_classes == labels.max() + 1
+    projections = {int(n): p for n, p in (record.built_by.get("projections") or {}).items()}
+    counts = record.counts / record.counts.sum()
+    ratio = head_cost(record.tree, counts, 8, projections) / head_cost(huffman(counts, 2), counts, 8)
+    assert record.metrics["cost_vs_huffman"] == pytest.approx(ratio) and ratio <= 1.5 * (1 + 1e-9)
+    for args, message in (
+        (["--cost-cap", "0"], "--cost-cap must be a finite number > 0"),
+        (["--out", str(tmp_path / "p.txt")], "use a .json (tree.json) or .npz (codes.npz) name"),
+        (["--cost-cap", "0.1"], "no tree within 0.1x binary Huffman's cost"),
+    ):
+        bad = CliRunner().invoke(main, ["propose", "--dataset", str(tmp_path / "d.npz"), *args])
+        assert bad.exit_code != 0 and message in bad.output, bad.output
+    (tmp_path / "junk.pt").write_text("no policy")
+    bad = CliRunner().invoke(main, ["propose", "--dataset", str(tmp_path / "d.npz"), "--policy",
+                                    str(tmp_path / "junk.pt")])  # fmt: skip
+    assert bad.exit_code == 1 and "junk.pt: not a saved policy" in bad.output

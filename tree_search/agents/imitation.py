@@ -16,9 +16,10 @@ policy as a prior that orders dp's measurements.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,35 @@ from tree_search.reward.evaluator import LocalEvaluator
 from tree_search.reward.reward import huffman_cost
 from tree_search.tree import Tree
 
-__all__ = ["POLICY_FORMAT", "clone_policy", "expert_demonstrations", "load_policy", "propose", "save_policy"]
+__all__ = [
+    "POLICY_FORMAT",
+    "Proposal",
+    "clone_policy",
+    "expert_demonstrations",
+    "load_policy",
+    "propose",
+    "proposals",
+    "save_policy",
+    "shipped_policy",
+]
 
 POLICY_FORMAT = 1  # the version of a saved policy's file (`save_policy`)
+SHIPPED_POLICY = Path(__file__).with_name("learned_policy.pt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """A tree the policy built: its projections, the environment's actions, its cost in binary Huffman's."""
+
+    tree: Tree
+    projections: dict[int, int]
+    actions: list[int]
+    cost_ratio: float
+
+
+def shipped_policy() -> Path:
+    """The policy that ships with the package (`learned_policy.pt`, trained by ``benchmarks/bench_policy.py``)."""
+    return SHIPPED_POLICY
 
 
 def _tree_only(tree, projections=None):
@@ -53,8 +80,8 @@ def two_level(config: TreeEnvConfig) -> TreeEnvConfig:
     return dataclasses.replace(config, split_two_level=True, max_steps=max(config.max_steps, steps))
 
 
-def _env(config: TreeEnvConfig):
-    return make_env({"env": "split", **two_level(config).to_env_config()}, reward_fn=_tree_only)
+def _env(config: TreeEnvConfig, dataset=None):
+    return make_env({"env": "split", **two_level(config).to_env_config()}, dataset=dataset, reward_fn=_tree_only)
 
 
 def expert_demonstrations(
@@ -136,7 +163,16 @@ def _build(num_features: int, num_actions: int, policy: PolicyConfig):
     )
     spec = masked_module_spec(policy, observation_space=observation_space,
                               action_space=gym.spaces.Discrete(num_actions))  # fmt: skip
-    module = spec.build()
+    # RLlib's own build path warns of its deprecated constructor (through Ray's deprecation logger): not ours to act on
+    loggers = [logging.getLogger(name) for name in ("ray.rllib", "ray._common.deprecation")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        module = spec.build()
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
     module.spaces, module.policy_config = (num_features, num_actions), policy  # what `save_policy` writes
     return module
 
@@ -160,8 +196,19 @@ def save_policy(module, path: str | Path, config: TreeEnvConfig, instances: Sequ
     return path
 
 
-def load_policy(path: str | Path, config: TreeEnvConfig):
-    """The module saved at ``path``, checked against ``config``'s split environment (fanouts, spaces)."""
+def _check_spaces(module, env, path: Path | None = None) -> None:
+    actions_here, features_here = int(env.action_space.n), int(env.observation_space["observations"].shape[0])
+    if tuple(module.spaces) != (features_here, actions_here):
+        raise ValueError(f"{f'{path}: ' if path else ''}the policy acts on {module.spaces[0]} observation features and "
+                         f"{module.spaces[1]} actions; this search's split environment has {features_here} and "
+                         f"{actions_here} (another environment version or settings)")  # fmt: skip
+
+
+def load_policy(path: str | Path, config: TreeEnvConfig, dataset=None):
+    """The module saved at ``path``, checked against ``config``'s split environment (fanouts, spaces).
+
+    ``dataset``: ``config``'s dataset when it is loaded already (the spaces are checked on its environment).
+    """
     path = Path(path)
     try:
         saved: dict[str, Any] = torch.load(path, weights_only=True)
@@ -175,26 +222,44 @@ def load_policy(path: str | Path, config: TreeEnvConfig):
         )
     module = _build(saved["num_features"], saved["num_actions"], PolicyConfig(hidden=tuple(saved["hidden"])))
     module.load_state_dict(saved["state"])
+    _check_spaces(module, _env(config, dataset), path)
     return module
 
 
-def propose(module, config: TreeEnvConfig, tries: int = 8) -> tuple[Tree, dict[int, int], list[int]]:
-    """The tree the policy builds greedily on ``config``'s dataset and cap: (tree, projections, actions).
+def proposals(module, config: TreeEnvConfig, tries: int | None = 8, dataset=None) -> Iterator[Proposal]:
+    """The distinct trees the policy builds on ``config``'s dataset, in its order of preference; nothing is trained.
 
-    Nothing is trained: the environment builds the tree and its reward function stops there.
-    Under a cost cap the root's decision is tried in the policy's order of preference (at most
-    ``tries`` of them, each followed greedily): the first tree within the cap is returned, else the
-    cheapest (costs need no training, `tree_search.cost`).
+    The root's decision is taken in the policy's order of preference (at most ``tries`` of its legal
+    actions; None: all of them), each followed greedily: each distinct tree within the cap is yielded
+    as it is built (costs need no training, `tree_search.cost`); trees over the cap are not.
+    ``dataset``: ``config``'s dataset when it is loaded already.
+
+    Raises:
+        ValueError: when the policy was trained for another environment (its number of actions or of
+            observation features differs from ``config``'s two-level split environment's).
     """
-    env = _env(config)
+    seen = set()
+    for proposal, within in _greedy_trees(module, config, tries, dataset):
+        key = (proposal.tree.canonical_hash, tuple(sorted(proposal.projections.items())))
+        if within and key not in seen:
+            seen.add(key)
+            yield proposal
+
+
+def _greedy_trees(module, config: TreeEnvConfig, tries: int | None, dataset=None) -> Iterator[tuple[Proposal, bool]]:
+    """Each tree of the policy's ``tries`` preferred root decisions (followed greedily), and if it is within the cap."""
+    env = _env(config, dataset)
     split = env.unwrapped
+    _check_spaces(module, env)
     dataset = split.dataset
     model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
-    limit = config.cost_cap * huffman_cost(dataset, model) * (1 + 1e-9) if config.cost_mode == "cap" else math.inf
+    unit = huffman_cost(dataset, model)
+    limit = config.cost_cap * unit * (1 + 1e-9) if config.cost_mode == "cap" else math.inf
     observation, info = env.reset()
-    order = torch.argsort(_logits(module, observation, info), descending=True)[: max(1, tries)]
-    proposals = []
-    for first in (int(a) for a in order if info["action_mask"][int(a)]):
+    order = torch.argsort(_logits(module, observation, info), descending=True)
+    order = order if tries is None else order[: max(1, tries)]
+    legal = [int(a) for a in order if info["action_mask"][int(a)]]  # the root's: ``info`` changes below
+    for first in legal:
         observation, info = env.reset()
         actions, action, done, truncated = [], first, False, False
         while not (done or truncated):
@@ -204,11 +269,24 @@ def propose(module, config: TreeEnvConfig, tries: int = 8) -> tuple[Tree, dict[i
                 action = int(torch.argmax(_logits(module, observation, info)))
         tree, projections = split.last_tree, dict(split.last_projections)
         cost = head_cost(tree, dataset.class_weights, dataset.dim, projections, model)
-        if cost <= limit:
-            return tree, projections, actions
-        proposals.append((cost, tree, projections, actions))
-    _, tree, projections, actions = min(proposals, key=lambda p: p[0])
-    return tree, projections, actions
+        yield Proposal(tree, projections, actions, cost / unit), cost <= limit
+
+
+def propose(module, config: TreeEnvConfig, tries: int = 8) -> tuple[Tree, dict[int, int], list[int]]:
+    """The policy's first tree within the cap (`proposals`): (tree, projections, actions); nothing is trained.
+
+    When none of the ``tries`` root decisions leads to a tree within the cap, the cheapest tree built
+    is returned (the caller sees it is over the cap from its cost).
+    """
+    for proposal in proposals(module, config, tries):
+        return proposal.tree, proposal.projections, proposal.actions
+    return _cheapest(module, config, tries)
+
+
+def _cheapest(module, config: TreeEnvConfig, tries: int) -> tuple[Tree, dict[int, int], list[int]]:
+    """The cheapest of the trees of ``tries`` root decisions (each followed greedily), within the cap or not."""
+    best = min((proposal for proposal, _ in _greedy_trees(module, config, tries)), key=lambda p: p.cost_ratio)
+    return best.tree, best.projections, best.actions
 
 
 def _logits(module, observation, info) -> torch.Tensor:

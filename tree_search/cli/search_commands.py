@@ -182,7 +182,14 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
 
 @main.command()
 @click.option("--agent", type=click.Choice(AGENTS), default=SearchConfig.agent, show_default=True,
-              help="The searcher: RLlib ppo/appo, Optuna samplers, or dp (split env only).")  # fmt: skip
+              help="The searcher: RLlib ppo/appo, Optuna samplers, dp, or policy (a learned policy's proposals, "
+                   "best-liked first; split env only, as dp).")  # fmt: skip
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="--agent policy: a learned policy's file (default: the one shipped with the package).",
+)
 @click.option("--env", "env_name", type=click.Choice(["split", "merge", "cutoffs"]), default=SearchConfig.env,
               show_default=True, help="The environment trees are built in.")  # fmt: skip
 @click.option(
@@ -320,6 +327,7 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
 @friendly_errors
 def search(
     agent: str,
+    policy_file: Path | None,
     env_name: str,
     budget: int,
     seconds: float | None,
@@ -433,8 +441,11 @@ def search(
             max_steps=max_steps,
             reward_mode=reward_mode,
         )
+        if policy_file is not None and agent != "policy":
+            raise click.ClickException("--policy is the learned policy of --agent policy")
         config = SearchConfig(
             agent=agent,
+            policy_file=str(policy_file.resolve()) if policy_file is not None else "",
             env=env_name,
             budget=budget,
             cost_caps=float_list(cost_caps, "--cost-caps"),
@@ -460,7 +471,7 @@ def search(
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a parent's "ignore Ctrl-C" is respected
         signal.signal(signal.SIGINT, _stop_search)
     signal.signal(signal.SIGTERM, _stop_search)  # a scheduler's SIGTERM stops as cleanly as Ctrl-C
-    if config.agent in RLLIB_AGENTS:
+    if config.agent in (*RLLIB_AGENTS, "policy"):  # the policy is an RLlib module
         import ray.rllib  # noqa: F401 - it installs its log handler at import: `library_logs` quiets it
     with library_logs(folder / Run.LIBRARY_LOG, verbose):
         try:

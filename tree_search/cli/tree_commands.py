@@ -456,3 +456,60 @@ def _export_torch_adaptive(source: Path, target: Path) -> None:
                   f"cutoffs {exported.cutoffs}, tail sizes [{sizes}] ({how}), head_bias "
                   f"{exported.module.head_bias}; PyTorch's class = permutation\\[class] "
                   "(tree_search.interop.load_torch_adaptive reads it)")  # fmt: skip
+
+
+@main.command()
+@click.option("--dataset", "dataset_name", type=DATASET, default="builtin", show_default=True,
+              help=DATASET_HELP + ".")  # fmt: skip
+@click.option("--cost-cap", type=float, default=2.0, show_default=True,
+              help="Cap on the tree's expected multiply-adds per token, in multiples of binary Huffman's.")  # fmt: skip
+@click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="A learned policy's file (default: the one shipped with the package).")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("proposal.tree.json"),
+              show_default=True, help="The tree file to write: .json (tree.json) or .npz (codes.npz).")  # fmt: skip
+@friendly_errors
+def propose(dataset_name: str, cost_cap: float, policy_file: Path | None, out: Path) -> None:
+    """Write the tree a learned policy proposes for a dataset and cost cap, in seconds, with no head trained.
+
+    The policy (cloned from dp's choices on other corpora) builds the tree decision by decision in
+    dp's grammar; its cost is exact, its loss is not known until a head is trained on it (try it with
+    `tree-search search --agent policy`, which also compares it with the classic trees).
+    """
+    from tree_search.agents.imitation import load_policy, proposals, shipped_policy
+    from tree_search.envs import TreeEnvConfig, load_env_dataset
+
+    if not (cost_cap > 0 and math.isfinite(cost_cap)):
+        raise click.UsageError(f"--cost-cap must be a finite number > 0, got {cost_cap:g}")
+    if out.suffix.lower() not in (".json", ".npz"):
+        raise click.UsageError(f"--out {out}: use a .json (tree.json) or .npz (codes.npz) name")
+    if dataset_name == "builtin":
+        with progress_bars() as progress:
+            prepare_dataset(log=console.print, progress=progress)  # cached after the first run
+    started = time.perf_counter()
+    config = TreeEnvConfig(dataset=dataset_name, cost_cap=cost_cap)
+    dataset = load_env_dataset(config)
+    path = policy_file or shipped_policy()
+    module = load_policy(path, config, dataset)
+    proposal = next(proposals(module, config, tries=None, dataset=dataset), None)
+    seconds = time.perf_counter() - started
+    if proposal is None:
+        raise click.ClickException(f"the policy built no tree within {cost_cap:g}x binary Huffman's cost from any of "
+                                   "its root decisions; give a larger --cost-cap")  # fmt: skip
+    tree, projections = proposal.tree, proposal.projections
+    cost = head_cost(tree, dataset.class_weights, dataset.dim, projections)
+    built_by = {"builder": "policy", "params": {"policy": path.name, "cost_cap": cost_cap}}
+    if projections:
+        built_by["projections"] = {str(n): d for n, d in projections.items()}
+    metrics = {"expected_cost": cost, "cost_vs_huffman": proposal.cost_ratio,
+               "cost_ratio": cost / full_softmax_macs(dataset.num_classes, dataset.dim)}  # fmt: skip
+    record = TreeRecord(tree, labels=list(dataset.vocab.tokens), counts=dataset.counts, built_by=built_by,
+                        metrics=metrics)  # fmt: skip
+    save_tree(out, record)
+    stats = tree.summary(dataset.class_weights)
+    console.print(f"{dataset.num_classes:,} classes; policy {path}")
+    projected = f", {len(projections)} projected node(s)" if projections else ""
+    console.print(f"proposed in {seconds:.2f} s, no head trained: {tree.num_internal:,} internal nodes, max fanout "
+                  f"{stats['max_fanout']}, expected depth {stats['expected_depth']:.2f}, cost "
+                  f"{proposal.cost_ratio:.2f}x binary Huffman's (cap {cost_cap:g}x){projected}")  # fmt: skip
+    console.print(f"wrote {out}; its loss against the classic trees: tree-search baseline --dataset {dataset_name} "
+                  f"--trees front,{out} --evaluate")  # fmt: skip

@@ -12,11 +12,12 @@ from tree_search.agents.optuna_search import OPTUNA_SAMPLERS
 from tree_search.agents.policy import PolicyConfig
 from tree_search.envs import ENV_IDS, TreeEnvConfig
 
-__all__ = ["AGENTS", "EXECUTION_FIELDS", "NODE_AGENTS", "RLLIB_AGENTS", "SearchConfig"]
+__all__ = ["AGENTS", "EXECUTION_FIELDS", "GRAMMAR_AGENTS", "NODE_AGENTS", "RLLIB_AGENTS", "SearchConfig"]
 
 RLLIB_AGENTS = ("ppo", "appo")
 NODE_AGENTS = ("dp", "jtm")  # searchers that plan with the trained nodes of evaluated trees (Evaluator.node_shares)
-AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS, *NODE_AGENTS)
+GRAMMAR_AGENTS = (*NODE_AGENTS, "policy")  # searchers of the split grammar from the root, under a cost cap
+AGENTS = (*RLLIB_AGENTS, *OPTUNA_SAMPLERS, *GRAMMAR_AGENTS)
 
 
 _EXECUTION = {"execution": True}
@@ -37,6 +38,7 @@ class SearchConfig:
     taxonomy: str = ""
     seed: int = 0  # sampler / policy seed
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    policy_file: str = ""  # agent "policy": a learned policy's file ('': the one shipped with the package)
     seed_classics: bool = True  # Optuna and RLlib: a new search starts from the homogeneous (classic) trees
     prune: bool = False  # Optuna: median pruner on the measurements (saves no time with the node bank)
     final_seeds: int = 3  # seeds of the final test-split scoring
@@ -90,7 +92,12 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.eval_batch must be >= 1, got {self.eval_batch}")
         if self.env_runners > 0 and self.agent not in RLLIB_AGENTS:
             raise ValueError(f"SearchConfig.env_runners is for the RLlib agents {RLLIB_AGENTS}, not {self.agent!r}")
-        if self.agent in NODE_AGENTS:  # checked here, before a run folder is made and its baselines trained
+        if not isinstance(self.policy_file, str):
+            raise ValueError(f"SearchConfig.policy_file must be a file path or '' for the shipped policy, got "
+                             f"{self.policy_file!r}")  # fmt: skip
+        if self.policy_file and self.agent != "policy":
+            raise ValueError(f"SearchConfig.policy_file is for the policy agent, not {self.agent!r}")
+        if self.agent in GRAMMAR_AGENTS:  # checked here, before a run folder is made and its baselines trained
             name = self.agent
             if self.env != "split":
                 raise ValueError(f"the {name} agent searches the split grammar: use env 'split', not {self.env!r}")
@@ -100,7 +107,7 @@ class SearchConfig:
                 raise ValueError(f"the {name} agent plans trees from the root, not from a taxonomy's groups: leave "
                                  "out the taxonomy start (--taxonomy-level); --taxonomy alone adds its tree to the "
                                  "baselines")  # fmt: skip
-            if not self.node_bank:
+            if not self.node_bank and name in NODE_AGENTS:
                 raise ValueError(f"the {name} agent reads the trained nodes of the trees it evaluated from the node "
                                  "bank (Evaluator.node_shares): run it with the node bank on")  # fmt: skip
 

@@ -559,6 +559,20 @@ def _verdicts(rows: list[dict[str, Any]], scores: FinalScores) -> list[str]:
     return lines
 
 
+def _policy_lines(runs: Sequence[Run]) -> list[str]:
+    """Where the searched trees of ``--agent policy`` runs come from: a learned policy, not a search."""
+    lines = []
+    for source in runs:
+        config = source.config or {}
+        if config.get("agent") != "policy":
+            continue
+        policy = config.get("policy_file") or "the learned policy shipped with the package"
+        lines += ["", f"The searched trees of {source.folder} come from a learned policy ({policy}), not from a "
+                      f"search: its {config.get('budget')} best-liked distinct proposal(s) within each cap, each "
+                      f"scored once on validation; the policy proposed them with no head trained."]  # fmt: skip
+    return lines
+
+
 def _write_report(
     run: Run,
     comparison: ComparisonReport,
@@ -655,6 +669,7 @@ def _write_report(
         f"from a paired bootstrap over {rows[0]['test_documents']:,} test {scores.documents_are} "
         f"and the seeds ({scores.draws:,} draws). Searches selected on the validation split only. "
         f"Costs and caps are in {cost_in}.{decode_cap_line}",
+        *_policy_lines(runs),
         "",
         "| tree | kind | valid NLL (search) | test NLL | ± | perplexity | cost / full | cost / Huffman | max depth |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -60,6 +60,11 @@ def _make_searcher(
     if config.agent == "dp":  # (SearchConfig has checked its environment and cost rule)
         return DPSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
                           caches=dp_caches)  # fmt: skip
+    if config.agent == "policy":
+        from tree_search.agents.policy_search import PolicySearcher
+
+        return PolicySearcher(evaluator, dataset, config.env_config, config.policy_file or None,
+                              seconds=config.seconds, seed=config.seed)  # fmt: skip
     if config.agent == "jtm":
         from tree_search.agents.jtm_search import JTMSearcher
 
@@ -239,6 +244,8 @@ def _search(config: SearchConfig, run: Run, log: Callable[[str], None] | None,
                 raise ValueError(f"cost cap {lowest.env_config.cost_cap:g}x: the cheapest tree dp can yield costs "
                                  f"{cheapest:.2f}x binary Huffman's (its grammar's trees, and the whole Huffman "
                                  f"trees among the baselines); give caps of at least {cheapest:.2f}")  # fmt: skip
+        if config.agent == "policy":  # a policy file that cannot act here: said before anything trains
+            make_searcher(searches[0][1], evaluator, run, dataset, searches[0][0])
         if config.baselines != "none" or config.taxonomy:
             if progress_bar is not None:
                 named, files = split_baselines(config.baselines, check_files=False) if config.baselines != "none" \
