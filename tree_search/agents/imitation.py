@@ -8,9 +8,11 @@ greedily in a new instance's environment and returns its tree: no head is traine
 tree is built. The observation holds no V and no corpus-specific value (group size, mass,
 entropy, spread, depth, committed cost, the cap), so one policy acts on any instance.
 
-Not built yet (issue 24): PPO from the cloned start across instances, expert-iteration rounds,
-a policy trained on many corpora shipped with the package, ``tree-search propose``, and the
-policy as a prior that orders dp's measurements.
+The package ships a policy cloned on planted instances and four domains of Debian documentation
+(`shipped_policy`; ``benchmarks/bench_policy.py --ship`` writes it): ``tree-search propose`` and
+``search --agent policy`` (`tree_search.agents.policy_search`) use it. Not built yet (issue 24):
+PPO from the cloned start across instances, expert-iteration rounds, and the policy as a prior
+that orders dp's measurements.
 """
 
 from __future__ import annotations
