@@ -117,8 +117,10 @@ def test_the_policy_agent_scores_its_proposals_in_order_and_its_first_is_selecti
     projections = {str(n): d for n, d in first.projections.items()}
     known = save_tree(tmp_path / "first.tree.json", first.tree, labels=list(dataset.vocab.tokens),
                       counts=dataset.counts, built_by={"projections": projections})  # fmt: skip
+    lines = []
     again = run_search(dataclasses.replace(config, cost_caps=(4.0,), baselines=str(known)), tmp_path / "known",
-                       log=None)  # fmt: skip
+                       log=lines.append)  # fmt: skip
+    assert "scored the policy's 1 best-liked proposal(s), 1 of them trees the run had scored already" in "".join(lines)
     own = [row for row in again.evaluations() if row.searcher == "policy@4x"]
     assert [row.key for row in own] == [evaluation_key(first.tree, first.projections)] and not own[0].counted
     assert again.read_json(SELECTION_FREE) == {"policy@4x": pytest.approx(own[0].valid_nll)}

@@ -42,14 +42,19 @@ class PolicySearcher(Searcher):
         """Yield each proposal's counted evaluation, the policy's favourite first, until the budget is used."""
         from tree_search.agents.imitation import proposals
 
-        found, limit = 0, self.evaluator.remaining  # proposals to score, free ones (classic trees known) included
+        found, free, limit = 0, 0, self.evaluator.remaining  # proposals to score, free ones (known trees) included
         try:
             for proposal in proposals(self.module, self.config, tries=None, dataset=self.dataset):
-                if self.done or (limit is not None and self._evaluated >= limit):
+                if self.done:
+                    return
+                if limit is not None and self._evaluated >= limit:
+                    self.stop_reason = (f"it scored the policy's {limit} best-liked proposal(s), {free} of them "
+                                        f"trees the run had scored already (free)")  # fmt: skip
                     return
                 found += 1
                 evaluation = self.evaluator.evaluate(proposal.tree, proposal.projections, searcher=self.label)
                 self._evaluated += 1
+                free += not evaluation.counted
                 if self._first is None:
                     self._first = evaluation
                 if evaluation.counted:
