@@ -3,7 +3,9 @@
 Training instances: planted hierarchies (`tree_search.data.planted`) of several sizes, branchings,
 Zipf exponents and signals, and real corpora of four domains (``--real``: Perl's manuals, Vim's help,
 the Linux kernel's documentation, man pages; English text from Debian packages,
-``make_large_english_corpus.py --by-source``, prepared at V = 3,000-4,000). Held out, never seen in
+``make_large_english_corpus.py --by-source``, prepared at V = 3,000-4,000, and three of them at
+10,000, the size of the held-out corpora: the observation gives sizes relative to V, so the policy
+cannot tell a 3k corpus's root from a 10k one's). Held out, never seen in
 training: other planted seeds and shapes and, with ``--real``, two other domains at V = 10,000
 (Python's documentation, PostgreSQL's manual) and the built-in code corpus. For each instance and
 cap, dp searches (``--budget`` evaluations a cap) and its chosen plan is replayed as demonstrations
@@ -23,6 +25,7 @@ and prints the regret of the proposal against dp as a share of dp's margin over 
 
     python benchmarks/make_large_english_corpus.py --by-source runs/english-domains
     for f in perl-manuals:3000 vim-help:3000 linux-kernel-documentation:4000 man-pages:4000 \
+             linux-kernel-documentation:10000 man-pages:10000 perl-manuals:10000 \
              python-documentation:10000 postgresql-manual:10000; do
         tree-search data prepare --text runs/english-domains/${f%%:*}.txt --max-size ${f##*:} --name ${f%%:*}-${f##*:}
     done
@@ -65,7 +68,8 @@ TRAIN = [_planted(v, f, z, s, seed) for seed, (v, f, z, s) in enumerate([
     (512, 4, 1.1, 2.0), (320, 6, 1.0, 3.5)])]  # fmt: skip
 HELD_OUT = [_planted(v, f, z, s, 100 + seed) for seed, (v, f, z, s) in enumerate([
     (448, 4, 1.05, 2.5), (288, 5, 1.15, 3.0), (640, 3, 1.0, 3.0)])]  # fmt: skip
-REAL_TRAIN = ["perl-manuals-3000", "vim-help-3000", "linux-kernel-documentation-4000", "man-pages-4000"]
+REAL_TRAIN = ["perl-manuals-3000", "vim-help-3000", "linux-kernel-documentation-4000", "man-pages-4000",
+              "linux-kernel-documentation-10000", "man-pages-10000", "perl-manuals-10000"]  # fmt: skip
 REAL_HELD_OUT = ["python-documentation-10000", "postgresql-manual-10000", "builtin"]
 
 

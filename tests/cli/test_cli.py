@@ -608,3 +608,11 @@ def test_propose_writes_the_shipped_policy_s_tree_for_a_dataset_and_cap(tmp_path
     bad = CliRunner().invoke(main, ["propose", "--dataset", str(tmp_path / "d.npz"), "--policy",
                                     str(tmp_path / "junk.pt")])  # fmt: skip
     assert bad.exit_code == 1 and "junk.pt: not a saved policy" in bad.output
+
+
+def test_search_takes_a_policy_file_only_for_the_policy_agent(tmp_path):
+    (tmp_path / "p.pt").write_text("not read")
+    given = CliRunner().invoke(main, ["search", "--agent", "dp", "--policy", str(tmp_path / "p.pt"),
+                                      "--dataset", "planted", "--out", str(tmp_path / "run")])  # fmt: skip
+    assert given.exit_code == 1 and "--policy is the learned policy of --agent policy" in given.output
+    assert not (tmp_path / "run").exists()
