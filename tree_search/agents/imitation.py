@@ -37,7 +37,7 @@ from tree_search.cost import head_cost
 from tree_search.data.features import default_device
 from tree_search.envs import SearchStopped, TreeEnvConfig, load_env_dataset, make_env
 from tree_search.heads.timing import resolve_cost
-from tree_search.reward.evaluator import LocalEvaluator
+from tree_search.reward.evaluator import LocalEvaluator, evaluation_key
 from tree_search.reward.reward import huffman_cost
 from tree_search.tree import Tree
 
@@ -242,7 +242,7 @@ def proposals(module, config: TreeEnvConfig, tries: int | None = 8, dataset=None
     """
     seen = set()
     for proposal, within in _greedy_trees(module, config, tries, dataset):
-        key = (proposal.tree.canonical_hash, tuple(sorted(proposal.projections.items())))
+        key = evaluation_key(proposal.tree, proposal.projections)
         if within and key not in seen:
             seen.add(key)
             yield proposal
