@@ -614,5 +614,5 @@ def test_search_takes_a_policy_file_only_for_the_policy_agent(tmp_path):
     (tmp_path / "p.pt").write_text("not read")
     given = CliRunner().invoke(main, ["search", "--agent", "dp", "--policy", str(tmp_path / "p.pt"),
                                       "--dataset", "planted", "--out", str(tmp_path / "run")])  # fmt: skip
-    assert given.exit_code == 1 and "--policy is the learned policy of --agent policy" in given.output
+    assert given.exit_code == 1 and "policy_file is for the policy agent, not 'dp'" in given.output
     assert not (tmp_path / "run").exists()

@@ -42,7 +42,7 @@ class PolicySearcher(Searcher):
         """Yield each proposal's counted evaluation, the policy's favourite first, until the budget is used."""
         from tree_search.agents.imitation import proposals
 
-        found, free, limit = 0, 0, self.evaluator.remaining  # proposals to score, free ones (known trees) included
+        free, limit = 0, self.evaluator.remaining  # proposals to score, free ones (known trees) included
         try:
             for proposal in proposals(self.module, self.config, tries=None, dataset=self.dataset):
                 if self.done:
@@ -51,7 +51,6 @@ class PolicySearcher(Searcher):
                     self.stop_reason = (f"it scored the policy's {limit} best-liked proposal(s), {free} of them "
                                         f"trees the run had scored already (free)")  # fmt: skip
                     return
-                found += 1
                 evaluation = self.evaluator.evaluate(proposal.tree, proposal.projections, searcher=self.label)
                 self._evaluated += 1
                 free += not evaluation.counted
@@ -61,11 +60,11 @@ class PolicySearcher(Searcher):
                     yield evaluation
         except BudgetExhausted:
             return
-        if not found:
+        if not self._evaluated:
             self.stop_reason = (f"the policy built no tree within the cap of {self.config.cost_cap:g}x binary Huffman "
                                 f"from any of its root decisions")  # fmt: skip
         elif not self.done:
-            self.stop_reason = f"the policy has no more distinct proposals within the cap ({found} scored)"
+            self.stop_reason = f"the policy has no more distinct proposals within the cap ({self._evaluated} scored)"
 
     def selection_free_nll(self) -> float | None:
         """The first proposal's validation NLL when it is the only one scored: the policy chose it unseen."""

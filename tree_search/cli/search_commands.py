@@ -441,8 +441,6 @@ def search(
             max_steps=max_steps,
             reward_mode=reward_mode,
         )
-        if policy_file is not None and agent != "policy":
-            raise click.ClickException("--policy is the learned policy of --agent policy")
         config = SearchConfig(
             agent=agent,
             policy_file=str(policy_file.resolve()) if policy_file is not None else "",
