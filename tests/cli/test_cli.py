@@ -396,7 +396,7 @@ def test_every_search_setting_is_an_option_of_the_search_command_or_named_as_lef
 
     options = {param.name for param in main.commands["search"].params}
     renamed = {"env": "env_name", "cost": "cost_model", "train": "epochs", "planted": "planted_classes",
-               "taxonomy": "taxonomy_file"}  # fmt: skip
+               "taxonomy": "taxonomy_file", "policy_file": "policy_path"}  # fmt: skip
     left_out = {
         "env_config",  # its fields are options of their own
         "policy",  # PPO's network and learning settings: library only

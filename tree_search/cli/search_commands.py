@@ -186,7 +186,7 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
                    "best-liked first; split env only, as dp).")  # fmt: skip
 @click.option(
     "--policy",
-    "policy_file",
+    "policy_path",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="--agent policy: a learned policy's file (default: the one shipped with the package).",
 )
@@ -327,7 +327,7 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
 @friendly_errors
 def search(
     agent: str,
-    policy_file: Path | None,
+    policy_path: Path | None,
     env_name: str,
     budget: int,
     seconds: float | None,
@@ -443,7 +443,7 @@ def search(
         )
         config = SearchConfig(
             agent=agent,
-            policy_file=str(policy_file.resolve()) if policy_file is not None else "",
+            policy_file=str(policy_path.resolve()) if policy_path is not None else "",
             env=env_name,
             budget=budget,
             cost_caps=float_list(cost_caps, "--cost-caps"),
