@@ -197,6 +197,45 @@ def test_final_scoring_uses_seeds_the_search_never_trained_with(tmp_path, monkey
     assert not searched_seeds & set(final_seeds)
 
 
+def test_final_scoring_draws_each_seeds_samples_once(tmp_path, monkeypatch):
+    """Three seeds' train and validation samples and the test split are 7 samples; `split_sample` keeps 6."""
+    import tree_search.reward.node_train as node_train
+    import tree_search.reward.reward as reward
+    import tree_search.search.report as report
+
+    recipe = dataclasses.replace(QUICK, train_tokens=4000, valid_tokens=1000)  # samples, not whole splits
+    env = dataclasses.replace(ENV, train=recipe)
+    run = run_search(SearchConfig(agent="random", budget=2, env_config=env, baselines="huffman-2,huffman-4"),
+                     tmp_path / "run", log=None)  # fmt: skip
+    drawn, scoring = [], [False]
+    real_sample, real_score = node_train.split_sample, report.score_test
+
+    def spy_sample(dataset, split, size, seed, device):
+        before = set(node_train._SAMPLES)
+        sample = real_sample(dataset, split, size, seed, device)
+        if scoring[0]:
+            drawn.extend(key[1:4] for key in set(node_train._SAMPLES) - before)
+        return sample
+
+    def spy_score(*args, **kwargs):
+        scoring[0] = True
+        try:
+            return real_score(*args, **kwargs)
+        finally:
+            scoring[0] = False
+
+    for module in (node_train, reward, report):
+        monkeypatch.setattr(module, "split_sample", spy_sample)
+    monkeypatch.setattr(report, "score_test", spy_score)
+    rows = compare_runs([run.folder], seeds=3, log=None).rows
+    assert len(rows) >= 4  # trees enough that a sample evicted between two seeds of one tree would be drawn again
+    from tree_search.reward import FINAL_SEED_OFFSET
+
+    seeds = [FINAL_SEED_OFFSET + s for s in range(3)]
+    expected = [("train", 4000, s) for s in seeds] + [("valid", 1000, s) for s in seeds] + [("test", None, None)]
+    assert sorted(drawn, key=str) == sorted(expected, key=str)
+
+
 def test_cli_search_and_compare_end_to_end(tmp_path):
     out = tmp_path / "cli"
     args = ["search", "--agent", "random", "--env", "cutoffs", "--dataset", "planted", "--budget", "3", "--baselines",

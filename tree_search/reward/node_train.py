@@ -48,7 +48,8 @@ from tree_search.heads.schedule import step_scale
 from tree_search.tree import Tree
 
 __all__ = ["NodeOutcome", "NodeRecipe", "child_set_hashes", "measurement_totals", "node_keys", "node_result_halves",
-           "node_results", "split_sample", "train_nodes", "training_code_identity", "training_dtype"]  # fmt: skip
+           "node_results", "release_samples", "split_sample", "train_nodes", "training_code_identity",
+           "training_dtype"]  # fmt: skip
 
 # the code that decides a node's numbers
 _TRAINING_SOURCES = ("tree_search.reward.node_train", "tree_search.heads.schedule", "tree_search.tree")
@@ -289,6 +290,14 @@ def split_sample(dataset: FeatureDataset, split: str, size: int | None, seed: in
     while len(_SAMPLES) > 6:
         _SAMPLES.popitem(last=False)
     return sample
+
+
+def release_samples() -> None:
+    """Forget every cached sample (`split_sample`), to call between phases that train with different seeds.
+
+    The final scoring would otherwise hold the searches' samples, hundreds of MB each, beside its own.
+    """
+    _SAMPLES.clear()
 
 
 def _node_pairs(tree: Tree, labels: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

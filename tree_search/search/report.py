@@ -39,7 +39,7 @@ from tree_search.heads.train import validation_nll
 from tree_search.reward.converged import cached_reference
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import Evaluation
-from tree_search.reward.node_train import split_sample, training_code_identity, training_dtype
+from tree_search.reward.node_train import release_samples, split_sample, training_code_identity, training_dtype
 from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
 from tree_search.search.config import SearchConfig
 from tree_search.search.runs import COMPARISON_FILE, SELECTION_FREE, Run, RunError
@@ -273,20 +273,24 @@ def compare_runs(
     rows = []
     todo = sum(str(seed) not in scores.get(entry[-1], {}) for entry in entries for seed in range(seeds))
     advance = progress("final scoring (test split)", todo) if progress is not None and todo else None
-    for index, (name, kind, tree, projections, valid_nll, key) in enumerate(entries):
-        per_seed = scores.setdefault(key, {})
-        for seed in range(seeds):
+    release_samples()  # the searches' samples: the final seeds never read them
+    # Seeds outside, trees inside: one seed's train and validation samples serve every tree (`split_sample` keeps a
+    # few; three seeds' samples and the test split would not fit, and each tree would sample them all again).
+    for seed in range(seeds):
+        final = dataclasses.replace(train, seed=FINAL_SEED_OFFSET + seed)  # seeds no search trained with
+        for index, (name, _, tree, projections, _, key) in enumerate(entries):
+            per_seed = scores.setdefault(key, {})
             if str(seed) in per_seed:
                 continue
             if log:
                 log(f"final scoring {index + 1}/{len(entries)}: {name}, seed {seed + 1}/{seeds} (test split)")
-            final = dataclasses.replace(train, seed=FINAL_SEED_OFFSET + seed)  # seeds no search trained with
             result = score_test(tree, dataset, final, projections=projections or None)
             sums = np.bincount(documents, weights=result["test_row_nll"], minlength=num_documents)
             per_seed[str(seed)] = {"test_nll": result["test_nll"], "document_sums": sums.tolist()}
             report_run.write_json("final.json", {"setting": setting, "scores": scores})
             if advance is not None:
                 advance(1)
+    for name, kind, tree, projections, valid_nll, key in entries:
         rows.append(
             {
                 "name": name,
