@@ -282,3 +282,49 @@ def test_a_cap_below_every_tree_of_the_grammar_is_said_so():
     assert searcher.stop_reason.startswith("no tree of its grammar fits under the cap of 0.1x binary Huffman")
     cheapest = float(searcher.stop_reason.rsplit(" ", 1)[1].rstrip("x"))
     assert 0.1 < cheapest < 1.0  # 3- or 4-ary Huffman completions cost less than binary Huffman
+
+
+class _Reversed:
+    """A prior that prefers the roots dp would measure last, and keeps dp's order of completions."""
+
+    def __init__(self) -> None:
+        self.offered: list = []
+
+    def root_order(self, roots):
+        self.offered = list(roots)
+        return self.offered[::-1]
+
+    def completion_order(self, root, completions):
+        return list(completions)
+
+
+def _measured_roots(searcher: DPSearcher) -> list:
+    """The root rule of each tree ``searcher`` measures, in order (a spy on its `_measure`)."""
+    roots, measure = [], searcher._measure
+
+    def spy(root, completion):
+        roots.append(root)
+        return measure(root, completion)
+
+    searcher._measure = spy
+    return roots
+
+
+def test_with_a_prior_dp_ranks_the_prior_s_first_roots_then_completes_before_measuring_more():
+    from tree_search.agents.dp_search import PRIOR_ROOTS
+
+    dataset = load_env_dataset(CONFIG)
+    prior = _Reversed()
+    evaluator = LocalEvaluator(dataset, QUICK, budget=12)
+    searcher = DPSearcher(evaluator, dataset, CONFIG, prior=prior)
+    roots = _measured_roots(searcher)
+    found = list(searcher.search())
+    assert len(prior.offered) > PRIOR_ROOTS  # dp's feasible roots, widest first
+    assert roots[:PRIOR_ROOTS] == prior.offered[::-1][:PRIOR_ROOTS]
+    assert roots[PRIOR_ROOTS] in roots[:PRIOR_ROOTS]  # then it completes a ranked root: it ranks no new one
+    assert len(found) == evaluator.used == 12
+    alone = DPSearcher(LocalEvaluator(dataset, QUICK, budget=12), dataset, CONFIG)
+    roots = _measured_roots(alone)
+    list(alone.search())
+    half = len(prior.offered) // 2  # alone, dp ranks up to half its budget of roots, widest first
+    assert roots[: min(half, 6)] == prior.offered[: min(half, 6)]

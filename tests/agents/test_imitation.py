@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 from quick_settings import PLANTED, QUICK
 
+from tree_search.agents.dp_search import DPSearcher
 from tree_search.agents.imitation import (
+    PolicyPrior,
     clone_policy,
     expert_demonstrations,
     load_policy,
@@ -20,7 +22,8 @@ from tree_search.builders import huffman
 from tree_search.cost import head_cost
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.export import save_tree
-from tree_search.reward.evaluator import evaluation_key
+from tree_search.reward.evaluator import LocalEvaluator, evaluation_key
+from tree_search.reward.reward import huffman_cost
 from tree_search.search import SearchConfig, run_search
 from tree_search.search.report import compare_runs
 from tree_search.search.runs import SELECTION_FREE
@@ -126,11 +129,69 @@ def test_the_policy_agent_scores_its_proposals_in_order_and_its_first_is_selecti
     assert again.read_json(SELECTION_FREE) == {"policy@4x": pytest.approx(own[0].valid_nll)}
 
 
+def _evaluations_to_reach(config, dataset, target: float | None, prior=None, budget: int = 10) -> tuple[int, float]:
+    """(counted evaluations until dp's best within the cap comes within 1e-4 of ``target`` (None: its own best), best).
+
+    dp measures a completion whose tree is over the cap when some part fits: those trees do not count.
+    (Two different trees may score within 1e-5 of each other: 1e-4 nats is far below a seed's noise.)
+    """
+    evaluator = LocalEvaluator(dataset, QUICK, budget=budget)
+    limit = config.cost_cap * huffman_cost(dataset) * (1 + 1e-9)
+    trace = []
+
+    def record(evaluation, tree) -> None:
+        if head_cost(tree, dataset.class_weights, dataset.dim, evaluation.projections or None) <= limit:
+            trace.append((evaluator.used, evaluation.valid_nll))
+
+    evaluator.listeners.append(record)
+    list(DPSearcher(evaluator, dataset, config, prior=prior).search())
+    best = min(nll for _, nll in trace)
+    target = best if target is None else target
+    return next(used for used, nll in trace if nll <= target + 1e-4), best
+
+
+def test_a_policy_cloned_on_dp_as_its_prior_leads_it_to_its_best_tree_sooner(demonstrations):
+    module = clone_policy(demonstrations)  # it takes dp's decisions at these caps (the first test)
+    dataset = load_env_dataset(CONFIG)
+    for cap in (1.5, 4.0):
+        config = dataclasses.replace(CONFIG, cost_cap=cap)
+        alone, best = _evaluations_to_reach(config, dataset, None)
+        prior = PolicyPrior(module, config, dataset)
+        guided, _ = _evaluations_to_reach(config, dataset, best, prior)
+        assert guided < alone, (cap, guided, alone)
+        roots = prior.root_order(list(dict.fromkeys(DPSearcher(LocalEvaluator(dataset, QUICK), dataset,
+                                                                config).root_rules)))  # fmt: skip
+        demo = next(d for d, c in zip(demonstrations, (1.5, 4.0), strict=True) if c == cap)
+        assert demo.actions[0] == prior.env.unwrapped.action_of(roots[0])  # dp's own root, first
+
+
+def test_a_dp_run_with_the_prior_searches_in_the_policy_s_order_and_says_so(demonstrations, tmp_path):
+    module = clone_policy(demonstrations)
+    policy_file = save_policy(module, tmp_path / "policy.pt", CONFIG)
+    config = SearchConfig(agent="dp", prior=True, policy_file=str(policy_file), budget=4, cost_caps=(4.0,),
+                          env_config=CONFIG, baselines="huffman-2")  # fmt: skip
+    run = run_search(config, tmp_path / "run", log=None)
+    searched = [row.key for row in run.evaluations() if row.searcher == "dp@4x" and row.counted]
+    dataset = load_env_dataset(CONFIG)
+    at_cap = dataclasses.replace(CONFIG, cost_cap=4.0)
+    direct = [e.key for e in DPSearcher(LocalEvaluator(dataset, QUICK, budget=4), dataset, at_cap,
+                                        prior=PolicyPrior(module, at_cap, dataset)).search()]  # fmt: skip
+    alone = [e.key for e in DPSearcher(LocalEvaluator(dataset, QUICK, budget=4), dataset, at_cap).search()]
+    assert searched == direct != alone
+    compare_runs([run.folder], seeds=1, log=None)
+    assert f"dp's measurements in {run.folder} were ordered by a learned policy ({policy_file})" in (
+        run.folder / "report.md"
+    ).read_text()
+
+
 def test_the_policy_agent_needs_the_split_grammar_and_its_file_only_with_it():
     with pytest.raises(ValueError, match="policy agent searches the split grammar"):
         SearchConfig(agent="policy", env="merge", cost_caps=(2.0,))
     with pytest.raises(ValueError, match="policy_file is for the policy agent"):
         SearchConfig(agent="dp", policy_file="p.pt", cost_caps=(2.0,))
+    with pytest.raises(ValueError, match="prior orders dp's measurements: it is for the dp agent, not 'tpe'"):
+        SearchConfig(agent="tpe", prior=True)
+    assert SearchConfig(agent="dp", prior=True, policy_file="p.pt", cost_caps=(2.0,)).prior  # its file: checked later
 
 
 def test_the_shipped_policy_loads_and_proposes_within_the_cap():

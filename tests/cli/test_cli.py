@@ -610,9 +610,31 @@ def test_propose_writes_the_shipped_policy_s_tree_for_a_dataset_and_cap(tmp_path
     assert bad.exit_code == 1 and "junk.pt: not a saved policy" in bad.output
 
 
-def test_search_takes_a_policy_file_only_for_the_policy_agent(tmp_path):
-    (tmp_path / "p.pt").write_text("not read")
+def test_search_takes_a_policy_file_only_for_the_policy_agent_or_dp_s_prior(tmp_path):
+    (tmp_path / "p.pt").write_text("not a policy")
     given = CliRunner().invoke(main, ["search", "--agent", "dp", "--policy", str(tmp_path / "p.pt"),
                                       "--dataset", "planted", "--out", str(tmp_path / "run")])  # fmt: skip
-    assert given.exit_code == 1 and "policy_file is for the policy agent, not 'dp'" in given.output
+    assert given.exit_code == 1 and "policy_file is for the policy agent or dp with a prior, not 'dp'" in given.output
     assert not (tmp_path / "run").exists()
+    given = CliRunner().invoke(main, ["search", "--agent", "tpe", "--prior", "--dataset", "planted",
+                                      "--out", str(tmp_path / "run")])  # fmt: skip
+    assert given.exit_code == 1 and "prior orders dp's measurements: it is for the dp agent, not 'tpe'" in given.output
+    given = CliRunner().invoke(
+        main,
+        [
+            "search",
+            "--agent",
+            "dp",
+            "--prior",
+            "--policy",
+            str(tmp_path / "p.pt"),
+            "--cost-caps",
+            "2",
+            "--dataset",
+            "planted",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
+    assert given.exit_code == 1 and "p.pt: not a saved policy" in given.output  # before anything is trained
+    assert not (tmp_path / "run" / "leaderboard.jsonl").exists()

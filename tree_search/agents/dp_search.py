@@ -50,8 +50,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -80,7 +81,7 @@ from tree_search.split_grammar import (
 )
 from tree_search.tree import Tree
 
-__all__ = ["DPCaches", "DPSearcher", "choose_completions"]
+__all__ = ["PRIOR_ROOTS", "DPCaches", "DPSearcher", "RulePrior", "choose_completions"]
 
 _RECENT_TREES = 8  # whole trees a search keeps built (at V = 100k, each took 0.2-2 s to build)
 
@@ -277,6 +278,21 @@ class DPCaches:
     costs: dict[tuple, float] = field(default_factory=dict)
 
 
+class RulePrior(Protocol):
+    """What dp asks a prior (a learned policy, `tree_search.agents.imitation.PolicyPrior`): orders of preference."""
+
+    def root_order(self, roots: Sequence[SplitRule]) -> list[SplitRule]:
+        """``roots`` (dp's feasible root rules), most promising first."""
+        ...
+
+    def completion_order(self, root: SplitRule, completions: Sequence[SplitRule]) -> list[SplitRule]:
+        """``completions`` of ``root``'s parts, most promising first."""
+        ...
+
+
+PRIOR_ROOTS = 3  # with a prior, the root rules ranked by a measurement before dp completes the best of them
+
+
 class DPSearcher(Searcher):
     """Dynamic programming over the split grammar's completions, with each node's loss from the evaluator."""
 
@@ -291,10 +307,15 @@ class DPSearcher(Searcher):
         seconds: float | None = None,
         seed: int = 0,
         caches: DPCaches | None = None,
+        prior: RulePrior | None = None,
     ) -> None:
         """Args: evaluator: rewards, budget, node shares; dataset: features; config: the grammar and the cost cap.
 
         ``caches``: splits and costs shared with the searchers of the run's other caps (`DPCaches`).
+        ``prior``: orders the root rules and each root's completions (None: widest roots first, and
+        the completions in `_completion_order`'s fixed order). With a prior only its first
+        `PRIOR_ROOTS` feasible roots are ranked by a measurement before the best of them is
+        completed; the others are measured, in the prior's order, once those are complete.
         """
         super().__init__(None, evaluator, seconds=seconds, seed=seed)
         self.dataset, self.config = dataset, config
@@ -332,6 +353,8 @@ class DPSearcher(Searcher):
         self._costs = caches.costs  # whole trees' costs by `_key`
         self._cheapest: dict[SplitRule, tuple[SplitRule, float]] | None = None  # per root rule: (completion, cost)
         self.predictions: list[tuple[float, float, Tree]] = []  # (predicted NLL, evaluated NLL, tree) of knapsack trees
+        self.prior = prior
+        self._prior_orders: dict[SplitRule, list[SplitRule]] = {}  # root -> the prior's order of its completions
 
     def _completion_order(self, root: SplitRule) -> list[SplitRule]:
         """The completions of ``root``'s parts in order of promise.
@@ -341,8 +364,14 @@ class DPSearcher(Searcher):
         """
         if root.cut in ("cutoffs", "headtail"):
             first = self.huffmans + self.flats
-            return first + [c for c in self.completions if c not in first]
-        return self.completions
+            order = first + [c for c in self.completions if c not in first]
+        else:
+            order = self.completions
+        if self.prior is None:
+            return order
+        if root not in self._prior_orders:
+            self._prior_orders[root] = self.prior.completion_order(root, order)
+        return self._prior_orders[root]
 
     # ------------------------------------------------------------------ building and measuring
     def _tree(self, root: SplitRule, completion: dict[int, SplitRule] | SplitRule) -> tuple[Tree, dict[int, int]]:
@@ -646,17 +675,31 @@ class DPSearcher(Searcher):
             # the rest of the budget completes the best of them.
             self._propose_whole_huffman_trees()
             left = self.evaluator.remaining
+            if self.prior is not None:  # the prior's order; the first few ranked, the rest when those are complete
+                feasible = self.prior.root_order(feasible)
             feasible = feasible[: max(2, left // 2)] if left is not None else feasible
-            for root in feasible:
+            unranked = list(feasible[PRIOR_ROOTS:] if self.prior is not None else ())
+            ranking = feasible[: len(feasible) - len(unranked)]
+
+            def rank(root: SplitRule) -> Evaluation | None:
+                first = self._adaptive_completion(root) if root.cut == "cutoffs" else root
+                return self._measure(root, self._first_completion(root, first, cheapest_rule[root]))
+
+            for root in ranking:
                 if self.done:
                     return
-                first = self._adaptive_completion(root) if root.cut == "cutoffs" else root
-                evaluation = self._measure(root, self._first_completion(root, first, cheapest_rule[root]))
+                evaluation = rank(root)
                 if evaluation is not None and evaluation.counted:
                     yield evaluation
             while not self.done:
-                ranked = sorted(feasible, key=lambda r: self._objective(self.measured[r]))
+                ranked = sorted(ranking, key=lambda r: self._objective(self.measured[r]))
                 pending = [(r, c) for r in ranked for c in self._completion_order(r) if c not in self.measured[r].tried]
+                if not pending and unranked:
+                    ranking.append(unranked.pop(0))
+                    evaluation = rank(ranking[-1])
+                    if evaluation is not None and evaluation.counted:
+                        yield evaluation
+                    continue
                 if not pending:
                     break
                 root = pending[0][0]

@@ -39,10 +39,12 @@ from tree_search.envs import SearchStopped, TreeEnvConfig, load_env_dataset, mak
 from tree_search.heads.timing import resolve_cost
 from tree_search.reward.evaluator import LocalEvaluator, evaluation_key
 from tree_search.reward.reward import huffman_cost
+from tree_search.split_grammar import SplitRule
 from tree_search.tree import Tree
 
 __all__ = [
     "POLICY_FORMAT",
+    "PolicyPrior",
     "Proposal",
     "clone_policy",
     "expert_demonstrations",
@@ -289,6 +291,62 @@ def _cheapest(module, config: TreeEnvConfig, tries: int) -> tuple[Tree, dict[int
     """The cheapest of the trees of ``tries`` root decisions (each followed greedily), within the cap or not."""
     best = min((proposal for proposal, _ in _greedy_trees(module, config, tries)), key=lambda p: p.cost_ratio)
     return best.tree, best.projections, best.actions
+
+
+class PolicyPrior:
+    """A learned policy as dp's prior (`tree_search.agents.dp_search.RulePrior`): its preferences over dp's rules.
+
+    At the root, the policy's logits over the root rules. For a root's completions, the policy's
+    log-probabilities at each of the root's parts (the environment offers them in order of token
+    mass, each part completed by the policy's own choice before the next), summed with the parts'
+    token masses as weights. Rules the policy cannot take there keep their order, after the others.
+    """
+
+    def __init__(self, module, config: TreeEnvConfig, dataset=None) -> None:
+        """``config``: the searcher's environment settings (its cap is the policy's input); ``dataset``: loaded."""
+        self.module, self.env = module, _env(config, dataset)
+        _check_spaces(module, self.env)
+
+    def root_order(self, roots: Sequence[SplitRule]) -> list[SplitRule]:
+        """``roots`` by the policy's logits at the root, most preferred first."""
+        observation, info = self.env.reset()
+        return self._ordered(roots, self._scores(roots, observation, info))
+
+    def completion_order(self, root: SplitRule, completions: Sequence[SplitRule]) -> list[SplitRule]:
+        """``completions`` by the policy's mass-weighted log-probabilities over ``root``'s parts."""
+        split = self.env.unwrapped
+        observation, info = self.env.reset()
+        scores = np.zeros(len(completions))
+        done = truncated = False
+        action = split.action_of(root)
+        if not info["action_mask"][action]:
+            return list(completions)
+        observation, _, done, truncated, info = self.env.step(action)
+        while not (done or truncated):
+            mass = float(split.counts[split.current_group()].sum())
+            logits = _logits(self.module, observation, info)
+            scores += mass * self._scores(completions, observation, info, torch.log_softmax(logits, 0))
+            observation, _, done, truncated, info = self.env.step(int(torch.argmax(logits)))
+        return self._ordered(completions, scores)
+
+    def _scores(self, rules, observation, info, values: torch.Tensor | None = None) -> np.ndarray:
+        """Each rule's value (``values``, default the logits) where its action is legal, else -inf."""
+        values = _logits(self.module, observation, info) if values is None else values
+        split = self.env.unwrapped
+        out = np.full(len(rules), -np.inf)
+        for i, rule in enumerate(rules):
+            try:
+                action = split.action_of(rule)
+            except ValueError:
+                continue
+            if info["action_mask"][action]:
+                out[i] = float(values[action])
+        return out
+
+    @staticmethod
+    def _ordered(rules: Sequence[SplitRule], scores: np.ndarray) -> list[SplitRule]:
+        order = sorted(range(len(rules)), key=lambda i: (-scores[i] if np.isfinite(scores[i]) else math.inf, i))
+        return [rules[i] for i in order]
 
 
 def _logits(module, observation, info) -> torch.Tensor:

@@ -188,8 +188,12 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
     "--policy",
     "policy_path",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="--agent policy: a learned policy's file (default: the one shipped with the package).",
+    help="--agent policy, or --agent dp with --prior: a learned policy's file (default: the one shipped with the "
+    "package).",
 )
+@click.option("--prior/--no-prior", default=SearchConfig.prior, show_default=True,
+              help="--agent dp: a learned policy (--policy) orders dp's measurements: its favourite root rules are "
+                   "ranked first and each root's completions measured in its order.")  # fmt: skip
 @click.option("--env", "env_name", type=click.Choice(["split", "merge", "cutoffs"]), default=SearchConfig.env,
               show_default=True, help="The environment trees are built in.")  # fmt: skip
 @click.option(
@@ -328,6 +332,7 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
 def search(
     agent: str,
     policy_path: Path | None,
+    prior: bool,
     env_name: str,
     budget: int,
     seconds: float | None,
@@ -444,6 +449,7 @@ def search(
         config = SearchConfig(
             agent=agent,
             policy_file=str(policy_path.resolve()) if policy_path is not None else "",
+            prior=prior,
             env=env_name,
             budget=budget,
             cost_caps=float_list(cost_caps, "--cost-caps"),
@@ -469,7 +475,7 @@ def search(
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a parent's "ignore Ctrl-C" is respected
         signal.signal(signal.SIGINT, _stop_search)
     signal.signal(signal.SIGTERM, _stop_search)  # a scheduler's SIGTERM stops as cleanly as Ctrl-C
-    if config.agent in (*RLLIB_AGENTS, "policy"):  # the policy is an RLlib module
+    if config.agent in (*RLLIB_AGENTS, "policy") or config.prior:  # the policy is an RLlib module
         import ray.rllib  # noqa: F401 - it installs its log handler at import: `library_logs` quiets it
     with library_logs(folder / Run.LIBRARY_LOG, verbose):
         try:

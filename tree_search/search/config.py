@@ -38,7 +38,8 @@ class SearchConfig:
     taxonomy: str = ""
     seed: int = 0  # sampler / policy seed
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    policy_file: str = ""  # agent "policy": a learned policy's file ('': the one shipped with the package)
+    policy_file: str = ""  # agent "policy", dp's prior: a learned policy's file ('': the one shipped with the package)
+    prior: bool = False  # dp: the policy (policy_file) orders its measurements (`DPSearcher`'s prior)
     seed_classics: bool = True  # Optuna and RLlib: a new search starts from the homogeneous (classic) trees
     prune: bool = False  # Optuna: median pruner on the measurements (saves no time with the node bank)
     final_seeds: int = 3  # seeds of the final test-split scoring
@@ -95,8 +96,10 @@ class SearchConfig:
         if not isinstance(self.policy_file, str):
             raise ValueError(f"SearchConfig.policy_file must be a file path or '' for the shipped policy, got "
                              f"{self.policy_file!r}")  # fmt: skip
-        if self.policy_file and self.agent != "policy":
-            raise ValueError(f"SearchConfig.policy_file is for the policy agent, not {self.agent!r}")
+        if self.prior and self.agent != "dp":
+            raise ValueError(f"SearchConfig.prior orders dp's measurements: it is for the dp agent, not {self.agent!r}")
+        if self.policy_file and self.agent != "policy" and not self.prior:
+            raise ValueError(f"SearchConfig.policy_file is for the policy agent or dp with a prior, not {self.agent!r}")
         if self.agent in GRAMMAR_AGENTS:  # checked here, before a run folder is made and its baselines trained
             name = self.agent
             if self.env != "split":

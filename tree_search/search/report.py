@@ -564,16 +564,21 @@ def _verdicts(rows: list[dict[str, Any]], scores: FinalScores) -> list[str]:
 
 
 def _policy_lines(runs: Sequence[Run]) -> list[str]:
-    """Where the searched trees of ``--agent policy`` runs come from: a learned policy, not a search."""
+    """Where a learned policy had a hand: the trees of ``--agent policy`` runs, the order of dp's with ``--prior``."""
     lines = []
     for source in runs:
         config = source.config or {}
-        if config.get("agent") != "policy":
+        if config.get("agent") != "policy" and not config.get("prior"):
             continue
         policy = config.get("policy_file") or "the learned policy shipped with the package"
-        lines += ["", f"The searched trees of {source.folder} come from a learned policy ({policy}), not from a "
-                      f"search: its {config.get('budget')} best-liked distinct proposal(s) within each cap, each "
-                      f"scored once on validation; the policy proposed them with no head trained."]  # fmt: skip
+        if config.get("agent") == "policy":
+            lines += ["", f"The searched trees of {source.folder} come from a learned policy ({policy}), not from a "
+                          f"search: its {config.get('budget')} best-liked distinct proposal(s) within each cap, each "
+                          f"scored once on validation; the policy proposed them with no head trained."]  # fmt: skip
+        else:
+            lines += ["", f"dp's measurements in {source.folder} were ordered by a learned policy ({policy}), its "
+                          "prior: the policy's favourite root rules were ranked first and each root's completions "
+                          "measured in its order; the trees are dp's, chosen on validation."]  # fmt: skip
     return lines
 
 

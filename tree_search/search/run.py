@@ -58,8 +58,14 @@ def _make_searcher(
         return make_env(env_config, dataset=dataset, reward_fn=reward_fn)
 
     if config.agent == "dp":  # (SearchConfig has checked its environment and cost rule)
+        prior = None
+        if config.prior:
+            from tree_search.agents.imitation import PolicyPrior, load_policy, shipped_policy
+
+            module = load_policy(config.policy_file or shipped_policy(), config.env_config, dataset)
+            prior = PolicyPrior(module, config.env_config, dataset)
         return DPSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed,
-                          caches=dp_caches)  # fmt: skip
+                          caches=dp_caches, prior=prior)  # fmt: skip
     if config.agent == "policy":
         from tree_search.agents.policy_search import PolicySearcher
 
