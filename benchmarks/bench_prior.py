@@ -12,6 +12,7 @@ own best validation NLL at that budget (within `REACH`, 1e-4 nats), and the best
 The node bank on disk is shared (the counts do not depend on what it holds).
 
     python benchmarks/bench_prior.py --budget 25 --real --out runs/bench-prior
+    TREE_SEARCH_CACHE=CACHE python benchmarks/bench_prior.py --dataset FOLDER --caps 2 --out runs/bench-prior-100k
 """
 
 from __future__ import annotations
@@ -76,10 +77,17 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="also the real held-out corpora (prepared by name)")
     parser.add_argument("--only-real", action="store_true", help="the real held-out corpora alone")
     parser.add_argument("--caps", default=",".join(f"{c:g}" for c in CAPS))
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        help="instead of the held-out instances: a prepared dataset (name or feature folder)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench-prior"))
     args = parser.parse_args()
     instances = [] if args.only_real else list(HELD_OUT)
     instances += REAL_HELD_OUT if args.real or args.only_real else []
+    instances = args.dataset or instances
     caps = [float(c) for c in args.caps.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     start, rows = time.time(), []

@@ -10,9 +10,9 @@ entropy, spread, depth, committed cost, the cap), so one policy acts on any inst
 
 The package ships a policy cloned on planted instances and four domains of Debian documentation
 (`shipped_policy`; ``benchmarks/bench_policy.py --ship`` writes it): ``tree-search propose`` and
-``search --agent policy`` (`tree_search.agents.policy_search`) use it. Not built yet (issue 24):
-PPO from the cloned start across instances, expert-iteration rounds, and the policy as a prior
-that orders dp's measurements.
+``search --agent policy`` (`tree_search.agents.policy_search`) use it, and `PolicyPrior` makes it
+dp's prior (``search --agent dp --prior``: the order of dp's measurements). Not built yet (issue
+24): PPO from the cloned start across instances, and expert-iteration rounds.
 """
 
 from __future__ import annotations
