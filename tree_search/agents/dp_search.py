@@ -37,6 +37,11 @@ The search, within its budget:
    nodes are all in the bank, so it trains nothing; the prediction is checked against the
    evaluation).
 
+With a prior (`RulePrior`, e.g. a learned policy: ``search --agent dp --prior``) step 1 takes
+the root rules in the prior's order and ranks only the first `PRIOR_ROOTS` of them before
+step 2 (the others one at a time, in that order, whenever the ranked ones are complete), and
+step 2 measures each root's completions in the prior's order.
+
 The root rules are the split environment's (k-means, PCA, head-and-tail) plus the root
 splits of the adaptive softmax shapes users know (`ADAPTIVE_SHAPES`: PyTorch's usual cutoffs
 and Grave et al.'s) and of the frequency cutoffs (`CUTOFF_SHAPES`, unprojected tails), so the
