@@ -179,9 +179,10 @@ def test_a_dp_run_with_the_prior_searches_in_the_policy_s_order_and_says_so(demo
     alone = [e.key for e in DPSearcher(LocalEvaluator(dataset, QUICK, budget=4), dataset, at_cap).search()]
     assert searched == direct != alone
     compare_runs([run.folder], seeds=1, log=None)
-    assert f"dp's measurements in {run.folder} were ordered by a learned policy ({policy_file})" in (
-        run.folder / "report.md"
-    ).read_text()
+    assert (
+        f"dp's measurements in {run.folder} were ordered by a learned policy ({policy_file})"
+        in (run.folder / "report.md").read_text()
+    )
 
 
 def test_the_policy_agent_needs_the_split_grammar_and_its_file_only_with_it():
