@@ -317,7 +317,6 @@ class PolicyPrior:
         split = self.env.unwrapped
         observation, info = self.env.reset()
         scores = np.zeros(len(completions))
-        done = truncated = False
         action = split.action_of(root)
         if not info["action_mask"][action]:
             return list(completions)
