@@ -264,13 +264,7 @@ def _greedy_trees(module, config: TreeEnvConfig, tries: int | None, dataset=None
     order = order if tries is None else order[: max(1, tries)]
     legal = [int(a) for a in order if info["action_mask"][int(a)]]  # the root's: ``info`` changes below
     for first in legal:
-        observation, info = env.reset()
-        actions, action, done, truncated = [], first, False, False
-        while not (done or truncated):
-            actions.append(action)
-            observation, _, done, truncated, info = env.step(action)
-            if not (done or truncated):
-                action = int(torch.argmax(_logits(module, observation, info)))
+        actions = [first] + [int(torch.argmax(logits)) for _, _, logits in _greedy_decisions(module, env, first)]
         tree, projections = split.last_tree, dict(split.last_projections)
         cost = head_cost(tree, dataset.class_weights, dataset.dim, projections, model)
         yield Proposal(tree, projections, actions, cost / unit), cost <= limit
@@ -315,17 +309,14 @@ class PolicyPrior:
     def completion_order(self, root: SplitRule, completions: Sequence[SplitRule]) -> list[SplitRule]:
         """``completions`` by the policy's mass-weighted log-probabilities over ``root``'s parts."""
         split = self.env.unwrapped
-        observation, info = self.env.reset()
-        scores = np.zeros(len(completions))
+        _, info = self.env.reset()
         action = split.action_of(root)
         if not info["action_mask"][action]:
             return list(completions)
-        observation, _, done, truncated, info = self.env.step(action)
-        while not (done or truncated):
+        scores = np.zeros(len(completions))
+        for observation, info, logits in _greedy_decisions(self.module, self.env, action):
             mass = float(split.counts[split.current_group()].sum())
-            logits = _logits(self.module, observation, info)
             scores += mass * self._scores(completions, observation, info, torch.log_softmax(logits, 0))
-            observation, _, done, truncated, info = self.env.step(int(torch.argmax(logits)))
         return self._ordered(completions, scores)
 
     def _scores(self, rules, observation, info, values: torch.Tensor | None = None) -> np.ndarray:
@@ -346,6 +337,19 @@ class PolicyPrior:
     def _ordered(rules: Sequence[SplitRule], scores: np.ndarray) -> list[SplitRule]:
         order = sorted(range(len(rules)), key=lambda i: (-scores[i] if np.isfinite(scores[i]) else math.inf, i))
         return [rules[i] for i in order]
+
+
+def _greedy_decisions(module, env, first: int) -> Iterator[tuple[Any, dict, torch.Tensor]]:
+    """Play ``first`` from a reset ``env``, then the policy's favourite action at each later decision.
+
+    Yields each later decision's (observation, info, masked logits) before its action is taken.
+    """
+    env.reset()
+    observation, _, done, truncated, info = env.step(first)
+    while not (done or truncated):
+        logits = _logits(module, observation, info)
+        yield observation, info, logits
+        observation, _, done, truncated, info = env.step(int(torch.argmax(logits)))
 
 
 def _logits(module, observation, info) -> torch.Tensor:
