@@ -201,3 +201,49 @@ def test_the_shipped_policy_loads_and_proposes_within_the_cap():
     for cap in (1.0, 1.5, 2.0, 4.0):
         proposal = next(proposals(module, dataclasses.replace(CONFIG, cost_cap=cap), tries=None))
         assert proposal.cost_ratio <= cap * (1 + 1e-9) and proposal.tree.num_classes == PLANTED.num_classes
+
+
+def test_expert_iteration_s_demonstrations_come_from_dp_guided_by_the_policy(demonstrations, monkeypatch):
+    import tree_search.agents.imitation as imitation
+
+    module = clone_policy(demonstrations)
+    priors = []
+
+    class Recording(DPSearcher):
+        def __init__(self, *args, prior=None, **kwargs):
+            priors.append(prior)
+            super().__init__(*args, prior=prior, **kwargs)
+
+    monkeypatch.setattr(imitation, "DPSearcher", Recording)
+    guided = expert_demonstrations(CONFIG, caps=(1.5, 4.0), budget=4, prior=module)
+    assert len(priors) == 2 and all(isinstance(p, PolicyPrior) and p.module is module for p in priors)
+    assert [p.env.unwrapped.config.cost_cap for p in priors] == [1.5, 4.0]  # the policy sees each search's cap
+    assert len(guided) == 2
+    expert_demonstrations(CONFIG, caps=(1.5,), budget=4)
+    assert priors[-1] is None  # without a policy, dp alone
+
+
+def test_shown_the_classic_trees_the_expert_demonstrates_the_best_tree_within_each_cap():
+    from tree_search.agents.expert import demonstrate_homogeneous
+    from tree_search.agents.imitation import _env
+
+    caps = (1.2, 4.0)  # the best classic tree of the grammar here (k-means, fanout 4) costs 1.3x: over the first
+    alone = expert_demonstrations(CONFIG, caps=caps, budget=2)
+    shown = expert_demonstrations(CONFIG, caps=caps, budget=2, classics=True)
+    dataset = load_env_dataset(CONFIG)
+    counts, dim = dataset.class_weights, dataset.dim
+    unit = head_cost(huffman(counts, 2), counts, dim)
+    scorer = LocalEvaluator(dataset, QUICK)
+    better = 0
+    for cap, dp_demo, demo in zip(caps, alone, shown, strict=True):
+        assert head_cost(demo.tree, counts, dim, demo.projections) <= cap * unit * (1 + 1e-9)
+        nll = scorer.evaluate(demo.tree, demo.projections).valid_nll
+        assert nll <= scorer.evaluate(dp_demo.tree, dp_demo.projections).valid_nll + 1e-12
+        better += nll < scorer.evaluate(dp_demo.tree, dp_demo.projections).valid_nll - 1e-9
+        env = _env(dataclasses.replace(CONFIG, cost_cap=cap), dataset)
+        rule = next(r for r in env.unwrapped.rules if r.order == "kmeans" and r.fanout == 4)
+        kmeans = demonstrate_homogeneous(env, rule)
+        assert len(set(kmeans.actions.tolist())) <= 2  # one rule throughout (flat where a part is that small)
+        if head_cost(kmeans.tree, counts, dim, kmeans.projections) <= cap * unit * (1 + 1e-9):
+            assert nll <= scorer.evaluate(kmeans.tree, kmeans.projections).valid_nll + 1e-12
+    assert better >= 1  # two evaluations a cap leave dp short of a classic tree somewhere

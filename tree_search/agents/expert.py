@@ -19,7 +19,7 @@ import numpy as np
 from tree_search.split_grammar import FLAT, SplitRule
 from tree_search.tree import Tree
 
-__all__ = ["Demonstration", "demonstrate"]
+__all__ = ["Demonstration", "demonstrate", "demonstrate_homogeneous"]
 
 
 @dataclass(frozen=True)
@@ -51,24 +51,41 @@ def demonstrate(
         ValueError: when the environment is not in two-level mode, or offers a group that is
             no part of the plan, or an action of the plan is illegal there.
     """
+    part_of = {int(part.min()): index for index, part in enumerate(parts) if part.size > 1}
+
+    def rule_for(group: np.ndarray, num_classes: int) -> SplitRule:
+        if group.size == num_classes:
+            return root
+        index = part_of.get(int(group.min()))
+        if index is None or index not in completions:
+            raise ValueError(f"the environment offers a group of {group.size} classes that is no part of the plan")
+        return completions[index]
+
+    return _record(env, rule_for)
+
+
+def demonstrate_homogeneous(env, rule: SplitRule) -> Demonstration:
+    """Play ``rule`` at the root and as every part's completion: the classic tree of that rule in dp's grammar.
+
+    Raises:
+        ValueError: as `demonstrate`, when ``rule`` is illegal at some decision.
+    """
+    return _record(env, lambda group, num_classes: rule)
+
+
+def _record(env, rule_for) -> Demonstration:
+    """Play ``rule_for(group, V)`` at each decision of a two-level split environment and record the episode."""
     split = env.unwrapped
     if not split.config.split_two_level:
         raise ValueError("demonstrate needs a split environment with split_two_level=True (dp's grammar)")
-    part_of = {int(part.min()): index for index, part in enumerate(parts) if part.size > 1}
     observation, info = env.reset()
     observations, masks, actions = [], [], []
     done = truncated = False
     while not (done or truncated):
         group = split.current_group()
-        if group.size == split.num_classes:
-            rule = root
-        else:
-            index = part_of.get(int(group.min()))
-            if index is None or index not in completions:
-                raise ValueError(f"the environment offers a group of {group.size} classes that is no part of the plan")
-            rule = completions[index]
-            if not rule.flat and rule.cut != "cutoffs" and group.size <= rule.fanout:
-                rule = FLAT  # a split into at least as many parts as classes: every class a leaf (`plan_head`'s too)
+        rule = rule_for(group, split.num_classes)
+        if group.size < split.num_classes and not rule.flat and rule.cut != "cutoffs" and group.size <= rule.fanout:
+            rule = FLAT  # a split into at least as many parts as classes: every class a leaf (`plan_head`'s too)
         action = split.action_of(rule)
         if not info["action_mask"][action]:
             raise ValueError(f"the plan's rule '{rule}' is not legal for a group of {group.size} classes")

@@ -11,8 +11,11 @@ entropy, spread, depth, committed cost, the cap), so one policy acts on any inst
 The package ships a policy cloned on planted instances and four domains of Debian documentation
 (`shipped_policy`; ``benchmarks/bench_policy.py --ship`` writes it): ``tree-search propose`` and
 ``search --agent policy`` (`tree_search.agents.policy_search`) use it, and `PolicyPrior` makes it
-dp's prior (``search --agent dp --prior``: the order of dp's measurements). Not built yet (issue
-24): PPO from the cloned start across instances, and expert-iteration rounds.
+dp's prior (``search --agent dp --prior``: the order of dp's measurements). Beyond cloning:
+`expert_demonstrations` can run dp guided by a policy (``prior=``: expert iteration, a policy's
+preferences leading dp to better plans that become the next policy's targets) and can show the
+classic trees of dp's grammar beside dp's plan (``classics=True``); PPO from the cloned start is
+`tree_search.agents.policy_improvement`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from ray.rllib.core.columns import Columns
 
 from tree_search.agents.dp_search import DPSearcher
-from tree_search.agents.expert import Demonstration, demonstrate
+from tree_search.agents.expert import Demonstration, demonstrate, demonstrate_homogeneous
 from tree_search.agents.policy import PolicyConfig
 from tree_search.agents.rllib_search import masked_module_spec
 from tree_search.cost import head_cost
@@ -89,7 +92,13 @@ def _env(config: TreeEnvConfig, dataset=None):
 
 
 def expert_demonstrations(
-    config: TreeEnvConfig, caps: Sequence[float], budget: int, log: Callable[[str], None] | None = None
+    config: TreeEnvConfig,
+    caps: Sequence[float],
+    budget: int,
+    log: Callable[[str], None] | None = None,
+    *,
+    prior=None,
+    classics: bool = False,
 ) -> list[Demonstration]:
     """The choice of dp on ``config``'s dataset at each cap (``budget`` evaluations a cap), as episodes.
 
@@ -97,6 +106,10 @@ def expert_demonstrations(
     with its own ``budget`` (a tree evaluated for one cap is known to the next at no charge), and
     the plan demonstrated at a cap is the best (by dp's predicted validation NLL) of the plans
     the searches at that cap and every lower one chose: a plan within a lower cap is within this one.
+    ``prior``: a policy module that orders dp's measurements (`PolicyPrior`; expert iteration).
+    ``classics``: also evaluate the classic trees of dp's grammar within each cap (one rule at the
+    root and through every part, `demonstrate_homogeneous`) and demonstrate whichever of them and
+    dp's plan scores best on validation (dp's budget may not reach a classic tree that beats its plan).
     """
     dataset = load_env_dataset(config)
     evaluator = LocalEvaluator(dataset, config.train, budget=0)
@@ -104,22 +117,55 @@ def expert_demonstrations(
     for cap in sorted(float(c) for c in caps):
         at_cap = two_level(dataclasses.replace(config, cost_cap=cap))
         evaluator.budget = evaluator.used + budget
-        searcher = DPSearcher(evaluator, dataset, at_cap)
+        guide = PolicyPrior(prior, at_cap, dataset) if prior is not None else None
+        searcher = DPSearcher(evaluator, dataset, at_cap, prior=guide)
         searcher.label = f"dp@{cap:g}x"
         for _ in searcher.search():
             pass
         plan = searcher.best_plan()
         if plan is not None:
             plans.append(plan)
-        if not plans:
+        candidates = []  # (validation NLL, demonstration)
+        if plans:
+            root, completions, parts, predicted = min(plans, key=lambda p: p[3])
+            candidates.append((predicted, demonstrate(_env(at_cap, dataset), root, completions, parts)))
+        if classics:
+            evaluator.budget = None  # the classic trees are not dp's to pay for
+            candidates += _homogeneous(at_cap, dataset, evaluator)
+        if not candidates:
             if log:
                 log(f"cap {cap:g}x: dp found no tree of its grammar under the cap; no demonstration")
             continue
-        root, completions, parts, _ = min(plans, key=lambda p: p[3])
-        demonstrations.append(demonstrate(_env(at_cap), root, completions, parts))
+        demonstrations.append(min(candidates, key=lambda c: c[0])[1])
         if log:
-            log(f"cap {cap:g}x: {len(demonstrations[-1].actions)} decisions (root: {root})")
+            log(f"cap {cap:g}x: {len(demonstrations[-1].actions)} decisions")
     return demonstrations
+
+
+def _homogeneous(config: TreeEnvConfig, dataset, evaluator: LocalEvaluator) -> list[tuple[float, Demonstration]]:
+    """Each distinct classic tree of dp's grammar within ``config``'s cap, scored: (validation NLL, demonstration)."""
+    env = _env(config, dataset)
+    limit, unit, model = _cost_limit(config, dataset)
+    seen, out = set(), []
+    for rule in env.unwrapped.rules:
+        try:
+            demo = demonstrate_homogeneous(env, rule)
+        except ValueError:  # the rule is not legal at some decision (a root-only shape as a part's completion)
+            continue
+        key = evaluation_key(demo.tree, demo.projections)
+        if key in seen or head_cost(demo.tree, dataset.class_weights, dataset.dim, demo.projections, model) > limit:
+            continue
+        seen.add(key)
+        out.append((evaluator.evaluate(demo.tree, demo.projections).valid_nll, demo))
+    return out
+
+
+def _cost_limit(config: TreeEnvConfig, dataset) -> tuple[float, float, Any]:
+    """(the cap's cost, binary Huffman's cost, the cost model) of ``config`` on ``dataset``."""
+    model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
+    unit = huffman_cost(dataset, model)
+    limit = config.cost_cap * unit * (1 + 1e-9) if config.cost_mode == "cap" else math.inf
+    return limit, unit, model
 
 
 def clone_policy(
@@ -256,9 +302,7 @@ def _greedy_trees(module, config: TreeEnvConfig, tries: int | None, dataset=None
     split = env.unwrapped
     _check_spaces(module, env)
     dataset = split.dataset
-    model = resolve_cost(config.cost, dim=dataset.dim, device_type=default_device().type, dataset=dataset)
-    unit = huffman_cost(dataset, model)
-    limit = config.cost_cap * unit * (1 + 1e-9) if config.cost_mode == "cap" else math.inf
+    limit, unit, model = _cost_limit(config, dataset)
     observation, info = env.reset()
     order = torch.argsort(_logits(module, observation, info), descending=True)
     order = order if tries is None else order[: max(1, tries)]
