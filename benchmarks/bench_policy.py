@@ -210,6 +210,11 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="also the real corpora (prepared under their names)")
     parser.add_argument("--ship", action="store_true", help=f"write the policy to {SHIPPED_POLICY}")
     parser.add_argument(
+        "--real-train",
+        default=",".join(REAL_TRAIN),
+        help="with --real: the real training corpora (comma-separated names; default all seven)",
+    )
+    parser.add_argument(
         "--ppo-rounds",
         type=int,
         default=0,
@@ -231,7 +236,7 @@ def main() -> None:
     args = parser.parse_args()
     train, held_out = list(TRAIN), list(HELD_OUT)
     if args.real:
-        train, held_out = [*train, *REAL_TRAIN], [*held_out, *REAL_HELD_OUT]
+        train, held_out = [*train, *args.real_train.split(",")], [*held_out, *REAL_HELD_OUT]
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     judges = []
@@ -303,7 +308,7 @@ def _expert_iteration(module, judges: list[_Judge], held_out_judges: list[_Judge
 
 def _fine_tune(module, judges: list[_Judge], held_out_judges: list[_Judge], args, start: float) -> None:
     """PPO from the clone on the training instances (planted, and real with --ppo-real), judged after each round."""
-    rl_judges = [j for j in judges if args.ppo_real or j.name not in REAL_TRAIN]
+    rl_judges = [j for j in judges if args.ppo_real or j.config.dataset == "planted"]
     instances = [j.instance(cap) for j in rl_judges for cap in CAPS]
     instances = [i for i in instances if np.isfinite(i.expert_nll) and np.isfinite(i.classic_nll)]
     curve = []
