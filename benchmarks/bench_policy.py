@@ -99,7 +99,7 @@ class _Judge:
     classic_costs: dict[str, float]  # in binary Huffman's
 
     @classmethod
-    def build(cls, instance: PlantedConfig | str, budget: int, classics: bool = False) -> _Judge:
+    def build(cls, instance: PlantedConfig | str, budget: int, show_classics: bool = False) -> _Judge:
         config = _config(instance)
         dataset = load_env_dataset(config)
         counts, dim, unit = dataset.class_weights, dataset.dim, huffman_cost(dataset)
@@ -110,7 +110,7 @@ class _Judge:
             classics = {k: (huffman(counts, k), {}) for k in (2, 3, 4, 8, 16)}
         scores = {k: scorer.evaluate(*t).valid_nll for k, t in classics.items()}
         costs = {k: head_cost(t[0], counts, dim, t[1]) / unit for k, t in classics.items()}
-        demonstrations = expert_demonstrations(config, CAPS, budget, classics=classics)
+        demonstrations = expert_demonstrations(config, CAPS, budget, classics=show_classics)
         return cls(_name(instance), config, scorer, demonstrations, scores, costs)
 
     def demonstration(self, cap: float):
@@ -241,7 +241,7 @@ def main() -> None:
     start = time.time()
     judges = []
     for instance in train:
-        judges.append(_Judge.build(instance, args.budget, classics=args.show_classics))
+        judges.append(_Judge.build(instance, args.budget, show_classics=args.show_classics))
         demos = judges[-1].demonstrations
         print(f"[{time.time() - start:6.0f}s] train {_name(instance)}: {len(demos)} demonstrations", flush=True)
     demonstrations = [d for j in judges for d in j.demonstrations]
