@@ -196,6 +196,7 @@ def _learning_curve_png(curve: list[dict], path: Path, what: str) -> None:
     right.set_title(f"held-out instance-caps (of {total}) beating the best classic tree", fontsize=10)
     right.set_ylabel("instance-caps")
     for ax in (left, right):
+        ax.set_xticks(rounds)
         ax.set_xlabel(f"{what} round (0: the behaviour-cloned policy)")
     fig.suptitle(f"Zero-search proposals, {what} rounds (validation NLL)")
     fig.tight_layout()
@@ -289,7 +290,10 @@ def _summary(c: dict) -> str:
 
 def _expert_iteration(module, judges: list[_Judge], held_out_judges: list[_Judge], args, start: float) -> None:
     """Rounds of dp guided by the current policy (its prior) on the training instances; per cap the better plan
-    (validation) becomes the target, and the policy is cloned anew on the targets. Judged after each round."""
+    (validation) becomes the target, and the policy is cloned anew on the targets. Judged after each round.
+
+    The training judges are copied: their targets change here, PPO's rewards keep dp's own plans as reference."""
+    judges = [dataclasses.replace(judge) for judge in judges]
     curve = [_round_entry(0, module, judges, held_out_judges, improved=0)]
     print(f"[{time.time() - start:6.0f}s] expert iteration round 0: {_summary(curve[0])}", flush=True)
     for round_ in range(1, args.expert_rounds + 1):
