@@ -47,7 +47,16 @@ from tree_search.distributed.ray_evaluator import ensure_ray
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
 from tree_search.reward.evaluator import LocalEvaluator
 
-__all__ = ["FINE_TUNING", "MIN_MARGIN", "REWARD_CEILING", "REWARD_FLOOR", "Instance", "InstanceMix", "improve_policy"]
+__all__ = [
+    "FINE_TUNING",
+    "MIN_MARGIN",
+    "REWARD_CEILING",
+    "REWARD_FLOOR",
+    "Instance",
+    "InstanceMix",
+    "dataset_key",
+    "improve_policy",
+]
 
 MIN_MARGIN = 0.01  # nats: the reward's scale where dp is barely better than the classic tree (or not at all)
 REWARD_FLOOR = 5.0  # the lowest reward: a tree over the cap, or one five margins worse than dp's
@@ -69,7 +78,7 @@ class Instance:
     classic_nll: float  # validation NLL of the best classic tree within the cap
 
     def reward(self, nll: float) -> float:
-        """Minus the regret of a tree of validation NLL ``nll``, as a share of dp's margin (floored)."""
+        """Minus the regret of a tree of validation NLL ``nll``, as a share of dp's margin (floored and capped)."""
         margin = max(self.classic_nll - self.expert_nll, MIN_MARGIN)
         share = (self.expert_nll - nll) / margin
         return min(max(share, -REWARD_FLOOR), REWARD_CEILING) if math.isfinite(share) else -REWARD_FLOOR
