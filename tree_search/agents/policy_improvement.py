@@ -42,7 +42,7 @@ from ray.tune.registry import register_env
 
 from tree_search.agents.imitation import two_level
 from tree_search.agents.policy import PolicyConfig
-from tree_search.agents.rllib_search import masked_module_spec
+from tree_search.agents.rllib_search import masked_module_spec, policy_gradient_training, ppo_training
 from tree_search.distributed.ray_evaluator import ensure_ray
 from tree_search.envs import TreeEnvConfig, load_env_dataset, make_env
 from tree_search.reward.evaluator import LocalEvaluator
@@ -178,16 +178,7 @@ def improve_policy(
             sample_timeout_s=None,
         )  # fmt: skip
         .learners(num_learners=0)
-        .training(
-            train_batch_size_per_learner=policy.batch_steps,
-            lr=policy.lr,
-            entropy_coeff=policy.entropy_coeff,
-            vf_loss_coeff=policy.vf_loss_coeff,
-            gamma=policy.gamma,
-            lambda_=policy.gae_lambda,
-            minibatch_size=policy.minibatch_size,
-            num_epochs=policy.num_epochs,
-        )  # fmt: skip
+        .training(**policy_gradient_training(policy), **ppo_training(policy))
         .rl_module(rl_module_spec=masked_module_spec(policy))
         .debugging(seed=seed, log_level="ERROR")
     )

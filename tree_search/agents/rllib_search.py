@@ -61,7 +61,14 @@ from tree_search.reward.evaluator import BudgetExhausted, Evaluation, Evaluator,
 from tree_search.reward.reward import Result
 from tree_search.tree import Tree
 
-__all__ = ["MaskedAPPOTorchRLModule", "MaskedPPOTorchRLModule", "RLlibSearcher", "masked_module_spec"]
+__all__ = [
+    "MaskedAPPOTorchRLModule",
+    "MaskedPPOTorchRLModule",
+    "RLlibSearcher",
+    "masked_module_spec",
+    "policy_gradient_training",
+    "ppo_training",
+]
 
 _ENV_NAME = "tree_search_env"
 FRUITLESS_ITERATIONS = 25  # a search stops after this many iterations in a row without a new counted evaluation
@@ -128,6 +135,18 @@ class MaskedAPPOTorchRLModule(_MaskingMixin, DefaultAPPOTorchRLModule):
             mask < 0.5, FLOAT_MIN
         )
         return out
+
+
+def policy_gradient_training(policy: PolicyConfig) -> dict[str, Any]:
+    """RLlib ``training(...)`` settings every policy-gradient algorithm takes from a `PolicyConfig`."""
+    return {"train_batch_size_per_learner": policy.batch_steps, "lr": policy.lr,
+            "entropy_coeff": policy.entropy_coeff, "vf_loss_coeff": policy.vf_loss_coeff,
+            "gamma": policy.gamma}  # fmt: skip
+
+
+def ppo_training(policy: PolicyConfig) -> dict[str, Any]:
+    """PPO's own ``training(...)`` settings from a `PolicyConfig` (beside `policy_gradient_training`)."""
+    return {"lambda_": policy.gae_lambda, "minibatch_size": policy.minibatch_size, "num_epochs": policy.num_epochs}
 
 
 def masked_module_spec(policy: PolicyConfig, module: type = None, observation_space=None,
@@ -281,7 +300,7 @@ class RLlibSearcher(Searcher):
         p = self.policy
         if self.name == "ppo":
             config, module = PPOConfig(), MaskedPPOTorchRLModule
-            training = {"lambda_": p.gae_lambda, "minibatch_size": p.minibatch_size, "num_epochs": p.num_epochs}
+            training = ppo_training(p)
         else:
             config, module = APPOConfig(), MaskedAPPOTorchRLModule
             # With remote runners, wait for their samples instead of polling in a loop that takes a core.
@@ -305,14 +324,7 @@ class RLlibSearcher(Searcher):
                 batch_mode="complete_episodes" if relay else "truncate_episodes",
             )
             .learners(num_learners=0)
-            .training(
-                train_batch_size_per_learner=p.batch_steps,
-                lr=p.lr,
-                entropy_coeff=p.entropy_coeff,
-                vf_loss_coeff=p.vf_loss_coeff,
-                gamma=p.gamma,
-                **training,
-            )
+            .training(**policy_gradient_training(p), **training)
             .rl_module(rl_module_spec=masked_module_spec(p, module))
             .debugging(seed=self.seed, log_level="ERROR")
         )
