@@ -2,9 +2,10 @@
 
 The finalists of a run are the best tree of each searcher (by validation NLL, the only
 thing searches select on), every classic baseline and the full softmax (a one-node
-tree: the same head and training recipe). Each is re-trained with ``final_seeds`` seeds
-and scored once on the test split; scores are written to ``final.json`` as each arrives,
-so an interrupted comparison resumes where it stopped. Each score keeps the NLL summed per
+tree: the same head and training recipe). Each finalist is re-trained with ``final_seeds``
+seeds, the full softmax (a reference) with the first of them, and scored on the test split;
+scores are written to ``final.json`` as each arrives, so an interrupted comparison resumes
+where it stopped. Each score keeps the NLL summed per
 test document, so every verdict carries a paired bootstrap interval over documents and seeds
 (`tree_search.search.verdicts`); a difference is significant only when its 95% interval excludes 0.
 
@@ -63,6 +64,10 @@ ADAPTIVE_HEAD = "best_head_adaptive.pt"  # the best head trained for torch.nn.Ad
 # Above this V the final scoring leaves the full softmax out: trained by the final recipe it costs more than every
 # other row together (at V = 100k, 30 of a 41-minute scoring); the cached converged one still joins the table.
 FULL_SOFTMAX_ROW_MAX_CLASSES = 50_000
+# The full softmax is a reference, not a finalist: trained by the first final seed only, its document sums stand for
+# every seed, as the converged reference's do (no verdict is about it). Trained by the final recipe it costs more
+# than all the trees together (main job, V = 10k, 2 AVX2 cores: 100 of 180 s a seed).
+FULL_SOFTMAX_SEEDS = 1
 
 
 def _group(searcher: str) -> str:
@@ -270,17 +275,20 @@ def compare_runs(
             "max_depth": tree.max_depth,
         }
 
+    def seeds_of(kind: str) -> int:
+        return min(seeds, FULL_SOFTMAX_SEEDS) if kind == "reference" else seeds
+
     rows = []
-    todo = sum(str(seed) not in scores.get(entry[-1], {}) for entry in entries for seed in range(seeds))
+    todo = sum(str(seed) not in scores.get(key, {}) for _, kind, *_, key in entries for seed in range(seeds_of(kind)))
     advance = progress("final scoring (test split)", todo) if progress is not None and todo else None
     release_samples()  # the searches' samples: the final seeds never read them
     # Seeds outside, trees inside: one seed's train and validation samples serve every tree (`split_sample` keeps a
     # few; three seeds' samples and the test split would not fit, and each tree would sample them all again).
     for seed in range(seeds):
         final = dataclasses.replace(train, seed=FINAL_SEED_OFFSET + seed)  # seeds no search trained with
-        for index, (name, _, tree, projections, _, key) in enumerate(entries):
+        for index, (name, kind, tree, projections, _, key) in enumerate(entries):
             per_seed = scores.setdefault(key, {})
-            if str(seed) in per_seed:
+            if str(seed) in per_seed or seed >= seeds_of(kind):
                 continue
             if log:
                 log(f"final scoring {index + 1}/{len(entries)}: {name}, seed {seed + 1}/{seeds} (test split)")
@@ -298,12 +306,14 @@ def compare_runs(
                 "valid_nll": valid_nll,
                 "valid_nll_selection_free": selection_free.get(name, math.nan),
                 **cost_fields(tree, projections),
-                "seeds": seeds,
+                "seeds": seeds_of(kind),
                 "key": key,
             }
         )
     tokens = np.bincount(documents, minlength=num_documents).astype(np.float64)
-    sums = {r["key"]: np.array([scores[r["key"]][str(s)]["document_sums"] for s in range(seeds)]) for r in rows}
+    # (seeds, documents) for every row: a reference trained fewer times repeats its sums (no seed variance)
+    sums = {r["key"]: np.array([scores[r["key"]][str(s % r["seeds"])]["document_sums"] for s in range(seeds)])
+            for r in rows}  # fmt: skip
     converged = cached_reference(dataset, device_type=device_type)
     if converged is not None:  # one training run, no seed variance: the same sums for every seed
         rows.append({"name": CONVERGED, "kind": "reference", "valid_nll": converged.valid_nll,
@@ -443,6 +453,13 @@ def _test_nll(head: TreeSoftmaxHead, dataset, seed: int) -> float:
     device = next(head.parameters()).device
     test = split_sample(dataset, "test", None, seed, device)
     return validation_nll(head, test.features.float(), torch.from_numpy(test.labels).to(device))
+
+
+def _reference_seeds(rows: Sequence[dict[str, Any]]) -> str:
+    """The table's note on rows trained fewer times than the finalists (the references), or ''."""
+    most = max(r["seeds"] for r in rows)
+    fewer = [f"{r['name']} {r['seeds']}" for r in rows if r["seeds"] < most]
+    return f" (references: {', '.join(fewer)}, without seed variance)" if fewer else ""
 
 
 def _adaptive_tails(tree) -> list[int] | None:
@@ -674,7 +691,8 @@ def _write_report(
     lines = [
         f"# Comparison: {', '.join(str(r.folder) for r in runs)}",
         "",
-        f"Test split, {rows[0]['seeds']} training seeds per tree, {epochs:g} epochs each; mean ± standard error "
+        f"Test split, {max(r['seeds'] for r in rows)} training seeds per tree{_reference_seeds(rows)}, {epochs:g} "
+        "epochs each; mean ± standard error "
         f"from a paired bootstrap over {rows[0]['test_documents']:,} test {scores.documents_are} "
         f"and the seeds ({scores.draws:,} draws). Searches selected on the validation split only. "
         f"Costs and caps are in {cost_in}.{decode_cap_line}",
