@@ -474,3 +474,23 @@ def test_a_whole_split_is_one_sample_whatever_the_seed():
     part = split_sample(dataset, "valid", 50, 1, cpu)
     assert split_sample(dataset, "valid", 50, 2, cpu).labels.tolist() != part.labels.tolist()  # a sample does
     assert split_sample(dataset, "train", None, 1, cpu) is not split_sample(dataset, "train", None, 2, cpu)
+
+
+def test_float16_stored_features_train_every_node_exactly_as_in_float32(planted):
+    """A sample keeps float16 features as stored (half the memory); training and test scoring give the same numbers."""
+    dataset = planted.to_dataset()
+    half = dataclasses.replace(dataset, features={k: v.astype(np.float16) for k, v in dataset.features.items()},
+                               key=dataset.key + "-half")  # fmt: skip
+    widened = dataclasses.replace(half, features={k: v.astype(np.float32) for k, v in half.features.items()},
+                                  key=dataset.key + "-widened")  # the same values, stored in float32  # fmt: skip
+    cpu = torch.device("cpu")
+    assert split_sample(half, "train", RECIPE.train_tokens, 0, cpu).features.dtype == torch.float16
+    assert split_sample(widened, "train", RECIPE.train_tokens, 0, cpu).features.dtype == torch.float32
+    shapes = _shapes(planted)
+    for name in ("huffman-2", "adaptive", "cutoffs"):  # narrow nodes, projected tails, wide unprojected ones
+        tree, projections = shapes[name]
+        nodes = np.arange(tree.num_internal)
+        a, b = (train_nodes(tree, nodes, data, RECIPE, projections=projections, score_split="test")
+                for data in (half, widened))  # fmt: skip
+        assert np.array_equal(a.losses, b.losses), name
+        assert np.array_equal(a.split_row_losses, b.split_row_losses), name

@@ -279,7 +279,7 @@ class JTMSearcher(Searcher):
         weights = self.evaluator.node_weights(tree)  # the evaluator's recipe and node bank
         sample = split_sample(self.dataset, "train", recipe.train_tokens, recipe.seed, self.device)
         rows = min(self.score_tokens, sample.labels.size)  # the sample is in random order: its head is a sample
-        features, labels = sample.features[:rows].cpu(), sample.labels[:rows]
+        features, labels = sample.features[:rows].float().cpu(), sample.labels[:rows]
 
         def attempt(lam: float) -> tuple[Tree, bool]:
             new = reassign(tree, weights, features, labels, self.counts, self.dataset.dim, cost_weight=lam,

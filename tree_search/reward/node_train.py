@@ -247,7 +247,9 @@ def _bias_free_mask(tree: Tree, bias_free_nodes: Collection[int] | None) -> np.n
 # ---------------------------------------------------------------- samples
 @dataclass(frozen=True)
 class _Split:
-    features: torch.Tensor  # (N, d) on the device, float32
+    # (N, d) on the device: float16 when the dataset stores float16 (half the memory and the gathers' reads; every
+    # use converts it, exactly, to float32 or the training dtype), else float32
+    features: torch.Tensor
     labels: np.ndarray  # (N,) int64
     documents: np.ndarray  # (N,) int64: each row's document (`row_documents`)
     _cast: dict = field(default_factory=dict, compare=False, repr=False)
@@ -282,7 +284,9 @@ def split_sample(dataset: FeatureDataset, split: str, size: int | None, seed: in
         rows = rows[:size]
     if split != "train":
         rows = np.sort(rows)  # order is irrelevant for scoring; sorted reads the memory map in order
-    features = torch.from_numpy(np.asarray(dataset.features[split][np.sort(rows)], dtype=np.float32))
+    stored = dataset.features[split]
+    kept = np.float16 if stored.dtype == np.float16 else np.float32
+    features = torch.from_numpy(np.asarray(stored[np.sort(rows)], dtype=kept))
     features = features[torch.from_numpy(np.argsort(np.argsort(rows)))] if split == "train" else features
     documents = row_documents(dataset, split)[0][rows]
     sample = _Split(features.to(device), np.asarray(dataset.labels[split])[rows].astype(np.int64), documents)
@@ -625,9 +629,10 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
     # page faults than the gather itself (measured: 5x on this machine's CPU).
     # The train features are read in the training dtype (bfloat16 halves the gather's memory traffic). Only wide
     # nodes' products are bound by arithmetic: narrow ones multiply in float32 (bfloat16 products are slower there).
-    features = c.train.features_as(c.dtype)
-    workspace = [torch.empty(G * B, d, device=device, dtype=c.dtype)]
-    if c.dtype != torch.float32 and Wd < BF16_MIN_WIDTH:
+    # float32 training gathers the stored float16 rows and converts them (exact); bfloat16 gathers its own copy
+    features = c.train.features if c.dtype == torch.float32 else c.train.features_as(c.dtype)
+    workspace = [torch.empty(G * B, d, device=device, dtype=features.dtype)]
+    if features.dtype != torch.float32 and (c.dtype == torch.float32 or Wd < BF16_MIN_WIDTH):
         workspace.append(torch.empty(G * B, d, device=device))
     for k in range(-1, S):
         if k >= 0:
@@ -734,7 +739,9 @@ def _loss_sums(params, column_mask, features, held_out: _HeldOut, device, budget
     per_token = M * max(Wd, din, features.shape[1])
     span = max(1, min(L, budget // per_token))  # tokens per chunk
     step = max(1, budget // (per_token * span))  # nodes per chunk
-    workspace = torch.empty(min(G, step) * span, features.shape[1], device=device)  # reused: see `_train_group`
+    rows_at_most = min(G, step) * span
+    workspace = torch.empty(rows_at_most, features.shape[1], device=device, dtype=features.dtype)  # see `_train_group`
+    converted = torch.empty(rows_at_most, features.shape[1], device=device) if features.dtype != torch.float32 else None
     with torch.no_grad():
         for lo in range(0, G, step):
             hi = min(G, lo + step)
@@ -745,9 +752,10 @@ def _loss_sums(params, column_mask, features, held_out: _HeldOut, device, budget
                 end = min(L, start + span)
                 rows, child, masks = held_out.window(lo, hi, start, end)
                 index = torch.from_numpy(rows.reshape(-1)).to(device)
-                X = torch.index_select(features, 0, index, out=workspace[: index.numel()]).view(
-                    hi - lo, end - start, -1
-                )
+                X = torch.index_select(features, 0, index, out=workspace[: index.numel()])
+                if converted is not None:
+                    X = converted[: index.numel()].copy_(X)
+                X = X.view(hi - lo, end - start, -1)
                 if len(params) > 2:
                     Z = torch.bmm(X, params[2][lo:hi].flatten(1, 2).transpose(1, 2)).view(hi - lo, end - start, M, din)
                     scores = torch.einsum("glmp,gmwp->glmw", Z, W[lo:hi])
