@@ -627,9 +627,9 @@ def _train_group(c: _Context, members: np.ndarray, B: int, Wd: int, P: int, S: i
              [torch.zeros((), device=device) for _ in params])  # fmt: skip
     # One buffer for the batch's features, reused every step: a fresh multi-MB tensor per step costs more in
     # page faults than the gather itself (measured: 5x on this machine's CPU).
-    # The train features are read in the training dtype (bfloat16 halves the gather's memory traffic). Only wide
-    # nodes' products are bound by arithmetic: narrow ones multiply in float32 (bfloat16 products are slower there).
-    # float32 training gathers the stored float16 rows and converts them (exact); bfloat16 gathers its own copy
+    # float32 training gathers the sample's float16 rows and converts them (exact); bfloat16 training gathers a
+    # bfloat16 copy of the sample. Only wide nodes' products are bound by arithmetic: narrow ones multiply in
+    # float32 (bfloat16 products are slower there).
     features = c.train.features if c.dtype == torch.float32 else c.train.features_as(c.dtype)
     workspace = [torch.empty(G * B, d, device=device, dtype=features.dtype)]
     if features.dtype != torch.float32 and (c.dtype == torch.float32 or Wd < BF16_MIN_WIDTH):

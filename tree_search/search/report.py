@@ -5,9 +5,9 @@ thing searches select on), every classic baseline and the full softmax (a one-no
 tree: the same head and training recipe). Each finalist is re-trained with ``final_seeds``
 seeds, the full softmax (a reference) with the first of them, and scored on the test split;
 scores are written to ``final.json`` as each arrives, so an interrupted comparison resumes
-where it stopped. Each score keeps the NLL summed per
-test document, so every verdict carries a paired bootstrap interval over documents and seeds
-(`tree_search.search.verdicts`); a difference is significant only when its 95% interval excludes 0.
+where it stopped. Each score keeps the NLL summed per test document, so every verdict carries
+a paired bootstrap interval over documents and seeds (`tree_search.search.verdicts`); a
+difference is significant only when its 95% interval excludes 0.
 
 The report's folder also gets ``best_head.pt``: the best searched tree within the cap (by
 validation NLL) with the weights of its first final seed, whose test NLL the report shows
