@@ -37,6 +37,7 @@ def test_run_folder_contents_and_resume_rules(tmp_path):
     stored = json.loads((run.folder / "best_tree.json").read_text())
     assert stored["metrics"]["valid_nll"] == pytest.approx(best)
     assert any(p.name.startswith("events") for p in (run.folder / "tb").iterdir())
+    assert (run.folder / "optuna.journal").stat().st_size > 0 and not (run.folder / "optuna.db").exists()
     with pytest.raises(RunError, match="already holds a run"):
         run_search(config, tmp_path / "run", log=None)
     with pytest.raises(RunError, match="configured differently in \\['budget'\\]"):
@@ -62,6 +63,22 @@ def test_run_folder_contents_and_resume_rules(tmp_path):
         evaluations = resumed.evaluations()
     resumed.record(evaluations[0], resumed.tree(evaluations[0].key))  # appending after a torn line
     assert len(Run(resumed.folder).evaluations()) == len(evaluations) + 1  # the torn line is gone, nothing glued
+
+
+def test_a_run_begun_with_the_sqlite_study_resumes_in_it(tmp_path):
+    import optuna
+
+    config = SearchConfig(agent="tpe", budget=3, env_config=ENV, baselines="none")
+    folder = tmp_path / "run"
+    database = f"sqlite:///{folder / 'optuna.db'}"
+    run_search(dataclasses.replace(config, storage=database), folder, log=None)
+    stored = json.loads((folder / "config.json").read_text())
+    # as a run of budget 4 begun before the journal (its storage unnamed), stopped after 3 evaluations
+    (folder / "config.json").write_text(json.dumps({**stored, "storage": None, "budget": 4}))
+    trials = len(optuna.load_study(study_name="tpe-split", storage=database).trials)
+    run_search(dataclasses.replace(config, budget=4), folder, resume=True, log=None)
+    assert len(counted_keys(folder)) == 4 and not (folder / "optuna.journal").exists()
+    assert len(optuna.load_study(study_name="tpe-split", storage=database).trials) > trials  # the same study, grown
 
 
 @pytest.mark.slow

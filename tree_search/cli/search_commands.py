@@ -311,7 +311,8 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
               help="Reuse trained nodes across trees and runs (same results, less time).")  # fmt: skip
 @click.option("--eval-batch", default=SearchConfig.eval_batch, show_default=True,
               help="Most evaluations (without pruning) sent to a Ray actor in one call.")  # fmt: skip
-@click.option("--storage", default=SearchConfig.storage, help="Optuna storage URL (default: sqlite:///RUN/optuna.db).")
+@click.option("--storage", default=SearchConfig.storage,
+              help="Optuna storage URL (default: the journal file RUN/optuna.journal).")  # fmt: skip
 @click.option(
     "--study", default=SearchConfig.study, help="Optuna study name; processes sharing storage and name cooperate."
 )

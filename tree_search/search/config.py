@@ -44,7 +44,7 @@ class SearchConfig:
     prune: bool = False  # Optuna: median pruner on the measurements (saves no time with the node bank)
     final_seeds: int = 3  # seeds of the final test-split scoring
     final_epochs: float | None = None  # training epochs of the final scoring (None: 2x the search's)
-    storage: str | None = None  # Optuna storage URL (default: sqlite:///<run>/optuna.db)
+    storage: str | None = None  # Optuna storage URL (default: the journal file <run>/optuna.journal)
     study: str | None = None  # Optuna study name (default: "<agent>-<env>"); processes sharing it cooperate
     # front search: a tree evaluated under one cap is free for the others; False: every cap's searcher pays for
     # each tree it asks for (only the baselines are free), for comparisons of searchers at equal budgets

@@ -76,7 +76,7 @@ def _make_searcher(
 
         return JTMSearcher(evaluator, dataset, config.env_config, seconds=config.seconds, seed=config.seed)
     if config.agent in OPTUNA_SAMPLERS:
-        storage = config.storage or f"sqlite:///{(run.folder / 'optuna.db').resolve()}"
+        storage = config.storage or _run_storage(run.folder)
         return OptunaSearcher(
             config.agent,
             env_factory,
@@ -139,13 +139,25 @@ def run_search(
         raise
 
 
+def _run_storage(folder: Path) -> str:
+    """The storage of a run's own Optuna studies.
+
+    A journal file: a trial costs about 17 ms there against 120 ms in SQLite, which syncs at every commit. A run
+    begun with SQLite, before the journal, goes on with its database.
+    """
+    database = folder / "optuna.db"
+    if database.exists():
+        return f"sqlite:///{database.resolve()}"
+    return f"journal:{(folder / Run.OPTUNA_JOURNAL).resolve()}"
+
+
 def _remove_new_run(folder: Path, existed: bool) -> None:
     """Remove what a new run created before it evaluated anything (the whole folder when it made it)."""
     if not existed:
         shutil.rmtree(folder, ignore_errors=True)
         return
     for name in ("config.json", "leaderboard.jsonl", Run.COST_PROFILE, Run.CHARGES, SELECTION_FREE, "evaluator.json",
-                 "optuna.db", Run.LIBRARY_LOG):  # fmt: skip
+                 Run.OPTUNA_JOURNAL, Run.LIBRARY_LOG):  # fmt: skip
         (folder / name).unlink(missing_ok=True)
     for name in ("trees", "tb", "checkpoints"):
         shutil.rmtree(folder / name, ignore_errors=True)

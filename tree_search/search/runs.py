@@ -77,6 +77,7 @@ class Run:
     COST_PROFILE = "cost_profile.json"  # the profile a ``--cost measured`` search used, kept with its results
     LIBRARY_LOG = "libraries.log"  # other libraries' log lines (Ray, RLlib, Optuna) of the command line's sessions
     CHARGES = "charges.json"  # per searcher label: evaluations charged for node losses revealed outside evaluations
+    OPTUNA_JOURNAL = "optuna.journal"  # an Optuna searcher's studies, unless the run names another storage
 
     def cost_spec(self, spec: str) -> str:
         """``spec`` with ``measured`` or ``decode`` pointing at this run's own copy of its profile, once it has one.
