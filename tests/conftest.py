@@ -1,4 +1,11 @@
+import os
+
 import pytest
+
+# One OpenMP thread per process (this one, its subprocesses, Ray's): the suite runs as two pytest-xdist workers
+# on two cores, and OpenMP threads that spin-wait on an oversubscribed machine made some tests 4-7x slower. Set
+# before any test module imports torch; Ray actors still set their own thread counts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
