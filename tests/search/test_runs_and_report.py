@@ -81,6 +81,23 @@ def test_a_run_begun_with_the_sqlite_study_resumes_in_it(tmp_path):
     assert len(optuna.load_study(study_name="tpe-split", storage=database).trials) > trials  # the same study, grown
 
 
+def test_a_journal_line_torn_by_a_kill_is_cut_and_the_study_resumes(tmp_path):
+    config = SearchConfig(agent="tpe", budget=3, env_config=ENV, baselines="none")
+    folder = tmp_path / "run"
+    run_search(config, folder, log=None)
+    stored = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**stored, "budget": 4}))  # as a run of 4 stopped after 3
+    journal = folder / "optuna.journal"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code":5,"worker_id":"a kill landed her')
+    with pytest.warns(UserWarning, match="optuna.journal: cut a torn last line"):
+        run_search(dataclasses.replace(config, budget=4), folder, resume=True, log=None)
+    assert len(counted_keys(folder)) == 4
+    lines = journal.read_bytes().splitlines()
+    assert journal.read_bytes().startswith(whole) and len(lines) > whole.count(b"\n")
+    assert all(isinstance(json.loads(line), dict) for line in lines)
+
+
 @pytest.mark.slow
 def test_kill_9_loses_nothing_and_resume_repeats_nothing(tmp_path):
     # a budget far beyond the 5 evaluations seen before the kill: the search cannot end before SIGKILL lands
