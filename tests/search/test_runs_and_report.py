@@ -90,8 +90,15 @@ def test_a_journal_line_torn_by_a_kill_is_cut_and_the_study_resumes(tmp_path):
     journal = folder / "optuna.journal"
     whole = journal.read_bytes()
     journal.write_bytes(whole + b'{"op_code":5,"worker_id":"a kill landed her')
-    with pytest.warns(UserWarning, match="optuna.journal: cut a torn last line"):
+    lock = folder / "optuna.journal.lock"
+    os.symlink(journal, lock)  # Optuna's lock, held by the killed process
+    os.utime(lock, (1e9, 1e9), follow_symlinks=False)
+    with pytest.warns(UserWarning) as warned:
         run_search(dataclasses.replace(config, budget=4), folder, resume=True, log=None)
+    messages = [str(w.message) for w in warned]
+    assert any("optuna.journal: cut a torn last line" in m for m in messages)
+    assert any("optuna.journal.lock: removed the lock a killed process left behind" in m for m in messages)
+    assert not lock.is_symlink()  # removed by the run, not after Optuna's 30 s wait
     assert len(counted_keys(folder)) == 4
     lines = journal.read_bytes().splitlines()
     assert journal.read_bytes().startswith(whole) and len(lines) > whole.count(b"\n")
