@@ -145,7 +145,7 @@ def _remove_new_run(folder: Path, existed: bool) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         return
     for name in ("config.json", "leaderboard.jsonl", Run.COST_PROFILE, Run.CHARGES, SELECTION_FREE, "evaluator.json",
-                 Run.OPTUNA_JOURNAL, Run.LIBRARY_LOG):  # fmt: skip
+                 Run.OPTUNA_JOURNAL, "optuna.db", Run.LIBRARY_LOG):  # fmt: skip
         (folder / name).unlink(missing_ok=True)
     for name in ("trees", "tb", "checkpoints"):
         shutil.rmtree(folder / name, ignore_errors=True)
