@@ -16,8 +16,9 @@ from quick_settings import ENV, PLANTED, QUICK
 
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.search import SearchConfig, run_search
+from tree_search.search.end_to_end import end_to_end_verdicts
 from tree_search.search.report import compare_runs
-from tree_search.search.runs import Run, RunError
+from tree_search.search.runs import COMPARISON_FILE, Run, RunError, hold_run
 
 CLI = [sys.executable, "-c", "from tree_search.cli import main; main()"]
 
@@ -103,6 +104,52 @@ def test_a_journal_line_torn_by_a_kill_is_cut_and_the_study_resumes(tmp_path):
     lines = journal.read_bytes().splitlines()
     assert journal.read_bytes().startswith(whole) and len(lines) > whole.count(b"\n")
     assert all(isinstance(json.loads(line), dict) for line in lines)
+
+
+_HOLDER = """
+import sys, time
+from tree_search.search.runs import hold_run
+with hold_run(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_process_at_a_time_writes_a_run(tmp_path):
+    config = SearchConfig(agent="random", budget=3, env_config=ENV, baselines="none")
+    folder = tmp_path / "run"
+    run_search(config, folder, log=None)
+    stored = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**stored, "budget": 4}))  # as a run of 4 stopped after 3
+    board = (folder / "leaderboard.jsonl").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        more = dataclasses.replace(config, budget=4)
+        with pytest.raises(RunError, match=f"another process \\(pid {holder.pid}\\) is writing this run"):
+            run_search(more, folder, resume=True, log=None)
+        with pytest.raises(RunError, match="is writing this run"):
+            compare_runs([folder], seeds=1, log=None)
+        with pytest.raises(RunError, match="is writing this run"):  # a new run into another's folder: refused
+            run_search(config, tmp_path / "run", log=None)
+        (folder / COMPARISON_FILE).write_text("{}")  # as if scored on test: the end-to-end scoring waits its turn too
+        with pytest.raises(RunError, match="is writing this run"):
+            end_to_end_verdicts(folder)
+        (folder / COMPARISON_FILE).unlink()
+        assert (folder / "leaderboard.jsonl").read_bytes() == board and (folder / "config.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock, so the run resumes at once
+        holder.wait()
+    run_search(dataclasses.replace(config, budget=4), folder, resume=True, log=None)
+    assert len(counted_keys(folder)) == 4
+    with hold_run(folder), hold_run(folder):  # nested in one process (a search, then its test scoring)
+        pass
+    check = subprocess.run([sys.executable, "-c", _HOLDER.replace("time.sleep(600)", "pass"), str(folder)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert check.returncode == 0 and check.stdout == "held\n"  # released when the outer hold ended
+    with pytest.raises(RunError, match="no such run folder"):
+        with hold_run(tmp_path / "none"):
+            pass
 
 
 @pytest.mark.slow

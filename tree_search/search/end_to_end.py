@@ -35,7 +35,7 @@ from tree_search.data.corpus import TokenCorpus, cached_corpus
 from tree_search.data.features import EncoderConfig, default_device
 from tree_search.heads import native
 from tree_search.heads.joint import train_and_score
-from tree_search.search.runs import COMPARISON_FILE, Run
+from tree_search.search.runs import COMPARISON_FILE, Run, hold_run
 from tree_search.search.verdicts import Comparison, FinalScores, verdict_words
 
 __all__ = [
@@ -151,12 +151,19 @@ def end_to_end_verdicts(
     its standard error over documents and seeds) and time per step, the Spearman rank
     correlation of the two, and each cap's verdict end to end beside the frozen one.
     """
-    from tree_search.envs import TreeEnvConfig, load_env_dataset
-
     folder = Path(folder)
     comparison_path = folder / COMPARISON_FILE
     if not comparison_path.exists():
         raise EndToEndError(f"{comparison_path}: missing; score the run on test first: tree-search compare {folder}")
+    with hold_run(folder):  # one process writes a run
+        return _end_to_end_verdicts(folder, config, progress)
+
+
+def _end_to_end_verdicts(folder: Path, config: EndToEndConfig, progress: Callable[[str], None]) -> dict[str, Any]:
+    """`end_to_end_verdicts` while holding the run's writer lock."""
+    from tree_search.envs import TreeEnvConfig, load_env_dataset
+
+    comparison_path = folder / COMPARISON_FILE
     comparison_bytes = comparison_path.read_bytes()
     comparison = json.loads(comparison_bytes)
     run = Run(folder)

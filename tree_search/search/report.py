@@ -43,7 +43,7 @@ from tree_search.reward.evaluator import Evaluation
 from tree_search.reward.node_train import release_samples, split_sample, training_code_identity, training_dtype
 from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
 from tree_search.search.config import SearchConfig
-from tree_search.search.runs import COMPARISON_FILE, SELECTION_FREE, Run, RunError
+from tree_search.search.runs import COMPARISON_FILE, SELECTION_FREE, Run, RunError, hold_run
 from tree_search.search.time_report import measure_decoding, time_fields, time_report_lines
 from tree_search.search.verdicts import (
     FinalScores,
@@ -199,10 +199,31 @@ def compare_runs(
     Returns:
         The rows (one per finalist, best test NLL first), the verdicts and each cap's verdict, as
         written to the report's `COMPARISON_FILE`.
+
+    Raises:
+        RunError: no folders, or another process is writing the report's run (`hold_run`).
     """
-    runs = [Run(folder) for folder in folders]
-    if not runs:
+    if not folders:
         raise RunError("compare needs at least one run folder")
+    report_folder = Path(out if out is not None else folders[0])
+    if out is not None:
+        report_folder.mkdir(parents=True, exist_ok=True)
+    with hold_run(report_folder):
+        return _compare_runs(folders, seeds=seeds, epochs=epochs, out=out, cost=cost, log=log, progress=progress)
+
+
+def _compare_runs(
+    folders: Sequence[str | Path],
+    *,
+    seeds: int | None,
+    epochs: float | None,
+    out: str | Path | None,
+    cost: str | None,
+    log: Callable[[str], None] | None,
+    progress: ProgressFactory | None,
+) -> list[dict[str, Any]]:
+    """`compare_runs` while holding the report folder's writer lock."""
+    runs = [Run(folder) for folder in folders]
     config = runs[0].config
     env_config = TreeEnvConfig.from_env_config(config["env_config"])
     dataset = load_env_dataset(env_config)

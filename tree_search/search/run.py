@@ -22,7 +22,7 @@ from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import Evaluation, Evaluator, LocalEvaluator
 from tree_search.reward.reward import full_softmax_cost, huffman_cost
 from tree_search.search.config import EXECUTION_FIELDS, SearchConfig
-from tree_search.search.runs import SELECTION_FREE, Run
+from tree_search.search.runs import SELECTION_FREE, WRITER_LOCK, Run, RunError, hold_run
 from tree_search.tree import Tree
 
 __all__ = ["make_searcher", "run_search"]
@@ -130,13 +130,22 @@ def run_search(
     """
     folder = Path(out)
     existed = folder.exists()
-    run = Run.create(folder, config.to_json(), resume=resume, may_differ=EXECUTION_FIELDS)
-    try:
-        return _search(config, run, log, progress)
-    except BaseException:
-        if not resume and not run.evaluations():
-            _remove_new_run(run.folder, existed)
-        raise
+    if resume and not (folder / "config.json").exists():
+        raise RunError(f"{folder / 'config.json'}: nothing to resume (no config.json)")
+    folder.mkdir(parents=True, exist_ok=True)
+    with hold_run(folder):  # one process writes a run: a second resume of it stops here
+        try:
+            run = Run.create(folder, config.to_json(), resume=resume, may_differ=EXECUTION_FIELDS)
+        except RunError:
+            if not existed:
+                shutil.rmtree(folder, ignore_errors=True)  # made here only to be refused
+            raise
+        try:
+            return _search(config, run, log, progress)
+        except BaseException:
+            if not resume and not run.evaluations():
+                _remove_new_run(run.folder, existed)
+            raise
 
 
 def _remove_new_run(folder: Path, existed: bool) -> None:
@@ -145,7 +154,7 @@ def _remove_new_run(folder: Path, existed: bool) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         return
     for name in ("config.json", "leaderboard.jsonl", Run.COST_PROFILE, Run.CHARGES, SELECTION_FREE, "evaluator.json",
-                 Run.OPTUNA_JOURNAL, "optuna.db", Run.LIBRARY_LOG):  # fmt: skip
+                 Run.OPTUNA_JOURNAL, "optuna.db", Run.LIBRARY_LOG, WRITER_LOCK):  # fmt: skip
         (folder / name).unlink(missing_ok=True)
     for name in ("trees", "tb", "checkpoints"):
         shutil.rmtree(folder / name, ignore_errors=True)

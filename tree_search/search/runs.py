@@ -12,6 +12,7 @@ Layout of ``runs/<name>/``::
     final.json         test-split scores of the finalists, summed per test document (`tree-search compare`)
     report.md, *.png   the comparison report and its plots
     optuna.journal     the Optuna searchers' studies (Optuna's journal file), unless the run names another storage
+    .writer.lock       held (``flock``) by the one process writing the run: a search, a resume or a test scoring
 
 Nothing computed is lost on a crash: a line is on disk before the next evaluation starts,
 and a torn last line (a kill mid-write) is skipped with a warning when the run is read (cut from the Optuna
@@ -20,12 +21,13 @@ journal before a resumed study reads it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,16 @@ from tree_search.reward.evaluator import Evaluation
 from tree_search.search.verdicts import Comparison, verdict_words
 from tree_search.tree import Tree
 
-__all__ = ["COMPARISON_FILE", "SELECTION_FREE", "Run", "RunError", "RunSummary", "find_runs", "summarize_run"]
+__all__ = [
+    "COMPARISON_FILE",
+    "SELECTION_FREE",
+    "Run",
+    "RunError",
+    "RunSummary",
+    "find_runs",
+    "hold_run",
+    "summarize_run",
+]
 
 COMPARISON_FILE = "comparison.json"  # a run's last test scoring (`tree_search.search.report.ComparisonReport`)
 SELECTION_FREE = "selection_free.json"  # searcher label -> its validation NLL free of its own selection
@@ -49,7 +60,61 @@ class RunError(ValueError):
     """A run folder that cannot be created, read or resumed; the message names the file."""
 
 
-_PROCESS_STARTED = time.time()  # a file lock older than this is another process's: a run has one process
+_PROCESS_STARTED = time.time()  # a file lock older than this is a dead process's: a run has one writer (`hold_run`)
+WRITER_LOCK = ".writer.lock"
+_held: dict[Path, tuple[int, int]] = {}  # run folder (resolved) -> (lock file descriptor, nesting) held by this process
+
+
+@contextlib.contextmanager
+def hold_run(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``folder``'s writer lock for the block: one process at a time writes a run.
+
+    Two processes resuming or scoring one run would both append to its leaderboard and journal and
+    overwrite each other's reports. The lock is an advisory ``flock`` on ``folder/.writer.lock``
+    (created with the folder), which the kernel releases when its process ends, however it ends: a
+    killed search never blocks its own resume. Nested holds in one process (a search, then its
+    test scoring) share it. Where ``fcntl`` is missing (Windows) nothing is locked.
+
+    Raises:
+        RunError: ``folder`` is not a folder, or another process holds the lock (the message names its process id).
+    """
+    key = Path(folder).resolve()
+    if key in _held:
+        descriptor, depth = _held[key]
+        _held[key] = (descriptor, depth + 1)
+    else:
+        if not key.is_dir():
+            raise RunError(f"{folder}: no such run folder")
+        _held[key] = (_lock(key / WRITER_LOCK), 1)
+    try:
+        yield
+    finally:
+        descriptor, depth = _held.pop(key)
+        if depth > 1:
+            _held[key] = (descriptor, depth - 1)
+        elif descriptor >= 0:
+            os.close(descriptor)  # releases the flock
+
+
+def _lock(path: Path) -> int:
+    """The descriptor of ``path`` locked exclusively for this process (-1 without ``fcntl``), its pid written in it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return -1
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncated before the lock is ours
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(descriptor)
+        raise RunError(
+            f"{path.parent}: another process (pid {holder}) is writing this run; wait for it to finish "
+            "or stop it, then try again"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
 
 
 def _drop_torn_line(path: Path) -> bool:
