@@ -153,6 +153,14 @@ def _json_number(value: float) -> int | float:
     return int(number) if number.is_integer() and abs(number) < 2**53 else number
 
 
+def _json_numbers(values: np.ndarray) -> list[int | float]:
+    """`_json_number` of each value; whole counts (the usual case) in one conversion."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.all((values == np.floor(values)) & (np.abs(values) < 2**53)):
+        return values.astype(np.int64).tolist()
+    return [_json_number(v) for v in values]
+
+
 # ---------------------------------------------------------------------- tree.json
 
 
@@ -184,7 +192,7 @@ def save_tree_json(
         "num_classes": record.tree.num_classes,
         "hash": record.tree.canonical_hash,
         "labels": list(record.labels) if record.labels is not None else None,
-        "counts": [_json_number(c) for c in record.counts] if record.counts is not None else None,
+        "counts": _json_numbers(record.counts) if record.counts is not None else None,
         "built_by": dict(record.built_by),
         "metrics": {str(k): float(v) for k, v in record.metrics.items()},
         "children": record.tree.children_lists(),
