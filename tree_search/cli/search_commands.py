@@ -37,6 +37,7 @@ from tree_search.search.end_to_end import (
     end_to_end_lines,
     end_to_end_verdicts,
 )
+from tree_search.search.final_pool import AUTO_WORKERS_MAX
 from tree_search.search.runs import Run
 
 if TYPE_CHECKING:
@@ -286,6 +287,9 @@ def _end_to_end(folder: Path, config: EndToEndConfig) -> None:
     default=SearchConfig.final_epochs,
     help="Epochs of the final scoring (default: 2x --epochs).",
 )
+@click.option("--final-workers", default=SearchConfig.final_workers, show_default=True,
+              help="Processes that train the finalists of the final scoring at once (0: one per torch thread, at "
+              f"most {AUTO_WORKERS_MAX}; 1: in this process). The scores are the same with any number.")  # fmt: skip
 @click.option("--eval-workers", default=SearchConfig.eval_workers, show_default=True,
               help="Ray actors that train heads (0: in this process).")  # fmt: skip
 @click.option(
@@ -360,6 +364,7 @@ def search(
     compare: bool,
     final_seeds: int,
     final_epochs: float | None,
+    final_workers: int,
     eval_workers: int,
     ray_address: str | None,
     cpus_per_eval: float,
@@ -530,13 +535,16 @@ def _stop_search(signum: int, frame: Any) -> None:
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where the report goes (default: the first run's folder).")  # fmt: skip
 @click.option("--cost", "cost_model", default=None, help="Default: the run's own. " + COST_HELP)
+@click.option("--workers", type=int, default=None,
+              help="Processes that train finalists at once (0: one per torch thread, at most "
+              f"{AUTO_WORKERS_MAX}; 1: in this process; default: the run's --final-workers).")  # fmt: skip
 @friendly_errors
 def compare_command(runs: tuple[Path, ...], seeds: int | None, epochs: float | None, out: Path | None,
-                    cost_model: str | None) -> None:  # fmt: skip
+                    cost_model: str | None, workers: int | None) -> None:  # fmt: skip
     """Score the best trees of RUNS and every baseline on the test split; print the table, write the report."""
     from tree_search.search.report import compare_runs
 
     with progress_bars() as progress:
-        comparison = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, cost=cost_model, log=console.print,
-                                  progress=progress)  # fmt: skip
+        comparison = compare_runs(list(runs), seeds=seeds, epochs=epochs, out=out, cost=cost_model, workers=workers,
+                                  log=console.print, progress=progress)  # fmt: skip
     _print_comparison(comparison, out or runs[0])

@@ -62,6 +62,8 @@ class SearchConfig:
     eval_batch: int = field(default=1, metadata=_EXECUTION)  # most evaluations sent to a Ray actor in one call
     # reuse trained nodes across trees and runs (False: train every node of every tree; the numbers are the same)
     node_bank: bool = field(default=True, metadata=_EXECUTION)
+    # processes of the final test scoring (0: one per torch thread, at most 4, on the CPU; 1: this process); same scores
+    final_workers: int = field(default=0, metadata=_EXECUTION)
 
     def __post_init__(self) -> None:
         if self.agent not in AGENTS:
@@ -87,6 +89,8 @@ class SearchConfig:
             raise ValueError("SearchConfig.cost_caps needs the env's cost_mode 'cap'")
         if self.budget < 1 or self.final_seeds < 1:
             raise ValueError("SearchConfig needs budget >= 1 and final_seeds >= 1")
+        if self.final_workers < 0:
+            raise ValueError(f"SearchConfig.final_workers must be >= 0 (0: automatic), got {self.final_workers}")
         if self.eval_workers < 0 or self.env_runners < 0 or (self.parallel is not None and self.parallel < 1):
             raise ValueError("SearchConfig needs eval_workers >= 0, env_runners >= 0 and parallel >= 1")
         if self.eval_batch < 1:

@@ -23,6 +23,8 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +42,16 @@ from tree_search.heads.train import validation_nll
 from tree_search.reward.converged import cached_reference
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import Evaluation
-from tree_search.reward.node_train import release_samples, split_sample, training_code_identity, training_dtype
+from tree_search.reward.node_train import (
+    NodeRecipe,
+    release_samples,
+    split_sample,
+    training_code_identity,
+    training_dtype,
+)
 from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
 from tree_search.search.config import SearchConfig
+from tree_search.search.final_pool import ScoringPool, final_workers
 from tree_search.search.runs import COMPARISON_FILE, SELECTION_FREE, Run, RunError, hold_run
 from tree_search.search.time_report import measure_decoding, time_fields, time_report_lines
 from tree_search.search.verdicts import (
@@ -177,6 +186,7 @@ def compare_runs(
     epochs: float | None = None,
     out: str | Path | None = None,
     cost: str | None = None,
+    workers: int | None = None,
     log: Callable[[str], None] | None = print,
     progress: ProgressFactory | None = None,
 ) -> list[dict[str, Any]]:
@@ -193,6 +203,8 @@ def compare_runs(
             and the comparison at the adaptive softmax's time (`time_verdicts`); ``"macs"``
             reports multiply-adds only; None (default): the run's own ``--cost``. Caps and
             "within the cap" are always in the cost the search used.
+        workers: processes that train finalists at once (`final_workers`: 0 one per torch thread, at most 4; 1 this
+            process); the scores are the same bits with any number. Default: the run's ``final_workers``.
         log: progress lines.
         progress: a bar over the (finalist, seed) trainings left to do.
 
@@ -209,7 +221,8 @@ def compare_runs(
     if out is not None:
         report_folder.mkdir(parents=True, exist_ok=True)
     with hold_run(report_folder):
-        return _compare_runs(folders, seeds=seeds, epochs=epochs, out=out, cost=cost, log=log, progress=progress)
+        return _compare_runs(folders, seeds=seeds, epochs=epochs, out=out, cost=cost, workers=workers, log=log,
+                             progress=progress)  # fmt: skip
 
 
 def _compare_runs(
@@ -219,6 +232,7 @@ def _compare_runs(
     epochs: float | None,
     out: str | Path | None,
     cost: str | None,
+    workers: int | None,
     log: Callable[[str], None] | None,
     progress: ProgressFactory | None,
 ) -> list[dict[str, Any]]:
@@ -300,25 +314,53 @@ def _compare_runs(
         return min(seeds, FULL_SOFTMAX_SEEDS) if kind == "reference" else seeds
 
     rows = []
-    todo = sum(str(seed) not in scores.get(key, {}) for _, kind, *_, key in entries for seed in range(seeds_of(kind)))
-    advance = progress("final scoring (test split)", todo) if progress is not None and todo else None
-    release_samples()  # the searches' samples: the final seeds never read them
     # Seeds outside, trees inside: one seed's train and validation samples serve every tree (`split_sample` keeps a
-    # few; three seeds' samples and the test split would not fit, and each tree would sample them all again).
-    for seed in range(seeds):
-        final = dataclasses.replace(train, seed=FINAL_SEED_OFFSET + seed)  # seeds no search trained with
-        for index, (name, kind, tree, projections, _, key) in enumerate(entries):
-            per_seed = scores.setdefault(key, {})
-            if str(seed) in per_seed or seed >= seeds_of(kind):
-                continue
+    # few; three seeds' samples and the test split would not fit, and each tree would sample them all again). The
+    # reference first: the longest training should not be the last to start.
+    todo = [(seed, index) for seed in range(seeds) for index, (_, kind, *_, key) in enumerate(entries)
+            if str(seed) not in scores.get(key, {}) and seed < seeds_of(kind)]  # fmt: skip
+    todo.sort(key=lambda task: (task[0], entries[task[1]][1] != "reference"))
+    advance = progress("final scoring (test split)", len(todo)) if progress is not None and todo else None
+    release_samples()  # the searches' samples: the final seeds never read them
+
+    def recipe(seed: int) -> NodeRecipe:
+        return dataclasses.replace(train, seed=FINAL_SEED_OFFSET + seed)  # seeds no search trained with
+
+    def record(seed: int, index: int, test_nll: float, row_nll: np.ndarray) -> None:
+        sums = np.bincount(documents, weights=row_nll, minlength=num_documents)
+        scores.setdefault(entries[index][5], {})[str(seed)] = {"test_nll": test_nll, "document_sums": sums.tolist()}
+        report_run.write_json("final.json", {"setting": setting, "scores": scores})
+        if advance is not None:
+            advance(1)
+
+    def line(seed: int, index: int) -> str:
+        return f"{entries[index][0]}, seed {seed + 1}/{seeds} (test split)"
+
+    pool_size = final_workers(config.get("final_workers", 0) if workers is None else workers, len(todo), device_type)
+    if pool_size == 1:
+        for seed, index in todo:
             if log:
-                log(f"final scoring {index + 1}/{len(entries)}: {name}, seed {seed + 1}/{seeds} (test split)")
-            result = score_test(tree, dataset, final, projections=projections or None)
-            sums = np.bincount(documents, weights=result["test_row_nll"], minlength=num_documents)
-            per_seed[str(seed)] = {"test_nll": result["test_nll"], "document_sums": sums.tolist()}
-            report_run.write_json("final.json", {"setting": setting, "scores": scores})
-            if advance is not None:
-                advance(1)
+                log(f"final scoring {index + 1}/{len(entries)}: {line(seed, index)}")
+            _, _, tree, projections, _, _ = entries[index]
+            result = score_test(tree, dataset, recipe(seed), projections=projections or None)
+            record(seed, index, result["test_nll"], result["test_row_nll"])
+    else:
+        if log:
+            log(f"final scoring: {len(todo)} trainings in {pool_size} processes")
+        with ScoringPool(config["env_config"], pool_size) as pool:
+            futures = {pool.submit(entries[index][2], recipe(seed), entries[index][3] or None): (seed, index)
+                       for seed, index in todo}  # fmt: skip
+            for done, future in enumerate(as_completed(futures), 1):
+                seed, index = futures[future]
+                try:
+                    test_nll, row_nll = future.result()
+                except BrokenProcessPool as error:
+                    raise RunError(f"{report_run.folder}: a final scoring process died ({error}); the {done - 1} "
+                                   "scores finished are kept in final.json: compare again to finish (--workers 1 "
+                                   "trains in this process)") from None  # fmt: skip
+                record(seed, index, test_nll, row_nll)
+                if log:
+                    log(f"final scoring {done}/{len(todo)} done: {line(seed, index)}")
     for name, kind, tree, projections, valid_nll, key in entries:
         rows.append(
             {

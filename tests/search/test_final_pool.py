@@ -1,0 +1,54 @@
+"""The final scoring's worker processes: the same scores, bit for bit, as training every finalist in this process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from quick_settings import ENV
+
+from tree_search.search import SearchConfig, run_search
+from tree_search.search.final_pool import AUTO_WORKERS_MAX, final_workers
+from tree_search.search.report import compare_runs
+
+
+def test_pooled_final_scores_are_the_bits_of_one_process(tmp_path):
+    config = SearchConfig(agent="random", budget=3, env_config=ENV, baselines="core", final_seeds=2)
+    run = run_search(config, tmp_path / "run", log=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # this process trains with two threads, each worker with one
+    try:
+        alone = compare_runs([run.folder], workers=1, out=tmp_path / "alone", log=None)
+    finally:
+        torch.set_num_threads(threads)
+    lines: list[str] = []
+    pooled = compare_runs([run.folder], workers=2, out=tmp_path / "pooled", log=lines.append)
+    trainings = sum(row["seeds"] for row in pooled.rows)
+    assert f"final scoring: {trainings} trainings in 2 processes" in lines
+    assert sum(line.startswith("final scoring ") and " done: " in line for line in lines) == trainings
+    scores = [json.loads((tmp_path / name / "final.json").read_text())["scores"] for name in ("alone", "pooled")]
+    assert len(scores[0]) == len(pooled.rows) >= 5 and "full" in scores[0]
+    assert scores[0] == scores[1]  # every seed's test NLL and per-document sums, to the last bit
+    assert [r["test_nll"] for r in alone.rows] == [r["test_nll"] for r in pooled.rows]
+
+
+def test_how_many_processes_score_the_finalists():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert final_workers(0, 50, "cpu") == AUTO_WORKERS_MAX == 4  # one per thread, at most 4
+        assert final_workers(0, 3, "cpu") == 3  # no more than there are trainings
+        assert final_workers(0, 50, "cuda") == 1  # trainings on one GPU stay in this process
+        assert final_workers(0, 1, "cpu") == final_workers(6, 1, "cpu") == 1
+        assert final_workers(6, 50, "cpu") == 6  # asked for
+        torch.set_num_threads(2)
+        assert final_workers(0, 50, "cpu") == 2
+        torch.set_num_threads(1)
+        assert final_workers(0, 50, "cpu") == 1  # the CPUs this process would have used
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="final workers must be >= 0"):
+        final_workers(-1, 5, "cpu")
+    with pytest.raises(ValueError, match="final_workers must be >= 0"):
+        SearchConfig(final_workers=-2)

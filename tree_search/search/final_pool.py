@@ -1,0 +1,87 @@
+"""The final test scoring's trainings in worker processes, one (tree, seed) each, with the numbers of one process.
+
+Small heads use threads poorly (on 2 cores a training with 2 threads takes 0.60-0.69x its time with one), so the
+final scoring trains several finalists at once in processes of fewer threads each. A node's training gives the
+same bits with any number of threads, so a finalist's scores do not depend on where it was trained: the pool
+changes the time only (`tests/search/test_final_pool.py` checks the equality).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from tree_search.reward.node_train import NodeRecipe
+from tree_search.reward.reward import score_test
+from tree_search.tree import Tree
+
+__all__ = ["AUTO_WORKERS_MAX", "ScoringPool", "final_workers"]
+
+AUTO_WORKERS_MAX = 4  # each worker holds its own samples of a seed (about 1.5 GB on the built-in data)
+
+
+def final_workers(requested: int, trainings: int, device_type: str) -> int:
+    """Processes for ``trainings`` final trainings: ``requested``, or with 0 one per thread of torch's, up to 4.
+
+    With 0 the pool spends the CPUs this process would have used (``torch.get_num_threads()``, which
+    ``OMP_NUM_THREADS`` or `torch.set_num_threads` set). One (this process) on a GPU, where trainings share the
+    device, and for a single training.
+    """
+    if requested < 0:
+        raise ValueError(f"final workers must be >= 0 (0: one per thread, at most {AUTO_WORKERS_MAX}), got {requested}")
+    if device_type != "cpu" or trainings < 2:
+        return 1
+    workers = requested if requested > 0 else min(torch.get_num_threads(), AUTO_WORKERS_MAX)
+    return max(1, min(workers, trainings))
+
+
+class ScoringPool:
+    """Worker processes that each load the dataset once and run `score_test` for (tree, recipe) tasks.
+
+    The threads of this process are shared out among the workers. Use as a context manager: leaving it
+    by an exception (Ctrl-C included) cancels the tasks not started and stops the workers at once.
+    """
+
+    def __init__(self, env_config: Mapping[str, Any], workers: int) -> None:
+        threads = max(1, torch.get_num_threads() // workers)
+        self.workers = workers
+        self._known = set(multiprocessing.active_children())
+        spawn = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads
+        self._executor = ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker,
+                                             initargs=(dict(env_config), threads))  # fmt: skip
+
+    def submit(self, tree: Tree, recipe: NodeRecipe, projections: Mapping[int, int] | None) -> Future:
+        """A future of ``(test_nll, test_row_nll)``, `score_test`'s values for the tree trained by ``recipe``."""
+        return self._executor.submit(_score, tree, recipe, dict(projections) if projections else None)
+
+    def __enter__(self) -> ScoringPool:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self._executor.shutdown(wait=True)
+            return
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for process in set(multiprocessing.active_children()) - self._known:  # this pool's workers
+            process.terminate()  # a running training would otherwise finish first
+
+
+_dataset = None  # the worker's dataset, loaded once by `_start_worker`
+
+
+def _start_worker(env_config: dict[str, Any], threads: int) -> None:
+    global _dataset
+    from tree_search.envs import TreeEnvConfig, load_env_dataset
+
+    torch.set_num_threads(threads)
+    _dataset = load_env_dataset(TreeEnvConfig.from_env_config(env_config))
+
+
+def _score(tree: Tree, recipe: NodeRecipe, projections: dict[int, int] | None) -> tuple[float, np.ndarray]:
+    result = score_test(tree, _dataset, recipe, projections=projections)
+    return result["test_nll"], result["test_row_nll"]
