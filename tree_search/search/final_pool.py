@@ -9,6 +9,7 @@ changes the time only (`tests/search/test_final_pool.py` checks the equality).
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
@@ -29,15 +30,47 @@ def final_workers(requested: int, trainings: int, device_type: str) -> int:
     """Processes for ``trainings`` final trainings: ``requested``, or with 0 one per thread of torch's, up to 4.
 
     With 0 the pool spends the CPUs this process would have used (``torch.get_num_threads()``, which
-    ``OMP_NUM_THREADS`` or `torch.set_num_threads` set). One (this process) on a GPU, where trainings share the
-    device, and for a single training.
+    ``OMP_NUM_THREADS`` or `torch.set_num_threads` set), and no more workers than the memory available holds
+    at this process's peak size each (a worker loads the same dataset and trains the same heads; this process
+    also held the search). One (this process) on a GPU, where trainings share the device, and for a single
+    training.
     """
     if requested < 0:
         raise ValueError(f"final workers must be >= 0 (0: one per thread, at most {AUTO_WORKERS_MAX}), got {requested}")
     if device_type != "cpu" or trainings < 2:
         return 1
-    workers = requested if requested > 0 else min(torch.get_num_threads(), AUTO_WORKERS_MAX)
-    return max(1, min(workers, trainings))
+    if requested > 0:
+        return min(requested, trainings)
+    workers = min(torch.get_num_threads(), AUTO_WORKERS_MAX, trainings)
+    available, peak = _available_memory(), _peak_memory()
+    if available is not None and peak > 0:
+        workers = min(workers, int(MEMORY_SHARE * available // peak))
+    return max(1, workers)
+
+
+MEMORY_SHARE = 0.8  # of the memory available that automatic workers may take, each at this process's peak
+
+
+def _available_memory() -> float | None:
+    """Bytes the kernel reports available (Linux's ``MemAvailable``); None where it is not known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_memory() -> float:
+    """This process's peak resident size in bytes (0 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
 
 class ScoringPool:
