@@ -27,6 +27,12 @@ def counted_keys(folder: Path) -> list[str]:
     return [e.key for e in Run(folder).evaluations() if e.counted]
 
 
+def _as_if_stopped_early(folder: Path, budget: int) -> None:
+    """Rewrite a finished run's config as a run of ``budget`` stopped before its end would be."""
+    stored = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**stored, "budget": budget}))
+
+
 def test_run_folder_contents_and_resume_rules(tmp_path):
     config = SearchConfig(agent="random", budget=4, env_config=ENV, baselines="none")
     run = run_search(config, tmp_path / "run", log=None)
@@ -86,8 +92,7 @@ def test_a_journal_line_torn_by_a_kill_is_cut_and_the_study_resumes(tmp_path):
     config = SearchConfig(agent="tpe", budget=3, env_config=ENV, baselines="none")
     folder = tmp_path / "run"
     run_search(config, folder, log=None)
-    stored = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**stored, "budget": 4}))  # as a run of 4 stopped after 3
+    _as_if_stopped_early(folder, budget=4)
     journal = folder / "optuna.journal"
     whole = journal.read_bytes()
     journal.write_bytes(whole + b'{"op_code":5,"worker_id":"a kill landed her')
@@ -119,8 +124,7 @@ def test_one_process_at_a_time_writes_a_run(tmp_path):
     config = SearchConfig(agent="random", budget=3, env_config=ENV, baselines="none")
     folder = tmp_path / "run"
     run_search(config, folder, log=None)
-    stored = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**stored, "budget": 4}))  # as a run of 4 stopped after 3
+    _as_if_stopped_early(folder, budget=4)
     board = (folder / "leaderboard.jsonl").read_bytes()
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
     try:
@@ -248,9 +252,11 @@ def test_compare_scores_finalists_on_test_and_writes_the_report(tmp_path, monkey
         adaptive_tail_nodes(head.tree)
     assert not (run.folder / "best_head_adaptive.pt").exists()
     # Scores are kept in final.json: comparing again trains nothing (the best head is not written again either).
-    monkeypatch.setattr("tree_search.search.report.score_test", lambda *a, **k: pytest.fail("re-trained a finalist"))
     monkeypatch.setattr(
-        "tree_search.search.report.trained_head", lambda *a, **k: pytest.fail("re-trained the best head")
+        "tree_search.search.final_training.score_test", lambda *a, **k: pytest.fail("re-trained a finalist")
+    )
+    monkeypatch.setattr(
+        "tree_search.search.final_training.trained_head", lambda *a, **k: pytest.fail("re-trained the best head")
     )
     assert [r["test_nll"] for r in compare_runs([run.folder], seeds=2, log=None).rows] == [r["test_nll"] for r in rows]
     # ... unless the training code changed: then nothing stored is served
@@ -264,12 +270,12 @@ def _test_rows(env) -> int:
 
 
 def test_final_scoring_uses_seeds_the_search_never_trained_with(tmp_path, monkeypatch):
-    import tree_search.search.report as report
+    import tree_search.search.final_training as final_training
     from tree_search.reward import FINAL_SEED_OFFSET, evaluate
 
     env = dataclasses.replace(ENV, seeds=2)  # the search itself trains with seeds 0 and 1
     searched_seeds, final_seeds = set(), []
-    real_evaluate, real_score = evaluate, report.score_test
+    real_evaluate, real_score = evaluate, final_training.score_test
 
     def spy_evaluate(tree, dataset, config, *args, seeds=1, **kwargs):
         searched_seeds.update(range(config.seed, config.seed + seeds) if isinstance(seeds, int) else seeds)
@@ -280,7 +286,7 @@ def test_final_scoring_uses_seeds_the_search_never_trained_with(tmp_path, monkey
         return real_score(tree, dataset, config, **kwargs)
 
     monkeypatch.setattr("tree_search.reward.evaluator.evaluate", spy_evaluate)
-    monkeypatch.setattr(report, "score_test", spy_score)
+    monkeypatch.setattr(final_training, "score_test", spy_score)
     run = run_search(SearchConfig(agent="tpe", budget=2, env_config=env, baselines="none"), tmp_path / "run", log=None)
     compare_runs([run.folder], seeds=3, log=None)
     assert searched_seeds == {0, 1}
@@ -292,14 +298,14 @@ def test_final_scoring_draws_each_seeds_samples_once(tmp_path, monkeypatch):
     """Three seeds' train and validation samples and the test split are 7 samples; `split_sample` keeps 6."""
     import tree_search.reward.node_train as node_train
     import tree_search.reward.reward as reward
-    import tree_search.search.report as report
+    import tree_search.search.final_training as final_training
 
     recipe = dataclasses.replace(QUICK, train_tokens=4000, valid_tokens=1000)  # samples, not whole splits
     env = dataclasses.replace(ENV, train=recipe)
     run = run_search(SearchConfig(agent="random", budget=2, env_config=env, baselines="huffman-2,huffman-4"),
                      tmp_path / "run", log=None)  # fmt: skip
     drawn, scoring = [], [False]
-    real_sample, real_score = node_train.split_sample, report.score_test
+    real_sample, real_score = node_train.split_sample, final_training.score_test
 
     def spy_sample(dataset, split, size, seed, device):
         before = set(node_train._SAMPLES)
@@ -315,9 +321,9 @@ def test_final_scoring_draws_each_seeds_samples_once(tmp_path, monkeypatch):
         finally:
             scoring[0] = False
 
-    for module in (node_train, reward, report):
+    for module in (node_train, reward, final_training):
         monkeypatch.setattr(module, "split_sample", spy_sample)
-    monkeypatch.setattr(report, "score_test", spy_score)
+    monkeypatch.setattr(final_training, "score_test", spy_score)
     rows = compare_runs([run.folder], seeds=3, log=None).rows
     assert len(rows) >= 4  # trees enough that a sample evicted between two seeds of one tree would be drawn again
     from tree_search.reward import FINAL_SEED_OFFSET

@@ -37,7 +37,7 @@ from tree_search.search.end_to_end import (
     end_to_end_lines,
     end_to_end_verdicts,
 )
-from tree_search.search.final_pool import AUTO_WORKERS_MAX
+from tree_search.search.final_training import AUTO_WORKERS_MAX
 from tree_search.search.runs import Run
 
 if TYPE_CHECKING:

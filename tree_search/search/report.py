@@ -23,8 +23,6 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,22 +34,19 @@ from tree_search.cost import DecodeCost, cost_label, head_cost
 from tree_search.data.corpus import ProgressFactory
 from tree_search.data.features import default_device, row_documents
 from tree_search.envs import TreeEnvConfig, load_env_dataset
-from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.timing import decoding_cost, resolve_cost
-from tree_search.heads.train import validation_nll
 from tree_search.reward.converged import cached_reference
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import Evaluation
 from tree_search.reward.node_train import (
     NodeRecipe,
     release_samples,
-    split_sample,
     training_code_identity,
     training_dtype,
 )
-from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost, score_test, trained_head
+from tree_search.reward.reward import FINAL_SEED_OFFSET, full_softmax_cost, huffman_cost
 from tree_search.search.config import SearchConfig
-from tree_search.search.final_pool import ScoringPool, final_workers
+from tree_search.search.final_training import FinalTraining, final_workers, train_finalists, write_best_head
 from tree_search.search.runs import COMPARISON_FILE, SELECTION_FREE, Run, RunError, hold_run
 from tree_search.search.time_report import measure_decoding, time_fields, time_report_lines
 from tree_search.search.verdicts import (
@@ -333,34 +328,12 @@ def _compare_runs(
         if advance is not None:
             advance(1)
 
-    def line(seed: int, index: int) -> str:
-        return f"{entries[index][0]}, seed {seed + 1}/{seeds} (test split)"
-
+    trainings = [FinalTraining(f"{index + 1}/{len(entries)}", f"{entries[index][0]}, seed {seed + 1}/{seeds} "
+                               "(test split)", entries[index][2], entries[index][3] or None, recipe(seed))
+                 for seed, index in todo]  # fmt: skip
     pool_size = final_workers(config.get("final_workers", 0) if workers is None else workers, len(todo), device_type)
-    if pool_size == 1:
-        for seed, index in todo:
-            if log:
-                log(f"final scoring {index + 1}/{len(entries)}: {line(seed, index)}")
-            _, _, tree, projections, _, _ = entries[index]
-            result = score_test(tree, dataset, recipe(seed), projections=projections or None)
-            record(seed, index, result["test_nll"], result["test_row_nll"])
-    else:
-        if log:
-            log(f"final scoring: {len(todo)} trainings in {pool_size} processes")
-        with ScoringPool(config["env_config"], pool_size) as pool:
-            futures = {pool.submit(entries[index][2], recipe(seed), entries[index][3] or None): (seed, index)
-                       for seed, index in todo}  # fmt: skip
-            for done, future in enumerate(as_completed(futures), 1):
-                seed, index = futures[future]
-                try:
-                    test_nll, row_nll = future.result()
-                except BrokenProcessPool as error:
-                    raise RunError(f"{report_run.folder}: a final scoring process died ({error}); the {done - 1} "
-                                   "scores finished are kept in final.json: compare again to finish (--workers 1 "
-                                   "trains in this process)") from None  # fmt: skip
-                record(seed, index, test_nll, row_nll)
-                if log:
-                    log(f"final scoring {done}/{len(todo)} done: {line(seed, index)}")
+    train_finalists(trainings, dataset, config["env_config"], pool_size,
+                    lambda i, nll, row_nll: record(*todo[i], nll, row_nll), log, report_run.folder)  # fmt: skip
     for name, kind, tree, projections, valid_nll, key in entries:
         rows.append(
             {
@@ -479,43 +452,6 @@ def _optimism_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
             cells += ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def write_best_head(path: Path, tree, projections, dataset, recipe, row: dict[str, Any], setting: dict[str, Any],
-                    log: Callable[[str], None] | None = None,
-                    bias_free_nodes: Sequence[int] | None = None) -> float:  # fmt: skip
-    """Train (or read from the node bank) the head of ``row``'s tree under ``recipe`` and save it to ``path``.
-
-    ``bias_free_nodes`` are trained without biases (`trained_head`). Returns the head's NLL on
-    the whole test split, also kept in its metadata (``test_nll``). Skipped when ``path``
-    already holds that tree under the same setting.
-    """
-    metadata = {"tree": row["name"], "key": row["key"], "setting": json.dumps(setting, sort_keys=True),
-                "seed": int(recipe.seed), "valid_nll": float(row["valid_nll"]),
-                "test_nll_mean": float(row["test_nll"])}  # fmt: skip
-    if path.exists():
-        try:
-            old = TreeSoftmaxHead.load(path).metadata
-        except (ValueError, RuntimeError, OSError):
-            old = {}
-        if old.get("key") == metadata["key"] and old.get("setting") == metadata["setting"] and "test_nll" in old:
-            return float(old["test_nll"])
-    if log:
-        biases = " (tail clusters without biases)" if bias_free_nodes else ""
-        log(f"best head: {row['name']} with the weights of its first final seed{biases} -> {path}")
-    head = trained_head(tree, dataset, recipe, projections=projections or None, bias_free_nodes=bias_free_nodes)
-    metadata["test_nll"] = _test_nll(head, dataset, recipe.seed)
-    head.save(path, labels=dataset.vocab.tokens, counts=dataset.counts, metadata=metadata)
-    return metadata["test_nll"]
-
-
-def _test_nll(head: TreeSoftmaxHead, dataset, seed: int) -> float:
-    """The head's mean NLL over the whole test split (the rows `score_test` scores)."""
-    import torch
-
-    device = next(head.parameters()).device
-    test = split_sample(dataset, "test", None, seed, device)
-    return validation_nll(head, test.features.float(), torch.from_numpy(test.labels).to(device))
 
 
 def _reference_seeds(rows: Sequence[dict[str, Any]]) -> str:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from quick_settings import ENV
 
-from tree_search.search import SearchConfig, final_pool, run_search
-from tree_search.search.final_pool import AUTO_WORKERS_MAX, final_workers
+from tree_search.search import SearchConfig, final_training, run_search
+from tree_search.search.final_training import AUTO_WORKERS_MAX, final_workers
 from tree_search.search.report import compare_runs
 
 
@@ -34,8 +34,8 @@ def test_pooled_final_scores_are_the_bits_of_one_process(tmp_path):
 
 
 def test_how_many_processes_score_the_finalists(monkeypatch):
-    monkeypatch.setattr(final_pool, "_available_memory", lambda: 64e9)
-    monkeypatch.setattr(final_pool, "_peak_memory", lambda: 2e9)
+    monkeypatch.setattr(final_training, "_available_memory", lambda: 64e9)
+    monkeypatch.setattr(final_training, "_peak_memory", lambda: 2e9)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(8)
@@ -44,13 +44,13 @@ def test_how_many_processes_score_the_finalists(monkeypatch):
         assert final_workers(0, 50, "cuda") == 1  # trainings on one GPU stay in this process
         assert final_workers(0, 1, "cpu") == final_workers(6, 1, "cpu") == 1
         assert final_workers(6, 50, "cpu") == 6  # asked for
-        monkeypatch.setattr(final_pool, "_available_memory", lambda: 7e9)  # 0.8 x 7 GB holds two of 2.5 GB
-        monkeypatch.setattr(final_pool, "_peak_memory", lambda: 2.5e9)
+        monkeypatch.setattr(final_training, "_available_memory", lambda: 7e9)  # 0.8 x 7 GB holds two of 2.5 GB
+        monkeypatch.setattr(final_training, "_peak_memory", lambda: 2.5e9)
         assert final_workers(0, 50, "cpu") == 2
         assert final_workers(6, 50, "cpu") == 6  # asked for: not second-guessed
-        monkeypatch.setattr(final_pool, "_available_memory", lambda: 3e9)
+        monkeypatch.setattr(final_training, "_available_memory", lambda: 3e9)
         assert final_workers(0, 50, "cpu") == 1  # one: this process, which needs no second copy
-        monkeypatch.setattr(final_pool, "_available_memory", lambda: None)  # unknown: threads decide
+        monkeypatch.setattr(final_training, "_available_memory", lambda: None)  # unknown: threads decide
         assert final_workers(0, 50, "cpu") == 4
         torch.set_num_threads(2)
         assert final_workers(0, 50, "cpu") == 2
