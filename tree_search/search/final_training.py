@@ -139,7 +139,6 @@ class ScoringPool:
 
     def __init__(self, env_config: Mapping[str, Any], workers: int) -> None:
         threads = max(1, torch.get_num_threads() // workers)
-        self.workers = workers
         self._known = set(multiprocessing.active_children())
         spawn = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads
         self._executor = ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker,
