@@ -62,3 +62,38 @@ def test_how_many_processes_score_the_finalists(monkeypatch):
         final_workers(-1, 5, "cpu")
     with pytest.raises(ValueError, match="final_workers must be >= 0"):
         SearchConfig(final_workers=-2)
+
+
+def test_a_dead_scoring_process_keeps_the_finished_scores(tmp_path, monkeypatch):
+    """A worker killed mid-scoring (as the kernel's OOM killer would) gives a RunError; compare again finishes."""
+    import multiprocessing
+    import os
+    import signal
+
+    from tree_search.search.runs import RunError
+
+    config = SearchConfig(agent="random", budget=2, env_config=ENV, baselines="core", final_seeds=1)
+    run = run_search(config, tmp_path / "run", log=None)
+    real = final_training.as_completed
+
+    def killing_after_the_first(futures):
+        for count, future in enumerate(real(futures)):
+            if count == 1:  # one score recorded: kill every worker of the pool
+                for process in multiprocessing.active_children():
+                    os.kill(process.pid, signal.SIGKILL)
+                    process.join()
+            yield future
+
+    monkeypatch.setattr(final_training, "as_completed", killing_after_the_first)
+    with pytest.raises(RunError, match="a final scoring process died") as error:
+        compare_runs([run.folder], workers=2, out=tmp_path / "cut", log=None)
+    kept = json.loads((tmp_path / "cut" / "final.json").read_text())["scores"]
+    finished = sum(len(seeds) for seeds in kept.values())
+    assert str(tmp_path / "cut") in str(error.value)
+    assert f"the {finished} scores finished are kept" in str(error.value) and finished >= 1
+    monkeypatch.setattr(final_training, "as_completed", real)
+    resumed = compare_runs([run.folder], workers=1, out=tmp_path / "cut", log=None)
+    whole = compare_runs([run.folder], workers=1, out=tmp_path / "whole", log=None)
+    assert [r["test_nll"] for r in resumed.rows] == [r["test_nll"] for r in whole.rows]
+    scores = [json.loads((tmp_path / name / "final.json").read_text())["scores"] for name in ("cut", "whole")]
+    assert scores[0] == scores[1] and all(scores[0][key] == kept[key] for key in kept)
