@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -290,12 +291,14 @@ def partition_group(
     return partition_groups([(members, rule)], counts, embeddings, seed=seed, head_max=head_max)[0]
 
 
-class SplitCache(dict):
+class SplitCache(OrderedDict):
     """A `split_group` cache holding at most about ``budget`` class ids: the oldest splits go first.
 
     At V = 100k a search splits about 10^6 distinct groups (some 10 MB of ids per distinct tree);
     unbounded, the cache grew by gigabytes. Splits are pure functions of rule and content, so
-    dropping one costs only its recomputation, never a different tree.
+    dropping one costs only its recomputation, never a different tree. An `OrderedDict`: a plain
+    dict finds its oldest entry by scanning past every entry deleted before it, so a full cache
+    spent seconds per new split at 100k (the search stalled).
     """
 
     def __init__(self, budget: int = 50_000_000) -> None:
@@ -312,8 +315,7 @@ class SplitCache(dict):
         super().__setitem__(key, split)
         self.held += self._size(split)
         while self.held > self.budget and len(self) > 1:
-            oldest = next(iter(self))
-            self.held -= self._size(super().pop(oldest))
+            self.held -= self._size(self.popitem(last=False)[1])
 
 
 def split_groups(
