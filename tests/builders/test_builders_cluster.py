@@ -186,3 +186,40 @@ def test_order_groups_orders_each_group_as_order_group_does_alone(method, parts)
         assert np.array_equal(orders[g], alone), (g, group.size)
     with pytest.raises(ValueError, match="one generator per group"):
         builders.order_groups(embeddings, groups, counts, method, parts, [rng])
+
+
+def test_balanced_kmeans_runs_each_padded_group_to_its_fixed_point():
+    """Lloyd iterations go on until each group's labels repeat; a group that repeats early leaves the batch unchanged.
+
+    The fixed point is checked independently: for two clusters, each group's labels must be its optimal
+    balanced split (points sorted by their squared distance to centre 0 minus centre 1, the first
+    ``ceil(n / 2)`` to cluster 0) around the count-weighted means of its own labels.
+    """
+    from tree_search.builders.cluster import _balanced_kmeans_labels
+
+    rng = np.random.default_rng(26)  # groups 1 and 2 repeat first, group 3 last
+    sizes = np.array([40, 33, 25, 38])
+    M, d = int(sizes.max()), 4
+    points = np.zeros((sizes.size, M, d))
+    weights = np.zeros((sizes.size, M))
+    for g, n in enumerate(sizes):
+        points[g, :n] = rng.normal(size=(n, d)) * np.array([3.0, 1.0, 1.0, 0.5])
+        weights[g, :n] = rng.zipf(1.6, n)
+    uniforms = rng.random((3, sizes.size))
+
+    def is_fixed_point(g: int, labels: np.ndarray) -> bool:
+        n, x, w = sizes[g], points[g, : sizes[g]], weights[g, : sizes[g]]
+        centres = [np.average(x[labels[:n] == c], axis=0, weights=w[labels[:n] == c]) for c in (0, 1)]
+        preference = ((x - centres[0]) ** 2).sum(axis=1) - ((x - centres[1]) ** 2).sum(axis=1)
+        best = np.ones(n, dtype=np.int64)
+        best[np.argsort(preference, kind="stable")[: (n + 1) // 2]] = 0
+        return np.array_equal(best, labels[:n]) and np.all(labels[n:] == 2)
+
+    one_step = _balanced_kmeans_labels(points, weights, sizes, 2, uniforms, iterations=1)
+    assert not all(is_fixed_point(g, one_step[g]) for g in range(sizes.size))  # the data needs iterations
+    together = _balanced_kmeans_labels(points, weights, sizes, 2, uniforms, iterations=100)
+    assert all(is_fixed_point(g, together[g]) for g in range(sizes.size))
+    for g in range(sizes.size):  # each group as the only one of its batch, padded alike
+        alone = _balanced_kmeans_labels(points[g : g + 1], weights[g : g + 1], sizes[g : g + 1], 2,
+                                        uniforms[:, g : g + 1], iterations=100)  # fmt: skip
+        assert np.array_equal(alone[0], together[g])

@@ -128,22 +128,28 @@ def _balanced_kmeans_labels(
     """(G, M) balanced k-means cluster of each point of each padded group (pads: ``parts``).
 
     ``uniforms``: the k-means++ draws (`_kmeans_plus_plus`). A group whose labels repeat has
-    reached a fixed point (the same labels give the same centres), so iterating on until all
-    groups repeat gives each group the labels it would get alone.
+    reached a fixed point (the same labels give the same centres), so it leaves the batch
+    there, and each group gets the labels it would get alone: every product and sum is taken
+    per group, never across groups.
     """
     M = points.shape[1]
     valid = np.arange(M)[None, :] < sizes[:, None]
     capacity = _part_capacities(sizes, parts)
     centres = _kmeans_plus_plus(points, weights, sizes, parts, uniforms)
-    labels = None
-    for _ in range(iterations):
+    labels = np.full((points.shape[0], M), parts, dtype=np.int64)
+    active = np.arange(points.shape[0])  # groups still moving, and their points, weights and centres
+    for iteration in range(iterations):
         # Squared distance up to the per-point constant |x|², which no assignment depends on.
         cost = (centres**2).sum(axis=2)[:, None, :] - 2.0 * np.matmul(points, centres.transpose(0, 2, 1))
-        new_labels = _balanced_assignment(cost, valid, capacity)
-        if labels is not None and np.array_equal(new_labels, labels):
+        new_labels = _balanced_assignment(cost, valid[active], capacity[active])
+        moving = np.ones(active.size, dtype=bool) if iteration == 0 else (new_labels != labels[active]).any(axis=1)
+        labels[active] = new_labels
+        if not moving.all():
+            active, new_labels = active[moving], new_labels[moving]
+            points, weights = points[moving], weights[moving]
+        if active.size == 0 or iteration == iterations - 1:
             break
-        labels = new_labels
-        member_of = labels[:, :, None] == np.arange(parts)[None, None, :]  # (G, M, parts)
+        member_of = new_labels[:, :, None] == np.arange(parts)[None, None, :]  # (G, M, parts)
         weighted = member_of * weights[:, :, None]
         mass = weighted.sum(axis=1)  # (G, parts)
         sums = np.matmul(weighted.transpose(0, 2, 1), points)  # (G, parts, d)
