@@ -283,7 +283,8 @@ def _reorder_by_clusters(
     valid = np.arange(M)[None, :] < sizes[:, None]  # (G, M), G = starts.size
     position = starts[:, None] + np.minimum(np.arange(M)[None, :], sizes[:, None] - 1)
     members = order[position]  # (G, M); pads repeat the last member
-    points = np.where(valid[:, :, None], X[members], 0.0)  # (G, M, d)
+    points = X[members]  # (G, M, d), a copy
+    points[~valid] = 0.0
     group_weights = np.where(valid, weights[members], 0.0)
     weightless = group_weights.sum(axis=1) <= 0
     group_weights[weightless] = valid[weightless]
