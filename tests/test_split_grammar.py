@@ -21,6 +21,7 @@ from tree_search.split_grammar import (
     plan_tree,
     projected_flat,
     rank_cutoffs,
+    split_groups,
     split_rules,
 )
 
@@ -192,3 +193,23 @@ def test_groups_split_together_split_as_they_do_alone():
         alone_leaves, alone_parts = partition_group(group, rule, counts, embeddings, seed=3)
         assert np.array_equal(leaves, alone_leaves), str(rule)
         assert len(parts) == len(alone_parts) and all(map(np.array_equal, parts, alone_parts)), str(rule)
+
+
+def test_rules_that_order_a_group_alike_share_its_ordering_through_the_cache():
+    """Equal-count and equal-mass cuts (and a clustered tail) order a group alike: computed once, split as alone."""
+    rng = np.random.default_rng(5)
+    V = 200
+    counts = rng.zipf(1.5, V).astype(float)
+    embeddings = normalise_embeddings(rng.normal(size=(V, 6)))
+    group = rng.permutation(V)[:90]
+    cache = SplitCache()
+    first = split_groups([(group, SplitRule("kmeans", "count", 4))], counts, embeddings, seed=1, cache=cache)[0]
+    orderings = [key for key in cache if key[0] == "order"]
+    assert len(orderings) == 1  # the group's (k-means, 4 parts) ordering
+    again = [SplitRule("kmeans", "mass", 4), SplitRule("pca", "mass", 4), SplitRule("kmeans", "count", 2)]
+    shared = split_groups([(group, rule) for rule in again], counts, embeddings, seed=1, cache=cache)
+    assert len([key for key in cache if key[0] == "order"]) == 3  # PCA and 2 parts are orderings of their own
+    for rule, (leaves, parts) in zip([SplitRule("kmeans", "count", 4), *again], [first, *shared], strict=True):
+        alone_leaves, alone_parts = partition_group(group, rule, counts, embeddings, seed=1)
+        assert np.array_equal(leaves, alone_leaves) and len(parts) == len(alone_parts)
+        assert all(map(np.array_equal, parts, alone_parts)), str(rule)

@@ -161,6 +161,11 @@ def normalise_embeddings(embeddings: np.ndarray) -> np.ndarray:
     return X - X.mean(axis=0)
 
 
+def _content_key(members: np.ndarray) -> bytes:
+    """128 bits of a group's content (its sorted members): a 32-bit checksum collides among a search's ~1e5 groups."""
+    return hashlib.blake2b(np.sort(np.asarray(members, dtype=np.int64)).tobytes(), digest_size=16).digest()
+
+
 def group_rng(members: np.ndarray, seed: int) -> np.random.Generator:
     """The generator of one group's split: seeded by the seed and the group's (sorted) members."""
     content = np.ascontiguousarray(np.sort(np.asarray(members, dtype=np.int64)))  # (already sorted by callers)
@@ -248,24 +253,35 @@ def partition_groups(
     *,
     seed: int = 0,
     head_max: int = 256,
+    orderings: dict | None = None,
 ) -> list[tuple[np.ndarray, list[np.ndarray]]]:
     """`partition_group` of each ``(members, rule)`` request, the k-means and PCA orderings of all at once.
 
     Each split is the one `partition_group` gives it alone (`order_groups` batches only
     groups of one size, each with its own generator), so trees do not depend on which
-    groups were split together.
+    groups were split together. A group's ordering depends on its method, parts and content
+    only, so rules that order it alike (equal-count and equal-mass cuts, a clustered tail)
+    share one: within the call, and across calls through ``orderings`` (a dict kept for one
+    dataset and seed, such as the `SplitCache` of `split_groups`).
     """
     results = [_split_or_order(np.sort(np.asarray(members, dtype=np.int64)), rule, counts, head_max)
                for members, rule in requests]  # fmt: skip
+    known = orderings if orderings is not None else {}
     while waiting := [i for i, result in enumerate(results) if isinstance(result, _Ordering)]:
         batches: dict[tuple[str, int], list[int]] = {}
         for i in waiting:
             batches.setdefault((results[i].method, results[i].parts), []).append(i)
         for (method, parts), indices in batches.items():
-            groups = [results[i].group for i in indices]
+            keys = [("order", method, parts, _content_key(results[i].group)) for i in indices]
+            ordered = {key: known[key][0] for key in keys if key in known}  # held here: ``known`` may evict
+            todo = {key: results[i].group for key, i in zip(keys, indices, strict=True) if key not in ordered}
+            groups = list(todo.values())
             orders = order_groups(embeddings, groups, counts, method, parts, [group_rng(g, seed) for g in groups])
-            for i, group, order in zip(indices, groups, orders, strict=True):
-                results[i] = results[i].finish(group[order])
+            for key, group, order in zip(todo, groups, orders, strict=True):
+                ordered[key] = group[order]
+                known[key] = (ordered[key], [])  # a split's shape: `SplitCache` counts its ids
+            for i, key in zip(indices, keys, strict=True):
+                results[i] = results[i].finish(ordered[key])
     return results
 
 
@@ -330,13 +346,12 @@ def split_groups(
     """`partition_groups`, each split remembered in ``cache`` (a dict for one dataset and seed) by rule and content."""
     if cache is None:
         return partition_groups(requests, counts, embeddings, seed=seed, head_max=head_max)
-    # 128 bits of the group's content: a 32-bit checksum collides among a search's ~1e5 groups
-    keys = [(rule, hashlib.blake2b(np.sort(np.asarray(members, dtype=np.int64)).tobytes(), digest_size=16).digest())
-            for members, rule in requests]  # fmt: skip
+    keys = [(rule, _content_key(members)) for members, rule in requests]
     splits = {key: cache[key] for key in keys if key in cache}  # held here: the cache may evict them below
     missing = {key: request for key, request in zip(keys, requests, strict=True) if key not in splits}
     if missing:
-        computed = partition_groups(list(missing.values()), counts, embeddings, seed=seed, head_max=head_max)
+        computed = partition_groups(list(missing.values()), counts, embeddings, seed=seed, head_max=head_max,
+                                    orderings=cache)  # fmt: skip
         for key, split in zip(missing, computed, strict=True):
             splits[key] = cache[key] = split
     return [splits[key] for key in keys]
