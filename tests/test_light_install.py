@@ -6,7 +6,7 @@ import sys
 import textwrap
 from importlib.metadata import requires
 
-SEARCH_STACK = ("ray", "optuna", "gymnasium", "cmaes", "tensorboard", "matplotlib", "click", "rich")
+SEARCH_STACK = ("ray", "optuna", "gymnasium", "cmaes", "tensorboard", "matplotlib", "click", "rich", "threadpoolctl")
 # Prepended to a child process's script: from then on, importing any search-stack package fails as if uninstalled.
 UNINSTALL_SEARCH_STACK = textwrap.dedent(f"""
     import importlib.abc, sys

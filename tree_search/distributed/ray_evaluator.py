@@ -38,6 +38,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from tree_search.data.features import FeatureDataset
 from tree_search.distributed.ray_channel import start_channel
 from tree_search.heads.train import Callback, EvalPoint
+from tree_search.reward.blas import one_blas_thread
 from tree_search.reward.evaluator import Evaluation, Evaluator, Listener, evaluation_key, failed_result
 from tree_search.reward.node_train import NodeRecipe
 from tree_search.reward.reward import Result
@@ -79,6 +80,7 @@ class EvaluationWorker:
         import torch
 
         torch.set_num_threads(max(1, threads))
+        one_blas_thread()
         self.dataset = dataset
 
     def evaluate(

@@ -24,6 +24,7 @@ import torch
 
 from tree_search.heads import TreeSoftmaxHead
 from tree_search.heads.train import validation_nll
+from tree_search.reward.blas import one_blas_thread
 from tree_search.reward.node_train import NodeRecipe, split_sample
 from tree_search.reward.reward import score_test, trained_head
 from tree_search.search.runs import RunError
@@ -168,6 +169,7 @@ def _start_worker(env_config: dict[str, Any], threads: int) -> None:
     from tree_search.envs import TreeEnvConfig, load_env_dataset
 
     torch.set_num_threads(threads)
+    one_blas_thread()
     _dataset = load_env_dataset(TreeEnvConfig.from_env_config(env_config))
 
 

@@ -35,6 +35,7 @@ from tree_search.data.corpus import ProgressFactory
 from tree_search.data.features import default_device, row_documents
 from tree_search.envs import TreeEnvConfig, load_env_dataset
 from tree_search.heads.timing import decoding_cost, resolve_cost
+from tree_search.reward.blas import one_blas_thread
 from tree_search.reward.converged import cached_reference
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import Evaluation
@@ -215,7 +216,7 @@ def compare_runs(
     report_folder = Path(out if out is not None else folders[0])
     if out is not None:
         report_folder.mkdir(parents=True, exist_ok=True)
-    with hold_run(report_folder):
+    with hold_run(report_folder), one_blas_thread():
         return _compare_runs(folders, seeds=seeds, epochs=epochs, out=out, cost=cost, workers=workers, log=log,
                              progress=progress)  # fmt: skip
 

@@ -18,6 +18,7 @@ from tree_search.data.corpus import ProgressFactory
 from tree_search.data.features import FeatureDataset, default_device
 from tree_search.envs import load_env_dataset, make_env
 from tree_search.heads.timing import resolve_cost
+from tree_search.reward.blas import one_blas_thread
 from tree_search.reward.decode_cap import decode_cap_for
 from tree_search.reward.evaluator import Evaluation, Evaluator, LocalEvaluator
 from tree_search.reward.reward import full_softmax_cost, huffman_cost
@@ -141,7 +142,8 @@ def run_search(
                 shutil.rmtree(folder, ignore_errors=True)  # made here only to be refused
             raise
         try:
-            return _search(config, run, log, progress)
+            with one_blas_thread():  # its idle threads would slow node training
+                return _search(config, run, log, progress)
         except BaseException:
             if not resume and not run.evaluations():
                 _remove_new_run(run.folder, existed)
