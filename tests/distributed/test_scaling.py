@@ -145,6 +145,29 @@ def test_a_bug_in_an_evaluation_raises_in_the_driver_and_keeps_the_actor(ray_ses
         evaluator.close()
 
 
+def test_an_evaluation_actor_holds_numpy_blas_to_one_thread(ray_session):
+    """Its idle BLAS threads would spin on the cores its torch threads train on (`reward.blas`)."""
+    import ray
+
+    from tree_search.distributed.ray_evaluator import EvaluationWorker
+
+    def blas_threads(_actor) -> list[int]:
+        from threadpoolctl import threadpool_info
+
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    # a process whose numpy starts two BLAS threads (the tests' OMP_NUM_THREADS=1 would otherwise give one)
+    two = {"env_vars": {"OPENBLAS_NUM_THREADS": "2"}}
+    plain = ray.remote(num_cpus=1)(type("Plain", (), {})).options(runtime_env=two).remote()
+    worker = ray.remote(num_cpus=1)(EvaluationWorker).options(runtime_env=two).remote(load_env_dataset(CONFIG), 1)
+    try:
+        assert ray.get(plain.__ray_call__.remote(blas_threads)) == [2]
+        assert ray.get(worker.__ray_call__.remote(blas_threads)) == [1]
+    finally:
+        ray.kill(plain)
+        ray.kill(worker)
+
+
 def test_sigint_stops_cleanly_and_the_run_resumes_without_repeats(tmp_path):
     folder = tmp_path / "interrupted"
     # 256 classes: enough reachable trees for a budget far beyond the 3 seen before SIGINT, which must land mid-search
